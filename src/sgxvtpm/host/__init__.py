@@ -1,0 +1,1 @@
+"""sgxvtpm.host."""

@@ -1,0 +1,234 @@
+"""The platform interface: what an SGX-like backend gives sgxvtpm.
+
+Three faces, as in DESIGN.md section 6:
+
+- the *loader* (untrusted, in hostd): creates an enclave from an
+  :class:`EnclaveSpec`, measures it, and hands back a byte stream to it;
+- the *inside* face (:class:`EnclavePlatform`, trusted, in the enclave):
+  EGETKEY, EREPORT, quotes and monotonic counters;
+- the *verifier* (:class:`QuoteVerifier`, anywhere): checks a quote against
+  the platform's attestation root and returns the enclave's identity.
+
+The ``sim`` backend implements all three with real cryptography; a
+``gramine`` backend implements them on SGX hardware. Names follow the Intel
+SDM (vol. 3D, ch. 34-38) so every field can be found there.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+REPORT_DATA_SIZE = 64
+REPORT_BODY_SIZE = 384
+REPORT_SIZE = 432  # body + KEYID(32) + MAC(16), SDM 38.15
+
+
+class PlatformError(Exception):
+    """A platform primitive failed; the message says which and why."""
+
+
+class AttestationError(PlatformError):
+    """A report or quote did not verify.
+
+    One opaque error for every reason (bad MAC or signature, unknown root,
+    malformed layout): the detailed reason is logged where it was found.
+    """
+
+
+class KeyName(enum.IntEnum):
+    """KEYREQUEST.KEYNAME values (SDM 38.18)."""
+
+    EINITTOKEN = 0
+    PROVISION = 1
+    PROVISION_SEAL = 2
+    REPORT = 3
+    SEAL = 4
+
+
+class KeyPolicy(enum.IntFlag):
+    """KEYREQUEST.KEYPOLICY bits (SDM 38.18)."""
+
+    MRENCLAVE = 0x0001
+    MRSIGNER = 0x0002
+
+
+@dataclass(frozen=True)
+class EnclaveSpec:
+    """What the loader needs to build, measure and start one enclave.
+
+    ``code_files`` and ``config`` are measured into MRENCLAVE; ``entry`` is the
+    ``module:function`` run inside; ``signer_public_key`` (DER SPKI) gives
+    MRSIGNER. ISVPRODID and ISVSVN come from the (simulated) SIGSTRUCT.
+    """
+
+    name: str
+    entry: str
+    code_files: Sequence[Path]
+    config: bytes
+    signer_public_key: bytes
+    isv_prod_id: int
+    isv_svn: int
+
+
+@dataclass(frozen=True)
+class EnclaveIdentity:
+    """The measured identity of an enclave, as it appears in a REPORT body."""
+
+    mrenclave: bytes
+    mrsigner: bytes
+    isv_prod_id: int
+    isv_svn: int
+    attributes: bytes = bytes(16)
+    misc_select: int = 0
+
+
+@dataclass(frozen=True)
+class ReportBody:
+    """A parsed REPORT body (SDM 38.15): the identity plus 64 bytes of user data."""
+
+    identity: EnclaveIdentity
+    report_data: bytes
+    cpu_svn: bytes = bytes(16)
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """TARGETINFO (SDM 38.16): the enclave a REPORT is MAC'd for."""
+
+    mrenclave: bytes
+    attributes: bytes = bytes(16)
+    misc_select: int = 0
+
+
+@dataclass(frozen=True)
+class KeyRequest:
+    """KEYREQUEST (SDM 38.18), the fields the simulation uses."""
+
+    key_name: KeyName
+    key_policy: KeyPolicy = KeyPolicy.MRSIGNER
+    isv_svn: int = 0
+    cpu_svn: bytes = bytes(16)
+    key_id: bytes = bytes(32)
+    config_svn: int = 0
+
+
+@dataclass(frozen=True)
+class VerifiedQuote:
+    """What a verified quote tells: the enclave, its report data, its platform."""
+
+    body: ReportBody
+    platform_id: bytes = b""
+
+    @property
+    def identity(self) -> EnclaveIdentity:
+        return self.body.identity
+
+    @property
+    def report_data(self) -> bytes:
+        return self.body.report_data
+
+
+class EnclavePlatform(Protocol):
+    """The face of the platform an enclave sees from inside (the ENCLU leaves)."""
+
+    @property
+    def identity(self) -> EnclaveIdentity: ...
+
+    def get_key(self, request: KeyRequest) -> bytes:
+        """EGETKEY: a 16-byte key; raises PlatformError for an ISVSVN above ours."""
+        ...
+
+    def report(self, target: TargetInfo, report_data: bytes) -> bytes:
+        """EREPORT: a 432-byte REPORT MAC'd with the target's report key."""
+        ...
+
+    def verify_report(self, report: bytes) -> ReportBody:
+        """Check a REPORT targeted at this enclave (local attestation)."""
+        ...
+
+    def quote(self, report_data: bytes) -> bytes:
+        """A remotely verifiable quote (DCAP v3 layout) over our identity."""
+        ...
+
+    def counter_create(self, name: str) -> int:
+        """Create (or open) a monotonic counter owned by our MRSIGNER; its value."""
+        ...
+
+    def counter_increment(self, name: str) -> int:
+        """Increment durably; return the new value only once it is durable."""
+        ...
+
+    def counter_read(self, name: str) -> int:
+        """The counter's value; PlatformError if it does not exist or is damaged."""
+        ...
+
+
+class EnclaveHandle(Protocol):
+    """The loader's handle on one running enclave."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def identity(self) -> EnclaveIdentity: ...
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def stream(self) -> socket.socket:
+        """The host end of the enclave's byte stream (the only way in or out)."""
+        ...
+
+    def stop(self, timeout: float = 5.0) -> None: ...
+
+
+class Loader(Protocol):
+    """The untrusted half of the SGX module: create and stop enclaves."""
+
+    def launch(self, spec: EnclaveSpec, args: Mapping[str, Any]) -> EnclaveHandle:
+        """Measure ``spec``, start it, pass ``args`` (unmeasured, untrusted input)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class QuoteVerifier(Protocol):
+    def verify(self, quote: bytes) -> VerifiedQuote:
+        """Verify against this verifier's attestation root; AttestationError if not."""
+        ...
+
+
+EnclaveEntry = Callable[[EnclavePlatform, socket.socket, Mapping[str, Any]], None]
+"""The signature of an enclave's entry point: ``main(platform, stream, args)``."""
+
+
+@dataclass
+class MeasurementPolicy:
+    """Which enclaves a verifier accepts (DESIGN.md S3).
+
+    Either an exact MRENCLAVE (the default: computed by the verifier from the
+    enclave code it has installed), or MRSIGNER + ISVPRODID + minimum ISVSVN
+    (for upgrades). Several MRENCLAVE values may be allowed at once.
+    """
+
+    mrenclaves: frozenset[bytes] = field(default_factory=frozenset)
+    mrsigner: bytes | None = None
+    isv_prod_id: int | None = None
+    min_isv_svn: int = 0
+
+    def accepts(self, identity: EnclaveIdentity) -> bool:
+        if identity.mrenclave in self.mrenclaves:
+            return True
+        if self.mrsigner is None or self.isv_prod_id is None:
+            return False
+        return (
+            identity.mrsigner == self.mrsigner
+            and identity.isv_prod_id == self.isv_prod_id
+            and identity.isv_svn >= self.min_isv_svn
+        )
