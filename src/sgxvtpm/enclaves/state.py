@@ -1,0 +1,172 @@
+"""An instance's sealed state: its provisioning and libtpms' three blobs in one file.
+
+One file, one version: every libtpms store (permall after an NV write, the
+savestate at Shutdown(STATE)) rewrites the whole bundle with version + 1,
+then advances the platform counter (sealing.py explains the order). The
+libtpms store callback returns only after both are durable, so a TPM response
+is released only after the change it reports is durable (DESIGN.md S7).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sgxvtpm.enclaves.sealing import Sealer, SealError, SealKind, check_fresh
+from sgxvtpm.platform.base import EnclavePlatform, PlatformError
+from sgxvtpm.util.durable import atomic_write, remove_durably
+
+BLOB_NAMES = ("permall", "volatilestate", "savestate")
+_ABSENT = 0xFFFFFFFF
+
+
+@dataclass
+class Bundle:
+    provisioning: dict[str, Any] = field(default_factory=dict)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        meta = json.dumps(self.provisioning, sort_keys=True).encode()
+        parts = [struct.pack(">I", len(meta)), meta]
+        for name in BLOB_NAMES:
+            blob = self.blobs.get(name)
+            if blob is None:
+                parts.append(struct.pack(">I", _ABSENT))
+            else:
+                parts += [struct.pack(">I", len(blob)), blob]
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Bundle:
+        try:
+            (meta_len,) = struct.unpack_from(">I", data)
+            offset = 4 + meta_len
+            provisioning = json.loads(data[4:offset])
+            blobs: dict[str, bytes] = {}
+            for name in BLOB_NAMES:
+                (length,) = struct.unpack_from(">I", data, offset)
+                offset += 4
+                if length == _ABSENT:
+                    continue
+                if offset + length > len(data):
+                    raise ValueError("short blob")
+                blobs[name] = data[offset : offset + length]
+                offset += length
+        except (struct.error, ValueError) as exc:
+            raise SealError("sealed state content is malformed") from exc
+        if not isinstance(provisioning, dict):
+            raise SealError("sealed state content is malformed")
+        return cls(provisioning, blobs)
+
+
+class SealedFile:
+    """One sealed, counted file: the write order and the freshness check of sealing.py."""
+
+    def __init__(
+        self, platform: EnclavePlatform, kind: SealKind, owner_id: str, path: Path
+    ) -> None:
+        self._platform = platform
+        self._sealer = Sealer(platform, kind, owner_id)
+        self._counter = f"{kind.name.lower()}:{owner_id}"
+        self.path = path
+        self.version = 0
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def load(self) -> bytes:
+        """The plaintext; SealError when damaged, foreign or rolled back."""
+        try:
+            blob = self.path.read_bytes()
+        except OSError as exc:
+            raise SealError(f"cannot read sealed file: {exc.strerror}") from None
+        header, plaintext = self._sealer.unseal(blob)
+        try:
+            counter = self._platform.counter_read(self._counter)
+        except PlatformError as exc:
+            raise SealError(f"platform counter unavailable: {exc}") from None
+        if check_fresh(header.version, counter):
+            self._platform.counter_increment(self._counter)
+        self.version = header.version
+        return plaintext
+
+    def create(self, plaintext: bytes, vm_id: str = "") -> None:
+        self.version = self._platform.counter_create(self._counter)
+        self.commit(plaintext, vm_id)
+
+    def commit(self, plaintext: bytes, vm_id: str = "") -> None:
+        """Write version + 1 durably, then advance the counter; only then return."""
+        version = self.version + 1
+        atomic_write(self.path, self._sealer.seal(plaintext, version, vm_id))
+        self._platform.counter_increment(self._counter)
+        self.version = version
+
+    def erase(self) -> None:
+        remove_durably(self.path)
+
+
+class SealedStateStore:
+    """An instance's bundle in a SealedFile; also libtpms' state store (via the adapter)."""
+
+    def __init__(self, platform: EnclavePlatform, instance_id: str, path: Path) -> None:
+        self.file = SealedFile(platform, SealKind.INSTANCE_STATE, instance_id, path)
+        self.bundle = Bundle()
+
+    def exists(self) -> bool:
+        return self.file.exists()
+
+    def load(self) -> Bundle:
+        self.bundle = Bundle.decode(self.file.load())
+        return self.bundle
+
+    def create(self, provisioning: dict[str, Any]) -> None:
+        self.bundle = Bundle(dict(provisioning), {})
+        self.file.create(self.bundle.encode(), self._vm_id())
+
+    def commit(self) -> None:
+        self.file.commit(self.bundle.encode(), self._vm_id())
+
+    def erase(self) -> None:
+        self.file.erase()
+
+    def _vm_id(self) -> str:
+        return str(self.bundle.provisioning.get("vm_id", ""))
+
+    def load_blob(self, name: str) -> bytes | None:
+        return self.bundle.blobs.get(name)
+
+    def store_blob(self, name: str, data: bytes) -> None:
+        previous = self.bundle.blobs.get(name)
+        self.bundle.blobs[name] = bytes(data)
+        try:
+            self.commit()
+        except BaseException:
+            # Not durable, so not acknowledged: libtpms reports an NV failure.
+            if previous is None:
+                self.bundle.blobs.pop(name, None)
+            else:
+                self.bundle.blobs[name] = previous
+            raise
+
+    def delete_blob(self, name: str) -> None:
+        if self.bundle.blobs.pop(name, None) is not None:
+            self.commit()
+
+
+class EngineStoreAdapter:
+    """Adapts SealedStateStore to the engine's load/store/delete protocol."""
+
+    def __init__(self, store: SealedStateStore) -> None:
+        self._store = store
+
+    def load(self, name: str) -> bytes | None:
+        return self._store.load_blob(name)
+
+    def store(self, name: str, data: bytes) -> None:
+        self._store.store_blob(name, data)
+
+    def delete(self, name: str) -> None:
+        self._store.delete_blob(name)
