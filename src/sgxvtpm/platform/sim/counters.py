@@ -1,0 +1,122 @@
+"""Monotonic counters: durable files in the platform directory (DESIGN.md S6).
+
+One file per counter, named by its owner's MRSIGNER and a hash of its name:
+
+  magic "SGXVCTR1" | owner MRSIGNER (32) | SHA-256(name) (32) | value u64le |
+  HMAC-SHA256(counter key, everything before) (32)
+
+The counter key is derived from the fuse key, so only this platform can
+write a counter the enclaves will accept. Every change is written
+atomically (temp file, fsync, rename, fsync dir) before the new value is
+returned, under an exclusive flock so concurrent increments never lose one.
+
+What the simulation cannot stop: whoever controls the platform directory
+can put back an older, validly MAC'd file (the fuse key is readable by the
+host user). Hardware needs a TPM NV counter or a replicated service for that
+(DESIGN.md S6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from sgxvtpm.platform.base import PlatformError
+from sgxvtpm.platform.sim.fileio import atomic_write
+
+_MAGIC = b"SGXVCTR1"
+_SIZE = len(_MAGIC) + 32 + 32 + 8 + 32
+_MAX = 2**64 - 1
+
+
+def derive_counter_key(root_secret: bytes) -> bytes:
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=b"sgxvtpm-sim counter MAC key"
+    ).derive(root_secret)
+
+
+class CounterStore:
+    """The platform's counter service; enclaves reach it through EnclavePlatform."""
+
+    def __init__(self, directory: Path, mac_key: bytes) -> None:
+        self._dir = directory
+        self._key = mac_key
+
+    def create(self, owner: bytes, name: str) -> int:
+        """Create the counter at 0 if it does not exist; its value."""
+        with self._locked(owner, name) as path:
+            if path.exists():
+                return self._load(path, owner, name)
+            self._store(path, owner, name, 0)
+            return 0
+
+    def increment(self, owner: bytes, name: str) -> int:
+        """Add one; the new value is on disk when this returns."""
+        with self._locked(owner, name) as path:
+            value = self._load(path, owner, name)
+            if value == _MAX:
+                raise PlatformError(f"monotonic counter {name!r} is exhausted")
+            self._store(path, owner, name, value + 1)
+            return value + 1
+
+    def read(self, owner: bytes, name: str) -> int:
+        with self._locked(owner, name) as path:
+            return self._load(path, owner, name)
+
+    def _path(self, owner: bytes, name: str) -> Path:
+        if not name or len(name.encode()) > 255:
+            raise PlatformError("a counter name must be 1 to 255 bytes of UTF-8")
+        return self._dir / f"{owner.hex()}-{_name_hash(name).hex()[:32]}.ctr"
+
+    @contextlib.contextmanager
+    def _locked(self, owner: bytes, name: str) -> Iterator[Path]:
+        path = self._path(owner, name)
+        self._dir.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield path
+        finally:
+            os.close(fd)
+
+    def _mac(self, data: bytes) -> bytes:
+        return hmac.new(self._key, data, hashlib.sha256).digest()
+
+    def _store(self, path: Path, owner: bytes, name: str, value: int) -> None:
+        data = _MAGIC + owner + _name_hash(name) + struct.pack("<Q", value)
+        atomic_write(path, data + self._mac(data))
+
+    def _load(self, path: Path, owner: bytes, name: str) -> int:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise PlatformError(f"monotonic counter {name!r} does not exist") from None
+        except OSError as exc:
+            raise PlatformError(f"monotonic counter {name!r} cannot be read: {exc}") from exc
+        head = _MAGIC + owner + _name_hash(name)
+        body, mac = raw[:-32], raw[-32:]
+        if (
+            len(raw) != _SIZE
+            or not raw.startswith(head)
+            or not hmac.compare_digest(mac, self._mac(body))
+        ):
+            raise PlatformError(
+                f"monotonic counter {name!r} is damaged ({path}): its MAC or format does "
+                "not check; restore the platform directory from a backup or recreate "
+                "the counter's owner state"
+            )
+        (value,) = struct.unpack_from("<Q", raw, len(head))
+        return int(value)
+
+
+def _name_hash(name: str) -> bytes:
+    return hashlib.sha256(name.encode()).digest()

@@ -1,0 +1,106 @@
+"""What a simulated enclave sees from inside: EGETKEY, EREPORT, quotes, counters."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from sgxvtpm.platform.base import (
+    REPORT_DATA_SIZE,
+    AttestationError,
+    EnclaveIdentity,
+    KeyRequest,
+    PlatformError,
+    ReportBody,
+    TargetInfo,
+)
+from sgxvtpm.platform.sim import egetkey
+from sgxvtpm.platform.sim.counters import CounterStore
+from sgxvtpm.platform.sim.quote import QuotingEnclave
+from sgxvtpm.platform.sim.report import pack_report_body, parse_report_body, split_report
+
+log = logging.getLogger(__name__)
+
+
+class SimEnclavePlatform:
+    """base.EnclavePlatform for one enclave identity on one simulated platform.
+
+    ``report_key_id`` plays CR_REPORT_KEYID, which SGX randomises at boot and
+    EREPORT copies into every REPORT's KEYID. ``config`` is the enclave's
+    measured configuration (sim-only convenience; not in base.EnclavePlatform).
+    """
+
+    def __init__(
+        self,
+        identity: EnclaveIdentity,
+        *,
+        base_key: bytes,
+        quoting_enclave: QuotingEnclave,
+        counters: CounterStore,
+        report_key_id: bytes,
+        cpu_svn: bytes = bytes(16),
+        config: bytes = b"",
+    ) -> None:
+        self._identity = identity
+        self._base_key = base_key
+        self._qe = quoting_enclave
+        self._counters = counters
+        self._report_key_id = report_key_id
+        self._cpu_svn = cpu_svn
+        self.config = config
+
+    @property
+    def identity(self) -> EnclaveIdentity:
+        return self._identity
+
+    def get_key(self, request: KeyRequest) -> bytes:
+        return egetkey.egetkey(self._base_key, self._identity, request, self._cpu_svn)
+
+    def report(self, target: TargetInfo, report_data: bytes) -> bytes:
+        """EREPORT: our REPORT body, MAC'd with the *target's* REPORT key."""
+        if len(report_data) != REPORT_DATA_SIZE:
+            raise PlatformError(f"EREPORT: report data must be {REPORT_DATA_SIZE} bytes")
+        body = pack_report_body(
+            ReportBody(identity=self._identity, report_data=report_data, cpu_svn=self._cpu_svn)
+        )
+        key = egetkey.report_key(
+            self._base_key,
+            target.mrenclave,
+            target.attributes,
+            target.misc_select,
+            self._report_key_id,
+            self._cpu_svn,
+        )
+        return body + self._report_key_id + egetkey.aes_cmac(key, body)
+
+    def verify_report(self, report: bytes) -> ReportBody:
+        """Local attestation: check a REPORT targeted at us with our REPORT key."""
+        try:
+            body, key_id, mac = split_report(bytes(report))
+            key = egetkey.report_key(
+                self._base_key,
+                self._identity.mrenclave,
+                self._identity.attributes,
+                self._identity.misc_select,
+                key_id,
+                self._cpu_svn,
+            )
+            if not hmac.compare_digest(egetkey.aes_cmac(key, body), mac):
+                raise ValueError("REPORT MAC does not verify")
+            return parse_report_body(body)
+        except ValueError as exc:
+            log.debug("report rejected: %s", exc)
+            raise AttestationError("report verification failed") from None
+
+    def quote(self, report_data: bytes) -> bytes:
+        """EREPORT to the quoting enclave, which checks it and signs a DCAP v3 quote."""
+        return self._qe.quote(self.report(self._qe.target_info, report_data))
+
+    def counter_create(self, name: str) -> int:
+        return self._counters.create(self._identity.mrsigner, name)
+
+    def counter_increment(self, name: str) -> int:
+        return self._counters.increment(self._identity.mrsigner, name)
+
+    def counter_read(self, name: str) -> int:
+        return self._counters.read(self._identity.mrsigner, name)

@@ -1,0 +1,192 @@
+"""A simulated SGX platform, kept in one directory.
+
+Layout (directory mode 0700):
+
+  fuse.key             32-byte root secret, mode 0600 (the only clear secret)
+  keys.json            private keys (root CA, PCK, attestation, signer),
+                       each AES-256-GCM wrapped under a key derived from fuse.key
+  root_ca.pem          provisioning root certificate (give this to verifiers)
+  pck.pem              this platform's PCK certificate
+  platform.json        platform id and QE certification data (public);
+                       written last, so its presence marks a complete platform
+  counters/            monotonic counters
+
+Two directories have independent fuse keys, roots and identities.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import stat
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from sgxvtpm.platform.base import EnclaveIdentity, PlatformError
+from sgxvtpm.platform.sim import egetkey, keywrap, provision
+from sgxvtpm.platform.sim.counters import CounterStore, derive_counter_key
+from sgxvtpm.platform.sim.enclave import SimEnclavePlatform
+from sgxvtpm.platform.sim.fileio import atomic_write
+from sgxvtpm.platform.sim.quote import QuotingEnclave, SimQuoteVerifier
+
+if TYPE_CHECKING:
+    from sgxvtpm.platform.sim.loader import SimLoader
+
+FUSE_KEY = "fuse.key"
+KEYS = "keys.json"
+ROOT_PEM = "root_ca.pem"
+PCK_PEM = "pck.pem"
+PLATFORM_JSON = "platform.json"
+COUNTERS = "counters"
+_FORMAT = 1
+
+
+class SimPlatformDir:
+    """One simulated platform: its fuse key, attestation chain, signer and counters."""
+
+    def __init__(self, path: Path) -> None:
+        """Open an existing platform directory (use :meth:`open_or_create`)."""
+        self.path = Path(path)
+        self._root_secret = _read_fuse_key(self.path / FUSE_KEY)
+        try:
+            meta = json.loads((self.path / PLATFORM_JSON).read_text())
+            if meta.get("format") != _FORMAT:
+                raise PlatformError(
+                    f"{self.path}: unsupported platform format {meta.get('format')}"
+                )
+            self.platform_id = bytes.fromhex(meta["platform_id"])
+            self._certification = provision.Certification(
+                root_pem=(self.path / ROOT_PEM).read_bytes(),
+                pck_pem=(self.path / PCK_PEM).read_bytes(),
+                qe_report_body=bytes.fromhex(meta["qe_report_body"]),
+                qe_report_signature=bytes.fromhex(meta["qe_report_signature"]),
+            )
+            self._wrapped = {
+                k: bytes.fromhex(v) for k, v in json.loads((self.path / KEYS).read_text()).items()
+            }
+            self.signer_public_key = bytes.fromhex(meta["signer_public_key"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise PlatformError(f"{self.path} is not a complete sim platform: {exc}") from exc
+        # CR_REPORT_KEYID: random per "boot" (per opening of the platform).
+        self._report_key_id = os.urandom(32)
+
+    @classmethod
+    def open_or_create(
+        cls,
+        path: Path,
+        *,
+        root_secret: bytes | None = None,
+        keys: provision.PlatformKeys | None = None,
+        platform_id: bytes | None = None,
+        now: datetime.datetime | None = None,
+    ) -> SimPlatformDir:
+        """Open the platform at ``path``, provisioning a new one if there is none.
+
+        The keyword arguments fix the randomness and time of provisioning, for
+        known-answer tests; leave them out otherwise.
+        """
+        path = Path(path)
+        if not (path / PLATFORM_JSON).exists():
+            _provision(
+                path,
+                root_secret if root_secret is not None else os.urandom(32),
+                keys if keys is not None else provision.PlatformKeys.generate(),
+                platform_id if platform_id is not None else os.urandom(16),
+                now if now is not None else datetime.datetime.now(datetime.UTC),
+            )
+        return cls(path)
+
+    @property
+    def root_certificate_pem(self) -> bytes:
+        return self._certification.root_pem
+
+    @cached_property
+    def _base_key(self) -> bytes:
+        return egetkey.derive_base_key(self._root_secret)
+
+    def _private_key(self, name: str) -> ec.EllipticCurvePrivateKey:
+        wrap_key = keywrap.derive_wrap_key(self._root_secret)
+        return keywrap.unwrap_private_key(wrap_key, name, self._wrapped[name])
+
+    @cached_property
+    def quoting_enclave(self) -> QuotingEnclave:
+        return QuotingEnclave(
+            base_key=self._base_key,
+            attestation_key=self._private_key("attestation"),
+            certification=self._certification,
+            platform_id=self.platform_id,
+        )
+
+    @cached_property
+    def counters(self) -> CounterStore:
+        return CounterStore(self.path / COUNTERS, derive_counter_key(self._root_secret))
+
+    def verifier(self) -> SimQuoteVerifier:
+        return SimQuoteVerifier(self.root_certificate_pem)
+
+    def enclave_platform(
+        self, identity: EnclaveIdentity, *, config: bytes = b""
+    ) -> SimEnclavePlatform:
+        """The platform face an enclave with ``identity`` gets (the loader uses this)."""
+        return SimEnclavePlatform(
+            identity,
+            base_key=self._base_key,
+            quoting_enclave=self.quoting_enclave,
+            counters=self.counters,
+            report_key_id=self._report_key_id,
+            config=config,
+        )
+
+    def signer_private_key(self) -> ec.EllipticCurvePrivateKey:
+        """The operator's enclave signing key (unwrapped on demand)."""
+        return self._private_key("signer")
+
+    def loader(self, preload: Sequence[str] = ()) -> SimLoader:
+        """A zygote loader for enclaves on this platform; ``preload``: modules to pre-import."""
+        from sgxvtpm.platform.sim.loader import SimLoader
+
+        return SimLoader(self.path, preload=preload)
+
+
+def _read_fuse_key(path: Path) -> bytes:
+    try:
+        st = path.stat()
+        secret = path.read_bytes()
+    except OSError as exc:
+        raise PlatformError(f"cannot read the platform fuse key {path}: {exc}") from exc
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise PlatformError(f"{path} is readable by group or others; chmod 0600 it")
+    if len(secret) != 32:
+        raise PlatformError(f"{path} is damaged: {len(secret)} bytes, expected 32")
+    return secret
+
+
+def _provision(
+    path: Path,
+    root_secret: bytes,
+    keys: provision.PlatformKeys,
+    platform_id: bytes,
+    now: datetime.datetime,
+) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    atomic_write(path / FUSE_KEY, root_secret, 0o600)
+    wrap_key = keywrap.derive_wrap_key(root_secret)
+    wrapped = {n: keywrap.wrap_private_key(wrap_key, n, k).hex() for n, k in keys.by_name().items()}
+    atomic_write(path / KEYS, json.dumps(wrapped, indent=1).encode(), 0o600)
+    cert = provision.certify(keys, platform_id, now)
+    atomic_write(path / ROOT_PEM, cert.root_pem, 0o644)
+    atomic_write(path / PCK_PEM, cert.pck_pem, 0o644)
+    meta = {
+        "format": _FORMAT,
+        "platform_id": platform_id.hex(),
+        "signer_public_key": provision.spki_der(keys.signer.public_key()).hex(),
+        "qe_report_body": cert.qe_report_body.hex(),
+        "qe_report_signature": cert.qe_report_signature.hex(),
+    }
+    atomic_write(path / PLATFORM_JSON, json.dumps(meta, indent=1).encode(), 0o644)

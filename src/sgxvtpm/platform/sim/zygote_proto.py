@@ -1,0 +1,73 @@
+"""Messages between the loader and its zygote, over a unix stream socket.
+
+A message is: u32 header length, u32 blob length (big-endian), a JSON header,
+then the blob. File descriptors travel as SCM_RIGHTS with the first 8 bytes.
+Launch args are JSON; ``bytes`` values are tagged as {"$bytes": hex}.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from typing import Any
+
+_PREFIX = struct.Struct(">II")
+MAX_FDS = 4
+
+
+class ZygoteGone(Exception):
+    """The other end closed the control socket (the zygote or loader died)."""
+
+
+def send_message(
+    sock: socket.socket, header: dict[str, Any], blob: bytes = b"", fds: list[int] | None = None
+) -> None:
+    head = json.dumps(header, default=_encode).encode()
+    prefix = _PREFIX.pack(len(head), len(blob))
+    try:
+        socket.send_fds(sock, [prefix], fds or [])
+        sock.sendall(head)
+        if blob:
+            sock.sendall(blob)
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        raise ZygoteGone(str(exc)) from exc
+
+
+def recv_message(sock: socket.socket) -> tuple[dict[str, Any], bytes, list[int]]:
+    try:
+        data, fds, _flags, _addr = socket.recv_fds(sock, _PREFIX.size, MAX_FDS)
+    except ConnectionResetError as exc:
+        raise ZygoteGone(str(exc)) from exc
+    if not data:
+        raise ZygoteGone("control socket closed")
+    data += _recv_exactly(sock, _PREFIX.size - len(data))
+    head_len, blob_len = _PREFIX.unpack(data)
+    header = json.loads(_recv_exactly(sock, head_len), object_hook=_decode)
+    return header, _recv_exactly(sock, blob_len), list(fds)
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n:
+        try:
+            chunk = sock.recv(min(n, 1 << 20))
+        except ConnectionResetError as exc:
+            raise ZygoteGone(str(exc)) from exc
+        if not chunk:
+            raise ZygoteGone("control socket closed mid-message")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _encode(value: object) -> object:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"$bytes": bytes(value).hex()}
+    raise TypeError(f"enclave launch data must be JSON or bytes, not {type(value).__name__}")
+
+
+def _decode(obj: dict[str, Any]) -> Any:
+    if obj.keys() == {"$bytes"}:
+        return bytes.fromhex(obj["$bytes"])
+    return obj
