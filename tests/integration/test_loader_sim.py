@@ -1,0 +1,255 @@
+"""The sim loader: zygote launch, attested identity, hardening, memory, restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sgxvtpm.platform import EnclaveSpec, PlatformError
+from sgxvtpm.platform.sim import SimLoader, SimPlatformDir, identity_of_spec, measure_mrenclave
+
+pytestmark = pytest.mark.integration
+
+# tests/helpers is a package; the enclave gets a copy outside it, so that its
+# measured relative name (and module name) is just "sim_echo_enclave.py".
+HELPER_SOURCE = Path(__file__).resolve().parent.parent / "helpers" / "sim_echo_enclave.py"
+
+
+def _call(stream: socket.socket, payload: bytes) -> bytes:
+    stream.settimeout(20)
+    stream.sendall(struct.pack(">I", len(payload)) + payload)
+    head = _recv(stream, 4)
+    return _recv(stream, struct.unpack(">I", head)[0])
+
+
+def _recv(stream: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = stream.recv(n - len(buf))
+        assert chunk, "enclave closed its stream"
+        buf += chunk
+    return buf
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> SimPlatformDir:
+    return SimPlatformDir.open_or_create(tmp_path_factory.mktemp("sgx") / "platform")
+
+
+@pytest.fixture(scope="module")
+def code(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("enclave_code") / "sim_echo_enclave.py"
+    path.write_bytes(HELPER_SOURCE.read_bytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def loader(platform: SimPlatformDir) -> Iterator[SimLoader]:
+    with platform.loader() as ldr:
+        yield ldr
+
+
+def _spec(platform: SimPlatformDir, code: Path, config: bytes = b'{"x": 1}') -> EnclaveSpec:
+    return EnclaveSpec(
+        name="echo",
+        entry="sim_echo_enclave:main",
+        code_files=[code],
+        config=config,
+        signer_public_key=platform.signer_public_key,
+        isv_prod_id=7,
+        isv_svn=3,
+    )
+
+
+def test_launched_enclave_quotes_its_measured_identity(
+    platform: SimPlatformDir, loader: SimLoader, code: Path
+) -> None:
+    spec = _spec(platform, code)
+    handle = loader.launch(spec, {"vm": "vm1", "key": b"\x00\xff"})
+    try:
+        assert _call(handle.stream, b"P") == b"pong"
+        assert handle.identity.mrenclave == measure_mrenclave(spec)
+        assert handle.identity == identity_of_spec(spec)
+        nonce = os.urandom(64)
+        verified = platform.verifier().verify(_call(handle.stream, b"Q" + nonce))
+        assert verified.identity == handle.identity
+        assert verified.report_data == nonce
+        assert verified.platform_id == platform.platform_id
+        assert _call(handle.stream, b"C") == spec.config
+        assert json.loads(_call(handle.stream, b"A")) == {"key": "00ff", "vm": "vm1"}
+    finally:
+        handle.stop()
+
+
+def test_enclave_process_is_hardened(
+    platform: SimPlatformDir, loader: SimLoader, code: Path
+) -> None:
+    handle = loader.launch(_spec(platform, code), {})
+    try:
+        _call(handle.stream, b"P")
+        status = Path(f"/proc/{handle.pid}/status").read_text()
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        assert fields["Name"].strip() == "enclave:echo"
+        assert int(fields["PPid"]) == loader.zygote_pid
+        assert _call(handle.stream, b"D") == b"0"  # prctl(PR_GET_DUMPABLE) inside
+        assert _owner_of_proc_files(handle.pid) == 0  # seen from outside (trivial as root)
+        limits = Path(f"/proc/{handle.pid}/limits").read_text()
+        core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+        assert core.split()[4:6] == ["0", "0"]
+        fds = sorted(int(fd) for fd in os.listdir(f"/proc/{handle.pid}/fd"))
+        assert fds == [0, 1, 2, _stream_fd(handle.pid)]
+    finally:
+        handle.stop()
+
+
+def _stream_fd(pid: int) -> int:
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if int(fd) > 2 and os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+            return int(fd)
+    raise AssertionError("no stream socket in the enclave")
+
+
+def _owner_of_proc_files(pid: int) -> int:
+    """/proc/PID/* of a non-dumpable process is owned by root (proc(5), PR_SET_DUMPABLE)."""
+    return os.stat(f"/proc/{pid}/environ").st_uid
+
+
+def test_stop_terminates_the_enclave(
+    platform: SimPlatformDir, loader: SimLoader, code: Path
+) -> None:
+    handle = loader.launch(_spec(platform, code), {})
+    _call(handle.stream, b"P")
+    handle.stop(timeout=5)
+    assert not Path(f"/proc/{handle.pid}").exists() or _is_zombie_or_gone(handle.pid)
+
+
+def _is_zombie_or_gone(pid: int) -> bool:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X"):
+            time.sleep(0.05)  # the zygote reaps within its 0.5 s tick
+            continue
+        return False
+    return True
+
+
+def test_zygote_is_restarted_after_it_dies(
+    platform: SimPlatformDir, loader: SimLoader, code: Path
+) -> None:
+    survivor = loader.launch(_spec(platform, code), {})
+    old = loader.zygote_pid
+    os.kill(old, signal.SIGKILL)
+    time.sleep(0.1)
+    handle = loader.launch(_spec(platform, code), {})
+    try:
+        assert loader.zygote_pid != old
+        assert _call(handle.stream, b"P") == b"pong"
+        assert _call(survivor.stream, b"P") == b"pong"  # running enclaves live on
+    finally:
+        handle.stop()
+        survivor.stop()
+
+
+def test_code_change_changes_identity_and_code_run(
+    platform: SimPlatformDir, loader: SimLoader, code: Path, tmp_path: Path
+) -> None:
+    changed = tmp_path / "sim_echo_enclave.py"
+    changed.write_bytes(code.read_bytes().replace(b'b"pong"', b'b"PONG"'))
+    spec = _spec(platform, changed)
+    handle = loader.launch(spec, {})
+    try:
+        assert handle.identity.mrenclave != measure_mrenclave(_spec(platform, code))
+        assert handle.identity.mrsigner == identity_of_spec(_spec(platform, code)).mrsigner
+        assert _call(handle.stream, b"P") == b"PONG"
+        quote = _call(handle.stream, b"Q" + bytes(64))
+        assert platform.verifier().verify(quote).identity.mrenclave == measure_mrenclave(spec)
+    finally:
+        handle.stop()
+
+
+def test_bad_entry_fails_cleanly(platform: SimPlatformDir, loader: SimLoader, code: Path) -> None:
+    spec = EnclaveSpec(
+        name="bad",
+        entry="no_colon",
+        code_files=[code],
+        config=b"",
+        signer_public_key=platform.signer_public_key,
+        isv_prod_id=1,
+        isv_svn=1,
+    )
+    with pytest.raises(PlatformError):
+        loader.launch(spec, {})
+
+
+def test_idle_enclave_memory(
+    platform: SimPlatformDir, loader: SimLoader, code: Path, record_property: pytest.RecordProperty
+) -> None:
+    """PSS of idle enclaves (goal <= 11 MB each); reported with -rA (and -s)."""
+    handles = [loader.launch(_spec(platform, code), {})]
+    try:
+        assert _call(handles[0].stream, b"P") == b"pong"
+        time.sleep(0.2)
+        alone = _pss_kib(handles[0].pid)
+        handles += [loader.launch(_spec(platform, code), {}) for _ in range(3)]
+        for h in handles:
+            assert _call(h.stream, b"P") == b"pong"
+        time.sleep(0.2)
+        pss = [_pss_kib(h.pid) for h in handles]
+        rss = [_rss_kib(h.pid) for h in handles]
+        zygote = _pss_kib(loader.zygote_pid)
+        report = (
+            f"idle enclave PSS: {alone} KiB as the only enclave; {pss} KiB with 4 "
+            f"(RSS {rss} KiB); zygote PSS {zygote} KiB"
+        )
+        record_property("idle_enclave_memory", report)
+        print("\n" + report)
+        assert alone <= 11 * 1024
+        assert all(p <= 11 * 1024 for p in pss)
+    finally:
+        for h in handles:
+            h.stop()
+
+
+def _pss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    raise AssertionError("no Pss line")
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS line")
+
+
+def test_stale_preloaded_module_restarts_the_zygote(
+    platform: SimPlatformDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A measured module the zygote pre-imported from other bytes is never run."""
+    path = tmp_path / "sim_echo_enclave.py"
+    path.write_bytes(HELPER_SOURCE.read_bytes())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with platform.loader(preload=["sim_echo_enclave"]) as ldr:
+        first = ldr.zygote_pid
+        handle = ldr.launch(_spec(platform, path), {})
+        assert _call(handle.stream, b"P") == b"pong"
+        assert ldr.zygote_pid == first
+        path.write_bytes(path.read_bytes().replace(b'b"pong"', b'b"PONG"'))
+        changed = ldr.launch(_spec(platform, path), {})
+        assert ldr.zygote_pid != first
+        assert _call(changed.stream, b"P") == b"PONG"
+        assert _call(handle.stream, b"P") == b"pong"
