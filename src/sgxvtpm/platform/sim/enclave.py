@@ -53,6 +53,16 @@ class SimEnclavePlatform:
     def identity(self) -> EnclaveIdentity:
         return self._identity
 
+    @property
+    def attestation_root_pem(self) -> bytes:
+        """The root a verifier inside this enclave trusts.
+
+        On SGX hardware Intel's root certificate is compiled into the enclave
+        code; here it is the simulated platform's root, taken from the platform
+        itself and never from the host's launch arguments.
+        """
+        return self._qe.certification.root_pem
+
     def get_key(self, request: KeyRequest) -> bytes:
         return egetkey.egetkey(self._base_key, self._identity, request, self._cpu_svn)
 

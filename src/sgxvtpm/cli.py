@@ -1,0 +1,189 @@
+"""The ``sgxvtpm`` command line.
+
+Errors are one clear line on stderr and a non-zero exit status; never a
+traceback for a user mistake or an unreachable hostd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sgxvtpm.host.statedir import ENV, StateDir
+
+
+def _add_state_dir(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    # Subcommands use SUPPRESS so they do not overwrite a value given before them.
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None if top else argparse.SUPPRESS,
+        help=f"hostd's state directory (env {ENV}, default ~/.local/state/sgxvtpm)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sgxvtpm",
+        description="vTPMs for VMs, with the manager and every instance in an enclave",
+    )
+    _add_state_dir(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    hostd = sub.add_parser("hostd", help="run the SGX module (loader + relay) in the foreground")
+    _add_state_dir(hostd)
+
+    vm = sub.add_parser("vm", help="manage vTPM instances (the VMM, over K1)")
+    vm_sub = vm.add_subparsers(dest="vm_command", required=True)
+    create = vm_sub.add_parser("create", help="create a vTPM instance for a VM")
+    create.add_argument("name")
+    create.add_argument("--pcr-banks", default="sha256", help="comma-separated, e.g. sha256,sha1")
+    create.add_argument("--ek", default="", help="EK algorithms (rsa2048,ecc-p256,...)")
+    create.add_argument(
+        "--vm-pubkey", type=Path, help="PEM public key of the VM (default: a new key)"
+    )
+    for name, helptext in (("list", "list instances"), ("show", "show one instance")):
+        p = vm_sub.add_parser(name, help=helptext)
+        if name == "show":
+            p.add_argument("name")
+        p.add_argument("--json", action="store_true")
+        _add_state_dir(p)
+    destroy = vm_sub.add_parser("destroy", help="destroy an instance and erase its sealed state")
+    destroy.add_argument("name")
+    attach = vm_sub.add_parser("attach", help="serve a swtpm-compatible control socket for QEMU")
+    attach.add_argument("name")
+    attach.add_argument("--ctrl", type=Path, required=True, help="unix socket path for QEMU")
+    serve = vm_sub.add_parser("serve", help="serve TSS sockets (tcti-swtpm / tcti-mssim)")
+    serve.add_argument("name")
+    group = serve.add_mutually_exclusive_group(required=True)
+    group.add_argument("--swtpm", type=Path, metavar="PATH", help="unix PATH and PATH.ctrl")
+    group.add_argument("--swtpm-tcp", metavar="HOST:PORT")
+    group.add_argument("--mssim", metavar="HOST:PORT")
+    for p in (create, destroy, attach, serve):
+        _add_state_dir(p)
+
+    ca = sub.add_parser("ca", help="the manager's EK CA")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True)
+    ca_show = ca_sub.add_parser("show", help="print the CA certificate")
+    ca_show.add_argument("--pem", action="store_true")
+    _add_state_dir(ca_show)
+
+    demo = sub.add_parser("demo", help="start hostd, create a VM's vTPM, use it")
+    _add_state_dir(demo)
+    bench = sub.add_parser("bench", help="run the benchmark suite (writes BENCHMARKS.md)")
+    bench.add_argument("--quick", action="store_true")
+    return parser
+
+
+def _state(args: argparse.Namespace) -> StateDir:
+    return StateDir.at(args.state_dir)
+
+
+def _print(obj: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, indent=2, sort_keys=True))
+    elif isinstance(obj, list):
+        print(f"{'NAME':<20} {'STATE':<14} {'PID':>8}  INSTANCE")
+        for item in obj:
+            print(f"{item['name']:<20} {item['state']:<14} {item.get('pid') or '-':>8}  "
+                  f"{item['instance_id']}")
+    else:
+        for key in ("name", "instance_id", "state", "reason", "pid", "mrenclave", "mrsigner",
+                    "pcr_banks"):
+            if obj.get(key) not in (None, ""):
+                print(f"{key:<12} {obj[key]}")
+
+
+async def _vm(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from sgxvtpm.vmm.client import VmmClient
+
+    client = VmmClient(_state(args))
+    cmd = args.vm_command
+    if cmd == "create":
+        pub = None
+        if args.vm_pubkey is not None:
+            loaded = serialization.load_pem_public_key(args.vm_pubkey.read_bytes())
+            if not isinstance(loaded, ec.EllipticCurvePublicKey):
+                raise ValueError(f"{args.vm_pubkey}: not an ECDSA public key")
+            pub = loaded
+        info = await client.create(
+            args.name,
+            pcr_banks=[b for b in args.pcr_banks.split(",") if b],
+            ek=[e for e in args.ek.split(",") if e],
+            vm_public_key=pub,
+        )
+        _print(info, False)
+    elif cmd == "list":
+        _print(await client.list(), args.json)
+    elif cmd == "show":
+        _print(await client.show(args.name), args.json)
+    elif cmd == "destroy":
+        await client.destroy(args.name)
+        print(f"destroyed {args.name}")
+    elif cmd == "attach":
+        from sgxvtpm.endpoint.serve import attach
+
+        await attach(_state(args), args.name, args.ctrl)
+    elif cmd == "serve":
+        from sgxvtpm.endpoint.serve import serve_tss
+
+        await serve_tss(_state(args), args.name, swtpm=args.swtpm, swtpm_tcp=args.swtpm_tcp,
+                        mssim=args.mssim)
+    return 0
+
+
+async def _ca(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from sgxvtpm.vmm.client import VmmClient
+
+    cert = await VmmClient(_state(args)).ca_certificate()
+    if args.pem:
+        sys.stdout.write(cert.public_bytes(serialization.Encoding.PEM).decode())
+    else:
+        print(f"subject  {cert.subject.rfc4514_string()}")
+        print(f"serial   {cert.serial_number:x}")
+        print(f"sha256   {cert.fingerprint(hashes.SHA256()).hex()}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "hostd":
+            from sgxvtpm.host.hostd import serve
+
+            asyncio.run(serve(_state(args)))
+            return 0
+        if args.command == "vm":
+            return asyncio.run(_vm(args))
+        if args.command == "ca":
+            return asyncio.run(_ca(args))
+        if args.command == "demo":
+            from sgxvtpm.demo import run_demo
+
+            return run_demo(_state(args) if args.state_dir else None)
+        if args.command == "bench":
+            from benchmarks.run import main as bench_main  # type: ignore[import-not-found]
+
+            return int(bench_main(["--quick"] if args.quick else []))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one clear line, never a traceback, for the CLI
+        name = type(exc).__name__
+        message = str(exc) or name
+        print(f"sgxvtpm: error: {message}", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The instance enclave (E2..En): one VM's vTPM, libtpms inside, state sealed.
+
+Who may talk to it (DESIGN.md S4), decided by the client certificate's key:
+- the manager (its CA certificate is the trust anchor; its key is pinned):
+  provisioning, status, EK manufacturing, destroy;
+- the VM bound at creation (a certificate the manager's CA issued for the
+  VM's key, pinned by SPKI): vTPM requests (sgxvtpm.wire.vtpm).
+
+An instance whose sealed state is refused (tampered, foreign, rolled back)
+stays up in the ``error`` state: it tells the manager why and serves no VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from sgxvtpm.channel import (
+    ClientTrust,
+    EnclaveCredential,
+    PeerCertificate,
+    ServerSession,
+    spki_sha256,
+    verify_enclave_certificate,
+)
+from sgxvtpm.enclaves.runtime import EnclaveRuntime, platform_verifier
+from sgxvtpm.enclaves.sealing import SealError
+from sgxvtpm.enclaves.specs import peer_policy
+from sgxvtpm.enclaves.state import EngineStoreAdapter, SealedStateStore
+from sgxvtpm.enclaves.vtpm_core import VtpmCore
+from sgxvtpm.platform.base import EnclavePlatform
+from sgxvtpm.tpm.engine import LibtpmsEngine
+from sgxvtpm.util import log
+from sgxvtpm.wire import vtpm
+
+
+class InstanceEnclave:
+    def __init__(self, platform: EnclavePlatform, args: Mapping[str, Any]) -> None:
+        self.platform = platform
+        self.instance_id = str(args["instance_id"])
+        manager_cert = x509.load_pem_x509_certificate(str(args["manager_cert_pem"]).encode())
+        # The manager's certificate came through the untrusted host: trust it
+        # only once its quote shows the manager of our own signer (S3).
+        verify_enclave_certificate(
+            manager_cert.public_bytes(Encoding.DER),
+            peer_policy(platform.identity.mrsigner, "manager"),
+            platform_verifier(platform, args),
+        )
+        self.manager_cert_pem = str(args["manager_cert_pem"]).encode()
+        self.manager_spki = spki_sha256(manager_cert)
+        self.store = SealedStateStore(
+            platform, self.instance_id, Path(args["state_dir"]) / "state.sealed"
+        )
+        self.credential = EnclaveCredential.create(platform, self.instance_id)
+        self.state = "unprovisioned"
+        self.reason = ""
+        self.vm_spki: bytes | None = None
+        self.core: VtpmCore | None = None
+        if self.store.exists():
+            self._restore()
+
+    # -- state ---------------------------------------------------------------
+    def _restore(self) -> None:
+        try:
+            bundle = self.store.load()
+        except SealError as exc:
+            self.state, self.reason = "error", str(exc)
+            log.log("instance.state_refused", instance=self.instance_id, reason=str(exc))
+            return
+        prov = bundle.provisioning
+        if prov.get("instance_id") != self.instance_id:
+            self.state, self.reason = "error", "sealed state names another instance"
+            return
+        if bytes.fromhex(prov.get("manager_spki", "")) != self.manager_spki:
+            self.state, self.reason = "error", "sealed state was provisioned by another manager"
+            return
+        self.vm_spki = bytes.fromhex(prov["vm_spki_sha256"])
+        self.core = self._new_core()
+        self.state = "running"
+        log.log("instance.restored", instance=self.instance_id, version=self.store.file.version)
+
+    def _new_core(self) -> VtpmCore:
+        adapter = EngineStoreAdapter(self.store)
+        return VtpmCore(lambda: LibtpmsEngine(adapter))
+
+    def trust(self) -> ClientTrust:
+        pins = {self.manager_spki}
+        if self.vm_spki is not None and self.state == "running":
+            pins.add(self.vm_spki)
+        return ClientTrust(anchors_pem=[self.manager_cert_pem], pinned_spki_sha256=frozenset(pins))
+
+    def new_session(self) -> ServerSession:
+        return ServerSession(self.credential, self.trust())
+
+    # -- requests ------------------------------------------------------------
+    async def handle(self, peer: PeerCertificate, data: bytes) -> bytes:
+        if peer.spki_sha256 == self.manager_spki:
+            return json.dumps(self.admin(json.loads(data))).encode()
+        if self.core is None or peer.spki_sha256 != self.vm_spki:
+            raise PermissionError("not the bound VM")
+        return vtpm.encode_response(self.core.handle(vtpm.decode_request(data)))
+
+    def admin(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        try:
+            if op == "status":
+                return self.status()
+            if op == "provision":
+                return self.provision(request)
+            if op == "destroy":
+                return self.destroy()
+        except (SealError, OSError, ValueError, KeyError) as exc:
+            log.log("instance.admin_failed", instance=self.instance_id, op=op, reason=str(exc))
+            return {"ok": False, "error": str(exc)}
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def status(self) -> dict[str, Any]:
+        identity = self.platform.identity
+        return {
+            "ok": True,
+            "state": self.state,
+            "reason": self.reason,
+            "mrenclave": identity.mrenclave.hex(),
+            "mrsigner": identity.mrsigner.hex(),
+            "version": self.store.file.version,
+        }
+
+    def provision(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.state != "unprovisioned":
+            return {"ok": False, "error": f"instance is {self.state}, not unprovisioned"}
+        self.store.create(
+            {
+                "instance_id": self.instance_id,
+                "vm_id": str(request["vm_id"]),
+                "vm_spki_sha256": str(request["vm_spki_sha256"]),
+                "manager_spki": self.manager_spki.hex(),
+                "pcr_banks": list(request.get("pcr_banks", ["sha256"])),
+            }
+        )
+        self.vm_spki = bytes.fromhex(request["vm_spki_sha256"])
+        self.core = self._new_core()
+        self.state = "running"
+        log.log("instance.provisioned", instance=self.instance_id, vm=request["vm_id"])
+        return self.status()
+
+    def destroy(self) -> dict[str, Any]:
+        if self.core is not None:
+            self.core.close()
+            self.core = None
+        self.store.erase()
+        self.state = "destroyed"
+        log.log("instance.destroyed", instance=self.instance_id)
+        return {"ok": True, "state": "destroyed"}
+
+    def close(self) -> None:
+        if self.core is not None:
+            self.core.close()
+            self.core = None
+
+
+
+def main(platform: EnclavePlatform, stream: socket.socket, args: Mapping[str, Any]) -> None:
+    """Entry point (base.EnclaveEntry): serve sessions until the host closes the stream."""
+    log.configure(f"instance-{str(args.get('instance_id', ''))[:8]}")
+    enclave = InstanceEnclave(platform, args)
+    runtime = EnclaveRuntime(stream, enclave.new_session, enclave.handle)
+    try:
+        asyncio.run(runtime.run())
+    finally:
+        enclave.close()

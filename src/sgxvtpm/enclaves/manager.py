@@ -1,0 +1,300 @@
+"""The manager enclave (E1): the patent's second vTPM emulator.
+
+It pins the operator key at first start, keeps the sealed instance registry,
+and answers the VMM over K1 (JSON requests, one per message):
+
+- ``create``  {name, vm_spki_der (hex), pcr_banks}: the *second creation
+  request* to the loader (CONTROL launch_instance), then an attested session
+  to the new instance enclave (its quote must show our signer's instance
+  product), provisioning it with its instance id and bound VM key; answers
+  with the instance's identity and a client certificate for the VM key
+  issued by the manager's CA;
+- ``destroy`` {name}, ``list``, ``show`` {name}, ``ca``.
+
+The manager's one key is both its TLS identity and its CA; the certificate
+carries the manager's quote, and is reissued with a fresh quote each start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from sgxvtpm.channel import (
+    ChannelError,
+    ClientCredential,
+    ClientSession,
+    ClientTrust,
+    EnclaveCredential,
+    PeerCertificate,
+    ServerSession,
+    spki_sha256,
+)
+from sgxvtpm.enclaves.registry import InstanceRecord, RegistryStore
+from sgxvtpm.enclaves.runtime import EnclaveRuntime, platform_verifier
+from sgxvtpm.enclaves.sealing import SealError
+from sgxvtpm.enclaves.specs import peer_policy
+from sgxvtpm.host.relay import RelayMux
+from sgxvtpm.platform.base import EnclavePlatform, QuoteVerifier
+from sgxvtpm.util import log
+
+CA_COMMON_NAME = "sgxvtpm manager CA"
+_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+class ManagerError(Exception):
+    """A VMM request was refused; the message goes back to the VMM."""
+
+
+class ManagerEnclave:
+    def __init__(self, platform: EnclavePlatform, args: Mapping[str, Any]) -> None:
+        self.platform = platform
+        self.verifier: QuoteVerifier = platform_verifier(platform, args)
+        self.store = RegistryStore(platform, Path(args["state_dir"]) / "registry.sealed")
+        self.registry, created = self.store.open_or_create(str(args["operator_cert_pem"]))
+        if created:
+            log.log("manager.operator_pinned")
+        operator = x509.load_pem_x509_certificate(self.registry.operator_cert_pem.encode())
+        self.operator_spki = spki_sha256(operator)
+        self.ca_key = self.registry.ca_key()
+        self.credential = EnclaveCredential.create(
+            platform, CA_COMMON_NAME, key=self.ca_key, is_ca=True
+        )
+        self.as_client = ClientCredential(self.ca_key, self.credential.certificate)
+        self.mux: RelayMux | None = None
+        self.lock = asyncio.Lock()
+
+    # -- sessions ------------------------------------------------------------
+    def new_session(self) -> ServerSession:
+        trust = ClientTrust(
+            anchors_pem=[self.registry.operator_cert_pem.encode()],
+            pinned_spki_sha256=frozenset({self.operator_spki}),
+        )
+        return ServerSession(self.credential, trust)
+
+    async def handle(self, peer: PeerCertificate, data: bytes) -> bytes:
+        if peer.spki_sha256 != self.operator_spki:
+            raise PermissionError("not the operator")
+        try:
+            request = json.loads(data)
+            async with self.lock:
+                reply = await self.dispatch(request)
+        except (ManagerError, SealError, ValueError, KeyError, TypeError) as exc:
+            reply = {"ok": False, "error": str(exc)}
+        return json.dumps(reply).encode()
+
+    async def dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "create":
+            return await self.create(request)
+        if op == "destroy":
+            return await self.destroy(str(request["name"]))
+        if op == "list":
+            return {"ok": True, "instances": [await self.describe(r) for r in self._records()]}
+        if op == "show":
+            return {"ok": True, "instance": await self.describe(self._record(request["name"]))}
+        if op == "ca":
+            return {"ok": True, "ca_cert_pem": self.credential.cert_pem.decode()}
+        raise ManagerError(f"unknown op {op!r}")
+
+    # -- the flow of DESIGN.md section 4 --------------------------------------
+    async def restore(self) -> None:
+        """After a (re)start: relaunch every instance; each unseals its own state."""
+        for record in self._records():
+            try:
+                await self._launch(record.instance_id)
+                status = await self._call(record.instance_id, {"op": "status"})
+                record.state = status.get("state", "unknown")
+            except (ChannelError, ManagerError, ConnectionError) as exc:
+                record.state = "error"
+                log.log("manager.restore_failed", vm=record.name, reason=str(exc))
+            log.log("manager.restored", vm=record.name, state=record.state)
+
+    async def create(self, request: dict[str, Any]) -> dict[str, Any]:
+        name = str(request["name"])
+        if not name or len(name) > 64 or not set(name) <= _NAME_OK:
+            raise ManagerError("VM name must be 1-64 characters of [A-Za-z0-9._-]")
+        if name in self.registry.instances:
+            raise ManagerError(f"VM {name!r} already exists")
+        vm_key = serialization.load_der_public_key(bytes.fromhex(request["vm_spki_der"]))
+        if not isinstance(vm_key, ec.EllipticCurvePublicKey):
+            raise ManagerError("the VM key must be an ECDSA public key")
+        vm_spki = _spki_sha256_of(vm_key)
+        banks = [str(b) for b in request.get("pcr_banks", ["sha256"])]
+        record = InstanceRecord(
+            name=name,
+            instance_id=os.urandom(16).hex(),
+            vm_spki_sha256=vm_spki.hex(),
+            pcr_banks=banks,
+            ek=[str(e) for e in request.get("ek", [])],
+            created=time.time(),
+        )
+        launched = await self._launch(record.instance_id)
+        reply = await self._call(
+            record.instance_id,
+            {
+                "op": "provision",
+                "vm_id": name,
+                "vm_spki_sha256": record.vm_spki_sha256,
+                "pcr_banks": banks,
+            },
+        )
+        if not reply.get("ok"):
+            await self._stop(record.instance_id)
+            raise ManagerError(f"provisioning failed: {reply.get('error')}")
+        record.state = reply["state"]
+        record.mrenclave = reply["mrenclave"]
+        record.mrsigner = reply["mrsigner"]
+        self.registry.instances[name] = record
+        self.store.save(self.registry)
+        log.log("manager.instance_created", vm=name, instance=record.instance_id,
+                pid=launched.get("pid"))
+        return {
+            "ok": True,
+            "instance": await self.describe(record),
+            "vm_cert_pem": self._issue_vm_certificate(name, vm_key),
+            "ca_cert_pem": self.credential.cert_pem.decode(),
+        }
+
+    async def destroy(self, name: str) -> dict[str, Any]:
+        record = self._record(name)
+        try:
+            await self._call(record.instance_id, {"op": "destroy"})
+        except (ChannelError, ManagerError, ConnectionError) as exc:
+            # An instance that cannot be reached (dead, refusing its state)
+            # is still destroyed: hostd removes its files below.
+            log.log("manager.destroy_unreachable", vm=name, reason=str(exc))
+        await self._stop(record.instance_id, erase=True)
+        del self.registry.instances[name]
+        self.store.save(self.registry)
+        log.log("manager.instance_destroyed", vm=name, instance=record.instance_id)
+        return {"ok": True}
+
+    async def describe(self, record: InstanceRecord) -> dict[str, Any]:
+        info = asdict(record)
+        info.pop("vm_spki_sha256", None)
+        host = await self._control({"op": "instance_info", "instance_id": record.instance_id})
+        info["pid"] = host.get("pid")
+        info["alive"] = bool(host.get("alive"))
+        if info["alive"]:
+            try:
+                status = await self._call(record.instance_id, {"op": "status"})
+                info["state"] = status.get("state", "unknown")
+                info["reason"] = status.get("reason", "")
+            except (ChannelError, ManagerError, ConnectionError) as exc:
+                info["state"], info["reason"] = "error", f"unreachable: {exc}"
+        else:
+            info["state"], info["reason"] = "stopped", host.get("reason", "")
+        return info
+
+    # -- helpers ------------------------------------------------------------
+    def _records(self) -> list[InstanceRecord]:
+        return sorted(self.registry.instances.values(), key=lambda r: r.name)
+
+    def _record(self, name: object) -> InstanceRecord:
+        record = self.registry.instances.get(str(name))
+        if record is None:
+            raise ManagerError(f"no VM named {name!r}")
+        return record
+
+    async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.mux is not None
+        return await self.mux.control(request)
+
+    async def _launch(self, instance_id: str) -> dict[str, Any]:
+        reply = await self._control(
+            {
+                "op": "launch_instance",
+                "instance_id": instance_id,
+                "manager_cert_pem": self.credential.cert_pem.decode(),
+            }
+        )
+        if not reply.get("ok"):
+            raise ManagerError(f"the loader could not launch the instance: {reply.get('error')}")
+        return reply
+
+    async def _stop(self, instance_id: str, erase: bool = False) -> None:
+        await self._control({"op": "stop_instance", "instance_id": instance_id, "erase": erase})
+
+    async def _call(self, instance_id: str, request: dict[str, Any]) -> dict[str, Any]:
+        """One request over an attested session to an instance enclave (S3 both ways)."""
+        assert self.mux is not None
+        client = ClientSession(
+            peer_policy(self.platform.identity.mrsigner, "instance"),
+            self.verifier,
+            self.as_client,
+            expected_cn=instance_id,
+        )
+        session = await asyncio.wait_for(self.mux.open(instance_id, client), 30)
+        try:
+            await session.send(json.dumps(request).encode())
+            reply: dict[str, Any] = json.loads(await asyncio.wait_for(session.recv(), 60))
+        except EOFError:
+            raise ManagerError("the instance closed the session") from None
+        finally:
+            await session.close()
+        return reply
+
+    def _issue_vm_certificate(self, name: str, vm_key: ec.EllipticCurvePublicKey) -> str:
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"vm:{name}")]))
+            .issuer_name(self.credential.certificate.subject)
+            .public_key(vm_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+            )
+            .sign(self.ca_key, hashes.SHA256())
+        )
+        return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _spki_sha256_of(key: ec.EllipticCurvePublicKey) -> bytes:
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashes_sha256(der)
+
+
+def hashes_sha256(data: bytes) -> bytes:
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(data)
+    return digest.finalize()
+
+
+def main(platform: EnclavePlatform, stream: socket.socket, args: Mapping[str, Any]) -> None:
+    """Entry point (base.EnclaveEntry)."""
+    log.configure("manager")
+    try:
+        manager = ManagerEnclave(platform, args)
+    except SealError as exc:
+        # A damaged or rolled-back registry: refuse to run, say why (S5/S6).
+        log.log("manager.registry_refused", reason=str(exc))
+        raise SystemExit(3) from None
+    runtime = EnclaveRuntime(stream, manager.new_session, manager.handle)
+
+    async def after_start(mux: RelayMux) -> None:
+        manager.mux = mux
+        async with manager.lock:
+            await manager.restore()
+        await mux.control({"op": "manager_ready"})
+
+    asyncio.run(runtime.run(after_start))

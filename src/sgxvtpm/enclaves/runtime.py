@@ -1,0 +1,86 @@
+"""What every enclave runs around its own logic: one stream, many attested sessions.
+
+The stream is the enclave's only way in or out (the loader's socketpair);
+over it the relay frames carry TLS records (sgxvtpm.host.relay.RelayMux).
+An enclave provides a session factory (its credential and whom it trusts)
+and a request handler; the runtime answers each authenticated request
+message with one reply message, in order, one request at a time per
+enclave (libtpms is single-threaded, and so is this loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from sgxvtpm.channel import PeerCertificate, ServerSession
+from sgxvtpm.host.relay import AsyncSession, RelayMux
+from sgxvtpm.platform.base import EnclavePlatform, QuoteVerifier
+from sgxvtpm.util import log
+
+RequestHandler = Callable[[PeerCertificate, bytes], Awaitable[bytes]]
+
+
+def platform_verifier(platform: EnclavePlatform, args: Mapping[str, Any]) -> QuoteVerifier:
+    """The quote verifier an enclave uses for its peers.
+
+    On real SGX the attestation root is compiled into the (measured) enclave.
+    In sim mode it is the platform's simulated root, which the enclave reads
+    from its own platform (never from the host's launch arguments).
+    """
+    root = getattr(platform, "attestation_root_pem", None)
+    if not isinstance(root, bytes):
+        raise RuntimeError("platform gives no attestation root")
+    from sgxvtpm.platform.sim.quote import SimQuoteVerifier
+
+    return SimQuoteVerifier(root)
+
+
+class EnclaveRuntime:
+    def __init__(
+        self,
+        stream: socket.socket,
+        session_factory: Callable[[], ServerSession],
+        handler: RequestHandler,
+    ) -> None:
+        self._stream = stream
+        self._factory = session_factory
+        self._handler = handler
+        self.mux: RelayMux | None = None
+        self.stop = asyncio.Event()
+
+    async def run(self, after_start: Callable[[RelayMux], Awaitable[None]] | None = None) -> None:
+        """Serve until the host closes the stream (or ``stop`` is set)."""
+        self._stream.setblocking(False)
+        reader, writer = await asyncio.open_unix_connection(sock=self._stream)
+        mux = RelayMux(reader, writer, session_factory=self._new, handler=self._serve)
+        self.mux = mux
+        runner = asyncio.create_task(mux.run())
+        if after_start is not None:
+            await after_start(mux)
+        stopper = asyncio.create_task(self.stop.wait())
+        await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        await mux.aclose()
+
+    def _new(self, source: str) -> ServerSession | None:
+        try:
+            return self._factory()
+        except Exception as exc:  # a broken enclave state must not kill the loop
+            log.log("enclave.session_refused", source=source, reason=str(exc))
+            return None
+
+    async def _serve(self, session: AsyncSession) -> None:
+        peer = session.peer
+        if not isinstance(peer, PeerCertificate):
+            return
+        while True:
+            request = await session.recv()
+            try:
+                reply = await self._handler(peer, request)
+            except PermissionError:
+                log.log("enclave.request_refused", peer=peer.spki_sha256.hex()[:16])
+                return
+            await session.send(reply)

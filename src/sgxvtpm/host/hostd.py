@@ -1,0 +1,250 @@
+"""hostd: the patent's SGX module, loaded by the host (untrusted).
+
+It loads the platform backend, sends the *first creation request* (the
+loader measures and launches the manager enclave E1), relays every K1/K2
+session as opaque frames, launches instance enclaves when E1 asks (the
+*second creation request*), relaunches enclaves that die, and stops cleanly
+on SIGTERM. It never holds K1, K2, or any plaintext TPM traffic: it sees
+relay frames whose DATA payloads are TLS records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from sgxvtpm.channel import ClientCredential
+from sgxvtpm.enclaves.specs import instance_spec, manager_spec
+from sgxvtpm.host.relay import Connection, Relay
+from sgxvtpm.host.statedir import StateDir
+from sgxvtpm.platform.base import EnclaveHandle, EnclaveSpec, Loader
+from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
+from sgxvtpm.util import log
+from sgxvtpm.util.keyfile import write_private_key
+
+PRELOAD = ("sgxvtpm.enclaves.manager",)
+RESTART_LIMIT = 5  # relaunches of one enclave within RESTART_WINDOW
+RESTART_WINDOW = 60.0
+
+
+class HostdError(Exception):
+    """hostd cannot start; the message says why (one line for the CLI)."""
+
+
+def ensure_operator_identity(state: StateDir) -> ClientCredential:
+    """The operator's key and self-signed certificate (0600), created on first use."""
+    if state.operator_key.exists() and state.operator_cert.exists():
+        return ClientCredential.load(state.operator_key, state.operator_cert)
+    key = ec.generate_private_key(ec.SECP256R1())
+    credential = ClientCredential.self_signed(key, "sgxvtpm operator")
+    write_private_key(state.operator_key, key)
+    state.operator_cert.write_bytes(credential.cert_pem)
+    return credential
+
+
+@dataclass
+class Enclave:
+    """One enclave hostd launched: how to launch it again, and its current process."""
+
+    name: str
+    spec: EnclaveSpec
+    args: dict[str, Any]
+    handle: EnclaveHandle | None = None
+    task: asyncio.Task[None] | None = None
+    restarts: list[float] = field(default_factory=list)
+    wanted: bool = True
+    reason: str = ""
+
+
+class Hostd:
+    def __init__(self, state: StateDir) -> None:
+        self.state = state
+        state.ensure()
+        self._lock_fd = os.open(state.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise HostdError(f"another hostd is running on {state.root}") from None
+        self.platform = SimPlatformDir.open_or_create(state.platform)
+        self.operator = ensure_operator_identity(state)
+        self.loader: Loader = self.platform.loader(preload=PRELOAD)
+        self.relay = Relay(self.on_control)
+        self.enclaves: dict[str, Enclave] = {}
+        self.manager_ready = asyncio.Event()
+        self.stopping = False
+        self._server: asyncio.Server | None = None
+
+    # -- lifecycle ------------------------------------------------------------
+    async def start(self) -> None:
+        log.log("hostd.starting", state_dir=str(self.state.root), platform="sim")
+        # The first creation request: the loader measures and launches E1.
+        manager = Enclave(
+            "manager",
+            manager_spec(self.platform.signer_public_key),
+            {
+                "state_dir": str(self.state.manager),
+                "operator_cert_pem": self.operator.cert_pem.decode(),
+            },
+        )
+        self.enclaves["manager"] = manager
+        await self._launch(manager)
+        with contextlib.suppress(FileNotFoundError):
+            self.state.socket.unlink()
+        self._server = await asyncio.start_unix_server(self._client, path=str(self.state.socket))
+        os.chmod(self.state.socket, 0o660)
+        log.log("hostd.listening", socket=str(self.state.socket))
+
+    async def stop(self) -> None:
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        # Instances first, the manager last; each saves its state on SIGTERM.
+        order = [e for n, e in self.enclaves.items() if n != "manager"]
+        order += [e for n, e in self.enclaves.items() if n == "manager"]
+        for enclave in order:
+            enclave.wanted = False
+            await asyncio.to_thread(self._stop_process, enclave)
+        await self.relay.aclose()
+        self.loader.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.state.socket.unlink()
+        log.log("hostd.stopped")
+
+    def _stop_process(self, enclave: Enclave) -> None:
+        if enclave.handle is not None:
+            enclave.handle.stop()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.relay.serve(reader, writer, kind="client")
+
+    # -- launching ------------------------------------------------------------
+    async def _launch(self, enclave: Enclave) -> EnclaveHandle:
+        handle = await asyncio.to_thread(self.loader.launch, enclave.spec, enclave.args)
+        enclave.handle = handle
+        enclave.reason = ""
+        handle.stream.setblocking(False)
+        reader, writer = await asyncio.open_unix_connection(sock=handle.stream)
+        enclave.task = asyncio.create_task(self._run_enclave(enclave, reader, writer))
+        log.log("hostd.enclave_launched", enclave=enclave.name, pid=handle.pid,
+                mrenclave=handle.identity.mrenclave.hex())
+        return handle
+
+    async def _run_enclave(
+        self, enclave: Enclave, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await self.relay.serve(reader, writer, kind="enclave", name=enclave.name)
+        # The stream ended: the enclave exited or was killed.
+        if self.stopping or not enclave.wanted:
+            return
+        now = time.monotonic()
+        enclave.restarts = [t for t in enclave.restarts if now - t < RESTART_WINDOW]
+        if len(enclave.restarts) >= RESTART_LIMIT:
+            enclave.reason = "crashed repeatedly; not restarted"
+            log.log("hostd.enclave_given_up", enclave=enclave.name)
+            return
+        enclave.restarts.append(now)
+        log.log("hostd.enclave_died", enclave=enclave.name, restarting=True)
+        if enclave.name == "manager":
+            self.manager_ready.clear()
+        await asyncio.sleep(0.2 * len(enclave.restarts))
+        try:
+            await self._launch(enclave)
+        except Exception as exc:  # the loader failed: say so, keep serving others
+            enclave.reason = f"relaunch failed: {exc}"
+            log.log("hostd.relaunch_failed", enclave=enclave.name, reason=str(exc))
+
+    # -- the manager's requests (CONTROL frames) ------------------------------
+    async def on_control(self, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "ping":
+            return {"ok": True, "manager_ready": self.manager_ready.is_set()}
+        if op == "wait_ready":
+            await asyncio.wait_for(self.manager_ready.wait(), 60)
+            return {"ok": True}
+        if conn.name != "manager":
+            return {"ok": False, "error": "only the manager enclave may ask that"}
+        if op == "manager_ready":
+            self.manager_ready.set()
+            return {"ok": True}
+        instance_id = str(request.get("instance_id", ""))
+        if op in ("launch_instance", "stop_instance", "instance_info") and not _valid_id(
+            instance_id
+        ):
+            return {"ok": False, "error": "bad instance id"}
+        if op == "launch_instance":
+            return await self._launch_instance(instance_id, str(request["manager_cert_pem"]))
+        if op == "stop_instance":
+            return await self._stop_instance(instance_id, bool(request.get("erase")))
+        if op == "instance_info":
+            return self._instance_info(instance_id)
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+    async def _launch_instance(self, instance_id: str, manager_cert_pem: str) -> dict[str, Any]:
+        x509.load_pem_x509_certificate(manager_cert_pem.encode())  # well-formed, at least
+        enclave = self.enclaves.get(instance_id)
+        if enclave is not None and enclave.handle is not None and instance_id in self.relay.targets:
+            enclave.args["manager_cert_pem"] = manager_cert_pem
+            return {"ok": True, "pid": enclave.handle.pid, "already_running": True}
+        directory = self.state.instance(instance_id)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        enclave = Enclave(
+            instance_id,
+            instance_spec(self.platform.signer_public_key),
+            {
+                "instance_id": instance_id,
+                "state_dir": str(directory),
+                "manager_cert_pem": manager_cert_pem,
+            },
+        )
+        self.enclaves[instance_id] = enclave
+        try:
+            handle = await self._launch(enclave)
+        except Exception as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True, "pid": handle.pid, "mrenclave": handle.identity.mrenclave.hex()}
+
+    async def _stop_instance(self, instance_id: str, erase: bool) -> dict[str, Any]:
+        enclave = self.enclaves.pop(instance_id, None)
+        if enclave is not None:
+            enclave.wanted = False
+            await asyncio.to_thread(self._stop_process, enclave)
+        if erase:
+            shutil.rmtree(self.state.instance(instance_id), ignore_errors=True)
+        return {"ok": True}
+
+    def _instance_info(self, instance_id: str) -> dict[str, Any]:
+        enclave = self.enclaves.get(instance_id)
+        if enclave is None or enclave.handle is None:
+            return {"ok": True, "alive": False, "pid": None, "reason": "not launched"}
+        alive = instance_id in self.relay.targets
+        return {"ok": True, "alive": alive, "pid": enclave.handle.pid, "reason": enclave.reason}
+
+
+def _valid_id(instance_id: str) -> bool:
+    return len(instance_id) == 32 and all(c in "0123456789abcdef" for c in instance_id)
+
+
+async def serve(state: StateDir, ready: asyncio.Event | None = None) -> None:
+    """Run hostd until SIGTERM/SIGINT."""
+    hostd = Hostd(state)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await hostd.start()
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        await hostd.stop()
