@@ -1,0 +1,1 @@
+"""Helpers for sgxvtpm's own tests (real processes, no mocks)."""
