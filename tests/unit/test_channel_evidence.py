@@ -22,11 +22,7 @@ from sgxvtpm.channel import (
 )
 from sgxvtpm.channel.evidence import build_self_signed, spki_der
 from sgxvtpm.platform.base import EnclaveIdentity, MeasurementPolicy
-
-try:
-    from sgxvtpm.platform.sim import SimPlatformDir  # type: ignore[attr-defined]
-except ImportError:  # until sim's __init__ re-exports it
-    from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
+from sgxvtpm.platform.sim import SimPlatformDir
 
 MANAGER = EnclaveIdentity(mrenclave=b"\x11" * 32, mrsigner=b"\x22" * 32, isv_prod_id=1, isv_svn=3)
 OTHER = EnclaveIdentity(mrenclave=b"\x33" * 32, mrsigner=b"\x22" * 32, isv_prod_id=1, isv_svn=3)

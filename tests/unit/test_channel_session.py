@@ -35,11 +35,7 @@ from sgxvtpm.channel import (
 from sgxvtpm.channel.evidence import build_self_signed, spki_der
 from sgxvtpm.channel.testing import ChannelPair, InMemoryRelay, split_records
 from sgxvtpm.platform.base import EnclaveIdentity, MeasurementPolicy, VerifiedQuote
-
-try:
-    from sgxvtpm.platform.sim import SimPlatformDir  # type: ignore[attr-defined]
-except ImportError:  # until sim's __init__ re-exports it
-    from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
+from sgxvtpm.platform.sim import SimPlatformDir
 
 MANAGER = EnclaveIdentity(mrenclave=b"\x11" * 32, mrsigner=b"\x22" * 32, isv_prod_id=1, isv_svn=1)
 INSTANCE = EnclaveIdentity(mrenclave=b"\x44" * 32, mrsigner=b"\x22" * 32, isv_prod_id=2, isv_svn=1)

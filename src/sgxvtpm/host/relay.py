@@ -381,6 +381,8 @@ class AsyncSession:
         self._flush()  # a pending TLS alert tells the peer
         self._finish(b"channel error")
         log.debug("session %d: %s", self._sid, why)
+        if self.owns_mux:
+            await self._mux.aclose()
         return ChannelError()
 
     def _finish(self, reason: bytes) -> None:

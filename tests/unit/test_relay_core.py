@@ -1,0 +1,344 @@
+"""The asyncio relay (sgxvtpm.host.relay) in one process, over real socketpairs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from sgxvtpm.channel import (
+    ChannelError,
+    ClientCredential,
+    ClientSession,
+    ClientTrust,
+    EnclaveCredential,
+    PeerCertificate,
+    ServerSession,
+)
+from sgxvtpm.host.relay import (
+    AsyncSession,
+    Connection,
+    Relay,
+    RelayMux,
+    _read_frame,
+    open_client_session,
+    serve_sessions,
+)
+from sgxvtpm.platform.base import EnclaveIdentity, MeasurementPolicy, VerifiedQuote
+from sgxvtpm.platform.sim import SimPlatformDir
+from sgxvtpm.wire.relay import RELAY_ASSIGNED, Frame, FrameType, encode
+
+T = TypeVar("T")
+MANAGER = EnclaveIdentity(mrenclave=b"\x11" * 32, mrsigner=b"\x22" * 32, isv_prod_id=1, isv_svn=1)
+POLICY = MeasurementPolicy(mrenclaves=frozenset({MANAGER.mrenclave}))
+
+
+def run(coro: Awaitable[T]) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, 20)
+
+    return asyncio.run(bounded())
+
+
+@dataclass
+class Setup:
+    pd: SimPlatformDir
+    manager: EnclaveCredential
+    operator: ClientCredential
+    stranger: ClientCredential
+
+    def trust(self) -> ClientTrust:
+        return ClientTrust([self.operator.cert_pem], frozenset({self.operator.spki_sha256}))
+
+    def client(self, cred: ClientCredential | None = None) -> ClientSession:
+        return ClientSession(POLICY, self.pd.verifier(), cred or self.operator, "manager")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    base: Path = tmp_path_factory.mktemp("platform")
+    pd = SimPlatformDir.open_or_create(base / "p")
+    manager = EnclaveCredential.create(pd.enclave_platform(MANAGER), "manager", is_ca=True)
+    op = ClientCredential.self_signed(ec.generate_private_key(ec.SECP256R1()), "operator")
+    stranger = ClientCredential.self_signed(ec.generate_private_key(ec.SECP256R1()), "x")
+    return Setup(pd, manager, op, stranger)
+
+
+@dataclass
+class Hub:
+    """A relay with helpers to attach socketpair connections to it."""
+
+    relay: Relay
+    seen: bytearray = field(default_factory=bytearray)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+
+    async def attach(
+        self, *, kind: str = "client", name: str | None = None
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        ours, theirs = socket.socketpair()
+        r, w = await asyncio.open_connection(sock=theirs)
+        self.tasks.append(asyncio.create_task(self.relay.serve(r, w, kind=kind, name=name)))
+        pair = await asyncio.open_connection(sock=ours)
+        self.writers.append(pair[1])  # keep our end alive (and close it at the end)
+        return pair
+
+    async def close(self) -> None:
+        await self.relay.aclose()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for w in self.writers:
+            w.close()
+            with contextlib.suppress(ConnectionError):
+                await w.wait_closed()
+
+
+ControlFn = Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def make_hub(on_control: ControlFn | None = None) -> Hub:
+    hub = Hub(Relay(on_control))
+    hub.relay._observer = hub.seen.extend
+    return hub
+
+
+async def echo(session: AsyncSession) -> None:
+    while True:
+        msg = await session.recv()
+        await session.send(b"echo:" + msg)
+
+
+async def start_enclave(hub: Hub, setup: Setup, name: str = "manager") -> asyncio.Task[None]:
+    r, w = await hub.attach(kind="enclave", name=name)
+
+    def factory(source: str) -> ServerSession:
+        return ServerSession(setup.manager, setup.trust())
+
+    return asyncio.create_task(serve_sessions(r, w, factory, echo))
+
+
+def test_round_trip_through_the_relay_carries_no_plaintext(setup: Setup) -> None:
+    async def main() -> None:
+        hub = make_hub()
+        enclave = await start_enclave(hub, setup)
+        r, w = await hub.attach()
+        session = await open_client_session(r, w, setup.client(), "manager")
+        assert isinstance(session.peer, VerifiedQuote)
+        marker = secrets.token_bytes(32)
+        await session.send(marker)
+        assert await session.recv() == b"echo:" + marker
+        big = secrets.token_bytes(600_000)  # several DATA frames, many records
+        await session.send(big)
+        assert await session.recv() == b"echo:" + big
+        await session.close()
+        assert len(hub.seen) > 600_000
+        assert marker not in hub.seen and big[1000:1032] not in hub.seen
+        enclave.cancel()
+        await hub.close()
+
+    run(main())
+
+
+def test_many_sessions_on_one_target_and_one_connection(setup: Setup) -> None:
+    async def main() -> None:
+        hub = make_hub()
+        await start_enclave(hub, setup, "manager")
+        await start_enclave(hub, setup, "instance-1")
+        r, w = await hub.attach()
+        mux = RelayMux(r, w)
+        mux.start()
+        sessions = [await mux.open(t, setup.client()) for t in ["manager", "instance-1"] * 3]
+        assert len({s.session_id for s in sessions}) == 6
+        for i, s in enumerate(sessions):
+            await s.send(b"%d" % i)
+        for i, s in enumerate(sessions):
+            assert await s.recv() == b"echo:%d" % i
+        for s in sessions:
+            await s.close()
+        await mux.aclose()
+        await hub.close()
+
+    run(main())
+
+
+def test_unpinned_client_is_refused_and_the_handler_never_runs(setup: Setup) -> None:
+    async def main() -> None:
+        hub = make_hub()
+        handled: list[PeerCertificate | VerifiedQuote | None] = []
+
+        async def handler(session: AsyncSession) -> None:
+            handled.append(session.peer)
+
+        r, w = await hub.attach(kind="enclave", name="manager")
+        factory = lambda source: ServerSession(setup.manager, setup.trust())  # noqa: E731
+        task = asyncio.create_task(serve_sessions(r, w, factory, handler))
+        r2, w2 = await hub.attach()
+        marker = secrets.token_bytes(32)
+        with pytest.raises(ChannelError):
+            session = await open_client_session(r2, w2, setup.client(setup.stranger), "manager")
+            await session.send(marker)
+            await session.recv()
+        assert handled == []
+        assert marker not in hub.seen
+        task.cancel()
+        await hub.close()
+
+    run(main())
+
+
+async def raw_peer(hub: Hub, **kw: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await hub.attach(**kw)
+
+
+async def next_frame(r: asyncio.StreamReader) -> tuple[FrameType, int, bytes] | None:
+    return await asyncio.wait_for(_read_frame(r), 5)
+
+
+def test_open_to_unknown_target_is_closed(setup: Setup) -> None:
+    async def main() -> None:
+        hub = make_hub()
+        r, w = await raw_peer(hub)
+        w.write(encode(Frame.open(7, "nobody")))
+        assert await next_frame(r) == (FrameType.CLOSE, 7, b"no such target")
+        # And through the client helper: no handshake, ChannelError.
+        r2, w2 = await raw_peer(hub)
+        with pytest.raises(ChannelError):
+            await open_client_session(r2, w2, setup.client(), "nobody")
+        await hub.close()
+
+    run(main())
+
+
+def test_frames_are_mapped_and_forwarded_both_ways() -> None:
+    async def main() -> None:
+        hub = make_hub()
+        tr, tw = await raw_peer(hub, kind="enclave", name="manager")
+        cr, cw = await raw_peer(hub)
+        cw.write(encode(Frame.open(5, "manager")))
+        ftype, tsid, label = await next_frame(tr) or (None, 0, b"")
+        assert (ftype, label) == (FrameType.OPEN, b"client")
+        assert tsid >= RELAY_ASSIGNED
+        cw.write(encode(Frame.data(5, b"to target")))
+        assert await next_frame(tr) == (FrameType.DATA, tsid, b"to target")
+        tw.write(encode(Frame.data(tsid, b"to client")))
+        assert await next_frame(cr) == (FrameType.DATA, 5, b"to client")
+        tw.write(encode(Frame.close(tsid, "bye")))
+        assert await next_frame(cr) == (FrameType.CLOSE, 5, b"bye")
+        # The session is gone: further DATA is dropped, not forwarded.
+        cw.write(encode(Frame.data(5, b"late")))
+        cw.write(encode(Frame.open(6, "manager")))
+        ftype, tsid2, _ = await next_frame(tr) or (None, 0, b"")
+        assert ftype is FrameType.OPEN and tsid2 != tsid
+        await hub.close()
+
+    run(main())
+
+
+def test_dead_connection_closes_all_its_sessions() -> None:
+    async def main() -> None:
+        hub = make_hub()
+        tr, tw = await raw_peer(hub, kind="enclave", name="manager")
+        clients = [await raw_peer(hub) for _ in range(3)]
+        for _, w in clients:
+            w.write(encode(Frame.open(1, "manager")))
+        for _ in clients:
+            assert (await next_frame(tr) or (None,))[0] is FrameType.OPEN
+        tw.close()
+        for r, _ in clients:
+            assert await next_frame(r) == (FrameType.CLOSE, 1, b"peer gone")
+        # The name is free again; a new open finds no target.
+        r, w = clients[0]
+        w.write(encode(Frame.open(2, "manager")))
+        assert await next_frame(r) == (FrameType.CLOSE, 2, b"no such target")
+        await hub.close()
+
+    run(main())
+
+
+def test_malformed_frame_drops_only_that_connection() -> None:
+    async def main() -> None:
+        hub = make_hub()
+        tr, _tw = await raw_peer(hub, kind="enclave", name="manager")
+        _good_r, good_w = await raw_peer(hub)
+        bad_r, bad_w = await raw_peer(hub)
+        good_w.write(encode(Frame.open(1, "manager")))
+        bad_w.write(encode(Frame.open(1, "manager")))
+        _, sid_good, _ = await next_frame(tr) or (None, 0, b"")
+        _, sid_bad, _ = await next_frame(tr) or (None, 0, b"")
+        bad_w.write(b"\x09" + bytes(8))  # unknown frame type
+        assert await next_frame(bad_r) is None  # the relay hung up on it
+        assert await next_frame(tr) == (FrameType.CLOSE, sid_bad, b"peer gone")
+        good_w.write(encode(Frame.data(1, b"still here")))
+        assert await next_frame(tr) == (FrameType.DATA, sid_good, b"still here")
+        await hub.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        Frame.open(RELAY_ASSIGNED, "manager"),  # an id from the relay's half
+        Frame.open(3, "manager"),  # sent twice, see below
+    ],
+)
+def test_session_id_misuse_drops_the_connection(frame: Frame) -> None:
+    async def main() -> None:
+        hub = make_hub()
+        await raw_peer(hub, kind="enclave", name="manager")
+        r, w = await raw_peer(hub)
+        w.write(encode(frame) * 2)
+        while (got := await next_frame(r)) is not None:
+            assert got[0] is FrameType.CLOSE
+        await hub.close()
+
+    run(main())
+
+
+def test_control_requests_reach_the_callback() -> None:
+    async def main() -> None:
+        calls: list[tuple[str, dict[str, Any]]] = []
+
+        async def on_control(conn: Connection, obj: dict[str, Any]) -> dict[str, Any]:
+            calls.append((conn.label, obj))
+            if obj.get("op") == "fail":
+                raise RuntimeError("boom")
+            return {"ok": True, "op": obj.get("op")}
+
+        hub = make_hub(on_control)
+        r, w = await raw_peer(hub)
+        mux = RelayMux(r, w)
+        mux.start()
+        assert await mux.control({"op": "launch", "name": "i-1"}) == {
+            "ok": True,
+            "op": "launch",
+            "id": 1,
+        }
+        assert (await mux.control({"op": "fail"}))["error"] == "internal error"
+        assert calls[0] == ("client", {"op": "launch", "name": "i-1", "id": 1})
+        await mux.aclose()
+        await hub.close()
+
+    run(main())
+
+
+def test_register_refuses_a_live_name() -> None:
+    async def main() -> None:
+        hub = make_hub()
+        await raw_peer(hub, kind="enclave", name="manager")
+        await asyncio.sleep(0.01)
+        conn = Connection(asyncio.StreamReader(), None, "client")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="already registered"):
+            hub.relay.register(conn, "manager")
+        await hub.close()
+
+    run(main())
