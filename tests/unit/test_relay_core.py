@@ -342,3 +342,26 @@ def test_register_refuses_a_live_name() -> None:
         await hub.close()
 
     run(main())
+
+
+def test_clean_close_is_eof_not_an_error(setup: Setup) -> None:
+    async def main() -> None:
+        hub = make_hub()
+
+        async def say_bye(session: AsyncSession) -> None:
+            await session.send(b"bye")  # then the mux closes the session cleanly
+
+        r, w = await hub.attach(kind="enclave", name="manager")
+        factory = lambda source: ServerSession(setup.manager, setup.trust())  # noqa: E731
+        task = asyncio.create_task(serve_sessions(r, w, factory, say_bye))
+        r2, w2 = await hub.attach()
+        session = await open_client_session(r2, w2, setup.client(), "manager")
+        assert await session.recv() == b"bye"
+        for _ in range(2):
+            with pytest.raises(EOFError):
+                await session.recv()
+        await session.close()
+        task.cancel()
+        await hub.close()
+
+    run(main())

@@ -188,9 +188,9 @@ class Relay:
         """Run one connection until it ends; then close all its sessions."""
         conn = Connection(reader, writer, kind)
         self._connections.add(conn)
-        if name is not None:
-            self.register(conn, name)
         try:
+            if name is not None:
+                self.register(conn, name)
             await self._loop(conn)
         except RelayProtocolError as exc:
             log.warning("relay: dropping %r: %s", conn, exc)
@@ -297,6 +297,7 @@ class AsyncSession:
         self._inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._eof_fed = False
         self._finished = False
+        self._peer_closed = False
         self.owns_mux = False
 
     @property
@@ -327,12 +328,13 @@ class AsyncSession:
 
     async def recv(self) -> bytes:
         """The next message; EOFError once the peer closed cleanly."""
-        while True:
+        while not self._peer_closed:
             event = await self._next_event()
             if isinstance(event, Message):
                 return event.data
             if isinstance(event, Closed):
-                raise EOFError("session closed by peer")
+                self._peer_closed = True
+        raise EOFError("session closed by peer")
 
     async def close(self) -> None:
         """Send close_notify, then CLOSE the relay session; idempotent."""
