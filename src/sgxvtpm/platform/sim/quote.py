@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import logging
 import struct
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
 
 from sgxvtpm.platform.base import (
@@ -150,8 +152,15 @@ class SimQuoteVerifier:
             struct.error,
             InvalidSignature,
             UnsupportedAlgorithm,
+            x509.InvalidVersion,
+            CryptographyDeprecationWarning,
         ) as exc:
             log.debug("quote rejected: %s: %s", type(exc).__name__, exc)
+            raise AttestationError("quote verification failed") from None
+        except Exception:
+            # Attacker-controlled input must never escape as another error type
+            # (S8); an unforeseen parser error is still a rejection, logged loudly.
+            log.warning("quote rejected by an unexpected parser error", exc_info=True)
             raise AttestationError("quote verification failed") from None
 
     def _verify(self, quote: bytes) -> VerifiedQuote:
@@ -196,19 +205,51 @@ class SimQuoteVerifier:
         return VerifiedQuote(body=body, platform_id=platform_id)
 
     def _check_chain(self, cert_data: bytes) -> x509.Certificate:
-        certs = x509.load_pem_x509_certificates(cert_data)
+        # A certificate cryptography only warns about (e.g. a negative serial
+        # number) is refused. catch_warnings is process-global: verify from
+        # one thread at a time, or accept that a concurrent warning may leak.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CryptographyDeprecationWarning)
+            certs = x509.load_pem_x509_certificates(cert_data)
         canonical = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
         if len(certs) != 2 or canonical != cert_data:
             raise _Reject("certification data is not a canonical PCK, root PEM chain")
         pck, root = certs
         if root.public_bytes(serialization.Encoding.DER) != self._root_der:
             raise _Reject("chain ends in another root")
+        if pck.public_bytes(serialization.Encoding.DER) != _reencode_ecdsa_cert(pck):
+            raise _Reject("PCK certificate is not strict DER")
         pck.verify_directly_issued_by(self._root)
         now = self._clock()
         for cert in certs:
             if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
                 raise _Reject("certificate outside its validity period")
         return pck
+
+
+# AlgorithmIdentifier { ecdsa-with-SHA256 } (RFC 5758 3.2: parameters absent).
+_ECDSA_SHA256_ALG_ID = bytes.fromhex("300a06082a8648ce3d040302")
+
+
+def _der_tlv(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    if n < 0x80:
+        return bytes([tag, n]) + content
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + content
+
+
+def _reencode_ecdsa_cert(cert: x509.Certificate) -> bytes:
+    """The DER an ecdsa-with-SHA256 certificate must have, from its signed parts.
+
+    The parser tolerates some non-DER outer encodings (e.g. a non-zero
+    "unused bits" count in the signature BIT STRING) that the signature does
+    not cover; rebuilding the outer structure and comparing closes that gap
+    (RFC 5280 4.1: Certificate ::= SEQUENCE { tbsCertificate,
+    signatureAlgorithm, signatureValue BIT STRING }).
+    """
+    bit_string = _der_tlv(0x03, b"\x00" + cert.signature)
+    return _der_tlv(0x30, cert.tbs_certificate_bytes + _ECDSA_SHA256_ALG_ID + bit_string)
 
 
 def _parse_tail(tail: bytes) -> tuple[bytes, int, bytes]:
