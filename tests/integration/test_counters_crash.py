@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.sim_counter_child import COUNTER, IDENTITY
 from sgxvtpm.platform.sim import SimPlatformDir
 
 pytestmark = pytest.mark.integration
@@ -28,11 +29,6 @@ KILLS = 20
 
 
 def _read_counter(platform_dir: Path) -> int:
-    sys.path.insert(0, str(CHILD.parent))
-    try:
-        from sim_counter_child import COUNTER, IDENTITY
-    finally:
-        sys.path.remove(str(CHILD.parent))
     platform = SimPlatformDir.open_or_create(platform_dir).enclave_platform(IDENTITY)
     return platform.counter_read(COUNTER)
 

@@ -8,7 +8,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -194,7 +194,10 @@ def test_bad_entry_fails_cleanly(platform: SimPlatformDir, loader: SimLoader, co
 
 
 def test_idle_enclave_memory(
-    platform: SimPlatformDir, loader: SimLoader, code: Path, record_property: pytest.RecordProperty
+    platform: SimPlatformDir,
+    loader: SimLoader,
+    code: Path,
+    record_property: Callable[[str, object], None],
 ) -> None:
     """PSS of idle enclaves (goal <= 11 MB each); reported with -rA (and -s)."""
     handles = [loader.launch(_spec(platform, code), {})]

@@ -1,0 +1,117 @@
+"""The platform directory: permissions, wrapped keys, identity, open_platform."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from sgxvtpm.platform import EnclaveIdentity, PlatformError, open_platform
+from sgxvtpm.platform.sim import SimPlatformDir, SimQuoteVerifier, mrsigner_of
+from sgxvtpm.platform.sim.provision import PlatformKeys
+
+IDENT = EnclaveIdentity(b"\x01" * 32, b"\x02" * 32, 1, 1)
+
+
+def test_modes(tmp_path: Path) -> None:
+    pdir = SimPlatformDir.open_or_create(tmp_path / "p")
+    assert stat.S_IMODE((tmp_path / "p").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "p" / "fuse.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "p" / "keys.json").stat().st_mode) == 0o600
+    assert len((tmp_path / "p" / "fuse.key").read_bytes()) == 32
+    assert pdir.path == tmp_path / "p"
+
+
+def test_private_keys_are_not_on_disk_in_the_clear(tmp_path: Path) -> None:
+    keys = PlatformKeys.generate()
+    SimPlatformDir.open_or_create(tmp_path / "p", keys=keys)
+    on_disk = b"".join(f.read_bytes() for f in (tmp_path / "p").rglob("*") if f.is_file())
+    for key in keys.by_name().values():
+        scalar = key.private_numbers().private_value.to_bytes(32, "big")
+        der = key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        for secret in (scalar, der, scalar.hex().encode(), der.hex().encode()):
+            assert secret not in on_disk
+
+
+def test_reopen_keeps_identity(tmp_path: Path) -> None:
+    first = SimPlatformDir.open_or_create(tmp_path / "p")
+    again = SimPlatformDir.open_or_create(tmp_path / "p")
+    assert again.platform_id == first.platform_id
+    assert again.root_certificate_pem == first.root_certificate_pem
+    assert again.signer_public_key == first.signer_public_key
+    quote = again.enclave_platform(IDENT).quote(bytes(64))
+    assert first.verifier().verify(quote).platform_id == first.platform_id
+
+
+def test_two_platforms_are_independent(tmp_path: Path) -> None:
+    a = SimPlatformDir.open_or_create(tmp_path / "a")
+    b = SimPlatformDir.open_or_create(tmp_path / "b")
+    assert a.platform_id != b.platform_id
+    assert a.root_certificate_pem != b.root_certificate_pem
+    assert a.signer_public_key != b.signer_public_key
+    assert (tmp_path / "a" / "fuse.key").read_bytes() != (tmp_path / "b" / "fuse.key").read_bytes()
+
+
+def test_signer_key_gives_mrsigner(tmp_path: Path) -> None:
+    pdir = SimPlatformDir.open_or_create(tmp_path / "p")
+    pub = pdir.signer_private_key().public_key()
+    der = pub.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    assert der == pdir.signer_public_key
+    assert len(mrsigner_of(der)) == 32
+
+
+def test_world_readable_fuse_key_is_refused(tmp_path: Path) -> None:
+    SimPlatformDir.open_or_create(tmp_path / "p")
+    (tmp_path / "p" / "fuse.key").chmod(0o644)
+    with pytest.raises(PlatformError, match="chmod 0600"):
+        SimPlatformDir.open_or_create(tmp_path / "p")
+
+
+def test_tampered_wrapped_key_is_refused(tmp_path: Path) -> None:
+    SimPlatformDir.open_or_create(tmp_path / "p")
+    path = tmp_path / "p" / "keys.json"
+    wrapped = json.loads(path.read_text())
+    blob = bytearray(bytes.fromhex(wrapped["attestation"]))
+    blob[20] ^= 1
+    wrapped["attestation"] = blob.hex()
+    path.write_text(json.dumps(wrapped))
+    pdir = SimPlatformDir.open_or_create(tmp_path / "p")
+    with pytest.raises(PlatformError, match="does not unwrap"):
+        pdir.enclave_platform(IDENT).quote(bytes(64))
+
+
+def test_swapped_wrapped_keys_are_refused(tmp_path: Path) -> None:
+    SimPlatformDir.open_or_create(tmp_path / "p")
+    path = tmp_path / "p" / "keys.json"
+    wrapped = json.loads(path.read_text())
+    wrapped["attestation"], wrapped["signer"] = wrapped["signer"], wrapped["attestation"]
+    path.write_text(json.dumps(wrapped))
+    with pytest.raises(PlatformError):
+        SimPlatformDir.open_or_create(tmp_path / "p").signer_private_key()
+
+
+def test_incomplete_directory_is_refused(tmp_path: Path) -> None:
+    SimPlatformDir.open_or_create(tmp_path / "p")
+    (tmp_path / "p" / "pck.pem").unlink()
+    with pytest.raises(PlatformError, match="not a complete sim platform"):
+        SimPlatformDir(tmp_path / "p")
+
+
+def test_open_platform(tmp_path: Path) -> None:
+    pdir = open_platform("sim", tmp_path / "p")
+    assert isinstance(pdir, SimPlatformDir)
+    verifier = SimQuoteVerifier(pdir.root_certificate_pem)
+    assert verifier.verify(pdir.enclave_platform(IDENT).quote(bytes(64))).identity == IDENT
+    with pytest.raises(PlatformError, match="no SGX"):
+        open_platform("gramine", tmp_path / "g")
+    with pytest.raises(ValueError, match="unknown platform"):
+        open_platform("tdx", tmp_path / "t")
