@@ -5,6 +5,7 @@ Frames on the stream: u32 big-endian length, then the payload. Requests:
   b"Q" + 64 bytes   -> platform.quote(report data)
   b"C"              -> the measured config the platform gives us
   b"A"              -> the launch args, as JSON
+  b"R"              -> the attestation root PEM the platform gives us
   b"D"              -> prctl(PR_GET_DUMPABLE) as one ASCII digit
   b"X"              -> the enclave returns from main (exits 0)
 """
@@ -54,6 +55,8 @@ def main(platform: Any, stream: socket.socket, args: Mapping[str, Any]) -> None:
             _send(stream, platform.config)
         elif op == b"A":
             _send(stream, json.dumps(dict(args), default=_json, sort_keys=True).encode())
+        elif op == b"R":
+            _send(stream, platform.attestation_root_pem)
         elif op == b"D":
             _send(stream, str(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)).encode())  # PR_GET_DUMPABLE
         elif op == b"X":

@@ -84,6 +84,7 @@ def test_launched_enclave_quotes_its_measured_identity(
         assert verified.report_data == nonce
         assert verified.platform_id == platform.platform_id
         assert _call(handle.stream, b"C") == spec.config
+        assert _call(handle.stream, b"R") == platform.root_certificate_pem
         assert json.loads(_call(handle.stream, b"A")) == {"key": "00ff", "vm": "vm1"}
     finally:
         handle.stop()
