@@ -36,7 +36,11 @@ from sgxvtpm.enclaves.specs import peer_policy
 from sgxvtpm.enclaves.state import EngineStoreAdapter, SealedStateStore
 from sgxvtpm.enclaves.vtpm_core import VtpmCore
 from sgxvtpm.platform.base import EnclavePlatform
+from sgxvtpm.tpm import ek as ekmod
+from sgxvtpm.tpm import wire as tpmwire
+from sgxvtpm.tpm.constants import TPM2_SU
 from sgxvtpm.tpm.engine import LibtpmsEngine
+from sgxvtpm.tpm.nv import execute
 from sgxvtpm.util import log
 from sgxvtpm.wire import vtpm
 
@@ -63,6 +67,7 @@ class InstanceEnclave:
         self.reason = ""
         self.vm_spki: bytes | None = None
         self.core: VtpmCore | None = None
+        self._manufacturing: LibtpmsEngine | None = None
         if self.store.exists():
             self._restore()
 
@@ -114,6 +119,8 @@ class InstanceEnclave:
                 return self.status()
             if op == "provision":
                 return self.provision(request)
+            if op == "certify":
+                return self.certify(request)
             if op == "destroy":
                 return self.destroy()
         except (SealError, OSError, ValueError, KeyError) as exc:
@@ -133,8 +140,16 @@ class InstanceEnclave:
         }
 
     def provision(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Step 1 of manufacturing: bind the VM, start a fresh TPM, create the EKs.
+
+        The EK public areas go back to the manager, whose CA certifies them
+        (step 2, :meth:`certify`); the CA key never leaves the manager.
+        """
         if self.state != "unprovisioned":
             return {"ok": False, "error": f"instance is {self.state}, not unprovisioned"}
+        algs = [str(a) for a in request.get("ek") or ["rsa2048", "ecc-p256"]]
+        for alg in algs:
+            ekmod.profile(alg)  # unknown names are refused before anything is written
         self.store.create(
             {
                 "instance_id": self.instance_id,
@@ -145,9 +160,39 @@ class InstanceEnclave:
             }
         )
         self.vm_spki = bytes.fromhex(request["vm_spki_sha256"])
+        engine = LibtpmsEngine(EngineStoreAdapter(self.store))
+        engine.start()
+        self._manufacturing = engine
+        execute(engine.process, tpmwire.startup(TPM2_SU.CLEAR))
+        eks = [ekmod.create_ek(engine.process, alg) for alg in algs]
+        spec = ekmod.read_tpm_spec(engine.process)
+        self.state = "manufacturing"
+        return {
+            **self.status(),
+            "eks": [{"alg": e.alg, "public_area": e.public_area.hex()} for e in eks],
+            "tpm_spec": {"family": spec.family, "level": spec.level, "revision": spec.revision},
+        }
+
+    def certify(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Step 2: store the EK and platform certificates (NV, write-locked), allocate
+        the PCR banks, and power the TPM off so the VM's first boot starts it."""
+        engine = self._manufacturing
+        if engine is None or self.state != "manufacturing":
+            return {"ok": False, "error": f"instance is {self.state}, not manufacturing"}
+        for alg, cert_hex in dict(request["ek_certificates"]).items():
+            ekmod.write_ek_certificate(engine.process, str(alg), bytes.fromhex(cert_hex))
+        if request.get("platform_certificate"):
+            ekmod.write_platform_certificate(
+                engine.process, bytes.fromhex(request["platform_certificate"])
+            )
+        banks = [str(b) for b in self.store.bundle.provisioning.get("pcr_banks", ["sha256"])]
+        ekmod.allocate_pcr_banks(engine.process, banks)
+        execute(engine.process, tpmwire.shutdown(TPM2_SU.CLEAR))
+        engine.stop()
+        self._manufacturing = None
         self.core = self._new_core()
         self.state = "running"
-        log.log("instance.provisioned", instance=self.instance_id, vm=request["vm_id"])
+        log.log("instance.provisioned", instance=self.instance_id)
         return self.status()
 
     def destroy(self) -> dict[str, Any]:

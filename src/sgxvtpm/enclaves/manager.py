@@ -43,12 +43,18 @@ from sgxvtpm.channel import (
     ServerSession,
     spki_sha256,
 )
+from sgxvtpm.enclaves.ekcert import (
+    TpmSpecification,
+    issue_ek_certificate,
+    issue_platform_certificate,
+)
 from sgxvtpm.enclaves.registry import InstanceRecord, RegistryStore
 from sgxvtpm.enclaves.runtime import EnclaveRuntime, platform_verifier
 from sgxvtpm.enclaves.sealing import SealError
 from sgxvtpm.enclaves.specs import peer_policy
 from sgxvtpm.host.relay import RelayMux
 from sgxvtpm.platform.base import EnclavePlatform, QuoteVerifier
+from sgxvtpm.tpm.ek import public_key_from_tpmt
 from sgxvtpm.util import log
 
 CA_COMMON_NAME = "sgxvtpm manager CA"
@@ -143,18 +149,11 @@ class ManagerEnclave:
             created=time.time(),
         )
         launched = await self._launch(record.instance_id)
-        reply = await self._call(
-            record.instance_id,
-            {
-                "op": "provision",
-                "vm_id": name,
-                "vm_spki_sha256": record.vm_spki_sha256,
-                "pcr_banks": banks,
-            },
-        )
-        if not reply.get("ok"):
-            await self._stop(record.instance_id)
-            raise ManagerError(f"provisioning failed: {reply.get('error')}")
+        try:
+            reply = await self._manufacture(record)
+        except BaseException:
+            await self._stop(record.instance_id, erase=True)
+            raise
         record.state = reply["state"]
         record.mrenclave = reply["mrenclave"]
         record.mrsigner = reply["mrsigner"]
@@ -168,6 +167,43 @@ class ManagerEnclave:
             "vm_cert_pem": self._issue_vm_certificate(name, vm_key),
             "ca_cert_pem": self.credential.cert_pem.decode(),
         }
+
+    async def _manufacture(self, record: InstanceRecord) -> dict[str, Any]:
+        """Provision the new instance: bind the VM, create and certify its EKs."""
+        reply = await self._call(
+            record.instance_id,
+            {
+                "op": "provision",
+                "vm_id": record.name,
+                "vm_spki_sha256": record.vm_spki_sha256,
+                "pcr_banks": record.pcr_banks,
+                "ek": record.ek,
+            },
+        )
+        if not reply.get("ok"):
+            raise ManagerError(f"provisioning failed: {reply.get('error')}")
+        spec = TpmSpecification(**reply["tpm_spec"])
+        certs: dict[str, str] = {}
+        first_key = None
+        for ek in reply["eks"]:
+            # TPM2B_PUBLIC: a u16 size, then the TPMT_PUBLIC the EK certificate is for.
+            key = public_key_from_tpmt(bytes.fromhex(ek["public_area"])[2:])
+            first_key = first_key or key
+            der = issue_ek_certificate(
+                self.ca_key, self.credential.certificate, key, spec=spec
+            )
+            certs[ek["alg"]] = der.hex()
+        assert first_key is not None
+        platform = issue_platform_certificate(self.ca_key, self.credential.certificate, first_key)
+        reply = await self._call(
+            record.instance_id,
+            {"op": "certify", "ek_certificates": certs, "platform_certificate": platform.hex()},
+        )
+        if not reply.get("ok"):
+            raise ManagerError(f"EK certification failed: {reply.get('error')}")
+        record.ek = list(certs)
+        record.ek_certificates = certs
+        return reply
 
     async def destroy(self, name: str) -> dict[str, Any]:
         record = self._record(name)
