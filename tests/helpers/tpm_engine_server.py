@@ -101,6 +101,16 @@ def getrandom_loop(engine: LibtpmsEngine, count: int) -> tuple[int, int, int]:
     return before, rss_kib(), bad
 
 
+def state_loop(engine: LibtpmsEngine, count: int) -> tuple[int, int]:
+    """RSS (KiB) before and after ``count`` get_state(VOLATILE) (~9 KB blobs)."""
+    for _ in range(50):
+        engine.get_state(StateType.VOLATILE)
+    before = rss_kib()
+    for _ in range(count):
+        engine.get_state(StateType.VOLATILE)
+    return before, rss_kib()
+
+
 def _median_us(fn: Any, n: int) -> float:
     samples = []
     for _ in range(n):
@@ -148,6 +158,7 @@ class Server:
             "established": e.established,
             "reset_established": e.reset_established,
             "store_volatile": e.store_volatile,
+            "ensure_orderly_shutdown": e.ensure_orderly_shutdown,
             "running": lambda: e.running,
             "get_info": e.get_info,
         }
@@ -169,6 +180,8 @@ class Server:
             return None
         if op == "getrandom_loop":
             return getrandom_loop(e, *args)
+        if op == "state_loop":
+            return state_loop(e, *args)
         if op == "bench":
             return bench(e, *args)
         raise ValueError(f"unknown op {op!r}")

@@ -255,9 +255,13 @@ class LibtpmsEngine:
         self._p_rbuf = ctypes.pointer(self._rbuf)
         self._p_rlen = ctypes.pointer(self._rlen)
         self._p_rcap = ctypes.pointer(self._rcap)
-        self._cmd_capacity = LIBTPMS_MAX_BUFFER
-        self._cmd = (ctypes.c_ubyte * self._cmd_capacity)()
+        self._set_command_buffer(LIBTPMS_MAX_BUFFER)
         self._callbacks = self._make_callbacks()
+
+    def _set_command_buffer(self, capacity: int) -> None:
+        self._cmd_capacity = capacity
+        self._cmd = (ctypes.c_ubyte * capacity)()
+        self._cmd_view = memoryview(self._cmd).cast("B")  # slice assignment: fastest copy
 
     # ------------------------------------------------------------ lifecycle
 
@@ -357,7 +361,7 @@ class LibtpmsEngine:
             if not self._running:
                 raise EngineMisuseError("process() on a stopped engine; start() it first")
             # libtpms may decrypt parameters in place: give it a copy.
-            ctypes.memmove(self._cmd, command, n)
+            self._cmd_view[:n] = command
             self._locality = locality
             self._last_code = int.from_bytes(command[6:10], "big") if n >= HEADER_SIZE else -1
             failures = self._store_failures
@@ -487,9 +491,7 @@ class LibtpmsEngine:
             actual = int(lib.TPMLIB_SetBufferSize(size, ctypes.byref(lo), ctypes.byref(hi)))
             if size:
                 self._buffer_size = actual
-                if actual > self._cmd_capacity:
-                    self._cmd = (ctypes.c_ubyte * actual)()
-                self._cmd_capacity = actual
+                self._set_command_buffer(actual)
             return actual, lo.value, hi.value
 
     def established(self) -> bool:

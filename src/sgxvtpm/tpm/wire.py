@@ -41,9 +41,19 @@ _DIGEST_SIZES: dict[int, int] = {
     TPM2_ALG.SHA384: 48,
     TPM2_ALG.SHA512: 64,
 }
-#: TPM_ST values that TPM_ST_Unmarshal accepts; any other tag is TPM_RC_VALUE in
-#: libtpms 0.9, a known non-command tag is TPM_RC_BAD_TAG (Part 4, Unmarshal).
-_KNOWN_TAGS = frozenset(int(t) for t in TPM2_ST)
+#: TPM_ST values libtpms 0.9.2's TPM_ST_Unmarshal accepts (measured over all
+#: 65536 tags): a tag outside this set is TPM_RC_VALUE, a known tag that is not a
+#: command tag is TPM_RC_BAD_TAG. It predates ATTEST_NV_DIGEST and FU_MANIFEST.
+_KNOWN_TAGS = frozenset(
+    {
+        TPM2_ST.RSP_COMMAND,
+        TPM2_ST.NULL,
+        TPM2_ST.NO_SESSIONS,
+        TPM2_ST.SESSIONS,
+        *range(TPM2_ST.ATTEST_NV, TPM2_ST.ATTEST_CREATION + 1),
+        *range(TPM2_ST.CREATION, TPM2_ST.AUTH_SIGNED + 1),
+    }
+)
 _COMMAND_TAGS = frozenset({TPM2_ST.NO_SESSIONS, TPM2_ST.SESSIONS})
 #: PCR_Read/creationPCR selections cover 24 PCRs (PC Client profile).
 PCR_SELECT_SIZE = 3
