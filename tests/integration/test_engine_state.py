@@ -111,6 +111,15 @@ def test_store_volatile_resumes_after_restart(tmp_path: Path) -> None:
         second.call("start")
         assert second.process(wire.pcr_read([16])) == pcrs  # no Startup needed
         assert rc(second.process(wire.startup())) == TPM2_RC.INITIALIZE
+    # libtpms leaves the snapshot in the store: it would resume again ...
+    assert (tmp_path / "volatilestate").exists()
+    with EngineProcess(tmp_path) as third:
+        third.call("start", True)  # ... unless deleted at start (swtpm INIT flag 1)
+        assert third.process(wire.pcr_read([16])) == pcrs
+    assert not (tmp_path / "volatilestate").exists()
+    with EngineProcess(tmp_path) as fourth:
+        fourth.call("start")
+        assert rc(fourth.process(wire.pcr_read([16]))) == TPM2_RC.INITIALIZE
 
 
 def test_get_state_while_stopped_reads_the_store(tmp_path: Path) -> None:

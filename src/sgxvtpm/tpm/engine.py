@@ -274,8 +274,13 @@ class LibtpmsEngine:
         """The last exception a state-store call raised inside libtpms, if any."""
         return self._store_error
 
-    def start(self) -> None:
+    def start(self, delete_volatile: bool = False) -> None:
         """Start the TPM: load state from the store, or manufacture a new TPM.
+
+        libtpms resumes from a stored "volatilestate" and leaves it in the
+        store; ``delete_volatile`` deletes it after a successful start, as
+        swtpm's INIT with PTM_INIT_FLAG_DELETE_VOLATILE does, so that the same
+        snapshot is not resumed twice.
 
         Raises EngineMisuseError if any engine already runs in this process,
         EngineError (with the store's exception as cause) if libtpms cannot
@@ -298,6 +303,12 @@ class LibtpmsEngine:
                 cause = self._callback_error
                 self._callback_error = None
                 raise EngineError("TPMLIB_MainInit failed", rc) from cause
+            if delete_volatile:
+                try:
+                    self.store.delete(BLOB_NAMES[StateType.VOLATILE])
+                except Exception as exc:
+                    lib.TPMLIB_Terminate()
+                    raise EngineError("could not delete the volatile state") from exc
             self._running = True
             _running_engine = self
 
