@@ -1,0 +1,329 @@
+"""The vTPM request protocol spoken inside K2 (sans-IO).
+
+K2 delivers whole messages, so each message is exactly one request (endpoint
+to instance enclave) or one response (back). All integers are big-endian.
+
+Request::
+
+    u8 op | u8 locality | u16 reserved (0) | op-specific payload
+
+Response::
+
+    u32 result | payload
+
+``result`` uses the TPM 1.2 TPM_RESULT codes that swtpm's control channel
+uses (tpm_error.h): 0 success, TPM_BAD_PARAMETER 3, TPM_FAIL 9,
+TPM_BAD_ORDINAL 10 (also "not allowed in this state", as swtpm answers),
+TPM_IOERROR 31, TPM_BAD_LOCALITY 0x3d, TPM_RETRY 0x800. A TPM 2.0 error is
+not a transport error: a TPM_COMMAND whose command failed has result 0 and
+the TPM's error response as payload.
+
+Payloads, by op:
+
+============== =============================== ================================
+op             request payload                 response payload (result 0)
+============== =============================== ================================
+TPM_COMMAND    the raw TPM command             the raw TPM response
+INIT           u32 flags (1: delete volatile)  -
+SHUTDOWN       -                               -
+STOP           -                               -
+GET_ESTABLISHED -                              u8 flag
+RESET_ESTABLISHED - (uses the header locality) -
+SET_BUFFERSIZE u32 size (0: query)             u32 size, u32 min, u32 max
+GET_STATEBLOB  u32 type (1/2/3)                blob (opaque, may be empty)
+SET_STATEBLOB  u32 type, blob                  -
+CANCEL         -                               -
+STORE_VOLATILE -                               -
+GET_INFO       u64 flags                       UTF-8 JSON
+============== =============================== ================================
+
+Responses do not name their op, so :func:`decode_response` returns the raw
+payload and the typed accessors (:meth:`VtpmResponse.buffer_sizes`, ...) parse
+it for the op the caller sent.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+MAX_LOCALITY = 4
+#: Upper bound for one message: state blobs of a TPM with full NV are a few
+#: hundred KiB at most; anything larger is refused before it is buffered.
+MAX_MESSAGE = 4 * 1024 * 1024
+REQUEST_HEADER_SIZE = 4
+RESPONSE_HEADER_SIZE = 4
+
+_REQ_HEADER = struct.Struct(">BBH")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_SIZES = struct.Struct(">III")
+
+
+class VtpmProtocolError(ValueError):
+    """The peer sent a message that is not a valid vTPM request or response.
+
+    The message is dropped; answer a request with TPM_BAD_PARAMETER (see
+    :func:`decode_request`) or end the session for a bad response.
+    """
+
+
+class VtpmUsageError(ValueError):
+    """This side tried to build an invalid message (a bug in the caller)."""
+
+
+class VtpmOp(enum.IntEnum):
+    """Request operations; each mirrors a swtpm control command (tpm_ioctl.h)."""
+
+    TPM_COMMAND = 1
+    INIT = 2
+    SHUTDOWN = 3
+    STOP = 4
+    GET_ESTABLISHED = 5
+    RESET_ESTABLISHED = 6
+    SET_BUFFERSIZE = 7
+    GET_STATEBLOB = 8
+    SET_STATEBLOB = 9
+    CANCEL = 10
+    STORE_VOLATILE = 11
+    GET_INFO = 12
+
+
+class TpmResult(enum.IntEnum):
+    """TPM 1.2 TPM_RESULT codes used as transport results (TPM 1.2 Part 2, 16)."""
+
+    SUCCESS = 0x00
+    BAD_PARAMETER = 0x03
+    FAIL = 0x09
+    BAD_ORDINAL = 0x0A
+    SIZE = 0x17
+    IOERROR = 0x1F
+    BAD_LOCALITY = 0x3D
+    RETRY = 0x800
+
+
+class BlobType(enum.IntEnum):
+    """swtpm's PTM_BLOB_TYPE_* (the same numbers as the engine's StateType)."""
+
+    PERMANENT = 1
+    VOLATILE = 2
+    SAVESTATE = 3
+
+
+INIT_FLAG_DELETE_VOLATILE = 1
+
+# What follows the 4-byte header, per op: a fixed size, or None for "rest".
+_FIXED_PAYLOAD: dict[VtpmOp, int | None] = {
+    VtpmOp.TPM_COMMAND: None,
+    VtpmOp.INIT: 4,
+    VtpmOp.SHUTDOWN: 0,
+    VtpmOp.STOP: 0,
+    VtpmOp.GET_ESTABLISHED: 0,
+    VtpmOp.RESET_ESTABLISHED: 0,
+    VtpmOp.SET_BUFFERSIZE: 4,
+    VtpmOp.GET_STATEBLOB: 4,
+    VtpmOp.SET_STATEBLOB: None,
+    VtpmOp.CANCEL: 0,
+    VtpmOp.STORE_VOLATILE: 0,
+    VtpmOp.GET_INFO: 8,
+}
+
+
+@dataclass(frozen=True)
+class VtpmRequest:
+    """One request. Only the fields of ``op`` are meaningful; others stay default.
+
+    - ``flags``: INIT flags (u32) or GET_INFO flags (u64);
+    - ``size``: SET_BUFFERSIZE;
+    - ``blob_type``: GET/SET_STATEBLOB;
+    - ``data``: the TPM command (TPM_COMMAND) or the blob (SET_STATEBLOB).
+    """
+
+    op: VtpmOp
+    locality: int = 0
+    flags: int = 0
+    size: int = 0
+    blob_type: int = 0
+    data: bytes = b""
+
+    # Convenience constructors, one per op that has arguments.
+    @classmethod
+    def tpm_command(cls, command: bytes, locality: int = 0) -> VtpmRequest:
+        return cls(VtpmOp.TPM_COMMAND, locality=locality, data=bytes(command))
+
+    @classmethod
+    def init(cls, flags: int = 0) -> VtpmRequest:
+        return cls(VtpmOp.INIT, flags=flags)
+
+    @classmethod
+    def reset_established(cls, locality: int) -> VtpmRequest:
+        return cls(VtpmOp.RESET_ESTABLISHED, locality=locality)
+
+    @classmethod
+    def set_buffersize(cls, size: int) -> VtpmRequest:
+        return cls(VtpmOp.SET_BUFFERSIZE, size=size)
+
+    @classmethod
+    def get_stateblob(cls, blob_type: int) -> VtpmRequest:
+        return cls(VtpmOp.GET_STATEBLOB, blob_type=blob_type)
+
+    @classmethod
+    def set_stateblob(cls, blob_type: int, data: bytes) -> VtpmRequest:
+        return cls(VtpmOp.SET_STATEBLOB, blob_type=blob_type, data=bytes(data))
+
+    @classmethod
+    def get_info(cls, flags: int) -> VtpmRequest:
+        return cls(VtpmOp.GET_INFO, flags=flags)
+
+
+@dataclass(frozen=True)
+class VtpmResponse:
+    """One response: a TPM_RESULT and the op's payload (see the module table)."""
+
+    result: int
+    payload: bytes = b""
+
+    @classmethod
+    def ok(cls, payload: bytes = b"") -> VtpmResponse:
+        return cls(TpmResult.SUCCESS, bytes(payload))
+
+    @classmethod
+    def error(cls, result: int) -> VtpmResponse:
+        return cls(result)
+
+    @property
+    def success(self) -> bool:
+        return self.result == TpmResult.SUCCESS
+
+    # Typed views of the payload; each raises VtpmProtocolError if malformed.
+    def established(self) -> bool:
+        """GET_ESTABLISHED: the TPM_ESTABLISHED flag."""
+        if len(self.payload) != 1:
+            raise VtpmProtocolError(f"GET_ESTABLISHED payload of {len(self.payload)} bytes")
+        return self.payload[0] != 0
+
+    def buffer_sizes(self) -> tuple[int, int, int]:
+        """SET_BUFFERSIZE: (size in use, minimum, maximum)."""
+        if len(self.payload) != _SIZES.size:
+            raise VtpmProtocolError(f"SET_BUFFERSIZE payload of {len(self.payload)} bytes")
+        size, lo, hi = _SIZES.unpack(self.payload)
+        return size, lo, hi
+
+    def info(self) -> str:
+        """GET_INFO: the JSON text."""
+        try:
+            return self.payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise VtpmProtocolError("GET_INFO payload is not UTF-8") from None
+
+    @staticmethod
+    def for_established(flag: bool) -> VtpmResponse:
+        return VtpmResponse.ok(b"\x01" if flag else b"\x00")
+
+    @staticmethod
+    def for_buffer_sizes(size: int, lo: int, hi: int) -> VtpmResponse:
+        return VtpmResponse.ok(_SIZES.pack(size, lo, hi))
+
+
+# ------------------------------------------------------------------ requests
+
+
+def _check_u32(name: str, value: int) -> None:
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise VtpmUsageError(f"{name} must fit in u32, got {value}")
+
+
+def encode_request(request: VtpmRequest) -> bytes:
+    """The message for ``request``; VtpmUsageError if a field is out of range."""
+    try:
+        op = VtpmOp(request.op)
+    except ValueError:
+        raise VtpmUsageError(f"unknown op {request.op!r}") from None
+    if not 0 <= request.locality <= MAX_LOCALITY:
+        raise VtpmUsageError(f"locality must be 0..{MAX_LOCALITY}, got {request.locality}")
+    head = _REQ_HEADER.pack(op, request.locality, 0)
+    body: bytes
+    if op is VtpmOp.TPM_COMMAND:
+        body = bytes(request.data)
+    elif op is VtpmOp.INIT:
+        _check_u32("INIT flags", request.flags)
+        body = _U32.pack(request.flags)
+    elif op is VtpmOp.SET_BUFFERSIZE:
+        _check_u32("buffer size", request.size)
+        body = _U32.pack(request.size)
+    elif op is VtpmOp.GET_STATEBLOB:
+        _check_u32("blob type", request.blob_type)
+        body = _U32.pack(request.blob_type)
+    elif op is VtpmOp.SET_STATEBLOB:
+        _check_u32("blob type", request.blob_type)
+        body = _U32.pack(request.blob_type) + bytes(request.data)
+    elif op is VtpmOp.GET_INFO:
+        if not 0 <= request.flags <= 0xFFFFFFFFFFFFFFFF:
+            raise VtpmUsageError(f"GET_INFO flags must fit in u64, got {request.flags}")
+        body = _U64.pack(request.flags)
+    else:
+        body = b""
+    if len(head) + len(body) > MAX_MESSAGE:
+        raise VtpmUsageError(f"request of {len(head) + len(body)} bytes exceeds {MAX_MESSAGE}")
+    return head + body
+
+
+def decode_request(message: bytes) -> VtpmRequest:
+    """Parse one request message; VtpmProtocolError if it is not one."""
+    message = bytes(message)
+    if len(message) > MAX_MESSAGE:
+        raise VtpmProtocolError(f"request of {len(message)} bytes exceeds {MAX_MESSAGE}")
+    if len(message) < REQUEST_HEADER_SIZE:
+        raise VtpmProtocolError(f"request of {len(message)} bytes has no header")
+    raw_op, locality, reserved = _REQ_HEADER.unpack_from(message)
+    try:
+        op = VtpmOp(raw_op)
+    except ValueError:
+        raise VtpmProtocolError(f"unknown op {raw_op}") from None
+    if locality > MAX_LOCALITY:
+        raise VtpmProtocolError(f"locality {locality} out of range")
+    if reserved:
+        raise VtpmProtocolError(f"reserved field is {reserved:#x}, not 0")
+    body = message[REQUEST_HEADER_SIZE:]
+    fixed = _FIXED_PAYLOAD[op]
+    if fixed is not None and len(body) != fixed:
+        raise VtpmProtocolError(f"{op.name} payload of {len(body)} bytes, expected {fixed}")
+    if op is VtpmOp.TPM_COMMAND:
+        return VtpmRequest(op, locality, data=body)
+    if op is VtpmOp.INIT:
+        return VtpmRequest(op, locality, flags=_U32.unpack(body)[0])
+    if op is VtpmOp.SET_BUFFERSIZE:
+        return VtpmRequest(op, locality, size=_U32.unpack(body)[0])
+    if op is VtpmOp.GET_STATEBLOB:
+        return VtpmRequest(op, locality, blob_type=_U32.unpack(body)[0])
+    if op is VtpmOp.SET_STATEBLOB:
+        if len(body) < 4:
+            raise VtpmProtocolError("SET_STATEBLOB payload has no blob type")
+        return VtpmRequest(op, locality, blob_type=_U32.unpack_from(body)[0], data=body[4:])
+    if op is VtpmOp.GET_INFO:
+        return VtpmRequest(op, locality, flags=_U64.unpack(body)[0])
+    return VtpmRequest(op, locality)
+
+
+# ------------------------------------------------------------------ responses
+
+
+def encode_response(response: VtpmResponse) -> bytes:
+    """The message for ``response``; VtpmUsageError if it cannot be encoded."""
+    _check_u32("result", response.result)
+    size = RESPONSE_HEADER_SIZE + len(response.payload)
+    if size > MAX_MESSAGE:
+        raise VtpmUsageError(f"response of {size} bytes exceeds {MAX_MESSAGE}")
+    return _U32.pack(response.result) + bytes(response.payload)
+
+
+def decode_response(message: bytes) -> VtpmResponse:
+    """Parse one response message; VtpmProtocolError if it is not one."""
+    message = bytes(message)
+    if len(message) > MAX_MESSAGE:
+        raise VtpmProtocolError(f"response of {len(message)} bytes exceeds {MAX_MESSAGE}")
+    if len(message) < RESPONSE_HEADER_SIZE:
+        raise VtpmProtocolError(f"response of {len(message)} bytes has no result")
+    (result,) = _U32.unpack_from(message)
+    return VtpmResponse(result, message[RESPONSE_HEADER_SIZE:])
