@@ -1,0 +1,424 @@
+"""swtpm's control channel and raw data channel, sans-IO.
+
+The control channel (what QEMU's ``-tpmdev emulator`` and tcti-swtpm speak,
+swtpm's ``include/swtpm/tpm_ioctl.h``): a request is a big-endian u32 command
+code and a body whose size follows from the code; a response starts with a
+u32 TPM_RESULT, except GET_CAPABILITY's, which is a bare u64. There is no
+length prefix, so both directions are framed by the code.
+
+Facts checked against swtpm 0.7.1 (Debian 12) by driving ``swtpm socket``
+with this codec (tests/unit/test_swtpm_ctrl_real.py):
+
+- GET_CAPABILITY answers 8 bytes: u64 caps (0xffff), no result word.
+- Capability bits are PTM_CAP_* (HASHING is one bit for codes 6-8), not
+  "bit code-1".
+- LOCK_STORAGE (19) is unknown to 0.7.1 (TPM_BAD_ORDINAL); it is 0.8+.
+- "TPM not running" and "not while running" answer TPM_BAD_ORDINAL with a
+  bare 4-byte result even where the success response is longer
+  (GET_TPMESTABLISHED, GET_STATEBLOB, SET_BUFFERSIZE): ``short_errors``.
+  QEMU always reads the full success size, so our servers send full-size
+  error responses (zeros after the result) to never stall QEMU.
+- GET_INFO's totlength counts the terminating NUL, which is sent.
+
+The data channel carries raw TPM commands and responses (no prefix); a
+:class:`CommandFramer` cuts commands out of the byte stream by their header.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+
+from sgxvtpm.tpm.constants import HEADER_SIZE, LIBTPMS_MAX_BUFFER, TPM2_RC
+
+#: Largest state blob or hash chunk accepted in one request.
+MAX_BLOB = 4 * 1024 * 1024
+#: PTM_GETINFO_SIZE: the most JSON one GET_INFO response carries.
+GETINFO_CHUNK = 3 * 1024
+
+_U8 = struct.Struct(">B")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+
+class CtrlProtocolError(ValueError):
+    """The peer sent bytes that are not a valid control (or data) message.
+
+    The stream cannot be resynchronised: answer if the message type allows,
+    then close the connection. ``rc`` is the TPM response code to answer a
+    data-channel framing error with.
+    """
+
+    def __init__(self, message: str, rc: int = TPM2_RC.COMMAND_SIZE) -> None:
+        super().__init__(message)
+        self.rc = rc
+
+
+class CtrlUsageError(ValueError):
+    """This side asked for an invalid message or misused a codec object."""
+
+
+class CtrlCmd(enum.IntEnum):
+    """Control commands (tpm_ioctl.h, enum CMD_*)."""
+
+    GET_CAPABILITY = 1
+    INIT = 2
+    SHUTDOWN = 3
+    GET_TPMESTABLISHED = 4
+    SET_LOCALITY = 5
+    HASH_START = 6
+    HASH_DATA = 7
+    HASH_END = 8
+    CANCEL_TPM_CMD = 9
+    STORE_VOLATILE = 10
+    RESET_TPMESTABLISHED = 11
+    GET_STATEBLOB = 12
+    SET_STATEBLOB = 13
+    STOP = 14
+    GET_CONFIG = 15
+    SET_DATAFD = 16
+    SET_BUFFERSIZE = 17
+    GET_INFO = 18
+    LOCK_STORAGE = 19
+
+
+class PtmCap(enum.IntFlag):
+    """PTM_CAP_* bits of the GET_CAPABILITY answer (tpm_ioctl.h)."""
+
+    INIT = 1 << 0
+    SHUTDOWN = 1 << 1
+    GET_TPMESTABLISHED = 1 << 2
+    SET_LOCALITY = 1 << 3
+    HASHING = 1 << 4
+    CANCEL_TPM_CMD = 1 << 5
+    STORE_VOLATILE = 1 << 6
+    RESET_TPMESTABLISHED = 1 << 7
+    GET_STATEBLOB = 1 << 8
+    SET_STATEBLOB = 1 << 9
+    STOP = 1 << 10
+    GET_CONFIG = 1 << 11
+    SET_DATAFD = 1 << 12
+    SET_BUFFERSIZE = 1 << 13
+    GET_INFO = 1 << 14
+    SEND_COMMAND_HEADER = 1 << 15
+    LOCK_STORAGE = 1 << 16
+
+
+PTM_INIT_FLAG_DELETE_VOLATILE = 1
+PTM_STATE_FLAG_DECRYPTED = 1
+PTM_STATE_FLAG_ENCRYPTED = 2
+#: TPM_RESULT codes of the pre-checks that swtpm answers with a bare result.
+_SHORT_ERROR_RESULTS = frozenset({0x03, 0x0A})  # TPM_BAD_PARAMETER, TPM_BAD_ORDINAL
+
+# Request body sizes that do not depend on the body (codes 7 and 13 do).
+_FIXED_BODY: dict[int, int] = {
+    CtrlCmd.GET_CAPABILITY: 0,
+    CtrlCmd.INIT: 4,
+    CtrlCmd.SHUTDOWN: 0,
+    CtrlCmd.GET_TPMESTABLISHED: 0,
+    CtrlCmd.SET_LOCALITY: 1,
+    CtrlCmd.HASH_START: 0,
+    CtrlCmd.HASH_END: 0,
+    CtrlCmd.CANCEL_TPM_CMD: 0,
+    CtrlCmd.STORE_VOLATILE: 0,
+    CtrlCmd.RESET_TPMESTABLISHED: 1,
+    CtrlCmd.GET_STATEBLOB: 12,
+    CtrlCmd.STOP: 0,
+    CtrlCmd.GET_CONFIG: 0,
+    CtrlCmd.SET_DATAFD: 0,
+    CtrlCmd.SET_BUFFERSIZE: 4,
+    CtrlCmd.GET_INFO: 16,
+    CtrlCmd.LOCK_STORAGE: 4,
+}
+_VARIABLE_HEADER = {CtrlCmd.HASH_DATA: 4, CtrlCmd.SET_STATEBLOB: 12}
+
+
+@dataclass(frozen=True)
+class CtrlRequest:
+    """One control request; fields not used by ``code`` stay 0/empty.
+
+    ``flags``: INIT init_flags, GET/SET_STATEBLOB state_flags, GET_INFO flags;
+    ``locality``: SET_LOCALITY, RESET_TPMESTABLISHED; ``blob_type`` and
+    ``offset``: GET/SET_STATEBLOB (offset also GET_INFO); ``size``:
+    SET_BUFFERSIZE; ``retries``: LOCK_STORAGE; ``data``: HASH_DATA, SET_STATEBLOB.
+    An unknown ``code`` decodes with an empty body (swtpm answers TPM_BAD_ORDINAL).
+    """
+
+    code: int
+    flags: int = 0
+    locality: int = 0
+    blob_type: int = 0
+    offset: int = 0
+    size: int = 0
+    retries: int = 0
+    data: bytes = b""
+
+
+@dataclass(frozen=True)
+class CtrlResponse:
+    """One control response (the fields ``code`` uses; see the module docstring)."""
+
+    code: int
+    result: int = 0
+    caps: int = 0
+    established: bool = False
+    flags: int = 0
+    totlength: int = 0
+    data: bytes = b""
+    sizes: tuple[int, int, int] = field(default=(0, 0, 0))
+
+
+# ------------------------------------------------------------------ requests
+
+
+def encode_request(request: CtrlRequest) -> bytes:
+    """Bytes for ``request`` (a client's side); CtrlUsageError if out of range."""
+    code = request.code
+    head = _U32.pack(code)
+    try:
+        if code == CtrlCmd.INIT:
+            return head + _U32.pack(request.flags)
+        if code in (CtrlCmd.SET_LOCALITY, CtrlCmd.RESET_TPMESTABLISHED):
+            return head + _U8.pack(request.locality)
+        if code == CtrlCmd.HASH_DATA:
+            return head + _U32.pack(len(request.data)) + request.data
+        if code == CtrlCmd.GET_STATEBLOB:
+            return head + struct.pack(">III", request.flags, request.blob_type, request.offset)
+        if code == CtrlCmd.SET_STATEBLOB:
+            return head + struct.pack(
+                ">III", request.flags, request.blob_type, len(request.data)
+            ) + request.data
+        if code == CtrlCmd.SET_BUFFERSIZE:
+            return head + _U32.pack(request.size)
+        if code == CtrlCmd.GET_INFO:
+            return head + struct.pack(">QII", request.flags, request.offset, 0)
+        if code == CtrlCmd.LOCK_STORAGE:
+            return head + _U32.pack(request.retries)
+    except struct.error as exc:
+        raise CtrlUsageError(f"control request {code}: {exc}") from None
+    return head
+
+
+def _parse_request(code: int, body: bytes) -> CtrlRequest:
+    if code == CtrlCmd.INIT:
+        return CtrlRequest(code, flags=_U32.unpack(body)[0])
+    if code in (CtrlCmd.SET_LOCALITY, CtrlCmd.RESET_TPMESTABLISHED):
+        return CtrlRequest(code, locality=body[0])
+    if code == CtrlCmd.HASH_DATA:
+        return CtrlRequest(code, data=body[4:])
+    if code == CtrlCmd.GET_STATEBLOB:
+        flags, blob_type, offset = struct.unpack(">III", body)
+        return CtrlRequest(code, flags=flags, blob_type=blob_type, offset=offset)
+    if code == CtrlCmd.SET_STATEBLOB:
+        flags, blob_type, _length = struct.unpack_from(">III", body)
+        return CtrlRequest(code, flags=flags, blob_type=blob_type, data=body[12:])
+    if code == CtrlCmd.SET_BUFFERSIZE:
+        return CtrlRequest(code, size=_U32.unpack(body)[0])
+    if code == CtrlCmd.GET_INFO:
+        flags, offset, _pad = struct.unpack(">QII", body)
+        return CtrlRequest(code, flags=flags, offset=offset)
+    if code == CtrlCmd.LOCK_STORAGE:
+        return CtrlRequest(code, retries=_U32.unpack(body)[0])
+    return CtrlRequest(code)
+
+
+class _Buffered:
+    """Byte buffer with EOF and a sticky error, shared by the decoders."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._eof = False
+        self._error: CtrlProtocolError | None = None
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes; ``b""`` means the peer closed its side."""
+        if self._eof and data:
+            raise CtrlUsageError("data after end of stream")
+        if not data:
+            self._eof = True
+        else:
+            self._buf += data
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet part of a complete message."""
+        return len(self._buf)
+
+    def _fail(self, message: str, rc: int = TPM2_RC.COMMAND_SIZE) -> CtrlProtocolError:
+        self._error = CtrlProtocolError(message, rc)
+        return self._error
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise CtrlProtocolError(f"decoder is broken after: {self._error}", self._error.rc)
+
+    def _need(self, n: int) -> bool:
+        """Whether ``n`` bytes are buffered; raises if the stream ended short."""
+        if len(self._buf) >= n:
+            return True
+        if self._eof and self._buf:
+            raise self._fail(f"stream ended inside a message ({len(self._buf)} of {n} bytes)")
+        return False
+
+    def _take(self, n: int) -> bytes:
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+
+class CtrlRequestDecoder(_Buffered):
+    """Server side: control bytes in, :class:`CtrlRequest` out."""
+
+    def __init__(self, max_blob: int = MAX_BLOB) -> None:
+        super().__init__()
+        self.max_blob = max_blob
+
+    def next_request(self) -> CtrlRequest | None:
+        """The next complete request, or None until more bytes arrive."""
+        self._check()
+        if not self._need(4):
+            return None
+        code = _U32.unpack_from(self._buf)[0]
+        if code in _VARIABLE_HEADER:
+            fixed = _VARIABLE_HEADER[code]
+            if not self._need(4 + fixed):
+                return None
+            length = _U32.unpack_from(self._buf, 4 + fixed - 4)[0]
+            if length > self.max_blob:
+                raise self._fail(f"control command {code} announces {length} bytes")
+            body_size = fixed + length
+        else:
+            body_size = _FIXED_BODY.get(code, 0)
+        if not self._need(4 + body_size):
+            return None
+        message = self._take(4 + body_size)
+        return _parse_request(code, message[4:])
+
+
+# ------------------------------------------------------------------ responses
+
+
+_SUCCESS_SIZE: dict[int, int] = {
+    CtrlCmd.GET_CAPABILITY: 8,
+    CtrlCmd.GET_TPMESTABLISHED: 8,
+    CtrlCmd.GET_STATEBLOB: 16,
+    CtrlCmd.GET_CONFIG: 8,
+    CtrlCmd.SET_BUFFERSIZE: 16,
+    CtrlCmd.GET_INFO: 12,
+}
+
+
+def _success_size(code: int) -> int | None:
+    """Size of a response to ``code`` before any variable data; None: result only."""
+    return _SUCCESS_SIZE.get(code)
+
+
+def encode_response(response: CtrlResponse, short_errors: bool = False) -> bytes:
+    """Bytes for ``response`` (a server's side).
+
+    With ``short_errors=False`` an error still has the success response's
+    fixed size (zeros after the result), which is what QEMU reads.
+    """
+    code, res = response.code, response.result
+    if code == CtrlCmd.GET_CAPABILITY:
+        return _U64.pack(response.caps)
+    if res and (short_errors or _success_size(code) is None):
+        return _U32.pack(res)
+    if code == CtrlCmd.GET_TPMESTABLISHED:
+        return struct.pack(">IB3x", res, 1 if response.established else 0)
+    if code == CtrlCmd.GET_STATEBLOB:
+        data = response.data if res == 0 else b""
+        return struct.pack(">IIII", res, response.flags, len(data), len(data)) + data
+    if code == CtrlCmd.GET_CONFIG:
+        return struct.pack(">II", res, response.flags)
+    if code == CtrlCmd.SET_BUFFERSIZE:
+        return struct.pack(">IIII", res, *response.sizes)
+    if code == CtrlCmd.GET_INFO:
+        data = response.data if res == 0 else b""
+        return struct.pack(">III", res, response.totlength, len(data)) + data
+    return _U32.pack(res)
+
+
+class CtrlResponseDecoder(_Buffered):
+    """Client side: the response to one request of ``code``.
+
+    ``short_errors=True`` follows swtpm 0.7.1, which answers its pre-checks
+    (TPM_BAD_PARAMETER, TPM_BAD_ORDINAL) with a bare result.
+    """
+
+    def __init__(self, code: int, short_errors: bool = True, max_blob: int = MAX_BLOB) -> None:
+        super().__init__()
+        self.code = code
+        self.short_errors = short_errors
+        self.max_blob = max_blob
+
+    def next_response(self) -> CtrlResponse | None:
+        self._check()
+        code = self.code
+        if code == CtrlCmd.GET_CAPABILITY:
+            if not self._need(8):
+                return None
+            return CtrlResponse(code, caps=_U64.unpack(self._take(8))[0])
+        if not self._need(4):
+            return None
+        res = _U32.unpack_from(self._buf)[0]
+        size = _success_size(code)
+        if size is None or (res and code == CtrlCmd.GET_INFO):
+            return CtrlResponse(code, result=_U32.unpack(self._take(4))[0])
+        if res and self.short_errors and res in _SHORT_ERROR_RESULTS:
+            return CtrlResponse(code, result=_U32.unpack(self._take(4))[0])
+        if not self._need(size):
+            return None
+        if code in (CtrlCmd.GET_STATEBLOB, CtrlCmd.GET_INFO):
+            return self._variable(code, res, size)
+        body = self._take(size)
+        if code == CtrlCmd.GET_TPMESTABLISHED:
+            return CtrlResponse(code, result=res, established=bool(body[4] & 1))
+        if code == CtrlCmd.GET_CONFIG:
+            return CtrlResponse(code, result=res, flags=_U32.unpack_from(body, 4)[0])
+        sizes = struct.unpack_from(">III", body, 4)
+        return CtrlResponse(code, result=res, sizes=(sizes[0], sizes[1], sizes[2]))
+
+    def _variable(self, code: int, res: int, size: int) -> CtrlResponse | None:
+        if code == CtrlCmd.GET_STATEBLOB:
+            _, flags, total, length = struct.unpack_from(">IIII", self._buf)
+        else:
+            _, total, length = struct.unpack_from(">III", self._buf)
+            flags = 0
+        if res:
+            length = 0
+        if length > self.max_blob:
+            raise self._fail(f"response announces {length} bytes")
+        if not self._need(size + length):
+            return None
+        data = self._take(size + length)[size:]
+        return CtrlResponse(code, result=res, flags=flags, totlength=total, data=data)
+
+
+# ------------------------------------------------------------------ data channel
+
+
+class CommandFramer(_Buffered):
+    """Cuts raw TPM commands (or responses) out of a data-channel byte stream.
+
+    Part 1, 18.2: the header's u32 ``commandSize`` counts the whole message.
+    A size below the header or above ``max_size`` cannot be framed: the
+    framer raises CtrlProtocolError (rc TPM_RC_COMMAND_SIZE) and stays broken;
+    answer that error response and close.
+    """
+
+    def __init__(self, max_size: int = LIBTPMS_MAX_BUFFER) -> None:
+        super().__init__()
+        self.max_size = max_size
+
+    def next_command(self) -> bytes | None:
+        self._check()
+        if not self._need(HEADER_SIZE):
+            return None
+        size = _U32.unpack_from(self._buf, 2)[0]
+        if not HEADER_SIZE <= size <= self.max_size:
+            raise self._fail(f"TPM size field {size} outside {HEADER_SIZE}..{self.max_size}")
+        if not self._need(size):
+            return None
+        return self._take(size)
