@@ -15,6 +15,8 @@ class Config:
     scale_points: tuple[int, ...]  # instance counts where latency and memory are read
     scale_budget_s: float  # per system; the scale phase stops when it is spent
     channel_iterations: int  # benchmarks/bench_channel.py
+    cpu_commands: int = 3000  # GetRandoms timed for the CPU-per-process breakdown
+    latency_passes: int = 3  # targets forwards, backwards, forwards (drift evens out)
     sgxvtpm: bool = True  # measure sgxvtpm at all (c, d, and its other figures)
 
     def with_overrides(self, **changes: object) -> Config:
@@ -41,4 +43,6 @@ QUICK = Config(
     scale_points=(1, 5, 10),
     scale_budget_s=8.0,
     channel_iterations=50,
+    latency_passes=1,
+    cpu_commands=500,
 )

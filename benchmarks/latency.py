@@ -4,7 +4,8 @@ A target is anything with ``transact(command) -> response`` (complete raw
 TPM 2.0 commands and responses, Part 1 section 18). The client brings the
 TPM up (TPM2_Startup if nobody has), creates what the timed commands need
 (an NV index, two signing primaries), then times each command with
-``time.perf_counter_ns`` around ``transact`` alone, after a warm-up.
+``time.perf_counter_ns`` around ``transact`` alone, after a warm-up, the
+commands interleaved round by round.
 
 TPM_RC_RETRY and kin (Part 1, 19.8.6) mean "send it again": a sample that
 got one is not recorded and the command is repeated, as a TSS would do.
@@ -13,6 +14,7 @@ got one is not recorded and the command is repeated, as a TSS would do.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,23 +113,39 @@ def _timed(transact: Callable[[bytes], bytes], command: bytes) -> tuple[int, byt
     raise BenchError("the TPM kept answering TPM_RC_RETRY")
 
 
-def _repeat(transact: Callable[[bytes], bytes], command: bytes, warmup: int, n: int) -> Summary:
-    for _ in range(warmup):
-        _timed(transact, command)
-    return summarize_ns([_timed(transact, command)[0] for _ in range(n)])
+def _rounds(steps: dict[str, Callable[[], int]], warmup: int, n: int) -> dict[str, Summary]:
+    """Run every step once per round, ``warmup + n`` rounds; summarise the last ``n``.
+
+    Interleaving the commands gives each the same conditions (scheduler
+    placement of client and server, cache, CPU frequency) instead of letting
+    whichever runs first or last pay for a change in them.
+    """
+    samples: dict[str, list[int]] = {name: [] for name in steps}
+    for i in range(warmup + n):
+        for name, step in steps.items():
+            elapsed = step()
+            if i >= warmup:
+                samples[name].append(elapsed)
+    return {name: summarize_ns(values) for name, values in samples.items()}
 
 
-def _create_primary(transact: Callable[[bytes], bytes], warmup: int, n: int) -> Summary:
+def _command_step(transact: Callable[[bytes], bytes], *commands: bytes) -> Callable[[], int]:
+    """Time one command per call, taking turns when several are given."""
+    turn = itertools.cycle(commands)
+    return lambda: _timed(transact, next(turn))[0]
+
+
+def _create_primary_step(transact: Callable[[bytes], bytes]) -> Callable[[], int]:
     """CreatePrimary ECC P-256 (storage), timed; the FlushContext after it is not."""
     command = wire.create_primary(wire.ecc_p256_template())
-    samples = []
-    for i in range(warmup + n):
+
+    def step() -> int:
         elapsed, response = _timed(transact, command)
         handle = wire.parse_create_primary(response).handle
         wire.check_success(transact(wire.flush_context(handle)))
-        if i >= warmup:
-            samples.append(elapsed)
-    return summarize_ns(samples)
+        return elapsed
+
+    return step
 
 
 def measure(transport: Transport, iterations: Iterations) -> dict[str, Summary]:
@@ -140,22 +158,24 @@ def measure(transport: Transport, iterations: Iterations) -> dict[str, Summary]:
         "GetRandom(32)": wire.get_random(32),
         "PCR_Extend": wire.pcr_extend(PCR, digest),
         "PCR_Read": wire.pcr_read([PCR]),
-        "NV_Write(64)": wire.nv_write(NV_INDEX, b"\xa5" * NV_SIZE),
         "NV_Read(64)": wire.nv_read(NV_INDEX, NV_SIZE),
     }
     heavy = {
         "Sign ECDSA P-256": wire.sign(fixture.ecc_key, digest),
         "Sign RSA-2048": wire.sign(fixture.rsa_key, digest),
     }
-    results: dict[str, Summary] = {}
+    cheap_steps = {name: _command_step(run, command) for name, command in cheap.items()}
+    # The TPM writes NV only when the data differ (reference code, _plat__NvIsDifferent):
+    # alternate two payloads so that every NV_Write is a real, persisted change.
+    cheap_steps["NV_Write(64)"] = _command_step(
+        run, wire.nv_write(NV_INDEX, b"\xa5" * NV_SIZE), wire.nv_write(NV_INDEX, b"\x5a" * NV_SIZE)
+    )
+    cheap_steps = {name: cheap_steps[name] for name in CHEAP}
+    heavy_steps = {name: _command_step(run, command) for name, command in heavy.items()}
+    heavy_steps["CreatePrimary ECC P-256"] = _create_primary_step(run)
     try:
-        for name, command in cheap.items():
-            results[name] = _repeat(run, command, iterations.warmup_cheap, iterations.cheap)
-        for name, command in heavy.items():
-            results[name] = _repeat(run, command, iterations.warmup_heavy, iterations.heavy)
-        results["CreatePrimary ECC P-256"] = _create_primary(
-            run, iterations.warmup_heavy, iterations.heavy
-        )
+        results = _rounds(cheap_steps, iterations.warmup_cheap, iterations.cheap)
+        results.update(_rounds(heavy_steps, iterations.warmup_heavy, iterations.heavy))
     finally:
         fixture.close()
     return results

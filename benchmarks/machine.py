@@ -37,14 +37,18 @@ def _package_version(name: str) -> str:
     return proc.stdout.strip() or "unknown"
 
 
-def _git_commit(root: Path) -> str:
+def _git(root: Path, *args: str) -> str:
     proc = subprocess.run(
-        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
+        ["git", "-C", str(root), *args], capture_output=True, text=True, check=False
     )
-    return proc.stdout.strip() or "unknown"
+    return proc.stdout.strip()
+
+
+def _git_commit(root: Path) -> str:
+    commit = _git(root, "rev-parse", "--short", "HEAD") or "unknown"
+    if _git(root, "status", "--porcelain", "--", "src", "benchmarks"):
+        commit += " + uncommitted changes"
+    return commit
 
 
 def describe(root: Path) -> dict[str, str]:

@@ -282,7 +282,34 @@ def _latency(results: dict[str, Any]) -> list[str]:
         if entry and not entry.get("ok"):
             lines.append(f"- ({t}) {labels[t]}: {entry.get('reason', 'no result')}")
     lines.append("")
-    return lines
+    return [*lines, *_cpu_breakdown(results)]
+
+
+def _cpu_breakdown(results: dict[str, Any]) -> list[str]:
+    """Per target: wall and CPU time per GetRandom(32) in each process on the path."""
+    lat = results.get("latency", {})
+    rows = []
+    for t in "abcd":
+        cpu = lat.get(t, {}).get("cpu") if _ok(lat.get(t, {})) else None
+        if not cpu:
+            continue
+        per = cpu["cpu_us"]
+        busy = sum(per.values())
+        parts = ", ".join(f"{name} {fmt_us(us)}" for name, us in per.items())
+        rows.append(
+            [f"({t}) {lat[t].get('label', t)}", fmt_us(cpu["wall_us"]), parts, fmt_us(busy),
+             fmt_us(max(0.0, cpu["wall_us"] - busy))]
+        )  # fmt: skip
+    if not rows:
+        return []
+    return [
+        "Where one GetRandom(32) goes: wall time per command in a closed loop, CPU time per "
+        "command of each process on the path (from /proc/PID/stat), and the rest, which is "
+        "spent waiting for wake-ups between processes:",
+        "",
+        *_table(["target", "wall", "CPU per process", "CPU total", "waiting"], rows),
+        "",
+    ]
 
 
 def _creation(results: dict[str, Any]) -> list[str]:

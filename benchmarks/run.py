@@ -16,6 +16,9 @@ import argparse
 import datetime
 import json
 import logging
+import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +42,7 @@ SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
 }
 ANALYSIS = Path(__file__).with_name("ANALYSIS.md")
 DEFAULT_JSON = Path(__file__).with_name("results.json")
+SNAPSHOT_ENV = "SGXVTPM_BENCH_SOURCE"  # set in the re-run: where the code was copied from
 
 
 def channel_section(iterations: int) -> dict[str, Any]:
@@ -72,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale-points", help="comma-separated instance counts, e.g. 1,10,50")
     p.add_argument("--scale-budget", type=float, help="seconds per system for the scale phase")
     p.add_argument("--channel-iterations", type=int)
+    p.add_argument(
+        "--no-snapshot",
+        action="store_true",
+        help="run on the live source tree instead of a copy taken at the start",
+    )
     p.add_argument("--no-sgxvtpm", action="store_true", help="measure only (a) and swtpm")
     p.add_argument(
         "--sections",
@@ -129,8 +138,43 @@ def run_sections(config: Config, sections: list[str], workdir: Path) -> dict[str
     return results
 
 
+def _copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def run_from_snapshot(args: argparse.Namespace, argv: list[str]) -> int:
+    """Re-run this command on a copy of the code, so the run measures one version.
+
+    An enclave's MRENCLAVE is computed from the code installed at the
+    moment a client checks it (S3): if the sources change while a long run
+    is under way, instances launched before the change no longer verify.
+    The copy (sgxvtpm and benchmarks, first on PYTHONPATH) stays put.
+    """
+    output = args.output.resolve()
+    json_path = (args.json or _default_json(output)).resolve()
+    with tempfile.TemporaryDirectory(prefix="sgxvtpm-bench-code-") as tmp:
+        snap = Path(tmp)
+        _copy_tree(ROOT / "src" / "sgxvtpm", snap / "src" / "sgxvtpm")
+        _copy_tree(ROOT / "benchmarks", snap / "benchmarks")
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(snap / "src"), str(snap)]),
+            SNAPSHOT_ENV: str(ROOT),
+        }
+        child = [*argv, "--output", str(output), "--json", str(json_path)]
+        command = [sys.executable, "-m", "benchmarks.run", *child]
+        return subprocess.call(command, cwd=snap, env=env)
+
+
+def _default_json(output: Path) -> Path:
+    return DEFAULT_JSON if output == ROOT / "BENCHMARKS.md" else output.with_suffix(".json")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if not args.no_snapshot and SNAPSHOT_ENV not in os.environ:
+        return run_from_snapshot(args, argv)
     config = config_from(args)
     sections = [s for s in args.sections.split(",") if s]
     unknown = set(sections) - {*SECTIONS, "channel"}
@@ -142,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "quick": args.quick,
         "started": started.strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": describe(ROOT),
+        "machine": describe(Path(os.environ.get(SNAPSHOT_ENV) or ROOT)),
         "config": {k: v for k, v in vars(config).items()},
     }
     with tempfile.TemporaryDirectory(prefix="sgxvtpm-bench-") as tmp:
@@ -150,9 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     results["duration_s"] = time.perf_counter() - t0
     analysis = ANALYSIS.read_text() if ANALYSIS.exists() else ""
     args.output.write_text(render(results, analysis))
-    json_path = args.json or (
-        DEFAULT_JSON if args.output == ROOT / "BENCHMARKS.md" else args.output.with_suffix(".json")
-    )
+    json_path = args.json or _default_json(args.output)
     json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     _say(f"wrote {args.output} and {json_path} in {results['duration_s']:.0f} s")
     return 0

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Any
 
-from sgxvtpm.tpm.constants import HEADER_SIZE
+from sgxvtpm.endpoint.k2 import K2Client, VmBinding
+from sgxvtpm.host.statedir import StateDir
+from sgxvtpm.tpm import wire
+from sgxvtpm.tpm.constants import HEADER_SIZE, TPM2_RC
 from sgxvtpm.tpm.engine import LibtpmsEngine
+from sgxvtpm.wire import vtpm
 
 _RECV = 1 << 16
 
@@ -79,27 +82,25 @@ class SocketTransport:
 class K2Transport:
     """Raw TPM commands through the in-process K2 client (sgxvtpm.endpoint.k2).
 
-    Uses ``K2Client.transact(command, locality)`` (what the tpm2-pytss TCTI
-    in sgxvtpm.endpoint.tcti calls), after ``power_on()``: the instance's
-    TPM is off after manufacturing until its "VM" powers it on. Raises
-    AttributeError or ImportError, reported as "not available", while
-    those pieces are missing.
+    An instance's TPM is powered off after manufacturing until its VM powers
+    it on (swtpm's CMD_INIT, the vTPM INIT op); a TPM that answers
+    TPM_RC_FAILURE to a first probe is powered on here, one that is already
+    running is left alone (INIT would reset it).
     """
 
     def __init__(self, state_dir: Path, name: str) -> None:
-        from sgxvtpm.endpoint.k2 import K2Client, VmBinding
-        from sgxvtpm.host.statedir import StateDir
-
-        self.client: Any = K2Client(VmBinding.load(StateDir(state_dir), name))
-        if not hasattr(self.client, "transact"):
-            raise AttributeError("K2Client has no transact(command, locality) yet")
+        self.client = K2Client(VmBinding.load(StateDir(state_dir), name))
         self.client.connect()
-        if hasattr(self.client, "power_on"):
-            self.client.power_on()
+        powered_off = wire.response_code(self.transact(wire.get_random(8))) == TPM2_RC.FAILURE
+        if powered_off and not self.client.call(vtpm.VtpmRequest.init()).success:
+            raise TransportError("the instance refused to power its TPM on (INIT)")
 
     def transact(self, command: bytes) -> bytes:
-        response: bytes = self.client.transact(command, 0)
-        return response
+        response = self.client.call(vtpm.VtpmRequest.tpm_command(command))
+        if not response.success:
+            raise TransportError(f"vTPM request failed: TPM_RESULT {response.result:#x}")
+        payload: bytes = response.payload
+        return payload
 
     def close(self) -> None:
         self.client.close()

@@ -14,6 +14,7 @@ The last stdout line is the JSON result: ``{"ok": true, ...}`` or
 from __future__ import annotations
 
 import json
+import os
 import selectors
 import socket
 import sys
@@ -63,6 +64,41 @@ def probe_job(config: dict[str, Any]) -> dict[str, Any]:
         transport.close()
     samples.sort()
     return {"ok": True, "median_us": samples[len(samples) // 2] / 1000, "n": len(samples)}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (proc(5): fields 14 and 15), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_job(config: dict[str, Any]) -> dict[str, Any]:
+    """Wall time and CPU time per GetRandom(32), per process on the path.
+
+    ``pids`` names the server-side processes (swtpm; or hostd, the instance
+    enclave and the endpoint); the client is this worker. Where the time of
+    a cheap command goes: CPU in each hop, and the rest is waiting (wake-ups).
+    """
+    transport = open_target(config["target"])
+    pids: dict[str, int] = config.get("pids", {})
+    n = int(config.get("n", 2000))
+    command = wire.get_random(32)
+    try:
+        startup(transport)
+        for _ in range(max(50, n // 10)):
+            transport.transact(command)
+        before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+        client0, wall0 = time.process_time(), time.perf_counter()
+        for _ in range(n):
+            transport.transact(command)
+        client1, wall1 = time.process_time(), time.perf_counter()
+        after = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+    finally:
+        transport.close()
+    cpu_us = {"client": (client1 - client0) / n * 1e6}
+    cpu_us.update({name: (after[name] - before[name]) / n * 1e6 for name in pids})
+    return {"ok": True, "n": n, "wall_us": (wall1 - wall0) / n * 1e6, "cpu_us": cpu_us}
 
 
 def ping_all_job(config: dict[str, Any]) -> dict[str, Any]:
@@ -162,7 +198,13 @@ class SocketLike:
         self.sock.close()
 
 
-JOBS = {"latency": latency_job, "probe": probe_job, "load": load_job, "ping_all": ping_all_job}
+JOBS = {
+    "latency": latency_job,
+    "probe": probe_job,
+    "load": load_job,
+    "ping_all": ping_all_job,
+    "cpu": cpu_job,
+}
 
 
 def main(argv: list[str]) -> int:
