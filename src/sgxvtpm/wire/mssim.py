@@ -112,6 +112,11 @@ class _Buffered:
         else:
             self._eof = True
 
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet part of a complete message."""
+        return len(self._buf)
+
     def _fail(self, message: str) -> MssimProtocolError:
         self._error = MssimProtocolError(message)
         return self._error

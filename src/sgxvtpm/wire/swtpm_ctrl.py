@@ -19,6 +19,11 @@ with this codec (tests/unit/test_swtpm_ctrl_real.py):
   QEMU always reads the full success size, so our servers send full-size
   error responses (zeros after the result) to never stall QEMU.
 - GET_INFO's totlength counts the terminating NUL, which is sent.
+- SET_LOCALITY and RESET_TPMESTABLISHED bodies are sizeof(ptm_loc) = 4
+  bytes from QEMU (u8 locality, 3 padding bytes: tpm_emulator.c sends the
+  whole union) but 1 byte from tcti-swtpm; swtpm copes because it takes
+  whatever one read() returns. Without a length field the decoder must be
+  told which: ``locality_body`` (4 for QEMU, 1 for tcti-swtpm).
 
 The data channel carries raw TPM commands and responses (no prefix); a
 :class:`CommandFramer` cuts commands out of the byte stream by their header.
@@ -117,12 +122,12 @@ _FIXED_BODY: dict[int, int] = {
     CtrlCmd.INIT: 4,
     CtrlCmd.SHUTDOWN: 0,
     CtrlCmd.GET_TPMESTABLISHED: 0,
-    CtrlCmd.SET_LOCALITY: 1,
+    CtrlCmd.SET_LOCALITY: 1,  # see locality_body
     CtrlCmd.HASH_START: 0,
     CtrlCmd.HASH_END: 0,
     CtrlCmd.CANCEL_TPM_CMD: 0,
     CtrlCmd.STORE_VOLATILE: 0,
-    CtrlCmd.RESET_TPMESTABLISHED: 1,
+    CtrlCmd.RESET_TPMESTABLISHED: 1,  # see locality_body
     CtrlCmd.GET_STATEBLOB: 12,
     CtrlCmd.STOP: 0,
     CtrlCmd.GET_CONFIG: 0,
@@ -132,6 +137,9 @@ _FIXED_BODY: dict[int, int] = {
     CtrlCmd.LOCK_STORAGE: 4,
 }
 _VARIABLE_HEADER = {CtrlCmd.HASH_DATA: 4, CtrlCmd.SET_STATEBLOB: 12}
+_LOCALITY_CODES = frozenset({CtrlCmd.SET_LOCALITY, CtrlCmd.RESET_TPMESTABLISHED})
+#: QEMU's body size for the locality commands: sizeof(ptm_loc) = sizeof(ptm_reset_est).
+QEMU_LOCALITY_BODY = 4
 
 
 @dataclass(frozen=True)
@@ -172,15 +180,21 @@ class CtrlResponse:
 # ------------------------------------------------------------------ requests
 
 
-def encode_request(request: CtrlRequest) -> bytes:
-    """Bytes for ``request`` (a client's side); CtrlUsageError if out of range."""
+def encode_request(request: CtrlRequest, locality_body: int = 1) -> bytes:
+    """Bytes for ``request`` (a client's side); CtrlUsageError if out of range.
+
+    ``locality_body`` pads SET_LOCALITY/RESET_TPMESTABLISHED: 1 as tcti-swtpm
+    sends them, 4 as QEMU does.
+    """
     code = request.code
     head = _U32.pack(code)
+    if locality_body not in (1, QEMU_LOCALITY_BODY):
+        raise CtrlUsageError(f"locality_body must be 1 or 4, got {locality_body}")
     try:
         if code == CtrlCmd.INIT:
             return head + _U32.pack(request.flags)
-        if code in (CtrlCmd.SET_LOCALITY, CtrlCmd.RESET_TPMESTABLISHED):
-            return head + _U8.pack(request.locality)
+        if code in _LOCALITY_CODES:
+            return head + _U8.pack(request.locality) + bytes(locality_body - 1)
         if code == CtrlCmd.HASH_DATA:
             return head + _U32.pack(len(request.data)) + request.data
         if code == CtrlCmd.GET_STATEBLOB:
@@ -268,11 +282,18 @@ class _Buffered:
 
 
 class CtrlRequestDecoder(_Buffered):
-    """Server side: control bytes in, :class:`CtrlRequest` out."""
+    """Server side: control bytes in, :class:`CtrlRequest` out.
 
-    def __init__(self, max_blob: int = MAX_BLOB) -> None:
+    ``locality_body``: 4 for QEMU (the default), 1 for tcti-swtpm (see the
+    module docstring).
+    """
+
+    def __init__(self, max_blob: int = MAX_BLOB, locality_body: int = QEMU_LOCALITY_BODY) -> None:
         super().__init__()
+        if locality_body not in (1, QEMU_LOCALITY_BODY):
+            raise CtrlUsageError(f"locality_body must be 1 or 4, got {locality_body}")
         self.max_blob = max_blob
+        self.locality_body = locality_body
 
     def next_request(self) -> CtrlRequest | None:
         """The next complete request, or None until more bytes arrive."""
@@ -288,6 +309,8 @@ class CtrlRequestDecoder(_Buffered):
             if length > self.max_blob:
                 raise self._fail(f"control command {code} announces {length} bytes")
             body_size = fixed + length
+        elif code in _LOCALITY_CODES:
+            body_size = self.locality_body
         else:
             body_size = _FIXED_BODY.get(code, 0)
         if not self._need(4 + body_size):

@@ -1,0 +1,109 @@
+"""swtpm control commands answered over a :class:`~sgxvtpm.endpoint.backend.VmTpm`.
+
+Shared by the QEMU endpoint (which adds SET_DATAFD) and the tcti-swtpm
+endpoint. Results follow swtpm 0.7.1's ctrlchannel.c; what swtpm answers
+locally (capabilities, locality, configuration) is answered here, the rest
+goes to the vTPM as a :mod:`sgxvtpm.wire.vtpm` request.
+"""
+
+from __future__ import annotations
+
+from sgxvtpm.endpoint.backend import VmTpm
+from sgxvtpm.wire.swtpm_ctrl import GETINFO_CHUNK, CtrlCmd, CtrlRequest, CtrlResponse, PtmCap
+from sgxvtpm.wire.vtpm import MAX_LOCALITY, TpmResult, VtpmOp, VtpmProtocolError, VtpmRequest
+
+#: What we implement. Not HASHING (TPM 1.2 only; QEMU never uses it) and not
+#: SEND_COMMAND_HEADER (a data-channel prefix mode QEMU does not use);
+#: LOCK_STORAGE is answered (there is no host-side storage to lock).
+SUPPORTED_CAPS = (
+    PtmCap.INIT
+    | PtmCap.SHUTDOWN
+    | PtmCap.GET_TPMESTABLISHED
+    | PtmCap.SET_LOCALITY
+    | PtmCap.CANCEL_TPM_CMD
+    | PtmCap.STORE_VOLATILE
+    | PtmCap.RESET_TPMESTABLISHED
+    | PtmCap.GET_STATEBLOB
+    | PtmCap.SET_STATEBLOB
+    | PtmCap.STOP
+    | PtmCap.GET_CONFIG
+    | PtmCap.SET_DATAFD
+    | PtmCap.SET_BUFFERSIZE
+    | PtmCap.GET_INFO
+    | PtmCap.LOCK_STORAGE
+)
+
+
+class CtrlHandler:
+    """Turns one :class:`CtrlRequest` into one :class:`CtrlResponse`."""
+
+    def __init__(self, tpm: VmTpm, caps: int = SUPPORTED_CAPS) -> None:
+        self.tpm = tpm
+        self.caps = caps
+
+    async def handle(self, req: CtrlRequest) -> CtrlResponse:
+        code = req.code
+        try:
+            return await self._dispatch(req)
+        except VtpmProtocolError:
+            return CtrlResponse(code, result=TpmResult.FAIL)
+
+    async def _simple(self, code: int, request: VtpmRequest) -> CtrlResponse:
+        return CtrlResponse(code, result=(await self.tpm.call(request)).result)
+
+    async def _dispatch(self, req: CtrlRequest) -> CtrlResponse:
+        code = req.code
+        if code == CtrlCmd.GET_CAPABILITY:
+            return CtrlResponse(code, caps=int(self.caps))
+        if code == CtrlCmd.INIT:
+            return await self._simple(code, VtpmRequest.init(req.flags))
+        if code == CtrlCmd.SHUTDOWN:
+            return await self._simple(code, VtpmRequest(VtpmOp.SHUTDOWN))
+        if code == CtrlCmd.STOP:
+            return await self._simple(code, VtpmRequest(VtpmOp.STOP))
+        if code == CtrlCmd.SET_LOCALITY:
+            if req.locality > MAX_LOCALITY:
+                return CtrlResponse(code, result=TpmResult.BAD_LOCALITY)
+            self.tpm.locality = req.locality
+            return CtrlResponse(code)
+        if code == CtrlCmd.GET_TPMESTABLISHED:
+            r = await self.tpm.call(VtpmRequest(VtpmOp.GET_ESTABLISHED))
+            flag = r.established() if r.success else False
+            return CtrlResponse(code, result=r.result, established=flag)
+        if code == CtrlCmd.RESET_TPMESTABLISHED:
+            if req.locality > MAX_LOCALITY:
+                return CtrlResponse(code, result=TpmResult.BAD_LOCALITY)
+            return await self._simple(code, VtpmRequest.reset_established(req.locality))
+        if code == CtrlCmd.CANCEL_TPM_CMD:
+            return await self._simple(code, VtpmRequest(VtpmOp.CANCEL))
+        if code == CtrlCmd.STORE_VOLATILE:
+            return await self._simple(code, VtpmRequest(VtpmOp.STORE_VOLATILE))
+        if code == CtrlCmd.GET_STATEBLOB:
+            r = await self.tpm.call(VtpmRequest.get_stateblob(req.blob_type))
+            return CtrlResponse(code, result=r.result, data=r.payload[req.offset :])
+        if code == CtrlCmd.SET_STATEBLOB:
+            return await self._simple(code, VtpmRequest.set_stateblob(req.blob_type, req.data))
+        if code == CtrlCmd.GET_CONFIG:
+            return CtrlResponse(code, flags=0)  # no file key, no migration key on this host
+        if code == CtrlCmd.SET_BUFFERSIZE:
+            r = await self.tpm.call(VtpmRequest.set_buffersize(req.size))
+            return CtrlResponse(code, result=r.result, sizes=r.buffer_sizes() if r.success else
+                                (0, 0, 0))
+        if code == CtrlCmd.GET_INFO:
+            return await self._get_info(req)
+        if code == CtrlCmd.LOCK_STORAGE:
+            return CtrlResponse(code)
+        # HASH_START/DATA/END (TPM 1.2 only) and unknown codes, as swtpm answers unknown ones.
+        return CtrlResponse(code, result=TpmResult.BAD_ORDINAL)
+
+    async def _get_info(self, req: CtrlRequest) -> CtrlResponse:
+        code = req.code
+        r = await self.tpm.call(VtpmRequest.get_info(req.flags))
+        if not r.success:
+            return CtrlResponse(code, result=r.result)
+        text = r.info().encode()
+        if req.offset >= len(text):  # swtpm: offset >= strlen is TPM_BAD_PARAMETER
+            return CtrlResponse(code, result=TpmResult.BAD_PARAMETER)
+        whole = text + b"\0"  # swtpm sends, and counts, the terminating NUL
+        chunk = whole[req.offset : req.offset + GETINFO_CHUNK]
+        return CtrlResponse(code, totlength=len(whole), data=chunk)

@@ -1,0 +1,143 @@
+"""A local vTPM endpoint: libtpms in this process, state in plain files.
+
+    python -m sgxvtpm.endpoint.local --state-dir DIR (--ctrl PATH | --swtpm PATH |
+                                      --swtpm-tcp HOST:PORT | --mssim HOST:PORT)
+
+NOT PROTECTED: no enclave, no attestation, no sealing; the TPM state lies in
+the clear in DIR. It exists for tests (the same endpoints as ``sgxvtpm vm
+attach``/``vm serve``, over a :class:`~sgxvtpm.endpoint.backend.LocalBackend`)
+and as a comparison point for benchmarks. Once listening it prints one line
+``READY <port or path>`` on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sgxvtpm.enclaves.vtpm_core import VtpmCore
+from sgxvtpm.endpoint.backend import LocalBackend
+from sgxvtpm.endpoint.qemu import QemuEndpoint
+from sgxvtpm.endpoint.tss import MssimEndpoint, SwtpmTssEndpoint
+from sgxvtpm.tpm.engine import LibtpmsEngine
+
+_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+class DirStateStore:
+    """libtpms blobs as files in a directory (plaintext; NOT protected).
+
+    Writes are atomic and durable (temp file, fsync, rename, fsync dir), so
+    a crash leaves the old or the new blob, never a torn one.
+    """
+
+    def __init__(self, directory: Path | str) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _path(self, name: str) -> Path:
+        if not name or not set(name) <= _NAME_OK or name.startswith("."):
+            raise ValueError(f"bad blob name {name!r}")
+        return self.dir / f"tpm2-{name}"
+
+    def load(self, name: str) -> bytes | None:
+        try:
+            return self._path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def store(self, name: str, data: bytes) -> None:
+        path = self._path(name)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def delete(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(name).unlink()
+
+
+def local_backend(state_dir: Path | str) -> LocalBackend:
+    store = DirStateStore(state_dir)
+    return LocalBackend(VtpmCore(lambda: LibtpmsEngine(store)))
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sgxvtpm.endpoint.local",
+        description="local vTPM endpoint over an in-process libtpms (NOT protected; tests)",
+    )
+    parser.add_argument("--state-dir", type=Path, required=True)
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--ctrl", type=Path, help="swtpm control socket for QEMU")
+    group.add_argument("--swtpm", type=Path, help="tcti-swtpm unix PATH and PATH.ctrl")
+    group.add_argument("--swtpm-tcp", type=_host_port, metavar="HOST:PORT")
+    group.add_argument("--mssim", type=_host_port, metavar="HOST:PORT")
+    parser.add_argument("--frame-timeout", type=float, default=5.0)
+    return parser
+
+
+async def run(args: argparse.Namespace) -> None:
+    backend = local_backend(args.state_dir)
+    endpoint: QemuEndpoint | SwtpmTssEndpoint | MssimEndpoint
+    if args.ctrl is not None:
+        endpoint = QemuEndpoint(backend, args.ctrl, frame_timeout=args.frame_timeout)
+        where = str(args.ctrl)
+    elif args.swtpm is not None:
+        endpoint = SwtpmTssEndpoint(backend, path=args.swtpm, frame_timeout=args.frame_timeout)
+        where = str(args.swtpm)
+    elif args.swtpm_tcp is not None:
+        host, port = args.swtpm_tcp
+        endpoint = SwtpmTssEndpoint(backend, host=host, port=port,
+                                    frame_timeout=args.frame_timeout)
+    else:
+        host, port = args.mssim
+        endpoint = MssimEndpoint(backend, host=host, port=port, frame_timeout=args.frame_timeout)
+    await endpoint.start()
+    if not isinstance(endpoint, QemuEndpoint) and endpoint.port is not None:
+        where = str(endpoint.port)
+    print(f"READY {where}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    serving = asyncio.ensure_future(endpoint.serve_forever())
+    await asyncio.wait([serving, asyncio.ensure_future(stop.wait())],
+                       return_when=asyncio.FIRST_COMPLETED)
+    serving.cancel()
+    await endpoint.close()
+    backend.core.close()  # orderly TPM2_Shutdown + stop, state stays in DIR
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    print("sgxvtpm.endpoint.local: NOT protected (no enclave, plaintext state)", file=sys.stderr)
+    asyncio.run(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
