@@ -1,0 +1,87 @@
+"""``sgxvtpm vm attach`` and ``sgxvtpm vm serve``: the VM endpoints over K2.
+
+Both load the VM's binding from the state directory, open K2 to its instance
+enclave lazily (on the first request) and serve until interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+from sgxvtpm.endpoint.k2 import K2Backend, VmBinding
+from sgxvtpm.endpoint.qemu import QemuEndpoint
+from sgxvtpm.endpoint.tss import MssimEndpoint, SwtpmTssEndpoint
+from sgxvtpm.host.statedir import StateDir
+from sgxvtpm.util import log
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+async def _run_until_signal(endpoint: QemuEndpoint | SwtpmTssEndpoint | MssimEndpoint) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    serving = asyncio.ensure_future(endpoint.serve_forever())
+    waiting = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([serving, waiting], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        serving.cancel()
+        waiting.cancel()
+        await endpoint.close()
+
+
+async def attach(state: StateDir, name: str, ctrl: Path) -> None:
+    """Serve VM ``name``'s vTPM to QEMU on the swtpm control socket ``ctrl``."""
+    backend = K2Backend(VmBinding.load(state, name))
+    endpoint = QemuEndpoint(backend, ctrl)
+    await endpoint.start()
+    print(f"attached {name}: -chardev socket,id=chrtpm,path={ctrl} "
+          "-tpmdev emulator,id=tpm0,chardev=chrtpm", flush=True)
+    log.log("endpoint.attached", vm=name, ctrl=str(ctrl))
+    try:
+        await _run_until_signal(endpoint)
+    finally:
+        await backend.aclose()
+
+
+async def serve_tss(
+    state: StateDir,
+    name: str,
+    *,
+    swtpm: Path | None = None,
+    swtpm_tcp: str | None = None,
+    mssim: str | None = None,
+) -> None:
+    """Serve VM ``name``'s vTPM on tcti-swtpm (unix or TCP) or tcti-mssim sockets."""
+    backend = K2Backend(VmBinding.load(state, name))
+    endpoint: SwtpmTssEndpoint | MssimEndpoint
+    if swtpm is not None:
+        endpoint = SwtpmTssEndpoint(backend, path=swtpm)
+        where = f"swtpm:path={swtpm}"
+    elif swtpm_tcp is not None:
+        host, port = _host_port(swtpm_tcp)
+        endpoint = SwtpmTssEndpoint(backend, host=host, port=port)
+    elif mssim is not None:
+        host, port = _host_port(mssim)
+        endpoint = MssimEndpoint(backend, host=host, port=port)
+    else:
+        raise ValueError("give one of swtpm, swtpm_tcp, mssim")
+    try:
+        await endpoint.start()
+        if not isinstance(endpoint, SwtpmTssEndpoint) or endpoint.path is None:
+            kind = "mssim" if isinstance(endpoint, MssimEndpoint) else "swtpm"
+            where = f"{kind}:host={endpoint.host},port={endpoint.port}"
+        print(f"serving {name}: TPM2TOOLS_TCTI={where}", flush=True)
+        log.log("endpoint.serving", vm=name, tcti=where)
+        await _run_until_signal(endpoint)
+    finally:
+        await backend.aclose()
