@@ -7,7 +7,7 @@ u32 TPM_RESULT, except GET_CAPABILITY's, which is a bare u64. There is no
 length prefix, so both directions are framed by the code.
 
 Facts checked against swtpm 0.7.1 (Debian 12) by driving ``swtpm socket``
-with this codec (tests/unit/test_swtpm_ctrl_real.py):
+with this codec (tests/e2e/test_ctrl_channel.py):
 
 - GET_CAPABILITY answers 8 bytes: u64 caps (0xffff), no result word.
 - Capability bits are PTM_CAP_* (HASHING is one bit for codes 6-8), not
@@ -346,7 +346,8 @@ def encode_response(response: CtrlResponse, short_errors: bool = False) -> bytes
     code, res = response.code, response.result
     if code == CtrlCmd.GET_CAPABILITY:
         return _U64.pack(response.caps)
-    if res and (short_errors or _success_size(code) is None):
+    # GET_INFO errors are a bare result in swtpm whatever the cause (QEMU never asks).
+    if res and (short_errors or _success_size(code) is None or code == CtrlCmd.GET_INFO):
         return _U32.pack(res)
     if code == CtrlCmd.GET_TPMESTABLISHED:
         return struct.pack(">IB3x", res, 1 if response.established else 0)

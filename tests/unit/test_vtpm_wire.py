@@ -1,0 +1,120 @@
+"""The vTPM request protocol inside K2 (sgxvtpm.wire.vtpm)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sgxvtpm.wire.vtpm import (
+    MAX_MESSAGE,
+    TpmResult,
+    VtpmOp,
+    VtpmProtocolError,
+    VtpmRequest,
+    VtpmResponse,
+    VtpmUsageError,
+    decode_request,
+    decode_response,
+    encode_request,
+    encode_response,
+)
+
+u32 = st.integers(0, 0xFFFFFFFF)
+locality = st.integers(0, 4)
+requests = st.one_of(
+    st.builds(VtpmRequest.tpm_command, st.binary(max_size=200), locality),
+    st.builds(VtpmRequest.init, u32),
+    st.builds(VtpmRequest.reset_established, locality),
+    st.builds(VtpmRequest.set_buffersize, u32),
+    st.builds(VtpmRequest.get_stateblob, u32),
+    st.builds(VtpmRequest.set_stateblob, u32, st.binary(max_size=200)),
+    st.builds(VtpmRequest.get_info, st.integers(0, 2**64 - 1)),
+    st.builds(VtpmRequest, st.sampled_from([VtpmOp.SHUTDOWN, VtpmOp.STOP, VtpmOp.GET_ESTABLISHED,
+                                            VtpmOp.CANCEL, VtpmOp.STORE_VOLATILE]), locality),
+)
+
+
+@given(requests)
+def test_request_roundtrip(request: VtpmRequest) -> None:
+    assert decode_request(encode_request(request)) == request
+
+
+@given(u32, st.binary(max_size=300))
+def test_response_roundtrip(result: int, payload: bytes) -> None:
+    response = VtpmResponse(result, payload)
+    assert decode_response(encode_response(response)) == response
+
+
+@given(st.binary(max_size=64))
+def test_decode_request_any_bytes(data: bytes) -> None:
+    try:
+        request = decode_request(data)
+    except VtpmProtocolError:
+        return
+    assert encode_request(request) == data  # whatever parses is canonical
+
+
+@given(st.binary(max_size=16))
+def test_decode_response_any_bytes(data: bytes) -> None:
+    try:
+        decode_response(data)
+    except VtpmProtocolError:
+        assert len(data) < 4
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x01\x00\x00",  # short header
+        b"\x00\x00\x00\x00",  # op 0
+        b"\x0d\x00\x00\x00",  # unknown op
+        b"\x01\x05\x00\x00",  # locality 5
+        b"\x01\x00\x00\x01",  # reserved not zero
+        b"\x02\x00\x00\x00\x00\x00\x00",  # INIT with 3 bytes
+        b"\x03\x00\x00\x00\x00",  # SHUTDOWN with a payload
+        b"\x09\x00\x00\x00\x00\x01",  # SET_STATEBLOB without a full type
+    ],
+)
+def test_malformed_requests(data: bytes) -> None:
+    with pytest.raises(VtpmProtocolError):
+        decode_request(data)
+
+
+def test_oversized_messages() -> None:
+    with pytest.raises(VtpmProtocolError):
+        decode_request(b"\x01\x00\x00\x00" + bytes(MAX_MESSAGE))
+    with pytest.raises(VtpmUsageError):
+        encode_request(VtpmRequest.tpm_command(bytes(MAX_MESSAGE)))
+
+
+def test_usage_errors() -> None:
+    with pytest.raises(VtpmUsageError):
+        encode_request(VtpmRequest.tpm_command(b"", locality=5))
+    with pytest.raises(VtpmUsageError):
+        encode_request(VtpmRequest.init(1 << 32))
+    with pytest.raises(VtpmUsageError):
+        encode_response(VtpmResponse(-1))
+
+
+def test_typed_payloads() -> None:
+    assert VtpmResponse.for_buffer_sizes(4096, 2808, 4096).buffer_sizes() == (4096, 2808, 4096)
+    assert VtpmResponse.for_established(True).established() is True
+    assert VtpmResponse.ok(b'{"a":1}').info() == '{"a":1}'
+    for bad in (VtpmResponse.ok(b"\x00\x01"), VtpmResponse.ok(b"")):
+        with pytest.raises(VtpmProtocolError):
+            bad.established()
+    with pytest.raises(VtpmProtocolError):
+        VtpmResponse.ok(b"\x00" * 11).buffer_sizes()
+    with pytest.raises(VtpmProtocolError):
+        VtpmResponse.ok(b"\xff").info()
+    assert VtpmResponse.error(TpmResult.FAIL).success is False
+
+
+def test_wire_layout() -> None:
+    """Byte layout as documented: op, locality, reserved, payload; result, payload."""
+    assert encode_request(VtpmRequest.tpm_command(b"\x80\x01", 3)) == b"\x01\x03\x00\x00\x80\x01"
+    assert encode_request(VtpmRequest.set_stateblob(2, b"ab")) == (
+        b"\x09\x00\x00\x00\x00\x00\x00\x02ab")
+    assert encode_response(VtpmResponse(0x3D, b"x")) == b"\x00\x00\x00\x3dx"
