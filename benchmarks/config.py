@@ -38,11 +38,11 @@ QUICK = Config(
     cheap_iterations=200,
     creation_runs=1,
     memory_instances=3,
-    load_vms=(1, 4),
+    load_vms=(1, 2),
     load_seconds=0.5,
     scale_points=(1, 5, 10),
     scale_budget_s=8.0,
     channel_iterations=50,
     latency_passes=1,
-    cpu_commands=500,
+    cpu_commands=300,
 )

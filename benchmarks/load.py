@@ -23,7 +23,7 @@ WARMUP_S = 0.5
 def drive(paths: list[Path], seconds: float) -> dict[str, Any]:
     """Run the load on ``paths``; commands per second, or the reason it failed."""
     groups = [paths[i::WORKERS] for i in range(min(WORKERS, len(paths)))]
-    start_at = time.time() + 1.5 + 0.05 * len(paths)
+    start_at = time.time() + 1.0 + 0.05 * len(paths)  # workers import and connect first
     procs = [
         start_worker(
             {

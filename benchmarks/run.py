@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale-budget", type=float, help="seconds per system for the scale phase")
     p.add_argument("--channel-iterations", type=int)
     p.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="RESULTS",
+        help="measure nothing: render OUTPUT from a previous run's raw results",
+    )
+    p.add_argument(
         "--no-snapshot",
         action="store_true",
         help="run on the live source tree instead of a copy taken at the start",
@@ -166,6 +172,11 @@ def run_from_snapshot(args: argparse.Namespace, argv: list[str]) -> int:
         return subprocess.call(command, cwd=snap, env=env)
 
 
+def _analysis() -> str:
+    """The hand-written part of BENCHMARKS.md (profiles, what would help)."""
+    return ANALYSIS.read_text() if ANALYSIS.exists() else ""
+
+
 def _default_json(output: Path) -> Path:
     return DEFAULT_JSON if output == ROOT / "BENCHMARKS.md" else output.with_suffix(".json")
 
@@ -173,6 +184,9 @@ def _default_json(output: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.from_json is not None:
+        args.output.write_text(render(json.loads(args.from_json.read_text()), _analysis()))
+        return 0
     if not args.no_snapshot and SNAPSHOT_ENV not in os.environ:
         return run_from_snapshot(args, argv)
     config = config_from(args)
@@ -192,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sgxvtpm-bench-") as tmp:
         results.update(run_sections(config, sections, Path(tmp)))
     results["duration_s"] = time.perf_counter() - t0
-    analysis = ANALYSIS.read_text() if ANALYSIS.exists() else ""
-    args.output.write_text(render(results, analysis))
+    args.output.write_text(render(results, _analysis()))
     json_path = args.json or _default_json(args.output)
     json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     _say(f"wrote {args.output} and {json_path} in {results['duration_s']:.0f} s")
