@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_demo(_state(args) if args.state_dir else None)
         if args.command == "bench":
-            from benchmarks.run import main as bench_main  # type: ignore[import-not-found]
+            from benchmarks.run import main as bench_main
 
             return int(bench_main(["--quick"] if args.quick else []))
     except KeyboardInterrupt:

@@ -33,7 +33,7 @@ from sgxvtpm.channel import (
 from sgxvtpm.enclaves.runtime import EnclaveRuntime, platform_verifier
 from sgxvtpm.enclaves.sealing import SealError
 from sgxvtpm.enclaves.specs import peer_policy
-from sgxvtpm.enclaves.state import EngineStoreAdapter, SealedStateStore
+from sgxvtpm.enclaves.state import EngineStoreAdapter, SealedStateStore, lock_directory
 from sgxvtpm.enclaves.vtpm_core import VtpmCore
 from sgxvtpm.platform.base import EnclavePlatform
 from sgxvtpm.tpm import ek as ekmod
@@ -42,7 +42,6 @@ from sgxvtpm.tpm.constants import TPM2_SU
 from sgxvtpm.tpm.engine import LibtpmsEngine
 from sgxvtpm.tpm.nv import execute
 from sgxvtpm.util import log
-from sgxvtpm.wire import vtpm
 
 
 class InstanceEnclave:
@@ -59,9 +58,9 @@ class InstanceEnclave:
         )
         self.manager_cert_pem = str(args["manager_cert_pem"]).encode()
         self.manager_spki = spki_sha256(manager_cert)
-        self.store = SealedStateStore(
-            platform, self.instance_id, Path(args["state_dir"]) / "state.sealed"
-        )
+        state_dir = Path(args["state_dir"])
+        self._lock = lock_directory(state_dir)
+        self.store = SealedStateStore(platform, self.instance_id, state_dir / "state.sealed")
         self.credential = EnclaveCredential.create(platform, self.instance_id)
         self.state = "unprovisioned"
         self.reason = ""
@@ -110,7 +109,7 @@ class InstanceEnclave:
             return json.dumps(self.admin(json.loads(data))).encode()
         if self.core is None or peer.spki_sha256 != self.vm_spki:
             raise PermissionError("not the bound VM")
-        return vtpm.encode_response(self.core.handle(vtpm.decode_request(data)))
+        return self.core.handle_message(data)
 
     def admin(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")

@@ -52,6 +52,7 @@ from sgxvtpm.enclaves.registry import InstanceRecord, RegistryStore
 from sgxvtpm.enclaves.runtime import EnclaveRuntime, platform_verifier
 from sgxvtpm.enclaves.sealing import SealError
 from sgxvtpm.enclaves.specs import peer_policy
+from sgxvtpm.enclaves.state import lock_directory
 from sgxvtpm.host.relay import RelayMux
 from sgxvtpm.platform.base import EnclavePlatform, QuoteVerifier
 from sgxvtpm.tpm.ek import public_key_from_tpmt
@@ -69,6 +70,7 @@ class ManagerEnclave:
     def __init__(self, platform: EnclavePlatform, args: Mapping[str, Any]) -> None:
         self.platform = platform
         self.verifier: QuoteVerifier = platform_verifier(platform, args)
+        self._lock = lock_directory(Path(args["state_dir"]))
         self.store = RegistryStore(platform, Path(args["state_dir"]) / "registry.sealed")
         self.registry, created = self.store.open_or_create(str(args["operator_cert_pem"]))
         if created:

@@ -9,8 +9,11 @@ is released only after the change it reports is durable (DESIGN.md S7).
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +63,26 @@ class Bundle:
         if not isinstance(provisioning, dict):
             raise SealError("sealed state content is malformed")
         return cls(provisioning, blobs)
+
+
+def lock_directory(directory: Path, timeout: float = 30.0) -> int:
+    """Hold ``directory``'s lock for the life of this process (returns the fd).
+
+    After hostd is killed, the enclave it launched may still be finishing a
+    write while its replacement starts: the replacement waits here until the
+    old process is gone, so two processes never own one sealed file.
+    """
+    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise SealError(f"{directory} is held by another process") from None
+            time.sleep(0.02)
 
 
 class SealedFile:

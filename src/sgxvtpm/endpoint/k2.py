@@ -123,6 +123,19 @@ class K2Client:
     def call(self, request: vtpm.VtpmRequest) -> vtpm.VtpmResponse:
         return vtpm.decode_response(self.request(vtpm.encode_request(request)))
 
+    def power_on(self, flags: int = 0) -> None:
+        """INIT (swtpm's CMD_INIT): start the TPM; the client then sends TPM2_Startup."""
+        response = self.call(vtpm.VtpmRequest.init(flags))
+        if not response.success:
+            raise K2Error(f"the instance refused INIT (result {response.result:#x})")
+
+    def transact(self, command: bytes, locality: int = 0) -> bytes:
+        """One raw TPM command, one raw TPM response (TPM errors are responses)."""
+        response = self.call(vtpm.VtpmRequest.tpm_command(command, locality))
+        if not response.success:
+            raise K2Error(f"the instance refused the command (result {response.result:#x})")
+        return response.payload
+
     def close(self) -> None:
         if self._sock is not None:
             if self._session is not None:

@@ -17,7 +17,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -32,9 +32,12 @@ from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
 from sgxvtpm.util import log
 from sgxvtpm.util.keyfile import write_private_key
 
-PRELOAD = ("sgxvtpm.enclaves.manager",)
-RESTART_LIMIT = 5  # relaunches of one enclave within RESTART_WINDOW
-RESTART_WINDOW = 60.0
+PRELOAD = ("sgxvtpm.enclaves.manager", "sgxvtpm.enclaves.instance")
+# An enclave that dies is relaunched; one that keeps dying right after launch
+# (within CRASH_UPTIME) is relaunched with exponential backoff, up to
+# MAX_BACKOFF seconds, and `vm show` says it is crash-looping.
+CRASH_UPTIME = 2.0
+MAX_BACKOFF = 5.0
 
 
 class HostdError(Exception):
@@ -61,7 +64,8 @@ class Enclave:
     args: dict[str, Any]
     handle: EnclaveHandle | None = None
     task: asyncio.Task[None] | None = None
-    restarts: list[float] = field(default_factory=list)
+    launched_at: float = 0.0
+    quick_deaths: int = 0
     wanted: bool = True
     reason: str = ""
 
@@ -132,6 +136,7 @@ class Hostd:
         handle = await asyncio.to_thread(self.loader.launch, enclave.spec, enclave.args)
         enclave.handle = handle
         enclave.reason = ""
+        enclave.launched_at = time.monotonic()
         handle.stream.setblocking(False)
         reader, writer = await asyncio.open_unix_connection(sock=handle.stream)
         enclave.task = asyncio.create_task(self._run_enclave(enclave, reader, writer))
@@ -146,17 +151,19 @@ class Hostd:
         # The stream ended: the enclave exited or was killed.
         if self.stopping or not enclave.wanted:
             return
-        now = time.monotonic()
-        enclave.restarts = [t for t in enclave.restarts if now - t < RESTART_WINDOW]
-        if len(enclave.restarts) >= RESTART_LIMIT:
-            enclave.reason = "crashed repeatedly; not restarted"
-            log.log("hostd.enclave_given_up", enclave=enclave.name)
-            return
-        enclave.restarts.append(now)
-        log.log("hostd.enclave_died", enclave=enclave.name, restarting=True)
+        if time.monotonic() - enclave.launched_at < CRASH_UPTIME:
+            enclave.quick_deaths += 1
+        else:
+            enclave.quick_deaths = 0
+        delay = min(MAX_BACKOFF, 0.05 * (1 << min(enclave.quick_deaths, 10)))
+        if enclave.quick_deaths >= 5:
+            enclave.reason = f"crash-looping ({enclave.quick_deaths} deaths right after launch)"
+        log.log("hostd.enclave_died", enclave=enclave.name, relaunch_in=delay)
         if enclave.name == "manager":
             self.manager_ready.clear()
-        await asyncio.sleep(0.2 * len(enclave.restarts))
+        await asyncio.sleep(delay)
+        if self.stopping or not enclave.wanted:
+            return
         try:
             await self._launch(enclave)
         except Exception as exc:  # the loader failed: say so, keep serving others

@@ -1,0 +1,54 @@
+"""A TCTI for tpm2-pytss that speaks K2 itself, in process, with no proxy.
+
+    from tpm2_pytss import ESAPI
+    from sgxvtpm.endpoint.tcti import K2Tcti
+    with ESAPI(K2Tcti.open("vm1", state_dir)) as esapi:
+        esapi.startup(TPM2_SU.CLEAR)
+        esapi.get_random(16)
+
+The TPM commands never exist outside this process in the clear: they leave
+it as TLS records of an attested session to the VM's instance enclave.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tpm2_pytss.TCTI import PyTCTI
+
+from sgxvtpm.endpoint.k2 import K2Client, VmBinding
+from sgxvtpm.host.statedir import StateDir
+
+MAX_RESPONSE = 4096
+
+
+class K2Tcti(PyTCTI):  # type: ignore[misc]  # tpm2-pytss ships no type information
+    """tpm2-pytss PyTCTI over a :class:`~sgxvtpm.endpoint.k2.K2Client`."""
+
+    def __init__(self, client: K2Client, *, power_on: bool = True) -> None:
+        super().__init__(max_size=MAX_RESPONSE, magic=b"SGXVTPM")
+        self._client = client
+        self._locality = 0
+        self._response: bytes | None = None
+        if power_on:
+            client.power_on()
+
+    @classmethod
+    def open(cls, name: str, state_dir: Path | str | None = None, **kw: bool) -> K2Tcti:
+        """The TCTI for VM ``name`` (its key and binding under the state directory)."""
+        return cls(K2Client(VmBinding.load(StateDir.at(state_dir), name)), **kw)
+
+    def do_transmit(self, command: bytes) -> None:
+        self._response = self._client.transact(bytes(command), self._locality)
+
+    def do_receive(self, timeout: int) -> bytes:
+        if self._response is None:
+            raise RuntimeError("receive without a transmitted command")
+        response, self._response = self._response, None
+        return response
+
+    def do_set_locality(self, locality: int) -> None:
+        self._locality = locality
+
+    def do_finalize(self) -> None:
+        self._client.close()
