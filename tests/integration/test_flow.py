@@ -294,3 +294,37 @@ def _read_counter(client: K2Client, index: int) -> int:
     return int.from_bytes(
         wire.parse_nv_read(execute(client.transact, wire.nv_read(index, 8))), "big"
     )
+
+
+def test_state_blobs_leave_the_enclave_sealed(hostd: Hostd) -> None:
+    """GET/SET_STATEBLOB (QEMU migration, savevm): the host sees only sealed blobs."""
+    from sgxvtpm.wire.vtpm import BlobType, VtpmOp, VtpmRequest
+
+    create(hostd, "vm1")
+    create(hostd, "vm2")
+    digest = hashlib.sha256(b"before migration").digest()
+    with started(tpm(hostd, "vm1")) as t:
+        execute(t.transact, wire.pcr_extend(16, digest))
+        before = wire.parse_pcr_read(execute(t.transact, wire.pcr_read([16]))).digests[0]
+        blobs = {}
+        for kind in (BlobType.PERMANENT, BlobType.VOLATILE):
+            response = t.call(VtpmRequest.get_stateblob(kind))
+            assert response.success and response.payload
+            assert not any(m in response.payload for m in LIBTPMS_MAGICS)
+            blobs[kind] = response.payload
+        assert t.call(VtpmRequest(VtpmOp.STOP)).success
+        damaged = bytearray(blobs[BlobType.VOLATILE])
+        damaged[-5] ^= 1
+        assert not t.call(VtpmRequest.set_stateblob(BlobType.VOLATILE, bytes(damaged))).success
+        # A permanent blob offered as the volatile one is refused too.
+        swapped = VtpmRequest.set_stateblob(BlobType.VOLATILE, blobs[BlobType.PERMANENT])
+        assert not t.call(swapped).success
+        for kind, blob in blobs.items():
+            assert t.call(VtpmRequest.set_stateblob(kind, blob)).success
+        t.power_on(flags=1)  # INIT(1), as QEMU does on the migration target
+        after = wire.parse_pcr_read(execute(t.transact, wire.pcr_read([16]))).digests[0]
+        assert after == before
+    with tpm(hostd, "vm2") as other:  # vm2's instance cannot open vm1's blobs
+        assert other.call(VtpmRequest(VtpmOp.STOP)).success
+        refused = other.call(VtpmRequest.set_stateblob(BlobType.VOLATILE, blobs[BlobType.VOLATILE]))
+        assert not refused.success

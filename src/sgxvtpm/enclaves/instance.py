@@ -30,6 +30,7 @@ from sgxvtpm.channel import (
     spki_sha256,
     verify_enclave_certificate,
 )
+from sgxvtpm.enclaves.blobcipher import SealedBlobCipher
 from sgxvtpm.enclaves.runtime import EnclaveRuntime, platform_verifier
 from sgxvtpm.enclaves.sealing import SealError
 from sgxvtpm.enclaves.specs import peer_policy
@@ -92,7 +93,9 @@ class InstanceEnclave:
 
     def _new_core(self) -> VtpmCore:
         adapter = EngineStoreAdapter(self.store)
-        return VtpmCore(lambda: LibtpmsEngine(adapter))
+        return VtpmCore(
+            lambda: LibtpmsEngine(adapter), SealedBlobCipher(self.platform, self.instance_id)
+        )
 
     def trust(self) -> ClientTrust:
         pins = {self.manager_spki}

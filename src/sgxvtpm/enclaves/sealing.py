@@ -43,6 +43,7 @@ MAX_ID = 256
 class SealKind(enum.IntEnum):
     INSTANCE_STATE = 1
     MANAGER_REGISTRY = 2
+    STATE_BLOB = 3  # GET/SET_STATEBLOB blobs handed to the host (blobcipher.py)
 
 
 class SealError(Exception):

@@ -94,7 +94,10 @@ class BlobCipher(Protocol):
 
 
 class IdentityBlobCipher:
-    """Placeholder: returns blobs unchanged. NOT protection; replace it."""
+    """Blobs unchanged: only for the local, unprotected endpoint used in tests.
+
+    The instance enclave uses blobcipher.SealedBlobCipher.
+    """
 
     def encrypt(self, kind: StateType, blob: bytes) -> bytes:
         return blob
