@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sgxvtpm.platform.base import PlatformError
-from sgxvtpm.platform.sim.fileio import atomic_write
+from sgxvtpm.util.durable import atomic_write
 
 _MAGIC = b"SGXVCTR1"
 _SIZE = len(_MAGIC) + 32 + 32 + 8 + 32

@@ -31,8 +31,8 @@ from sgxvtpm.platform.base import EnclaveIdentity, PlatformError
 from sgxvtpm.platform.sim import egetkey, keywrap, provision
 from sgxvtpm.platform.sim.counters import CounterStore, derive_counter_key
 from sgxvtpm.platform.sim.enclave import SimEnclavePlatform
-from sgxvtpm.platform.sim.fileio import atomic_write
 from sgxvtpm.platform.sim.quote import QuotingEnclave, SimQuoteVerifier
+from sgxvtpm.util.durable import atomic_write
 
 if TYPE_CHECKING:
     from sgxvtpm.platform.sim.loader import SimLoader
