@@ -4,10 +4,21 @@
 that starts a QEMU-facing vTPM endpoint. By default it is the local endpoint
 over a LocalBackend (NOT protected); the real ``sgxvtpm vm attach`` can be
 swapped in by overriding this fixture (e.g. in a conftest next to a test).
+
+``sgx_hostd`` (one per test module), :func:`create_vm` and
+:func:`start_vm_endpoint` run the same scenarios on the real system: hostd,
+the manager enclave, instance enclaves, and the ``sgxvtpm vm attach`` /
+``vm serve`` endpoint processes over K2.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+import select
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,6 +26,9 @@ import pytest
 
 from helpers.endpoint import EndpointProcess, start_local, swtpm_available
 from helpers.guest import build_initramfs, missing_tools
+from helpers.hostd import Hostd, running_hostd
+from sgxvtpm.host.statedir import StateDir
+from sgxvtpm.vmm.client import VmmClient
 
 CtrlFactory = Callable[[Path], Path]
 
@@ -46,3 +60,75 @@ def vtpm_ctrl_factory() -> Iterator[CtrlFactory]:
     yield make
     for ep in started:
         ep.stop()
+
+
+# ---------------------------------------------------------------- the real system
+# One hostd (the SGX module, with its manager enclave) per test module; VMs are
+# instance enclaves created through the manager over K1, and their endpoints are
+# the real ``sgxvtpm vm attach`` / ``vm serve`` processes, talking K2.
+
+ENDPOINT_READY_TIMEOUT = 30.0
+
+
+@pytest.fixture(scope="module")
+def sgx_hostd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostd]:
+    with running_hostd(tmp_path_factory.mktemp("sgx") / "state") as hostd:
+        yield hostd
+        assert hostd.proc is not None and hostd.proc.poll() is None, (
+            f"hostd died during the module; log:\n{hostd.log()[-3000:]}"
+        )
+
+
+def create_vm(hostd: Hostd, name: str, **kw: object) -> dict[str, object]:
+    """``vm create`` through the manager enclave (K1); writes state/vms/NAME/."""
+    return asyncio.run(VmmClient(hostd.state).create(name, **kw))  # type: ignore[arg-type]
+
+
+def sgxvtpm_cli(state: StateDir, *args: str, timeout: float = 120.0
+                ) -> subprocess.CompletedProcess[str]:
+    """``python -m sgxvtpm.cli ARGS --state-dir STATE``."""
+    return subprocess.run(
+        [sys.executable, "-m", "sgxvtpm.cli", *args, "--state-dir", str(state.root)],
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def _first_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    line = b""
+    while time.monotonic() < deadline and not line.endswith(b"\n"):
+        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 1)
+            if not chunk:
+                break
+            line += chunk
+    return line.decode(errors="replace").strip()
+
+
+def start_vm_endpoint(state: StateDir, name: str, *mode: str, log_dir: Path) -> EndpointProcess:
+    """``sgxvtpm vm attach NAME --ctrl P`` or ``vm serve NAME --swtpm P|--swtpm-tcp|--mssim``.
+
+    Waits for the line the command prints once its socket listens; the
+    address is the socket path, or the TCP port.
+    """
+    command = "attach" if mode[0] == "--ctrl" else "serve"
+    log_path = log_dir / f"{name}-{command}.log"
+    with open(log_path, "ab") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sgxvtpm.cli", "vm", command, name, *mode,
+             "--state-dir", str(state.root)],
+            stdout=subprocess.PIPE, stderr=err,
+        )
+    line = _first_line(proc, ENDPOINT_READY_TIMEOUT)
+    if not line.startswith(("attached ", "serving ")):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(
+            f"vm {command} did not start (got {line!r}); stderr:\n{log_path.read_text()[-2000:]}"
+        )
+    address = mode[1]
+    if mode[0] in ("--swtpm-tcp", "--mssim"):
+        address = address.rpartition(":")[2]
+    return EndpointProcess(proc, address)
