@@ -23,7 +23,7 @@ import hmac
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -224,7 +224,10 @@ def verify_enclave_certificate(
     an enclave identity comes from the quote, not from the clock.
     """
     cert = _parse(cert_der)
-    public = cert.public_key()
+    try:
+        public = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:  # e.g. an EC point not on the curve
+        raise fail("enclave certificate key does not load: %s", exc) from None
     if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(
         public.curve, ec.SECP256R1
     ):
