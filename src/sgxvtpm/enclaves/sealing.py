@@ -79,11 +79,13 @@ def parse_header(blob: bytes) -> tuple[SealHeader, int]:
     """The header and the offset of the nonce; SealError for anything malformed."""
     if len(blob) < _FIXED.size:
         raise SealError("sealed file is truncated")
-    magic, fmt, kind, _, version = _FIXED.unpack_from(blob)
+    magic, fmt, kind, reserved, version = _FIXED.unpack_from(blob)
     if magic != MAGIC:
         raise SealError("not a sealed sgxvtpm file")
     if fmt != FORMAT_VERSION:
         raise SealError(f"unsupported sealed format {fmt}")
+    if reserved:  # one encoding per header: it is the AAD
+        raise SealError("sealed file header is damaged")
     try:
         seal_kind = SealKind(kind)
     except ValueError:
