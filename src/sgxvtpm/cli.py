@@ -73,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     ca_show.add_argument("--pem", action="store_true")
     _add_state_dir(ca_show)
 
+    attest = sub.add_parser("attest", help="verify a VM's vTPM (EK -> manager CA -> quote)")
+    attest_sub = attest.add_subparsers(dest="attest_command", required=True)
+    verify = attest_sub.add_parser("verify", help="check a VM's EK certificates down to the quote")
+    verify.add_argument("name")
+    verify.add_argument("--ca", default="vm", metavar="vm|manager|PATH",
+                        help="CA certificate: vms/NAME/ca.crt (default), the manager's, or a file")
+    verify.add_argument("--tcti", help="read the TPM through this TCTI instead of K2")
+    verify.add_argument("--ek", default="", help="EK kinds to check (default: the VM's)")
+    _add_state_dir(verify)
+
     demo = sub.add_parser("demo", help="start hostd, create a VM's vTPM, use it")
     _add_state_dir(demo)
     bench = sub.add_parser("bench", help="run the benchmark suite (writes BENCHMARKS.md)")
@@ -167,6 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_vm(args))
         if args.command == "ca":
             return asyncio.run(_ca(args))
+        if args.command == "attest":
+            from sgxvtpm.attest.cli import run as attest_run
+
+            return attest_run(_state(args), args.name, ca=args.ca, tcti=args.tcti,
+                              eks=[e for e in args.ek.split(",") if e])
         if args.command == "demo":
             from sgxvtpm.demo import run_demo
 
