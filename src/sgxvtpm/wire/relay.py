@@ -118,7 +118,7 @@ def check_payload(ftype: FrameType, payload: bytes) -> None:
     elif ftype is FrameType.CONTROL:
         try:
             obj = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # deep nesting: not ours
             raise RelayProtocolError("CONTROL payload is not JSON") from None
         if not isinstance(obj, dict):
             raise RelayProtocolError("CONTROL payload is not a JSON object")
