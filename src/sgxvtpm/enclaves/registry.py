@@ -57,7 +57,7 @@ class Registry:
                 name: InstanceRecord(**rec) for name, rec in raw.get("instances", {}).items()
             }
             return cls(raw["operator_cert_pem"], raw["ca_key_pem"], instances)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise SealError("manager registry content is malformed") from exc
 
     def ca_key(self) -> ec.EllipticCurvePrivateKey:

@@ -58,7 +58,7 @@ class Bundle:
                     raise ValueError("short blob")
                 blobs[name] = data[offset : offset + length]
                 offset += length
-        except (struct.error, ValueError) as exc:
+        except (struct.error, ValueError, RecursionError) as exc:
             raise SealError("sealed state content is malformed") from exc
         if not isinstance(provisioning, dict):
             raise SealError("sealed state content is malformed")
