@@ -51,6 +51,11 @@ def _git_commit(root: Path) -> str:
     return commit
 
 
+def load_average() -> str:
+    """1, 5 and 15 minute load averages: other users of the machine show up here."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def describe(root: Path) -> dict[str, str]:
     mem_kib = _first("/proc/meminfo", "MemTotal").split()[0]
     mem = f"{int(mem_kib) / 1024 / 1024:.1f} GiB" if mem_kib.isdigit() else "unknown"
@@ -64,5 +69,5 @@ def describe(root: Path) -> dict[str, str]:
         "libtpms": _package_version("libtpms0"),
         "swtpm": _package_version("swtpm"),
         "sgxvtpm commit": _git_commit(root),
-        "load average at start": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+        "load average at start": load_average(),
     }

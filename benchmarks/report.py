@@ -91,8 +91,16 @@ def _ratios(results: dict[str, Any], target: str, commands: Iterable[str]) -> di
     return out
 
 
-def _path_costs(results: dict[str, Any]) -> str:
-    """Where the time of a cheap command goes, from GetRandom's medians."""
+def _cpu_sentence(results: dict[str, Any], target: str) -> str:
+    cpu = results.get("latency", {}).get(target, {}).get("cpu")
+    if not cpu:
+        return ""
+    per = ", ".join(f"{name} {fmt_us(us)}" for name, us in cpu["cpu_us"].items())
+    return f"{per} (wall {fmt_us(cpu['wall_us'])})"
+
+
+def _path_costs(results: dict[str, Any], target: str) -> str:
+    """Where the time of a cheap command goes, from GetRandom's medians and CPU use."""
     cmd = "GetRandom(32)"
     a, b, c, d = (median_of(results, t, cmd) for t in "abcd")
     parts = []
@@ -103,14 +111,11 @@ def _path_costs(results: dict[str, Any]) -> str:
             f"the K2 path (TLS record each way, relay hop through hostd, "
             f"dispatch in the instance) adds {fmt_us(d - a)}"
         )
-    if c is not None and d is not None:
+    if target == "c" and c is not None and d is not None:
         parts.append(f"the `vm serve` endpoint process adds {fmt_us(c - d)} more")
-    channel = results.get("channel", {})
-    if _ok(channel) and "session_us_32" in channel:
-        tls = float(channel["session_us_32"]) - float(channel["plain_us_32"])
-        parts.append(
-            f"of which protecting a 32-byte record round trip costs {fmt_us(tls)} (bench_channel)"
-        )
+    mine, peer = _cpu_sentence(results, target), _cpu_sentence(results, "b")
+    if mine and peer:
+        parts.append(f"CPU per GetRandom: {mine}, against swtpm's {peer}")
     return "; ".join(parts)
 
 
@@ -142,7 +147,7 @@ def _latency_verdict(
     why = ""
     if status == "missed":
         cheap = bool(set(commands) & set(CHEAP_TARGET))
-        why = _path_costs(results) if cheap else _heavy_costs(results, target, commands)
+        why = _path_costs(results, target) if cheap else _heavy_costs(results, target, commands)
     sentence = f"{name} (<= {limit:g}x): **{status}** — {listing}."
     if why:
         sentence += f" Why: {why}."
@@ -295,7 +300,11 @@ def _cpu_breakdown(results: dict[str, Any]) -> list[str]:
             continue
         per = cpu["cpu_us"]
         busy = sum(per.values())
-        parts = ", ".join(f"{name} {fmt_us(us)}" for name, us in per.items())
+        user = cpu.get("user_us", {})
+        parts = ", ".join(
+            f"{name} {fmt_us(us)}" + (f" ({fmt_us(user[name])} user)" if name in user else "")
+            for name, us in per.items()
+        )
         rows.append(
             [f"({t}) {lat[t].get('label', t)}", fmt_us(cpu["wall_us"]), parts, fmt_us(busy),
              fmt_us(max(0.0, cpu["wall_us"] - busy))]
@@ -303,9 +312,11 @@ def _cpu_breakdown(results: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     return [
-        "Where one GetRandom(32) goes: wall time per command in a closed loop, CPU time per "
-        "command of each process on the path (from /proc/PID/stat), and the rest, which is "
-        "spent waiting for wake-ups between processes:",
+        "Where one GetRandom(32) goes: wall time per command in a closed loop; CPU time per "
+        "command of each process on the path (all its threads, /proc/PID/task/*/schedstat), "
+        "and in brackets the part in user space (Python and libtpms; from /proc/PID/stat, "
+        "shown where enough clock ticks passed), the rest being the kernel (socket I/O, "
+        "waking the next process); and the wall time left over, spent waiting for wake-ups:",
         "",
         *_table(["target", "wall", "CPU per process", "CPU total", "waiting"], rows),
         "",

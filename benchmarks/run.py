@@ -29,7 +29,7 @@ from typing import Any
 from benchmarks import creation, load, memory, scale, targets
 from benchmarks.config import FULL, QUICK, Config
 from benchmarks.context import Context
-from benchmarks.machine import describe
+from benchmarks.machine import describe, load_average
 from benchmarks.procs import ROOT
 from benchmarks.report import render
 
@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sgxvtpm-bench-") as tmp:
         results.update(run_sections(config, sections, Path(tmp)))
     results["duration_s"] = time.perf_counter() - t0
+    results["machine"]["load average at end"] = load_average()
     args.output.write_text(render(results, _analysis()))
     json_path = args.json or _default_json(args.output)
     json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")

@@ -114,9 +114,12 @@ def merge_passes(passes: list[dict[str, Any]]) -> dict[str, Any]:
     if cpus:
         merged["cpu"] = {
             "wall_us": statistics.median(c["wall_us"] for c in cpus),
-            "cpu_us": {
-                name: statistics.median(c["cpu_us"][name] for c in cpus)
-                for name in cpus[0]["cpu_us"]
+            **{
+                key: {
+                    name: statistics.median(c[key][name] for c in cpus if name in c.get(key, {}))
+                    for name in cpus[0].get(key, {})
+                }
+                for key in ("cpu_us", "user_us")
             },
         }
     return merged

@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +67,31 @@ def probe_job(config: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True, "median_us": samples[len(samples) // 2] / 1000, "n": len(samples)}
 
 
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (proc(5): fields 14 and 15), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+@dataclass(frozen=True)
+class _Cpu:
+    on_cpu_ns: int  # all threads, from /proc/PID/task/*/schedstat (nanoseconds)
+    user_ticks: int  # proc(5) stat fields 14 and 15, in clock ticks
+    sys_ticks: int
+
+
+def _cpu(pid: int) -> _Cpu:
+    on_cpu = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            on_cpu += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended meanwhile
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return _Cpu(on_cpu, int(fields[11]), int(fields[12]))
+
+
+def _cpu_per_command(before: _Cpu, after: _Cpu, n: int) -> tuple[float, float | None]:
+    """(CPU µs per command, of which user µs or None if too few ticks to tell)."""
+    total = (after.on_cpu_ns - before.on_cpu_ns) / n / 1000
+    user, system = after.user_ticks - before.user_ticks, after.sys_ticks - before.sys_ticks
+    if user + system < 20:  # clock ticks are 10 ms: the split would be noise
+        return total, None
+    return total, total * user / (user + system)
 
 
 def cpu_job(config: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +99,9 @@ def cpu_job(config: dict[str, Any]) -> dict[str, Any]:
 
     ``pids`` names the server-side processes (swtpm; or hostd, the instance
     enclave and the endpoint); the client is this worker. Where the time of
-    a cheap command goes: CPU in each hop, and the rest is waiting (wake-ups).
+    a cheap command goes: CPU in each hop (user: Python and libtpms; system:
+    the kernel, mostly socket I/O and waking the next process), and the rest
+    is waiting.
     """
     transport = open_target(config["target"])
     pids: dict[str, int] = config.get("pids", {})
@@ -88,17 +111,23 @@ def cpu_job(config: dict[str, Any]) -> dict[str, Any]:
         startup(transport)
         for _ in range(max(50, n // 10)):
             transport.transact(command)
-        before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
-        client0, wall0 = time.process_time(), time.perf_counter()
+        pids = {**pids, "client": os.getpid()}
+        before = {name: _cpu(pid) for name, pid in pids.items()}
+        wall0 = time.perf_counter()
         for _ in range(n):
             transport.transact(command)
-        client1, wall1 = time.process_time(), time.perf_counter()
-        after = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+        wall1 = time.perf_counter()
+        after = {name: _cpu(pid) for name, pid in pids.items()}
     finally:
         transport.close()
-    cpu_us = {"client": (client1 - client0) / n * 1e6}
-    cpu_us.update({name: (after[name] - before[name]) / n * 1e6 for name in pids})
-    return {"ok": True, "n": n, "wall_us": (wall1 - wall0) / n * 1e6, "cpu_us": cpu_us}
+    per = {name: _cpu_per_command(before[name], after[name], n) for name in pids}
+    return {
+        "ok": True,
+        "n": n,
+        "wall_us": (wall1 - wall0) / n * 1e6,
+        "cpu_us": {name: total for name, (total, _) in per.items()},
+        "user_us": {name: user for name, (_, user) in per.items() if user is not None},
+    }
 
 
 def ping_all_job(config: dict[str, Any]) -> dict[str, Any]:

@@ -118,10 +118,15 @@ def test_verdicts_from_figures() -> None:
 def test_cheap_miss_explains_the_path() -> None:
     res = results()
     res["latency"]["c"] = {**_latency(2.0), "label": "serve"}
+    res["latency"]["d"] = {**_latency(1.6), "label": "K2"}
+    res["latency"]["b"]["cpu"] = {"wall_us": 60.0, "cpu_us": {"swtpm": 10.0, "client": 13.0}}
+    res["latency"]["c"]["cpu"] = {"wall_us": 500.0, "cpu_us": {"vm serve": 220.0, "hostd": 150.0}}
     (verdict,) = [v for v in verdicts(res) if v.target == "cheap commands through (c)"]
     assert verdict.status == "missed"
     assert "swtpm's socket loop adds" in verdict.sentence
-    assert "bench_channel" in verdict.sentence
+    assert "`vm serve` endpoint process adds 4.0 µs more" in verdict.sentence
+    assert "vm serve 220 µs, hostd 150 µs (wall 500 µs)" in verdict.sentence
+    assert "swtpm's swtpm 10.0 µs, client 13.0 µs" in verdict.sentence
 
 
 def test_missing_sections_are_not_measured_never_met() -> None:
