@@ -81,7 +81,14 @@ class ManagerEnclave:
         self.credential = EnclaveCredential.create(
             platform, CA_COMMON_NAME, key=self.ca_key, is_ca=True
         )
-        self.as_client = ClientCredential(self.ca_key, self.credential.certificate)
+        # Towards instances the manager authenticates with a leaf its CA issues to
+        # its own key, not with its self-signed RA-TLS certificate: that one is new
+        # at every start, while an instance that outlives a manager restart still
+        # anchors the certificate it was launched with. A CA-issued leaf chains to
+        # any of them (same subject, same key) and carries the pinned key.
+        self.as_client = ClientCredential(
+            self.ca_key, self._issue_client_certificate("manager", self.ca_key.public_key())
+        )
         self.mux: RelayMux | None = None
         self.lock = asyncio.Lock()
 
@@ -287,12 +294,18 @@ class ManagerEnclave:
         return reply
 
     def _issue_vm_certificate(self, name: str, vm_key: ec.EllipticCurvePublicKey) -> str:
+        cert = self._issue_client_certificate(f"vm:{name}", vm_key)
+        return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    def _issue_client_certificate(
+        self, common_name: str, key: ec.EllipticCurvePublicKey
+    ) -> x509.Certificate:
         now = datetime.datetime.now(datetime.UTC)
-        cert = (
+        return (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"vm:{name}")]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(self.credential.certificate.subject)
-            .public_key(vm_key)
+            .public_key(key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=3650))
@@ -302,7 +315,6 @@ class ManagerEnclave:
             )
             .sign(self.ca_key, hashes.SHA256())
         )
-        return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def _spki_sha256_of(key: ec.EllipticCurvePublicKey) -> bytes:
