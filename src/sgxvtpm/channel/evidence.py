@@ -196,7 +196,7 @@ def _parse(cert_der: bytes) -> x509.Certificate:
     try:
         cert = x509.load_der_x509_certificate(cert_der)
         _ = cert.extensions  # parse now: duplicate or malformed extensions raise
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
         raise fail("enclave certificate does not parse: %s", exc) from None
     return cert
 
