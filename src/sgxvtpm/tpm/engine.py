@@ -24,6 +24,7 @@ import ctypes
 import enum
 import functools
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -174,7 +175,22 @@ def _libtpms() -> ctypes.CDLL:
     _sig(lib, "TPM_IO_TpmEstablished_Get", u32, ctypes.POINTER(ctypes.c_ubyte))
     _sig(lib, "TPM_IO_TpmEstablished_Reset", u32)
     _sig(lib, "TPM_Free", None, ctypes.c_void_p)
+    _sig(lib, "TPMLIB_SetDebugFD", None, ctypes.c_int)
+    _silence_diagnostics(lib)
     return lib
+
+
+def _silence_diagnostics(lib: ctypes.CDLL) -> None:
+    """Send libtpms' own diagnostics to /dev/null instead of stderr.
+
+    With no debug fd set, libtpms writes to stderr when it enters failure mode
+    (e.g. after a failed state store), and that dump holds the bytes of the TPM
+    command that failed: NV data, authValues in password sessions, sensitive
+    areas. In an instance enclave stderr is the host's log (DESIGN.md S1).
+    Failures still reach the caller as TPM_RC_FAILURE and our own log line.
+    """
+    if hasattr(lib, "TPMLIB_SetDebugFD"):
+        lib.TPMLIB_SetDebugFD(os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC))
 
 
 @functools.cache
