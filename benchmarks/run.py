@@ -1,8 +1,10 @@
 """Run the benchmark suite and write BENCHMARKS.md.
 
     .venv/bin/python -m benchmarks.run [--quick] [--output PATH] [...]
-    make bench          (sgxvtpm bench: the full run, ~15 min on 2 cores)
-    sgxvtpm bench --quick   (seconds)
+    make bench              (sgxvtpm bench: the full run, 6-7 min on 2 cores)
+                            -> BENCHMARKS.md and benchmarks/results.json
+    sgxvtpm bench --quick   (~30 s) -> benchmarks/BENCHMARKS-quick.md (not committed)
+    python -m benchmarks.run --from-json benchmarks/results.json   (re-render only)
 
 Sections, in order (each in its own worker processes where it matters):
 latency on the four targets, instance creation, idle memory, aggregate
@@ -42,6 +44,8 @@ SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
 }
 ANALYSIS = Path(__file__).with_name("ANALYSIS.md")
 DEFAULT_JSON = Path(__file__).with_name("results.json")
+FULL_OUTPUT = ROOT / "BENCHMARKS.md"
+QUICK_OUTPUT = Path(__file__).with_name("BENCHMARKS-quick.md")
 SNAPSHOT_ENV = "SGXVTPM_BENCH_SOURCE"  # set in the re-run: where the code was copied from
 
 
@@ -62,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="a small, fast version (seconds)")
-    p.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument(
+        "--output",
+        type=Path,
+        help="default: BENCHMARKS.md (full run) or benchmarks/BENCHMARKS-quick.md (--quick)",
+    )
     p.add_argument(
         "--json",
         type=Path,
@@ -178,12 +186,15 @@ def _analysis() -> str:
 
 
 def _default_json(output: Path) -> Path:
-    return DEFAULT_JSON if output == ROOT / "BENCHMARKS.md" else output.with_suffix(".json")
+    return DEFAULT_JSON if output == FULL_OUTPUT else output.with_suffix(".json")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.output is None:
+        # A quick run must not overwrite the committed results of a full one.
+        args.output = QUICK_OUTPUT if args.quick else FULL_OUTPUT
     if args.from_json is not None:
         args.output.write_text(render(json.loads(args.from_json.read_text()), _analysis()))
         return 0
