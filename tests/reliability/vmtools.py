@@ -246,4 +246,4 @@ class Numbers:
         print(f"\n[{title}] " + " ".join(f"{k}={v:g}" for k, v in self.values.items()))
 
 
-__all__ = ["TPM2_ALG", "HostdCtl", "client", "running"]
+__all__ = ["TPM2_ALG", "HostdCtl", "boot", "client", "nv_read", "rc_of", "running"]
