@@ -16,6 +16,7 @@ import fcntl
 import os
 import shutil
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +65,6 @@ class Enclave:
     args: dict[str, Any]
     handle: EnclaveHandle | None = None
     task: asyncio.Task[None] | None = None
-    writer: asyncio.StreamWriter | None = None  # the loop's transport over handle.stream
     launched_at: float = 0.0
     quick_deaths: int = 0
     wanted: bool = True
@@ -118,26 +118,12 @@ class Hostd:
         order += [e for n, e in self.enclaves.items() if n == "manager"]
         for enclave in order:
             enclave.wanted = False
-            await self._close_stream(enclave)
             await asyncio.to_thread(self._stop_process, enclave)
         await self.relay.aclose()
         self.loader.close()
         with contextlib.suppress(FileNotFoundError):
             self.state.socket.unlink()
         log.log("hostd.stopped")
-
-    async def _close_stream(self, enclave: Enclave) -> None:
-        """Close the enclave's stream on the loop, through its transport, before the stop.
-
-        The transport owns handle.stream; if the stop (in a worker thread) closed
-        the socket first, its fd number could be reused by a new connection and the
-        transport would then unregister or close that connection's fd instead.
-        """
-        if enclave.writer is not None:
-            enclave.writer.close()
-            with contextlib.suppress(OSError):
-                await enclave.writer.wait_closed()
-            enclave.writer = None
 
     def _stop_process(self, enclave: Enclave) -> None:
         if enclave.handle is not None:
@@ -153,8 +139,13 @@ class Hostd:
         enclave.reason = ""
         enclave.launched_at = time.monotonic()
         handle.stream.setblocking(False)
-        reader, writer = await asyncio.open_unix_connection(sock=handle.stream)
-        enclave.writer = writer
+        # The loop's transport gets its own fd (a dup): handle.stop() closes
+        # handle.stream from a worker thread, and if that closed the transport's
+        # fd, the number could be reused by a new connection whose fd the
+        # transport would then unregister or close (K1 sessions hung after a
+        # vm destroy). The transport closes its dup itself on EOF.
+        stream = socket.socket(fileno=os.dup(handle.stream.fileno()))
+        reader, writer = await asyncio.open_unix_connection(sock=stream)
         enclave.task = asyncio.create_task(self._run_enclave(enclave, reader, writer))
         log.log("hostd.enclave_launched", enclave=enclave.name, pid=handle.pid,
                 mrenclave=handle.identity.mrenclave.hex())
@@ -240,7 +231,6 @@ class Hostd:
         enclave = self.enclaves.pop(instance_id, None)
         if enclave is not None:
             enclave.wanted = False
-            await self._close_stream(enclave)
             await asyncio.to_thread(self._stop_process, enclave)
         if erase:
             shutil.rmtree(self.state.instance(instance_id), ignore_errors=True)
