@@ -12,7 +12,6 @@ stays up in the ``error`` state: it tells the manager why and serves no VM.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 from collections.abc import Mapping
@@ -31,7 +30,8 @@ from sgxvtpm.channel import (
     verify_enclave_certificate,
 )
 from sgxvtpm.enclaves.blobcipher import SealedBlobCipher
-from sgxvtpm.enclaves.runtime import EnclaveRuntime, platform_verifier
+from sgxvtpm.enclaves.loop import InstanceLoop
+from sgxvtpm.enclaves.runtime import platform_verifier
 from sgxvtpm.enclaves.sealing import SealError
 from sgxvtpm.enclaves.specs import peer_policy
 from sgxvtpm.enclaves.state import EngineStoreAdapter, SealedStateStore, lock_directory
@@ -107,7 +107,7 @@ class InstanceEnclave:
         return ServerSession(self.credential, self.trust())
 
     # -- requests ------------------------------------------------------------
-    async def handle(self, peer: PeerCertificate, data: bytes) -> bytes:
+    def handle(self, peer: PeerCertificate, data: bytes) -> bytes:
         if peer.spki_sha256 == self.manager_spki:
             return json.dumps(self.admin(json.loads(data))).encode()
         if self.core is None or peer.spki_sha256 != self.vm_spki:
@@ -217,8 +217,7 @@ def main(platform: EnclavePlatform, stream: socket.socket, args: Mapping[str, An
     """Entry point (base.EnclaveEntry): serve sessions until the host closes the stream."""
     log.configure(f"instance-{str(args.get('instance_id', ''))[:8]}")
     enclave = InstanceEnclave(platform, args)
-    runtime = EnclaveRuntime(stream, enclave.new_session, enclave.handle)
     try:
-        asyncio.run(runtime.run())
+        InstanceLoop(stream, enclave.new_session, enclave.handle).run()
     finally:
         enclave.close()

@@ -16,7 +16,9 @@ flight fails with :class:`K2Error` and is not resent, since it may have run
 
 from __future__ import annotations
 
+import abc
 import asyncio
+import contextlib
 import json
 import socket
 from dataclasses import dataclass
@@ -31,7 +33,6 @@ from sgxvtpm.channel import (
     Message,
 )
 from sgxvtpm.enclaves.specs import expected_policy
-from sgxvtpm.host.relay import AsyncSession, open_client_session
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.platform.base import MeasurementPolicy, QuoteVerifier
 from sgxvtpm.vmm.client import platform_verifier
@@ -78,47 +79,104 @@ class VmBinding:
         )
 
 
-class K2Client:
-    """A blocking K2 session: ``request(bytes) -> bytes``, one at a time."""
+class K2Connection:
+    """Sans-IO: one K2 session on one hostd connection, with the handoff.
 
-    def __init__(self, binding: VmBinding, timeout: float = REQUEST_TIMEOUT) -> None:
-        self.binding = binding
-        self.timeout = timeout
-        self._sock: socket.socket | None = None
-        self._session: ClientSession | None = None
-        self._decoder = frames.RelayDecoder()
-        self._pending: list[bytes] = []
+    Bytes in with :meth:`receive_data`, bytes out with :meth:`data_to_send`.
+    The session opens through relay frames; once the instance is
+    authenticated, it asks hostd to hand the connection to the instance
+    (sgxvtpm.wire.relay, HANDOFF) and, when hostd agrees, carries raw TLS
+    records from then on. Messages sent meanwhile are held until the answer.
+    """
 
-    def connect(self) -> None:
-        self.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(CONNECT_TIMEOUT)
-        try:
-            sock.connect(str(self.binding.socket_path))
-        except OSError as exc:
-            sock.close()
-            raise K2Error(f"cannot reach hostd at {self.binding.socket_path}: {exc}") from None
-        self._sock, self._session = sock, self.binding.new_session()
-        self._decoder = frames.RelayDecoder()
-        self._pending = []
-        sock.sendall(frames.encode(frames.Frame.open(1, self.binding.instance_id)))
-        self._flush()
-        while True:
-            event = self._next_event()
-            if isinstance(event, HandshakeComplete):
-                break
-        sock.settimeout(self.timeout)
+    SID = 1
 
-    def request(self, payload: bytes) -> bytes:
-        if self._session is None:
-            self.connect()
-        assert self._session is not None
-        self._session.send_message(payload)
-        self._flush()
-        while True:
-            event = self._next_event()
-            if isinstance(event, Message):
-                return event.data
+    def __init__(self, binding: VmBinding, *, handoff: bool = True) -> None:
+        self.session = binding.new_session()
+        self._decoder: frames.RelayDecoder | None = frames.RelayDecoder()
+        self._out = bytearray(frames.encode(frames.Frame.open(self.SID, binding.instance_id)))
+        self._handoff = handoff
+        self._awaiting_handoff = False
+        self._held: list[bytes] = []
+        self.authenticated = False
+        self._flush_session()
+
+    @property
+    def direct(self) -> bool:
+        """True once hostd handed the connection to the instance."""
+        return self._decoder is None
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the socket; ``b""`` at end of stream."""
+        if self._decoder is None:
+            self.session.receive_data(data)
+        else:
+            decoder = self._decoder
+            decoder.receive_data(data)
+            # After hostd's answer to the handoff nothing more comes in frames.
+            while self._decoder is not None and (frame := decoder.next_frame()) is not None:
+                self._on_frame(frame)
+            if not data:
+                self.session.receive_data(b"")
+        self._flush_session()
+
+    def next_event(self) -> HandshakeComplete | Message | Closed | None:
+        event = self.session.next_event()
+        if isinstance(event, HandshakeComplete):
+            self.authenticated = True
+            if self._handoff:
+                self._awaiting_handoff = True
+                request = frames.Frame.control({"op": "handoff", "session": self.SID})
+                self._out += frames.encode(request)
+        return event
+
+    def send_message(self, payload: bytes) -> None:
+        if self._awaiting_handoff:
+            self._held.append(payload)
+            return
+        self.session.send_message(payload)
+        self._flush_session()
+
+    def close(self) -> None:
+        self.session.close()
+        self._flush_session()
+
+    def data_to_send(self) -> bytes:
+        out, self._out = bytes(self._out), bytearray()
+        return out
+
+    def _on_frame(self, frame: frames.Frame) -> None:
+        if frame.type is frames.FrameType.DATA:
+            self.session.receive_data(frame.payload)
+        elif frame.type is frames.FrameType.CLOSE:
+            self.session.receive_data(b"")
+        elif frame.type is frames.FrameType.CONTROL and self._awaiting_handoff:
+            # The last frame hostd sends on this connection if it agreed.
+            self._awaiting_handoff = False
+            if frame.control_object().get("ok"):
+                self._decoder = None
+            held, self._held = self._held, []
+            for payload in held:
+                self.send_message(payload)
+
+    def _flush_session(self) -> None:
+        out = self.session.data_to_send()
+        if not out:
+            return
+        if self._decoder is None:
+            self._out += out
+            return
+        for start in range(0, len(out), frames.MAX_PAYLOAD):
+            self._out += frames.encode(
+                frames.Frame.data(self.SID, out[start : start + frames.MAX_PAYLOAD])
+            )
+
+
+class _VtpmCalls(abc.ABC):
+    """The vTPM operations, over any ``request(bytes) -> bytes``."""
+
+    @abc.abstractmethod
+    def request(self, payload: bytes) -> bytes: ...
 
     def call(self, request: vtpm.VtpmRequest) -> vtpm.VtpmResponse:
         return vtpm.decode_response(self.request(vtpm.encode_request(request)))
@@ -136,63 +194,93 @@ class K2Client:
             raise K2Error(f"the instance refused the command (result {response.result:#x})")
         return response.payload
 
+
+class K2Client(_VtpmCalls):
+    """A blocking K2 session: ``request(bytes) -> bytes``, one at a time."""
+
+    def __init__(
+        self, binding: VmBinding, timeout: float = REQUEST_TIMEOUT, *, handoff: bool = True
+    ) -> None:
+        self.binding = binding
+        self.timeout = timeout
+        self.handoff = handoff
+        self._sock: socket.socket | None = None
+        self._conn: K2Connection | None = None
+
+    def connect(self) -> None:
+        self.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            sock.connect(str(self.binding.socket_path))
+        except OSError as exc:
+            sock.close()
+            raise K2Error(f"cannot reach hostd at {self.binding.socket_path}: {exc}") from None
+        self._sock, self._conn = sock, K2Connection(self.binding, handoff=self.handoff)
+        self._flush()
+        while not isinstance(self._next_event(), HandshakeComplete):
+            pass
+        sock.settimeout(self.timeout)
+
+    def request(self, payload: bytes) -> bytes:
+        if self._conn is None:
+            self.connect()
+        assert self._conn is not None
+        self._conn.send_message(payload)
+        self._flush()
+        while True:
+            event = self._next_event()
+            if isinstance(event, Message):
+                return event.data
+
     def close(self) -> None:
         if self._sock is not None:
-            if self._session is not None:
-                try:
-                    self._session.close()
+            if self._conn is not None:
+                with contextlib.suppress(OSError, ChannelError):
+                    self._conn.close()
                     self._flush()
-                except (OSError, ChannelError):
-                    pass
             self._sock.close()
         self._sock = None
-        self._session = None
+        self._conn = None
 
-    # -- internals ------------------------------------------------------------
     def _flush(self) -> None:
-        assert self._sock is not None and self._session is not None
-        out = self._session.data_to_send()
-        for start in range(0, len(out), frames.MAX_PAYLOAD):
-            chunk = out[start : start + frames.MAX_PAYLOAD]
-            self._sock.sendall(frames.encode(frames.Frame.data(1, chunk)))
+        assert self._sock is not None and self._conn is not None
+        out = self._conn.data_to_send()
+        if out:
+            try:
+                self._sock.sendall(out)
+            except OSError as exc:
+                self.close()
+                raise K2Error(f"connection to the instance lost: {exc.strerror}") from None
 
     def _next_event(self) -> HandshakeComplete | Message:
-        assert self._sock is not None and self._session is not None
+        assert self._sock is not None and self._conn is not None
         while True:
             try:
-                event = self._session.next_event()
+                event = self._conn.next_event()
             except ChannelError:
                 self.close()
                 raise
+            self._flush()
             if isinstance(event, HandshakeComplete | Message):
                 return event
             if isinstance(event, Closed):
                 self.close()
                 raise K2Error("the instance closed the session")
-            self._receive()
-
-    def _receive(self) -> None:
-        assert self._sock is not None and self._session is not None
-        while True:
-            frame = self._decoder.next_frame()
-            if frame is None:
-                try:
-                    data = self._sock.recv(1 << 16)
-                except TimeoutError:
-                    self.close()
-                    raise K2Error("the instance did not answer in time") from None
-                self._decoder.receive_data(data)
-                if not data:
-                    self._session.receive_data(b"")
-                    return
-                continue
-            if frame.type is frames.FrameType.DATA:
-                self._session.receive_data(frame.payload)
-                self._flush()
-                return
-            if frame.type is frames.FrameType.CLOSE:
-                self._session.receive_data(b"")
-                return
+            try:
+                data = self._sock.recv(1 << 16)
+            except TimeoutError:
+                self.close()
+                raise K2Error("the instance did not answer in time") from None
+            except OSError as exc:
+                self.close()
+                raise K2Error(f"connection to the instance lost: {exc.strerror}") from None
+            try:
+                self._conn.receive_data(data)
+            except (ChannelError, frames.RelayProtocolError):
+                self.close()
+                raise ChannelError() from None
+            self._flush()
 
     def __enter__(self) -> K2Client:
         return self
@@ -204,39 +292,67 @@ class K2Client:
 class K2Backend:
     """The asyncio VtpmBackend over K2, for the QEMU and TSS endpoints."""
 
-    def __init__(self, binding: VmBinding) -> None:
+    def __init__(self, binding: VmBinding, *, handoff: bool = True) -> None:
         self.binding = binding
-        self._session: AsyncSession | None = None
+        self.handoff = handoff
+        self._stream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self._conn: K2Connection | None = None
         self._lock = asyncio.Lock()
 
-    async def _connect(self) -> AsyncSession:
+    async def _connect(self) -> None:
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(str(self.binding.socket_path)), CONNECT_TIMEOUT
             )
         except (OSError, TimeoutError):
             raise K2Error(f"cannot reach hostd at {self.binding.socket_path}") from None
-        return await asyncio.wait_for(
-            open_client_session(reader, writer, self.binding.new_session(),
-                                self.binding.instance_id),
-            CONNECT_TIMEOUT,
+        self._stream, self._conn = (
+            (reader, writer),
+            K2Connection(self.binding, handoff=self.handoff),
         )
+        await asyncio.wait_for(self._until(HandshakeComplete), CONNECT_TIMEOUT)
+
+    async def _until(self, kind: type[HandshakeComplete] | type[Message]) -> bytes:
+        assert self._stream is not None and self._conn is not None
+        reader, writer = self._stream
+        while True:
+            event = self._conn.next_event()
+            out = self._conn.data_to_send()
+            if out:
+                writer.write(out)
+            if isinstance(event, kind):
+                return event.data if isinstance(event, Message) else b""
+            if isinstance(event, Closed):
+                raise EOFError("the instance closed the session")
+            if event is None:
+                self._conn.receive_data(await reader.read(1 << 16))
 
     async def call(self, request: vtpm.VtpmRequest) -> vtpm.VtpmResponse:
         async with self._lock:
-            if self._session is None:
-                self._session = await self._connect()
-            session = self._session
             try:
-                await session.send(vtpm.encode_request(request))
-                data = await asyncio.wait_for(session.recv(), REQUEST_TIMEOUT)
-            except (ChannelError, EOFError, TimeoutError, ConnectionError) as exc:
-                self._session = None
-                await session.close()
+                if self._conn is None:
+                    await self._connect()
+                assert self._conn is not None and self._stream is not None
+                self._conn.send_message(vtpm.encode_request(request))
+                data = await asyncio.wait_for(self._until(Message), REQUEST_TIMEOUT)
+            except (
+                ChannelError,
+                EOFError,
+                TimeoutError,
+                ConnectionError,
+                frames.RelayProtocolError,
+            ) as exc:
+                await self.aclose()
                 raise K2Error(f"K2 session failed: {type(exc).__name__}") from None
             return vtpm.decode_response(data)
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._stream is not None:
+            _, writer = self._stream
+            if self._conn is not None:
+                with contextlib.suppress(ChannelError):
+                    self._conn.close()
+                    writer.write(self._conn.data_to_send())
+            writer.close()
+        self._stream = None
+        self._conn = None

@@ -38,6 +38,7 @@ import itertools
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -118,6 +119,7 @@ class Connection:
         self.kind = kind
         self.name: str | None = None
         self.closed = False
+        self.accepts_handoff = False  # an enclave that takes sessions' connections
         # local session id -> (other connection, its session id)
         self.sessions: dict[int, tuple[Connection, int]] = {}
         self._ids = itertools.count(RELAY_ASSIGNED)
@@ -184,9 +186,11 @@ class Relay:
         *,
         kind: str = "client",
         name: str | None = None,
+        accepts_handoff: bool = False,
     ) -> None:
         """Run one connection until it ends; then close all its sessions."""
         conn = Connection(reader, writer, kind)
+        conn.accepts_handoff = accepts_handoff
         self._connections.add(conn)
         try:
             if name is not None:
@@ -213,8 +217,57 @@ class Relay:
                 self._open(conn, sid, payload.decode("utf-8"))
             elif ftype is FrameType.CLOSE:
                 self._close(conn, sid, payload)
+            elif ftype is FrameType.HANDOFF:
+                raise RelayProtocolError("HANDOFF is the relay's to send")
             else:
-                self._control(conn, Frame(ftype, sid, payload).control_object())
+                request = Frame(ftype, sid, payload).control_object()
+                if request.get("op") == "handoff":
+                    if await self._handoff(conn, request):
+                        return  # the connection now belongs to the enclave
+                else:
+                    self._control(conn, request)
+
+    async def _handoff(self, conn: Connection, request: dict[str, Any]) -> bool:
+        """Pass ``conn`` to the enclave at the other end of its only session.
+
+        Done inline, before another frame of ``conn`` is read: the client sends
+        nothing after asking until it has the answer, so every byte it sent
+        before was forwarded, and every byte after goes to the enclave.
+        """
+        sid = request.get("session")
+        entry = conn.sessions.get(sid) if isinstance(sid, int) else None
+        ok = entry is not None and len(conn.sessions) == 1 and entry[0].accepts_handoff
+        if entry is not None and ok:
+            target, target_sid = entry
+            ok = await self._pass_connection(conn, target, target_sid)
+            if ok:
+                conn.sessions.clear()
+                target.sessions.pop(target_sid, None)
+        reply = Frame.control({"ok": ok, **({"id": request["id"]} if "id" in request else {})})
+        conn.send(reply.type, reply.session_id, reply.payload)
+        await conn.drain()
+        return ok
+
+    async def _pass_connection(self, conn: Connection, target: Connection, sid: int) -> bool:
+        client = conn.writer.get_extra_info("socket")
+        stream = target.writer.get_extra_info("socket")
+        if client is None or stream is None or target.closed:
+            return False
+        # Everything already queued for the enclave must precede HANDOFF.
+        await target.drain()
+        while target.writer.transport.get_write_buffer_size():
+            await asyncio.sleep(0.001)
+        header = encode_header(FrameType.HANDOFF, sid, 0)
+        with socket.socket(fileno=os.dup(stream.fileno())) as raw:
+            while True:
+                try:
+                    socket.send_fds(raw, [header], [client.fileno()])
+                    return True
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+                except OSError as exc:
+                    log.warning("relay: handoff to %r failed: %s", target, exc)
+                    return False
 
     def _open(self, conn: Connection, sid: int, target_name: str) -> None:
         if sid >= RELAY_ASSIGNED:
@@ -453,6 +506,10 @@ class RelayMux:
                 session._feed(None)
         elif ftype is FrameType.OPEN:
             self._incoming(sid, payload.decode("utf-8"))
+        elif ftype is FrameType.HANDOFF:
+            # This end cannot take connections (no SCM_RIGHTS on asyncio streams);
+            # hostd hands off only to enclaves that can.
+            log.warning("mux: unexpected HANDOFF for session %d", sid)
         else:
             reply = Frame(ftype, sid, payload).control_object()
             fut = self._pending.pop(reply.get("id", -1), None) if "id" in reply else None

@@ -12,7 +12,17 @@ OPEN (1)   != 0        target name (UTF-8); towards a target: source label
 DATA (2)   != 0        opaque bytes (TLS records; the relay never looks in)
 CLOSE (3)  != 0        reason (UTF-8, informational, unauthenticated)
 CONTROL(4) == 0        a JSON object, to or from hostd itself
+HANDOFF(5) != 0        empty; sent by hostd to an enclave together with
+                       the client connection's file descriptor (SCM_RIGHTS)
 =========  ==========  ===================================================
+
+HANDOFF takes the relay off a session's path once it is authenticated: a
+client asks with CONTROL {"op": "handoff", "session": sid}; hostd stops
+reading that connection, passes its descriptor to the enclave with HANDOFF
+and answers {"ok": true}; from then on the session's TLS records flow raw
+between the client and the enclave on that connection (the host's kernel
+still carries them, hostd's userspace no longer does). In real SGX the
+untrusted runtime in the enclave's own process does this I/O.
 
 Session ids are local to one connection; the relay maps them. A connection
 numbers the sessions it opens from 1 below :data:`RELAY_ASSIGNED`; the relay
@@ -53,6 +63,7 @@ class FrameType(enum.IntEnum):
     DATA = 2
     CLOSE = 3
     CONTROL = 4
+    HANDOFF = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +116,8 @@ def parse_header(header: bytes | bytearray | memoryview) -> tuple[FrameType, int
         raise RelayProtocolError(f"{ftype.name} frame on session {session_id}")
     if ftype is FrameType.OPEN and not 0 < length <= MAX_NAME:
         raise RelayProtocolError(f"OPEN target name of {length} bytes")
+    if ftype is FrameType.HANDOFF and length:
+        raise RelayProtocolError("HANDOFF frame with a payload")
     return ftype, session_id, length
 
 

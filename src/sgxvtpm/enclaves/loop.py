@@ -1,0 +1,215 @@
+"""The instance enclave's I/O loop: one thread, one selector, sans-IO sessions.
+
+Sessions arrive as relay frames on the enclave's stream (OPEN, DATA, CLOSE).
+Once a client's session is authenticated, hostd may hand the client's
+connection itself to the enclave (a HANDOFF frame carrying the descriptor by
+SCM_RIGHTS, see sgxvtpm.wire.relay): from then on that session's TLS records
+are read and written here directly, and hostd is off the command path.
+
+Requests are answered one at a time, in arrival order (libtpms is
+single-threaded). A misbehaving session is dropped; the loop never dies of
+one client's bytes. It ends when the host closes the stream or on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import selectors
+import signal
+import socket
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sgxvtpm.channel import (
+    ChannelError,
+    Closed,
+    HandshakeComplete,
+    Message,
+    PeerCertificate,
+    ServerSession,
+)
+from sgxvtpm.wire import relay as frames
+
+log = logging.getLogger("sgxvtpm.enclave")
+
+Handler = Callable[[PeerCertificate, bytes], bytes]
+"""Answer one request message; raise PermissionError to drop the session."""
+
+_MAX_FDS = 8
+_READ = 1 << 16
+_DIRECT_SEND_TIMEOUT = 30.0
+
+
+@dataclass
+class _Session:
+    sid: int
+    tls: ServerSession
+    peer: PeerCertificate | None = None
+    direct: socket.socket | None = None
+
+
+class InstanceLoop:
+    def __init__(
+        self,
+        stream: socket.socket,
+        session_factory: Callable[[], ServerSession | None],
+        handler: Handler,
+    ) -> None:
+        self._stream = stream
+        self._factory = session_factory
+        self._handler = handler
+        self._decoder = frames.RelayDecoder()
+        self._sessions: dict[int, _Session] = {}
+        self._fds: deque[int] = deque()
+        self._selector = selectors.DefaultSelector()
+        self._running = True
+        stream.setblocking(True)
+
+    def stop(self, *_: object) -> None:
+        self._running = False
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        # A peer that went away must cost its session, not the enclave: EPIPE, not SIGPIPE.
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self._selector.register(self._stream, selectors.EVENT_READ, None)
+        try:
+            while self._running:
+                for key, _ in self._selector.select(timeout=0.5):
+                    if key.data is None:
+                        if not self._read_stream():
+                            return
+                    else:
+                        self._read_direct(key.data)
+        finally:
+            for session in list(self._sessions.values()):
+                self._drop(session, notify=False)
+            self._selector.close()
+            for fd in self._fds:
+                socket.close(fd)
+
+    # -- the stream from hostd ---------------------------------------------
+    def _read_stream(self) -> bool:
+        fds = array.array("i")
+        try:
+            data, ancdata, _flags, _addr = self._stream.recvmsg(
+                _READ, socket.CMSG_SPACE(_MAX_FDS * fds.itemsize)
+            )
+        except ConnectionError:
+            return False
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - (len(payload) % fds.itemsize)
+                fds.frombytes(payload[:usable])
+        self._fds.extend(fds)
+        try:
+            self._decoder.receive_data(data)
+            while (frame := self._decoder.next_frame()) is not None:
+                self._on_frame(frame)
+        except frames.RelayProtocolError as exc:
+            log.warning("enclave: hostd sent a malformed frame: %s", exc)
+            return False
+        return bool(data)
+
+    def _on_frame(self, frame: frames.Frame) -> None:
+        sid = frame.session_id
+        if frame.type is frames.FrameType.OPEN:
+            tls = self._factory()
+            if tls is None or sid in self._sessions:
+                self._send_frame(frames.FrameType.CLOSE, sid, b"not accepted")
+                return
+            self._sessions[sid] = _Session(sid, tls)
+        elif frame.type is frames.FrameType.DATA:
+            session = self._sessions.get(sid)
+            if session is not None:
+                self._feed(session, frame.payload)
+        elif frame.type is frames.FrameType.CLOSE:
+            session = self._sessions.get(sid)
+            if session is not None:
+                self._feed(session, b"")
+        elif frame.type is frames.FrameType.HANDOFF:
+            self._take_connection(sid)
+
+    def _take_connection(self, sid: int) -> None:
+        if not self._fds:
+            log.warning("enclave: HANDOFF for session %d without a descriptor", sid)
+            return
+        conn = socket.socket(fileno=self._fds.popleft())
+        session = self._sessions.get(sid)
+        if session is None or session.direct is not None or conn.family != socket.AF_UNIX:
+            conn.close()
+            return
+        conn.setblocking(True)
+        conn.settimeout(_DIRECT_SEND_TIMEOUT)
+        session.direct = conn
+        self._selector.register(conn, selectors.EVENT_READ, session)
+
+    def _send_frame(self, ftype: frames.FrameType, sid: int, payload: bytes) -> None:
+        try:
+            self._stream.sendall(frames.encode_header(ftype, sid, len(payload)) + payload)
+        except OSError:
+            self._running = False
+
+    # -- handed-off connections --------------------------------------------
+    def _read_direct(self, session: _Session) -> None:
+        assert session.direct is not None
+        try:
+            data = session.direct.recv(_READ)
+        except OSError:
+            data = b""
+        self._feed(session, data)
+
+    # -- one session ---------------------------------------------------------
+    def _feed(self, session: _Session, data: bytes) -> None:
+        if self._sessions.get(session.sid) is not session:
+            return  # dropped earlier in this round of events
+        try:
+            session.tls.receive_data(data)
+            while (event := session.tls.next_event()) is not None:
+                if isinstance(event, HandshakeComplete):
+                    assert isinstance(event.peer, PeerCertificate)
+                    session.peer = event.peer
+                elif isinstance(event, Message):
+                    assert session.peer is not None
+                    session.tls.send_message(self._handler(session.peer, event.data))
+                elif isinstance(event, Closed):
+                    session.tls.close()
+                    self._flush(session)
+                    self._drop(session)
+                    return
+            self._flush(session)
+            if not data:
+                self._drop(session)
+        except (ChannelError, PermissionError) as exc:
+            log.info("enclave: session %d dropped: %s", session.sid, type(exc).__name__)
+            self._flush(session)
+            self._drop(session)
+        except Exception:  # one session's fault must never end the enclave (S8)
+            log.exception("enclave: session %d failed", session.sid)
+            self._drop(session)
+
+    def _flush(self, session: _Session) -> None:
+        out = session.tls.data_to_send()
+        if not out:
+            return
+        if session.direct is not None:
+            try:
+                session.direct.sendall(out)
+            except OSError as exc:
+                log.warning("enclave: session %d: send failed: %s", session.sid, exc)
+                self._drop(session)
+            return
+        for start in range(0, len(out), frames.MAX_PAYLOAD):
+            chunk = out[start : start + frames.MAX_PAYLOAD]
+            self._send_frame(frames.FrameType.DATA, session.sid, chunk)
+
+    def _drop(self, session: _Session, notify: bool = True) -> None:
+        if self._sessions.pop(session.sid, None) is None:
+            return
+        if session.direct is not None:
+            self._selector.unregister(session.direct)
+            session.direct.close()
+        elif notify:
+            self._send_frame(frames.FrameType.CLOSE, session.sid, b"closed")
