@@ -1,0 +1,190 @@
+"""Must-show 6: many VMs under a mixed command stream; no errors, no growth.
+
+Each VM has its own client thread running a mix of TPM commands (GetRandom,
+PCR_Extend and PCR_Read, NV_Write and NV_Read, NV_Increment, ReadClock,
+now and then CreatePrimary + FlushContext) on one K2 session, reconnecting
+(and so re-running the attested handshake) every 100 commands. Every answer is
+checked (NV reads return what this VM wrote; counters count up by one).
+
+Memory is the sum of PSS (/proc/PID/smaps_rollup) of hostd and every process
+it started (zygote, manager, instances); file descriptors are hostd's
+/proc/PID/fd. Both are sampled every second; after a warm-up (the first 10%
+of the run), the second half must not be above the first half beyond a small
+allowance. Latency per command is reported as p50/p99/max.
+
+``make test``: 20 VMs for 60 s. ``make stress``: 200 VMs for 600 s.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from tests.reliability.vmtools import (
+    COUNTER_ATTRS,
+    NV_ATTRS,
+    HostdCtl,
+    Numbers,
+    boot,
+    counter,
+    running,
+)
+
+from sgxvtpm.tpm import wire
+from sgxvtpm.tpm.nv import execute
+
+pytestmark = pytest.mark.integration
+
+NV = 0x01500070
+CTR = 0x01500071
+
+
+@dataclass
+class Stream:
+    name: str
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def pss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def run_stream(ctl: HostdCtl, stream: Stream, stop: threading.Event) -> None:
+    ops = 0
+    nv = b"\0" * 16
+    try:
+        c = boot(ctl, stream.name)
+        execute(c.transact, wire.nv_define_space(NV, 16, NV_ATTRS))
+        execute(c.transact, wire.nv_define_space(CTR, 8, COUNTER_ATTRS))
+        execute(c.transact, wire.nv_increment(CTR))
+        count = counter(c, CTR)
+        while not stop.is_set():
+            ops += 1
+            if ops % 100 == 0:  # a new session: attested handshake, new relay connection
+                c.close()
+                c = boot(ctl, stream.name)
+            kind = ops % 10
+            start = time.perf_counter()
+            if kind in (0, 5):
+                execute(c.transact, wire.get_random(32))
+            elif kind in (1, 6):
+                execute(c.transact, wire.pcr_extend(16, os.urandom(32)))
+            elif kind == 2:
+                nv = os.urandom(16)
+                execute(c.transact, wire.nv_write(NV, nv))
+            elif kind == 3:
+                assert wire.parse_nv_read(execute(c.transact, wire.nv_read(NV, 16))) == nv
+            elif kind == 4:
+                execute(c.transact, wire.nv_increment(CTR))
+                count += 1
+            elif kind == 7:
+                assert counter(c, CTR) == count
+            elif kind == 8:
+                execute(c.transact, wire.read_clock())
+            elif ops % 50 == 9:
+                created = wire.parse_create_primary(
+                    execute(c.transact, wire.create_primary(wire.ecc_p256_template()))
+                )
+                execute(c.transact, wire.flush_context(created.handle))
+            else:
+                wire.parse_pcr_read(execute(c.transact, wire.pcr_read([16])))
+            stream.latencies.append(time.perf_counter() - start)
+        c.close()
+    except BaseException as exc:
+        stream.errors.append(f"{type(exc).__name__}: {exc}")
+
+
+def _load(tmp_path: Path, vms: int, seconds: float) -> None:
+    with running(tmp_path / "state") as ctl:
+        names = [f"vm{i:03d}" for i in range(vms)]
+        ctl.create_many(names)
+        streams = [Stream(n) for n in names]
+        stop = threading.Event()
+        threads = [threading.Thread(target=run_stream, args=(ctl, s, stop)) for s in streams]
+        for t in threads:
+            t.start()
+        samples: list[tuple[float, int, int]] = []  # (t, pss KiB, hostd fds)
+        started = time.monotonic()
+        while (elapsed := time.monotonic() - started) < seconds:
+            samples.append((elapsed, pss_kib(descendants(ctl.pid)), fd_count(ctl.pid)))
+            if any(s.errors for s in streams):
+                break
+            time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(120)
+        errors = [e for s in streams for e in s.errors]
+        assert not errors, errors[:5]
+        warm = seconds * 0.1
+        first = [x for x in samples if warm <= x[0] < seconds / 2]
+        second = [x for x in samples if x[0] >= seconds / 2]
+        pss1 = statistics.median(x[1] for x in first)
+        pss2 = statistics.median(x[1] for x in second[len(second) // 2 :])
+        fd1, fd2 = max(x[2] for x in first), max(x[2] for x in second)
+        lat = sorted(x for s in streams for x in s.latencies)
+        ops = len(lat)
+        Numbers(
+            {
+                "vms": vms,
+                "seconds": seconds,
+                "commands": ops,
+                "per_second": round(ops / seconds, 1),
+                "p50_ms": round(lat[ops // 2] * 1000, 2),
+                "p99_ms": round(lat[int(ops * 0.99)] * 1000, 2),
+                "max_ms": round(lat[-1] * 1000, 2),
+                "pss_first_MiB": round(pss1 / 1024, 1),
+                "pss_second_MiB": round(pss2 / 1024, 1),
+                "hostd_fds_first": fd1,
+                "hostd_fds_second": fd2,
+            }
+        ).show("load")
+        assert all(len(s.latencies) > 50 for s in streams), "a VM made no progress"
+        # No growth: PSS within 5% + 4 MiB, hostd's fds within one connection per VM.
+        assert pss2 <= pss1 * 1.05 + 4096, (pss1, pss2)
+        assert fd2 <= fd1 + 2, (fd1, fd2)
+
+
+def test_load_fast(tmp_path: Path) -> None:
+    _load(tmp_path, vms=20, seconds=60)
+
+
+@pytest.mark.slow
+def test_load_stress(tmp_path: Path) -> None:
+    _load(tmp_path, vms=200, seconds=600)
