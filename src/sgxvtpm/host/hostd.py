@@ -154,7 +154,11 @@ class Hostd:
     async def _run_enclave(
         self, enclave: Enclave, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        await self.relay.serve(reader, writer, kind="enclave", name=enclave.name)
+        # Instances (loop.InstanceLoop) take over their clients' connections.
+        handoff = enclave.name != "manager"
+        await self.relay.serve(
+            reader, writer, kind="enclave", name=enclave.name, accepts_handoff=handoff
+        )
         # The stream ended: the enclave exited or was killed.
         if self.stopping or not enclave.wanted:
             return
