@@ -64,7 +64,9 @@ def _fuzz(name: str, runs: int, tmp_path: Path) -> int:
         capture_output=True,
         text=True,
         timeout=3600,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+        )},
     )
     found = sorted(artifacts.glob("*")) if artifacts.exists() else []
     assert proc.returncode == 0 and not found, (
