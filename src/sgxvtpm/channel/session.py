@@ -52,7 +52,7 @@ from .identity import ClientCredential, ClientTrust
 
 MAX_MESSAGE = 1 << 20
 _LEN = struct.Struct(">I")
-_READ_SIZE = 1 << 17
+_READ_SIZE = 16 * 1024  # one TLS record at most; a larger buffer costs an mmap per read
 
 
 @dataclass(frozen=True)
