@@ -38,7 +38,7 @@ Handler = Callable[[PeerCertificate, bytes], bytes]
 """Answer one request message; raise PermissionError to drop the session."""
 
 _MAX_FDS = 8
-_READ = 1 << 16
+_READ = 17 * 1024  # a TLS record (16 KiB + overhead); larger reads only cost allocations
 _DIRECT_SEND_TIMEOUT = 30.0
 
 

@@ -41,6 +41,7 @@ from sgxvtpm.wire import vtpm
 
 CONNECT_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 300.0  # an RSA key generation on a loaded host can take seconds
+_READ = 17 * 1024  # one TLS record (16 KiB + overhead)
 
 
 class K2Error(Exception):
@@ -268,7 +269,7 @@ class K2Client(_VtpmCalls):
                 self.close()
                 raise K2Error("the instance closed the session")
             try:
-                data = self._sock.recv(1 << 16)
+                data = self._sock.recv(_READ)
             except TimeoutError:
                 self.close()
                 raise K2Error("the instance did not answer in time") from None
@@ -325,7 +326,7 @@ class K2Backend:
             if isinstance(event, Closed):
                 raise EOFError("the instance closed the session")
             if event is None:
-                self._conn.receive_data(await reader.read(1 << 16))
+                self._conn.receive_data(await reader.read(_READ))
 
     async def call(self, request: vtpm.VtpmRequest) -> vtpm.VtpmResponse:
         async with self._lock:
