@@ -196,7 +196,14 @@ def _parse(cert_der: bytes) -> x509.Certificate:
     try:
         cert = x509.load_der_x509_certificate(cert_der)
         _ = cert.extensions  # parse now: duplicate or malformed extensions raise
-    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
+    # cryptography's InvalidVersion, DuplicateExtension and
+    # UnsupportedGeneralNameType are not ValueErrors.
+    except (
+        ValueError,
+        x509.InvalidVersion,
+        x509.DuplicateExtension,
+        x509.UnsupportedGeneralNameType,
+    ) as exc:
         raise fail("enclave certificate does not parse: %s", exc) from None
     return cert
 
