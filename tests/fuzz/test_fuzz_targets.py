@@ -85,6 +85,7 @@ def test_fuzz_fast(name: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("name", targets.NAMES)
 def test_fuzz_stress(name: str, tmp_path: Path) -> None:
     assert _fuzz(name, STRESS_RUNS, tmp_path) >= STRESS_RUNS

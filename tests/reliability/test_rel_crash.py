@@ -183,12 +183,22 @@ class VmWorker:
 
     # -- after a crash: reconnect, then check everything -------------------
     def recover(self) -> None:
-        if self.c is not None:
-            self.c.close()
-            self.c = None
-        retry(self._reconnect, RECONNECT_TIMEOUT)
-        self.recoveries += 1
-        self.verify()
+        """Reconnect and verify; a kill that lands during the checks starts them over."""
+        deadline = time.monotonic() + RECONNECT_TIMEOUT
+        while True:
+            if self.c is not None:
+                self.c.close()
+                self.c = None
+            try:
+                retry(self._reconnect, RECONNECT_TIMEOUT)
+                self.verify()
+            except TRANSIENT:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+                continue
+            self.recoveries += 1
+            return
 
     def _reconnect(self) -> None:
         c = client(self.ctl, self.name)
@@ -318,6 +328,7 @@ def test_crash_durability_fast(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_crash_durability_stress(tmp_path: Path) -> None:
     _run(tmp_path, kills_wanted=220, vms=10, gap=(0.1, 1.0), seed=9002)
 

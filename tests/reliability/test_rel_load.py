@@ -186,5 +186,6 @@ def test_load_fast(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_load_stress(tmp_path: Path) -> None:
     _load(tmp_path, vms=200, seconds=600)
