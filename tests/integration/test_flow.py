@@ -221,8 +221,12 @@ def _counter_value(h: Hostd, index: int) -> int:
 
 def started_or_running(client: K2Client) -> K2Client:
     """Power on and Startup, accepting a TPM that is already started."""
-    client.power_on()
-    response = client.transact(wire.startup(TPM2_SU.CLEAR))
+    try:
+        client.power_on()
+        response = client.transact(wire.startup(TPM2_SU.CLEAR))
+    except BaseException:
+        client.close()
+        raise
     if wire.response_code(response) not in (0, TPM2_RC_INITIALIZE):
         raise AssertionError(f"Startup failed: {wire.response_code(response):#x}")
     return client
@@ -232,7 +236,17 @@ TPM2_RC_INITIALIZE = 0x100
 
 
 def _instance_pid(h: Hostd) -> int:
-    return int(asyncio.run(vmm(h).show("vm1"))["pid"])
+    """The instance's pid; the manager may itself be coming back from a kill."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return int(asyncio.run(asyncio.wait_for(vmm(h).show("vm1"), 15))["pid"])
+        except (ChannelError, VmmError, OSError, TypeError, ValueError, EOFError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def test_no_acknowledged_increment_is_lost_across_kill_9(hostd: Hostd) -> None:

@@ -59,11 +59,18 @@ from sgxvtpm.tpm.ek import public_key_from_tpmt
 from sgxvtpm.util import log
 
 CA_COMMON_NAME = "sgxvtpm manager CA"
+# An instance answers in milliseconds; RSA EK generation at create takes well
+# under a second. A dead or wedged instance must not hold the manager longer.
+CALL_TIMEOUT = 20.0
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
 class ManagerError(Exception):
     """A VMM request was refused; the message goes back to the VMM."""
+
+
+# How a call to an instance enclave fails when the instance is dead, restarting or wedged.
+_UNREACHABLE = (ChannelError, ManagerError, ConnectionError, TimeoutError, EOFError)
 
 
 class ManagerEnclave:
@@ -133,7 +140,7 @@ class ManagerEnclave:
                 await self._launch(record.instance_id)
                 status = await self._call(record.instance_id, {"op": "status"})
                 record.state = status.get("state", "unknown")
-            except (ChannelError, ManagerError, ConnectionError) as exc:
+            except _UNREACHABLE as exc:
                 record.state = "error"
                 log.log("manager.restore_failed", vm=record.name, reason=str(exc))
             log.log("manager.restored", vm=record.name, state=record.state)
@@ -218,7 +225,7 @@ class ManagerEnclave:
         record = self._record(name)
         try:
             await self._call(record.instance_id, {"op": "destroy"})
-        except (ChannelError, ManagerError, ConnectionError) as exc:
+        except _UNREACHABLE as exc:
             # An instance that cannot be reached (dead, refusing its state)
             # is still destroyed: hostd removes its files below.
             log.log("manager.destroy_unreachable", vm=name, reason=str(exc))
@@ -239,7 +246,7 @@ class ManagerEnclave:
                 status = await self._call(record.instance_id, {"op": "status"})
                 info["state"] = status.get("state", "unknown")
                 info["reason"] = status.get("reason", "")
-            except (ChannelError, ManagerError, ConnectionError) as exc:
+            except _UNREACHABLE as exc:
                 info["state"], info["reason"] = "error", f"unreachable: {exc}"
         else:
             info["state"], info["reason"] = "stopped", host.get("reason", "")
@@ -283,10 +290,12 @@ class ManagerEnclave:
             self.as_client,
             expected_cn=instance_id,
         )
-        session = await asyncio.wait_for(self.mux.open(instance_id, client), 30)
+        session = await asyncio.wait_for(self.mux.open(instance_id, client), CALL_TIMEOUT)
         try:
             await session.send(json.dumps(request).encode())
-            reply: dict[str, Any] = json.loads(await asyncio.wait_for(session.recv(), 60))
+            reply: dict[str, Any] = json.loads(
+                await asyncio.wait_for(session.recv(), CALL_TIMEOUT)
+            )
         except EOFError:
             raise ManagerError("the instance closed the session") from None
         finally:
