@@ -237,9 +237,12 @@ class K2Client(_VtpmCalls):
     def close(self) -> None:
         if self._sock is not None:
             if self._conn is not None:
-                with contextlib.suppress(OSError, ChannelError):
+                # _flush raises K2Error (and closes) when the peer is gone: close quietly.
+                with contextlib.suppress(OSError, ChannelError, K2Error):
                     self._conn.close()
                     self._flush()
+            if self._sock is None:
+                return
             self._sock.close()
         self._sock = None
         self._conn = None
