@@ -26,6 +26,7 @@ checked against its own model only (and all persistent keys differ).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import threading
@@ -261,7 +262,10 @@ def _run(tmp_path: Path, kills_wanted: int, vms: int, gap: tuple[float, float], 
         stop = threading.Event()
         threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in workers]
         created: list[str] = []
-        operator = threading.Thread(target=_operator, args=(ctl, created, stop), daemon=True)
+        destroyed: list[str] = []
+        operator = threading.Thread(
+            target=_operator, args=(ctl, created, destroyed, stop), daemon=True
+        )
         for t in [*threads, operator]:
             t.start()
         kills = Counter[str]()
@@ -288,7 +292,8 @@ def _run(tmp_path: Path, kills_wanted: int, vms: int, gap: tuple[float, float], 
         ctl.stop()
         ctl.start()
         listed = {i["name"] for i in ctl.wait_all_running()}
-        assert set(names) | set(created) <= listed, "an acknowledged vm create was lost"
+        assert set(names) | (set(created) - set(destroyed)) <= listed, "a vm create was lost"
+        assert not set(destroyed) & listed, "an acknowledged vm destroy came back"
         for w in workers:
             w.recover()
             w.c.close()  # type: ignore[union-attr]
@@ -301,6 +306,7 @@ def _run(tmp_path: Path, kills_wanted: int, vms: int, gap: tuple[float, float], 
                 "kills": sum(kills.values()),
                 "recoveries": sum(w.recoveries for w in workers),
                 "creates_acked": len(created),
+                "destroys_acked": len(destroyed),
                 "seconds": round(time.monotonic() - started, 1),
                 **{k: v for k, v in acked.items()},
             }
@@ -310,17 +316,24 @@ def _run(tmp_path: Path, kills_wanted: int, vms: int, gap: tuple[float, float], 
         assert acked["verified"] >= kills["instance"]
 
 
-def _operator(ctl: HostdCtl, created: list[str], stop: threading.Event) -> None:
-    """The VMM keeps creating VMs; only acknowledged creates are recorded."""
+def _operator(
+    ctl: HostdCtl, created: list[str], destroyed: list[str], stop: threading.Event
+) -> None:
+    """The VMM keeps creating VMs and destroying older ones (so the host does not
+    grow without bound); only acknowledged operations are recorded."""
     n = 0
     while not stop.wait(1.5):
-        n += 1
-        name = f"extra{n:03d}"
+        live = [x for x in created if x not in destroyed]
         try:
-            ctl.create(name)
+            if len(live) >= 4:
+                asyncio.run(ctl.vmm().destroy(live[0]))
+                destroyed.append(live[0])
+            else:
+                n += 1
+                ctl.create(f"extra{n:03d}")
+                created.append(f"extra{n:03d}")
         except VMM_TRANSIENT:
             continue
-        created.append(name)
 
 
 def test_crash_durability_fast(tmp_path: Path) -> None:
@@ -344,7 +357,5 @@ def test_manager_restart_still_reaches_running_instances(tmp_path: Path) -> None
             assert ctl.kill_enclave("manager")
             listed = ctl.wait_all_running(timeout=60)
             assert sorted(i["name"] for i in listed) == ["vm1", "vm2"]
-        import asyncio
-
         asyncio.run(ctl.vmm().destroy("vm1"))
         assert [i["name"] for i in ctl.list()] == ["vm2"]
