@@ -34,4 +34,11 @@ def memory(pid: int) -> Memory:
 
 
 def total_pss_kib(pids: list[int]) -> int:
-    return sum(memory(pid).pss_kib for pid in pids)
+    """PSS summed over ``pids``; a process that exited since it was listed counts 0."""
+    total = 0
+    for pid in pids:
+        try:
+            total += memory(pid).pss_kib
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
