@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -252,8 +253,18 @@ def _valid_id(instance_id: str) -> bool:
     return len(instance_id) == 32 and all(c in "0123456789abcdef" for c in instance_id)
 
 
+def _raise_fd_limit() -> None:
+    """hostd holds two descriptors per enclave plus clients: lift the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if target > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 async def serve(state: StateDir, ready: asyncio.Event | None = None) -> None:
     """Run hostd until SIGTERM/SIGINT."""
+    _raise_fd_limit()
     hostd = Hostd(state)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -27,11 +26,18 @@ from typing import Any
 
 from sgxvtpm.platform.base import EnclaveIdentity, EnclaveSpec, PlatformError
 from sgxvtpm.platform.sim.measure import CodeFile, identity_of, read_code
-from sgxvtpm.platform.sim.zygote_proto import ZygoteGone, recv_message, send_message
+from sgxvtpm.platform.sim.zygote_proto import (
+    ZygoteGone,
+    recv_message,
+    send_message,
+    wait_readable,
+)
 
 log = logging.getLogger(__name__)
 
 _READY_TIMEOUT = 60.0
+
+
 
 
 class SimEnclaveHandle:
@@ -69,7 +75,7 @@ class SimEnclaveHandle:
         """True once the enclave process has exited (within ``timeout`` seconds)."""
         if self._pidfd < 0:
             return True
-        readable, _, _ = select.select([self._pidfd], [], [], timeout)
+        readable = wait_readable(self._pidfd, timeout)
         return bool(readable)
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -192,7 +198,7 @@ class SimLoader:
         finally:
             child.close()
         self._ctl = parent
-        if not select.select([parent], [], [], _READY_TIMEOUT)[0]:
+        if not wait_readable(parent.fileno(), _READY_TIMEOUT):
             self._stop_zygote()
             raise PlatformError("the enclave zygote did not start in time")
         try:

@@ -20,7 +20,6 @@ import importlib
 import logging
 import os
 import resource
-import select
 import signal
 import socket
 import sys
@@ -32,13 +31,19 @@ from typing import Any
 from sgxvtpm.platform.sim import codeimport
 from sgxvtpm.platform.sim.measure import CodeFile, identity_of
 from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
-from sgxvtpm.platform.sim.zygote_proto import ZygoteGone, recv_message, send_message
+from sgxvtpm.platform.sim.zygote_proto import (
+    ZygoteGone,
+    recv_message,
+    send_message,
+    wait_readable,
+)
 
 DEFAULT_PRELOAD = ("cryptography", "ssl", "ctypes", "sgxvtpm.platform.sim")
 PR_SET_DUMPABLE = 4
 PR_SET_NAME = 15
 
 log = logging.getLogger(__name__)
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     send_message(ctl, {"ready": True, "pid": os.getpid()})
     while True:
         _reap()
-        readable, _, _ = select.select([ctl], [], [], 0.5)
-        if not readable:
+        if not wait_readable(ctl.fileno(), 0.5):
             continue
         try:
             header, blob, fds = recv_message(ctl)

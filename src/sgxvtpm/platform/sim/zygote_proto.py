@@ -8,6 +8,7 @@ Launch args are JSON; ``bytes`` values are tagged as {"$bytes": hex}.
 from __future__ import annotations
 
 import json
+import select
 import socket
 import struct
 from typing import Any
@@ -71,3 +72,14 @@ def _decode(obj: dict[str, Any]) -> Any:
     if obj.keys() == {"$bytes"}:
         return bytes.fromhex(obj["$bytes"])
     return obj
+
+
+def wait_readable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` becomes readable within ``timeout`` seconds.
+
+    poll(2), not select(2): hostd holds far more than FD_SETSIZE (1024)
+    descriptors once a few hundred instances run.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
