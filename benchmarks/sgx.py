@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.swtpm import wait_answering
+from sgxvtpm.host.control import hostd_control
 from sgxvtpm.host.statedir import StateDir
-from sgxvtpm.wire import relay as frames
 
 READY_TIMEOUT = 90.0
 
@@ -52,25 +52,6 @@ def serve_unavailable_reason() -> str | None:
     if not hasattr(module, "serve_tss"):
         return "sgxvtpm.endpoint.serve has no serve_tss"
     return None
-
-
-async def _control(sock: Path, request: dict[str, object]) -> dict[str, object]:
-    """One CONTROL frame to hostd and its answer (relay framing, wire/relay.py)."""
-    reader, writer = await asyncio.open_unix_connection(str(sock))
-    try:
-        writer.write(frames.encode(frames.Frame.control({**request, "id": 1})))
-        await writer.drain()
-        decoder = frames.RelayDecoder()
-        while True:
-            data = await asyncio.wait_for(reader.read(65536), 60)
-            if not data:
-                raise ConnectionError("hostd closed the connection")
-            decoder.receive_data(data)
-            frame = decoder.next_frame()
-            if frame is not None:
-                return frame.control_object()
-    finally:
-        writer.close()
 
 
 @dataclass
@@ -117,7 +98,8 @@ class Fleet:
                 raise RuntimeError(f"hostd exited with {self.proc.returncode}: {self.log_tail()}")
             if self.state.socket.exists():
                 try:
-                    if asyncio.run(_control(self.state.socket, {"op": "wait_ready"})).get("ok"):
+                    reply = asyncio.run(hostd_control(self.state.socket, {"op": "wait_ready"}))
+                    if reply.get("ok"):
                         return time.perf_counter() - t0
                 except (OSError, TimeoutError, ConnectionError):
                     pass

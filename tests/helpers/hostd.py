@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from sgxvtpm.host.control import hostd_control
 from sgxvtpm.host.statedir import StateDir
-from sgxvtpm.wire import relay as frames
 
 
 class Hostd:
@@ -61,31 +61,13 @@ def wait_ready(sock: Path, timeout: float, proc: subprocess.Popen[bytes] | None 
             raise RuntimeError(f"hostd exited with {proc.returncode}")
         if sock.exists():
             try:
-                reply = asyncio.run(_control(sock, {"op": "wait_ready"}))
+                reply = asyncio.run(hostd_control(sock, {"op": "wait_ready"}))
                 if reply.get("ok"):
                     return
             except (OSError, TimeoutError, ConnectionError):
                 pass
         time.sleep(0.05)
     raise TimeoutError(f"hostd at {sock} not ready after {timeout}s")
-
-
-async def _control(sock: Path, request: dict[str, object]) -> dict[str, object]:
-    reader, writer = await asyncio.open_unix_connection(str(sock))
-    try:
-        writer.write(frames.encode(frames.Frame.control({**request, "id": 1})))
-        await writer.drain()
-        decoder = frames.RelayDecoder()
-        while True:
-            data = await asyncio.wait_for(reader.read(65536), 60)
-            if not data:
-                raise ConnectionError("hostd closed the connection")
-            decoder.receive_data(data)
-            frame = decoder.next_frame()
-            if frame is not None:
-                return frame.control_object()
-    finally:
-        writer.close()
 
 
 @contextmanager
