@@ -112,7 +112,9 @@ def test_decoder_stays_broken() -> None:
     ("raw", "why"),
     [
         (struct.pack(">BII", 0, 1, 0), "unknown type 0"),
-        (struct.pack(">BII", 5, 1, 0), "unknown type 5"),
+        (struct.pack(">BII", 6, 1, 0), "unknown type 6"),
+        (struct.pack(">BII", 5, 1, 1) + b"x", "HANDOFF with a payload"),
+        (struct.pack(">BII", 5, 0, 0), "HANDOFF on the control session"),
         (struct.pack(">BII", 2, 1, MAX_PAYLOAD + 1), "oversize"),
         (struct.pack(">BII", 2, 0, 1) + b"x", "DATA on the control session"),
         (struct.pack(">BII", 4, 7, 2) + b"{}", "CONTROL off session 0"),
