@@ -33,6 +33,7 @@ delivered on either side.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import enum
 import ssl
@@ -102,7 +103,7 @@ _TRANSITIONS: dict[State, frozenset[State]] = {
 }
 
 
-class _Session:
+class _Session(abc.ABC):
     """What client and server sessions share: the TLS engine and message framing."""
 
     _role = "session"
@@ -287,8 +288,9 @@ class _Session:
         if self._local_closed:
             self._set_state(State.CLOSED)
 
+    @abc.abstractmethod
     def _authenticate(self) -> PeerCertificate | VerifiedQuote:
-        raise NotImplementedError
+        """Check the peer once the handshake is done; ChannelError if it fails."""
 
 
 class ServerSession(_Session):
