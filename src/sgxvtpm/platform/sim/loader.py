@@ -145,8 +145,13 @@ class SimLoader:
             enclave_end.close()
         handle = SimEnclaveHandle(spec.name, identity, pid, pidfd, host_end)
         with self._lock:
-            self._handles = [h for h in self._handles if h.running()]
-            self._handles.append(handle)
+            alive = []
+            for old in self._handles:
+                if old.running():
+                    alive.append(old)
+                else:
+                    old.stop(0)  # the process is gone: release its pidfd and stream
+            self._handles = [*alive, handle]
         log.debug("launched enclave %s pid %d", spec.name, pid)
         return handle
 
