@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -46,7 +47,8 @@ class Hostd:
     def kill(self) -> None:
         """kill -9 hostd and everything it started (its process group)."""
         assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # nothing of it left
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
     def log(self) -> str:
