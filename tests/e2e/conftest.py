@@ -14,17 +14,14 @@ the manager enclave, instance enclaves, and the ``sgxvtpm vm attach`` /
 from __future__ import annotations
 
 import asyncio
-import os
-import select
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from helpers.endpoint import EndpointProcess, start_local, swtpm_available
+from helpers.endpoint import EndpointProcess, first_line, start_local, swtpm_available
 from helpers.guest import build_initramfs, missing_tools
 from helpers.hostd import Hostd, running_hostd
 from sgxvtpm.host.statedir import StateDir
@@ -93,20 +90,6 @@ def sgxvtpm_cli(state: StateDir, *args: str, timeout: float = 120.0
     )
 
 
-def _first_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    line = b""
-    while time.monotonic() < deadline and not line.endswith(b"\n"):
-        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
-        if ready:
-            chunk = os.read(proc.stdout.fileno(), 1)
-            if not chunk:
-                break
-            line += chunk
-    return line.decode(errors="replace").strip()
-
-
 def start_vm_endpoint(state: StateDir, name: str, *mode: str, log_dir: Path) -> EndpointProcess:
     """``sgxvtpm vm attach NAME --ctrl P`` or ``vm serve NAME --swtpm P|--swtpm-tcp|--mssim``.
 
@@ -121,7 +104,7 @@ def start_vm_endpoint(state: StateDir, name: str, *mode: str, log_dir: Path) -> 
              "--state-dir", str(state.root)],
             stdout=subprocess.PIPE, stderr=err,
         )
-    line = _first_line(proc, ENDPOINT_READY_TIMEOUT)
+    line = first_line(proc, ENDPOINT_READY_TIMEOUT)
     if not line.startswith(("attached ", "serving ")):
         proc.kill()
         proc.wait()

@@ -64,7 +64,9 @@ def free_port_pair() -> int:
     raise RuntimeError("no free port pair")
 
 
-def _read_ready(proc: subprocess.Popen[bytes], timeout: float) -> str:
+def first_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """The first line a process prints on stdout (stripped), read without blocking past
+    ``timeout``; what it printed so far if it ends or the time runs out."""
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     line = b""
@@ -75,7 +77,11 @@ def _read_ready(proc: subprocess.Popen[bytes], timeout: float) -> str:
             if not chunk:
                 break
             line += chunk
-    text = line.decode().strip()
+    return line.decode(errors="replace").strip()
+
+
+def _read_ready(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    text = first_line(proc, timeout)
     if not text.startswith("READY "):
         proc.kill()
         proc.wait()
