@@ -23,6 +23,7 @@ import struct
 from dataclasses import dataclass
 
 from sgxvtpm.tpm.constants import HEADER_SIZE, LIBTPMS_MAX_BUFFER
+from sgxvtpm.wire._buffered import BufferedDecoder
 
 _U32 = struct.Struct(">I")
 _SEND_HEADER = struct.Struct(">IBI")
@@ -97,25 +98,12 @@ class MssimRequest:
     command: bytes = b""
 
 
-class _Buffered:
+class _Buffered(BufferedDecoder):
+    usage_error = MssimUsageError
+
     def __init__(self) -> None:
-        self._buf = bytearray()
-        self._eof = False
+        super().__init__()
         self._error: MssimProtocolError | None = None
-
-    def receive_data(self, data: bytes) -> None:
-        """Feed bytes; ``b""`` means the peer closed its side."""
-        if self._eof and data:
-            raise MssimUsageError("data after end of stream")
-        if data:
-            self._buf += data
-        else:
-            self._eof = True
-
-    @property
-    def pending(self) -> int:
-        """Bytes received but not yet part of a complete message."""
-        return len(self._buf)
 
     def _fail(self, message: str) -> MssimProtocolError:
         self._error = MssimProtocolError(message)
@@ -124,18 +112,6 @@ class _Buffered:
     def _check(self) -> None:
         if self._error is not None:
             raise MssimProtocolError(f"decoder is broken after: {self._error}")
-
-    def _need(self, n: int) -> bool:
-        if len(self._buf) >= n:
-            return True
-        if self._eof and self._buf:
-            raise self._fail(f"stream ended inside a message ({len(self._buf)} of {n} bytes)")
-        return False
-
-    def _take(self, n: int) -> bytes:
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
 
 
 class MssimRequestDecoder(_Buffered):

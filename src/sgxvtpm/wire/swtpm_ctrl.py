@@ -36,6 +36,7 @@ import struct
 from dataclasses import dataclass, field
 
 from sgxvtpm.tpm.constants import HEADER_SIZE, LIBTPMS_MAX_BUFFER, TPM2_RC
+from sgxvtpm.wire._buffered import BufferedDecoder
 
 #: Largest state blob or hash chunk accepted in one request.
 MAX_BLOB = 4 * 1024 * 1024
@@ -237,27 +238,14 @@ def _parse_request(code: int, body: bytes) -> CtrlRequest:
     return CtrlRequest(code)
 
 
-class _Buffered:
+class _Buffered(BufferedDecoder):
     """Byte buffer with EOF and a sticky error, shared by the decoders."""
 
+    usage_error = CtrlUsageError
+
     def __init__(self) -> None:
-        self._buf = bytearray()
-        self._eof = False
+        super().__init__()
         self._error: CtrlProtocolError | None = None
-
-    def receive_data(self, data: bytes) -> None:
-        """Feed bytes; ``b""`` means the peer closed its side."""
-        if self._eof and data:
-            raise CtrlUsageError("data after end of stream")
-        if not data:
-            self._eof = True
-        else:
-            self._buf += data
-
-    @property
-    def pending(self) -> int:
-        """Bytes received but not yet part of a complete message."""
-        return len(self._buf)
 
     def _fail(self, message: str, rc: int = TPM2_RC.COMMAND_SIZE) -> CtrlProtocolError:
         self._error = CtrlProtocolError(message, rc)
@@ -266,19 +254,6 @@ class _Buffered:
     def _check(self) -> None:
         if self._error is not None:
             raise CtrlProtocolError(f"decoder is broken after: {self._error}", self._error.rc)
-
-    def _need(self, n: int) -> bool:
-        """Whether ``n`` bytes are buffered; raises if the stream ended short."""
-        if len(self._buf) >= n:
-            return True
-        if self._eof and self._buf:
-            raise self._fail(f"stream ended inside a message ({len(self._buf)} of {n} bytes)")
-        return False
-
-    def _take(self, n: int) -> bytes:
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
 
 
 class CtrlRequestDecoder(_Buffered):

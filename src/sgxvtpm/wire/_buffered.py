@@ -1,0 +1,51 @@
+"""The byte buffer under the sans-IO stream decoders (swtpm ctrl, mssim).
+
+Bytes in with :meth:`receive_data` (``b""`` = the peer closed its side);
+decoders take whole messages with :meth:`_need` and :meth:`_take`. A
+subclass names its usage-error type and builds its own protocol error in
+:meth:`_fail`, which also makes the decoder stay broken.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+
+class BufferedDecoder(abc.ABC):
+    usage_error: ClassVar[type[Exception]] = ValueError
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._eof = False
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes; ``b""`` means the peer closed its side."""
+        if self._eof and data:
+            raise self.usage_error("data after end of stream")
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet part of a complete message."""
+        return len(self._buf)
+
+    @abc.abstractmethod
+    def _fail(self, message: str) -> Exception:
+        """Record and return the protocol error (the decoder stays broken)."""
+
+    def _need(self, n: int) -> bool:
+        """Whether ``n`` bytes are buffered; raises if the stream ended short."""
+        if len(self._buf) >= n:
+            return True
+        if self._eof and self._buf:
+            raise self._fail(f"stream ended inside a message ({len(self._buf)} of {n} bytes)")
+        return False
+
+    def _take(self, n: int) -> bytes:
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
