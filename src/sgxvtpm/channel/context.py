@@ -61,6 +61,12 @@ def _cached(key: tuple[object, ...]) -> ssl.SSLContext | None:
         return ctx
 
 
+def clear_cache() -> None:
+    """Forget every cached context (the zygote, before it forks)."""
+    with _cache_lock:
+        _cache.clear()
+
+
 def _store(key: tuple[object, ...], ctx: ssl.SSLContext) -> None:
     with _cache_lock:
         _cache[key] = ctx

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from sgxvtpm.channel import (
     ServerSession,
     spki_sha256,
     verify_enclave_certificate,
+    warmup,
 )
 from sgxvtpm.enclaves.blobcipher import SealedBlobCipher
 from sgxvtpm.enclaves.loop import InstanceLoop
@@ -36,7 +37,7 @@ from sgxvtpm.enclaves.sealing import SealError
 from sgxvtpm.enclaves.specs import peer_policy
 from sgxvtpm.enclaves.state import EngineStoreAdapter, SealedStateStore, lock_directory
 from sgxvtpm.enclaves.vtpm_core import VtpmCore
-from sgxvtpm.platform.base import EnclavePlatform
+from sgxvtpm.platform.base import EnclaveIdentity, EnclavePlatform, QuoteVerifier
 from sgxvtpm.tpm import ek as ekmod
 from sgxvtpm.tpm import wire as tpmwire
 from sgxvtpm.tpm.constants import TPM2_SU
@@ -211,6 +212,13 @@ class InstanceEnclave:
             self.core.close()
             self.core = None
 
+
+
+def zygote_warm_up(
+    platform_for: Callable[[EnclaveIdentity], EnclavePlatform], verifier: QuoteVerifier
+) -> None:
+    """Run once by the sim zygote before it forks instances (shared library tables)."""
+    warmup.exercise(platform_for, verifier)
 
 
 def main(platform: EnclavePlatform, stream: socket.socket, args: Mapping[str, Any]) -> None:

@@ -29,7 +29,11 @@ from sgxvtpm.platform.sim.measure import CodeFile
 
 class MeasuredCodeFinder(importlib.abc.MetaPathFinder):
     def __init__(self, code: Sequence[CodeFile]) -> None:
-        self._files = {f.module_name: f for f in code if f.module_name}
+        # Modules already imported (the zygote's, checked by stale_preloads)
+        # are never loaded again: keep only the sources still to be imported.
+        self._files = {
+            f.module_name: f for f in code if f.module_name and f.module_name not in sys.modules
+        }
 
     def find_spec(
         self,

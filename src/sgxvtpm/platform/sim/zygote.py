@@ -3,8 +3,10 @@
 Run by :class:`~sgxvtpm.platform.sim.loader.SimLoader` as
 ``python -m sgxvtpm.platform.sim.zygote --control-fd N --platform-dir D
 [--preload a,b]``. It imports the heavy modules once (cryptography, ssl,
-ctypes and the caller's list), freezes the GC so that forked children keep
-sharing those pages, then serves launch requests on the control socket. Each
+ctypes and the caller's list), runs the ``zygote_warm_up(platform_for,
+verifier)`` function of each pre-imported module that has one (so that
+lazily built library tables are built once, here), freezes the GC so that
+forked children keep sharing those pages, then serves launch requests on the control socket. Each
 launch gets the enclave's stream end by SCM_RIGHTS and answers with a pidfd
 of the new process (so the loader can signal and wait for it without pid
 reuse races). It reaps its children, and exits when the loader goes away;
@@ -14,6 +16,7 @@ running enclaves are left to end when their stream closes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import importlib
@@ -50,11 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     opts = _parse_args(argv)
     ctl = socket.socket(fileno=opts.control_fd)
     os.set_inheritable(ctl.fileno(), False)
-    for name in (*DEFAULT_PRELOAD, *filter(None, opts.preload.split(","))):
+    modules = [
         importlib.import_module(name)
+        for name in (*DEFAULT_PRELOAD, *filter(None, opts.preload.split(",")))
+    ]
     platform = SimPlatformDir(opts.platform_dir)
     platform.quoting_enclave  # noqa: B018 - unwrap the attestation key once, before forking
     platform.counters  # noqa: B018
+    for module in modules:
+        warm_up = getattr(module, "zygote_warm_up", None)
+        if warm_up is not None:
+            warm_up(platform.enclave_platform, platform.verifier())
     digests = codeimport.source_digests()
     gc.collect()
     gc.freeze()  # keep refcount/GC writes from un-sharing pre-imported pages
@@ -93,7 +102,7 @@ def _serve(
     platform: SimPlatformDir,
     digests: Mapping[str, bytes],
     header: dict[str, Any],
-    blob: bytes,
+    blob: bytearray,
     fds: list[int],
 ) -> None:
     if len(fds) != 1 or header.get("op") != "launch":
@@ -110,7 +119,7 @@ def _serve(
             return
         pid = os.fork()
         if pid == 0:
-            _child(ctl, platform, header, code, config, stream_fd)
+            _child(ctl, platform, header, code, config, stream_fd, blob)
         pidfd = os.pidfd_open(pid)
         try:
             send_message(ctl, {"ok": True, "pid": pid}, fds=[pidfd])
@@ -122,13 +131,14 @@ def _serve(
         os.close(stream_fd)
 
 
-def _unpack_code(header: Mapping[str, Any], blob: bytes) -> tuple[list[CodeFile], bytes]:
+def _unpack_code(header: Mapping[str, Any], blob: bytearray) -> tuple[list[CodeFile], bytes]:
     offset = int(header["config_len"])
-    config = blob[:offset]
-    code = []
-    for name, path, size in header["files"]:
-        code.append(CodeFile(str(name), Path(path), blob[offset : offset + int(size)]))
-        offset += int(size)
+    with memoryview(blob) as view:
+        config = bytes(view[:offset])
+        code = []
+        for name, path, size in header["files"]:
+            code.append(CodeFile(str(name), Path(path), bytes(view[offset : offset + int(size)])))
+            offset += int(size)
     if offset != len(blob):
         raise ValueError("launch blob length does not match its file list")
     return code, config
@@ -141,6 +151,7 @@ def _child(
     code: list[CodeFile],
     config: bytes,
     stream_fd: int,
+    blob: bytearray,
 ) -> None:
     """In the forked enclave process: harden, build the platform, run the entry."""
     status = 1
@@ -159,6 +170,7 @@ def _child(
         enclave = platform.enclave_platform(identity, config=config)
         codeimport.check_data_files(code)
         codeimport.install(code)
+        _release_launch_data(code, blob)
         module_name, _, func_name = str(header["entry"]).partition(":")
         entry = getattr(importlib.import_module(module_name), func_name)
         stream = socket.socket(fileno=stream_fd)
@@ -174,6 +186,23 @@ def _child(
             sys.stderr.flush()
         finally:
             os._exit(status)
+
+
+def _release_launch_data(code: list[CodeFile], blob: bytearray) -> None:
+    """Free the measured bytes once measured and installed.
+
+    The launch message (~1.5 MB: libtpms and the sources) would otherwise stay
+    referenced by this process's frames for its whole life, and its pages
+    become private to the enclave as soon as the zygote reuses its copy.
+    """
+    code.clear()
+    blob.clear()
+    _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(AttributeError):  # not glibc
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _harden(name: str, keep_fd: int) -> None:
