@@ -18,6 +18,10 @@ from sgxvtpm.wire.vtpm import (
     decode_response,
     encode_request,
     encode_response,
+    encode_tpm_command,
+    encode_tpm_response,
+    tpm_command_of,
+    tpm_response_of,
 )
 
 u32 = st.integers(0, 0xFFFFFFFF)
@@ -118,3 +122,64 @@ def test_wire_layout() -> None:
     assert encode_request(VtpmRequest.set_stateblob(2, b"ab")) == (
         b"\x09\x00\x00\x00\x00\x00\x00\x02ab")
     assert encode_response(VtpmResponse(0x3D, b"x")) == b"\x00\x00\x00\x3dx"
+
+
+# -- the TPM_COMMAND hot path must be the general codec, byte for byte ----------
+
+
+@given(st.binary(max_size=64), st.integers(0, 4))
+def test_encode_tpm_command_is_encode_request(command: bytes, locality: int) -> None:
+    assert encode_tpm_command(command, locality) == encode_request(
+        VtpmRequest.tpm_command(command, locality)
+    )
+
+
+@given(st.binary(max_size=64))
+def test_encode_tpm_response_is_encode_response(response: bytes) -> None:
+    assert encode_tpm_response(response) == encode_response(VtpmResponse.ok(response))
+
+
+def _request_or_none(data: bytes) -> VtpmRequest | None:
+    try:
+        return decode_request(data)
+    except VtpmProtocolError:
+        return None
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=16),
+        st.builds(lambda op, loc, rest: bytes([op, loc]) + rest,
+                  st.integers(0, 14), st.integers(0, 6), st.binary(max_size=12)),
+    )
+)
+def test_tpm_command_of_agrees_with_decode_request(data: bytes) -> None:
+    fast = tpm_command_of(data)
+    slow = _request_or_none(data)
+    if slow is not None and slow.op is VtpmOp.TPM_COMMAND:
+        assert fast == (slow.data, slow.locality)
+    else:
+        assert fast is None
+
+
+@given(st.one_of(st.binary(max_size=16), st.binary(max_size=12).map(lambda b: b"\0" * 4 + b)))
+def test_tpm_response_of_agrees_with_decode_response(data: bytes) -> None:
+    fast = tpm_response_of(data)
+    try:
+        slow: VtpmResponse | None = decode_response(data)
+    except VtpmProtocolError:
+        slow = None
+    if slow is not None and slow.success:
+        assert fast == slow.payload
+    else:
+        assert fast is None
+
+
+def test_hot_path_refuses_what_the_codec_refuses() -> None:
+    with pytest.raises(VtpmUsageError):
+        encode_tpm_command(b"x", 5)
+    with pytest.raises(VtpmUsageError):
+        encode_tpm_command(b"x" * MAX_MESSAGE, 0)
+    with pytest.raises(VtpmUsageError):
+        encode_tpm_response(b"x" * MAX_MESSAGE)
+    assert tpm_command_of(b"\x01\x00\x00\x00" + b"x" * MAX_MESSAGE) is None

@@ -263,8 +263,22 @@ class _Session(abc.ABC):
                 # close_notify arrives and we have not sent ours yet.
                 self._on_peer_close()
                 return
-            self._rx += chunk
-            self._split_messages()
+            if self._rx or not self._one_message(chunk):
+                self._rx += chunk
+                self._split_messages()
+            if not self._incoming.pending and not self._tls.pending():
+                return  # nothing left to decrypt: skip the read that would raise WantRead
+
+    def _one_message(self, chunk: bytes) -> bool:
+        """The common case, a record holding exactly one message: deliver it
+        without going through the reassembly buffer."""
+        if len(chunk) < _LEN.size:
+            return False
+        (length,) = _LEN.unpack_from(chunk)
+        if length > MAX_MESSAGE or len(chunk) != _LEN.size + length:
+            return False
+        self._events.append(Message(chunk[_LEN.size :]))
+        return True
 
     def _split_messages(self) -> None:
         rx = self._rx

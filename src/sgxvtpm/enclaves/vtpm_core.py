@@ -43,6 +43,8 @@ from sgxvtpm.wire.vtpm import (
     VtpmResponse,
     decode_request,
     encode_response,
+    encode_tpm_response,
+    tpm_command_of,
 )
 
 #: What swtpm answers any command while the TPM is not running
@@ -140,6 +142,12 @@ class VtpmCore:
 
     def handle_message(self, message: bytes) -> bytes:
         """One encoded request in, one encoded response out; never raises for bad bytes."""
+        command = tpm_command_of(message)
+        if command is not None and self.running:  # the hot path: no request objects
+            try:
+                return encode_tpm_response(self._process(*command))
+            except (EngineError, EngineMisuseError) as exc:
+                return encode_response(self._engine_failure(VtpmOp.TPM_COMMAND, exc))
         try:
             request = decode_request(message)
         except VtpmProtocolError as exc:
@@ -154,12 +162,16 @@ class VtpmCore:
             return VtpmResponse.error(TpmResult.BAD_ORDINAL)
         try:
             return handler(self, request)
-        except EngineError as exc:
-            log.log("vtpm.engine_error", op=VtpmOp(request.op).name, reason=str(exc))
+        except (EngineError, EngineMisuseError) as exc:
+            return self._engine_failure(VtpmOp(request.op), exc)
+
+    @staticmethod
+    def _engine_failure(op: VtpmOp, exc: EngineError | EngineMisuseError) -> VtpmResponse:
+        if isinstance(exc, EngineError):
+            log.log("vtpm.engine_error", op=op.name, reason=str(exc))
             return VtpmResponse.error(exc.result or TpmResult.FAIL)
-        except EngineMisuseError as exc:
-            log.log("vtpm.engine_misuse", op=VtpmOp(request.op).name, reason=str(exc))
-            return VtpmResponse.error(TpmResult.FAIL)
+        log.log("vtpm.engine_misuse", op=op.name, reason=str(exc))
+        return VtpmResponse.error(TpmResult.FAIL)
 
     def close(self) -> None:
         """Shut the TPM down in order and stop it (the enclave is ending)."""
@@ -197,10 +209,12 @@ class VtpmCore:
     def _tpm_command(self, request: VtpmRequest) -> VtpmResponse:
         if not self.running:
             return VtpmResponse.ok(NOT_RUNNING_RESPONSE)
-        command = request.data
+        return VtpmResponse.ok(self._process(request.data, request.locality))
+
+    def _process(self, command: bytes, locality: int) -> bytes:
         if len(command) >= HEADER_SIZE:
             self._last_code = int.from_bytes(command[6:10], "big")
-        return VtpmResponse.ok(self.engine.process(command, request.locality))
+        return self.engine.process(command, locality)
 
     def _init(self, request: VtpmRequest) -> VtpmResponse:
         self._stop()

@@ -306,6 +306,57 @@ def decode_request(message: bytes) -> VtpmRequest:
     return VtpmRequest(op, locality)
 
 
+# ------------------------------------------------------- TPM commands, hot path
+#
+# Nearly every message is a TPM_COMMAND and its answer. These four functions
+# give exactly the bytes (and accept exactly the messages) of the general
+# codec for that case, without building request/response objects; a unit
+# test holds them equal to it.
+
+_TPM_COMMAND_HEADERS = tuple(
+    _REQ_HEADER.pack(VtpmOp.TPM_COMMAND, locality, 0) for locality in range(MAX_LOCALITY + 1)
+)
+_SUCCESS = _U32.pack(TpmResult.SUCCESS)
+
+
+def encode_tpm_command(command: bytes, locality: int = 0) -> bytes:
+    """``encode_request(VtpmRequest.tpm_command(command, locality))``."""
+    if not 0 <= locality <= MAX_LOCALITY:
+        raise VtpmUsageError(f"locality must be 0..{MAX_LOCALITY}, got {locality}")
+    if REQUEST_HEADER_SIZE + len(command) > MAX_MESSAGE:
+        raise VtpmUsageError(
+            f"request of {REQUEST_HEADER_SIZE + len(command)} bytes exceeds {MAX_MESSAGE}"
+        )
+    return _TPM_COMMAND_HEADERS[locality] + command
+
+
+def tpm_command_of(message: bytes) -> tuple[bytes, int] | None:
+    """(command, locality) if ``message`` is a valid TPM_COMMAND request, else None
+    (then :func:`decode_request` tells what it is, or why it is invalid)."""
+    if len(message) > MAX_MESSAGE or len(message) < REQUEST_HEADER_SIZE:
+        return None
+    locality = message[1]
+    if message[0] != VtpmOp.TPM_COMMAND or locality > MAX_LOCALITY or message[2] or message[3]:
+        return None
+    return bytes(message[REQUEST_HEADER_SIZE:]), locality
+
+
+def encode_tpm_response(response: bytes) -> bytes:
+    """``encode_response(VtpmResponse.ok(response))``."""
+    if RESPONSE_HEADER_SIZE + len(response) > MAX_MESSAGE:
+        raise VtpmUsageError(
+            f"response of {RESPONSE_HEADER_SIZE + len(response)} bytes exceeds {MAX_MESSAGE}"
+        )
+    return _SUCCESS + response
+
+
+def tpm_response_of(message: bytes) -> bytes | None:
+    """The payload if ``message`` is a valid response with result 0, else None."""
+    if len(message) > MAX_MESSAGE or message[:RESPONSE_HEADER_SIZE] != _SUCCESS:
+        return None
+    return bytes(message[RESPONSE_HEADER_SIZE:])
+
+
 # ------------------------------------------------------------------ responses
 
 
