@@ -138,15 +138,18 @@ async def _vm(args: argparse.Namespace) -> int:
     elif cmd == "destroy":
         await client.destroy(args.name)
         print(f"destroyed {args.name}")
-    elif cmd == "attach":
-        from sgxvtpm.endpoint.serve import attach
+    return 0
 
-        await attach(_state(args), args.name, args.ctrl)
-    elif cmd == "serve":
-        from sgxvtpm.endpoint.serve import serve_tss
 
-        await serve_tss(_state(args), args.name, swtpm=args.swtpm, swtpm_tcp=args.swtpm_tcp,
-                        mssim=args.mssim)
+def _vm_endpoint(args: argparse.Namespace) -> int:
+    """``vm attach`` / ``vm serve``: blocking endpoints, no event loop (issue 8)."""
+    from sgxvtpm.endpoint.serve import attach, serve_tss
+
+    if args.vm_command == "attach":
+        attach(_state(args), args.name, args.ctrl)
+    else:
+        serve_tss(_state(args), args.name, swtpm=args.swtpm, swtpm_tcp=args.swtpm_tcp,
+                  mssim=args.mssim)
     return 0
 
 
@@ -174,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(serve(_state(args)))
             return 0
         if args.command == "vm":
+            if args.vm_command in ("attach", "serve"):
+                return _vm_endpoint(args)
             return asyncio.run(_vm(args))
         if args.command == "ca":
             return asyncio.run(_ca(args))

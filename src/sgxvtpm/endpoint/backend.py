@@ -1,20 +1,20 @@
 """What a VM endpoint forwards to: a vTPM that answers :mod:`sgxvtpm.wire.vtpm` requests.
 
-- :class:`sgxvtpm.endpoint.k2.K2Backend`: the instance enclave over K2 (the
+- :class:`sgxvtpm.endpoint.k2.K2Client`: the instance enclave over K2 (the
   real thing);
 - :class:`LocalBackend`: a :class:`~sgxvtpm.enclaves.vtpm_core.VtpmCore` in
   this process. NOT protected by any enclave: for tests, and as a
   comparison point.
 
 :class:`VmTpm` is what the endpoints share per VM: it serialises requests
-(a TPM runs one command at a time), keeps the locality that tcti-swtpm and
-QEMU set on the control channel, and turns backend failures into the TPM
-errors a client can handle instead of a hang.
+(a TPM runs one command at a time; the endpoints serve each connection in
+a thread of its own), keeps the locality that tcti-swtpm and QEMU set on
+the control channel, and turns backend failures into the TPM errors a
+client can handle instead of a hang.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from typing import Protocol
 
@@ -26,57 +26,72 @@ from sgxvtpm.wire.vtpm import TpmResult, VtpmRequest, VtpmResponse
 
 #: The data-channel answer when the backend cannot be reached.
 BACKEND_FAILURE_RESPONSE = error_response(TPM2_RC.FAILURE)
+#: How long :meth:`VmTpm.close` waits for a command in progress.
+CLOSE_TIMEOUT = 2.0
 
 
 class VtpmBackend(Protocol):
-    async def call(self, request: VtpmRequest) -> VtpmResponse: ...
+    def call(self, request: VtpmRequest) -> VtpmResponse: ...
+
+    def close(self) -> None: ...
 
 
 class LocalBackend:
-    """A vTPM in this process (NOT protected by an enclave; tests and comparisons).
-
-    libtpms work runs in a worker thread so the endpoint keeps serving its
-    sockets (timeouts, other clients) during a slow command.
-    """
+    """A vTPM in this process (NOT protected by an enclave; tests and comparisons)."""
 
     def __init__(self, core: VtpmCore) -> None:
         self.core = core
         self._lock = threading.Lock()  # the core is not thread-safe
 
-    def _handle(self, request: VtpmRequest) -> VtpmResponse:
+    def call(self, request: VtpmRequest) -> VtpmResponse:
         with self._lock:
             return self.core.handle(request)
 
-    async def call(self, request: VtpmRequest) -> VtpmResponse:
-        # shield: a caller cancelled mid-command must not abandon the engine
-        # half-way; the command completes and its answer is dropped.
-        return await asyncio.shield(asyncio.to_thread(self._handle, request))
+    def close(self) -> None:
+        with self._lock:
+            self.core.close()  # orderly TPM2_Shutdown + stop; the state stays in its store
 
 
 class VmTpm:
-    """One VM's vTPM as the endpoints see it."""
+    """One VM's vTPM as the endpoints see it (thread-safe)."""
 
     def __init__(self, backend: VtpmBackend) -> None:
         self.backend = backend
         self.locality = 0
-        self._lock = asyncio.Lock()
+        self._lock = threading.Lock()
 
-    async def call(self, request: VtpmRequest) -> VtpmResponse:
-        """Forward ``request``; a backend failure becomes TPM_FAIL (logged)."""
-        async with self._lock:
+    def call(self, request: VtpmRequest) -> VtpmResponse:
+        """Forward ``request``; a backend failure becomes TPM_FAIL (logged).
+
+        A client that disconnects meanwhile does not interrupt the command:
+        it completes and its answer is dropped, so the TPM stays consistent.
+        """
+        with self._lock:
             try:
-                return await self.backend.call(request)
-            except asyncio.CancelledError:
-                raise
+                return self.backend.call(request)
             except Exception as exc:  # K2 down, instance gone, bad answer...
                 log.log("endpoint.backend_failed", op=request.op.name, error=type(exc).__name__,
                         reason=str(exc))
                 return VtpmResponse.error(TpmResult.FAIL)
 
-    async def transact(self, command: bytes, locality: int | None = None) -> bytes:
+    def transact(self, command: bytes, locality: int | None = None) -> bytes:
         """One TPM command at ``locality`` (default: the current one) -> TPM response."""
         loc = self.locality if locality is None else locality
-        response = await self.call(VtpmRequest.tpm_command(command, loc))
+        response = self.call(VtpmRequest.tpm_command(command, loc))
         if not response.success or not response.payload:
             return BACKEND_FAILURE_RESPONSE
         return response.payload
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Close the backend once the command in progress (if any) is done.
+
+        If a command is still running after ``timeout`` (the process is
+        exiting), the backend is left to the end of the process.
+        """
+        if not self._lock.acquire(timeout=timeout):
+            log.log("endpoint.close_busy", timeout=timeout)
+            return
+        try:
+            self.backend.close()
+        finally:
+            self._lock.release()

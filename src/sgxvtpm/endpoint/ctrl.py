@@ -41,64 +41,64 @@ class CtrlHandler:
         self.tpm = tpm
         self.caps = caps
 
-    async def handle(self, req: CtrlRequest) -> CtrlResponse:
+    def handle(self, req: CtrlRequest) -> CtrlResponse:
         code = req.code
         try:
-            return await self._dispatch(req)
+            return self._dispatch(req)
         except VtpmProtocolError:
             return CtrlResponse(code, result=TpmResult.FAIL)
 
-    async def _simple(self, code: int, request: VtpmRequest) -> CtrlResponse:
-        return CtrlResponse(code, result=(await self.tpm.call(request)).result)
+    def _simple(self, code: int, request: VtpmRequest) -> CtrlResponse:
+        return CtrlResponse(code, result=self.tpm.call(request).result)
 
-    async def _dispatch(self, req: CtrlRequest) -> CtrlResponse:
+    def _dispatch(self, req: CtrlRequest) -> CtrlResponse:
         code = req.code
         if code == CtrlCmd.GET_CAPABILITY:
             return CtrlResponse(code, caps=int(self.caps))
         if code == CtrlCmd.INIT:
-            return await self._simple(code, VtpmRequest.init(req.flags))
+            return self._simple(code, VtpmRequest.init(req.flags))
         if code == CtrlCmd.SHUTDOWN:
-            return await self._simple(code, VtpmRequest(VtpmOp.SHUTDOWN))
+            return self._simple(code, VtpmRequest(VtpmOp.SHUTDOWN))
         if code == CtrlCmd.STOP:
-            return await self._simple(code, VtpmRequest(VtpmOp.STOP))
+            return self._simple(code, VtpmRequest(VtpmOp.STOP))
         if code == CtrlCmd.SET_LOCALITY:
             if req.locality > MAX_LOCALITY:
                 return CtrlResponse(code, result=TpmResult.BAD_LOCALITY)
             self.tpm.locality = req.locality
             return CtrlResponse(code)
         if code == CtrlCmd.GET_TPMESTABLISHED:
-            r = await self.tpm.call(VtpmRequest(VtpmOp.GET_ESTABLISHED))
+            r = self.tpm.call(VtpmRequest(VtpmOp.GET_ESTABLISHED))
             flag = r.established() if r.success else False
             return CtrlResponse(code, result=r.result, established=flag)
         if code == CtrlCmd.RESET_TPMESTABLISHED:
             if req.locality > MAX_LOCALITY:
                 return CtrlResponse(code, result=TpmResult.BAD_LOCALITY)
-            return await self._simple(code, VtpmRequest.reset_established(req.locality))
+            return self._simple(code, VtpmRequest.reset_established(req.locality))
         if code == CtrlCmd.CANCEL_TPM_CMD:
-            return await self._simple(code, VtpmRequest(VtpmOp.CANCEL))
+            return self._simple(code, VtpmRequest(VtpmOp.CANCEL))
         if code == CtrlCmd.STORE_VOLATILE:
-            return await self._simple(code, VtpmRequest(VtpmOp.STORE_VOLATILE))
+            return self._simple(code, VtpmRequest(VtpmOp.STORE_VOLATILE))
         if code == CtrlCmd.GET_STATEBLOB:
-            r = await self.tpm.call(VtpmRequest.get_stateblob(req.blob_type))
+            r = self.tpm.call(VtpmRequest.get_stateblob(req.blob_type))
             return CtrlResponse(code, result=r.result, data=r.payload[req.offset :])
         if code == CtrlCmd.SET_STATEBLOB:
-            return await self._simple(code, VtpmRequest.set_stateblob(req.blob_type, req.data))
+            return self._simple(code, VtpmRequest.set_stateblob(req.blob_type, req.data))
         if code == CtrlCmd.GET_CONFIG:
             return CtrlResponse(code, flags=0)  # no file key, no migration key on this host
         if code == CtrlCmd.SET_BUFFERSIZE:
-            r = await self.tpm.call(VtpmRequest.set_buffersize(req.size))
+            r = self.tpm.call(VtpmRequest.set_buffersize(req.size))
             return CtrlResponse(code, result=r.result, sizes=r.buffer_sizes() if r.success else
                                 (0, 0, 0))
         if code == CtrlCmd.GET_INFO:
-            return await self._get_info(req)
+            return self._get_info(req)
         if code == CtrlCmd.LOCK_STORAGE:
             return CtrlResponse(code)
         # HASH_START/DATA/END (TPM 1.2 only) and unknown codes, as swtpm answers unknown ones.
         return CtrlResponse(code, result=TpmResult.BAD_ORDINAL)
 
-    async def _get_info(self, req: CtrlRequest) -> CtrlResponse:
+    def _get_info(self, req: CtrlRequest) -> CtrlResponse:
         code = req.code
-        r = await self.tpm.call(VtpmRequest.get_info(req.flags))
+        r = self.tpm.call(VtpmRequest.get_info(req.flags))
         if not r.success:
             return CtrlResponse(code, result=r.result)
         text = r.info().encode()

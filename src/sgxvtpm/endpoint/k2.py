@@ -3,21 +3,18 @@
 The endpoint checks the instance enclave's certificate (quote from this
 platform's root, MRENCLAVE of the instance code installed here, key bound
 by REPORTDATA, CN = the instance id it expects) and authenticates with the
-VM key the manager bound to the instance (S3, S4). Two faces:
+VM key the manager bound to the instance (S3, S4).
 
-- :class:`K2Client`, blocking, for the in-process TCTI and tests;
-- :class:`K2Backend`, asyncio, the ``VtpmBackend`` the QEMU and TSS
-  endpoints forward to.
-
-After a session breaks (the instance or hostd restarted) the request in
-flight fails with :class:`K2Error` and is not resent, since it may have run
-(S2); the next request opens a new session.
+:class:`K2Client` is blocking: the in-process TCTI uses it, and it is the
+``VtpmBackend`` the QEMU and TSS endpoints forward to (they serialise
+their calls). After a session breaks (the instance or hostd restarted) the
+request in flight fails with :class:`K2Error` and is not resent, since it
+may have run (S2); the next request opens a new session.
 """
 
 from __future__ import annotations
 
 import abc
-import asyncio
 import contextlib
 import json
 import socket
@@ -291,72 +288,3 @@ class K2Client(_VtpmCalls):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class K2Backend:
-    """The asyncio VtpmBackend over K2, for the QEMU and TSS endpoints."""
-
-    def __init__(self, binding: VmBinding, *, handoff: bool = True) -> None:
-        self.binding = binding
-        self.handoff = handoff
-        self._stream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        self._conn: K2Connection | None = None
-        self._lock = asyncio.Lock()
-
-    async def _connect(self) -> None:
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(self.binding.socket_path)), CONNECT_TIMEOUT
-            )
-        except (OSError, TimeoutError):
-            raise K2Error(f"cannot reach hostd at {self.binding.socket_path}") from None
-        self._stream, self._conn = (
-            (reader, writer),
-            K2Connection(self.binding, handoff=self.handoff),
-        )
-        await asyncio.wait_for(self._until(HandshakeComplete), CONNECT_TIMEOUT)
-
-    async def _until(self, kind: type[HandshakeComplete] | type[Message]) -> bytes:
-        assert self._stream is not None and self._conn is not None
-        reader, writer = self._stream
-        while True:
-            event = self._conn.next_event()
-            out = self._conn.data_to_send()
-            if out:
-                writer.write(out)
-            if isinstance(event, kind):
-                return event.data if isinstance(event, Message) else b""
-            if isinstance(event, Closed):
-                raise EOFError("the instance closed the session")
-            if event is None:
-                self._conn.receive_data(await reader.read(_READ))
-
-    async def call(self, request: vtpm.VtpmRequest) -> vtpm.VtpmResponse:
-        async with self._lock:
-            try:
-                if self._conn is None:
-                    await self._connect()
-                assert self._conn is not None and self._stream is not None
-                self._conn.send_message(vtpm.encode_request(request))
-                data = await asyncio.wait_for(self._until(Message), REQUEST_TIMEOUT)
-            except (
-                ChannelError,
-                EOFError,
-                TimeoutError,
-                ConnectionError,
-                frames.RelayProtocolError,
-            ) as exc:
-                await self.aclose()
-                raise K2Error(f"K2 session failed: {type(exc).__name__}") from None
-            return vtpm.decode_response(data)
-
-    async def aclose(self) -> None:
-        if self._stream is not None:
-            _, writer = self._stream
-            if self._conn is not None:
-                with contextlib.suppress(ChannelError):
-                    self._conn.close()
-                    writer.write(self._conn.data_to_send())
-            writer.close()
-        self._stream = None
-        self._conn = None

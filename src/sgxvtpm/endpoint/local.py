@@ -13,16 +13,15 @@ and as a comparison point for benchmarks. Once listening it prints one line
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from sgxvtpm.enclaves.vtpm_core import VtpmCore
 from sgxvtpm.endpoint.backend import LocalBackend
+from sgxvtpm.endpoint.lifecycle import run_until_signal
 from sgxvtpm.endpoint.qemu import QemuEndpoint
 from sgxvtpm.endpoint.tss import MssimEndpoint, SwtpmTssEndpoint
 from sgxvtpm.tpm.engine import LibtpmsEngine
@@ -100,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     backend = local_backend(args.state_dir)
     endpoint: QemuEndpoint | SwtpmTssEndpoint | MssimEndpoint
     if args.ctrl is not None:
@@ -116,26 +115,21 @@ async def run(args: argparse.Namespace) -> None:
     else:
         host, port = args.mssim
         endpoint = MssimEndpoint(backend, host=host, port=port, frame_timeout=args.frame_timeout)
-    await endpoint.start()
-    if not isinstance(endpoint, QemuEndpoint) and endpoint.port is not None:
-        where = str(endpoint.port)
-    print(f"READY {where}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    serving = asyncio.ensure_future(endpoint.serve_forever())
-    await asyncio.wait([serving, asyncio.ensure_future(stop.wait())],
-                       return_when=asyncio.FIRST_COMPLETED)
-    serving.cancel()
-    await endpoint.close()
-    backend.core.close()  # orderly TPM2_Shutdown + stop, state stays in DIR
+    try:
+        endpoint.start()
+        if not isinstance(endpoint, QemuEndpoint) and endpoint.port is not None:
+            where = str(endpoint.port)
+        print(f"READY {where}", flush=True)
+        run_until_signal(endpoint)
+    finally:
+        endpoint.close()
+        endpoint.tpm.close()  # orderly TPM2_Shutdown + stop, state stays in DIR
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     print("sgxvtpm.endpoint.local: NOT protected (no enclave, plaintext state)", file=sys.stderr)
-    asyncio.run(run(args))
+    run(args)
     return 0
 
 

@@ -1,16 +1,16 @@
 """``sgxvtpm vm attach`` and ``sgxvtpm vm serve``: the VM endpoints over K2.
 
 Both load the VM's binding from the state directory, open K2 to its instance
-enclave lazily (on the first request) and serve until interrupted.
+enclave lazily (on the first request) and serve until SIGTERM/SIGINT. They
+run in the main thread (no event loop): connections are served by threads.
 """
 
 from __future__ import annotations
 
-import asyncio
-import signal
 from pathlib import Path
 
-from sgxvtpm.endpoint.k2 import K2Backend, VmBinding
+from sgxvtpm.endpoint.k2 import K2Client, VmBinding
+from sgxvtpm.endpoint.lifecycle import run_until_signal
 from sgxvtpm.endpoint.qemu import QemuEndpoint
 from sgxvtpm.endpoint.tss import MssimEndpoint, SwtpmTssEndpoint
 from sgxvtpm.host.statedir import StateDir
@@ -24,36 +24,21 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def _run_until_signal(endpoint: QemuEndpoint | SwtpmTssEndpoint | MssimEndpoint) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    serving = asyncio.ensure_future(endpoint.serve_forever())
-    waiting = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait([serving, waiting], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        serving.cancel()
-        waiting.cancel()
-        await endpoint.close()
-
-
-async def attach(state: StateDir, name: str, ctrl: Path) -> None:
+def attach(state: StateDir, name: str, ctrl: Path) -> None:
     """Serve VM ``name``'s vTPM to QEMU on the swtpm control socket ``ctrl``."""
-    backend = K2Backend(VmBinding.load(state, name))
-    endpoint = QemuEndpoint(backend, ctrl)
-    await endpoint.start()
-    print(f"attached {name}: -chardev socket,id=chrtpm,path={ctrl} "
-          "-tpmdev emulator,id=tpm0,chardev=chrtpm", flush=True)
-    log.log("endpoint.attached", vm=name, ctrl=str(ctrl))
+    endpoint = QemuEndpoint(K2Client(VmBinding.load(state, name)), ctrl)
     try:
-        await _run_until_signal(endpoint)
+        endpoint.start()
+        print(f"attached {name}: -chardev socket,id=chrtpm,path={ctrl} "
+              "-tpmdev emulator,id=tpm0,chardev=chrtpm", flush=True)
+        log.log("endpoint.attached", vm=name, ctrl=str(ctrl))
+        run_until_signal(endpoint)
     finally:
-        await backend.aclose()
+        endpoint.close()
+        endpoint.tpm.close()
 
 
-async def serve_tss(
+def serve_tss(
     state: StateDir,
     name: str,
     *,
@@ -62,7 +47,7 @@ async def serve_tss(
     mssim: str | None = None,
 ) -> None:
     """Serve VM ``name``'s vTPM on tcti-swtpm (unix or TCP) or tcti-mssim sockets."""
-    backend = K2Backend(VmBinding.load(state, name))
+    backend = K2Client(VmBinding.load(state, name))
     endpoint: SwtpmTssEndpoint | MssimEndpoint
     if swtpm is not None:
         endpoint = SwtpmTssEndpoint(backend, path=swtpm)
@@ -76,12 +61,13 @@ async def serve_tss(
     else:
         raise ValueError("give one of swtpm, swtpm_tcp, mssim")
     try:
-        await endpoint.start()
+        endpoint.start()
         if not isinstance(endpoint, SwtpmTssEndpoint) or endpoint.path is None:
             kind = "mssim" if isinstance(endpoint, MssimEndpoint) else "swtpm"
             where = f"{kind}:host={endpoint.host},port={endpoint.port}"
         print(f"serving {name}: TPM2TOOLS_TCTI={where}", flush=True)
         log.log("endpoint.serving", vm=name, tcti=where)
-        await _run_until_signal(endpoint)
+        run_until_signal(endpoint)
     finally:
-        await backend.aclose()
+        endpoint.close()
+        endpoint.tpm.close()

@@ -1,0 +1,198 @@
+"""The blocking endpoint plumbing: kernel receive timeouts, message reading,
+listener threads, the stop flag and VmTpm's failure mapping (no processes)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from sgxvtpm.endpoint.backend import BACKEND_FAILURE_RESPONSE, VmTpm
+from sgxvtpm.endpoint.lifecycle import StopFlag
+from sgxvtpm.endpoint.listeners import Listeners
+from sgxvtpm.endpoint.streams import FrameTimeout, Stream, next_message, timeval
+from sgxvtpm.tpm import wire
+from sgxvtpm.wire.swtpm_ctrl import CommandFramer, CtrlProtocolError
+from sgxvtpm.wire.vtpm import TpmResult, VtpmOp, VtpmRequest, VtpmResponse
+
+
+def _tv(seconds: float | None) -> tuple[int, int]:
+    sec, usec = struct.unpack("@ll", timeval(seconds))
+    return sec, usec
+
+
+def test_timeval() -> None:
+    assert _tv(None) == (0, 0)  # the kernel's "wait forever"
+    assert _tv(0.5) == (0, 500_000)
+    assert _tv(2.25) == (2, 250_000)
+    assert _tv(60.0) == (60, 0)
+    assert _tv(1e-9) == (0, 1)  # never 0, which would mean forever
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError):
+            timeval(bad)
+
+
+class FakeReads:
+    """``read(timeout)`` from a script: bytes, or None for a timeout; records the waits."""
+
+    def __init__(self, script: list[bytes | None]) -> None:
+        self.script = list(script)
+        self.waits: list[float | None] = []
+
+    def __call__(self, timeout: float | None) -> bytes:
+        self.waits.append(timeout)
+        item = self.script.pop(0)
+        if item is None:
+            raise TimeoutError
+        return item
+
+
+def _read(reads: FakeReads, framer: CommandFramer) -> bytes | None:
+    return next_message(reads, framer, framer.next_command, frame_timeout=0.5, idle_timeout=60.0)
+
+
+def test_next_message_whole_and_byte_by_byte() -> None:
+    command = wire.get_random(8)
+    framer = CommandFramer()
+    reads = FakeReads([command + command[:3], command[3:]])
+    assert _read(reads, framer) == command
+    assert _read(reads, framer) == command
+    # idle wait before the first byte, frame wait once a message started
+    assert reads.waits == [60.0, 0.5]
+    framer = CommandFramer()
+    reads = FakeReads([bytes([b]) for b in command])
+    assert _read(reads, framer) == command
+    assert reads.waits == [60.0] + [0.5] * (len(command) - 1)
+
+
+def test_next_message_timeouts_and_end() -> None:
+    assert _read(FakeReads([None]), CommandFramer()) is None  # idle: a quiet end
+    with pytest.raises(FrameTimeout):
+        _read(FakeReads([b"\x80\x01\x00", None]), CommandFramer())
+    assert _read(FakeReads([b""]), CommandFramer()) is None  # clean end of stream
+    with pytest.raises(CtrlProtocolError):  # the stream ended inside a message
+        _read(FakeReads([b"\x80\x01\x00", b""]), CommandFramer())
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_stream_kernel_timeout_and_eof(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    stream = Stream(a)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        stream.read(0.05)
+    assert 0.04 < time.monotonic() - t0 < 2.0
+    b.sendall(b"abc")
+    assert stream.read(0.05) == b"abc"
+    assert not stream.eof
+    b.close()
+    assert stream.read(None) == b""
+    assert stream.eof
+
+
+def _echo(sock: socket.socket) -> None:
+    while data := sock.recv(1024):
+        sock.sendall(data)
+
+
+def _connect(path: Path) -> socket.socket:
+    c = socket.socket(socket.AF_UNIX)
+    c.settimeout(5)
+    try:
+        c.connect(str(path))
+    except OSError:
+        c.close()
+        raise
+    return c
+
+
+def test_listeners_serve_and_close(tmp_path: Path) -> None:
+    listeners = Listeners()
+    path = tmp_path / "echo.sock"
+    listeners.unix(path, _echo)
+    port = listeners.tcp("127.0.0.1", 0, _echo)
+    clients = [_connect(path), socket.create_connection(("127.0.0.1", port), timeout=5)]
+    for c in clients:
+        c.sendall(b"ping")
+        assert c.recv(16) == b"ping"
+    t0 = time.monotonic()
+    listeners.close()  # the echo threads are blocked in recv: close wakes and joins them
+    assert time.monotonic() - t0 < 1.5
+    assert not path.exists()
+    for c in clients:
+        assert c.recv(16) == b""
+        c.close()
+    with pytest.raises(OSError):
+        _connect(path)
+
+
+def test_listeners_shutdown_one_connection(tmp_path: Path) -> None:
+    listeners = Listeners()
+    a, b = socket.socketpair()
+    ended = threading.Event()
+
+    def serve(sock: socket.socket) -> None:
+        _echo(sock)
+        ended.set()
+
+    assert listeners.serve(a, serve) is not None
+    listeners.shutdown(a)
+    assert ended.wait(2)
+    assert b.recv(16) == b""
+    b.close()
+    listeners.close()
+    c, d = socket.socketpair()
+    assert listeners.serve(c, serve) is None  # closed: refused, and closed
+    assert d.recv(16) == b""
+    d.close()
+
+
+def test_stop_flag() -> None:
+    flag = StopFlag()
+    assert not flag.wait(0.02)
+    timer = threading.Timer(0.05, flag.set)
+    timer.start()
+    assert flag.wait(5)
+    assert flag.is_set()
+    timer.join()
+
+
+class Backend:
+    def __init__(self, answer: Callable[[VtpmRequest], VtpmResponse]) -> None:
+        self.answer = answer
+        self.closed = False
+
+    def call(self, request: VtpmRequest) -> VtpmResponse:
+        return self.answer(request)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _broken(request: VtpmRequest) -> VtpmResponse:
+    raise ConnectionError("instance gone")
+
+
+def test_vmtpm_failures_become_tpm_errors() -> None:
+    tpm = VmTpm(Backend(_broken))
+    assert tpm.call(VtpmRequest(VtpmOp.STOP)).result == TpmResult.FAIL
+    assert tpm.transact(wire.get_random(8)) == BACKEND_FAILURE_RESPONSE
+    ok = Backend(lambda r: VtpmResponse.ok(bytes([r.locality]) + r.data))
+    tpm = VmTpm(ok)
+    tpm.locality = 3
+    assert tpm.transact(b"cmd") == b"\x03cmd"
+    assert tpm.transact(b"cmd", 1) == b"\x01cmd"
+    tpm.close()
+    assert ok.closed
