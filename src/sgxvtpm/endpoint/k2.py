@@ -30,6 +30,7 @@ from sgxvtpm.channel import (
     Message,
 )
 from sgxvtpm.enclaves.specs import expected_policy
+from sgxvtpm.endpoint.streams import timeval
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.platform.base import MeasurementPolicy, QuoteVerifier
 from sgxvtpm.vmm.client import platform_verifier
@@ -107,15 +108,15 @@ class K2Connection:
     def receive_data(self, data: bytes) -> None:
         """Bytes from the socket; ``b""`` at end of stream."""
         if self._decoder is None:
-            self.session.receive_data(data)
-        else:
-            decoder = self._decoder
-            decoder.receive_data(data)
-            # After hostd's answer to the handoff nothing more comes in frames.
-            while self._decoder is not None and (frame := decoder.next_frame()) is not None:
-                self._on_frame(frame)
-            if not data:
-                self.session.receive_data(b"")
+            self.session.receive_data(data)  # direct: data_to_send() takes what it wrote
+            return
+        decoder = self._decoder
+        decoder.receive_data(data)
+        # After hostd's answer to the handoff nothing more comes in frames.
+        while self._decoder is not None and (frame := decoder.next_frame()) is not None:
+            self._on_frame(frame)
+        if not data:
+            self.session.receive_data(b"")
         self._flush_session()
 
     def next_event(self) -> HandshakeComplete | Message | Closed | None:
@@ -133,13 +134,19 @@ class K2Connection:
             self._held.append(payload)
             return
         self.session.send_message(payload)
-        self._flush_session()
+        if self._decoder is not None:  # relayed: frame it now (direct: data_to_send does)
+            self._flush_session()
 
     def close(self) -> None:
         self.session.close()
         self._flush_session()
 
     def data_to_send(self) -> bytes:
+        if self._decoder is None:
+            # Direct: the session's TLS records as they are, after anything older.
+            if not self._out:
+                return self.session.data_to_send()
+            self._flush_session()
         out, self._out = bytes(self._out), bytearray()
         return out
 
@@ -218,7 +225,12 @@ class K2Client(_VtpmCalls):
         self._flush()
         while not isinstance(self._next_event(), HandshakeComplete):
             pass
-        sock.settimeout(self.timeout)
+        # From here on the kernel's timeouts (socket(7)) on a blocking socket:
+        # CPython's own socket timeout costs a poll(2) before every send and recv.
+        sock.settimeout(None)
+        limit = timeval(self.timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
 
     def request(self, payload: bytes) -> bytes:
         if self._conn is None:
@@ -256,28 +268,31 @@ class K2Client(_VtpmCalls):
 
     def _next_event(self) -> HandshakeComplete | Message:
         assert self._sock is not None and self._conn is not None
+        sock, conn = self._sock, self._conn
         while True:
             try:
-                event = self._conn.next_event()
+                event = conn.next_event()
             except ChannelError:
                 self.close()
                 raise
-            self._flush()
-            if isinstance(event, HandshakeComplete | Message):
+            if isinstance(event, Message):
+                return event
+            if isinstance(event, HandshakeComplete):
+                self._flush()  # the handoff request
                 return event
             if isinstance(event, Closed):
                 self.close()
                 raise K2Error("the instance closed the session")
             try:
-                data = self._sock.recv(_READ)
-            except TimeoutError:
+                data = sock.recv(_READ)
+            except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
                 self.close()
                 raise K2Error("the instance did not answer in time") from None
             except OSError as exc:
                 self.close()
                 raise K2Error(f"connection to the instance lost: {exc.strerror}") from None
             try:
-                self._conn.receive_data(data)
+                conn.receive_data(data)
             except (ChannelError, frames.RelayProtocolError):
                 self.close()
                 raise ChannelError() from None
