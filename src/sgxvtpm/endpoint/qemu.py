@@ -33,7 +33,14 @@ from sgxvtpm.endpoint.backend import VmTpm, VtpmBackend
 from sgxvtpm.endpoint.ctrl import CtrlHandler
 from sgxvtpm.endpoint.lifecycle import StopFlag
 from sgxvtpm.endpoint.listeners import Listeners
-from sgxvtpm.endpoint.streams import FRAME_TIMEOUT, READ_CHUNK, FrameTimeout, Stream, next_message
+from sgxvtpm.endpoint.streams import (
+    FRAME_TIMEOUT,
+    READ_CHUNK,
+    FrameTimeout,
+    Stream,
+    next_message,
+    timeval,
+)
 from sgxvtpm.tpm.constants import TPM2_RC
 from sgxvtpm.tpm.wire import error_response
 from sgxvtpm.util import log
@@ -69,6 +76,31 @@ class _FdStream(Stream):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.fds.clear()
+
+
+def _data_socket(fds: list[int]) -> socket.socket | None:
+    """The stream socket SET_DATAFD passed (the first descriptor; the others are closed)."""
+    if not fds:
+        return None
+    for extra in fds[1:]:
+        os.close(extra)
+    try:
+        sock = socket.socket(fileno=fds[0])
+    except OSError:
+        os.close(fds[0])
+        return None
+    try:
+        if sock.type != socket.SOCK_STREAM:
+            raise OSError("SET_DATAFD: not a stream socket")
+        # It comes with QEMU's settings: make it blocking with no kernel
+        # timeouts, as Stream assumes of a new socket.
+        sock.setblocking(True)
+        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            sock.setsockopt(socket.SOL_SOCKET, option, timeval(None))
+    except OSError:
+        sock.close()
+        return None
+    return sock
 
 
 class QemuEndpoint:
@@ -165,19 +197,9 @@ class QemuEndpoint:
                 for fd in fds:
                     os.close(fd)
                 return CtrlResponse(req.code, result=TpmResult.IOERROR), None  # swtpm: err_io
-            if not fds:
+            data_sock = _data_socket(fds)
+            if data_sock is None:
                 return CtrlResponse(req.code, result=TpmResult.BAD_PARAMETER), None
-            for extra in fds[1:]:
-                os.close(extra)
-            try:
-                data_sock = socket.socket(fileno=fds[0])
-            except OSError:
-                os.close(fds[0])
-                return CtrlResponse(req.code, result=TpmResult.BAD_PARAMETER), None
-            if data_sock.type != socket.SOCK_STREAM:
-                data_sock.close()
-                return CtrlResponse(req.code, result=TpmResult.BAD_PARAMETER), None
-            data_sock.setblocking(True)  # QEMU's end of the socketpair may be non-blocking
             thread = self._listeners.serve(data_sock, self._serve_data)
             self._data = (data_sock, thread)
             return CtrlResponse(req.code), data_sock
