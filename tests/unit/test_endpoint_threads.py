@@ -177,6 +177,12 @@ class Backend:
     def call(self, request: VtpmRequest) -> VtpmResponse:
         return self.answer(request)
 
+    def transact(self, command: bytes, locality: int) -> bytes:
+        response = self.answer(VtpmRequest.tpm_command(command, locality))
+        if not response.success:
+            raise RuntimeError(f"refused: {response.result:#x}")
+        return response.payload
+
     def close(self) -> None:
         self.closed = True
 
@@ -196,3 +202,10 @@ def test_vmtpm_failures_become_tpm_errors() -> None:
     assert tpm.transact(b"cmd", 1) == b"\x01cmd"
     tpm.close()
     assert ok.closed
+    for answer in (VtpmResponse.error(TpmResult.BAD_ORDINAL), VtpmResponse.ok(b"")):
+
+        def fixed(request: VtpmRequest, answer: VtpmResponse = answer) -> VtpmResponse:
+            return answer
+
+        tpm = VmTpm(Backend(fixed))
+        assert tpm.transact(b"cmd") == BACKEND_FAILURE_RESPONSE  # refused, or no answer

@@ -22,7 +22,14 @@ from sgxvtpm.enclaves.vtpm_core import VtpmCore
 from sgxvtpm.tpm.constants import TPM2_RC
 from sgxvtpm.tpm.wire import error_response
 from sgxvtpm.util import log
-from sgxvtpm.wire.vtpm import TpmResult, VtpmRequest, VtpmResponse
+from sgxvtpm.wire.vtpm import (
+    TpmResult,
+    VtpmRequest,
+    VtpmResponse,
+    decode_response,
+    encode_tpm_command,
+    tpm_response_of,
+)
 
 #: The data-channel answer when the backend cannot be reached.
 BACKEND_FAILURE_RESPONSE = error_response(TPM2_RC.FAILURE)
@@ -33,7 +40,15 @@ CLOSE_TIMEOUT = 2.0
 class VtpmBackend(Protocol):
     def call(self, request: VtpmRequest) -> VtpmResponse: ...
 
+    def transact(self, command: bytes, locality: int) -> bytes:
+        """A TPM command's response; raises if the vTPM answered a TPM_RESULT error."""
+        ...
+
     def close(self) -> None: ...
+
+
+class VtpmRefused(Exception):
+    """The vTPM answered a TPM command with a TPM_RESULT error (not powered on, ...)."""
 
 
 class LocalBackend:
@@ -46,6 +61,15 @@ class LocalBackend:
     def call(self, request: VtpmRequest) -> VtpmResponse:
         with self._lock:
             return self.core.handle(request)
+
+    def transact(self, command: bytes, locality: int) -> bytes:
+        # As the instance enclave runs it: the encoded message, the core's fast path.
+        with self._lock:
+            message = self.core.handle_message(encode_tpm_command(command, locality))
+        response = tpm_response_of(message)
+        if response is None:
+            raise VtpmRefused(f"TPM_RESULT {decode_response(message).result:#x}")
+        return response
 
     def close(self) -> None:
         with self._lock:
@@ -75,12 +99,20 @@ class VmTpm:
                 return VtpmResponse.error(TpmResult.FAIL)
 
     def transact(self, command: bytes, locality: int | None = None) -> bytes:
-        """One TPM command at ``locality`` (default: the current one) -> TPM response."""
+        """One TPM command at ``locality`` (default: the current one) -> TPM response.
+
+        The data channels' per-command path: one lock, the backend's
+        TPM_COMMAND fast path. A failure or an empty answer becomes TPM_RC_FAILURE.
+        """
         loc = self.locality if locality is None else locality
-        response = self.call(VtpmRequest.tpm_command(command, loc))
-        if not response.success or not response.payload:
-            return BACKEND_FAILURE_RESPONSE
-        return response.payload
+        with self._lock:
+            try:
+                response = self.backend.transact(command, loc)
+            except Exception as exc:  # K2 down, instance gone, refused, bad answer...
+                log.log("endpoint.backend_failed", op="TPM_COMMAND", error=type(exc).__name__,
+                        reason=str(exc))
+                return BACKEND_FAILURE_RESPONSE
+        return response or BACKEND_FAILURE_RESPONSE
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Close the backend once the command in progress (if any) is done.

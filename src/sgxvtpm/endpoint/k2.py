@@ -193,11 +193,16 @@ class _VtpmCalls(abc.ABC):
             raise K2Error(f"the instance refused INIT (result {response.result:#x})")
 
     def transact(self, command: bytes, locality: int = 0) -> bytes:
-        """One raw TPM command, one raw TPM response (TPM errors are responses)."""
-        response = self.call(vtpm.VtpmRequest.tpm_command(command, locality))
-        if not response.success:
-            raise K2Error(f"the instance refused the command (result {response.result:#x})")
-        return response.payload
+        """One raw TPM command, one raw TPM response (TPM errors are responses).
+
+        The codec's TPM_COMMAND fast path: no request or response objects.
+        """
+        message = self.request(vtpm.encode_tpm_command(command, locality))
+        response = vtpm.tpm_response_of(message)
+        if response is None:
+            result = vtpm.decode_response(message).result  # VtpmProtocolError if malformed
+            raise K2Error(f"the instance refused the command (result {result:#x})")
+        return response
 
 
 class K2Client(_VtpmCalls):
