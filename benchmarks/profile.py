@@ -26,7 +26,12 @@ from benchmarks.config import QUICK
 from benchmarks.context import Context
 from benchmarks.procs import start_worker
 
-IDLE_LEAVES = ("select (selectors.py", "_receive (sgxvtpm/endpoint/k2.py", "recv_response")
+IDLE_LEAVES = (
+    "select (selectors.py",
+    "_receive (sgxvtpm/endpoint/k2.py",
+    "_recv (sgxvtpm/endpoint/streams.py",
+    "recv_response",
+)
 
 
 def busy_functions(raw: str, top: int = 15) -> list[tuple[float, str]]:
