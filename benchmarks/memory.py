@@ -24,6 +24,7 @@ def swtpm_memory(ctx: Context, n: int) -> dict[str, Any]:
         "instances": n,
         "pss_kib": statistics.median(m.pss_kib for m in readings),
         "rss_kib": statistics.median(m.rss_kib for m in readings),
+        "private_dirty_kib": statistics.median(m.private_dirty_kib for m in readings),
     }
 
 
@@ -40,6 +41,7 @@ def sgx_memory(ctx: Context, n: int) -> dict[str, Any]:
         "instances": len(pids),
         "pss_kib": statistics.median(m.pss_kib for m in readings),
         "rss_kib": statistics.median(m.rss_kib for m in readings),
+        "private_dirty_kib": statistics.median(m.private_dirty_kib for m in readings),
         "tree_pss_per_instance_kib": total_pss_kib(tree) / len(pids),
         "hostd_pss_kib": memory(fleet.hostd_pid).pss_kib,
     }

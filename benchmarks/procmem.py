@@ -15,18 +15,24 @@ from pathlib import Path
 class Memory:
     pss_kib: int
     rss_kib: int
+    private_dirty_kib: int = 0  # pages only this process holds, written since fork
 
 
 def parse_smaps_rollup(text: str) -> Memory:
-    """Pss and Rss (kB) of a smaps_rollup text; ValueError if either is missing."""
+    """Pss, Rss and Private_Dirty (kB) of a smaps_rollup text; ValueError if Pss or
+    Rss is missing."""
     values: dict[str, int] = {}
     for line in text.splitlines():
         key, _, rest = line.partition(":")
-        if key in ("Pss", "Rss"):
+        if key in ("Pss", "Rss", "Private_Dirty"):
             values[key] = int(rest.split()[0])
     if "Pss" not in values or "Rss" not in values:
         raise ValueError("smaps_rollup without Pss/Rss lines")
-    return Memory(pss_kib=values["Pss"], rss_kib=values["Rss"])
+    return Memory(
+        pss_kib=values["Pss"],
+        rss_kib=values["Rss"],
+        private_dirty_kib=values.get("Private_Dirty", 0),
+    )
 
 
 def memory(pid: int) -> Memory:

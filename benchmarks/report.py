@@ -108,8 +108,8 @@ def _path_costs(results: dict[str, Any], target: str) -> str:
         parts.append(f"libtpms itself needs {fmt_us(a)}; swtpm's socket loop adds {fmt_us(b - a)}")
     if a is not None and d is not None:
         parts.append(
-            f"the K2 path (TLS record each way, relay hop through hostd, "
-            f"dispatch in the instance) adds {fmt_us(d - a)}"
+            f"the K2 path (a TLS record each way, a hop to the instance process and "
+            f"its Python loop; hostd is off the path after the handshake) adds {fmt_us(d - a)}"
         )
     if target == "c" and c is not None and d is not None:
         parts.append(f"the `vm serve` endpoint process adds {fmt_us(c - d)} more")
@@ -192,6 +192,14 @@ def _memory_verdict(results: dict[str, Any]) -> Verdict:
         f"({value:.2f}x) with {sg['instances']} instances; everything under hostd "
         f"divided by the instances: {fmt_kib(sg['tree_pss_per_instance_kib'])}"
     )
+    if status == "missed" and "private_dirty_kib" in sg:
+        detail += (
+            f". Why: an instance is a CPython process forked from the zygote; "
+            f"{fmt_kib(sg['private_dirty_kib'])} of its pages are its own (written "
+            f"since the fork: its heap, libtpms' state, and the shared interpreter "
+            f"pages that reference counting copies), against swtpm's "
+            f"{fmt_kib(sw.get('private_dirty_kib', 0))}"
+        )
     return Verdict(name, status, f"{name} (<= 2x swtpm's PSS): **{status}** — {detail}.")
 
 
@@ -210,7 +218,30 @@ def _load_verdict(results: dict[str, Any]) -> Verdict:
         f"sgxvtpm (c) {sg['commands_per_s']:.0f} commands/s vs swtpm "
         f"{sw['commands_per_s']:.0f} ({value:.2f}x)"
     )
+    if status == "missed":
+        detail += _load_why(results)
     return Verdict(name, status, f"{name} (>= 1.0x): **{status}** — {detail}.")
+
+
+def _server_cpu_us(results: dict[str, Any], target: str) -> float | None:
+    """CPU per command of the processes that serve it (everything but the client)."""
+    cpu = results.get("latency", {}).get(target, {}).get("cpu")
+    if not cpu:
+        return None
+    return float(sum(us for name, us in cpu["cpu_us"].items() if name != "client"))
+
+
+def _load_why(results: dict[str, Any]) -> str:
+    mine, peer = _server_cpu_us(results, "c"), _server_cpu_us(results, "b")
+    if not mine or not peer:
+        return ""
+    return (
+        f". Why: the load keeps both cores busy, so throughput is CPU per command; "
+        f"serving one command through (c) costs {fmt_us(mine)} of CPU in two Python "
+        f"processes (vm serve, instance) against {fmt_us(peer)} in swtpm "
+        f"({mine / peer:.1f}x, single-client loop above), and with many VMs every "
+        f"command also switches between more processes whose caches evict each other"
+    )
 
 
 def _scale_verdict(results: dict[str, Any]) -> Verdict:

@@ -164,7 +164,28 @@ def test_render_survives_failed_sections() -> None:
 def test_smaps_rollup_parse() -> None:
     text = "00400000-7ffd0000 ---p 00000000 00:00 0 [rollup]\nRss: 7000 kB\nPss: 2100 kB\n"
     memory = parse_smaps_rollup(text)
-    assert (memory.pss_kib, memory.rss_kib) == (2100, 7000)
+    assert (memory.pss_kib, memory.rss_kib, memory.private_dirty_kib) == (2100, 7000, 0)
+    memory = parse_smaps_rollup(text + "Private_Dirty: 1500 kB\n")
+    assert memory.private_dirty_kib == 1500
+
+
+def test_memory_and_load_misses_say_why() -> None:
+    res = results()
+    res["memory"]["sgxvtpm"]["private_dirty_kib"] = 5120
+    res["memory"]["swtpm"]["private_dirty_kib"] = 512
+    res["load"]["sgxvtpm"]["32"]["commands_per_s"] = 5000.0
+    res["latency"]["b"]["cpu"] = {"wall_us": 60.0, "cpu_us": {"swtpm": 10.0, "client": 13.0}}
+    res["latency"]["c"]["cpu"] = {
+        "wall_us": 200.0,
+        "cpu_us": {"vm serve": 50.0, "hostd": 0.0, "instance": 70.0, "client": 20.0},
+    }
+    sentences = {v.target: v.sentence for v in verdicts(res)}
+    assert "5.0 MiB of its pages are its own" in sentences["idle memory per instance"]
+    assert "against swtpm's 0.5 MiB" in sentences["idle memory per instance"]
+    load = sentences["aggregate throughput at 32 VMs"]
+    assert "**missed**" in load
+    assert "costs 120 µs of CPU in two Python processes" in load  # the client is not counted
+    assert "against 10.0 µs in swtpm (12.0x" in load
 
 
 def test_worker_output_last_line_or_reason() -> None:
