@@ -535,6 +535,33 @@ def _channel(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _placement(results: dict[str, Any]) -> list[str]:
+    placement = results.get("placement")
+    if not placement:
+        return []
+    lines = [
+        "## Placement",
+        "",
+        "GetRandom(32) medians through `vm serve --swtpm` (c) and swtpm with the processes "
+        "pinned to the CPUs of each row (swtpm where the instance enclave is); every other "
+        "section leaves placement to the scheduler. A wake-up on the other CPU costs an IPI "
+        "(on a virtual machine, a VM exit).",
+        "",
+    ]
+    if not _ok(placement):
+        return [*lines, f"Not measured: {placement.get('reason')}", ""]
+    rows = [
+        [
+            row["placement"],
+            fmt_us(row["sgxvtpm_us"]),
+            fmt_us(row["swtpm_us"]),
+            fmt_ratio(ratio(row["sgxvtpm_us"], row["swtpm_us"])),
+        ]
+        for row in placement["rows"]
+    ]
+    return [*lines, *_table(["placement", "sgxvtpm (c)", "swtpm", "ratio"], rows), ""]
+
+
 def render(results: dict[str, Any], analysis: str = "") -> str:
     lines = [
         "# sgxvtpm benchmarks",
@@ -549,6 +576,7 @@ def render(results: dict[str, Any], analysis: str = "") -> str:
         *(f"- {v.sentence}" for v in verdicts(results)),
         "",
         *_latency(results),
+        *_placement(results),
         *_creation(results),
         *_memory(results),
         *_load(results),

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import creation, load, memory, scale, targets
+from benchmarks import affinity, creation, load, memory, scale, targets
 from benchmarks.config import FULL, QUICK, Config
 from benchmarks.context import Context
 from benchmarks.machine import describe, load_average
@@ -37,6 +37,7 @@ from benchmarks.report import render
 
 SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "latency": targets.run,
+    "placement": affinity.run,
     "creation": creation.run,
     "memory": memory.run,
     "load": load.run,

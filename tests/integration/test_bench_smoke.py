@@ -78,3 +78,8 @@ def test_quick_run_writes_numbers_for_a_and_b(tmp_path: Path) -> None:
     assert results["memory"]["swtpm"]["pss_kib"] > 0
     assert results["load"]["swtpm"]["2"]["commands_per_s"] > 0
     assert results["scale"]["swtpm"]["answering"]["answered"] == 2
+    placement = results["placement"]  # measured, or a reason (one CPU)
+    assert placement["ok"] or placement["reason"], placement
+    if placement["ok"]:
+        assert len(placement["rows"]) == 4
+        assert all(r["sgxvtpm_us"] > 0 and r["swtpm_us"] > 0 for r in placement["rows"])

@@ -151,6 +151,18 @@ def test_render_has_table_ratios_machine_and_reasons() -> None:
     assert "Stopped early: stopped at 120 instances" in text
 
 
+def test_render_placement_rows_and_reason() -> None:
+    res = results()
+    res["placement"] = {
+        "ok": True,
+        "rows": [{"placement": "all three on one CPU", "sgxvtpm_us": 85.0, "swtpm_us": 12.5}],
+    }
+    text = render(res)
+    assert "| all three on one CPU | 85.0 µs | 12.5 µs | 6.80x |" in text
+    res["placement"] = {"ok": False, "reason": "needs two CPUs"}
+    assert "Not measured: needs two CPUs" in render(res)
+
+
 def test_render_survives_failed_sections() -> None:
     res = copy.deepcopy(results())
     for key in ("creation", "memory", "load", "scale", "channel"):
