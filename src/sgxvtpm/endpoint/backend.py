@@ -15,6 +15,7 @@ client can handle instead of a hang.
 
 from __future__ import annotations
 
+import abc
 import threading
 from typing import Protocol
 
@@ -27,6 +28,7 @@ from sgxvtpm.wire.vtpm import (
     VtpmRequest,
     VtpmResponse,
     decode_response,
+    encode_request,
     encode_tpm_command,
     tpm_response_of,
 )
@@ -51,25 +53,50 @@ class VtpmRefused(Exception):
     """The vTPM answered a TPM command with a TPM_RESULT error (not powered on, ...)."""
 
 
-class LocalBackend:
-    """A vTPM in this process (NOT protected by an enclave; tests and comparisons)."""
+class MessageBackend(abc.ABC):
+    """The vTPM operations over any ``request(message) -> message`` (sgxvtpm.wire.vtpm)."""
+
+    #: Raised when the vTPM answers with a TPM_RESULT error.
+    Refused: type[Exception] = VtpmRefused
+
+    @abc.abstractmethod
+    def request(self, payload: bytes) -> bytes: ...
+
+    def call(self, request: VtpmRequest) -> VtpmResponse:
+        return decode_response(self.request(encode_request(request)))
+
+    def power_on(self, flags: int = 0) -> None:
+        """INIT (swtpm's CMD_INIT): start the TPM; the client then sends TPM2_Startup."""
+        response = self.call(VtpmRequest.init(flags))
+        if not response.success:
+            raise self.Refused(f"the vTPM refused INIT (result {response.result:#x})")
+
+    def transact(self, command: bytes, locality: int = 0) -> bytes:
+        """One raw TPM command, one raw TPM response (TPM errors are responses).
+
+        The codec's TPM_COMMAND fast path: no request or response objects.
+        """
+        message = self.request(encode_tpm_command(command, locality))
+        response = tpm_response_of(message)
+        if response is None:
+            result = decode_response(message).result  # VtpmProtocolError if malformed
+            raise self.Refused(f"the vTPM refused the command (result {result:#x})")
+        return response
+
+
+class LocalBackend(MessageBackend):
+    """A vTPM in this process (NOT protected by an enclave; tests and comparisons).
+
+    Requests take the same encoded path as in the instance enclave.
+    """
 
     def __init__(self, core: VtpmCore) -> None:
         self.core = core
         self._lock = threading.Lock()  # the core is not thread-safe
 
-    def call(self, request: VtpmRequest) -> VtpmResponse:
+    def request(self, payload: bytes) -> bytes:
         with self._lock:
-            return self.core.handle(request)
-
-    def transact(self, command: bytes, locality: int) -> bytes:
-        # As the instance enclave runs it: the encoded message, the core's fast path.
-        with self._lock:
-            message = self.core.handle_message(encode_tpm_command(command, locality))
-        response = tpm_response_of(message)
-        if response is None:
-            raise VtpmRefused(f"TPM_RESULT {decode_response(message).result:#x}")
-        return response
+            return self.core.handle_message(payload)
 
     def close(self) -> None:
         with self._lock:

@@ -14,7 +14,6 @@ may have run (S2); the next request opens a new session.
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import json
 import socket
@@ -30,12 +29,12 @@ from sgxvtpm.channel import (
     Message,
 )
 from sgxvtpm.enclaves.specs import expected_policy
+from sgxvtpm.endpoint.backend import MessageBackend
 from sgxvtpm.endpoint.streams import timeval
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.platform.base import MeasurementPolicy, QuoteVerifier
 from sgxvtpm.vmm.client import platform_verifier
 from sgxvtpm.wire import relay as frames
-from sgxvtpm.wire import vtpm
 
 CONNECT_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 300.0  # an RSA key generation on a loaded host can take seconds
@@ -177,36 +176,10 @@ class K2Connection:
             )
 
 
-class _VtpmCalls(abc.ABC):
-    """The vTPM operations, over any ``request(bytes) -> bytes``."""
-
-    @abc.abstractmethod
-    def request(self, payload: bytes) -> bytes: ...
-
-    def call(self, request: vtpm.VtpmRequest) -> vtpm.VtpmResponse:
-        return vtpm.decode_response(self.request(vtpm.encode_request(request)))
-
-    def power_on(self, flags: int = 0) -> None:
-        """INIT (swtpm's CMD_INIT): start the TPM; the client then sends TPM2_Startup."""
-        response = self.call(vtpm.VtpmRequest.init(flags))
-        if not response.success:
-            raise K2Error(f"the instance refused INIT (result {response.result:#x})")
-
-    def transact(self, command: bytes, locality: int = 0) -> bytes:
-        """One raw TPM command, one raw TPM response (TPM errors are responses).
-
-        The codec's TPM_COMMAND fast path: no request or response objects.
-        """
-        message = self.request(vtpm.encode_tpm_command(command, locality))
-        response = vtpm.tpm_response_of(message)
-        if response is None:
-            result = vtpm.decode_response(message).result  # VtpmProtocolError if malformed
-            raise K2Error(f"the instance refused the command (result {result:#x})")
-        return response
-
-
-class K2Client(_VtpmCalls):
+class K2Client(MessageBackend):
     """A blocking K2 session: ``request(bytes) -> bytes``, one at a time."""
+
+    Refused = K2Error
 
     def __init__(
         self, binding: VmBinding, timeout: float = REQUEST_TIMEOUT, *, handoff: bool = True
