@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from sgxvtpm.platform import EnclaveSpec, PlatformError
-from sgxvtpm.platform.sim import SimLoader, SimPlatformDir, identity_of_spec, measure_mrenclave
+from sgxvtpm.platform.sim import (
+    SimLoader,
+    SimPlatformDir,
+    identity_of_spec,
+    measure_mrenclave,
+    mrsigner_of,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -58,14 +64,16 @@ def loader(platform: SimPlatformDir) -> Iterator[SimLoader]:
 
 
 def _spec(platform: SimPlatformDir, code: Path, config: bytes = b'{"x": 1}') -> EnclaveSpec:
-    return EnclaveSpec(
-        name="echo",
-        entry="sim_echo_enclave:main",
-        code_files=[code],
-        config=config,
-        signer_public_key=platform.signer_public_key,
-        isv_prod_id=7,
-        isv_svn=3,
+    """The echo enclave, signed by the platform's vendor key."""
+    return platform.sign(
+        EnclaveSpec(
+            name="echo",
+            entry="sim_echo_enclave:main",
+            code_files=[code],
+            config=config,
+            isv_prod_id=7,
+            isv_svn=3,
+        )
     )
 
 
@@ -77,7 +85,7 @@ def test_launched_enclave_quotes_its_measured_identity(
     try:
         assert _call(handle.stream, b"P") == b"pong"
         assert handle.identity.mrenclave == measure_mrenclave(spec)
-        assert handle.identity == identity_of_spec(spec)
+        assert handle.identity == identity_of_spec(spec, platform.signer_public_key)
         nonce = os.urandom(64)
         verified = platform.verifier().verify(_call(handle.stream, b"Q" + nonce))
         assert verified.identity == handle.identity
@@ -106,16 +114,13 @@ def test_enclave_process_is_hardened(
         core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
         assert core.split()[4:6] == ["0", "0"]
         fds = sorted(int(fd) for fd in os.listdir(f"/proc/{handle.pid}/fd"))
-        assert fds == [0, 1, 2, _stream_fd(handle.pid)]
+        # stdio, the stream to the host and the ENCLU socket to the sim CPU
+        sockets = [fd for fd in fds if fd > 2]
+        assert fds[:3] == [0, 1, 2] and len(sockets) == 2
+        links = [os.readlink(f"/proc/{handle.pid}/fd/{fd}") for fd in sockets]
+        assert all(link.startswith("socket:") for link in links)
     finally:
         handle.stop()
-
-
-def _stream_fd(pid: int) -> int:
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        if int(fd) > 2 and os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
-            return int(fd)
-    raise AssertionError("no stream socket in the enclave")
 
 
 def _owner_of_proc_files(pid: int) -> int:
@@ -172,7 +177,7 @@ def test_code_change_changes_identity_and_code_run(
     handle = loader.launch(spec, {})
     try:
         assert handle.identity.mrenclave != measure_mrenclave(_spec(platform, code))
-        assert handle.identity.mrsigner == identity_of_spec(_spec(platform, code)).mrsigner
+        assert handle.identity.mrsigner == mrsigner_of(platform.signer_public_key)
         assert _call(handle.stream, b"P") == b"PONG"
         quote = _call(handle.stream, b"Q" + bytes(64))
         assert platform.verifier().verify(quote).identity.mrenclave == measure_mrenclave(spec)
@@ -181,14 +186,8 @@ def test_code_change_changes_identity_and_code_run(
 
 
 def test_bad_entry_fails_cleanly(platform: SimPlatformDir, loader: SimLoader, code: Path) -> None:
-    spec = EnclaveSpec(
-        name="bad",
-        entry="no_colon",
-        code_files=[code],
-        config=b"",
-        signer_public_key=platform.signer_public_key,
-        isv_prod_id=1,
-        isv_svn=1,
+    spec = platform.sign(
+        EnclaveSpec("bad", "no_colon", [code], config=b"", isv_prod_id=1, isv_svn=1)
     )
     with pytest.raises(PlatformError):
         loader.launch(spec, {})
@@ -240,20 +239,37 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS line")
 
 
-def test_stale_preloaded_module_restarts_the_zygote(
-    platform: SimPlatformDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _package_copy(tmp_path: Path, change: bytes = b"") -> list[Path]:
+    """A copy of the installed sgxvtpm/__init__.py, as a measured file of package sgxvtpm."""
+    import sgxvtpm
+
+    root = tmp_path / "copy" / "sgxvtpm"
+    root.mkdir(parents=True)
+    init = root / "__init__.py"
+    init.write_bytes(Path(sgxvtpm.__file__).read_bytes() + change)
+    return [init]
+
+
+def test_other_bytes_for_a_preloaded_module_never_run(
+    platform: SimPlatformDir, loader: SimLoader, code: Path, tmp_path: Path
 ) -> None:
-    """A measured module the zygote pre-imported from other bytes is never run."""
-    path = tmp_path / "sim_echo_enclave.py"
-    path.write_bytes(HELPER_SOURCE.read_bytes())
-    monkeypatch.syspath_prepend(str(tmp_path))
-    with platform.loader(preload=["sim_echo_enclave"]) as ldr:
-        first = ldr.zygote_pid
-        handle = ldr.launch(_spec(platform, path), {})
-        assert _call(handle.stream, b"P") == b"pong"
-        assert ldr.zygote_pid == first
-        path.write_bytes(path.read_bytes().replace(b'b"pong"', b'b"PONG"'))
-        changed = ldr.launch(_spec(platform, path), {})
-        assert ldr.zygote_pid != first
-        assert _call(changed.stream, b"P") == b"PONG"
-        assert _call(handle.stream, b"P") == b"pong"
+    """The zygote pre-imported sgxvtpm; an enclave measuring other bytes for it is refused."""
+    spec = _spec(platform, code)
+    changed = platform.sign(
+        EnclaveSpec(
+            spec.name, spec.entry, [code, *_package_copy(tmp_path, b"X = 1\n")], b"", 7, 3
+        )
+    )
+    with pytest.raises(PlatformError, match="stale"):
+        loader.launch(changed, {})
+
+
+def test_preloaded_modules_of_a_measured_package_must_be_measured(
+    platform: SimPlatformDir, loader: SimLoader, code: Path, tmp_path: Path
+) -> None:
+    """Measuring sgxvtpm/__init__.py alone leaves the zygote's other sgxvtpm modules unmeasured."""
+    spec = platform.sign(
+        EnclaveSpec("echo", "sim_echo_enclave:main", [code, *_package_copy(tmp_path)], b"", 7, 3)
+    )
+    with pytest.raises(PlatformError, match="stale"):
+        loader.launch(spec, {})

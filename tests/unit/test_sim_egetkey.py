@@ -27,7 +27,7 @@ def pdir(tmp_path_factory: pytest.TempPathFactory) -> SimPlatformDir:
 
 
 def _spec(code: Path, pdir: SimPlatformDir) -> EnclaveSpec:
-    return EnclaveSpec("e", "enclave_code:main", [code], b"cfg", pdir.signer_public_key, 9, 2)
+    return EnclaveSpec("e", "enclave_code:main", [code], b"cfg", 9, 2)
 
 
 def _code_pair(tmp_path: Path) -> tuple[Path, Path]:
@@ -41,7 +41,9 @@ def _code_pair(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_mrenclave_key_changes_with_one_code_byte(pdir: SimPlatformDir, tmp_path: Path) -> None:
     one, two = _code_pair(tmp_path)
-    id1, id2 = identity_of_spec(_spec(one, pdir)), identity_of_spec(_spec(two, pdir))
+    id1, id2 = identity_of_spec(_spec(one, pdir), pdir.signer_public_key), identity_of_spec(
+        _spec(two, pdir), pdir.signer_public_key
+    )
     assert id1.mrenclave != id2.mrenclave
     k1 = pdir.enclave_platform(id1).get_key(SEAL_MRENCLAVE)
     k2 = pdir.enclave_platform(id2).get_key(SEAL_MRENCLAVE)
@@ -51,7 +53,9 @@ def test_mrenclave_key_changes_with_one_code_byte(pdir: SimPlatformDir, tmp_path
 
 def test_mrsigner_key_survives_a_code_change(pdir: SimPlatformDir, tmp_path: Path) -> None:
     one, two = _code_pair(tmp_path)
-    id1, id2 = identity_of_spec(_spec(one, pdir)), identity_of_spec(_spec(two, pdir))
+    id1, id2 = identity_of_spec(_spec(one, pdir), pdir.signer_public_key), identity_of_spec(
+        _spec(two, pdir), pdir.signer_public_key
+    )
     k1 = pdir.enclave_platform(id1).get_key(SEAL_MRSIGNER)
     assert k1 == pdir.enclave_platform(id2).get_key(SEAL_MRSIGNER)
     assert k1 != pdir.enclave_platform(id1).get_key(SEAL_MRENCLAVE)

@@ -13,6 +13,7 @@ import pytest
 from sgxvtpm.platform import EnclaveSpec, PlatformError
 from sgxvtpm.platform.sim import codeimport, identity_of_spec, measure_mrenclave, mrsigner_of
 from sgxvtpm.platform.sim.measure import read_code, relative_name
+from sgxvtpm.util import measured
 
 
 def _tree(root: Path, body: bytes = b"X = 1\n") -> list[Path]:
@@ -30,7 +31,6 @@ def _spec(files: list[Path], **kw: object) -> EnclaveSpec:
         "entry": "encpkg.mod:main",
         "code_files": files,
         "config": b"cfg",
-        "signer_public_key": b"signer-spki",
         "isv_prod_id": 1,
         "isv_svn": 1,
     }
@@ -74,17 +74,20 @@ def test_code_byte_and_order_are_measured(tmp_path: Path) -> None:
 
 
 def test_identity_from_spec(tmp_path: Path) -> None:
-    ident = identity_of_spec(_spec(_tree(tmp_path), isv_prod_id=7, isv_svn=9))
+    ident = identity_of_spec(_spec(_tree(tmp_path), isv_prod_id=7, isv_svn=9), b"signer-spki")
     assert ident.mrsigner == hashlib.sha256(b"signer-spki").digest() == mrsigner_of(b"signer-spki")
     assert (ident.isv_prod_id, ident.isv_svn) == (7, 9)
     with pytest.raises(PlatformError):
-        identity_of_spec(_spec(_tree(tmp_path / "x"), isv_svn=70000))
+        identity_of_spec(_spec(_tree(tmp_path / "x"), isv_svn=70000), b"k")
     with pytest.raises(PlatformError):
-        identity_of_spec(_spec([tmp_path / "missing.py"]))
+        identity_of_spec(_spec([tmp_path / "missing.py"]), b"k")
 
 
 @pytest.fixture
-def clean_imports() -> Iterator[None]:
+def clean_imports(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # codeimport.install makes this process "an enclave" for util.measured.
+    monkeypatch.setattr(measured, "_libraries", {})
+    monkeypatch.setattr(measured, "_in_enclave", False)
     meta = list(sys.meta_path)
     yield
     sys.meta_path[:] = meta
@@ -100,6 +103,24 @@ def test_measured_bytes_are_what_runs(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.syspath_prepend(str(tmp_path))
     codeimport.install(code)
     assert importlib.import_module("encpkg.mod").X == "measured"
-    with pytest.raises(PlatformError, match="changed after measurement"):
-        (tmp_path / "libfake.so").write_bytes(b"other")
-        codeimport.check_data_files(code)
+    # A measured shared object is loaded from a sealed copy of its measured bytes.
+    (tmp_path / "libfake.so").write_bytes(b"other")
+    staged = measured.library_path("libfake", "libfake.so")
+    assert staged.startswith("/proc/self/fd/")
+    assert Path(staged).read_bytes() == b"\x7fELF fake"
+    with pytest.raises(OSError), open(staged, "r+b") as f:
+        f.write(b"x")
+    with pytest.raises(measured.UnmeasuredLibraryError):
+        measured.library_path("libtpms", "libtpms.so.0")
+
+
+@pytest.mark.usefixtures("clean_imports")
+def test_unmeasured_module_of_a_measured_package_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = _tree(tmp_path)
+    (tmp_path / "encpkg" / "extra.py").write_bytes(b"X = 'never measured'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    codeimport.install(read_code(files))
+    with pytest.raises(ImportError, match="not part of this enclave's measured code"):
+        importlib.import_module("encpkg.extra")

@@ -1,23 +1,39 @@
 """What the two kinds of enclave are made of, and the identity a verifier expects.
 
-An enclave's measured code is every module of this package that can run in
-an enclave (everything but the untrusted host, VMM and endpoint code), and,
-for an instance, libtpms' shared object. A verifier computes the expected
-MRENCLAVE from the code it has installed (DESIGN.md S3): no host-side file
-decides what is trusted.
+An enclave's measured code is an allow-list: exactly the modules of this
+package that its entry points import, directly or not (:func:`import_closure`
+over the source, so no module of the untrusted host, VMM or endpoint can
+hide in an enclave unmeasured), the sim platform's enclave bootstrap (the
+zygote, which runs in every enclave process before its entry), and, for an
+instance, libtpms' shared object. The manager and the instance measure the
+same module set (the zygote pre-imports both entries for every enclave, so
+each enclave's memory holds both); entry, configuration and libtpms tell
+them apart. A verifier computes the expected MRENCLAVE from the code it has
+installed: no host-side file decides what is trusted.
 """
 
 from __future__ import annotations
 
+import ast
 import ctypes.util
 import functools
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from sgxvtpm.platform.base import EnclaveSpec, MeasurementPolicy
 
+PACKAGE = "sgxvtpm"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-UNTRUSTED = ("host", "vmm", "endpoint", "cli.py", "__main__.py")
+# Code that must never run inside an enclave: a module of these imported by
+# enclave code is an error, not something to measure.
+UNTRUSTED = ("sgxvtpm.host.hostd", "sgxvtpm.vmm", "sgxvtpm.endpoint", "sgxvtpm.cli")
+# What runs in every sim enclave process: its bootstrap and both entry points.
+ENCLAVE_ROOTS = (
+    "sgxvtpm.enclaves.manager",
+    "sgxvtpm.enclaves.instance",
+    "sgxvtpm.platform.sim.zygote",
+)
 
 MANAGER_PROD_ID = 1
 INSTANCE_PROD_ID = 2
@@ -27,15 +43,83 @@ MANAGER_ENTRY = "sgxvtpm.enclaves.manager:main"
 INSTANCE_ENTRY = "sgxvtpm.enclaves.instance:main"
 
 
+class EnclaveCodeError(RuntimeError):
+    """Enclave code imports something that must stay outside enclaves."""
+
+
+def module_path(name: str) -> Path | None:
+    """The source file of module ``name`` of this package, or None if there is none."""
+    rel = Path(*name.split(".")[1:])
+    for candidate in (PACKAGE_ROOT / rel / "__init__.py", PACKAGE_ROOT / f"{rel}.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def import_closure(roots: Iterable[str]) -> dict[str, Path]:
+    """Every module of this package that importing ``roots`` can execute.
+
+    Read from the source (ast): ``import`` and ``from ... import`` anywhere in
+    a module, including inside functions, resolved against this package;
+    parents of a module are included (importing a.b runs a/__init__.py).
+    Imports under ``if TYPE_CHECKING:`` never run and are skipped.
+    """
+    found: dict[str, Path] = {}
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in found or not (name == PACKAGE or name.startswith(PACKAGE + ".")):
+            continue
+        if any(name == u or name.startswith(u + ".") for u in UNTRUSTED):
+            raise EnclaveCodeError(f"enclave code imports {name}, which is host-side code")
+        path = module_path(name)
+        if path is None:
+            continue  # a name imported from a module, not a module
+        found[name] = path
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+        todo += _imports_of(name, path)
+    return found
+
+
+def _imports_of(name: str, path: Path) -> list[str]:
+    tree = ast.parse(path.read_bytes(), str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    names: list[str] = []
+    for node in _executed_nodes(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            names.append(base)
+            names += [f"{base}.{alias.name}" for alias in node.names]
+    return names
+
+
+def _executed_nodes(node: ast.AST) -> Iterable[ast.AST]:
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and _is_type_checking(child.test):
+            for other in child.orelse:
+                yield other
+                yield from _executed_nodes(other)
+            continue
+        yield child
+        yield from _executed_nodes(child)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
 @functools.cache
 def enclave_modules() -> tuple[Path, ...]:
-    files = []
-    for path in sorted(PACKAGE_ROOT.rglob("*.py")):
-        rel = path.relative_to(PACKAGE_ROOT)
-        if rel.parts[0] in UNTRUSTED or "__pycache__" in rel.parts:
-            continue
-        files.append(path)
-    return tuple(files)
+    """The measured Python files of both enclaves, in a stable order."""
+    return tuple(sorted(import_closure(ENCLAVE_ROOTS).values()))
 
 
 @functools.cache
@@ -56,35 +140,41 @@ def _config(name: str, prod_id: int) -> bytes:
     ).encode()
 
 
-def manager_spec(signer_public_key: bytes) -> EnclaveSpec:
+def manager_spec() -> EnclaveSpec:
+    """The manager enclave, unsigned (the loader's signer adds the SIGSTRUCT)."""
     return EnclaveSpec(
         name="manager",
         entry=MANAGER_ENTRY,
         code_files=enclave_modules(),
         config=_config("manager", MANAGER_PROD_ID),
-        signer_public_key=signer_public_key,
         isv_prod_id=MANAGER_PROD_ID,
         isv_svn=ISV_SVN,
     )
 
 
-def instance_spec(signer_public_key: bytes) -> EnclaveSpec:
+def instance_spec() -> EnclaveSpec:
+    """An instance enclave, unsigned."""
     return EnclaveSpec(
         name="instance",
         entry=INSTANCE_ENTRY,
         code_files=(*enclave_modules(), libtpms_path()),
         config=_config("instance", INSTANCE_PROD_ID),
-        signer_public_key=signer_public_key,
         isv_prod_id=INSTANCE_PROD_ID,
         isv_svn=ISV_SVN,
     )
 
 
+def release() -> list[EnclaveSpec]:
+    """What the platform's vendor key signs (the sim CPU calls this; see platform/sim/cpu.py)."""
+    return [manager_spec(), instance_spec()]
+
+
+@functools.cache
 def expected_policy(kind: str) -> MeasurementPolicy:
     """The default policy: the exact MRENCLAVE of the code installed here."""
     from sgxvtpm.platform.sim.measure import measure_mrenclave
 
-    spec = manager_spec(b"") if kind == "manager" else instance_spec(b"")
+    spec = manager_spec() if kind == "manager" else instance_spec()
     return MeasurementPolicy(mrenclaves=frozenset({measure_mrenclave(spec)}))
 
 

@@ -29,12 +29,13 @@ from sgxvtpm.channel import ClientCredential
 from sgxvtpm.enclaves.specs import instance_spec, manager_spec
 from sgxvtpm.host.relay import Connection, Relay
 from sgxvtpm.host.statedir import StateDir
-from sgxvtpm.platform.base import EnclaveHandle, EnclaveSpec, Loader
-from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
+from sgxvtpm.platform.base import EnclaveHandle, EnclaveSpec, PlatformError
+from sgxvtpm.platform.sim.loader import SimLoader
 from sgxvtpm.util import log
 from sgxvtpm.util.keyfile import write_private_key
 
 PRELOAD = ("sgxvtpm.enclaves.manager", "sgxvtpm.enclaves.instance")
+RELEASE = "sgxvtpm.enclaves.specs:release"
 # An enclave that dies is relaunched; one that keeps dying right after launch
 # (within CRASH_UPTIME) is relaunched with exponential backoff, up to
 # MAX_BACKOFF seconds, and `vm show` says it is crash-looping.
@@ -81,9 +82,16 @@ class Hostd:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise HostdError(f"another hostd is running on {state.root}") from None
-        self.platform = SimPlatformDir.open_or_create(state.platform)
         self.operator = ensure_operator_identity(state)
-        self.loader: Loader = self.platform.loader(preload=PRELOAD)
+        # The loader starts the platform's CPU process, which alone opens the
+        # platform directory (hostd never holds a platform secret) and signs
+        # the release's enclaves from its own installed code (sim/cpu.py).
+        try:
+            self.loader = SimLoader(state.platform, preload=PRELOAD, release=RELEASE)
+        except PlatformError as exc:
+            raise HostdError(str(exc)) from None
+        self.manager_spec = self.loader.signed(manager_spec())
+        self.instance_spec = self.loader.signed(instance_spec())
         self.relay = Relay(self.on_control)
         self.enclaves: dict[str, Enclave] = {}
         self.manager_ready = asyncio.Event()
@@ -96,7 +104,7 @@ class Hostd:
         # The first creation request: the loader measures and launches E1.
         manager = Enclave(
             "manager",
-            manager_spec(self.platform.signer_public_key),
+            self.manager_spec,
             {
                 "state_dir": str(self.state.manager),
                 "operator_cert_pem": self.operator.cert_pem.decode(),
@@ -218,7 +226,7 @@ class Hostd:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         enclave = Enclave(
             instance_id,
-            instance_spec(self.platform.signer_public_key),
+            self.instance_spec,
             {
                 "instance_id": instance_id,
                 "state_dir": str(directory),

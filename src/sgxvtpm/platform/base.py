@@ -27,6 +27,14 @@ REPORT_DATA_SIZE = 64
 REPORT_BODY_SIZE = 384
 REPORT_SIZE = 432  # body + KEYID(32) + MAC(16), SDM 38.15
 
+# SECS.ATTRIBUTES.FLAGS bits (SDM 38.7.1); ATTRIBUTES is FLAGS (u64) || XFRM (u64).
+SGX_FLAGS_INITTED = 0x01
+SGX_FLAGS_DEBUG = 0x02
+SGX_FLAGS_MODE64BIT = 0x04
+SGX_FLAGS_PROVISIONKEY = 0x10
+SGX_FLAGS_EINITTOKENKEY = 0x20
+SGX_FLAGS_KSS = 0x80
+
 
 class PlatformError(Exception):
     """A platform primitive failed; the message says which and why."""
@@ -62,17 +70,22 @@ class EnclaveSpec:
     """What the loader needs to build, measure and start one enclave.
 
     ``code_files`` and ``config`` are measured into MRENCLAVE; ``entry`` is the
-    ``module:function`` run inside; ``signer_public_key`` (DER SPKI) gives
-    MRSIGNER. ISVPRODID and ISVSVN come from the (simulated) SIGSTRUCT.
+    ``module:function`` run inside. ``sigstruct`` is the signer's signature
+    over the enclave's MRENCLAVE, ATTRIBUTES, ISVPRODID and ISVSVN (the
+    backend's SIGSTRUCT encoding): the platform verifies it before the enclave
+    runs and derives MRSIGNER from the key that verified it, never from
+    anything the loader says. ``debug`` launches with ATTRIBUTES.DEBUG set,
+    which a default :class:`MeasurementPolicy` refuses.
     """
 
     name: str
     entry: str
     code_files: Sequence[Path]
     config: bytes
-    signer_public_key: bytes
     isv_prod_id: int
     isv_svn: int
+    sigstruct: bytes = b""
+    debug: bool = False
 
 
 @dataclass(frozen=True)
@@ -192,7 +205,7 @@ class Loader(Protocol):
     """The untrusted half of the SGX module: create and stop enclaves."""
 
     def launch(self, spec: EnclaveSpec, args: Mapping[str, Any]) -> EnclaveHandle:
-        """Measure ``spec``, start it, pass ``args`` (unmeasured, untrusted input)."""
+        """Measure ``spec``, check its SIGSTRUCT, start it, pass ``args`` (untrusted input)."""
         ...
 
     def close(self) -> None: ...
@@ -214,15 +227,20 @@ class MeasurementPolicy:
 
     Either an exact MRENCLAVE (the default: computed by the verifier from the
     enclave code it has installed), or MRSIGNER + ISVPRODID + minimum ISVSVN
-    (for upgrades). Several MRENCLAVE values may be allowed at once.
+    (for upgrades). Several MRENCLAVE values may be allowed at once. A debug
+    enclave (ATTRIBUTES.DEBUG: its memory is readable through the debugger
+    interface) is refused unless ``allow_debug``, whatever else matches.
     """
 
     mrenclaves: frozenset[bytes] = field(default_factory=frozenset)
     mrsigner: bytes | None = None
     isv_prod_id: int | None = None
     min_isv_svn: int = 0
+    allow_debug: bool = False
 
     def accepts(self, identity: EnclaveIdentity) -> bool:
+        if is_debug(identity) and not self.allow_debug:
+            return False
         if identity.mrenclave in self.mrenclaves:
             return True
         if self.mrsigner is None or self.isv_prod_id is None:
@@ -232,3 +250,8 @@ class MeasurementPolicy:
             and identity.isv_prod_id == self.isv_prod_id
             and identity.isv_svn >= self.min_isv_svn
         )
+
+
+def is_debug(identity: EnclaveIdentity) -> bool:
+    """Whether ATTRIBUTES.FLAGS has DEBUG set."""
+    return bool(int.from_bytes(identity.attributes[:8], "little") & SGX_FLAGS_DEBUG)

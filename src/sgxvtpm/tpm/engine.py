@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from sgxvtpm.tpm.constants import HEADER_SIZE, LIBTPMS_MAX_BUFFER, TPM2_CC, TPM2_RC, TPM2_SU
 from sgxvtpm.tpm.wire import error_response, shutdown, validate_command
+from sgxvtpm.util import measured
 
 _log = logging.getLogger(__name__)
 
@@ -158,7 +159,8 @@ def _sig(lib: ctypes.CDLL, name: str, restype: Any, *argtypes: Any) -> None:
 
 @functools.cache
 def _libtpms() -> ctypes.CDLL:
-    lib = ctypes.CDLL(LIBTPMS_SONAME)
+    # In an enclave: the measured bytes (util.measured); elsewhere: the soname.
+    lib = ctypes.CDLL(measured.library_path("libtpms", LIBTPMS_SONAME))
     u32, u32p = ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)
     _sig(lib, "TPMLIB_GetVersion", u32)
     _sig(lib, "TPMLIB_ChooseTPMVersion", u32, ctypes.c_int)

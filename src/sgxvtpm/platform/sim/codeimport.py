@@ -1,30 +1,37 @@
 """Run the code that was measured: import measured modules from measured bytes.
 
-The loader reads each code file once, measures those bytes and sends the same
-bytes to the enclave process. There, this finder is placed first on
-``sys.meta_path`` so that importing a measured module executes exactly the
-measured source, whatever is on disk by then. Measured files that are not
-Python modules (a shared object, data) are checked on disk against their
-measured bytes before the entry point runs.
+The loader reads each code file once and sends those bytes; the CPU measures
+them and the enclave process gets the same bytes. There, this finder is
+placed first on ``sys.meta_path`` so that importing a measured module
+executes exactly the measured source, whatever is on disk by then, and a
+module of a measured package that is *not* measured cannot be imported at
+all (it would run unmeasured code under a genuine MRENCLAVE). Measured files
+that are not Python modules are shared objects: each becomes a sealed
+in-memory file that :mod:`sgxvtpm.util.measured` hands to whoever loads the
+library, so the bytes the dynamic linker maps are the measured ones.
 
 Modules the zygote pre-imported are already in ``sys.modules``; the zygote
 records the SHA-256 of each such module's source file right after importing
-it and refuses a launch whose measured bytes differ (the loader then restarts
-the zygote), so a pre-imported module is also the measured one.
+it and refuses a launch whose measured bytes differ, or that does not
+measure a pre-imported module of its own packages (the CPU then restarts
+the zygote), so a pre-imported module is also a measured one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import os
 import sys
 import types
 from collections.abc import Mapping, Sequence
 
 from sgxvtpm.platform.base import PlatformError
 from sgxvtpm.platform.sim.measure import CodeFile
+from sgxvtpm.util import measured
 
 
 class MeasuredCodeFinder(importlib.abc.MetaPathFinder):
@@ -34,6 +41,7 @@ class MeasuredCodeFinder(importlib.abc.MetaPathFinder):
         self._files = {
             f.module_name: f for f in code if f.module_name and f.module_name not in sys.modules
         }
+        self._packages = measured_packages(code)
 
     def find_spec(
         self,
@@ -43,6 +51,8 @@ class MeasuredCodeFinder(importlib.abc.MetaPathFinder):
     ) -> importlib.machinery.ModuleSpec | None:
         f = self._files.get(fullname)
         if f is None:
+            if fullname.partition(".")[0] in self._packages:
+                raise ImportError(f"{fullname} is not part of this enclave's measured code")
             return None
         spec = importlib.util.spec_from_loader(
             fullname, _MeasuredLoader(f), origin=str(f.path), is_package=f.is_package
@@ -50,9 +60,15 @@ class MeasuredCodeFinder(importlib.abc.MetaPathFinder):
         if spec is not None:
             spec.has_location = True
             if f.is_package:
-                # Unmeasured submodules of a measured package still load from disk.
+                # Submodules are found by this finder (first on sys.meta_path)
+                # or refused by it; the path is only for introspection.
                 spec.submodule_search_locations = [str(f.path.parent)]
         return spec
+
+
+def measured_packages(code: Sequence[CodeFile]) -> set[str]:
+    """Top-level packages that the measured code defines (e.g. {"sgxvtpm"})."""
+    return {f.name.split("/")[0] for f in code if f.is_package and "/" in f.name}
 
 
 class _MeasuredLoader(importlib.abc.Loader):
@@ -83,27 +99,52 @@ def source_digests() -> dict[str, bytes]:
 
 
 def stale_preloads(code: Sequence[CodeFile], preloaded: Mapping[str, bytes]) -> list[str]:
-    """Measured modules already imported in the zygote from different bytes."""
+    """Pre-imported modules that would run unmeasured in an enclave of ``code``.
+
+    A measured module imported in the zygote from different bytes, or a
+    module of a measured package that the zygote imported and ``code`` does
+    not measure at all.
+    """
     stale = []
+    names = set()
     for f in code:
         name = f.module_name
+        if name is None:
+            continue
+        names.add(name)
         digest = hashlib.sha256(f.data).digest()
-        if name and name in sys.modules and preloaded.get(name) != digest:
+        if name in sys.modules and preloaded.get(name) != digest:
             stale.append(name)
-    return stale
-
-
-def check_data_files(code: Sequence[CodeFile]) -> None:
-    """Non-Python measured files must still hold their measured bytes on disk."""
-    for f in code:
-        if f.module_name is None:
-            try:
-                on_disk = f.path.read_bytes()
-            except OSError as exc:
-                raise PlatformError(f"measured file {f.path} is gone: {exc}") from exc
-            if on_disk != f.data:
-                raise PlatformError(f"measured file {f.path} changed after measurement")
+    packages = measured_packages(code)
+    for name in list(sys.modules):
+        if name.partition(".")[0] in packages and name not in names:
+            stale.append(name)
+    return sorted(stale)
 
 
 def install(code: Sequence[CodeFile]) -> None:
+    """Run only measured code from now on: modules from their bytes, libraries from memfds."""
+    libraries = {}
+    for f in code:
+        if f.module_name is None:
+            libraries[f.name] = _sealed_memfd(f)
+    measured.enter_enclave(libraries)
     sys.meta_path.insert(0, MeasuredCodeFinder(code))
+
+
+def _sealed_memfd(f: CodeFile) -> str:
+    """The measured bytes as an in-memory file nobody can change; its /proc path."""
+    fd = os.memfd_create(f.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(f.data)
+        while view:
+            view = view[os.write(fd, view) :]
+        fcntl.fcntl(
+            fd,
+            fcntl.F_ADD_SEALS,
+            fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE,
+        )
+    except OSError as exc:
+        os.close(fd)
+        raise PlatformError(f"cannot stage measured file {f.name}: {exc}") from exc
+    return f"/proc/self/fd/{fd}"

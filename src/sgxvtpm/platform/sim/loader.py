@@ -1,18 +1,18 @@
-"""The sim loader: measures enclaves and launches them from a zygote.
+"""The sim loader: the untrusted half of the SGX module, in hostd.
 
-``launch`` reads the spec's code files once, computes the identity from those
-bytes (MRENCLAVE over entry, files and config; MRSIGNER from the signer key;
-ISVPRODID/ISVSVN from the spec) and sends the very same bytes to the zygote,
-whose child re-measures them, imports the measured modules from them and runs
-the entry: the code measured is the code run (see :mod:`.codeimport`).
-
-The zygote is restarted if it has died (or holds stale pre-imports of
-measured modules) and the launch is retried once.
+``launch`` reads the spec's code files once and sends those bytes, the
+spec's SIGSTRUCT and the enclave's stream to the sim CPU (:mod:`.cpu`),
+which measures the bytes, checks the SIGSTRUCT (EINIT), has its zygote fork
+the enclave, and answers with the measured identity and a pidfd. The child
+imports the measured modules from those same bytes and loads measured
+libraries from them (:mod:`.codeimport`): the code measured is the code run.
+The loader itself never sees a platform secret.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from sgxvtpm.platform.base import EnclaveIdentity, EnclaveSpec, PlatformError
-from sgxvtpm.platform.sim.measure import CodeFile, identity_of, read_code
+from sgxvtpm.platform.sim.measure import read_code
+from sgxvtpm.platform.sim.report import parse_report_body
+from sgxvtpm.platform.sim.spawn import CLEAN_ENV, isolated_command
 from sgxvtpm.platform.sim.zygote_proto import (
     ZygoteGone,
     recv_message,
@@ -98,7 +100,15 @@ class SimEnclaveHandle:
 
 
 class SimLoader:
-    """base.Loader for the sim platform at ``platform_dir``."""
+    """base.Loader for the sim platform at ``platform_dir``.
+
+    It holds no platform secret: it starts the sim CPU (:mod:`.cpu`) on the
+    platform directory and sends it code bytes, SIGSTRUCTs and streams.
+    ``run_as`` (uid, gid): the user the zygote and every enclave run as,
+    when the CPU runs as root and hostd drops to that user. ``release``
+    ("module:function"): the enclaves the platform's vendor key signs, built
+    by the CPU from its own installed code (:func:`signed` hands them out).
+    """
 
     def __init__(
         self,
@@ -106,30 +116,70 @@ class SimLoader:
         *,
         preload: Sequence[str] = (),
         python: str = sys.executable,
+        run_as: tuple[int, int] | None = None,
+        release: str = "",
     ) -> None:
         self._dir = Path(platform_dir)
-        self._preload = list(preload)
-        self._python = python
         self._lock = threading.Lock()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._ctl: socket.socket | None = None
         self._handles: list[SimEnclaveHandle] = []
-        self.zygote_pid = 0
-        with self._lock:
-            self._start_zygote()
+        self._proc: subprocess.Popen[bytes] | None = None
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        args = ["--control-fd", str(child.fileno()), "--platform-dir", str(self._dir)]
+        args += ["--preload", ",".join(preload)]
+        if run_as is not None:
+            args += ["--run-as", f"{run_as[0]}:{run_as[1]}"]
+        if release:
+            args += ["--release", release]
+        try:
+            self._proc = subprocess.Popen(
+                isolated_command(python, "sgxvtpm.platform.sim.cpu", args),
+                pass_fds=[child.fileno()],
+                stdin=subprocess.DEVNULL,
+                env=CLEAN_ENV,
+                cwd="/",
+            )
+        finally:
+            child.close()
+        self._ctl: socket.socket | None = parent
+        if not wait_readable(parent.fileno(), _READY_TIMEOUT):
+            self.close()
+            raise PlatformError("the sim CPU did not start in time")
+        try:
+            ready, _, _ = recv_message(parent)
+        except ZygoteGone as exc:
+            self.close()
+            raise PlatformError("the sim CPU failed to start (see its stderr)") from exc
+        if not ready.get("ready"):
+            self.close()
+            raise PlatformError(f"the sim platform cannot start: {ready.get('error')}")
+        self.cpu_pid = int(ready["pid"])
+        self.zygote_pid = int(ready["zygote_pid"])
+        self.signer_public_key = bytes.fromhex(ready["signer_public_key"])
+        self.attestation_root_pem = bytes.fromhex(ready["root_pem"])
+        self.platform_id = bytes.fromhex(ready["platform_id"])
+        self._sigstructs = {k: bytes.fromhex(v) for k, v in ready["sigstructs"].items()}
 
+    def signed(self, spec: EnclaveSpec) -> EnclaveSpec:
+        """``spec`` with the SIGSTRUCT the platform made for the release enclave of its name.
+
+        Whether it fits ``spec``'s code is EINIT's question, at launch.
+        """
+        try:
+            return dataclasses.replace(spec, sigstruct=self._sigstructs[spec.name])
+        except KeyError:
+            raise PlatformError(f"the platform signed no enclave named {spec.name!r}") from None
+
+    # -- launching ----------------------------------------------------------------
     def launch(self, spec: EnclaveSpec, args: Mapping[str, Any]) -> SimEnclaveHandle:
         code = read_code(spec.code_files)
-        identity = identity_of(
-            spec.entry, code, spec.config, spec.signer_public_key, spec.isv_prod_id, spec.isv_svn
-        )
         header = {
             "op": "launch",
             "name": spec.name,
             "entry": spec.entry,
-            "signer_public_key": spec.signer_public_key.hex(),
             "isv_prod_id": spec.isv_prod_id,
             "isv_svn": spec.isv_svn,
+            "debug": spec.debug,
+            "sigstruct": spec.sigstruct.hex(),
             "config_len": len(spec.config),
             "files": [[f.name, str(f.path), len(f.data)] for f in code],
             "args": dict(args),
@@ -137,13 +187,20 @@ class SimLoader:
         blob = spec.config + b"".join(f.data for f in code)
         host_end, enclave_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            pid, pidfd = self._launch(header, blob, enclave_end, code)
+            reply, _, fds = self._request(header, blob, [enclave_end.fileno()])
         except BaseException:
             host_end.close()
             raise
         finally:
             enclave_end.close()
-        handle = SimEnclaveHandle(spec.name, identity, pid, pidfd, host_end)
+        if not reply.get("ok") or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            host_end.close()
+            raise PlatformError(f"enclave launch failed: {reply.get('error')}")
+        identity = parse_report_body(bytes.fromhex(reply["identity"])).identity
+        self.zygote_pid = int(reply["zygote_pid"])
+        handle = SimEnclaveHandle(spec.name, identity, int(reply["pid"]), fds[0], host_end)
         with self._lock:
             alive = []
             for old in self._handles:
@@ -152,91 +209,38 @@ class SimLoader:
                 else:
                     old.stop(0)  # the process is gone: release its pidfd and stream
             self._handles = [*alive, handle]
-        log.debug("launched enclave %s pid %d", spec.name, pid)
+        log.debug("launched enclave %s pid %d", spec.name, handle.pid)
         return handle
 
-    def _launch(
-        self, header: dict[str, Any], blob: bytes, enclave_end: socket.socket, code: list[CodeFile]
-    ) -> tuple[int, int]:
+    def _request(
+        self, header: dict[str, Any], blob: bytes = b"", fds: list[int] | None = None
+    ) -> tuple[dict[str, Any], bytearray, list[int]]:
         with self._lock:
-            for attempt in (1, 2):
-                if self._ctl is None or self._proc is None or self._proc.poll() is not None:
-                    self._restart_zygote()
-                assert self._ctl is not None
-                try:
-                    send_message(self._ctl, header, blob, [enclave_end.fileno()])
-                    reply, _, fds = recv_message(self._ctl)
-                except ZygoteGone:
-                    log.warning("enclave zygote died; restarting it")
-                    self._restart_zygote()
-                    continue
-                if reply.get("ok") and len(fds) == 1:
-                    return int(reply["pid"]), fds[0]
-                for fd in fds:
-                    os.close(fd)
-                if reply.get("stale") and attempt == 1:
-                    log.info("zygote pre-imported outdated %s; restarting it", reply["stale"])
-                    self._restart_zygote()
-                    continue
-                raise PlatformError(f"enclave launch failed: {reply.get('error')}")
-        raise PlatformError("enclave launch failed: the zygote keeps dying")
-
-    def _start_zygote(self) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
-        cmd = [
-            self._python,
-            "-m",
-            "sgxvtpm.platform.sim.zygote",
-            "--control-fd",
-            str(child.fileno()),
-            "--platform-dir",
-            str(self._dir),
-            "--preload",
-            ",".join(self._preload),
-        ]
-        try:
-            self._proc = subprocess.Popen(
-                cmd, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, env=env
-            )
-        finally:
-            child.close()
-        self._ctl = parent
-        if not wait_readable(parent.fileno(), _READY_TIMEOUT):
-            self._stop_zygote()
-            raise PlatformError("the enclave zygote did not start in time")
-        try:
-            reply, _, _ = recv_message(parent)
-        except ZygoteGone as exc:
-            self._stop_zygote()
-            raise PlatformError("the enclave zygote failed to start (see its stderr)") from exc
-        self.zygote_pid = int(reply["pid"])
-
-    def _restart_zygote(self) -> None:
-        self._stop_zygote()
-        self._start_zygote()
-
-    def _stop_zygote(self) -> None:
-        if self._ctl is not None:
-            self._ctl.close()
-            self._ctl = None
-        if self._proc is not None:
+            if self._ctl is None or self._proc is None or self._proc.poll() is not None:
+                raise PlatformError("the sim CPU process is gone; restart hostd")
             try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
+                send_message(self._ctl, header, blob, fds or [])
+                return recv_message(self._ctl)
+            except ZygoteGone as exc:
+                raise PlatformError(f"the sim CPU process is gone: {exc}") from None
 
     def close(self) -> None:
-        """Stop every enclave this loader launched, then the zygote."""
+        """Stop every enclave this loader launched, then the CPU (and its zygote)."""
         with self._lock:
             handles, self._handles = self._handles, []
         for handle in handles:
             handle.stop()
         with self._lock:
-            self._stop_zygote()
+            if self._ctl is not None:
+                self._ctl.close()
+                self._ctl = None
+            if self._proc is not None:
+                try:
+                    self._proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
+                self._proc = None
 
     def __enter__(self) -> SimLoader:
         return self

@@ -24,21 +24,39 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sgxvtpm.platform.base import EnclaveIdentity, EnclaveSpec, PlatformError
+from sgxvtpm.platform.base import (
+    SGX_FLAGS_DEBUG,
+    SGX_FLAGS_EINITTOKENKEY,
+    SGX_FLAGS_INITTED,
+    SGX_FLAGS_KSS,
+    SGX_FLAGS_MODE64BIT,
+    SGX_FLAGS_PROVISIONKEY,
+    EnclaveIdentity,
+    EnclaveSpec,
+    PlatformError,
+)
+
+__all__ = [
+    "SGX_FLAGS_DEBUG",
+    "SGX_FLAGS_EINITTOKENKEY",
+    "SGX_FLAGS_INITTED",
+    "SGX_FLAGS_KSS",
+    "SGX_FLAGS_MODE64BIT",
+    "SGX_FLAGS_PROVISIONKEY",
+]
 
 _MRENCLAVE_TAG = b"sgxvtpm-sim MRENCLAVE v1\x00"
 
-# SECS.ATTRIBUTES.FLAGS bits (SDM 38.7.1).
-SGX_FLAGS_INITTED = 0x01
-SGX_FLAGS_DEBUG = 0x02
-SGX_FLAGS_MODE64BIT = 0x04
-SGX_FLAGS_PROVISIONKEY = 0x10
-SGX_FLAGS_EINITTOKENKEY = 0x20
-SGX_FLAGS_KSS = 0x80
-
 # A production (non-debug) 64-bit enclave with XFRM = x87 | SSE, as the
-# loader launches it.
+# loader launches it; a debug launch adds FLAGS.DEBUG.
 ENCLAVE_ATTRIBUTES = struct.pack("<QQ", SGX_FLAGS_INITTED | SGX_FLAGS_MODE64BIT, 0x3)
+DEBUG_ENCLAVE_ATTRIBUTES = struct.pack(
+    "<QQ", SGX_FLAGS_INITTED | SGX_FLAGS_MODE64BIT | SGX_FLAGS_DEBUG, 0x3
+)
+
+
+def attributes_of(debug: bool) -> bytes:
+    return DEBUG_ENCLAVE_ATTRIBUTES if debug else ENCLAVE_ATTRIBUTES
 
 
 @dataclass(frozen=True)
@@ -130,8 +148,12 @@ def identity_of(
     signer_public_key: bytes,
     isv_prod_id: int,
     isv_svn: int,
+    debug: bool = False,
 ) -> EnclaveIdentity:
-    """The identity EINIT would give: measurement plus SIGSTRUCT fields."""
+    """The identity EINIT would give: measurement plus SIGSTRUCT fields.
+
+    ``signer_public_key`` must be the key that verified the SIGSTRUCT.
+    """
     for field_name, value in (("isv_prod_id", isv_prod_id), ("isv_svn", isv_svn)):
         if not 0 <= value <= 0xFFFF:
             raise PlatformError(f"{field_name} {value} does not fit the SIGSTRUCT's u16")
@@ -142,17 +164,18 @@ def identity_of(
         mrsigner=mrsigner_of(signer_public_key),
         isv_prod_id=isv_prod_id,
         isv_svn=isv_svn,
-        attributes=ENCLAVE_ATTRIBUTES,
+        attributes=attributes_of(debug),
     )
 
 
-def identity_of_spec(spec: EnclaveSpec) -> EnclaveIdentity:
-    """Read ``spec``'s code and compute its identity (what a verifier expects)."""
+def identity_of_spec(spec: EnclaveSpec, signer_public_key: bytes) -> EnclaveIdentity:
+    """Read ``spec``'s code and compute its identity under ``signer_public_key``."""
     return identity_of(
         spec.entry,
         read_code(spec.code_files),
         spec.config,
-        spec.signer_public_key,
+        signer_public_key,
         spec.isv_prod_id,
         spec.isv_svn,
+        spec.debug,
     )

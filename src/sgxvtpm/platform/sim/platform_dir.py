@@ -16,6 +16,7 @@ Two directories have independent fuse keys, roots and identities.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sgxvtpm.platform.base import EnclaveIdentity, PlatformError
+from sgxvtpm.platform.base import EnclaveIdentity, EnclaveSpec, PlatformError
 from sgxvtpm.platform.sim import egetkey, keywrap, provision
 from sgxvtpm.platform.sim.counters import CounterStore, derive_counter_key
 from sgxvtpm.platform.sim.enclave import SimEnclavePlatform
@@ -146,11 +147,31 @@ class SimPlatformDir:
         """The operator's enclave signing key (unwrapped on demand)."""
         return self._private_key("signer")
 
-    def loader(self, preload: Sequence[str] = ()) -> SimLoader:
-        """A zygote loader for enclaves on this platform; ``preload``: modules to pre-import."""
+    def sign(self, spec: EnclaveSpec) -> EnclaveSpec:
+        """The vendor's step, in process: ``spec`` with a SIGSTRUCT by this platform's key."""
+        from sgxvtpm.platform.sim import sigstruct
+        from sgxvtpm.platform.sim.measure import attributes_of, mrenclave_of, read_code
+
+        mrenclave = mrenclave_of(spec.entry, read_code(spec.code_files), spec.config)
+        sig = sigstruct.sign(
+            self.signer_private_key(),
+            mrenclave,
+            attributes_of(spec.debug),
+            spec.isv_prod_id,
+            spec.isv_svn,
+        )
+        return dataclasses.replace(spec, sigstruct=sig.encode())
+
+    def loader(
+        self, preload: Sequence[str] = (), run_as: tuple[int, int] | None = None
+    ) -> SimLoader:
+        """A loader for enclaves on this platform (it starts the platform's CPU process).
+
+        ``preload``: modules the zygote pre-imports; ``run_as``: see SimLoader.
+        """
         from sgxvtpm.platform.sim.loader import SimLoader
 
-        return SimLoader(self.path, preload=preload)
+        return SimLoader(self.path, preload=preload, run_as=run_as)
 
 
 def _read_fuse_key(path: Path) -> bytes:

@@ -1,16 +1,19 @@
 """The zygote: a pre-imported Python that forks one process per enclave.
 
-Run by :class:`~sgxvtpm.platform.sim.loader.SimLoader` as
-``python -m sgxvtpm.platform.sim.zygote --control-fd N --platform-dir D
-[--preload a,b]``. It imports the heavy modules once (cryptography, ssl,
+Started by the sim CPU (:mod:`.cpu`) as an isolated interpreter; it holds no
+platform secret. It imports the heavy modules once (cryptography, ssl,
 ctypes and the caller's list), runs the ``zygote_warm_up(platform_for,
-verifier)`` function of each pre-imported module that has one (so that
-lazily built library tables are built once, here), freezes the GC so that
-forked children keep sharing those pages, then serves launch requests on the control socket. Each
-launch gets the enclave's stream end by SCM_RIGHTS and answers with a pidfd
-of the new process (so the loader can signal and wait for it without pid
-reuse races). It reaps its children, and exits when the loader goes away;
-running enclaves are left to end when their stream closes.
+verifier)`` function of each pre-imported module that has one on a throwaway
+in-memory platform (so that lazily built library tables are built once,
+here), freezes the GC so that forked children keep sharing those pages, then
+serves launch requests on the control socket. Each launch brings the
+enclave's stream to the host and its ENCLU socket to the CPU (SCM_RIGHTS),
+and is answered with a pidfd of the new process. It reaps its children, and
+exits when the CPU goes away; running enclaves end when their stream closes.
+
+The zygote is made non-dumpable first thing, so that another process of its
+user (hostd, when it runs as the same unprivileged user) cannot ptrace it and
+inject code that every later enclave would inherit.
 """
 
 from __future__ import annotations
@@ -27,17 +30,19 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from sgxvtpm.platform.base import EnclaveIdentity, EnclavePlatform, QuoteVerifier
 from sgxvtpm.platform.sim import codeimport
-from sgxvtpm.platform.sim.measure import CodeFile, identity_of
-from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
+from sgxvtpm.platform.sim.enclu import SimEnclaveClient
+from sgxvtpm.platform.sim.measure import CodeFile
 from sgxvtpm.platform.sim.zygote_proto import (
     ZygoteGone,
     recv_message,
     send_message,
+    unpack_code,
     wait_readable,
 )
 
@@ -51,19 +56,19 @@ log = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> int:
     opts = _parse_args(argv)
+    _set_dumpable(False)
     ctl = socket.socket(fileno=opts.control_fd)
     os.set_inheritable(ctl.fileno(), False)
     modules = [
         importlib.import_module(name)
         for name in (*DEFAULT_PRELOAD, *filter(None, opts.preload.split(",")))
     ]
-    platform = SimPlatformDir(opts.platform_dir)
-    platform.quoting_enclave  # noqa: B018 - unwrap the attestation key once, before forking
-    platform.counters  # noqa: B018
+    platform_for, verifier = _throwaway_platform()
     for module in modules:
         warm_up = getattr(module, "zygote_warm_up", None)
         if warm_up is not None:
-            warm_up(platform.enclave_platform, platform.verifier())
+            warm_up(platform_for, verifier)
+    del platform_for, verifier
     digests = codeimport.source_digests()
     gc.collect()
     gc.freeze()  # keep refcount/GC writes from un-sharing pre-imported pages
@@ -76,15 +81,53 @@ def main(argv: list[str] | None = None) -> int:
             header, blob, fds = recv_message(ctl)
         except ZygoteGone:
             return 0
-        _serve(ctl, platform, digests, header, blob, fds)
+        _serve(ctl, digests, header, blob, fds)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sgxvtpm-sim-zygote")
     p.add_argument("--control-fd", type=int, required=True)
-    p.add_argument("--platform-dir", required=True)
     p.add_argument("--preload", default="")
     return p.parse_args(argv)
+
+
+def _throwaway_platform() -> tuple[Callable[[EnclaveIdentity], EnclavePlatform], QuoteVerifier]:
+    """A platform made up in memory for the warm-up session, then dropped.
+
+    Its keys are random and certify nothing anyone trusts; it exists so the
+    warm-up can run a real attested handshake without any platform secret.
+    """
+    import datetime
+
+    from sgxvtpm.platform.sim import egetkey, provision
+    from sgxvtpm.platform.sim.counters import CounterStore
+    from sgxvtpm.platform.sim.enclave import SimEnclavePlatform
+    from sgxvtpm.platform.sim.quote import QuotingEnclave, SimQuoteVerifier
+
+    keys = provision.PlatformKeys.generate()
+    platform_id = os.urandom(16)
+    certification = provision.certify(keys, platform_id, datetime.datetime.now(datetime.UTC))
+    base_key = egetkey.derive_base_key(os.urandom(32))
+    qe = QuotingEnclave(base_key, keys.attestation, certification, platform_id)
+    counters = CounterStore(Path("/nonexistent"), bytes(32))  # never used by the warm-up
+    report_key_id = os.urandom(32)
+
+    def platform_for(identity: EnclaveIdentity) -> EnclavePlatform:
+        return SimEnclavePlatform(
+            identity,
+            base_key=base_key,
+            quoting_enclave=qe,
+            counters=counters,
+            report_key_id=report_key_id,
+        )
+
+    return platform_for, SimQuoteVerifier(certification.root_pem)
+
+
+def _set_dumpable(on: bool) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, int(on), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE) failed")
 
 
 def _reap() -> None:
@@ -99,27 +142,26 @@ def _reap() -> None:
 
 def _serve(
     ctl: socket.socket,
-    platform: SimPlatformDir,
     digests: Mapping[str, bytes],
     header: dict[str, Any],
     blob: bytearray,
     fds: list[int],
 ) -> None:
-    if len(fds) != 1 or header.get("op") != "launch":
+    if len(fds) != 2 or header.get("op") != "launch":
         for fd in fds:
             os.close(fd)
         send_message(ctl, {"ok": False, "error": "bad request"})
         return
-    stream_fd = fds[0]
+    stream_fd, enclu_fd = fds
     try:
-        code, config = _unpack_code(header, blob)
+        code, config = unpack_code(header, blob)
         stale = codeimport.stale_preloads(code, digests)
         if stale:
             send_message(ctl, {"ok": False, "stale": stale, "error": "stale pre-imports"})
             return
         pid = os.fork()
         if pid == 0:
-            _child(ctl, platform, header, code, config, stream_fd, blob)
+            _child(ctl, header, code, config, stream_fd, enclu_fd, blob)
         pidfd = os.pidfd_open(pid)
         try:
             send_message(ctl, {"ok": True, "pid": pid}, fds=[pidfd])
@@ -129,46 +171,27 @@ def _serve(
         send_message(ctl, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
     finally:
         os.close(stream_fd)
-
-
-def _unpack_code(header: Mapping[str, Any], blob: bytearray) -> tuple[list[CodeFile], bytes]:
-    offset = int(header["config_len"])
-    with memoryview(blob) as view:
-        config = bytes(view[:offset])
-        code = []
-        for name, path, size in header["files"]:
-            code.append(CodeFile(str(name), Path(path), bytes(view[offset : offset + int(size)])))
-            offset += int(size)
-    if offset != len(blob):
-        raise ValueError("launch blob length does not match its file list")
-    return code, config
+        os.close(enclu_fd)
 
 
 def _child(
     ctl: socket.socket,
-    platform: SimPlatformDir,
     header: Mapping[str, Any],
     code: list[CodeFile],
     config: bytes,
     stream_fd: int,
+    enclu_fd: int,
     blob: bytearray,
 ) -> None:
-    """In the forked enclave process: harden, build the platform, run the entry."""
+    """In the forked enclave process: harden, reach the CPU, run the measured entry."""
     status = 1
     try:
         ctl.detach()
-        _harden(str(header["name"]), stream_fd)
-        # The enclave measures the bytes it is about to run itself.
-        identity = identity_of(
-            str(header["entry"]),
-            code,
-            config,
-            bytes.fromhex(header["signer_public_key"]),
-            int(header["isv_prod_id"]),
-            int(header["isv_svn"]),
-        )
-        enclave = platform.enclave_platform(identity, config=config)
-        codeimport.check_data_files(code)
+        _harden(str(header["name"]), (stream_fd, enclu_fd))
+        # The CPU measured these bytes and bound that identity to our ENCLU
+        # socket; from here on only they run (codeimport), and the platform
+        # answers for that identity alone.
+        enclave = SimEnclaveClient(socket.socket(fileno=enclu_fd), config=config)
         codeimport.install(code)
         _release_launch_data(code, blob)
         module_name, _, func_name = str(header["entry"]).partition(":")
@@ -205,7 +228,7 @@ def _malloc_trim() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
-def _harden(name: str, keep_fd: int) -> None:
+def _harden(name: str, keep_fds: tuple[int, ...]) -> None:
     os.setsid()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
@@ -217,8 +240,11 @@ def _harden(name: str, keep_fd: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     libc.prctl(PR_SET_NAME, ctypes.c_char_p(f"enclave:{name}".encode()[:15]), 0, 0, 0)
     sys.argv = [f"sgxvtpm-enclave:{name}"]
-    os.closerange(3, keep_fd)
-    os.closerange(keep_fd + 1, os.sysconf("SC_OPEN_MAX"))
+    low = 3
+    for fd in sorted(keep_fds):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,11 @@ import json
 import select
 import socket
 import struct
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+from sgxvtpm.platform.sim.measure import CodeFile
 
 _PREFIX = struct.Struct(">II")
 MAX_FDS = 4
@@ -22,7 +26,10 @@ class ZygoteGone(Exception):
 
 
 def send_message(
-    sock: socket.socket, header: dict[str, Any], blob: bytes = b"", fds: list[int] | None = None
+    sock: socket.socket,
+    header: dict[str, Any],
+    blob: bytes | bytearray = b"",
+    fds: list[int] | None = None,
 ) -> None:
     head = json.dumps(header, default=_encode).encode()
     prefix = _PREFIX.pack(len(head), len(blob))
@@ -86,3 +93,17 @@ def wait_readable(fd: int, timeout: float) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(max(0, int(timeout * 1000))))
+
+
+def unpack_code(header: Mapping[str, Any], blob: bytes | bytearray) -> tuple[list[CodeFile], bytes]:
+    """The launch blob is the config, then each file's bytes in the header's order."""
+    offset = int(header["config_len"])
+    with memoryview(blob) as view:
+        config = bytes(view[:offset])
+        code = []
+        for name, path, size in header["files"]:
+            code.append(CodeFile(str(name), Path(path), bytes(view[offset : offset + int(size)])))
+            offset += int(size)
+    if offset != len(blob):
+        raise ValueError("launch blob length does not match its file list")
+    return code, config

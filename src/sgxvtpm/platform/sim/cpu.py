@@ -1,0 +1,355 @@
+"""The sim CPU: the one process that holds a simulated platform's secrets.
+
+On SGX the fuse key lives in the CPU and the attestation key in the quoting
+enclave; the loader (hostd) and every enclave only ever see what EINIT,
+EGETKEY, EREPORT and the QE give *one* enclave for *its own* identity. This
+process plays both parts for a platform directory:
+
+- it opens (or, on first start, provisions) the platform: fuse key, quoting
+  key, counters, the vendor's enclave-signing key;
+- EINIT: for each launch it measures the code bytes it is given, verifies the
+  SIGSTRUCT (:mod:`.sigstruct`) against that measurement, and derives MRSIGNER
+  from the key that verified it; a bad or missing signature is refused;
+- it asks its zygote (:mod:`.zygote`, started here, holding no secret) to fork
+  the enclave, and binds the measured identity to a socket the enclave gets
+  (:mod:`.enclu`): every EGETKEY, EREPORT, quote and counter request on that
+  socket is answered for that identity only;
+- the vendor's signing step: at start it signs the enclaves of the release
+  named by ``--release module:function`` (a function returning unsigned
+  EnclaveSpecs), built from the sgxvtpm installed for this interpreter, and
+  nothing else, ever. On hardware the vendor signs at build time; here the
+  vendor key lives with the platform, and this is that build. A loader that
+  sends other code gets no signature for it: EINIT refuses the launch.
+
+Run by :class:`~sgxvtpm.platform.sim.loader.SimLoader` as an isolated
+interpreter (no PYTHONPATH, no cwd on sys.path, a clean environment). When
+hostd starts as root and drops privileges, this process stays root (the
+platform directory is root's, 0700) and runs the zygote, and so every
+enclave, as hostd's unprivileged user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from sgxvtpm.platform.base import (
+    AttestationError,
+    KeyName,
+    KeyPolicy,
+    KeyRequest,
+    PlatformError,
+    ReportBody,
+    TargetInfo,
+)
+from sgxvtpm.platform.sim import sigstruct
+from sgxvtpm.platform.sim.enclave import SimEnclavePlatform
+from sgxvtpm.platform.sim.measure import attributes_of, identity_of, mrenclave_of, read_code
+from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
+from sgxvtpm.platform.sim.report import pack_report_body
+from sgxvtpm.platform.sim.spawn import CLEAN_ENV, isolated_command
+from sgxvtpm.platform.sim.zygote_proto import (
+    ZygoteGone,
+    recv_message,
+    send_message,
+    unpack_code,
+    wait_readable,
+)
+
+log = logging.getLogger(__name__)
+
+_READY_TIMEOUT = 60.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sgxvtpm-sim-cpu")
+    p.add_argument("--control-fd", type=int, required=True)
+    p.add_argument("--platform-dir", required=True)
+    p.add_argument("--preload", default="")
+    p.add_argument("--run-as", default="", help="UID:GID for the zygote and the enclaves")
+    p.add_argument("--release", default="", help="module:function giving the specs to sign")
+    opts = p.parse_args(argv)
+    ctl = socket.socket(fileno=opts.control_fd)
+    os.set_inheritable(ctl.fileno(), False)
+    try:
+        platform = SimPlatformDir.open_or_create(Path(opts.platform_dir))
+    except PlatformError as exc:
+        send_message(ctl, {"ready": False, "error": str(exc)})
+        return 2
+    run_as = tuple(int(x) for x in opts.run_as.split(":")) if opts.run_as else None
+    cpu = Cpu(platform, opts.preload, run_as)
+    try:
+        sigstructs = sign_release(platform, opts.release) if opts.release else {}
+        cpu.start_zygote()
+    except (PlatformError, ImportError, AttributeError, OSError) as exc:
+        send_message(ctl, {"ready": False, "error": str(exc)})
+        return 2
+    send_message(
+        ctl,
+        {
+            "ready": True,
+            "pid": os.getpid(),
+            "zygote_pid": cpu.zygote_pid,
+            "signer_public_key": platform.signer_public_key.hex(),
+            "root_pem": platform.root_certificate_pem.hex(),
+            "platform_id": platform.platform_id.hex(),
+            "sigstructs": {name: sig.hex() for name, sig in sigstructs.items()},
+        },
+    )
+    while True:
+        try:
+            header, blob, fds = recv_message(ctl)
+        except ZygoteGone:
+            cpu.stop_zygote()
+            return 0
+        try:
+            reply, out_fds = cpu.handle(header, blob, fds)
+        except (PlatformError, ValueError, KeyError, TypeError, OSError) as exc:
+            reply, out_fds = {"ok": False, "error": str(exc)}, []
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            send_message(ctl, reply, fds=out_fds)
+        finally:
+            for fd in out_fds:
+                os.close(fd)
+
+
+class Cpu:
+    def __init__(
+        self, platform: SimPlatformDir, preload: str, run_as: tuple[int, ...] | None
+    ) -> None:
+        self.platform = platform
+        self._preload = preload
+        self._run_as = run_as
+        self._zygote: subprocess.Popen[bytes] | None = None
+        self._zctl: socket.socket | None = None
+        self.zygote_pid = 0
+
+    # -- the loader's requests -------------------------------------------------
+    def handle(
+        self, header: Mapping[str, Any], blob: bytearray, fds: list[int]
+    ) -> tuple[dict[str, Any], list[int]]:
+        op = header.get("op")
+        if op == "launch":
+            if len(fds) != 1:
+                return {"ok": False, "error": "launch needs the enclave's stream"}, []
+            return self._launch(header, blob, fds[0])
+        return {"ok": False, "error": f"unknown op {op!r}"}, []
+
+    def _launch(
+        self, header: Mapping[str, Any], blob: bytearray, stream_fd: int
+    ) -> tuple[dict[str, Any], list[int]]:
+        code, config = unpack_code(header, blob)
+        sig = sigstruct.SigStruct.decode(bytes.fromhex(str(header.get("sigstruct", ""))))
+        # MRSIGNER comes from the key that verifies the SIGSTRUCT, nothing else.
+        identity = identity_of(
+            str(header["entry"]),
+            code,
+            config,
+            sig.signer_public_key,
+            int(header["isv_prod_id"]),
+            int(header["isv_svn"]),
+            bool(header.get("debug", False)),
+        )
+        sigstruct.einit_check(sig, identity)
+        cpu_end, enclave_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            request = {k: header[k] for k in ("name", "entry", "config_len", "files", "args")}
+            request["op"] = "launch"
+            reply, pidfds = self._to_zygote(request, blob, [stream_fd, enclave_end.fileno()])
+        except BaseException:
+            cpu_end.close()
+            raise
+        finally:
+            enclave_end.close()
+        if not reply.get("ok") or len(pidfds) != 1:
+            cpu_end.close()
+            for fd in pidfds:
+                os.close(fd)
+            return {"ok": False, "error": reply.get("error", "launch failed")}, []
+        enclave = self.platform.enclave_platform(identity, config=config)
+        threading.Thread(
+            target=serve_enclu,
+            args=(cpu_end, enclave),
+            name=f"enclu-{reply['pid']}",
+            daemon=True,
+        ).start()
+        log.info("launched %s pid %s", header["name"], reply["pid"])
+        body = pack_report_body(ReportBody(identity=identity, report_data=bytes(64)))
+        return {
+            "ok": True,
+            "pid": reply["pid"],
+            "zygote_pid": self.zygote_pid,
+            "identity": body.hex(),
+        }, pidfds
+
+    # -- the zygote --------------------------------------------------------------
+    def _to_zygote(
+        self, request: dict[str, Any], blob: bytes | bytearray, fds: list[int]
+    ) -> tuple[dict[str, Any], list[int]]:
+        for attempt in (1, 2):
+            if self._zctl is None or self._zygote is None or self._zygote.poll() is not None:
+                self.restart_zygote()
+            assert self._zctl is not None
+            try:
+                send_message(self._zctl, request, blob, fds)
+                reply, _, out = recv_message(self._zctl)
+            except ZygoteGone:
+                log.warning("enclave zygote died; restarting it")
+                self.restart_zygote()
+                continue
+            if reply.get("stale") and attempt == 1:
+                for fd in out:
+                    os.close(fd)
+                log.info("zygote pre-imported outdated %s; restarting it", reply["stale"])
+                self.restart_zygote()
+                continue
+            return reply, list(out)
+        raise PlatformError("enclave launch failed: the zygote keeps dying")
+
+    def start_zygote(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        cmd = isolated_command(
+            sys.executable,
+            "sgxvtpm.platform.sim.zygote",
+            ["--control-fd", str(child.fileno()), "--preload", self._preload],
+        )
+        extra: dict[str, Any] = {}
+        if self._run_as is not None:
+            extra = {"user": self._run_as[0], "group": self._run_as[1], "extra_groups": []}
+        try:
+            self._zygote = subprocess.Popen(
+                cmd,
+                pass_fds=[child.fileno()],
+                stdin=subprocess.DEVNULL,
+                env=CLEAN_ENV,
+                cwd="/",
+                **extra,
+            )
+        finally:
+            child.close()
+        self._zctl = parent
+        if not wait_readable(parent.fileno(), _READY_TIMEOUT):
+            self.stop_zygote()
+            raise PlatformError("the enclave zygote did not start in time")
+        try:
+            reply, _, _ = recv_message(parent)
+        except ZygoteGone as exc:
+            self.stop_zygote()
+            raise PlatformError("the enclave zygote failed to start (see its stderr)") from exc
+        self.zygote_pid = int(reply["pid"])
+
+    def restart_zygote(self) -> None:
+        self.stop_zygote()
+        self.start_zygote()
+
+    def stop_zygote(self) -> None:
+        if self._zctl is not None:
+            self._zctl.close()
+            self._zctl = None
+        if self._zygote is not None:
+            try:
+                self._zygote.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._zygote.kill()
+                self._zygote.wait()
+            self._zygote = None
+
+
+def sign_release(platform: SimPlatformDir, release: str) -> dict[str, bytes]:
+    """SIGSTRUCTs, by enclave name, for the specs ``release`` ("module:function") builds."""
+    module_name, _, func_name = release.partition(":")
+    specs = getattr(importlib.import_module(module_name), func_name)()
+    key = platform.signer_private_key()
+    signed = {}
+    for spec in specs:
+        mrenclave = mrenclave_of(spec.entry, read_code(spec.code_files), spec.config)
+        sig = sigstruct.sign(
+            key, mrenclave, attributes_of(spec.debug), spec.isv_prod_id, spec.isv_svn
+        )
+        signed[spec.name] = sig.encode()
+        log.info("signed %s %s", spec.name, mrenclave.hex())
+    return signed
+
+
+# -- ENCLU, answered for one identity ------------------------------------------
+
+
+def serve_enclu(sock: socket.socket, enclave: SimEnclavePlatform) -> None:
+    """Answer one enclave's requests until it goes away.
+
+    One thread per enclave; counters need no lock here (CounterStore locks
+    each counter file with flock, per open file description).
+    """
+    with sock:
+        while True:
+            try:
+                header, blob, fds = recv_message(sock)
+            except (ZygoteGone, OSError):
+                return
+            for fd in fds:
+                os.close(fd)
+            try:
+                reply, out = _enclu(enclave, header, bytes(blob))
+            except AttestationError as exc:
+                reply, out = {"ok": False, "kind": "attestation", "error": str(exc)}, b""
+            except (PlatformError, ValueError, KeyError, TypeError) as exc:
+                reply, out = {"ok": False, "kind": "platform", "error": str(exc)}, b""
+            try:
+                send_message(sock, reply, out)
+            except (ZygoteGone, OSError):
+                return
+
+
+def _enclu(
+    enclave: SimEnclavePlatform, header: Mapping[str, Any], blob: bytes
+) -> tuple[dict[str, Any], bytes]:
+    op = header.get("op")
+    ok: dict[str, Any] = {"ok": True}
+    if op == "hello":
+        body = pack_report_body(ReportBody(identity=enclave.identity, report_data=bytes(64)))
+        return {**ok, "root_pem": enclave.attestation_root_pem.hex()}, body
+    if op == "get_key":
+        request = KeyRequest(
+            key_name=KeyName(int(header["key_name"])),
+            key_policy=KeyPolicy(int(header["key_policy"])),
+            isv_svn=int(header["isv_svn"]),
+            cpu_svn=bytes.fromhex(header["cpu_svn"]),
+            key_id=bytes.fromhex(header["key_id"]),
+            config_svn=int(header["config_svn"]),
+        )
+        return ok, enclave.get_key(request)
+    if op == "report":
+        target = TargetInfo(
+            mrenclave=bytes.fromhex(header["mrenclave"]),
+            attributes=bytes.fromhex(header["attributes"]),
+            misc_select=int(header["misc_select"]),
+        )
+        return ok, enclave.report(target, blob)
+    if op == "verify_report":
+        return ok, pack_report_body(enclave.verify_report(blob))
+    if op == "quote":
+        return ok, enclave.quote(blob)
+    counters: dict[str, Callable[[str], int]] = {
+        "counter_create": enclave.counter_create,
+        "counter_increment": enclave.counter_increment,
+        "counter_read": enclave.counter_read,
+    }
+    if op in counters:
+        return {**ok, "value": counters[op](str(header["name"]))}, b""
+    raise ValueError(f"unknown ENCLU request {op!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
