@@ -7,6 +7,7 @@ Frames on the stream: u32 big-endian length, then the payload. Requests:
   b"A"              -> the launch args, as JSON
   b"R"              -> the attestation root PEM the platform gives us
   b"D"              -> prctl(PR_GET_DUMPABLE) as one ASCII digit
+  b"K"              -> EGETKEY(SEAL, MRSIGNER policy)
   b"X"              -> the enclave returns from main (exits 0)
 """
 
@@ -59,6 +60,10 @@ def main(platform: Any, stream: socket.socket, args: Mapping[str, Any]) -> None:
             _send(stream, platform.attestation_root_pem)
         elif op == b"D":
             _send(stream, str(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)).encode())  # PR_GET_DUMPABLE
+        elif op == b"K":
+            from sgxvtpm.platform.base import KeyName, KeyPolicy, KeyRequest
+
+            _send(stream, platform.get_key(KeyRequest(KeyName.SEAL, KeyPolicy.MRSIGNER)))
         elif op == b"X":
             return
         else:

@@ -7,6 +7,7 @@ each enclave as a hardened child process. It does not give memory isolation
 from root on the host; that is what SGX hardware (the gramine backend) is for.
 """
 
+from sgxvtpm.platform.sim import egetkey, sigstruct
 from sgxvtpm.platform.sim.enclave import SimEnclavePlatform
 from sgxvtpm.platform.sim.loader import SimEnclaveHandle, SimLoader
 from sgxvtpm.platform.sim.measure import identity_of_spec, measure_mrenclave, mrsigner_of
@@ -19,7 +20,9 @@ __all__ = [
     "SimLoader",
     "SimPlatformDir",
     "SimQuoteVerifier",
+    "egetkey",
     "identity_of_spec",
     "measure_mrenclave",
     "mrsigner_of",
+    "sigstruct",
 ]
