@@ -1,6 +1,6 @@
 """K1 round trip over real unix sockets, with the relay in its own process.
 
-The relay (``python -m sgxvtpm.host.relay``) records every byte it reads;
+The relay (tests/helpers/relay_process.py) records every byte it reads;
 the enclave side (a sim-platform credential serving sessions) and the client
 run here, each on its own unix-socket connection to the relay.
 """
@@ -27,7 +27,7 @@ from sgxvtpm.channel import (
     EnclaveCredential,
     ServerSession,
 )
-from sgxvtpm.host.relay import AsyncSession, RelayMux, open_client_session
+from sgxvtpm.mux.aio import AsyncSession, RelayMux, open_client_session
 from sgxvtpm.platform.base import EnclaveIdentity, MeasurementPolicy, VerifiedQuote
 from sgxvtpm.platform.sim import SimPlatformDir
 
@@ -35,6 +35,7 @@ pytestmark = pytest.mark.integration
 
 MANAGER = EnclaveIdentity(mrenclave=b"\x11" * 32, mrsigner=b"\x22" * 32, isv_prod_id=1, isv_svn=1)
 POLICY = MeasurementPolicy(mrenclaves=frozenset({MANAGER.mrenclave}))
+RELAY_PROCESS = Path(__file__).parents[1] / "helpers" / "relay_process.py"
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def relay_process(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     capture = tmp_path / "relay.capture"
     argv = ["--listen", str(sock), "--capture", str(capture)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sgxvtpm.host.relay", *argv],
+        [sys.executable, str(RELAY_PROCESS), *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

@@ -1,4 +1,5 @@
-"""The asyncio relay (sgxvtpm.host.relay) in one process, over real socketpairs."""
+"""hostd's switch (sgxvtpm.host.switch) and the asyncio mux (sgxvtpm.mux.aio) in one
+process, over real socketpairs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from tests.helpers.relay_process import serve_sessions
 
 from sgxvtpm.channel import (
     ChannelError,
@@ -23,15 +25,8 @@ from sgxvtpm.channel import (
     PeerCertificate,
     ServerSession,
 )
-from sgxvtpm.host.relay import (
-    AsyncSession,
-    Connection,
-    Relay,
-    RelayMux,
-    _read_frame,
-    open_client_session,
-    serve_sessions,
-)
+from sgxvtpm.host.switch import Connection, Relay
+from sgxvtpm.mux.aio import AsyncSession, RelayMux, open_client_session, read_frame
 from sgxvtpm.platform.base import EnclaveIdentity, MeasurementPolicy, VerifiedQuote
 from sgxvtpm.platform.sim import SimPlatformDir
 from sgxvtpm.wire.relay import RELAY_ASSIGNED, Frame, FrameType, encode
@@ -200,7 +195,7 @@ async def raw_peer(hub: Hub, **kw: Any) -> tuple[asyncio.StreamReader, asyncio.S
 
 
 async def next_frame(r: asyncio.StreamReader) -> tuple[FrameType, int, bytes] | None:
-    return await asyncio.wait_for(_read_frame(r), 5)
+    return await asyncio.wait_for(read_frame(r), 5)
 
 
 def test_open_to_unknown_target_is_closed(setup: Setup) -> None:

@@ -2,7 +2,7 @@
 
 No I/O here: certificates that carry a quote (:mod:`.evidence`), client
 identities and pins (:mod:`.identity`), and sans-IO sessions
-(:mod:`.session`). Transports live in :mod:`sgxvtpm.host.relay`.
+(:mod:`.session`). Transports live in :mod:`sgxvtpm.mux`.
 """
 
 from __future__ import annotations

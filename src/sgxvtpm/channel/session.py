@@ -3,7 +3,7 @@
 h11-style: feed received bytes with :meth:`receive_data` (``b""`` = EOF),
 take events with :meth:`next_event`, queue messages with
 :meth:`send_message`, and write whatever :meth:`data_to_send` returns. No
-sockets here; the relay (``sgxvtpm.host.relay``) moves the bytes.
+sockets here; the relay (``sgxvtpm.mux``, ``sgxvtpm.host.switch``) moves the bytes.
 
 Application messages are framed inside TLS as ``u32 length || payload``
 (big-endian), at most :data:`MAX_MESSAGE` bytes, so message boundaries are

@@ -53,7 +53,7 @@ from sgxvtpm.enclaves.runtime import EnclaveRuntime, platform_verifier
 from sgxvtpm.enclaves.sealing import SealError
 from sgxvtpm.enclaves.specs import peer_policy
 from sgxvtpm.enclaves.state import lock_directory
-from sgxvtpm.host.relay import RelayMux
+from sgxvtpm.mux.aio import RelayMux
 from sgxvtpm.platform.base import EnclavePlatform, QuoteVerifier
 from sgxvtpm.tpm.ek import public_key_from_tpmt
 from sgxvtpm.util import log

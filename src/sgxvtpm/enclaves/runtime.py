@@ -1,7 +1,7 @@
 """What every enclave runs around its own logic: one stream, many attested sessions.
 
 The stream is the enclave's only way in or out (the loader's socketpair);
-over it the relay frames carry TLS records (sgxvtpm.host.relay.RelayMux).
+over it the relay frames carry TLS records (sgxvtpm.mux.aio.RelayMux).
 An enclave provides a session factory (its credential and whom it trusts)
 and a request handler; the runtime answers each authenticated request
 message with one reply message, in order, one request at a time per
@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from sgxvtpm.channel import PeerCertificate, ServerSession
-from sgxvtpm.host.relay import AsyncSession, RelayMux
+from sgxvtpm.mux.aio import AsyncSession, RelayMux
 from sgxvtpm.platform.base import EnclavePlatform, QuoteVerifier
 from sgxvtpm.util import log
 

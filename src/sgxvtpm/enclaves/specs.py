@@ -27,7 +27,7 @@ PACKAGE = "sgxvtpm"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 # Code that must never run inside an enclave: a module of these imported by
 # enclave code is an error, not something to measure.
-UNTRUSTED = ("sgxvtpm.host.hostd", "sgxvtpm.vmm", "sgxvtpm.endpoint", "sgxvtpm.cli")
+UNTRUSTED = ("sgxvtpm.host", "sgxvtpm.vmm", "sgxvtpm.endpoint", "sgxvtpm.cli")
 # What runs in every sim enclave process: its bootstrap and both entry points.
 ENCLAVE_ROOTS = (
     "sgxvtpm.enclaves.manager",

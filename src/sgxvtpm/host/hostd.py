@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sgxvtpm.channel import ClientCredential
 from sgxvtpm.enclaves.specs import instance_spec, manager_spec
-from sgxvtpm.host.relay import Connection, Relay
 from sgxvtpm.host.statedir import StateDir
+from sgxvtpm.host.switch import Connection, Relay
 from sgxvtpm.platform.base import EnclaveHandle, EnclaveSpec, PlatformError
 from sgxvtpm.platform.sim.loader import SimLoader
 from sgxvtpm.util import log

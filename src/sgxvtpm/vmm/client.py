@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sgxvtpm.channel import ClientCredential, ClientSession
 from sgxvtpm.enclaves.manager import CA_COMMON_NAME
 from sgxvtpm.enclaves.specs import expected_policy
-from sgxvtpm.host.relay import open_client_session
 from sgxvtpm.host.statedir import StateDir
+from sgxvtpm.mux.aio import open_client_session
 from sgxvtpm.platform.base import MeasurementPolicy, QuoteVerifier
 from sgxvtpm.platform.sim.quote import SimQuoteVerifier
 from sgxvtpm.util.keyfile import write_private_key

@@ -1,6 +1,6 @@
 """Relay frames: many sessions over one byte stream (sans-IO).
 
-hostd's relay (``sgxvtpm.host.relay``) multiplexes TLS sessions between
+hostd's switch (``sgxvtpm.host.switch``) multiplexes TLS sessions between
 clients and enclaves on a single stream per connection. Each frame is::
 
     u8 type | u32 session id | u32 payload length | payload      (big-endian)

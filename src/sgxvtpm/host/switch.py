@@ -1,0 +1,268 @@
+"""hostd's switch: the untrusted end of every relay connection.
+
+:class:`Relay` joins connections (asyncio stream pairs: client sockets,
+enclave streams) and moves relay frames (:mod:`sgxvtpm.wire.relay`) between
+them. It never holds a key and never looks into DATA: what it carries are
+TLS records of attested sessions, whose keys are in the enclaves and their
+clients (:mod:`sgxvtpm.mux`). A connection registered under a name
+("manager", an instance id) is a *target*; OPEN(target) from another
+connection creates a session between the two:
+
+- the opener's session id maps to a fresh id on the target's connection
+  (>= RELAY_ASSIGNED), and the target receives OPEN(label of the opener:
+  its registered name, else its kind, e.g. "client");
+- DATA is forwarded both ways, CLOSE tears down both halves, a connection
+  that dies closes all its sessions ("peer gone"), OPEN to an unknown
+  target is answered CLOSE("no such target");
+- CONTROL frames (session 0) go to ``on_control(conn, obj)`` whose reply is
+  sent back as CONTROL; a request's ``"id"`` is echoed in the reply.
+A malformed frame ends the offending connection only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sgxvtpm.mux.aio import Observer, read_frame, write_frame
+from sgxvtpm.wire.relay import (
+    RELAY_ASSIGNED,
+    Frame,
+    FrameType,
+    RelayProtocolError,
+    encode_header,
+)
+
+log = logging.getLogger("sgxvtpm.relay")
+
+ControlHandler = Callable[["Connection", dict[str, Any]], Awaitable[dict[str, Any]]]
+
+_NO_TARGET = b"no such target"
+_PEER_GONE = b"peer gone"
+
+
+class Connection:
+    """One stream attached to the relay."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, kind: str
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.kind = kind
+        self.name: str | None = None
+        self.closed = False
+        self.accepts_handoff = False  # an enclave that takes sessions' connections
+        # local session id -> (other connection, its session id)
+        self.sessions: dict[int, tuple[Connection, int]] = {}
+        self._ids = itertools.count(RELAY_ASSIGNED)
+
+    @property
+    def label(self) -> str:
+        """How this connection is named to the targets it opens sessions with."""
+        return self.name or self.kind
+
+    def allocate_session_id(self) -> int:
+        while True:
+            sid = next(self._ids)
+            if sid > 0xFFFF_FFFF:
+                self._ids = itertools.count(RELAY_ASSIGNED)
+                continue
+            if sid not in self.sessions:
+                return sid
+
+    def send(self, ftype: FrameType, session_id: int, payload: bytes) -> None:
+        if self.closed or self.writer.is_closing():
+            return
+        write_frame(self.writer, ftype, session_id, payload)
+
+    async def drain(self) -> None:
+        try:
+            await self.writer.drain()
+        except ConnectionError:
+            self.closed = True
+
+    def __repr__(self) -> str:
+        return f"Connection({self.label!r}, sessions={len(self.sessions)})"
+
+
+class Relay:
+    """Moves frames between attached connections; see the module docstring."""
+
+    def __init__(
+        self, on_control: ControlHandler | None = None, *, observer: Observer | None = None
+    ) -> None:
+        self._on_control = on_control
+        self._observer = observer
+        self._targets: dict[str, Connection] = {}
+        self._connections: set[Connection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def targets(self) -> dict[str, Connection]:
+        return dict(self._targets)
+
+    def register(self, conn: Connection, name: str) -> None:
+        """Make ``conn`` reachable as OPEN(``name``). ValueError if taken."""
+        current = self._targets.get(name)
+        if current is not None and current is not conn and not current.closed:
+            raise ValueError(f"target {name!r} is already registered")
+        if conn.name is not None and self._targets.get(conn.name) is conn:
+            del self._targets[conn.name]
+        conn.name = name
+        self._targets[name] = conn
+
+    async def serve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        kind: str = "client",
+        name: str | None = None,
+        accepts_handoff: bool = False,
+    ) -> None:
+        """Run one connection until it ends; then close all its sessions."""
+        conn = Connection(reader, writer, kind)
+        conn.accepts_handoff = accepts_handoff
+        self._connections.add(conn)
+        try:
+            if name is not None:
+                self.register(conn, name)
+            await self._loop(conn)
+        except RelayProtocolError as exc:
+            log.warning("relay: dropping %r: %s", conn, exc)
+        except ConnectionError as exc:
+            log.debug("relay: %r lost: %s", conn, exc)
+        finally:
+            self._drop(conn)
+
+    async def _loop(self, conn: Connection) -> None:
+        while (frame := await read_frame(conn.reader, self._observer)) is not None:
+            ftype, sid, payload = frame
+            if ftype is FrameType.DATA:
+                entry = conn.sessions.get(sid)
+                if entry is None:
+                    continue  # crossed a CLOSE in flight
+                peer, peer_sid = entry
+                peer.send(FrameType.DATA, peer_sid, payload)
+                await peer.drain()  # back-pressure from a slow reader
+            elif ftype is FrameType.OPEN:
+                self._open(conn, sid, payload.decode("utf-8"))
+            elif ftype is FrameType.CLOSE:
+                self._close(conn, sid, payload)
+            elif ftype is FrameType.HANDOFF:
+                raise RelayProtocolError("HANDOFF is the relay's to send")
+            else:
+                request = Frame(ftype, sid, payload).control_object()
+                if request.get("op") == "handoff":
+                    if await self._handoff(conn, request):
+                        return  # the connection now belongs to the enclave
+                else:
+                    self._control(conn, request)
+
+    async def _handoff(self, conn: Connection, request: dict[str, Any]) -> bool:
+        """Pass ``conn`` to the enclave at the other end of its only session.
+
+        Done inline, before another frame of ``conn`` is read: the client sends
+        nothing after asking until it has the answer, so every byte it sent
+        before was forwarded, and every byte after goes to the enclave.
+        """
+        sid = request.get("session")
+        entry = conn.sessions.get(sid) if isinstance(sid, int) else None
+        ok = entry is not None and len(conn.sessions) == 1 and entry[0].accepts_handoff
+        if entry is not None and ok:
+            target, target_sid = entry
+            ok = await self._pass_connection(conn, target, target_sid)
+            if ok:
+                conn.sessions.clear()
+                target.sessions.pop(target_sid, None)
+        reply = Frame.control({"ok": ok, **({"id": request["id"]} if "id" in request else {})})
+        conn.send(reply.type, reply.session_id, reply.payload)
+        await conn.drain()
+        return ok
+
+    async def _pass_connection(self, conn: Connection, target: Connection, sid: int) -> bool:
+        client = conn.writer.get_extra_info("socket")
+        stream = target.writer.get_extra_info("socket")
+        if client is None or stream is None or target.closed:
+            return False
+        # Everything already queued for the enclave must precede HANDOFF.
+        await target.drain()
+        while target.writer.transport.get_write_buffer_size():
+            await asyncio.sleep(0.001)
+        header = encode_header(FrameType.HANDOFF, sid, 0)
+        with socket.socket(fileno=os.dup(stream.fileno())) as raw:
+            while True:
+                try:
+                    socket.send_fds(raw, [header], [client.fileno()])
+                    return True
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+                except OSError as exc:
+                    log.warning("relay: handoff to %r failed: %s", target, exc)
+                    return False
+
+    def _open(self, conn: Connection, sid: int, target_name: str) -> None:
+        if sid >= RELAY_ASSIGNED:
+            raise RelayProtocolError(f"OPEN with relay-assigned session id {sid:#x}")
+        if sid in conn.sessions:
+            raise RelayProtocolError(f"OPEN of session {sid} which is open")
+        target = self._targets.get(target_name)
+        if target is None or target.closed or target is conn:
+            conn.send(FrameType.CLOSE, sid, _NO_TARGET)
+            return
+        peer_sid = target.allocate_session_id()
+        conn.sessions[sid] = (target, peer_sid)
+        target.sessions[peer_sid] = (conn, sid)
+        target.send(FrameType.OPEN, peer_sid, conn.label.encode("utf-8"))
+        log.debug("relay: session %s/%d -> %s/%d", conn.label, sid, target.label, peer_sid)
+
+    def _close(self, conn: Connection, sid: int, reason: bytes) -> None:
+        entry = conn.sessions.pop(sid, None)
+        if entry is None:
+            return
+        peer, peer_sid = entry
+        peer.sessions.pop(peer_sid, None)
+        peer.send(FrameType.CLOSE, peer_sid, reason)
+
+    def _control(self, conn: Connection, request: dict[str, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(self._answer(conn, request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, conn: Connection, request: dict[str, Any]) -> None:
+        if self._on_control is None:
+            reply: dict[str, Any] = {"error": "no control handler"}
+        else:
+            try:
+                reply = dict(await self._on_control(conn, request))
+            except Exception:
+                log.exception("relay: control handler failed")
+                reply = {"error": "internal error"}
+        if "id" in request:
+            reply["id"] = request["id"]
+        frame = Frame.control(reply)
+        conn.send(frame.type, frame.session_id, frame.payload)
+
+    def _drop(self, conn: Connection) -> None:
+        conn.closed = True
+        self._connections.discard(conn)
+        if conn.name is not None and self._targets.get(conn.name) is conn:
+            del self._targets[conn.name]
+        sessions, conn.sessions = conn.sessions, {}
+        for peer, peer_sid in sessions.values():
+            peer.sessions.pop(peer_sid, None)
+            peer.send(FrameType.CLOSE, peer_sid, _PEER_GONE)
+        conn.writer.close()
+
+    async def aclose(self) -> None:
+        """Close every connection and cancel pending control requests."""
+        for conn in list(self._connections):
+            self._drop(conn)
+        for task in list(self._tasks):
+            task.cancel()
