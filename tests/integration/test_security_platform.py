@@ -25,6 +25,7 @@ from sgxvtpm.platform import EnclaveSpec, MeasurementPolicy, PlatformError
 from sgxvtpm.platform.base import is_debug
 from sgxvtpm.platform.sim import SimLoader, SimPlatformDir, egetkey, mrsigner_of, sigstruct
 from sgxvtpm.platform.sim.measure import attributes_of, mrenclave_of, read_code
+from sgxvtpm.platform.sim.spawn import CLEAN_ENV
 from sgxvtpm.vmm.client import VmmClient
 
 pytestmark = pytest.mark.integration
@@ -109,6 +110,12 @@ def test_only_the_cpu_process_holds_platform_secrets(hostd: Hostd) -> None:
     assert len(cpus) == 1 and cpus[0] in _children(hostd.proc.pid), processes
     leaks = {processes[p]: len(found) for p, found in holders.items() if found and p != cpus[0]}
     assert leaks == {}
+    # The platform's processes (CPU, zygote, enclaves) inherit nothing of
+    # hostd's environment: no PYTHON*, LD_PRELOAD, LD_LIBRARY_PATH.
+    for pid in _descendants(hostd.proc.pid):
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        env = dict(item.decode().split("=", 1) for item in raw if item)
+        assert env == CLEAN_ENV, (processes.get(pid), sorted(env))
 
 
 # -- EINIT and SIGSTRUCT ---------------------------------------------------------

@@ -115,3 +115,13 @@ def test_open_platform(tmp_path: Path) -> None:
         open_platform("gramine", tmp_path / "g")
     with pytest.raises(ValueError, match="unknown platform"):
         open_platform("tdx", tmp_path / "t")
+
+
+@pytest.mark.parametrize("lost", ["platform.json", "fuse.key", "keys.json"])
+def test_a_platform_that_lost_a_file_is_not_provisioned_again(tmp_path: Path, lost: str) -> None:
+    """Provisioning over a damaged platform would silently orphan every sealed VM."""
+    first = SimPlatformDir.open_or_create(tmp_path / "p")
+    (tmp_path / "p" / lost).unlink()
+    with pytest.raises(PlatformError, match="incomplete|not a complete|cannot read"):
+        SimPlatformDir.open_or_create(tmp_path / "p")
+    assert (tmp_path / "p" / "root_ca.pem").read_bytes() == first.root_certificate_pem

@@ -93,6 +93,14 @@ class SimPlatformDir:
         """
         path = Path(path)
         if not (path / PLATFORM_JSON).exists():
+            if path.exists() and any(path.iterdir()):
+                # A platform that lost a file is not a new platform: provisioning
+                # over it would make every sealed state and counter on it useless.
+                raise PlatformError(
+                    f"the sim platform at {path} is incomplete (no {PLATFORM_JSON}); "
+                    "restore it from a backup, or remove the directory to provision a "
+                    "new platform (every VM sealed to the old one is then lost)"
+                )
             _provision(
                 path,
                 root_secret if root_secret is not None else os.urandom(32),
