@@ -23,9 +23,10 @@ process plays both parts for a platform directory:
 
 Run by :class:`~sgxvtpm.platform.sim.loader.SimLoader` as an isolated
 interpreter (no PYTHONPATH, no cwd on sys.path, a clean environment). When
-hostd starts as root and drops privileges, this process stays root (the
-platform directory is root's, 0700) and runs the zygote, and so every
-enclave, as hostd's unprivileged user.
+hostd starts as root and drops to an unprivileged user (``--user``), this
+process, its zygote and the enclaves stay root: the platform directory is
+root's (0700), and hostd's user can neither read their memory nor signal
+them.
 """
 
 from __future__ import annotations
@@ -75,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control-fd", type=int, required=True)
     p.add_argument("--platform-dir", required=True)
     p.add_argument("--preload", default="")
-    p.add_argument("--run-as", default="", help="UID:GID for the zygote and the enclaves")
     p.add_argument("--release", default="", help="module:function giving the specs to sign")
     opts = p.parse_args(argv)
     ctl = socket.socket(fileno=opts.control_fd)
@@ -85,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except PlatformError as exc:
         send_message(ctl, {"ready": False, "error": str(exc)})
         return 2
-    run_as = tuple(int(x) for x in opts.run_as.split(":")) if opts.run_as else None
-    cpu = Cpu(platform, opts.preload, run_as)
+    cpu = Cpu(platform, opts.preload)
     try:
         sigstructs = sign_release(platform, opts.release) if opts.release else {}
         cpu.start_zygote()
@@ -126,12 +125,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class Cpu:
-    def __init__(
-        self, platform: SimPlatformDir, preload: str, run_as: tuple[int, ...] | None
-    ) -> None:
+    def __init__(self, platform: SimPlatformDir, preload: str) -> None:
         self.platform = platform
         self._preload = preload
-        self._run_as = run_as
         self._zygote: subprocess.Popen[bytes] | None = None
         self._zctl: socket.socket | None = None
         self.zygote_pid = 0
@@ -225,9 +221,6 @@ class Cpu:
             "sgxvtpm.platform.sim.zygote",
             ["--control-fd", str(child.fileno()), "--preload", self._preload],
         )
-        extra: dict[str, Any] = {}
-        if self._run_as is not None:
-            extra = {"user": self._run_as[0], "group": self._run_as[1], "extra_groups": []}
         try:
             self._zygote = subprocess.Popen(
                 cmd,
@@ -235,7 +228,6 @@ class Cpu:
                 stdin=subprocess.DEVNULL,
                 env=CLEAN_ENV,
                 cwd="/",
-                **extra,
             )
         finally:
             child.close()

@@ -104,8 +104,7 @@ class SimLoader:
 
     It holds no platform secret: it starts the sim CPU (:mod:`.cpu`) on the
     platform directory and sends it code bytes, SIGSTRUCTs and streams.
-    ``run_as`` (uid, gid): the user the zygote and every enclave run as,
-    when the CPU runs as root and hostd drops to that user. ``release``
+    ``release``
     ("module:function"): the enclaves the platform's vendor key signs, built
     by the CPU from its own installed code (:func:`signed` hands them out).
     """
@@ -116,7 +115,6 @@ class SimLoader:
         *,
         preload: Sequence[str] = (),
         python: str = sys.executable,
-        run_as: tuple[int, int] | None = None,
         release: str = "",
     ) -> None:
         self._dir = Path(platform_dir)
@@ -126,8 +124,6 @@ class SimLoader:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         args = ["--control-fd", str(child.fileno()), "--platform-dir", str(self._dir)]
         args += ["--preload", ",".join(preload)]
-        if run_as is not None:
-            args += ["--run-as", f"{run_as[0]}:{run_as[1]}"]
         if release:
             args += ["--release", release]
         try:

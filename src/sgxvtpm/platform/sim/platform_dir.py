@@ -170,16 +170,14 @@ class SimPlatformDir:
         )
         return dataclasses.replace(spec, sigstruct=sig.encode())
 
-    def loader(
-        self, preload: Sequence[str] = (), run_as: tuple[int, int] | None = None
-    ) -> SimLoader:
+    def loader(self, preload: Sequence[str] = ()) -> SimLoader:
         """A loader for enclaves on this platform (it starts the platform's CPU process).
 
-        ``preload``: modules the zygote pre-imports; ``run_as``: see SimLoader.
+        ``preload``: modules the zygote pre-imports.
         """
         from sgxvtpm.platform.sim.loader import SimLoader
 
-        return SimLoader(self.path, preload=preload, run_as=run_as)
+        return SimLoader(self.path, preload=preload)
 
 
 def _read_fuse_key(path: Path) -> bytes:
