@@ -13,6 +13,7 @@ import asyncio
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,22 @@ def test_a_replaced_platform_is_refused_by_the_pinned_root(tmp_path: Path) -> No
         Path(pin.group(1)).unlink()
         again = cli(state, "vm", "list")
         assert again.returncode == 0, again.stderr
+
+
+def test_a_binding_written_for_another_endpoint_is_only_there(tmp_path: Path) -> None:
+    state, theirs = tmp_path / "state", tmp_path / "endpoint-credentials"
+    with running_hostd(state):
+        created = cli(state, "vm", "create", "vm1", "--credentials", str(theirs))
+        assert created.returncode == 0, created.stderr
+        keys = sorted(p.relative_to(theirs).parts[-2:] for p in theirs.rglob("*.key"))
+        assert keys == [("vm1", "vm.key")]  # the VM's key, never the operator's
+        assert len(list(theirs.rglob("root_ca.pem"))) == 1  # the operator's pin travels along
+        assert stat.S_IMODE(theirs.stat().st_mode) == 0o700
+        mine = cli(state, "attest", "verify", "vm1")  # the operator kept no binding of vm1
+        assert mine.returncode == 1 and "/vms/vm1/" in mine.stderr, mine.stderr
+        assert len(mine.stderr.splitlines()) == 1
+        used = cli(state, "attest", "verify", "vm1", "--credentials", str(theirs))
+        assert used.returncode == 0, used.stdout + used.stderr
 
 
 def test_hostd_refuses_a_state_dir_with_client_keys_of_older_versions(tmp_path: Path) -> None:
