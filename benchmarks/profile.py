@@ -68,7 +68,7 @@ def _loop_job(
         pids["vm serve"] = fleet.serve_pid(name)
         spec: dict[str, object] = {"kind": "socket", "path": str(path)}
     else:
-        spec = {"kind": "k2", "state_dir": str(fleet.state.root), "name": name}
+        spec = fleet.k2_target(name)
     n = int(seconds / 300e-6)  # enough GetRandoms to outlast the sampling
     return {"job": "cpu", "target": spec, "pids": {}, "n": n}, pids
 

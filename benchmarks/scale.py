@@ -81,7 +81,7 @@ def sgx_scale(ctx: Context) -> dict[str, Any]:
     stopped = ""
 
     def k2(name: str) -> dict[str, Any]:
-        return {"kind": "k2", "state_dir": str(fleet.state.root), "name": name}
+        return fleet.k2_target(name)
 
     for point in _grow_points(ctx.config.scale_points, len(ctx.vm_names)):
         before = len(ctx.create_seconds)

@@ -21,6 +21,8 @@ from typing import Any
 from benchmarks.swtpm import wait_answering
 from sgxvtpm.host.control import hostd_control
 from sgxvtpm.host.statedir import StateDir
+from sgxvtpm.vmm.credentials import ENV as CREDENTIALS_ENV
+from sgxvtpm.vmm.credentials import Credentials
 
 READY_TIMEOUT = 90.0
 
@@ -77,6 +79,19 @@ class Fleet:
         return StateDir(self.root / "state")
 
     @property
+    def credentials(self) -> Credentials:
+        """The operator's and the VMs' credentials for this fleet (never the user's own)."""
+        return Credentials(self.root / "credentials")
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, CREDENTIALS_ENV: str(self.credentials.root)}
+
+    def k2_target(self, name: str) -> dict[str, Any]:
+        """A worker's target spec for VM ``name`` over in-process K2 (benchmarks/worker.py)."""
+        return {"kind": "k2", "state_dir": str(self.state.root),
+                "credentials": str(self.credentials.root), "name": name}
+
+    @property
     def log_path(self) -> Path:
         return self.root / "hostd.log"
 
@@ -91,6 +106,7 @@ class Fleet:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=self.env(),
             )
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
@@ -121,7 +137,7 @@ class Fleet:
         """``VmmClient.create`` (what ``sgxvtpm vm create`` runs), timed."""
         from sgxvtpm.vmm.client import VmmClient
 
-        client = VmmClient(self.state)
+        client = VmmClient(self.state, credentials=self.credentials)
         started = time.time()
         t0 = time.perf_counter()
         info = asyncio.run(client.create(name, ek=ek))
@@ -147,6 +163,7 @@ class Fleet:
             capture_output=True,
             timeout=300,
             check=False,
+            env=self.env(),
         )
         seconds = time.perf_counter() - t0
         if proc.returncode != 0:
@@ -158,7 +175,7 @@ class Fleet:
     def show(self, name: str) -> dict[str, Any]:
         from sgxvtpm.vmm.client import VmmClient
 
-        return asyncio.run(VmmClient(self.state).show(name))
+        return asyncio.run(VmmClient(self.state, credentials=self.credentials).show(name))
 
     def instance_pids(self) -> list[int]:
         return [vm.pid for vm in self.vms.values() if vm.pid]
@@ -184,6 +201,7 @@ class Fleet:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=self.env(),
             )
         self.serves[name] = (proc, path)
         wait_answering(path, proc, timeout)

@@ -86,7 +86,7 @@ def target_d(ctx: Context) -> dict[str, Any]:
         return _unavailable(f"{type(exc).__name__}: {exc}")
     name = ctx.vm_names[0]
     pids = {"hostd": fleet.hostd_pid, "instance": fleet.vms[name].pid}
-    return _latency(ctx, {"kind": "k2", "state_dir": str(fleet.state.root), "name": name}, pids)
+    return _latency(ctx, fleet.k2_target(name), pids)
 
 
 def merge_passes(passes: list[dict[str, Any]]) -> dict[str, Any]:

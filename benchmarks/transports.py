@@ -20,6 +20,7 @@ from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import HEADER_SIZE, TPM2_RC
 from sgxvtpm.tpm.engine import LibtpmsEngine
+from sgxvtpm.vmm.credentials import Credentials
 from sgxvtpm.wire import vtpm
 
 _RECV = 1 << 16
@@ -88,8 +89,9 @@ class K2Transport:
     running is left alone (INIT would reset it).
     """
 
-    def __init__(self, state_dir: Path, name: str) -> None:
-        self.client = K2Client(VmBinding.load(StateDir(state_dir), name))
+    def __init__(self, state_dir: Path, name: str, credentials: Path) -> None:
+        binding = VmBinding.load(StateDir(state_dir), name, credentials=Credentials(credentials))
+        self.client = K2Client(binding)
         self.client.connect()
         powered_off = wire.response_code(self.transact(wire.get_random(8))) == TPM2_RC.FAILURE
         if powered_off and not self.client.call(vtpm.VtpmRequest.init()).success:

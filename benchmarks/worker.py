@@ -36,7 +36,7 @@ def open_target(target: dict[str, Any]) -> Transport:
     if kind == "socket":
         return SocketTransport(target["path"])
     if kind == "k2":
-        return K2Transport(Path(target["state_dir"]), target["name"])
+        return K2Transport(Path(target["state_dir"]), target["name"], Path(target["credentials"]))
     raise ValueError(f"unknown target kind {kind!r}")
 
 

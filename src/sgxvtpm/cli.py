@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from sgxvtpm.host.statedir import ENV, StateDir
+from sgxvtpm.vmm.credentials import ENV as CREDENTIALS_ENV
+from sgxvtpm.vmm.credentials import Credentials
 
 
 def _add_state_dir(parser: argparse.ArgumentParser, top: bool = False) -> None:
@@ -27,6 +29,16 @@ def _add_state_dir(parser: argparse.ArgumentParser, top: bool = False) -> None:
     )
 
 
+def _add_credentials(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--credentials", type=Path, metavar="DIR", help=help_text)
+
+
+_CREDENTIALS_HELP = (
+    f"credentials directory holding the VM's binding (env {CREDENTIALS_ENV}, "
+    "default ~/.config/sgxvtpm)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sgxvtpm",
@@ -37,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     hostd = sub.add_parser("hostd", help="run the SGX module (loader + relay) in the foreground")
     _add_state_dir(hostd)
+    hostd.add_argument(
+        "--user", metavar="USER[:GROUP]",
+        help="started as root, run as this unprivileged user once the platform is open",
+    )
+    hostd.add_argument(
+        "--operator-cert", type=Path, metavar="FILE",
+        help="the operator's certificate for the manager to pin on first start "
+             f"(default: operator.crt of your credentials directory, env {CREDENTIALS_ENV})",
+    )
 
     vm = sub.add_parser("vm", help="manage vTPM instances (the VMM, over K1)")
     vm_sub = vm.add_subparsers(dest="vm_command", required=True)
@@ -66,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--mssim", metavar="HOST:PORT")
     for p in (create, destroy, attach, serve):
         _add_state_dir(p)
+    _add_credentials(create, "write the VM's binding (key, certificates, pinned platform root) "
+                             "to this credentials directory instead of yours, for whoever runs "
+                             "its endpoint")
+    _add_credentials(destroy, "also remove the VM's binding from this credentials directory")
+    for p in (attach, serve):
+        _add_credentials(p, _CREDENTIALS_HELP)
 
     ca = sub.add_parser("ca", help="the manager's EK CA")
     ca_sub = ca.add_subparsers(dest="ca_command", required=True)
@@ -78,10 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify = attest_sub.add_parser("verify", help="check a VM's EK certificates down to the quote")
     verify.add_argument("name")
     verify.add_argument("--ca", default="vm", metavar="vm|manager|PATH",
-                        help="CA certificate: vms/NAME/ca.crt (default), the manager's, or a file")
+                        help="CA certificate: the VM binding's ca.crt (default), the manager's, "
+                             "or a file")
     verify.add_argument("--tcti", help="read the TPM through this TCTI instead of K2")
     verify.add_argument("--ek", default="", help="EK kinds to check (default: the VM's)")
     _add_state_dir(verify)
+    _add_credentials(verify, _CREDENTIALS_HELP)
 
     demo = sub.add_parser("demo", help="start hostd, create a VM's vTPM, use it")
     _add_state_dir(demo)
@@ -92,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _state(args: argparse.Namespace) -> StateDir:
     return StateDir.at(args.state_dir)
+
+
+def _credentials(args: argparse.Namespace) -> Credentials | None:
+    path = getattr(args, "credentials", None)
+    return None if path is None else Credentials.at(path)
 
 
 def _print(obj: Any, as_json: bool) -> None:
@@ -129,6 +163,7 @@ async def _vm(args: argparse.Namespace) -> int:
             pcr_banks=[b for b in args.pcr_banks.split(",") if b],
             ek=[e for e in args.ek.split(",") if e],
             vm_public_key=pub,
+            export=_credentials(args),
         )
         _print(info, False)
     elif cmd == "list":
@@ -136,7 +171,7 @@ async def _vm(args: argparse.Namespace) -> int:
     elif cmd == "show":
         _print(await client.show(args.name), args.json)
     elif cmd == "destroy":
-        await client.destroy(args.name)
+        await client.destroy(args.name, export=_credentials(args))
         print(f"destroyed {args.name}")
     return 0
 
@@ -146,10 +181,10 @@ def _vm_endpoint(args: argparse.Namespace) -> int:
     from sgxvtpm.endpoint.serve import attach, serve_tss
 
     if args.vm_command == "attach":
-        attach(_state(args), args.name, args.ctrl)
+        attach(_state(args), args.name, args.ctrl, credentials=_credentials(args))
     else:
         serve_tss(_state(args), args.name, swtpm=args.swtpm, swtpm_tcp=args.swtpm_tcp,
-                  mssim=args.mssim)
+                  mssim=args.mssim, credentials=_credentials(args))
     return 0
 
 
@@ -172,9 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "hostd":
-            from sgxvtpm.host.hostd import serve
+            from sgxvtpm.host.hostd import RunAs, serve
 
-            asyncio.run(serve(_state(args)))
+            run_as = RunAs.parse(args.user) if args.user else None
+            asyncio.run(serve(_state(args), operator_cert=args.operator_cert, run_as=run_as))
             return 0
         if args.command == "vm":
             if args.vm_command in ("attach", "serve"):
@@ -186,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from sgxvtpm.attest.cli import run as attest_run
 
             return attest_run(_state(args), args.name, ca=args.ca, tcti=args.tcti,
-                              eks=[e for e in args.ek.split(",") if e])
+                              eks=[e for e in args.ek.split(",") if e],
+                              credentials=_credentials(args))
         if args.command == "demo":
             from sgxvtpm.demo import run_demo
 

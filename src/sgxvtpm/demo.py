@@ -33,6 +33,8 @@ from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_SU, TPMA_NV
 from sgxvtpm.tpm.nv import execute
+from sgxvtpm.vmm.credentials import ENV as CREDENTIALS_ENV
+from sgxvtpm.vmm.credentials import Credentials
 
 VM = "demo-vm"
 NV_INDEX = 0x01500016
@@ -60,19 +62,26 @@ class Checks:
 # ---------------------------------------------------------------- processes
 
 
-def _start_hostd(state: StateDir, log_path: Path) -> subprocess.Popen[bytes]:
+def _env(creds: Credentials) -> dict[str, str]:
+    return {**os.environ, CREDENTIALS_ENV: str(creds.root)}
+
+
+def _start_hostd(state: StateDir, creds: Credentials, log_path: Path) -> subprocess.Popen[bytes]:
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sgxvtpm.cli", "hostd", "--state-dir", str(state.root)],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=_env(creds),
         )
-    _wait_ready(state, proc)
+    _wait_ready(state, creds, proc)
     return proc
 
 
-def _wait_ready(state: StateDir, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def _wait_ready(
+    state: StateDir, creds: Credentials, proc: subprocess.Popen[bytes], timeout: float = 60
+) -> None:
     from sgxvtpm.vmm.client import VmmClient, VmmError
 
     deadline = time.monotonic() + timeout
@@ -81,7 +90,7 @@ def _wait_ready(state: StateDir, proc: subprocess.Popen[bytes], timeout: float =
             raise RuntimeError(f"hostd exited with status {proc.returncode}")
         if state.socket.exists():
             try:
-                asyncio.run(VmmClient(state).request({"op": "list"}))
+                asyncio.run(VmmClient(state, credentials=creds).request({"op": "list"}))
                 return
             except (VmmError, OSError, TimeoutError):
                 pass
@@ -103,12 +112,14 @@ def _stop(proc: subprocess.Popen[bytes], group: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def _vm_attach(state: StateDir, ctrl: Path, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+def _vm_attach(
+    state: StateDir, creds: Credentials, ctrl: Path, log_path: Path
+) -> Iterator[subprocess.Popen[bytes]]:
     """The real ``sgxvtpm vm attach`` process, once its control socket listens."""
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sgxvtpm.cli", "vm", "attach", VM, "--ctrl", str(ctrl),
-             "--state-dir", str(state.root)],
+             "--state-dir", str(state.root), "--credentials", str(creds.root)],
             stdout=subprocess.PIPE, stderr=log,
         )  # fmt: skip
     try:
@@ -127,12 +138,12 @@ def _vm_attach(state: StateDir, ctrl: Path, log_path: Path) -> Iterator[subproce
 # ---------------------------------------------------------------- the steps
 
 
-def _k2_use(state: StateDir, check: Checks) -> bytes:
+def _k2_use(state: StateDir, creds: Credentials, check: Checks) -> bytes:
     """GetRandom, PCR_Extend/Read and an NV write over K2; returns the NV marker."""
     from sgxvtpm.endpoint.k2 import K2Client, VmBinding
 
     marker = os.urandom(16)
-    with K2Client(VmBinding.load(state, VM)) as tpm:
+    with K2Client(VmBinding.load(state, VM, credentials=creds)) as tpm:
         tpm.power_on()
         execute(tpm.transact, wire.startup(TPM2_SU.CLEAR))
         rnd = wire.parse_get_random(execute(tpm.transact, wire.get_random(16)))
@@ -153,10 +164,10 @@ def _k2_use(state: StateDir, check: Checks) -> bytes:
     return marker
 
 
-def _attest_chain(state: StateDir, check: Checks) -> None:
+def _attest_chain(state: StateDir, creds: Credentials, check: Checks) -> None:
     from sgxvtpm.attest.cli import verify_vm
 
-    report = verify_vm(state, VM)
+    report = verify_vm(state, VM, credentials=creds)
     for line in report.render().splitlines():
         print("    " + line)
     check("sgxvtpm attest verify " + VM, report.ok, "PASS" if report.ok else report.reason)
@@ -172,15 +183,15 @@ class AkRound:
     pcrs: str
 
 
-def _ak_round(state: StateDir) -> AkRound:
+def _ak_round(state: StateDir, creds: Credentials) -> AkRound:
     """tpm2-pytss over K2Tcti: AK under the EK, credential activation, PCR quote."""
     from cryptography.hazmat.primitives import serialization
     from tpm2_pytss import ESAPI, TPM2_SU
 
     from sgxvtpm.endpoint.tcti import K2Tcti
 
-    cert = _ek_certificate(state)
-    tcti = K2Tcti.open(VM, state.root)
+    cert = _ek_certificate(state, creds)
+    tcti = K2Tcti.open(VM, state.root, credentials=creds.root)
     esapi = ESAPI(tcti)
     try:
         esapi.startup(TPM2_SU.CLEAR)
@@ -191,9 +202,9 @@ def _ak_round(state: StateDir) -> AkRound:
         tcti.finalize()
 
 
-def _ek_certificate(state: StateDir) -> x509.Certificate:
+def _ek_certificate(state: StateDir, creds: Credentials) -> x509.Certificate:
     """The RSA EK certificate ``vm create`` returned (the one step 4 verified)."""
-    info = json.loads((state.vm(VM) / "instance.json").read_text())
+    info = json.loads((creds.host(state).vm(VM) / "instance.json").read_text())
     return x509.load_der_x509_certificate(bytes.fromhex(info["ek_certificates"]["rsa2048"]))
 
 
@@ -277,7 +288,7 @@ def _ak_round_on(esapi: Any, ek_cert_spki: bytes) -> AkRound:
     )
 
 
-def _guest_boot(state: StateDir, tmp: Path, check: Checks) -> None:
+def _guest_boot(state: StateDir, creds: Credentials, tmp: Path, check: Checks) -> None:
     """A real QEMU guest whose TPM is ``sgxvtpm vm attach``; what the guest sees."""
     from sgxvtpm.endpoint.k2 import K2Client, VmBinding
     from sgxvtpm.guest import EventLogError, Guest, build_initramfs, missing_tools
@@ -289,7 +300,7 @@ def _guest_boot(state: StateDir, tmp: Path, check: Checks) -> None:
         return
     initrd = build_initramfs(tmp)
     ctrl = tmp / "vtpm.ctrl"
-    with _vm_attach(state, ctrl, tmp / "attach.log"):
+    with _vm_attach(state, creds, ctrl, tmp / "attach.log"):
         t0 = time.perf_counter()
         guest = Guest(tmp, initrd, ctrl, "demo-guest")
         try:
@@ -309,7 +320,7 @@ def _guest_boot(state: StateDir, tmp: Path, check: Checks) -> None:
             check("PCR 0-7 = replay of the firmware's event log", same and bool(replayed),
                   f"{len(boot.event_log)} bytes of SeaBIOS measurements")
             # A verifier on the host, over its own K2 session, sees the same PCRs.
-            with K2Client(VmBinding.load(state, VM)) as tpm:
+            with K2Client(VmBinding.load(state, VM, credentials=creds)) as tpm:
                 read = wire.parse_pcr_read(execute(tpm.transact, wire.pcr_read(range(8))))
             host = {n: d.hex() for n, d in enumerate(read.digests)}
             check("PCR 0-7 read over K2 while the guest runs", host == boot.pcrs,
@@ -322,13 +333,16 @@ def _guest_boot(state: StateDir, tmp: Path, check: Checks) -> None:
 
 
 def run_demo(state: StateDir | None = None) -> int:
+    """The demo on ``state`` with the user's credentials directory, or on a throwaway
+    state directory with a throwaway credentials directory next to it."""
     with tempfile.TemporaryDirectory(prefix="sgxvtpm-demo-") as tmp:
+        creds = Credentials.at(None) if state else Credentials(Path(tmp) / "credentials")
         state = state or StateDir(Path(tmp) / "state")
         state.ensure()
-        return _demo(state, Path(tmp))
+        return _demo(state, creds, Path(tmp))
 
 
-def _demo(state: StateDir, tmp: Path) -> int:
+def _demo(state: StateDir, creds: Credentials, tmp: Path) -> int:
     from sgxvtpm.enclaves.specs import expected_policy
     from sgxvtpm.endpoint.k2 import K2Client, VmBinding
     from sgxvtpm.vmm.client import VmmClient
@@ -338,9 +352,9 @@ def _demo(state: StateDir, tmp: Path) -> int:
     print("sgxvtpm demo: the vTPM manager and each VM's vTPM run in (simulated) SGX enclaves\n")
     log_path = tmp / "hostd.log"
     print("1. hostd, the SGX module, loads the platform and launches the manager enclave E1")
-    proc = _start_hostd(state, log_path)
+    proc = _start_hostd(state, creds, log_path)
     try:
-        vmm = VmmClient(state)
+        vmm = VmmClient(state, credentials=creds)
         ca = asyncio.run(vmm.ca_certificate())
         check("K1 to E1: quote verified, operator key pinned", True, ca.subject.rfc4514_string())
 
@@ -356,13 +370,13 @@ def _demo(state: StateDir, tmp: Path) -> int:
               sorted(info["ek"]), ", ".join(info["ek"]))
 
         print("3. the VM talks TPM 2.0 to E2 over K2 (hostd relays only TLS records)")
-        marker = _k2_use(state, check)
+        marker = _k2_use(state, creds, check)
 
         print("4. attestation: the EK certificates chain to E1's CA, whose quote is checked")
-        _attest_chain(state, check)
+        _attest_chain(state, creds, check)
 
         print("5. AK attestation round (tpm2-pytss ESAPI over the in-process K2 TCTI)")
-        ak = _ak_round(state)
+        ak = _ak_round(state, creds)
         check("EK at 0x81010001 is the certified key", ak.ek_matches_certificate)
         check("AK created under the EK (ECC P-256, restricted)", True)
         check("credential made off-TPM to the EK, activated", ak.activated, "secret recovered")
@@ -371,12 +385,12 @@ def _demo(state: StateDir, tmp: Path) -> int:
         check(f"quote PCR digest = PCRs {ak.pcrs} read back", ak.quote_pcrs)
 
         print("6. a QEMU guest boots with its TPM on `sgxvtpm vm attach` (K2 to E2)")
-        _guest_boot(state, tmp, check)
+        _guest_boot(state, creds, tmp, check)
 
         print("7. hostd restarts; the instance comes back from its sealed state")
         _stop(proc)
-        proc = _start_hostd(state, log_path)
-        with K2Client(VmBinding.load(state, VM)) as tpm:
+        proc = _start_hostd(state, creds, log_path)
+        with K2Client(VmBinding.load(state, VM, credentials=creds)) as tpm:
             tpm.power_on()
             execute(tpm.transact, wire.startup(TPM2_SU.CLEAR))
             data = wire.parse_nv_read(execute(tpm.transact, wire.nv_read(NV_INDEX, len(marker))))

@@ -77,7 +77,8 @@ def sgx_hostd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostd]:
 
 
 def create_vm(hostd: Hostd, name: str, **kw: object) -> dict[str, object]:
-    """``vm create`` through the manager enclave (K1); writes state/vms/NAME/."""
+    """``vm create`` through the manager enclave (K1); writes the VM's binding to the
+    session's credentials directory (tests/conftest.py)."""
     return asyncio.run(VmmClient(hostd.state).create(name, **kw))  # type: ignore[arg-type]
 
 

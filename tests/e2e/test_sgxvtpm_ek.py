@@ -143,7 +143,7 @@ def test_attest_verify_against_the_managers_ca(vm: Vm) -> None:
 
 
 def test_attest_verify_fails_with_another_hostds_ca(vm: Vm, other_ca_pem: Path) -> None:
-    ca_file = vm.hostd.state.vm(VM) / "ca.crt"
+    ca_file = vm.hostd.vm_dir(VM) / "ca.crt"
     original = ca_file.read_bytes()
     ca_file.write_bytes(other_ca_pem.read_bytes())
     try:

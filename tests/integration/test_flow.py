@@ -151,7 +151,7 @@ def _refuses(h: Hostd, name: str, reason: str) -> None:
 
 
 def _sealed(h: Hostd, name: str) -> Path:
-    info = json.loads((h.state.vm(name) / "instance.json").read_text())
+    info = json.loads((h.vm_dir(name) / "instance.json").read_text())
     return h.state.instance(info["instance_id"]) / "state.sealed"
 
 

@@ -58,9 +58,13 @@ CTR = 0x01500050
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HostdCtl, HostdCtl]]:
-    """This host with VMs a and b, and another host (another manager CA) with VM x."""
+    """This host with VMs a and b, and another host (another manager CA, another operator)
+    with VM x."""
     base = tmp_path_factory.mktemp("iso")
-    with running(base / "state") as ctl, running(base / "other") as other:
+    with (
+        running(base / "state") as ctl,
+        running(base / "other", credentials=base / "other-credentials") as other,
+    ):
         ctl.create_many(["a", "b"])
         other.create("x")
         for name in ("a", "b"):
@@ -71,25 +75,22 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HostdCtl, H
 
 
 def vm_credential(ctl: HostdCtl, name: str) -> ClientCredential:
-    d = ctl.state.vm(name)
-    return ClientCredential.load(d / "vm.key", d / "vm.crt")
+    return ctl.h.binding(name).credential
 
 
 def credentials(ctl: HostdCtl, other: HostdCtl) -> dict[str, ClientCredential]:
     return {
         "vm a": vm_credential(ctl, "a"),
         "vm b": vm_credential(ctl, "b"),
-        "operator": ClientCredential.load(ctl.state.operator_key, ctl.state.operator_cert),
+        "operator": ctl.h.credentials.operator(),
         "other host's vm": vm_credential(other, "x"),
-        "other host's operator": ClientCredential.load(
-            other.state.operator_key, other.state.operator_cert
-        ),
+        "other host's operator": other.h.credentials.operator(),
         "self-signed": ClientCredential.self_signed(ec.generate_private_key(ec.SECP256R1()), "a"),
     }
 
 
 def opens_instance(ctl: HostdCtl, credential: ClientCredential) -> bool:
-    base = VmBinding.load(ctl.state, "a")
+    base = ctl.h.binding("a")
     binding = VmBinding(base.socket_path, base.instance_id, credential, base.verifier, base.policy)
     try:
         with K2Client(binding, timeout=30) as c:
@@ -102,7 +103,8 @@ def opens_instance(ctl: HostdCtl, credential: ClientCredential) -> bool:
 
 def opens_manager(ctl: HostdCtl, credential: ClientCredential) -> bool:
     try:
-        asyncio.run(VmmClient(ctl.state, operator=credential).list())
+        asyncio.run(VmmClient(ctl.state, credentials=ctl.h.credentials,
+                              operator=credential).list())
     except VMM_TRANSIENT:
         return False
     return True
@@ -203,7 +205,7 @@ def test_replayed_k2_session_runs_nothing(host: tuple[HostdCtl, HostdCtl], tmp_p
     with boot(ctl, "a") as c:
         before = counter(c, CTR)
     proxy = Recorder(tmp_path / "rec.sock", ctl.state.socket)
-    base = VmBinding.load(ctl.state, "a")
+    base = ctl.h.binding("a")
     recorded = VmBinding(proxy.path, base.instance_id, base.credential, base.verifier, base.policy)
     with K2Client(recorded, timeout=30) as c:
         execute(c.transact, wire.nv_increment(CTR))  # the TPM runs (INIT'd by boot above)

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from tests.helpers.hostd import Hostd
 
 from sgxvtpm.channel import ChannelError
-from sgxvtpm.endpoint.k2 import K2Client, K2Error, VmBinding
+from sgxvtpm.endpoint.k2 import K2Client, K2Error
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_ALG, TPM2_CAP, TPM2_PT, TPM2_SU, TPMA_NV
 from sgxvtpm.tpm.nv import execute
@@ -48,8 +48,8 @@ T = TypeVar("T")
 class HostdCtl:
     """A real hostd and the processes it launched, found from its own log."""
 
-    def __init__(self, state_dir: Path) -> None:
-        self.h = Hostd(state_dir)
+    def __init__(self, state_dir: Path, credentials: Path | None = None) -> None:
+        self.h = Hostd(state_dir, credentials=credentials)
 
     @property
     def state(self) -> Any:
@@ -103,7 +103,7 @@ class HostdCtl:
         self.start()
 
     def vmm(self) -> VmmClient:
-        return VmmClient(self.state)
+        return self.h.vmm()
 
     def create(self, name: str) -> dict[str, Any]:
         return asyncio.run(self.vmm().create(name))
@@ -127,7 +127,7 @@ class HostdCtl:
         return asyncio.run(self.vmm().show(name))
 
     def instance_id(self, name: str) -> str:
-        info = json.loads((self.state.vm(name) / "instance.json").read_text())
+        info = json.loads((self.h.vm_dir(name) / "instance.json").read_text())
         return str(info["instance_id"])
 
     def sealed(self, name: str) -> Path:
@@ -158,8 +158,8 @@ def retry(fn: Callable[[], T], timeout: float, pause: float = 0.1) -> T:
 
 
 @contextlib.contextmanager
-def running(state_dir: Path) -> Iterator[HostdCtl]:
-    ctl = HostdCtl(state_dir)
+def running(state_dir: Path, credentials: Path | None = None) -> Iterator[HostdCtl]:
+    ctl = HostdCtl(state_dir, credentials)
     ctl.start()
     try:
         yield ctl
@@ -174,7 +174,7 @@ def running(state_dir: Path) -> Iterator[HostdCtl]:
 
 
 def client(ctl: HostdCtl, name: str, timeout: float = 120.0) -> K2Client:
-    return K2Client(VmBinding.load(ctl.state, name), timeout=timeout)
+    return K2Client(ctl.h.binding(name), timeout=timeout)
 
 
 def boot(ctl: HostdCtl, name: str) -> K2Client:

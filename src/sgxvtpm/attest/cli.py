@@ -5,14 +5,16 @@ EK certificates in their TCG NV indices and the EKs themselves (TPM2_ReadPublic
 on the persistent handles), and walks the chain down to the manager enclave's
 quote with :func:`~sgxvtpm.attest.verify.verify_ek_chain`:
 
-- the TPM is reached in process over K2 (the VM's binding in the state
-  directory), or through any TCTI (``--tcti swtpm:path=...``, e.g. a
-  ``sgxvtpm vm serve`` endpoint or a VM's own TPM stack), with tpm2-pytss;
-- the CA certificate is the one ``vm create`` stored (``vms/NAME/ca.crt``),
+- the TPM is reached in process over K2 (the VM's binding in the
+  credentials directory, sgxvtpm/vmm/credentials.py), or through any TCTI
+  (``--tcti swtpm:path=...``, e.g. a ``sgxvtpm vm serve`` endpoint or a VM's
+  own TPM stack), with tpm2-pytss;
+- the CA certificate is the one ``vm create`` stored in the VM's binding (``ca.crt``),
   the manager's current one (``--ca manager``, over K1 as ``ca show``), or a
   file the verifier was given (``--ca PATH``, PEM or DER);
-- the quote is checked against this platform's attestation root and the
-  measurement policy of the manager code installed here.
+- the quote is checked against this platform's attestation root, as pinned in
+  the credentials directory, and the measurement policy of the manager code
+  installed here.
 
 Reading never disturbs a running VM: only read commands are sent, and the
 TPM is started (INIT, TPM2_Startup) only if nobody has started it.
@@ -40,6 +42,7 @@ from sgxvtpm.tpm.constants import TPM2_RC, TPM2_SU
 from sgxvtpm.tpm.ek import EkPublic, profile, read_ek_certificate, read_ek_public
 from sgxvtpm.tpm.nv import Transact, execute
 from sgxvtpm.tpm.wire import TpmResponseError
+from sgxvtpm.vmm.credentials import Credentials, CredentialsError
 
 CA_FROM_VM = "vm"
 CA_FROM_MANAGER = "manager"
@@ -107,10 +110,12 @@ def read_evidence(
 
 
 @contextlib.contextmanager
-def _k2_transport(state: StateDir, name: str) -> Iterator[tuple[Transact, Callable[[], None]]]:
+def _k2_transport(
+    state: StateDir, name: str, credentials: Credentials
+) -> Iterator[tuple[Transact, Callable[[], None]]]:
     from sgxvtpm.endpoint.k2 import K2Client, VmBinding
 
-    with K2Client(VmBinding.load(state, name)) as client:
+    with K2Client(VmBinding.load(state, name, credentials=credentials)) as client:
         yield client.transact, client.power_on
 
 
@@ -150,25 +155,34 @@ def _load_cert(data: bytes, where: str) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
-def ca_certificate(state: StateDir, name: str, source: str = CA_FROM_VM) -> bytes:
+def ca_certificate(
+    state: StateDir, name: str, source: str = CA_FROM_VM, credentials: Credentials | None = None
+) -> bytes:
     """The DER CA certificate to check against, from ``source`` (see the module doc)."""
+    credentials = credentials or Credentials.at(None)
     if source == CA_FROM_MANAGER:
         from sgxvtpm.vmm.client import VmmClient
 
-        cert = asyncio.run(VmmClient(state).ca_certificate())
+        cert = asyncio.run(VmmClient(state, credentials=credentials).ca_certificate())
         return cert.public_bytes(serialization.Encoding.DER)
-    path = state.vm(name) / "ca.crt" if source == CA_FROM_VM else Path(source)
+    if source == CA_FROM_VM:
+        try:
+            path = credentials.host(state).vm(name) / "ca.crt"
+        except CredentialsError as exc:
+            raise AttestError(str(exc)) from None
+    else:
+        path = Path(source)
     try:
         return _load_cert(path.read_bytes(), str(path))
     except OSError as exc:
         raise AttestError(f"cannot read the CA certificate {path}: {exc.strerror}") from None
 
 
-def _instance_eks(state: StateDir, name: str) -> tuple[str, ...]:
+def _instance_eks(state: StateDir, name: str, credentials: Credentials) -> tuple[str, ...]:
     try:
-        info = json.loads((state.vm(name) / "instance.json").read_text())
+        info = json.loads((credentials.host(state).vm(name) / "instance.json").read_text())
         return tuple(str(alg) for alg in info.get("ek") or DEFAULT_EKS)
-    except (OSError, ValueError):
+    except (OSError, ValueError, CredentialsError):
         return DEFAULT_EKS
 
 
@@ -213,6 +227,7 @@ def verify_vm(
     eks: Sequence[str] | None = None,
     policy: MeasurementPolicy | None = None,
     verifier: QuoteVerifier | None = None,
+    credentials: Credentials | None = None,
 ) -> AttestReport:
     """Read VM ``name``'s EKs through its TPM and verify them down to the manager's quote.
 
@@ -220,25 +235,35 @@ def verify_vm(
     certificate cannot be read; a chain that does not verify is a failing
     report, never an exception.
     """
-    from sgxvtpm.vmm.client import platform_verifier
-
-    algs = tuple(eks) if eks else _instance_eks(state, name)
+    credentials = credentials or Credentials.at(None)
+    algs = tuple(eks) if eks else _instance_eks(state, name, credentials)
     for alg in algs:
         profile(alg)  # ValueError names the supported kinds
-    ca_der = ca_certificate(state, name, ca)
-    transport = _tcti_transport(tcti) if tcti else _k2_transport(state, name)
+    ca_der = ca_certificate(state, name, ca, credentials)
+    if verifier is None:
+        try:
+            verifier = credentials.host(state).verifier()
+        except CredentialsError as exc:
+            raise AttestError(str(exc)) from None
+    transport = _tcti_transport(tcti) if tcti else _k2_transport(state, name, credentials)
     with transport as (transact, power_on):
         evidence = read_evidence(transact, algs, power_on=power_on)
     return combine(
-        evidence, ca_der,
-        policy=policy or expected_policy("manager"),
-        verifier=verifier or platform_verifier(state),
+        evidence, ca_der, policy=policy or expected_policy("manager"), verifier=verifier
     )
 
 
-def run(state: StateDir, name: str, *, ca: str, tcti: str | None, eks: Sequence[str]) -> int:
+def run(
+    state: StateDir,
+    name: str,
+    *,
+    ca: str,
+    tcti: str | None,
+    eks: Sequence[str],
+    credentials: Credentials | None = None,
+) -> int:
     """The CLI: print the one-screen report; 0 if it passed, 1 if not."""
-    report = verify_vm(state, name, ca=ca, tcti=tcti, eks=eks)
+    report = verify_vm(state, name, ca=ca, tcti=tcti, eks=eks, credentials=credentials)
     print(f"VM {name}")
     print(report.render(), end="")
     return 0 if report.ok else 1

@@ -33,7 +33,7 @@ from sgxvtpm.endpoint.backend import MessageBackend
 from sgxvtpm.endpoint.streams import timeval
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.platform.base import MeasurementPolicy, QuoteVerifier
-from sgxvtpm.vmm.client import platform_verifier
+from sgxvtpm.vmm.credentials import Credentials, CredentialsError
 from sgxvtpm.wire import relay as frames
 
 CONNECT_TIMEOUT = 10.0
@@ -56,18 +56,26 @@ class VmBinding:
     policy: MeasurementPolicy
 
     @classmethod
-    def load(cls, state: StateDir, name: str) -> VmBinding:
-        vm_dir = state.vm(name)
+    def load(
+        cls, state: StateDir, name: str, *, credentials: Credentials | None = None
+    ) -> VmBinding:
+        """VM ``name``'s binding to the hostd of ``state``, from a credentials directory
+        (``credentials``, else this user's: sgxvtpm/vmm/credentials.py)."""
+        host = (credentials or Credentials.at(None)).host(state)
         try:
+            vm_dir = host.vm(name)
             info = json.loads((vm_dir / "instance.json").read_text())
             credential = ClientCredential.load(vm_dir / "vm.key", vm_dir / "vm.crt")
+            verifier = host.verifier()
         except (OSError, ValueError) as exc:
-            raise K2Error(f"VM {name!r} has no usable binding in {vm_dir}: {exc}") from None
+            raise K2Error(f"VM {name!r} has no usable binding in {host.root}: {exc}") from None
+        except CredentialsError as exc:
+            raise K2Error(str(exc)) from None
         return cls(
             socket_path=state.socket,
             instance_id=str(info["instance_id"]),
             credential=credential,
-            verifier=platform_verifier(state),
+            verifier=verifier,
             policy=expected_policy("instance"),
         )
 

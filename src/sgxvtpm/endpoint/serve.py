@@ -1,7 +1,8 @@
 """``sgxvtpm vm attach`` and ``sgxvtpm vm serve``: the VM endpoints over K2.
 
-Both load the VM's binding from the state directory, open K2 to its instance
-enclave lazily (on the first request) and serve until SIGTERM/SIGINT. They
+Both load the VM's binding from a credentials directory
+(sgxvtpm/vmm/credentials.py), open K2 to its instance enclave lazily (on the
+first request) and serve until SIGTERM/SIGINT. They
 run in the main thread (no event loop): connections are served by threads.
 """
 
@@ -15,6 +16,7 @@ from sgxvtpm.endpoint.qemu import QemuEndpoint
 from sgxvtpm.endpoint.tss import MssimEndpoint, SwtpmTssEndpoint
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.util import log
+from sgxvtpm.vmm.credentials import Credentials
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -24,9 +26,12 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def attach(state: StateDir, name: str, ctrl: Path) -> None:
+def attach(
+    state: StateDir, name: str, ctrl: Path, *, credentials: Credentials | None = None
+) -> None:
     """Serve VM ``name``'s vTPM to QEMU on the swtpm control socket ``ctrl``."""
-    endpoint = QemuEndpoint(K2Client(VmBinding.load(state, name)), ctrl)
+    binding = VmBinding.load(state, name, credentials=credentials)
+    endpoint = QemuEndpoint(K2Client(binding), ctrl)
     try:
         endpoint.start()
         print(f"attached {name}: -chardev socket,id=chrtpm,path={ctrl} "
@@ -45,9 +50,10 @@ def serve_tss(
     swtpm: Path | None = None,
     swtpm_tcp: str | None = None,
     mssim: str | None = None,
+    credentials: Credentials | None = None,
 ) -> None:
     """Serve VM ``name``'s vTPM on tcti-swtpm (unix or TCP) or tcti-mssim sockets."""
-    backend = K2Client(VmBinding.load(state, name))
+    backend = K2Client(VmBinding.load(state, name, credentials=credentials))
     endpoint: SwtpmTssEndpoint | MssimEndpoint
     if swtpm is not None:
         endpoint = SwtpmTssEndpoint(backend, path=swtpm)

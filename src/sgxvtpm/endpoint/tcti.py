@@ -18,6 +18,7 @@ from tpm2_pytss.TCTI import PyTCTI
 
 from sgxvtpm.endpoint.k2 import K2Client, VmBinding
 from sgxvtpm.host.statedir import StateDir
+from sgxvtpm.vmm.credentials import Credentials
 
 MAX_RESPONSE = 4096
 
@@ -34,9 +35,20 @@ class K2Tcti(PyTCTI):  # type: ignore[misc]  # tpm2-pytss ships no type informat
             client.power_on()
 
     @classmethod
-    def open(cls, name: str, state_dir: Path | str | None = None, **kw: bool) -> K2Tcti:
-        """The TCTI for VM ``name`` (its key and binding under the state directory)."""
-        return cls(K2Client(VmBinding.load(StateDir.at(state_dir), name)), **kw)
+    def open(
+        cls,
+        name: str,
+        state_dir: Path | str | None = None,
+        *,
+        credentials: Path | str | None = None,
+        **kw: bool,
+    ) -> K2Tcti:
+        """The TCTI for VM ``name`` of the hostd at ``state_dir``; its key and binding are in
+        the credentials directory ``credentials`` (default: this user's)."""
+        binding = VmBinding.load(
+            StateDir.at(state_dir), name, credentials=Credentials.at(credentials)
+        )
+        return cls(K2Client(binding), **kw)
 
     def do_transmit(self, command: bytes) -> None:
         self._response = self._client.transact(bytes(command), self._locality)

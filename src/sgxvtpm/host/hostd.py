@@ -5,34 +5,41 @@ loader measures and launches the manager enclave E1), relays every K1/K2
 session as opaque frames, launches instance enclaves when E1 asks (the
 *second creation request*), relaunches enclaves that die, and stops cleanly
 on SIGTERM. It never holds K1, K2, or any plaintext TPM traffic: it sees
-relay frames whose DATA payloads are TLS records.
+relay frames whose DATA payloads are TLS records. Nor does it hold the
+operator's or a VM's private key (sgxvtpm/vmm/credentials.py): it passes the
+operator's *certificate* to the manager, which pins it.
+
+Started as root, it opens what needs root (the platform, the loader) and then
+runs as the unprivileged ``--user`` (swtpm's ``--runas``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures.thread  # noqa: F401 - asyncio.to_thread's; see drop_privileges
 import contextlib
 import fcntl
+import grp
 import os
+import pwd
 import resource
 import shutil
 import signal
 import socket
+import stat
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from sgxvtpm.channel import ClientCredential
 from sgxvtpm.enclaves.specs import instance_spec, manager_spec
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.host.switch import Connection, Relay
 from sgxvtpm.platform.base import EnclaveHandle, EnclaveSpec, PlatformError
 from sgxvtpm.platform.sim.loader import SimLoader
 from sgxvtpm.util import log
-from sgxvtpm.util.keyfile import write_private_key
 
 PRELOAD = ("sgxvtpm.enclaves.manager", "sgxvtpm.enclaves.instance")
 RELEASE = "sgxvtpm.enclaves.specs:release"
@@ -41,21 +48,80 @@ RELEASE = "sgxvtpm.enclaves.specs:release"
 # MAX_BACKOFF seconds, and `vm show` says it is crash-looping.
 CRASH_UPTIME = 2.0
 MAX_BACKOFF = 5.0
+STOP_TIMEOUT = 5.0
 
 
 class HostdError(Exception):
     """hostd cannot start; the message says why (one line for the CLI)."""
 
 
-def ensure_operator_identity(state: StateDir) -> ClientCredential:
-    """The operator's key and self-signed certificate (0600), created on first use."""
-    if state.operator_key.exists() and state.operator_cert.exists():
-        return ClientCredential.load(state.operator_key, state.operator_cert)
-    key = ec.generate_private_key(ec.SECP256R1())
-    credential = ClientCredential.self_signed(key, "sgxvtpm operator")
-    write_private_key(state.operator_key, key)
-    state.operator_cert.write_bytes(credential.cert_pem)
-    return credential
+@dataclass(frozen=True)
+class RunAs:
+    """The unprivileged user and group hostd runs as once root is no longer needed."""
+
+    user: str
+    uid: int
+    gid: int
+
+    @classmethod
+    def parse(cls, spec: str) -> RunAs:
+        """``USER[:GROUP]``, names or numbers; GROUP defaults to USER's primary group."""
+        user, _, group = spec.partition(":")
+        try:
+            entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        except KeyError:
+            raise HostdError(f"--user: no such user {user!r}") from None
+        gid = entry.pw_gid
+        if group:
+            try:
+                named = grp.getgrgid(int(group)) if group.isdigit() else grp.getgrnam(group)
+                gid = named.gr_gid
+            except KeyError:
+                raise HostdError(f"--user: no such group {group!r}") from None
+        if entry.pw_uid == 0 or gid == 0:
+            raise HostdError("--user must name an unprivileged user and group, not root")
+        return cls(entry.pw_name, entry.pw_uid, gid)
+
+
+def operator_certificate(cert_file: Path | None) -> bytes:
+    """The operator's certificate for the manager to pin (it never needs the key).
+
+    From ``cert_file``, else from the invoking user's credentials directory,
+    where an operator identity is created if there is none yet (this runs
+    before any privilege drop, as that user).
+    """
+    if cert_file is None:
+        from sgxvtpm.vmm.credentials import Credentials, CredentialsError
+
+        try:
+            return Credentials.at(None).operator_certificate()
+        except (CredentialsError, OSError) as exc:
+            raise HostdError(f"operator identity: {exc}") from None
+    try:
+        pem = cert_file.read_bytes()
+        x509.load_pem_x509_certificate(pem)
+    except OSError as exc:
+        raise HostdError(f"--operator-cert {cert_file}: {exc.strerror}") from None
+    except ValueError:
+        raise HostdError(f"--operator-cert {cert_file}: not a PEM certificate") from None
+    return pem
+
+
+def refuse_legacy_keys(state: StateDir) -> None:
+    """Older versions kept the operator's and the VMs' private keys here; refuse to run on them."""
+    found = state.legacy_client_keys()
+    if not found:
+        return
+    from sgxvtpm.vmm.credentials import Credentials
+
+    creds = Credentials.at(None)
+    names = ", ".join(str(p.relative_to(state.root)) for p in found)
+    raise HostdError(
+        f"{state.root} holds client private keys in the clear ({names}), which hostd no longer "
+        f"keeps: as the operator, move operator.key and operator.crt to {creds.root}/ and each "
+        f"vms/NAME/ to {creds.host(state).root}/vms/NAME/ (SGXVTPM_CONFIG_DIR chooses another "
+        "credentials directory), then start hostd again"
+    )
 
 
 @dataclass
@@ -74,7 +140,7 @@ class Enclave:
 
 
 class Hostd:
-    def __init__(self, state: StateDir) -> None:
+    def __init__(self, state: StateDir, operator_cert_pem: bytes) -> None:
         self.state = state
         state.ensure()
         self._lock_fd = os.open(state.lock, os.O_RDWR | os.O_CREAT, 0o600)
@@ -82,7 +148,7 @@ class Hostd:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise HostdError(f"another hostd is running on {state.root}") from None
-        self.operator = ensure_operator_identity(state)
+        self.operator_cert_pem = operator_cert_pem
         # The loader starts the platform's CPU process, which alone opens the
         # platform directory (hostd never holds a platform secret) and signs
         # the release's enclaves from its own installed code (sim/cpu.py).
@@ -107,7 +173,7 @@ class Hostd:
             self.manager_spec,
             {
                 "state_dir": str(self.state.manager),
-                "operator_cert_pem": self.operator.cert_pem.decode(),
+                "operator_cert_pem": self.operator_cert_pem.decode(),
             },
         )
         self.enclaves["manager"] = manager
@@ -129,14 +195,29 @@ class Hostd:
             enclave.wanted = False
             await asyncio.to_thread(self._stop_process, enclave)
         await self.relay.aclose()
-        self.loader.close()
+        # Every enclave was asked to end above; one that would still need a
+        # signal cannot get it from an unprivileged hostd, and ends with its stream.
+        with contextlib.suppress(PermissionError):
+            self.loader.close()
         with contextlib.suppress(FileNotFoundError):
             self.state.socket.unlink()
         log.log("hostd.stopped")
 
     def _stop_process(self, enclave: Enclave) -> None:
-        if enclave.handle is not None:
-            enclave.handle.stop()
+        handle = enclave.handle
+        if handle is None:
+            return
+        # The end of its stream asks an enclave to end (it saves its state first);
+        # signals are only the fallback, and hostd has no right to send them to
+        # the root-owned enclaves once it runs as --user.
+        with contextlib.suppress(OSError):
+            handle.stream.shutdown(socket.SHUT_RDWR)
+        handle.wait(STOP_TIMEOUT)
+        try:
+            handle.stop()
+        except PermissionError:
+            handle.stream.close()
+            log.log("hostd.enclave_not_signalled", enclave=enclave.name, pid=handle.pid)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self.relay.serve(reader, writer, kind="client")
@@ -198,6 +279,10 @@ class Hostd:
         if op == "wait_ready":
             await asyncio.wait_for(self.manager_ready.wait(), 60)
             return {"ok": True}
+        if op == "platform_root":
+            # Public, and only a claim: clients pin it on first contact and later
+            # compare, they never verify against what hostd says now.
+            return {"ok": True, "root_ca_pem": self.loader.attestation_root_pem.decode()}
         if conn.name != "manager":
             return {"ok": False, "error": "only the manager enclave may ask that"}
         if op == "manager_ready":
@@ -270,10 +355,82 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-async def serve(state: StateDir, ready: asyncio.Event | None = None) -> None:
+def drop_privileges(state: StateDir, run_as: RunAs) -> None:
+    """Give hostd's files to ``run_as`` (platform/ stays root's alone), then become it.
+
+    Called once the platform is open and the loader's zygote runs: they keep
+    the platform secrets, and hostd no longer needs to read them. Every module
+    hostd uses is imported before (asyncio.to_thread's executor included, at
+    the top of this file): the interpreter's own library may not be readable
+    by that user (a Python installed under root's home).
+    """
+    _hand_over(state, run_as)
+    os.setgroups([])
+    os.setresgid(run_as.gid, run_as.gid, run_as.gid)
+    os.setresuid(run_as.uid, run_as.uid, run_as.uid)
+    try:
+        os.setresuid(0, 0, 0)
+    except PermissionError:
+        pass
+    else:
+        raise HostdError("could not drop root: setresuid(0) still succeeds")
+    if not os.access(state.root, os.R_OK | os.W_OK | os.X_OK):
+        raise HostdError(f"--user {run_as.user} cannot use {state.root}: every directory "
+                         "above it must let that user through")
+    log.log("hostd.dropped_privileges", user=run_as.user, uid=run_as.uid, gid=run_as.gid)
+
+
+def _hand_over(state: StateDir, run_as: RunAs) -> None:
+    """chown the state directory to ``run_as``, except platform/ which becomes root's, 0700.
+
+    Walked through directory descriptors without following symlinks: the tree
+    was writable by that user on an earlier run, and root must not be steered
+    into chowning something outside it (a planted symlink or hard link).
+    """
+    root = state.root.resolve()
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(root / state.platform.name, flags)
+    try:
+        os.fchown(fd, 0, 0)
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+    for top, dirs, files, dirfd in os.fwalk(root, follow_symlinks=False):
+        if top == str(root):
+            if state.platform.name in dirs:
+                dirs.remove(state.platform.name)
+            # The socket's group may reach it (and nothing else: no read permission).
+            os.fchmod(dirfd, 0o710)
+        os.fchown(dirfd, run_as.uid, run_as.gid)
+        for name in files:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                log.log("hostd.hard_link_skipped", path=os.path.join(top, name))
+                continue
+            os.chown(name, run_as.uid, run_as.gid, dir_fd=dirfd, follow_symlinks=False)
+
+
+async def serve(
+    state: StateDir,
+    ready: asyncio.Event | None = None,
+    *,
+    operator_cert: Path | None = None,
+    run_as: RunAs | None = None,
+) -> None:
     """Run hostd until SIGTERM/SIGINT."""
+    if run_as is not None and os.geteuid() != 0:
+        raise HostdError(
+            f"--user {run_as.user} needs hostd to start as root (it runs as uid {os.geteuid()})"
+        )
+    refuse_legacy_keys(state)
+    operator_cert_pem = operator_certificate(operator_cert)
     _raise_fd_limit()
-    hostd = Hostd(state)
+    hostd = Hostd(state, operator_cert_pem)
+    if run_as is not None:
+        drop_privileges(state, run_as)
+    elif os.geteuid() == 0:
+        log.log("hostd.running_as_root",
+                warning="hostd is untrusted and needs no root after start: give --user")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

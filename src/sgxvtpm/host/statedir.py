@@ -1,14 +1,16 @@
 """The layout of a state directory (``--state-dir``, env SGXVTPM_STATE_DIR).
 
-Everything hostd keeps, and where the VMM and the VM endpoints find it::
+Everything hostd keeps, and nothing more::
 
     hostd.sock            the relay socket (VMM and VM endpoints connect here)
     hostd.lock            one hostd per directory
-    platform/             the sim platform (root secret 0600, attestation root)
-    operator.key/.crt     the operator (VMM) identity, 0600; pinned by the manager
+    platform/             the sim platform (root secret 0600, attestation root); root's
+                          alone when hostd runs with --user
     manager/              the manager enclave's sealed registry
     instances/ID/         one instance enclave's sealed state
-    vms/NAME/             the VM side: vm.key (0600), vm.crt, instance.json
+
+hostd is the untrusted relay: no private key of the operator or of a VM is
+kept here. Those belong to the clients (sgxvtpm/vmm/credentials.py).
 """
 
 from __future__ import annotations
@@ -49,23 +51,18 @@ class StateDir:
         return self.root / "platform"
 
     @property
-    def operator_key(self) -> Path:
-        return self.root / "operator.key"
-
-    @property
-    def operator_cert(self) -> Path:
-        return self.root / "operator.crt"
-
-    @property
     def manager(self) -> Path:
         return self.root / "manager"
 
     def instance(self, instance_id: str) -> Path:
         return self.root / "instances" / instance_id
 
-    def vm(self, name: str) -> Path:
-        return self.root / "vms" / name
-
     def ensure(self) -> None:
-        for directory in (self.root, self.manager, self.root / "instances", self.root / "vms"):
+        for directory in (self.root, self.manager, self.root / "instances"):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def legacy_client_keys(self) -> list[Path]:
+        """Client private keys that older versions kept here (operator.key, vms/NAME/vm.key)."""
+        found = [self.root / "operator.key"] if (self.root / "operator.key").exists() else []
+        found += sorted((self.root / "vms").glob("*/vm.key"))
+        return found

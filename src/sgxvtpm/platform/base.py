@@ -198,6 +198,10 @@ class EnclaveHandle(Protocol):
         """The host end of the enclave's byte stream (the only way in or out)."""
         ...
 
+    def wait(self, timeout: float) -> bool:
+        """True once the enclave process has exited (within ``timeout`` seconds)."""
+        ...
+
     def stop(self, timeout: float = 5.0) -> None: ...
 
 

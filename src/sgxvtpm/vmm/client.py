@@ -4,6 +4,9 @@ Every request opens an attested session through hostd's relay: the manager's
 certificate must carry a quote, from this platform's attestation root, of
 the manager code installed here (the MRENCLAVE this client computes itself),
 bound to the certificate's key; the operator key authenticates us (S3, S4).
+The operator identity, the pinned attestation root and the VM bindings
+``vm create`` writes are in the operator's credentials directory
+(sgxvtpm/vmm/credentials.py), never in hostd's state directory.
 """
 
 from __future__ import annotations
@@ -22,8 +25,7 @@ from sgxvtpm.enclaves.specs import expected_policy
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.mux.aio import open_client_session
 from sgxvtpm.platform.base import MeasurementPolicy, QuoteVerifier
-from sgxvtpm.platform.sim.quote import SimQuoteVerifier
-from sgxvtpm.util.keyfile import write_private_key
+from sgxvtpm.vmm.credentials import Credentials, CredentialsError, verifier_for
 
 CONNECT_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 120.0
@@ -33,41 +35,56 @@ class VmmError(Exception):
     """The manager refused a request or could not be reached; the message says why."""
 
 
-def platform_verifier(state: StateDir) -> QuoteVerifier:
-    """The verifier for this host's enclaves: its platform's attestation root."""
-    try:
-        root = (state.platform / "root_ca.pem").read_bytes()
-    except OSError:
-        raise VmmError(f"no platform at {state.platform}: is hostd running?") from None
-    return SimQuoteVerifier(root)
-
-
 class VmmClient:
     def __init__(
         self,
         state: StateDir,
         *,
+        credentials: Credentials | None = None,
         operator: ClientCredential | None = None,
         policy: MeasurementPolicy | None = None,
+        verifier: QuoteVerifier | None = None,
     ) -> None:
+        """``operator``, ``policy`` and ``verifier`` replace what the credentials directory
+        and the code installed here would give (a remote verifier brings its own)."""
         self.state = state
+        self.credentials = credentials or Credentials.at(None)
+        self.host = self.credentials.host(state)
         self._operator = operator
         self._policy = policy
+        self._root_pem = b""
+        self._verifier = verifier
 
     def _credential(self) -> ClientCredential:
         if self._operator is None:
             try:
-                self._operator = ClientCredential.load(
-                    self.state.operator_key, self.state.operator_cert
-                )
-            except OSError:
-                raise VmmError(f"no operator key in {self.state.root}") from None
+                self._operator = self.credentials.operator()
+            except CredentialsError as exc:
+                raise VmmError(str(exc)) from None
         return self._operator
+
+    async def verifier(self) -> QuoteVerifier:
+        """A verifier of this host's pinned attestation root, read (or pinned) once."""
+        if self._verifier is None:
+            pem = await self.pinned_root()
+            try:
+                self._verifier = verifier_for(self.host, pem)
+            except CredentialsError as exc:
+                raise VmmError(str(exc)) from None
+        return self._verifier
+
+    async def pinned_root(self) -> bytes:
+        if not self._root_pem:
+            try:
+                self._root_pem = await asyncio.to_thread(self.host.attestation_root)
+            except CredentialsError as exc:
+                raise VmmError(str(exc)) from None
+        return self._root_pem
 
     async def request(self, request: dict[str, Any]) -> dict[str, Any]:
         session = ClientSession(
             self._policy or expected_policy("manager"),
-            platform_verifier(self.state),
+            await self.verifier(),
             self._credential(),
             expected_cn=CA_COMMON_NAME,
         )
@@ -99,8 +116,17 @@ class VmmClient:
         pcr_banks: list[str] | None = None,
         ek: list[str] | None = None,
         vm_public_key: ec.EllipticCurvePublicKey | None = None,
+        export: Credentials | None = None,
     ) -> dict[str, Any]:
-        vm_dir = self.state.vm(name)
+        """Create VM ``name``; its binding goes to this client's credentials directory,
+        or to ``export`` (for whoever runs the VM's endpoint) with this host's pinned root."""
+        host = self.host if export is None else export.host(self.state)
+        try:  # before the manager creates anything: a binding that cannot be stored is lost
+            if export is not None:
+                host.pin(await self.pinned_root())
+            host.ensure()
+        except (CredentialsError, OSError) as exc:
+            raise VmmError(str(exc)) from None
         key: ec.EllipticCurvePrivateKey | None = None
         if vm_public_key is None:
             key = ec.generate_private_key(ec.SECP256R1())
@@ -117,21 +143,23 @@ class VmmClient:
                 "ek": ek or [],
             }
         )
-        vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if key is not None:
-            write_private_key(vm_dir / "vm.key", key)
-        (vm_dir / "vm.crt").write_text(reply["vm_cert_pem"])
-        (vm_dir / "ca.crt").write_text(reply["ca_cert_pem"])
-        (vm_dir / "instance.json").write_text(json.dumps(reply["instance"], indent=2) + "\n")
+        try:
+            host.write_binding(
+                name,
+                key=key,
+                vm_cert_pem=reply["vm_cert_pem"],
+                ca_cert_pem=reply["ca_cert_pem"],
+                instance=reply["instance"],
+            )
+        except (CredentialsError, OSError) as exc:
+            raise VmmError(f"{name} was created, but its binding was not stored: {exc}") from None
         return dict(reply["instance"])
 
-    async def destroy(self, name: str) -> None:
+    async def destroy(self, name: str, *, export: Credentials | None = None) -> None:
         await self.request({"op": "destroy", "name": name})
-        vm_dir = self.state.vm(name)
-        for child in ("vm.key", "vm.crt", "ca.crt", "instance.json"):
-            (vm_dir / child).unlink(missing_ok=True)
-        if vm_dir.exists() and not any(vm_dir.iterdir()):
-            vm_dir.rmdir()
+        self.host.remove_binding(name)
+        if export is not None:
+            export.host(self.state).remove_binding(name)
 
     async def list(self) -> list[dict[str, Any]]:
         return list((await self.request({"op": "list"}))["instances"])

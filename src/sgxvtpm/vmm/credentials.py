@@ -1,0 +1,299 @@
+"""The client side's credentials: what the operator and a VM's endpoint hold, not hostd.
+
+hostd is the untrusted relay, so no private key lives in its state directory
+(host/statedir.py). A credentials directory belongs to the user who runs the
+VMM or a VM endpoint: ``--credentials DIR``, else ``$SGXVTPM_CONFIG_DIR``,
+else ``$XDG_CONFIG_HOME/sgxvtpm``, else ``~/.config/sgxvtpm``. It is created
+0700; private keys in it are 0600::
+
+    operator.key/.crt        the operator identity (the manager pins its certificate)
+    hosts/HOST/              one hostd, keyed by its state directory's path
+        state_dir            that path, for people reading the directory
+        root_ca.pem          its platform's attestation root, pinned at first contact
+        vms/NAME/            one VM's binding: vm.key (0600), vm.crt, ca.crt, instance.json
+
+Hosts are keyed by where hostd lives (its state directory, whose socket the
+clients connect to), the way ssh's known_hosts keys on the host's name: a
+host that later presents another attestation root is refused with a clear
+error instead of being trusted anew. Keying on an identifier the host
+published itself would let a replaced platform register as a new host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from sgxvtpm.channel import ClientCredential
+from sgxvtpm.host.statedir import StateDir
+from sgxvtpm.platform.base import PlatformError, QuoteVerifier
+from sgxvtpm.platform.sim.quote import SimQuoteVerifier
+from sgxvtpm.util.durable import atomic_write
+from sgxvtpm.util.keyfile import write_private_key
+from sgxvtpm.wire import relay as frames
+
+ENV = "SGXVTPM_CONFIG_DIR"
+OPERATOR_CN = "sgxvtpm operator"
+ROOT_QUERY_TIMEOUT = 10.0
+BINDING_FILES = ("vm.key", "vm.crt", "ca.crt", "instance.json")
+
+
+class CredentialsError(Exception):
+    """A credential is missing, unreadable, or a pinned trust anchor changed (one line)."""
+
+
+def default_credentials_dir() -> Path:
+    env = os.environ.get(ENV)
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "sgxvtpm"
+
+
+def private_directory(path: Path) -> None:
+    """``path`` (its missing parents too) as a directory only its owner can enter."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.geteuid():
+        raise CredentialsError(
+            f"{path} belongs to uid {st.st_uid}, not to this user: write credentials to a "
+            "directory of yours, then hand it over (chown -R)"
+        )
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        path.chmod(0o700)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """One user's credentials directory (see the module doc)."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, path: Path | str | None) -> Credentials:
+        return cls(Path(path) if path is not None else default_credentials_dir())
+
+    @property
+    def operator_key(self) -> Path:
+        return self.root / "operator.key"
+
+    @property
+    def operator_cert(self) -> Path:
+        return self.root / "operator.crt"
+
+    def operator(self) -> ClientCredential:
+        """The operator identity; CredentialsError if this directory has none."""
+        try:
+            return ClientCredential.load(self.operator_key, self.operator_cert)
+        except (OSError, ValueError) as exc:
+            raise CredentialsError(
+                f"no usable operator identity in {self.root} ({_reason(exc)}); the first "
+                "`sgxvtpm hostd` run by this user creates one"
+            ) from None
+
+    def operator_certificate(self) -> bytes:
+        """The operator's certificate (all the manager needs: it pins it).
+
+        If this directory holds no operator identity yet, one is created (key
+        0600). A certificate alone is enough: its key may be kept elsewhere.
+        """
+        private_directory(self.root)
+        # Two first starts at once must not pair one's key with the other's certificate.
+        with _exclusive(self.root / ".lock"):
+            if self.operator_cert.exists():
+                pem = self.operator_cert.read_bytes()
+                _certificate_der(pem, str(self.operator_cert))
+                return pem
+            if self.operator_key.exists():
+                raise CredentialsError(f"{self.operator_key} has no certificate "
+                                       f"{self.operator_cert.name} next to it")
+            key = ec.generate_private_key(ec.SECP256R1())
+            credential = ClientCredential.self_signed(key, OPERATOR_CN)
+            write_private_key(self.operator_key, key)
+            atomic_write(self.operator_cert, credential.cert_pem, 0o644)
+            return credential.cert_pem
+
+    def host(self, state: StateDir) -> HostCredentials:
+        where = str(state.root.resolve())
+        key = hashlib.sha256(where.encode()).hexdigest()[:16]
+        return HostCredentials(self.root / "hosts" / key, state)
+
+
+@dataclass(frozen=True)
+class HostCredentials:
+    """What one credentials directory holds for one hostd (``hosts/HOST``)."""
+
+    root: Path
+    state: StateDir
+
+    @property
+    def root_ca(self) -> Path:
+        return self.root / "root_ca.pem"
+
+    def vm(self, name: str) -> Path:
+        if name in ("", ".", "..") or "/" in name or "\0" in name:
+            raise CredentialsError(f"{name!r} cannot name a VM: it must be one path component")
+        return self.root / "vms" / name
+
+    def ensure(self) -> None:
+        for directory in (self.root.parent.parent, self.root.parent, self.root):
+            private_directory(directory)
+        marker = self.root / "state_dir"
+        if not marker.exists():
+            atomic_write(marker, f"{self.state.root.resolve()}\n".encode(), 0o644)
+
+    def attestation_root(self) -> bytes:
+        """The platform root this client trusts for the host, pinned on first contact.
+
+        Quotes are checked against the pinned bytes only; what hostd answers now
+        is only compared with them, so that a changed platform is refused with
+        a clear error rather than a failed handshake.
+        """
+        presented = presented_root(self.state.socket)
+        pinned = _read_pin(self.root_ca)
+        if pinned is None and presented is None:
+            raise CredentialsError(
+                f"cannot reach hostd at {self.state.socket} to learn its platform's "
+                f"attestation root (none pinned in {self.root_ca} yet)"
+            )
+        if pinned is None:
+            assert presented is not None
+            self.pin(presented)
+            return presented
+        if presented is not None:
+            check_pin(self.root_ca, pinned, presented, self.state.socket)
+        return pinned
+
+    def verifier(self) -> QuoteVerifier:
+        return verifier_for(self, self.attestation_root())
+
+    def pin(self, pem: bytes) -> None:
+        """Pin ``pem`` as this host's attestation root; a different existing pin is an error."""
+        self.ensure()
+        with _exclusive(self.root / ".lock"):
+            pinned = _read_pin(self.root_ca)
+            if pinned is not None:
+                check_pin(self.root_ca, pinned, pem, self.state.socket)
+                return
+            _certificate_der(pem, "the presented attestation root")
+            atomic_write(self.root_ca, pem, 0o644)
+
+    def write_binding(
+        self,
+        name: str,
+        *,
+        key: ec.EllipticCurvePrivateKey | None,
+        vm_cert_pem: str,
+        ca_cert_pem: str,
+        instance: dict[str, object],
+    ) -> Path:
+        """Store VM ``name``'s binding (the key only when this side generated it)."""
+        self.ensure()
+        directory = self.vm(name)
+        private_directory(directory.parent)
+        private_directory(directory)
+        # Unlinked first: a key of an earlier VM of that name must not stay next to the
+        # new certificate, and the new key file is created 0600, whatever the old one was.
+        (directory / "vm.key").unlink(missing_ok=True)
+        if key is not None:
+            write_private_key(directory / "vm.key", key)
+        atomic_write(directory / "vm.crt", vm_cert_pem.encode(), 0o644)
+        atomic_write(directory / "ca.crt", ca_cert_pem.encode(), 0o644)
+        atomic_write(directory / "instance.json",
+                     (json.dumps(instance, indent=2) + "\n").encode(), 0o644)
+        return directory
+
+    def remove_binding(self, name: str) -> None:
+        directory = self.vm(name)
+        for child in BINDING_FILES:
+            (directory / child).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: leave what we did not write
+            directory.rmdir()
+
+
+def verifier_for(host: HostCredentials, pem: bytes) -> QuoteVerifier:
+    """A quote verifier holding ``pem`` (``host``'s pinned root) in memory: never re-read."""
+    try:
+        return SimQuoteVerifier(pem)
+    except PlatformError as exc:
+        raise CredentialsError(f"{host.root_ca}: {exc}") from None
+
+
+def check_pin(pin: Path, pinned: bytes, presented: bytes, where: Path) -> None:
+    """CredentialsError unless ``presented`` is the very certificate pinned in ``pin``."""
+    old = _certificate_der(pinned, str(pin))
+    new = _certificate_der(presented, f"the attestation root of hostd at {where}")
+    if old != new:
+        raise CredentialsError(
+            f"hostd at {where} presents another platform attestation root "
+            f"(sha256 {hashlib.sha256(new).hexdigest()[:16]}) than the one pinned in {pin} "
+            f"on first contact (sha256 {hashlib.sha256(old).hexdigest()[:16]}); if that "
+            f"platform was replaced on purpose, remove {pin} to trust the new one"
+        )
+
+
+def presented_root(sock: Path, timeout: float = ROOT_QUERY_TIMEOUT) -> bytes | None:
+    """The attestation root hostd at ``sock`` says its platform has; None if unreachable."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(timeout)
+            conn.connect(str(sock))
+            conn.sendall(frames.encode(frames.Frame.control({"op": "platform_root", "id": 1})))
+            decoder = frames.RelayDecoder()
+            while (frame := decoder.next_frame()) is None:
+                data = conn.recv(65536)
+                if not data:
+                    return None
+                decoder.receive_data(data)
+    except (OSError, frames.RelayProtocolError):
+        return None
+    reply = frame.control_object()
+    pem = reply.get("root_ca_pem")
+    if not reply.get("ok") or not isinstance(pem, str):
+        return None
+    return pem.encode()
+
+
+def _read_pin(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CredentialsError(f"cannot read the pinned attestation root {path}: "
+                               f"{exc.strerror}") from None
+
+
+def _certificate_der(pem: bytes, where: str) -> bytes:
+    try:
+        return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    except ValueError:
+        raise CredentialsError(f"{where} is not a PEM certificate") from None
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc) or type(exc).__name__
