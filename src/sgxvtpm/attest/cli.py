@@ -108,10 +108,15 @@ def read_evidence(
 
 @contextlib.contextmanager
 def _k2_transport(state: StateDir, name: str) -> Iterator[tuple[Transact, Callable[[], None]]]:
-    from sgxvtpm.endpoint.k2 import K2Client, VmBinding
+    from sgxvtpm.endpoint.k2 import K2Busy, K2Client, VmBinding
 
-    with K2Client(VmBinding.load(state, name)) as client:
-        yield client.transact, client.power_on
+    client = K2Client(VmBinding.load(state, name), label="attest verify")
+    try:
+        client.connect()
+    except K2Busy as exc:  # the VM's endpoint holds its TPM; it can be read through it
+        raise exc.with_hint("read the TPM through that endpoint with --tcti") from None
+    with client:
+        yield client.transact, client.power_on_if_stopped
 
 
 @contextlib.contextmanager
