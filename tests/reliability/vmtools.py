@@ -173,8 +173,9 @@ def running(state_dir: Path) -> Iterator[HostdCtl]:
 # ------------------------------------------------------------------ VM side
 
 
-def client(ctl: HostdCtl, name: str, timeout: float = 120.0) -> K2Client:
-    return K2Client(VmBinding.load(ctl.state, name), timeout=timeout)
+def client(ctl: HostdCtl, name: str, timeout: float = 120.0, *,
+           takeover: bool = False) -> K2Client:
+    return K2Client(VmBinding.load(ctl.state, name), timeout=timeout, takeover=takeover)
 
 
 def boot(ctl: HostdCtl, name: str) -> K2Client:
