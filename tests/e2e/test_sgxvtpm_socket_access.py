@@ -138,7 +138,7 @@ def test_mode_owner_and_group_open_the_unix_sockets(vm: Hostd, shared_dir: Path)
 @pytest.mark.parametrize("mode", ["--swtpm-tcp", "--mssim"])
 def test_tcp_needs_the_explicit_flag(vm: Hostd, mode: str) -> None:
     port = free_port_pair()
-    done = sgxvtpm_cli(vm.state, "vm", "serve", VM, mode, f"127.0.0.1:{port}", timeout=60)
+    done = sgxvtpm_cli(vm.state, "vm", "serve", VM, mode, f"127.0.0.1:{port}", timeout=30)
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "--allow-any-local-user" in lines[0], done.stderr
@@ -149,7 +149,7 @@ def test_tcp_needs_the_explicit_flag(vm: Hostd, mode: str) -> None:
 def test_tcp_listens_on_loopback_only(vm: Hostd) -> None:
     for host in ("0.0.0.0", "::", "192.0.2.1", "example.org"):
         done = sgxvtpm_cli(vm.state, "vm", "serve", VM, "--mssim", f"{host}:{free_port_pair()}",
-                           "--allow-any-local-user", timeout=60)
+                           "--allow-any-local-user", timeout=30)
         assert done.returncode == 1, (host, done.stdout)
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and "loopback only" in lines[0], done.stderr
