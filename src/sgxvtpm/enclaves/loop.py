@@ -41,7 +41,6 @@ from sgxvtpm.wire import relay as frames
 
 log = logging.getLogger("sgxvtpm.enclave")
 
-
 _MAX_FDS = 8
 _READ = 17 * 1024  # a TLS record (16 KiB + overhead); larger reads only cost allocations
 _DIRECT_SEND_TIMEOUT = 30.0
@@ -252,5 +251,5 @@ class InstanceLoop:
         if self._on_close is not None:
             try:
                 self._on_close(session)
-            except Exception:  # one session's fault must never end the enclave (S8)
+            except Exception:  # one session's fault must never end the enclave
                 log.exception("enclave: on_close of session %d failed", session.sid)
