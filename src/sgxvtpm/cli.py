@@ -18,6 +18,8 @@ from sgxvtpm.host.statedir import ENV, StateDir
 from sgxvtpm.vmm.credentials import ENV as CREDENTIALS_ENV
 from sgxvtpm.vmm.credentials import Credentials
 
+ANY_LOCAL_USER = "--allow-any-local-user"  # the TCP consent of `vm serve`
+
 
 def _add_state_dir(parser: argparse.ArgumentParser, top: bool = False) -> None:
     # Subcommands use SUPPRESS so they do not overwrite a value given before them.
@@ -83,8 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("name")
     group = serve.add_mutually_exclusive_group(required=True)
     group.add_argument("--swtpm", type=Path, metavar="PATH", help="unix PATH and PATH.ctrl")
-    group.add_argument("--swtpm-tcp", metavar="HOST:PORT")
-    group.add_argument("--mssim", metavar="HOST:PORT")
+    group.add_argument("--swtpm-tcp", metavar="HOST:PORT",
+                       help=f"TCP on loopback, ports PORT and PORT+1 (needs {ANY_LOCAL_USER})")
+    group.add_argument("--mssim", metavar="HOST:PORT",
+                       help=f"TCP on loopback, ports PORT and PORT+1 (needs {ANY_LOCAL_USER})")
+    serve.add_argument(ANY_LOCAL_USER, action="store_true",
+                       help="serve on TCP although ANY local user (every uid on this host) can "
+                       "then connect and use this VM's TPM: read its NV, use its keys, extend "
+                       "its PCRs. TCP has no permissions; prefer --swtpm PATH")
+    for p in (attach, serve):
+        p.add_argument("--mode", metavar="OCTAL",
+                       help="permissions of the unix sockets (default 0600: the owner only)")
+        p.add_argument("--owner", metavar="USER", help="owner of the unix sockets (name or uid)")
+        p.add_argument("--group", metavar="GROUP", help="group of the unix sockets (name or gid)")
+        p.add_argument("--takeover", action="store_true",
+                       help="replace the VM's connected endpoint (its session ends) instead of "
+                       "being refused; the TPM keeps running, it is not reset")
     for p in (create, destroy, attach, serve):
         _add_state_dir(p)
     _add_credentials(create, "write the VM's binding (key, certificates, pinned platform root) "
@@ -178,13 +194,20 @@ async def _vm(args: argparse.Namespace) -> int:
 
 def _vm_endpoint(args: argparse.Namespace) -> int:
     """``vm attach`` / ``vm serve``: blocking endpoints, no event loop (issue 8)."""
+    from sgxvtpm.endpoint.listeners import OWNER_ONLY, SocketAccess
     from sgxvtpm.endpoint.serve import attach, serve_tss
 
+    access = None
+    if (args.mode, args.owner, args.group) != (None, None, None):
+        access = SocketAccess.parse(args.mode, args.owner, args.group)
     if args.vm_command == "attach":
-        attach(_state(args), args.name, args.ctrl, credentials=_credentials(args))
+        attach(_state(args), args.name, args.ctrl, access=access or OWNER_ONLY,
+               takeover=args.takeover, credentials=_credentials(args))
     else:
         serve_tss(_state(args), args.name, swtpm=args.swtpm, swtpm_tcp=args.swtpm_tcp,
-                  mssim=args.mssim, credentials=_credentials(args))
+                  mssim=args.mssim, access=access,
+                  allow_any_local_user=args.allow_any_local_user, takeover=args.takeover,
+                  credentials=_credentials(args))
     return 0
 
 

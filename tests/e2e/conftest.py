@@ -98,10 +98,12 @@ def start_vm_endpoint(state: StateDir, name: str, *mode: str, log_dir: Path) -> 
     address is the socket path, or the TCP port.
     """
     command = "attach" if mode[0] == "--ctrl" else "serve"
+    # TCP lets every local user in: the tests accept that for their loopback ports.
+    consent = ["--allow-any-local-user"] if mode[0] in ("--swtpm-tcp", "--mssim") else []
     log_path = log_dir / f"{name}-{command}.log"
     with open(log_path, "ab") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sgxvtpm.cli", "vm", command, name, *mode,
+            [sys.executable, "-m", "sgxvtpm.cli", "vm", command, name, *mode, *consent,
              "--state-dir", str(state.root)],
             stdout=subprocess.PIPE, stderr=err,
         )

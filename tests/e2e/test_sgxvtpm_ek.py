@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 
 from conftest import create_vm, sgxvtpm_cli, start_vm_endpoint
 from helpers.ek_tools import attestation_round, run_tool
+from helpers.endpoint import EndpointProcess
 from helpers.hostd import Hostd, running_hostd
 from sgxvtpm.attest.verify import R_QUOTE_ROOT
 
@@ -44,6 +46,22 @@ class Vm:
     dir: Path
     certs: dict[str, bytes]  # what vm create returned, DER by EK kind
     ca_pem: Path  # sgxvtpm ca show --pem
+    endpoint: EndpointProcess  # sgxvtpm vm serve --swtpm
+
+    def serve(self) -> None:
+        self.endpoint = start_vm_endpoint(self.hostd.state, VM, "--swtpm",
+                                          str(self.dir / "tpm.sock"), log_dir=self.dir)
+
+
+@contextmanager
+def endpoint_stopped(vm: Vm) -> Iterator[None]:
+    """``vm serve`` stopped meanwhile: the VM has one endpoint at a time, and a K2
+    client (``attest verify`` without --tcti) is one; the TPM keeps running."""
+    vm.endpoint.stop()
+    try:
+        yield
+    finally:
+        vm.serve()
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +76,10 @@ def vm(sgx_hostd: Hostd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[V
     ep = start_vm_endpoint(sgx_hostd.state, VM, "--swtpm", str(work / "tpm.sock"), log_dir=work)
     tcti = f"swtpm:path={ep.address}"
     run_tool(tcti, "tpm2_startup", "-c", cwd=work)
-    yield Vm(sgx_hostd, tcti, work, certs, work / "ca.pem")
-    assert ep.alive(), "vm serve died during the tests"
-    ep.stop()
+    vm = Vm(sgx_hostd, tcti, work, certs, work / "ca.pem", ep)
+    yield vm
+    assert vm.endpoint.alive(), "vm serve died during the tests"
+    vm.endpoint.stop()
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +142,11 @@ def test_attestation_round(vm: Vm) -> None:
 
 @pytest.mark.parametrize("via", ["k2", "tcti"])
 def test_attest_verify_passes(vm: Vm, via: str) -> None:
-    extra = ["--tcti", vm.tcti] if via == "tcti" else []
-    done = sgxvtpm_cli(vm.hostd.state, "attest", "verify", VM, *extra)
+    if via == "tcti":
+        done = sgxvtpm_cli(vm.hostd.state, "attest", "verify", VM, "--tcti", vm.tcti)
+    else:
+        with endpoint_stopped(vm):
+            done = sgxvtpm_cli(vm.hostd.state, "attest", "verify", VM)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "sgxvtpm attestation: PASS" in out and "[FAIL]" not in out and "[SKIP]" not in out
@@ -138,7 +160,8 @@ def test_attest_verify_passes(vm: Vm, via: str) -> None:
 
 
 def test_attest_verify_against_the_managers_ca(vm: Vm) -> None:
-    done = sgxvtpm_cli(vm.hostd.state, "attest", "verify", VM, "--ca", "manager")
+    done = sgxvtpm_cli(vm.hostd.state, "attest", "verify", VM, "--ca", "manager",
+                       "--tcti", vm.tcti)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -147,7 +170,7 @@ def test_attest_verify_fails_with_another_hostds_ca(vm: Vm, other_ca_pem: Path) 
     original = ca_file.read_bytes()
     ca_file.write_bytes(other_ca_pem.read_bytes())
     try:
-        done = sgxvtpm_cli(vm.hostd.state, "attest", "verify", VM)
+        done = sgxvtpm_cli(vm.hostd.state, "attest", "verify", VM, "--tcti", vm.tcti)
     finally:
         ca_file.write_bytes(original)
     assert done.returncode == 1, done.stdout + done.stderr
@@ -155,7 +178,8 @@ def test_attest_verify_fails_with_another_hostds_ca(vm: Vm, other_ca_pem: Path) 
     assert f"reason: {R_QUOTE_ROOT}" in done.stdout
     assert "[FAIL] rsa2048 EK certificate signed by CA" in done.stdout
     # The same CA given as a file with --ca.
-    by_flag = sgxvtpm_cli(vm.hostd.state, "attest", "verify", VM, "--ca", str(other_ca_pem))
+    by_flag = sgxvtpm_cli(vm.hostd.state, "attest", "verify", VM, "--ca", str(other_ca_pem),
+                          "--tcti", vm.tcti)
     assert by_flag.returncode == 1 and f"reason: {R_QUOTE_ROOT}" in by_flag.stdout
     assert "[FAIL] ecc-p256 EK certificate signed by CA" in by_flag.stdout
 

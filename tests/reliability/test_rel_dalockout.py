@@ -158,7 +158,9 @@ def test_abrupt_resets_do_not_lock_out_the_owner(ctl: HostdCtl, tmp_path: Path) 
                 counters.append(lockout(endpoint.transact))
                 endpoint.drop_mid_command()
             else:
-                c = client(ctl, "vm1")
+                # The endpoint holds the VM's TPM: this session takes it over (the
+                # endpoint's next command opens a session of its own again).
+                c = client(ctl, "vm1", takeover=True)
                 c.power_on()  # INIT with no TPM2_Shutdown since the last use of the key
                 execute(c.transact, wire.startup(TPM2_SU.CLEAR))
                 use_key(c.transact)

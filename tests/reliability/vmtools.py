@@ -173,8 +173,9 @@ def running(state_dir: Path, credentials: Path | None = None) -> Iterator[HostdC
 # ------------------------------------------------------------------ VM side
 
 
-def client(ctl: HostdCtl, name: str, timeout: float = 120.0) -> K2Client:
-    return K2Client(ctl.h.binding(name), timeout=timeout)
+def client(ctl: HostdCtl, name: str, timeout: float = 120.0, *,
+           takeover: bool = False) -> K2Client:
+    return K2Client(ctl.h.binding(name), timeout=timeout, takeover=takeover)
 
 
 def boot(ctl: HostdCtl, name: str) -> K2Client:

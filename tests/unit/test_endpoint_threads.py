@@ -3,7 +3,9 @@ listener threads, the stop flag and VmTpm's failure mapping (no processes)."""
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
 import struct
 import threading
 import time
@@ -14,7 +16,7 @@ import pytest
 
 from sgxvtpm.endpoint.backend import BACKEND_FAILURE_RESPONSE, VmTpm
 from sgxvtpm.endpoint.lifecycle import StopFlag
-from sgxvtpm.endpoint.listeners import Listeners
+from sgxvtpm.endpoint.listeners import Listeners, SocketAccess, loopback_host
 from sgxvtpm.endpoint.streams import FrameTimeout, Stream, next_message, timeval
 from sgxvtpm.tpm import wire
 from sgxvtpm.wire.swtpm_ctrl import CommandFramer, CtrlProtocolError
@@ -136,6 +138,84 @@ def test_listeners_serve_and_close(tmp_path: Path) -> None:
         c.close()
     with pytest.raises(OSError):
         _connect(path)
+
+
+def test_unix_socket_gets_its_mode_and_group_whatever_the_umask(tmp_path: Path) -> None:
+    group = 65534 if os.geteuid() == 0 else os.getgid()  # only root gives a socket away
+    listeners = Listeners()
+    old = os.umask(0)  # bind(2) alone would make the socket 0777
+    try:
+        listeners.unix(tmp_path / "default.sock", _echo)
+        listeners.unix(tmp_path / "group.sock", _echo, access=SocketAccess(0o660, gid=group))
+        assert os.umask(old) == 0  # the process's umask is back
+        assert stat.S_IMODE(os.stat(tmp_path / "default.sock").st_mode) == 0o600
+        made = os.stat(tmp_path / "group.sock")
+        assert (stat.S_IMODE(made.st_mode), made.st_gid) == (0o660, group)
+    finally:
+        os.umask(old)
+        listeners.close()
+
+
+def test_unix_listener_replaces_only_a_stale_socket(tmp_path: Path) -> None:
+    keep = tmp_path / "keep"
+    keep.write_text("not a socket")
+    listeners = Listeners()
+    try:
+        with pytest.raises(FileExistsError, match="not a socket"):
+            listeners.unix(keep, _echo)
+        assert keep.read_text() == "not a socket"
+        stale = tmp_path / "stale.sock"
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(stale))  # a socket nobody listens on any more
+        listeners.unix(stale, _echo)
+        with _connect(stale) as c:
+            c.sendall(b"ping")
+            assert c.recv(16) == b"ping"
+    finally:
+        listeners.close()
+
+
+def test_close_leaves_a_socket_that_replaced_ours(tmp_path: Path) -> None:
+    path = tmp_path / "tpm.sock"
+    first, second = Listeners(), Listeners()
+    first.unix(path, _echo)
+    second.unix(path, _echo)  # a takeover on the same path
+    first.close()
+    try:
+        with _connect(path) as c:  # still the second one's
+            c.sendall(b"ping")
+            assert c.recv(16) == b"ping"
+    finally:
+        second.close()
+    assert not path.exists()
+
+
+def test_tcp_listens_on_loopback_only() -> None:
+    assert loopback_host("127.0.0.1") == "127.0.0.1"
+    assert loopback_host("localhost") == "127.0.0.1"
+    assert loopback_host("[::1]") == "::1"
+    listeners = Listeners()
+    try:
+        for host in ("0.0.0.0", "::", "192.0.2.1", "example.org", ""):
+            with pytest.raises(ValueError, match="loopback only"):
+                listeners.tcp(host, 0, _echo)
+        port = listeners.tcp("::1", 0, _echo)
+        with socket.create_connection(("::1", port), timeout=5) as c:
+            c.sendall(b"ping")
+            assert c.recv(16) == b"ping"
+    finally:
+        listeners.close()
+
+
+def test_socket_access_from_the_command_line() -> None:
+    assert SocketAccess.parse() == SocketAccess(0o600, -1, -1)
+    assert SocketAccess.parse("0660", "0", "root") == SocketAccess(0o660, 0, 0)
+    assert SocketAccess.parse(owner="nobody").uid == 65534
+    for kwargs, message in (({"mode": "rw"}, "--mode"), ({"mode": "1777"}, "0..0777"),
+                            ({"owner": "no-such-user"}, "--owner"),
+                            ({"group": "no-such-group"}, "--group")):
+        with pytest.raises(ValueError, match=message):
+            SocketAccess.parse(**kwargs)
 
 
 def test_listeners_shutdown_one_connection(tmp_path: Path) -> None:

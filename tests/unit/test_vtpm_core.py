@@ -144,3 +144,24 @@ def test_bad_command_bytes_get_tpm_errors(core: VtpmCore) -> None:
     for junk in (b"", b"\x80\x01", bytes(10), bytes.fromhex("80010000000c00000144")):
         response = tpm(core, junk)
         assert wire.response_code(response) != TPM2_RC.SUCCESS
+
+
+def test_init_if_stopped_never_resets_a_running_tpm(core: VtpmCore) -> None:
+    if_stopped = 0x80000000  # sgxvtpm.wire.vtpm.INIT_FLAG_IF_STOPPED (checked below)
+    digest = bytes(range(32))
+    assert core.handle(R.init(if_stopped)).success  # stopped: it starts
+    assert rc(core, wire.startup(TPM2_SU.CLEAR)) == TPM2_RC.SUCCESS
+    assert rc(core, wire.pcr_extend(16, digest)) == TPM2_RC.SUCCESS
+    extended = wire.parse_pcr_read(tpm(core, wire.pcr_read([16]))).digests[0]
+    assert extended != bytes(32)
+    assert core.handle(R.init(if_stopped)).success  # running: left alone
+    assert wire.parse_pcr_read(tpm(core, wire.pcr_read([16]))).digests[0] == extended
+    assert rc(core, wire.startup(TPM2_SU.CLEAR)) == TPM2_RC.INITIALIZE  # still started
+    assert core.handle(R.init(0)).success  # the platform's INIT is a reset
+    assert rc(core, wire.startup(TPM2_SU.CLEAR)) == TPM2_RC.SUCCESS
+    assert wire.parse_pcr_read(tpm(core, wire.pcr_read([16]))).digests[0] == bytes(32)
+    from sgxvtpm.wire import vtpm
+
+    assert if_stopped == vtpm.INIT_FLAG_IF_STOPPED
+    # ATTACH belongs to the instance enclave (its sessions), not to the TPM.
+    assert core.handle(R.attach()).result == TpmResult.BAD_ORDINAL

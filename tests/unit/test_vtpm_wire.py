@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sgxvtpm.wire.vtpm import (
+    MAX_ATTACH_INFO,
     MAX_MESSAGE,
     TpmResult,
     VtpmOp,
@@ -34,6 +35,7 @@ requests = st.one_of(
     st.builds(VtpmRequest.get_stateblob, u32),
     st.builds(VtpmRequest.set_stateblob, u32, st.binary(max_size=200)),
     st.builds(VtpmRequest.get_info, st.integers(0, 2**64 - 1)),
+    st.builds(VtpmRequest.attach, u32, st.binary(max_size=MAX_ATTACH_INFO)),
     st.builds(VtpmRequest, st.sampled_from([VtpmOp.SHUTDOWN, VtpmOp.STOP, VtpmOp.GET_ESTABLISHED,
                                             VtpmOp.CANCEL, VtpmOp.STORE_VOLATILE]), locality),
 )
@@ -73,7 +75,8 @@ def test_decode_response_any_bytes(data: bytes) -> None:
         b"",
         b"\x01\x00\x00",  # short header
         b"\x00\x00\x00\x00",  # op 0
-        b"\x0d\x00\x00\x00",  # unknown op
+        b"\x0e\x00\x00\x00",  # unknown op
+        b"\x0d\x00\x00\x00\x00\x00\x01",  # ATTACH without full flags
         b"\x01\x05\x00\x00",  # locality 5
         b"\x01\x00\x00\x01",  # reserved not zero
         b"\x02\x00\x00\x00\x00\x00\x00",  # INIT with 3 bytes
@@ -91,6 +94,10 @@ def test_oversized_messages() -> None:
         decode_request(b"\x01\x00\x00\x00" + bytes(MAX_MESSAGE))
     with pytest.raises(VtpmUsageError):
         encode_request(VtpmRequest.tpm_command(bytes(MAX_MESSAGE)))
+    with pytest.raises(VtpmProtocolError):  # an endpoint's description is bounded
+        decode_request(b"\x0d\x00\x00\x00" + bytes(4 + MAX_ATTACH_INFO + 1))
+    with pytest.raises(VtpmUsageError):
+        encode_request(VtpmRequest.attach(0, bytes(MAX_ATTACH_INFO + 1)))
 
 
 def test_usage_errors() -> None:
@@ -122,6 +129,7 @@ def test_wire_layout() -> None:
     assert encode_request(VtpmRequest.set_stateblob(2, b"ab")) == (
         b"\x09\x00\x00\x00\x00\x00\x00\x02ab")
     assert encode_response(VtpmResponse(0x3D, b"x")) == b"\x00\x00\x00\x3dx"
+    assert encode_request(VtpmRequest.attach(1, b"{}")) == b"\x0d\x00\x00\x00\x00\x00\x00\x01{}"
 
 
 # -- the TPM_COMMAND hot path must be the general codec, byte for byte ----------

@@ -113,10 +113,16 @@ def read_evidence(
 def _k2_transport(
     state: StateDir, name: str, credentials: Credentials
 ) -> Iterator[tuple[Transact, Callable[[], None]]]:
-    from sgxvtpm.endpoint.k2 import K2Client, VmBinding
+    from sgxvtpm.endpoint.k2 import K2Busy, K2Client, VmBinding
 
-    with K2Client(VmBinding.load(state, name, credentials=credentials)) as client:
-        yield client.transact, client.power_on
+    binding = VmBinding.load(state, name, credentials=credentials)
+    client = K2Client(binding, label="attest verify")
+    try:
+        client.connect()
+    except K2Busy as exc:  # the VM's endpoint holds its TPM; it can be read through it
+        raise exc.with_hint("read the TPM through that endpoint with --tcti") from None
+    with client:
+        yield client.transact, client.power_on_if_stopped
 
 
 @contextlib.contextmanager

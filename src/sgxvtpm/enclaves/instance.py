@@ -4,7 +4,8 @@ Who may talk to it (DESIGN.md S4), decided by the client certificate's key:
 - the manager (its CA certificate is the trust anchor; its key is pinned):
   provisioning, status, EK manufacturing, destroy;
 - the VM bound at creation (a certificate the manager's CA issued for the
-  VM's key, pinned by SPKI): vTPM requests (sgxvtpm.wire.vtpm).
+  VM's key, pinned by SPKI): vTPM requests (sgxvtpm.wire.vtpm), from one
+  session at a time (:class:`EndpointSeat`).
 
 An instance whose sealed state is refused (tampered, foreign, rolled back)
 stays up in the ``error`` state: it tells the manager why and serves no VM.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,14 +26,13 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from sgxvtpm.channel import (
     ClientTrust,
     EnclaveCredential,
-    PeerCertificate,
     ServerSession,
     spki_sha256,
     verify_enclave_certificate,
     warmup,
 )
 from sgxvtpm.enclaves.blobcipher import SealedBlobCipher
-from sgxvtpm.enclaves.loop import InstanceLoop
+from sgxvtpm.enclaves.loop import InstanceLoop, Session
 from sgxvtpm.enclaves.runtime import platform_verifier
 from sgxvtpm.enclaves.sealing import SealError
 from sgxvtpm.enclaves.specs import peer_policy
@@ -44,6 +45,86 @@ from sgxvtpm.tpm.constants import TPM2_SU
 from sgxvtpm.tpm.engine import LibtpmsEngine
 from sgxvtpm.tpm.nv import execute
 from sgxvtpm.util import log
+from sgxvtpm.wire.vtpm import (
+    ATTACH_FLAG_TAKEOVER,
+    TpmResult,
+    VtpmOp,
+    VtpmProtocolError,
+    VtpmRequest,
+    VtpmResponse,
+    decode_request,
+    encode_response,
+)
+
+_ABOUT_TEXT = 120  # characters kept of an endpoint's description of itself
+
+
+class EndpointSeat:
+    """Which authenticated session of the VM is its endpoint: one at a time.
+
+    A TPM has one platform: whoever holds the seat can reset it (INIT) and
+    sees every PCR the VM measured. swtpm refuses a second process on the
+    same state; here the rule lives in the enclave, the only place that knows
+    every authenticated session, so a client that skips the endpoint process
+    cannot get around it. A VM session must ATTACH before anything else;
+    ATTACH is refused while another live session holds the seat unless it
+    asks for a takeover, which ends that session. The loop reports every
+    session that ends (:meth:`closed`), so an endpoint that died or
+    disconnected never blocks the VM and can come back.
+    """
+
+    def __init__(self) -> None:
+        self.holder: Session | None = None
+        self.about: dict[str, Any] = {}
+        #: Ends a session (the loop's): set once the loop exists.
+        self.end_session: Callable[[Session], None] | None = None
+
+    def attach(self, session: Session, request: VtpmRequest) -> VtpmResponse:
+        holder = self.holder
+        if holder is not None and holder is not session:
+            if not request.flags & ATTACH_FLAG_TAKEOVER:
+                log.log("instance.endpoint_refused", held_by=self.about)
+                return self.refusal()
+            log.log("instance.endpoint_replaced", previous=self.about)
+            if self.end_session is not None:
+                self.end_session(holder)  # calls closed(holder)
+            self.holder = None
+        self.holder = session
+        # The endpoint's word (pid, what it serves) is only shown to the next
+        # endpoint that is refused; the time is the enclave's own.
+        self.about = {**_describe(request.data), "since": round(time.time())}
+        log.log("instance.endpoint_attached", **self.about)
+        return VtpmResponse.ok()
+
+    def refusal(self) -> VtpmResponse:
+        """The answer to a session that is not the endpoint: TPM_RESOURCES while
+        another holds the seat (with who and since when), TPM_BAD_ORDINAL before ATTACH."""
+        if self.holder is None:
+            return VtpmResponse.error(TpmResult.BAD_ORDINAL)
+        return VtpmResponse(TpmResult.RESOURCES, json.dumps(self.about).encode())
+
+    def closed(self, session: Session) -> None:
+        if session is self.holder:
+            log.log("instance.endpoint_detached", **self.about)
+            self.holder, self.about = None, {}
+
+
+def _describe(info: bytes) -> dict[str, Any]:
+    """The fields of an ATTACH description worth keeping (a pid, a short text)."""
+    try:
+        claimed = json.loads(info.decode("utf-8")) if info else {}
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    if not isinstance(claimed, dict):
+        return {}
+    about: dict[str, Any] = {}
+    pid = claimed.get("pid")
+    if isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 2**31:
+        about["pid"] = pid
+    text = claimed.get("endpoint")
+    if isinstance(text, str):
+        about["endpoint"] = "".join(c for c in text if c.isprintable())[:_ABOUT_TEXT]
+    return about
 
 
 class InstanceEnclave:
@@ -68,6 +149,7 @@ class InstanceEnclave:
         self.reason = ""
         self.vm_spki: bytes | None = None
         self.core: VtpmCore | None = None
+        self.seat = EndpointSeat()
         self._manufacturing: LibtpmsEngine | None = None
         if self.store.exists():
             self._restore()
@@ -107,13 +189,35 @@ class InstanceEnclave:
     def new_session(self) -> ServerSession:
         return ServerSession(self.credential, self.trust())
 
+    def serve(self, stream: socket.socket) -> None:
+        """Serve sessions until the host closes ``stream``."""
+        loop = InstanceLoop(stream, self.new_session, self.handle, on_close=self.seat.closed)
+        self.seat.end_session = loop.end
+        loop.run()
+
     # -- requests ------------------------------------------------------------
-    def handle(self, peer: PeerCertificate, data: bytes) -> bytes:
+    def handle(self, session: Session, data: bytes) -> bytes:
+        peer = session.peer
+        if peer is None:  # the loop passes only authenticated sessions
+            raise PermissionError("not authenticated")
         if peer.spki_sha256 == self.manager_spki:
             return json.dumps(self.admin(json.loads(data))).encode()
         if self.core is None or peer.spki_sha256 != self.vm_spki:
             raise PermissionError("not the bound VM")
+        if session is not self.seat.holder:
+            return encode_response(self._not_attached(session, data))
         return self.core.handle_message(data)
+
+    def _not_attached(self, session: Session, data: bytes) -> VtpmResponse:
+        """ATTACH, or a refusal: nothing reaches the TPM from a session that is not its
+        endpoint (a second one could reset it, or read what the VM's endpoint keeps)."""
+        try:
+            request = decode_request(data)
+        except VtpmProtocolError:
+            return VtpmResponse.error(TpmResult.BAD_PARAMETER)
+        if request.op is VtpmOp.ATTACH:
+            return self.seat.attach(session, request)
+        return self.seat.refusal()
 
     def admin(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
@@ -226,6 +330,6 @@ def main(platform: EnclavePlatform, stream: socket.socket, args: Mapping[str, An
     log.configure(f"instance-{str(args.get('instance_id', ''))[:8]}")
     enclave = InstanceEnclave(platform, args)
     try:
-        InstanceLoop(stream, enclave.new_session, enclave.handle).run()
+        enclave.serve(stream)
     finally:
         enclave.close()

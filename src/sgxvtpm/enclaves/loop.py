@@ -9,6 +9,11 @@ are read and written here directly, and hostd is off the command path.
 Requests are answered one at a time, in arrival order (libtpms is
 single-threaded). A misbehaving session is dropped; the loop never dies of
 one client's bytes. It ends when the host closes the stream or on SIGTERM.
+
+The handler sees which :class:`Session` a request came from, is told when a
+session ends (``on_close``: the client closed it, its connection broke, it
+was dropped) and may end another session with :meth:`InstanceLoop.end`;
+the instance enclave builds its one-endpoint-per-VM rule on these.
 """
 
 from __future__ import annotations
@@ -36,9 +41,6 @@ from sgxvtpm.wire import relay as frames
 
 log = logging.getLogger("sgxvtpm.enclave")
 
-Handler = Callable[[PeerCertificate, bytes], bytes]
-"""Answer one request message; raise PermissionError to drop the session."""
-
 _MAX_FDS = 8
 _READ = 17 * 1024  # a TLS record (16 KiB + overhead); larger reads only cost allocations
 _DIRECT_SEND_TIMEOUT = 30.0
@@ -49,12 +51,19 @@ def _release_free_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
-@dataclass
-class _Session:
+@dataclass(eq=False)  # compared by identity: a session id can come back after a CLOSE
+class Session:
+    """One client session: its relay id, TLS state, authenticated peer and connection."""
+
     sid: int
     tls: ServerSession
     peer: PeerCertificate | None = None
     direct: socket.socket | None = None
+
+
+Handler = Callable[[Session, bytes], bytes]
+"""Answer one request message of an authenticated session (``session.peer`` is
+set); raise PermissionError to drop the session."""
 
 
 class InstanceLoop:
@@ -63,12 +72,14 @@ class InstanceLoop:
         stream: socket.socket,
         session_factory: Callable[[], ServerSession | None],
         handler: Handler,
+        on_close: Callable[[Session], None] | None = None,
     ) -> None:
         self._stream = stream
         self._factory = session_factory
         self._handler = handler
+        self._on_close = on_close
         self._decoder = frames.RelayDecoder()
-        self._sessions: dict[int, _Session] = {}
+        self._sessions: dict[int, Session] = {}
         self._fds: deque[int] = deque()
         self._selector = selectors.DefaultSelector()
         self._running = True
@@ -76,6 +87,15 @@ class InstanceLoop:
 
     def stop(self, *_: object) -> None:
         self._running = False
+
+    def end(self, session: Session) -> None:
+        """End ``session`` (TLS close_notify, then its connection or relay session)."""
+        if self._sessions.get(session.sid) is not session:
+            return
+        with contextlib.suppress(ChannelError):
+            session.tls.close()
+        self._flush(session)
+        self._drop(session)
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
@@ -134,7 +154,7 @@ class InstanceLoop:
             if tls is None or sid in self._sessions:
                 self._send_frame(frames.FrameType.CLOSE, sid, b"not accepted")
                 return
-            self._sessions[sid] = _Session(sid, tls)
+            self._sessions[sid] = Session(sid, tls)
         elif frame.type is frames.FrameType.DATA:
             session = self._sessions.get(sid)
             if session is not None:
@@ -167,7 +187,7 @@ class InstanceLoop:
             self._running = False
 
     # -- handed-off connections --------------------------------------------
-    def _read_direct(self, session: _Session) -> None:
+    def _read_direct(self, session: Session) -> None:
         assert session.direct is not None
         try:
             data = session.direct.recv(_READ)
@@ -176,7 +196,7 @@ class InstanceLoop:
         self._feed(session, data)
 
     # -- one session ---------------------------------------------------------
-    def _feed(self, session: _Session, data: bytes) -> None:
+    def _feed(self, session: Session, data: bytes) -> None:
         if self._sessions.get(session.sid) is not session:
             return  # dropped earlier in this round of events
         try:
@@ -187,7 +207,7 @@ class InstanceLoop:
                     session.peer = event.peer
                 elif isinstance(event, Message):
                     assert session.peer is not None
-                    session.tls.send_message(self._handler(session.peer, event.data))
+                    session.tls.send_message(self._handler(session, event.data))
                 elif isinstance(event, Closed):
                     session.tls.close()
                     self._flush(session)
@@ -204,7 +224,7 @@ class InstanceLoop:
             log.exception("enclave: session %d failed", session.sid)
             self._drop(session)
 
-    def _flush(self, session: _Session) -> None:
+    def _flush(self, session: Session) -> None:
         out = session.tls.data_to_send()
         if not out:
             return
@@ -219,11 +239,17 @@ class InstanceLoop:
             chunk = out[start : start + frames.MAX_PAYLOAD]
             self._send_frame(frames.FrameType.DATA, session.sid, chunk)
 
-    def _drop(self, session: _Session, notify: bool = True) -> None:
-        if self._sessions.pop(session.sid, None) is None:
+    def _drop(self, session: Session, notify: bool = True) -> None:
+        if self._sessions.get(session.sid) is not session:
             return
+        del self._sessions[session.sid]
         if session.direct is not None:
             self._selector.unregister(session.direct)
             session.direct.close()
         elif notify:
             self._send_frame(frames.FrameType.CLOSE, session.sid, b"closed")
+        if self._on_close is not None:
+            try:
+                self._on_close(session)
+            except Exception:  # one session's fault must never end the enclave
+                log.exception("enclave: on_close of session %d failed", session.sid)

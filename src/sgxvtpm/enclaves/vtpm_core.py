@@ -5,7 +5,9 @@ control and data channels answer QEMU and TSS clients (swtpm 0.7.1
 ``ctrlchannel.c``/``mainloop.c``; the automatic TPM2_Shutdown is from swtpm
 0.10, see :meth:`VtpmCore._orderly_shutdown`):
 
-- INIT starts the TPM (flag 1 deletes the volatile state first); STOP and
+- INIT starts the TPM (flag 1 deletes the volatile state first); on a
+  running TPM it is a reset (swtpm stops and restarts libtpms), unless it
+  carries INIT_FLAG_IF_STOPPED, which leaves a running TPM alone. STOP and
   SHUTDOWN stop it. SHUTDOWN does not end anything here (swtpm exits): the
   instance enclave outlives the VM's QEMU process.
 - A TPM command while the TPM is stopped gets the 10-byte TPM 2.0 error
@@ -36,6 +38,7 @@ from sgxvtpm.tpm.wire import error_response, shutdown
 from sgxvtpm.util import log
 from sgxvtpm.wire.vtpm import (
     INIT_FLAG_DELETE_VOLATILE,
+    INIT_FLAG_IF_STOPPED,
     TpmResult,
     VtpmOp,
     VtpmProtocolError,
@@ -158,7 +161,7 @@ class VtpmCore:
     def handle(self, request: VtpmRequest) -> VtpmResponse:
         """Answer one request. Engine failures become TPM_RESULT codes."""
         handler = self._HANDLERS.get(VtpmOp(request.op))
-        if handler is None:  # pragma: no cover - every op has a handler
+        if handler is None:  # ATTACH: the instance answers it, for its sessions
             return VtpmResponse.error(TpmResult.BAD_ORDINAL)
         try:
             return handler(self, request)
@@ -217,6 +220,8 @@ class VtpmCore:
         return self.engine.process(command, locality)
 
     def _init(self, request: VtpmRequest) -> VtpmResponse:
+        if request.flags & INIT_FLAG_IF_STOPPED and self.running:
+            return VtpmResponse.ok()  # even INIT(0) would be a reset in libtpms terms
         self._stop()
         self.engine.start(delete_volatile=bool(request.flags & INIT_FLAG_DELETE_VOLATILE))
         return VtpmResponse.ok()

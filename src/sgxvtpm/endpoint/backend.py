@@ -24,6 +24,7 @@ from sgxvtpm.tpm.constants import TPM2_RC
 from sgxvtpm.tpm.wire import error_response
 from sgxvtpm.util import log
 from sgxvtpm.wire.vtpm import (
+    INIT_FLAG_IF_STOPPED,
     TpmResult,
     VtpmRequest,
     VtpmResponse,
@@ -66,10 +67,18 @@ class MessageBackend(abc.ABC):
         return decode_response(self.request(encode_request(request)))
 
     def power_on(self, flags: int = 0) -> None:
-        """INIT (swtpm's CMD_INIT): start the TPM; the client then sends TPM2_Startup."""
+        """INIT (swtpm's CMD_INIT): start the TPM; the client then sends TPM2_Startup.
+
+        On a running TPM this is a reset (its PCRs start over): what a VM's
+        platform does at reboot, never what a client does to get started.
+        """
         response = self.call(VtpmRequest.init(flags))
         if not response.success:
             raise self.Refused(f"the vTPM refused INIT (result {response.result:#x})")
+
+    def power_on_if_stopped(self) -> None:
+        """Start the TPM if it is not running; a running TPM keeps its state and PCRs."""
+        self.power_on(INIT_FLAG_IF_STOPPED)
 
     def transact(self, command: bytes, locality: int = 0) -> bytes:
         """One raw TPM command, one raw TPM response (TPM errors are responses).

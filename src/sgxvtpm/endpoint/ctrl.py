@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from sgxvtpm.endpoint.backend import VmTpm
 from sgxvtpm.wire.swtpm_ctrl import GETINFO_CHUNK, CtrlCmd, CtrlRequest, CtrlResponse, PtmCap
-from sgxvtpm.wire.vtpm import MAX_LOCALITY, TpmResult, VtpmOp, VtpmProtocolError, VtpmRequest
+from sgxvtpm.wire.vtpm import (
+    INIT_FLAG_DELETE_VOLATILE,
+    MAX_LOCALITY,
+    TpmResult,
+    VtpmOp,
+    VtpmProtocolError,
+    VtpmRequest,
+)
 
 #: What we implement. Not HASHING (TPM 1.2 only; QEMU never uses it) and not
 #: SEND_COMMAND_HEADER (a data-channel prefix mode QEMU does not use);
@@ -56,7 +63,9 @@ class CtrlHandler:
         if code == CtrlCmd.GET_CAPABILITY:
             return CtrlResponse(code, caps=int(self.caps))
         if code == CtrlCmd.INIT:
-            return self._simple(code, VtpmRequest.init(req.flags))
+            # swtpm reads only PTM_INIT_FLAG_DELETE_VOLATILE: CMD_INIT always
+            # (re)starts the TPM, as the platform's reset does.
+            return self._simple(code, VtpmRequest.init(req.flags & INIT_FLAG_DELETE_VOLATILE))
         if code == CtrlCmd.SHUTDOWN:
             return self._simple(code, VtpmRequest(VtpmOp.SHUTDOWN))
         if code == CtrlCmd.STOP:

@@ -9,16 +9,29 @@ VM key the manager bound to the instance (S3, S4).
 ``VtpmBackend`` the QEMU and TSS endpoints forward to (they serialise
 their calls). After a session breaks (the instance or hostd restarted) the
 request in flight fails with :class:`K2Error` and is not resent, since it
-may have run (S2); the next request opens a new session.
+may have run (S2); the next request opens a new session. A session the
+instance ended while it was idle (a restart, another endpoint's takeover)
+is noticed before the next request is sent, which then opens a new session
+at once: nothing had been sent on the old one.
+
+Every session first attaches to the VM's TPM (sgxvtpm.wire.vtpm, ATTACH):
+the instance serves one endpoint per VM at a time and refuses another with
+:class:`K2Busy`, unless the client asked for a takeover. Only the first
+session of a client may take over: a client whose session was taken from
+it must not take it back by reconnecting.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import select
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sgxvtpm.channel import (
     ChannelError,
@@ -35,6 +48,15 @@ from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.platform.base import MeasurementPolicy, QuoteVerifier
 from sgxvtpm.vmm.credentials import Credentials, CredentialsError
 from sgxvtpm.wire import relay as frames
+from sgxvtpm.wire.vtpm import (
+    ATTACH_FLAG_TAKEOVER,
+    MAX_ATTACH_INFO,
+    TpmResult,
+    VtpmProtocolError,
+    VtpmRequest,
+    decode_response,
+    encode_request,
+)
 
 CONNECT_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 300.0  # an RSA key generation on a loaded host can take seconds
@@ -43,6 +65,32 @@ _READ = 17 * 1024  # one TLS record (16 KiB + overhead)
 
 class K2Error(Exception):
     """The instance could not be reached or the session broke; the message says which."""
+
+
+class K2Busy(K2Error):
+    """The VM already has a connected endpoint; only a takeover replaces it."""
+
+    def __init__(self, vm: str, holder: dict[str, Any], hint: str = "") -> None:
+        self.vm = vm
+        self.holder = holder
+        self.hint = hint or "one endpoint at a time may use a VM's TPM"
+        super().__init__(f"{vm} already has a connected endpoint ({_about(holder)}); {self.hint}")
+
+    def with_hint(self, hint: str) -> K2Busy:
+        """The same refusal, telling the user how to take over in their own terms."""
+        return K2Busy(self.vm, self.holder, hint)
+
+
+def _about(holder: dict[str, Any]) -> str:
+    parts = []
+    if isinstance(holder.get("pid"), int):
+        parts.append(f"pid {holder['pid']}")
+    if isinstance(holder.get("endpoint"), str) and holder["endpoint"]:
+        parts.append(repr(holder["endpoint"]))
+    if isinstance(holder.get("since"), int | float):
+        parts.append("since " + time.strftime("%Y-%m-%d %H:%M:%S",
+                                              time.localtime(holder["since"])))
+    return ", ".join(parts) or "pid unknown"
 
 
 @dataclass(frozen=True)
@@ -54,6 +102,7 @@ class VmBinding:
     credential: ClientCredential
     verifier: QuoteVerifier
     policy: MeasurementPolicy
+    name: str = ""  # the VM's name, for messages
 
     @classmethod
     def load(
@@ -77,6 +126,7 @@ class VmBinding:
             credential=credential,
             verifier=verifier,
             policy=expected_policy("instance"),
+            name=name,
         )
 
     def new_session(self) -> ClientSession:
@@ -185,20 +235,35 @@ class K2Connection:
 
 
 class K2Client(MessageBackend):
-    """A blocking K2 session: ``request(bytes) -> bytes``, one at a time."""
+    """A blocking K2 session: ``request(bytes) -> bytes``, one at a time.
+
+    ``takeover``: the first session ends the one that holds the VM's TPM
+    instead of being refused. ``label`` says what this endpoint is, shown to
+    an endpoint that is refused while this one holds the VM.
+    """
 
     Refused = K2Error
 
     def __init__(
-        self, binding: VmBinding, timeout: float = REQUEST_TIMEOUT, *, handoff: bool = True
+        self,
+        binding: VmBinding,
+        timeout: float = REQUEST_TIMEOUT,
+        *,
+        handoff: bool = True,
+        takeover: bool = False,
+        label: str = "K2Client",
     ) -> None:
         self.binding = binding
         self.timeout = timeout
         self.handoff = handoff
+        self.takeover = takeover
+        self.label = label
         self._sock: socket.socket | None = None
         self._conn: K2Connection | None = None
+        self._idle = select.poll()
 
     def connect(self) -> None:
+        """Open a session and attach to the VM's TPM; K2Busy if another endpoint holds it."""
         self.close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(CONNECT_TIMEOUT)
@@ -217,10 +282,64 @@ class K2Client(MessageBackend):
         limit = timeval(self.timeout)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+        self._idle = select.poll()
+        self._idle.register(sock, select.POLLIN)
+        self._attach()
+
+    def _attach(self) -> None:
+        about = {"pid": os.getpid(), "endpoint": self.label[: MAX_ATTACH_INFO // 8]}
+        flags = ATTACH_FLAG_TAKEOVER if self.takeover else 0
+        request = VtpmRequest.attach(flags, json.dumps(about).encode())
+        try:
+            response = decode_response(self._send(encode_request(request)))
+        except VtpmProtocolError as exc:
+            self.close()
+            raise K2Error(f"the instance answered ATTACH with garbage: {exc}") from None
+        if response.success:
+            self.takeover = False  # a later reconnect must not take the VM back
+            return
+        self.close()
+        name = self.binding.name or self.binding.instance_id
+        if response.result == TpmResult.RESOURCES:
+            try:
+                holder = json.loads(response.payload.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                holder = {}
+            raise K2Busy(name, holder if isinstance(holder, dict) else {})
+        raise K2Error(f"the instance of {name} refused the session (result {response.result:#x})")
 
     def request(self, payload: bytes) -> bytes:
-        if self._conn is None:
+        if self._conn is None or self._ended_while_idle():
             self.connect()
+        return self._send(payload)
+
+    def _ended_while_idle(self) -> bool:
+        """True if the instance closed the session since the last answer.
+
+        It never speaks unasked, so anything readable now is its close_notify
+        or the end of the connection. One poll(2), no exception, per request.
+        """
+        if not self._idle.poll(0):
+            return False
+        assert self._sock is not None and self._conn is not None
+        try:
+            data = self._sock.recv(_READ, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        try:
+            self._conn.receive_data(data)
+            event = self._conn.next_event()
+        except (ChannelError, frames.RelayProtocolError):
+            event = None
+            data = b""
+        if data and event is None:
+            return False  # part of a record; whatever it is, the request will see it
+        self.close()
+        return True
+
+    def _send(self, payload: bytes) -> bytes:
         assert self._conn is not None
         self._conn.send_message(payload)
         self._flush()

@@ -5,21 +5,108 @@ and a blocking send in the connection's own thread: no event loop, timer or
 task per command. :meth:`Listeners.close` wakes every thread with
 shutdown(2) (a listening socket's accept(2) then fails with EINVAL, a
 connection's recv(2) returns end of stream) and joins them.
+
+Who may connect: whoever can connect to an endpoint's socket can use the
+VM's TPM. A unix socket gets the mode, owner and group of its
+:class:`SocketAccess` (default 0600, the endpoint's own user: as swtpm's
+``--server type=unixio,mode=,uid=,gid=``), set before listen(2), so no
+connection is ever accepted under other permissions. TCP has no such
+control (any local user can connect), so TCP listens on loopback only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import grp
+import ipaddress
 import os
+import pwd
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from sgxvtpm.util import log
 
 Handler = Callable[[socket.socket], None]
+
+# bind(2) creates a unix socket with 0777 & ~umask; the umask is per process,
+# so binds here are serialised and restore it at once.
+_UMASK_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class SocketAccess:
+    """Mode, owner and group of a unix socket (-1: the process's own uid/gid)."""
+
+    mode: int = 0o600
+    uid: int = -1
+    gid: int = -1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.mode <= 0o777:
+            raise ValueError(f"socket mode must be permission bits 0..0777, got {self.mode:#o}")
+
+    @classmethod
+    def parse(cls, mode: str | None = None, owner: str | None = None,
+              group: str | None = None) -> SocketAccess:
+        """From command-line text: octal mode, user and group by name or number."""
+        bits = 0o600
+        if mode is not None:
+            try:
+                bits = int(mode, 8)
+            except ValueError:
+                raise ValueError(f"--mode: expected octal permission bits such as 0660, "
+                                 f"got {mode!r}") from None
+        return cls(bits, _uid(owner), _gid(group))
+
+
+#: The default: mode 0600, the endpoint's own user.
+OWNER_ONLY = SocketAccess()
+
+
+def _uid(owner: str | None) -> int:
+    if owner is None:
+        return -1
+    if owner.isdigit():
+        return int(owner)
+    try:
+        return pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        raise ValueError(f"--owner: no user {owner!r}") from None
+
+
+def _gid(group: str | None) -> int:
+    if group is None:
+        return -1
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"--group: no group {group!r}") from None
+
+
+def loopback_host(host: str) -> str:
+    """``host`` as a loopback address literal; ValueError for anything else.
+
+    TCP reaches the endpoint from wherever the address is routed; only
+    loopback keeps it on this machine. ``localhost`` means 127.0.0.1 (a
+    name that resolves elsewhere is not followed).
+    """
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        address = None
+    if address is None or not address.is_loopback:
+        raise ValueError(f"refusing to listen on {host!r}: TCP endpoints listen on loopback "
+                         "only (127.0.0.1 or ::1)")
+    return str(address)
 
 #: How long close() waits for the threads (a thread inside a slow TPM command
 #: finishes it; its answer is then dropped).
@@ -32,30 +119,51 @@ class Listeners:
 
     def __init__(self) -> None:
         self._listeners: list[socket.socket] = []
-        self._paths: list[Path] = []
+        self._paths: list[tuple[Path, tuple[int, int]]] = []  # with (st_dev, st_ino)
         self._conns: set[socket.socket] = set()
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._closed = False
 
-    def unix(self, path: Path, handler: Handler, backlog: int = 128) -> None:
-        """Listen on unix socket ``path`` (mode 0600), replacing a stale one."""
-        with contextlib.suppress(FileNotFoundError):
+    def unix(
+        self, path: Path, handler: Handler, backlog: int = 128,
+        access: SocketAccess = OWNER_ONLY,
+    ) -> None:
+        """Listen on unix socket ``path`` with ``access``, replacing a stale socket there.
+
+        Anything at ``path`` that is not a socket is left alone (an error):
+        a mistyped path must not cost a file.
+        """
+        try:
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise FileExistsError(f"{path} exists and is not a socket")
             path.unlink()
+        except FileNotFoundError:
+            pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(str(path))
-            os.chmod(path, 0o600)
-            sock.listen(backlog)
+            with _UMASK_LOCK:
+                old = os.umask(0o777 & ~access.mode)  # created with exactly access.mode
+                try:
+                    sock.bind(str(path))
+                finally:
+                    os.umask(old)
+            if access.uid != -1 or access.gid != -1:
+                os.chown(path, access.uid, access.gid, follow_symlinks=False)
+            made = os.lstat(path)
+            sock.listen(backlog)  # connections are possible from here on, not before
         except OSError:
             sock.close()
             raise
-        self._paths.append(path)
+        self._paths.append((path, (made.st_dev, made.st_ino)))
         self._listen(sock, handler)
 
     def tcp(self, host: str, port: int, handler: Handler) -> int:
-        """Listen on ``host:port`` (0: any free port); the port bound."""
-        sock = socket.create_server((host, port))  # SO_REUSEADDR, as asyncio's servers
+        """Listen on loopback ``host:port`` (0: any free port); the port bound."""
+        address = loopback_host(host)
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        # SO_REUSEADDR, as asyncio's servers
+        sock = socket.create_server((address, port), family=family)
         self._listen(sock, handler)
         return int(sock.getsockname()[1])
 
@@ -92,9 +200,12 @@ class Listeners:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
             threads = list(self._threads)
-        for path in self._paths:
+        for path, made in self._paths:
+            # Only the socket made here: a later endpoint may have replaced it.
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                now = os.lstat(path)
+                if (now.st_dev, now.st_ino) == made:
+                    path.unlink()
         deadline = time.monotonic() + timeout
         for thread in threads:
             if thread is not threading.current_thread():

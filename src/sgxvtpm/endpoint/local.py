@@ -22,6 +22,7 @@ from pathlib import Path
 from sgxvtpm.enclaves.vtpm_core import VtpmCore
 from sgxvtpm.endpoint.backend import LocalBackend
 from sgxvtpm.endpoint.lifecycle import run_until_signal
+from sgxvtpm.endpoint.listeners import loopback_host
 from sgxvtpm.endpoint.qemu import QemuEndpoint
 from sgxvtpm.endpoint.tss import MssimEndpoint, SwtpmTssEndpoint
 from sgxvtpm.tpm.engine import LibtpmsEngine
@@ -81,7 +82,10 @@ def _host_port(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit():
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
+    try:
+        return loopback_host(host), int(port)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

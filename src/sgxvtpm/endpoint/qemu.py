@@ -32,7 +32,7 @@ from pathlib import Path
 from sgxvtpm.endpoint.backend import VmTpm, VtpmBackend
 from sgxvtpm.endpoint.ctrl import CtrlHandler
 from sgxvtpm.endpoint.lifecycle import StopFlag
-from sgxvtpm.endpoint.listeners import Listeners
+from sgxvtpm.endpoint.listeners import OWNER_ONLY, Listeners, SocketAccess
 from sgxvtpm.endpoint.streams import (
     FRAME_TIMEOUT,
     READ_CHUNK,
@@ -113,9 +113,11 @@ class QemuEndpoint:
         *,
         frame_timeout: float = FRAME_TIMEOUT,
         exit_on_shutdown: bool = False,
+        access: SocketAccess = OWNER_ONLY,
     ) -> None:
         self.tpm = VmTpm(backend)
         self.ctrl_path = Path(ctrl_path)
+        self.access = access
         self.frame_timeout = frame_timeout
         self.exit_on_shutdown = exit_on_shutdown
         self.stopped = StopFlag()
@@ -129,7 +131,7 @@ class QemuEndpoint:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self._listeners.unix(self.ctrl_path, self._serve_ctrl, backlog=4)
+        self._listeners.unix(self.ctrl_path, self._serve_ctrl, backlog=4, access=self.access)
         self._started = True
         log.log("endpoint.qemu_listening", ctrl=str(self.ctrl_path))
 

@@ -1,37 +1,69 @@
 """``sgxvtpm vm attach`` and ``sgxvtpm vm serve``: the VM endpoints over K2.
 
 Both load the VM's binding from a credentials directory
-(sgxvtpm/vmm/credentials.py), open K2 to its instance enclave lazily (on the
-first request) and serve until SIGTERM/SIGINT. They
+(sgxvtpm/vmm/credentials.py), attach to its instance enclave over K2 before
+they listen (the instance serves one endpoint per VM: a second one is
+refused unless it asks for a takeover) and serve until SIGTERM/SIGINT. They
 run in the main thread (no event loop): connections are served by threads.
+
+Whoever can connect to an endpoint's socket uses the VM's TPM. Unix sockets
+are the endpoint user's only by default (mode 0600; ``access`` changes mode,
+owner and group). TCP (tcti-swtpm over TCP, tcti-mssim) listens on loopback
+only and still lets every local user in, so it needs ``allow_any_local_user``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sgxvtpm.endpoint.k2 import K2Client, VmBinding
+from sgxvtpm.endpoint.k2 import K2Busy, K2Client, VmBinding
 from sgxvtpm.endpoint.lifecycle import run_until_signal
+from sgxvtpm.endpoint.listeners import OWNER_ONLY, SocketAccess, loopback_host
 from sgxvtpm.endpoint.qemu import QemuEndpoint
-from sgxvtpm.endpoint.tss import MssimEndpoint, SwtpmTssEndpoint
+from sgxvtpm.endpoint.tss import EndpointError, MssimEndpoint, SwtpmTssEndpoint
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.util import log
 from sgxvtpm.vmm.credentials import Credentials
 
+TAKEOVER_HINT = "use --takeover to replace it"
+ANY_LOCAL_USER_FLAG = "--allow-any-local-user"
 
-def _host_port(text: str) -> tuple[str, int]:
+
+def _host_port(option: str, text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65534:
+        raise ValueError(f"{option}: expected HOST:PORT, got {text!r}")
+    try:
+        return loopback_host(host), int(port)
+    except ValueError as exc:
+        raise ValueError(f"{option}: {exc}") from None
+
+
+def _attached(
+    state: StateDir, name: str, label: str, takeover: bool, credentials: Credentials | None
+) -> K2Client:
+    """A K2 client of VM ``name`` that holds its TPM (the instance refuses a second one)."""
+    binding = VmBinding.load(state, name, credentials=credentials)
+    client = K2Client(binding, takeover=takeover, label=label)
+    try:
+        client.connect()
+    except K2Busy as exc:
+        raise exc.with_hint(TAKEOVER_HINT) from None
+    return client
 
 
 def attach(
-    state: StateDir, name: str, ctrl: Path, *, credentials: Credentials | None = None
+    state: StateDir,
+    name: str,
+    ctrl: Path,
+    *,
+    access: SocketAccess = OWNER_ONLY,
+    takeover: bool = False,
+    credentials: Credentials | None = None,
 ) -> None:
     """Serve VM ``name``'s vTPM to QEMU on the swtpm control socket ``ctrl``."""
-    binding = VmBinding.load(state, name, credentials=credentials)
-    endpoint = QemuEndpoint(K2Client(binding), ctrl)
+    backend = _attached(state, name, f"vm attach --ctrl {ctrl}", takeover, credentials)
+    endpoint = QemuEndpoint(backend, ctrl, access=access)
     try:
         endpoint.start()
         print(f"attached {name}: -chardev socket,id=chrtpm,path={ctrl} "
@@ -50,22 +82,45 @@ def serve_tss(
     swtpm: Path | None = None,
     swtpm_tcp: str | None = None,
     mssim: str | None = None,
+    access: SocketAccess | None = None,
+    allow_any_local_user: bool = False,
+    takeover: bool = False,
     credentials: Credentials | None = None,
 ) -> None:
-    """Serve VM ``name``'s vTPM on tcti-swtpm (unix or TCP) or tcti-mssim sockets."""
-    backend = K2Client(VmBinding.load(state, name, credentials=credentials))
+    """Serve VM ``name``'s vTPM on tcti-swtpm (unix or TCP) or tcti-mssim sockets.
+
+    ``access`` applies to the unix sockets of ``swtpm``; TCP needs
+    ``allow_any_local_user``. Everything is checked before K2 is opened.
+    """
+    tcp: tuple[str, str] | None = None
+    if swtpm_tcp is not None:
+        tcp = ("--swtpm-tcp", swtpm_tcp)
+    elif mssim is not None:
+        tcp = ("--mssim", mssim)
+    elif swtpm is None:
+        raise ValueError("give one of swtpm, swtpm_tcp, mssim")
+    address: tuple[str, int] | None = None
+    if tcp is not None:
+        address = _host_port(*tcp)
+        if access is not None:
+            raise EndpointError("--mode/--owner/--group apply to unix sockets (--swtpm PATH); "
+                                "TCP has no permissions")
+        if not allow_any_local_user:
+            raise EndpointError(
+                f"{tcp[0]} lets every local user use {name}'s TPM (TCP has no permissions); "
+                f"add {ANY_LOCAL_USER_FLAG} to accept that, or serve --swtpm PATH")
+    label = f"vm serve {tcp[0]} {tcp[1]}" if tcp is not None else f"vm serve --swtpm {swtpm}"
+    backend = _attached(state, name, label, takeover, credentials)
     endpoint: SwtpmTssEndpoint | MssimEndpoint
     if swtpm is not None:
-        endpoint = SwtpmTssEndpoint(backend, path=swtpm)
+        endpoint = SwtpmTssEndpoint(backend, path=swtpm, access=access or OWNER_ONLY)
         where = f"swtpm:path={swtpm}"
     elif swtpm_tcp is not None:
-        host, port = _host_port(swtpm_tcp)
-        endpoint = SwtpmTssEndpoint(backend, host=host, port=port)
-    elif mssim is not None:
-        host, port = _host_port(mssim)
-        endpoint = MssimEndpoint(backend, host=host, port=port)
+        assert address is not None
+        endpoint = SwtpmTssEndpoint(backend, host=address[0], port=address[1])
     else:
-        raise ValueError("give one of swtpm, swtpm_tcp, mssim")
+        assert address is not None
+        endpoint = MssimEndpoint(backend, host=address[0], port=address[1])
     try:
         endpoint.start()
         if not isinstance(endpoint, SwtpmTssEndpoint) or endpoint.path is None:

@@ -8,6 +8,12 @@
 
 The TPM commands never exist outside this process in the clear: they leave
 it as TLS records of an attested session to the VM's instance enclave.
+
+The TCTI is the VM's endpoint while it is open: :meth:`K2Tcti.open` raises
+:class:`~sgxvtpm.endpoint.k2.K2Busy` while another endpoint (``vm serve``,
+``vm attach``, another TCTI) holds the VM, unless ``takeover=True``. It
+starts a stopped TPM and never resets a running one, whose PCRs belong to
+the VM's boot; TPM2_Startup then answers TPM_RC_INITIALIZE.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from pathlib import Path
 
 from tpm2_pytss.TCTI import PyTCTI
 
-from sgxvtpm.endpoint.k2 import K2Client, VmBinding
+from sgxvtpm.endpoint.k2 import K2Busy, K2Client, VmBinding
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.vmm.credentials import Credentials
 
@@ -32,7 +38,7 @@ class K2Tcti(PyTCTI):  # type: ignore[misc]  # tpm2-pytss ships no type informat
         self._locality = 0
         self._response: bytes | None = None
         if power_on:
-            client.power_on()
+            client.power_on_if_stopped()
 
     @classmethod
     def open(
@@ -41,14 +47,28 @@ class K2Tcti(PyTCTI):  # type: ignore[misc]  # tpm2-pytss ships no type informat
         state_dir: Path | str | None = None,
         *,
         credentials: Path | str | None = None,
-        **kw: bool,
+        power_on: bool = True,
+        takeover: bool = False,
     ) -> K2Tcti:
-        """The TCTI for VM ``name`` of the hostd at ``state_dir``; its key and binding are in
-        the credentials directory ``credentials`` (default: this user's)."""
+        """The TCTI for VM ``name`` of the hostd at ``state_dir``.
+
+        Its key and binding are in the credentials directory ``credentials``
+        (default: this user's). ``power_on``: start the TPM if it is stopped.
+        ``takeover``: end the session of the VM's current endpoint instead of
+        raising K2Busy.
+        """
         binding = VmBinding.load(
             StateDir.at(state_dir), name, credentials=Credentials.at(credentials)
         )
-        return cls(K2Client(binding), **kw)
+        client = K2Client(binding, takeover=takeover, label="K2Tcti")
+        try:
+            client.connect()
+            return cls(client, power_on=power_on)
+        except K2Busy as exc:
+            raise exc.with_hint("pass takeover=True to replace it") from None
+        except BaseException:
+            client.close()
+            raise
 
     def do_transmit(self, command: bytes) -> None:
         self._response = self._client.transact(bytes(command), self._locality)

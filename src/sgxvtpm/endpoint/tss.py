@@ -4,12 +4,18 @@
   (``-T swtpm:path=PATH`` = data socket PATH + control socket PATH.ctrl, or
   ``-T swtpm:host=H,port=P`` = data P + control P+1). tcti-swtpm opens a new
   connection per command and per control command and only sends
-  SET_LOCALITY and INIT, so the endpoint powers the TPM on (INIT) when it
-  starts, as ``swtpm --flags not-need-init`` does; the client sends
+  SET_LOCALITY and INIT, so the endpoint powers the TPM on when it starts,
+  as ``swtpm --flags not-need-init`` does, unless it is running already (a
+  new endpoint must not reset a TPM the VM is using); the client sends
   TPM2_Startup.
 - :class:`MssimEndpoint`: tcti-mssim's command port P and platform port P+1.
-  POWER_ON starts the TPM if this endpoint has not (tcti-mssim sends it on
-  every connect; the simulator ignores it while powered).
+  POWER_ON starts the TPM unless it is running (tcti-mssim sends it on
+  every connect; the simulator ignores it while powered); the reset and
+  power-off signals are the platform's and act as they say.
+
+Unix sockets get the mode and owner of a
+:class:`~sgxvtpm.endpoint.listeners.SocketAccess` (default 0600); TCP
+listens on loopback only, where any local user can connect.
 
 Each client connection is served by a thread of its own on a blocking
 socket (:mod:`sgxvtpm.endpoint.listeners`); their TPM commands are
@@ -29,7 +35,7 @@ from pathlib import Path
 from sgxvtpm.endpoint.backend import VmTpm, VtpmBackend
 from sgxvtpm.endpoint.ctrl import SUPPORTED_CAPS, CtrlHandler
 from sgxvtpm.endpoint.lifecycle import StopFlag
-from sgxvtpm.endpoint.listeners import Listeners
+from sgxvtpm.endpoint.listeners import OWNER_ONLY, Listeners, SocketAccess
 from sgxvtpm.endpoint.streams import FRAME_TIMEOUT, FrameTimeout, Stream, next_message
 from sgxvtpm.tpm.wire import error_response
 from sgxvtpm.util import log
@@ -43,7 +49,7 @@ from sgxvtpm.wire.swtpm_ctrl import (
     PtmCap,
     encode_response,
 )
-from sgxvtpm.wire.vtpm import TpmResult, VtpmOp, VtpmRequest
+from sgxvtpm.wire.vtpm import INIT_FLAG_IF_STOPPED, TpmResult, VtpmOp, VtpmRequest
 
 IDLE_TIMEOUT = 60.0
 _BAD_CTRL_INPUT = encode_response(CtrlResponse(CtrlCmd.INIT, result=TpmResult.BAD_PARAMETER))
@@ -73,7 +79,7 @@ class _TssBase:
         self._listeners.close()
 
     def _power_on(self) -> None:
-        r = self.tpm.call(VtpmRequest.init(0))
+        r = self.tpm.call(VtpmRequest.init(INIT_FLAG_IF_STOPPED))
         if not r.success:
             raise EndpointError(f"the vTPM refused INIT (TPM_RESULT {r.result:#x})")
 
@@ -91,6 +97,7 @@ class SwtpmTssEndpoint(_TssBase):
         frame_timeout: float = FRAME_TIMEOUT,
         idle_timeout: float | None = IDLE_TIMEOUT,
         power_on: bool = True,
+        access: SocketAccess = OWNER_ONLY,
     ) -> None:
         super().__init__(backend, frame_timeout, idle_timeout)
         if (path is None) == (port is None):
@@ -99,6 +106,7 @@ class SwtpmTssEndpoint(_TssBase):
         self.host = host
         self.port = port
         self.power_on = power_on
+        self.access = access
         # No SET_DATAFD on these sockets.
         self._ctrl = CtrlHandler(self.tpm, caps=SUPPORTED_CAPS & ~PtmCap.SET_DATAFD)
 
@@ -106,8 +114,8 @@ class SwtpmTssEndpoint(_TssBase):
         if self.power_on:
             self._power_on()
         if self.path is not None:
-            self._listeners.unix(self.path, self._serve_data)
-            self._listeners.unix(Path(f"{self.path}.ctrl"), self._serve_ctrl)
+            self._listeners.unix(self.path, self._serve_data, access=self.access)
+            self._listeners.unix(Path(f"{self.path}.ctrl"), self._serve_ctrl, access=self.access)
             log.log("endpoint.swtpm_listening", path=str(self.path))
         else:
             assert self.port is not None
@@ -220,9 +228,13 @@ class MssimEndpoint(_TssBase):
 
     def _signal_result(self, code: mssim.MssimCmd) -> int:
         result = 0
-        reset = code in (mssim.MssimCmd.SIGNAL_RESET, mssim.MssimCmd.SIGNAL_RESTART)
-        if reset or (code is mssim.MssimCmd.SIGNAL_POWER_ON and not self.powered):
+        if code in (mssim.MssimCmd.SIGNAL_RESET, mssim.MssimCmd.SIGNAL_RESTART):
             result = self.tpm.call(VtpmRequest.init(0)).result
+            self.powered = result == 0
+        elif code is mssim.MssimCmd.SIGNAL_POWER_ON:
+            # Whether this endpoint powered it or not: a TPM left running by
+            # the VM's previous endpoint keeps its state.
+            result = self.tpm.call(VtpmRequest.init(INIT_FLAG_IF_STOPPED)).result
             self.powered = result == 0
         elif code is mssim.MssimCmd.SIGNAL_POWER_OFF:
             result = self.tpm.call(VtpmRequest(VtpmOp.STOP)).result

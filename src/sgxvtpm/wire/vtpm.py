@@ -14,7 +14,8 @@ Response::
 ``result`` uses the TPM 1.2 TPM_RESULT codes that swtpm's control channel
 uses (tpm_error.h): 0 success, TPM_BAD_PARAMETER 3, TPM_FAIL 9,
 TPM_BAD_ORDINAL 10 (also "not allowed in this state", as swtpm answers),
-TPM_IOERROR 31, TPM_BAD_LOCALITY 0x3d, TPM_RETRY 0x800. A TPM 2.0 error is
+TPM_RESOURCES 0x15 (here: the VM already has a connected endpoint, see
+ATTACH), TPM_IOERROR 31, TPM_BAD_LOCALITY 0x3d, TPM_RETRY 0x800. A TPM 2.0 error is
 not a transport error: a TPM_COMMAND whose command failed has result 0 and
 the TPM's error response as payload.
 
@@ -24,7 +25,8 @@ Payloads, by op:
 op             request payload                 response payload (result 0)
 ============== =============================== ================================
 TPM_COMMAND    the raw TPM command             the raw TPM response
-INIT           u32 flags (1: delete volatile)  -
+INIT           u32 flags (1: delete volatile,  -
+               0x80000000: only if stopped)
 SHUTDOWN       -                               -
 STOP           -                               -
 GET_ESTABLISHED -                              u8 flag
@@ -35,7 +37,16 @@ SET_STATEBLOB  u32 type, blob                  -
 CANCEL         -                               -
 STORE_VOLATILE -                               -
 GET_INFO       u64 flags                       UTF-8 JSON
+ATTACH         u32 flags (1: takeover),        - (refused: TPM_RESOURCES and
+               UTF-8 JSON about the endpoint   UTF-8 JSON about the holder)
 ============== =============================== ================================
+
+ATTACH is answered by the instance enclave, not by the TPM: a VM's TPM has
+one endpoint at a time (as swtpm has one process per state), so a K2
+session must attach before any other request, and is refused while another
+live session holds the VM unless it asks for a takeover, which ends that
+session. INIT with INIT_FLAG_IF_STOPPED powers the TPM on only if it is not
+running: an endpoint that starts must not reset a TPM a VM is using.
 
 Responses do not name their op, so :func:`decode_response` returns the raw
 payload and the typed accessors (:meth:`VtpmResponse.buffer_sizes`, ...) parse
@@ -88,6 +99,7 @@ class VtpmOp(enum.IntEnum):
     CANCEL = 10
     STORE_VOLATILE = 11
     GET_INFO = 12
+    ATTACH = 13  # not a swtpm command: claims the VM's TPM for this session
 
 
 class TpmResult(enum.IntEnum):
@@ -97,6 +109,7 @@ class TpmResult(enum.IntEnum):
     BAD_PARAMETER = 0x03
     FAIL = 0x09
     BAD_ORDINAL = 0x0A
+    RESOURCES = 0x15
     SIZE = 0x17
     IOERROR = 0x1F
     BAD_LOCALITY = 0x3D
@@ -112,6 +125,12 @@ class BlobType(enum.IntEnum):
 
 
 INIT_FLAG_DELETE_VOLATILE = 1
+#: Not a swtpm flag (swtpm defines only bit 0): INIT leaves a running TPM alone.
+INIT_FLAG_IF_STOPPED = 0x80000000
+#: ATTACH: end the session that holds the VM's TPM and take it.
+ATTACH_FLAG_TAKEOVER = 1
+#: Upper bound of ATTACH's description of the endpoint (it is only informative).
+MAX_ATTACH_INFO = 1024
 
 # What follows the 4-byte header, per op: a fixed size, or None for "rest".
 _FIXED_PAYLOAD: dict[VtpmOp, int | None] = {
@@ -127,6 +146,7 @@ _FIXED_PAYLOAD: dict[VtpmOp, int | None] = {
     VtpmOp.CANCEL: 0,
     VtpmOp.STORE_VOLATILE: 0,
     VtpmOp.GET_INFO: 8,
+    VtpmOp.ATTACH: None,
 }
 
 
@@ -134,10 +154,11 @@ _FIXED_PAYLOAD: dict[VtpmOp, int | None] = {
 class VtpmRequest:
     """One request. Only the fields of ``op`` are meaningful; others stay default.
 
-    - ``flags``: INIT flags (u32) or GET_INFO flags (u64);
+    - ``flags``: INIT and ATTACH flags (u32) or GET_INFO flags (u64);
     - ``size``: SET_BUFFERSIZE;
     - ``blob_type``: GET/SET_STATEBLOB;
-    - ``data``: the TPM command (TPM_COMMAND) or the blob (SET_STATEBLOB).
+    - ``data``: the TPM command (TPM_COMMAND), the blob (SET_STATEBLOB) or
+      the endpoint's description (ATTACH).
     """
 
     op: VtpmOp
@@ -175,6 +196,10 @@ class VtpmRequest:
     @classmethod
     def get_info(cls, flags: int) -> VtpmRequest:
         return cls(VtpmOp.GET_INFO, flags=flags)
+
+    @classmethod
+    def attach(cls, flags: int = 0, info: bytes = b"") -> VtpmRequest:
+        return cls(VtpmOp.ATTACH, flags=flags, data=bytes(info))
 
 
 @dataclass(frozen=True)
@@ -262,6 +287,12 @@ def encode_request(request: VtpmRequest) -> bytes:
         if not 0 <= request.flags <= 0xFFFFFFFFFFFFFFFF:
             raise VtpmUsageError(f"GET_INFO flags must fit in u64, got {request.flags}")
         body = _U64.pack(request.flags)
+    elif op is VtpmOp.ATTACH:
+        _check_u32("ATTACH flags", request.flags)
+        if len(request.data) > MAX_ATTACH_INFO:
+            raise VtpmUsageError(f"ATTACH info of {len(request.data)} bytes exceeds "
+                                 f"{MAX_ATTACH_INFO}")
+        body = _U32.pack(request.flags) + bytes(request.data)
     else:
         body = b""
     if len(head) + len(body) > MAX_MESSAGE:
@@ -303,6 +334,13 @@ def decode_request(message: bytes) -> VtpmRequest:
         return VtpmRequest(op, locality, blob_type=_U32.unpack_from(body)[0], data=body[4:])
     if op is VtpmOp.GET_INFO:
         return VtpmRequest(op, locality, flags=_U64.unpack(body)[0])
+    if op is VtpmOp.ATTACH:
+        if len(body) < 4:
+            raise VtpmProtocolError("ATTACH payload has no flags")
+        if len(body) - 4 > MAX_ATTACH_INFO:
+            raise VtpmProtocolError(f"ATTACH info of {len(body) - 4} bytes exceeds "
+                                    f"{MAX_ATTACH_INFO}")
+        return VtpmRequest(op, locality, flags=_U32.unpack_from(body)[0], data=body[4:])
     return VtpmRequest(op, locality)
 
 
