@@ -111,6 +111,11 @@ class Admission:
         self._timeout = timeout
         self._started: dict[int, float] = {}  # session id -> start; oldest first
 
+    @property
+    def timeout(self) -> float:
+        """Seconds a session may take to authenticate."""
+        return self._timeout
+
     def __len__(self) -> int:
         return len(self._started)
 
