@@ -388,6 +388,9 @@ class RelayMux:
         for task in list(self._tasks):
             task.cancel()
         self._writer.close()
+        if self.backlog:
+            # A graceful close waits for hostd to take the rest; it is not reading.
+            self._writer.transport.abort()
         with contextlib.suppress(ConnectionError):
             await self._writer.wait_closed()
         if self._runner is not None:
