@@ -148,10 +148,12 @@ class Attack:
         self.proc.stdout.close()
 
 
-def timed_list(ctl: HostdCtl) -> float:
+def timed_list(ctl: HostdCtl) -> tuple[float, dict[str, str]]:
+    """How long ``vm list`` took, and the state it gives each VM (which the
+    manager asks each instance for, on a new session)."""
     start = time.perf_counter()
-    asyncio.run(asyncio.wait_for(ctl.vmm().list(), LIST_DEADLINE))
-    return time.perf_counter() - start
+    listed = asyncio.run(asyncio.wait_for(ctl.vmm().list(), LIST_DEADLINE))
+    return time.perf_counter() - start, {i["name"]: i["state"] for i in listed}
 
 
 ATTACKS = {
@@ -176,7 +178,7 @@ def test_an_attack_does_not_slow_another_vm(victim: Victim, mode: str) -> None:
     names = {"instance": ctl.instance_id("victim"), "manager": "manager", "hostd": "-"}
     latencies: list[float] = []
     failures: list[str] = []
-    list_time = float("inf")
+    list_time, states = float("inf"), {}
     with Sampler(pids) as memory:
         attacks = [Attack(ctl.state.socket, mode, names[t], count) for t in targets]
         try:
@@ -187,7 +189,7 @@ def test_an_attack_does_not_slow_another_vm(victim: Victim, mode: str) -> None:
                 except TRANSIENT as exc:
                     failures.append(f"{type(exc).__name__}: {exc}")
             try:
-                list_time = timed_list(ctl)
+                list_time, states = timed_list(ctl)
             except Exception as exc:  # a timeout, a refusal: reported below
                 failures.append(f"vm list: {type(exc).__name__}: {exc}")
             sent = [a.sent(SEND_DEADLINE) for a in attacks]
@@ -209,6 +211,7 @@ def test_an_attack_does_not_slow_another_vm(victim: Victim, mode: str) -> None:
     assert not failures, failures
     assert attacked <= max(2 * quiet, quiet + FLOOR), (quiet, attacked)
     assert list_time <= LIST_DEADLINE
+    assert states == {"victim": "running", "other": "running"}, states
     assert all(v < GROWTH_MIB for v in growth.values()), growth
     assert all(os.path.exists(f"/proc/{pid}") for pid in pids.values())
     assert all(n >= count for n in sent), sent  # the attack did happen, in full
