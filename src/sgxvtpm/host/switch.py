@@ -17,6 +17,16 @@ connection creates a session between the two:
 - CONTROL frames (session 0) go to ``on_control(conn, obj)`` whose reply is
   sent back as CONTROL; a request's ``"id"`` is echoed in the reply.
 A malformed frame ends the offending connection only.
+
+Anyone who can connect may send frames, so nothing a client does may hold
+up another connection (the bounds are in :mod:`sgxvtpm.mux.limits`): frames
+for a connection are queued, never waited for, and a client that lets its
+queue pass ``SWITCH_OUT_MAX`` is dropped with its sessions; enclave streams
+are read all the time, and only a client sending to an enclave that is
+behind waits, in its own loop. CONTROL requests of a connection are answered
+one at a time, in order; a client may hold ``CLIENT_SESSIONS_MAX`` sessions;
+a target is sent at most ``PENDING_OPENS_MAX`` OPENs it has not answered,
+beyond which OPEN is answered CLOSE("busy").
 """
 
 from __future__ import annotations
@@ -26,10 +36,17 @@ import itertools
 import logging
 import os
 import socket
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sgxvtpm.mux.aio import Observer, read_frame, write_frame
+from sgxvtpm.mux.limits import (
+    CLIENT_SESSIONS_MAX,
+    CONTROL_QUEUE_MAX,
+    PENDING_OPENS_MAX,
+    SWITCH_OUT_MAX,
+)
 from sgxvtpm.wire.relay import (
     RELAY_ASSIGNED,
     Frame,
@@ -44,10 +61,11 @@ ControlHandler = Callable[["Connection", dict[str, Any]], Awaitable[dict[str, An
 
 _NO_TARGET = b"no such target"
 _PEER_GONE = b"peer gone"
+_BUSY = b"busy"
 
 
 class Connection:
-    """One stream attached to the relay."""
+    """One stream attached to the relay: a client's socket, or an enclave's stream."""
 
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, kind: str
@@ -60,12 +78,28 @@ class Connection:
         self.accepts_handoff = False  # an enclave that takes sessions' connections
         # local session id -> (other connection, its session id)
         self.sessions: dict[int, tuple[Connection, int]] = {}
+        # As a target: its session ids whose OPEN it has not answered yet.
+        self.unanswered: set[int] = set()
+        # CONTROL requests received and not answered yet, oldest first.
+        self.controls: deque[dict[str, Any]] = deque()
         self._ids = itertools.count(RELAY_ASSIGNED)
 
     @property
     def label(self) -> str:
         """How this connection is named to the targets it opens sessions with."""
         return self.name or self.kind
+
+    @property
+    def is_enclave(self) -> bool:
+        """A stream to an enclave hostd launched: it reads all the time, so
+        clients that send to it may wait for it; anything else is a client,
+        and nobody waits for a client."""
+        return self.kind == "enclave"
+
+    @property
+    def backlog(self) -> int:
+        """Bytes written to this connection that its socket has not taken yet."""
+        return self.writer.transport.get_write_buffer_size()
 
     def allocate_session_id(self) -> int:
         while True:
@@ -89,6 +123,10 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"Connection({self.label!r}, sessions={len(self.sessions)})"
+
+
+class _OverLimit(RelayProtocolError):
+    """A client went past one of the limits of :mod:`sgxvtpm.mux.limits`."""
 
 
 class Relay:
@@ -129,11 +167,16 @@ class Relay:
         """Run one connection until it ends; then close all its sessions."""
         conn = Connection(reader, writer, kind)
         conn.accepts_handoff = accepts_handoff
+        # drain() waits only past the limit (clients sending to an enclave).
+        writer.transport.set_write_buffer_limits(high=SWITCH_OUT_MAX)
         self._connections.add(conn)
         try:
             if name is not None:
                 self.register(conn, name)
             await self._loop(conn)
+        except _OverLimit as exc:
+            # Routine under a flood: not worth a warning per connection.
+            log.debug("relay: dropping %r: %s", conn, exc)
         except RelayProtocolError as exc:
             log.warning("relay: dropping %r: %s", conn, exc)
         except ConnectionError as exc:
@@ -142,15 +185,10 @@ class Relay:
             self._drop(conn)
 
     async def _loop(self, conn: Connection) -> None:
-        while (frame := await read_frame(conn.reader, self._observer)) is not None:
+        while not conn.closed and (frame := await read_frame(conn.reader, self._observer)):
             ftype, sid, payload = frame
             if ftype is FrameType.DATA:
-                entry = conn.sessions.get(sid)
-                if entry is None:
-                    continue  # crossed a CLOSE in flight
-                peer, peer_sid = entry
-                peer.send(FrameType.DATA, peer_sid, payload)
-                await peer.drain()  # back-pressure from a slow reader
+                await self._forward(conn, sid, payload)
             elif ftype is FrameType.OPEN:
                 self._open(conn, sid, payload.decode("utf-8"))
             elif ftype is FrameType.CLOSE:
@@ -164,6 +202,29 @@ class Relay:
                         return  # the connection now belongs to the enclave
                 else:
                     self._control(conn, request)
+
+    def _send(self, conn: Connection, ftype: FrameType, sid: int, payload: bytes) -> None:
+        """Queue a frame for ``conn``; never waits. A client that lets its
+        backlog pass the limit is not reading: it is dropped, with its sessions."""
+        conn.send(ftype, sid, payload)
+        if not conn.is_enclave and not conn.closed and conn.backlog > SWITCH_OUT_MAX:
+            log.debug("relay: dropping %r: it does not read what it is sent", conn)
+            self._drop(conn, abort=True)
+
+    async def _forward(self, conn: Connection, sid: int, payload: bytes) -> None:
+        entry = conn.sessions.get(sid)
+        if entry is None:
+            return  # crossed a CLOSE in flight
+        conn.unanswered.discard(sid)  # a target's first frame answers the OPEN
+        peer, peer_sid = entry
+        if peer.is_enclave and not conn.is_enclave:
+            # Back-pressure: this client waits until the enclave catches up.
+            # Only this connection's loop waits; an enclave's loop never does.
+            while peer.backlog > SWITCH_OUT_MAX and not peer.closed and not conn.closed:
+                await peer.drain()
+            if conn.sessions.get(sid) != entry:
+                return  # closed while this client waited
+        self._send(peer, FrameType.DATA, peer_sid, payload)
 
     async def _handoff(self, conn: Connection, request: dict[str, Any]) -> bool:
         """Pass ``conn`` to the enclave at the other end of its only session.
@@ -181,8 +242,9 @@ class Relay:
             if ok:
                 conn.sessions.clear()
                 target.sessions.pop(target_sid, None)
+                target.unanswered.discard(target_sid)
         reply = Frame.control({"ok": ok, **({"id": request["id"]} if "id" in request else {})})
-        conn.send(reply.type, reply.session_id, reply.payload)
+        self._send(conn, reply.type, reply.session_id, reply.payload)
         await conn.drain()
         return ok
 
@@ -193,7 +255,7 @@ class Relay:
             return False
         # Everything already queued for the enclave must precede HANDOFF.
         await target.drain()
-        while target.writer.transport.get_write_buffer_size():
+        while target.backlog and not target.closed:
             await asyncio.sleep(0.001)
         header = encode_header(FrameType.HANDOFF, sid, 0)
         with socket.socket(fileno=os.dup(stream.fileno())) as raw:
@@ -212,53 +274,83 @@ class Relay:
             raise RelayProtocolError(f"OPEN with relay-assigned session id {sid:#x}")
         if sid in conn.sessions:
             raise RelayProtocolError(f"OPEN of session {sid} which is open")
+        # A registered target (the standalone test relay's) counts the sessions
+        # others open to it; the limit is on what one client opens.
+        if not conn.is_enclave and conn.name is None and len(conn.sessions) >= CLIENT_SESSIONS_MAX:
+            raise _OverLimit(f"more than {CLIENT_SESSIONS_MAX} sessions on one connection")
         target = self._targets.get(target_name)
         if target is None or target.closed or target is conn:
-            conn.send(FrameType.CLOSE, sid, _NO_TARGET)
+            self._send(conn, FrameType.CLOSE, sid, _NO_TARGET)
+            return
+        if len(target.unanswered) >= PENDING_OPENS_MAX:
+            self._send(conn, FrameType.CLOSE, sid, _BUSY)
             return
         peer_sid = target.allocate_session_id()
         conn.sessions[sid] = (target, peer_sid)
         target.sessions[peer_sid] = (conn, sid)
-        target.send(FrameType.OPEN, peer_sid, conn.label.encode("utf-8"))
+        target.unanswered.add(peer_sid)
+        self._send(target, FrameType.OPEN, peer_sid, conn.label.encode("utf-8"))
         log.debug("relay: session %s/%d -> %s/%d", conn.label, sid, target.label, peer_sid)
 
     def _close(self, conn: Connection, sid: int, reason: bytes) -> None:
         entry = conn.sessions.pop(sid, None)
         if entry is None:
             return
+        conn.unanswered.discard(sid)
         peer, peer_sid = entry
         peer.sessions.pop(peer_sid, None)
-        peer.send(FrameType.CLOSE, peer_sid, reason)
+        peer.unanswered.discard(peer_sid)
+        self._send(peer, FrameType.CLOSE, peer_sid, reason)
 
     def _control(self, conn: Connection, request: dict[str, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(self._answer(conn, request))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        """Queue a CONTROL request; they are answered one at a time, in order."""
+        if len(conn.controls) >= CONTROL_QUEUE_MAX:
+            raise _OverLimit(f"more than {CONTROL_QUEUE_MAX} CONTROL requests outstanding")
+        conn.controls.append(request)
+        if len(conn.controls) == 1:  # no answerer running for this connection
+            task = asyncio.get_running_loop().create_task(self._answer(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    async def _answer(self, conn: Connection, request: dict[str, Any]) -> None:
-        if self._on_control is None:
-            reply: dict[str, Any] = {"error": "no control handler"}
-        else:
-            try:
-                reply = dict(await self._on_control(conn, request))
-            except Exception:
-                log.exception("relay: control handler failed")
-                reply = {"error": "internal error"}
-        if "id" in request:
-            reply["id"] = request["id"]
-        frame = Frame.control(reply)
-        conn.send(frame.type, frame.session_id, frame.payload)
+    async def _answer(self, conn: Connection) -> None:
+        while conn.controls and not conn.closed:
+            request = conn.controls[0]
+            if self._on_control is None:
+                reply: dict[str, Any] = {"error": "no control handler"}
+            else:
+                try:
+                    reply = dict(await self._on_control(conn, request))
+                except Exception:
+                    log.exception("relay: control handler failed")
+                    reply = {"error": "internal error"}
+            if conn.closed:
+                return  # dropped meanwhile; its queue is gone
+            if "id" in request:
+                reply["id"] = request["id"]
+            frame = Frame.control(reply)
+            conn.controls.popleft()
+            self._send(conn, frame.type, frame.session_id, frame.payload)
 
-    def _drop(self, conn: Connection) -> None:
+    def _drop(self, conn: Connection, *, abort: bool = False) -> None:
+        """End ``conn`` and every session it has (idempotent). ``abort`` throws
+        away what it was not sent: a client that does not read gets nothing more."""
+        if conn.closed and conn not in self._connections:
+            return
         conn.closed = True
         self._connections.discard(conn)
+        conn.controls.clear()
         if conn.name is not None and self._targets.get(conn.name) is conn:
             del self._targets[conn.name]
         sessions, conn.sessions = conn.sessions, {}
+        conn.unanswered.clear()
         for peer, peer_sid in sessions.values():
             peer.sessions.pop(peer_sid, None)
-            peer.send(FrameType.CLOSE, peer_sid, _PEER_GONE)
-        conn.writer.close()
+            peer.unanswered.discard(peer_sid)
+            self._send(peer, FrameType.CLOSE, peer_sid, _PEER_GONE)
+        if abort:
+            conn.writer.transport.abort()
+        else:
+            conn.writer.close()
 
     async def aclose(self) -> None:
         """Close every connection and cancel pending control requests."""

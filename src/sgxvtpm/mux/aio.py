@@ -6,6 +6,13 @@ it opens client sessions (:meth:`RelayMux.open`), serves incoming ones
 (``session_factory`` + ``handler``), and exchanges CONTROL messages with
 hostd. :class:`AsyncSession` wraps one sans-IO session
 (:mod:`sgxvtpm.channel`) on it. hostd sees only the TLS records in DATA.
+
+It never waits for hostd: frames are queued on the stream, and a session
+whose output would take the queue past ``STREAM_OUT_MAX`` fails instead;
+input a session has not consumed is bounded by ``SESSION_INBOX_MAX``;
+incoming sessions are admitted by :class:`sgxvtpm.mux.limits.Admission` and
+must authenticate within ``HANDSHAKE_TIMEOUT`` (all in
+:mod:`sgxvtpm.mux.limits`).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from sgxvtpm.channel import (
     PeerCertificate,
     ServerSession,
 )
+from sgxvtpm.mux.limits import SESSION_INBOX_MAX, STREAM_OUT_MAX, Admission
 from sgxvtpm.platform.base import VerifiedQuote
 from sgxvtpm.wire.relay import (
     HEADER_SIZE,
@@ -97,8 +105,10 @@ class AsyncSession:
         self._sid = session_id
         self._session = session
         self._inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._inbox_bytes = 0
         self._eof_fed = False
         self._finished = False
+        self._undelivered = False  # the relay stream is too far behind for our output
         self._peer_closed = False
         self.owns_mux = False
 
@@ -126,7 +136,8 @@ class AsyncSession:
         except ChannelError:
             raise await self._fail("send on a broken session") from None
         self._flush()
-        await self._mux.drain()
+        if self._undelivered:
+            raise await self._fail("hostd does not take our output")
 
     async def recv(self) -> bytes:
         """The next message; EOFError once the peer closed cleanly."""
@@ -168,16 +179,25 @@ class AsyncSession:
             data = await self._inbox.get()
             if data is None:
                 self._eof_fed = True
+            else:
+                self._inbox_bytes -= len(data)
             try:
                 self._session.receive_data(data or b"")
             except ChannelError:
                 raise await self._fail("channel error") from None
             self._flush()
+            if self._undelivered:
+                raise await self._fail("hostd does not take our output")
 
     def _flush(self) -> None:
         if self._finished:
             return
         out = self._session.data_to_send()
+        if out and self._mux.backlog + len(out) > STREAM_OUT_MAX:
+            # Never wait for hostd: this session's output is lost, so is the session.
+            self._undelivered = True
+            self._finish(b"not delivered")
+            return
         for start in range(0, len(out), MAX_PAYLOAD):
             self._mux.send_frame(FrameType.DATA, self._sid, out[start : start + MAX_PAYLOAD])
 
@@ -196,6 +216,17 @@ class AsyncSession:
         self._mux.forget(self._sid, reason)
 
     def _feed(self, data: bytes | None) -> None:
+        if data is not None and self._inbox_bytes + len(data) > SESSION_INBOX_MAX:
+            # The peer sends more than this session takes in: drop what is
+            # queued and end the session (its reader sees the stream end).
+            log.debug("session %d: input limit", self._sid)
+            while not self._inbox.empty():
+                self._inbox.get_nowait()
+            self._inbox_bytes = 0
+            self._finish(b"input limit")
+            data = None
+        elif data is not None:
+            self._inbox_bytes += len(data)
         self._inbox.put_nowait(data)
 
 
@@ -209,6 +240,7 @@ class RelayMux:
         *,
         session_factory: SessionFactory | None = None,
         handler: SessionHandler | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
@@ -221,6 +253,9 @@ class RelayMux:
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._closed = False
+        # Incoming sessions still authenticating, and the task serving each.
+        self._admission = admission if admission is not None else Admission()
+        self._serving: dict[int, asyncio.Task[None]] = {}
 
     def start(self) -> None:
         """Run :meth:`run` in the background."""
@@ -266,26 +301,47 @@ class RelayMux:
                 fut.set_result(reply)
 
     def _incoming(self, sid: int, source: str) -> None:
-        server = self._factory(source) if self._factory and self._handler else None
-        if server is None or sid in self._sessions:
+        if not (self._factory and self._handler) or sid in self._sessions:
+            self.send_frame(FrameType.CLOSE, sid, b"not accepted")
+            return
+        loop = asyncio.get_running_loop()
+        verdict = self._admission.admit(sid, loop.time())
+        if not verdict.accepted:
+            self.send_frame(FrameType.CLOSE, sid, b"busy")
+            return
+        if verdict.evicted is not None:
+            evicted = self._serving.get(verdict.evicted)
+            if evicted is not None:
+                evicted.cancel()  # its finally closes the session (CLOSE to hostd)
+        server = self._factory(source)
+        if server is None:
+            self._admission.done(sid)
             self.send_frame(FrameType.CLOSE, sid, b"not accepted")
             return
         session = AsyncSession(self, sid, server)
         self._sessions[sid] = session
-        task = asyncio.get_running_loop().create_task(self._serve_one(session))
+        task = loop.create_task(self._serve_one(session))
         self._tasks.add(task)
+        self._serving[sid] = task
         task.add_done_callback(self._tasks.discard)
 
     async def _serve_one(self, session: AsyncSession) -> None:
         assert self._handler is not None
+        sid = session.session_id
         try:
-            await session.handshake()
+            await asyncio.wait_for(session.handshake(), self._admission.timeout)
+            self._admission.done(sid)
             await self._handler(session)
         except ChannelError:
-            log.info("mux: session %d rejected or broken", session.session_id)
+            log.info("mux: session %d rejected or broken", sid)
+        except TimeoutError:
+            log.info("mux: session %d: no handshake in time", sid)
         except EOFError:
             pass
         finally:
+            self._admission.done(sid)
+            if self._serving.get(sid) is asyncio.current_task():
+                del self._serving[sid]
             await session.close()
 
     async def open(self, target: str, session: ClientSession) -> AsyncSession:
@@ -309,16 +365,17 @@ class RelayMux:
         self._pending[cid] = fut
         frame = Frame.control({**request, "id": cid})
         self.send_frame(frame.type, 0, frame.payload)
-        await self.drain()
         return await fut
 
     def send_frame(self, ftype: FrameType, sid: int, payload: bytes) -> None:
+        """Queue a frame; never waits (sessions check :attr:`backlog` first)."""
         if not self._writer.is_closing():
             write_frame(self._writer, ftype, sid, payload)
 
-    async def drain(self) -> None:
-        with contextlib.suppress(ConnectionError):
-            await self._writer.drain()
+    @property
+    def backlog(self) -> int:
+        """Bytes queued for hostd that the stream has not taken yet."""
+        return self._writer.transport.get_write_buffer_size()
 
     def forget(self, sid: int, reason: bytes) -> None:
         """Tell the relay a session is over (CLOSE) and stop routing to it."""
@@ -331,6 +388,9 @@ class RelayMux:
         for task in list(self._tasks):
             task.cancel()
         self._writer.close()
+        if self.backlog:
+            # A graceful close waits for hostd to take the rest; it is not reading.
+            self._writer.transport.abort()
         with contextlib.suppress(ConnectionError):
             await self._writer.wait_closed()
         if self._runner is not None:
