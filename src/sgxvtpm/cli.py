@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     hostd = sub.add_parser("hostd", help="run the SGX module (loader + relay) in the foreground")
     _add_state_dir(hostd)
+    hostd.add_argument(
+        "--reset-manager",
+        action="store_true",
+        help="only after the manager registry was lost: start a new, empty registry."
+        " EVERY VM REGISTERED ON THIS HOST BECOMES UNRECOVERABLE (its vTPM state can"
+        " never be opened again). Refused while the registry is intact",
+    )
 
     vm = sub.add_parser("vm", help="manage vTPM instances (the VMM, over K1)")
     vm_sub = vm.add_subparsers(dest="vm_command", required=True)
@@ -171,10 +178,19 @@ async def _ca(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "hostd":
-            from sgxvtpm.host.hostd import serve
+        if getattr(args, "name", None) is not None:
+            from sgxvtpm.enclaves.registry import check_vm_name
 
-            asyncio.run(serve(_state(args)))
+            # The manager enclave refuses a bad name too; asking first gives the
+            # same one-line error without a round trip, and before a bad name
+            # becomes a path under the state directory.
+            check_vm_name(args.name)
+        if args.command == "hostd":
+            from sgxvtpm.host.hostd import RESET_EFFECT, serve
+
+            if args.reset_manager:
+                print(f"sgxvtpm: warning: --reset-manager: {RESET_EFFECT}", file=sys.stderr)
+            asyncio.run(serve(_state(args), reset_manager=args.reset_manager))
             return 0
         if args.command == "vm":
             if args.vm_command in ("attach", "serve"):

@@ -100,6 +100,20 @@ class SealedFile:
     def exists(self) -> bool:
         return self.path.exists()
 
+    def counter_value(self) -> int | None:
+        """The value of this file's platform counter; None if it was never created.
+
+        The counter is created with the file and outlives it (a destroyed
+        instance's id is never used again), so "no file but a counter" means the
+        file was removed behind the enclave's back: tampering or loss, never a
+        first start. A counter the platform cannot read counts as absent here;
+        creating the file over it then fails on that counter.
+        """
+        try:
+            return self._platform.counter_read(self._counter)
+        except PlatformError:
+            return None
+
     def load(self) -> bytes:
         """The plaintext; SealError when damaged, foreign or rolled back."""
         try:
@@ -117,8 +131,12 @@ class SealedFile:
         return plaintext
 
     def create(self, plaintext: bytes, vm_id: str = "") -> None:
-        self.version = self._platform.counter_create(self._counter)
-        self.commit(plaintext, vm_id)
+        """Write the first version, above the counter if one exists (it never goes back)."""
+        try:
+            self.version = self._platform.counter_create(self._counter)
+            self.commit(plaintext, vm_id)
+        except PlatformError as exc:
+            raise SealError(f"platform counter unavailable: {exc}") from None
 
     def commit(self, plaintext: bytes, vm_id: str = "") -> None:
         """Write version + 1 durably, then advance the counter; only then return."""

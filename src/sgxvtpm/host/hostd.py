@@ -20,6 +20,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -29,7 +30,7 @@ from sgxvtpm.channel import ClientCredential
 from sgxvtpm.enclaves.specs import instance_spec, manager_spec
 from sgxvtpm.host.relay import Connection, Relay
 from sgxvtpm.host.statedir import StateDir
-from sgxvtpm.platform.base import EnclaveHandle, EnclaveSpec, Loader
+from sgxvtpm.platform.base import EnclaveHandle, EnclaveSpec, Loader, PlatformError
 from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
 from sgxvtpm.util import log
 from sgxvtpm.util.keyfile import write_private_key
@@ -40,6 +41,13 @@ PRELOAD = ("sgxvtpm.enclaves.manager", "sgxvtpm.enclaves.instance")
 # MAX_BACKOFF seconds, and `vm show` says it is crash-looping.
 CRASH_UPTIME = 2.0
 MAX_BACKOFF = 5.0
+
+
+RESET_EFFECT = (
+    "a new, empty manager registry replaces a missing or unreadable one: every VM"
+    " registered on this host becomes unrecoverable (its vTPM state can never be"
+    " opened again) and the operator key offered now is pinned"
+)
 
 
 class HostdError(Exception):
@@ -55,6 +63,26 @@ def ensure_operator_identity(state: StateDir) -> ClientCredential:
     write_private_key(state.operator_key, key)
     state.operator_cert.write_bytes(credential.cert_pem)
     return credential
+
+
+def open_platform_dir(path: Path) -> SimPlatformDir:
+    """The platform at ``path``; a new one only when there is no directory at all.
+
+    Every sealed file and counter on this host hangs off the platform's secrets:
+    provisioning a new platform over a damaged one would silently make every
+    VM's state unreadable (and pin a new attestation root). So a directory that
+    exists but is incomplete is an error for the operator to resolve.
+    """
+    if not path.exists() and not path.is_symlink():
+        return SimPlatformDir.open_or_create(path)
+    try:
+        return SimPlatformDir(path)
+    except PlatformError as exc:
+        raise HostdError(
+            f"the platform directory {path} exists but is incomplete or damaged ({exc}); "
+            "restore it from a backup. hostd does not provision a new platform over it: "
+            "that would make the sealed state of every VM on this host unreadable"
+        ) from None
 
 
 @dataclass
@@ -73,35 +101,41 @@ class Enclave:
 
 
 class Hostd:
-    def __init__(self, state: StateDir) -> None:
+    def __init__(self, state: StateDir, *, reset_manager: bool = False) -> None:
         self.state = state
+        self.reset_manager = reset_manager
         state.ensure()
         self._lock_fd = os.open(state.lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise HostdError(f"another hostd is running on {state.root}") from None
-        self.platform = SimPlatformDir.open_or_create(state.platform)
+        self.platform = open_platform_dir(state.platform)
         self.operator = ensure_operator_identity(state)
         self.loader: Loader = self.platform.loader(preload=PRELOAD)
         self.relay = Relay(self.on_control)
         self.enclaves: dict[str, Enclave] = {}
         self.manager_ready = asyncio.Event()
+        self.manager_ever_ready = False
+        # Set by SIGTERM/SIGINT, or when the manager refuses to start (then
+        # ``fatal`` says why and hostd exits with that line).
+        self.stop_requested = asyncio.Event()
+        self.fatal = ""
         self.stopping = False
         self._server: asyncio.Server | None = None
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
         log.log("hostd.starting", state_dir=str(self.state.root), platform="sim")
+        args: dict[str, Any] = {
+            "state_dir": str(self.state.manager),
+            "operator_cert_pem": self.operator.cert_pem.decode(),
+        }
+        if self.reset_manager:
+            log.log("hostd.manager_reset_requested", effect=RESET_EFFECT)
+            args["reset_registry"] = True
         # The first creation request: the loader measures and launches E1.
-        manager = Enclave(
-            "manager",
-            manager_spec(self.platform.signer_public_key),
-            {
-                "state_dir": str(self.state.manager),
-                "operator_cert_pem": self.operator.cert_pem.decode(),
-            },
-        )
+        manager = Enclave("manager", manager_spec(self.platform.signer_public_key), args)
         self.enclaves["manager"] = manager
         await self._launch(manager)
         with contextlib.suppress(FileNotFoundError):
@@ -194,7 +228,12 @@ class Hostd:
             return {"ok": False, "error": "only the manager enclave may ask that"}
         if op == "manager_ready":
             self.manager_ready.set()
+            self.manager_ever_ready = True
+            # The reset was done once; a relaunch after a crash opens the new registry.
+            self.enclaves["manager"].args.pop("reset_registry", None)
             return {"ok": True}
+        if op == "manager_refused":
+            return self._manager_refused(str(request.get("reason", "")))
         instance_id = str(request.get("instance_id", ""))
         if op in ("launch_instance", "stop_instance", "instance_info") and not _valid_id(
             instance_id
@@ -207,6 +246,21 @@ class Hostd:
         if op == "instance_info":
             return self._instance_info(instance_id)
         return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def _manager_refused(self, reason: str) -> dict[str, Any]:
+        """The manager will not run on this registry (missing, damaged, rolled back).
+
+        At start-up hostd gives up with that reason as its one line: relaunching
+        would only repeat it. Once a manager has run, the refusal is logged and
+        the relaunches go on (with backoff), so the VMs whose instances run keep
+        serving and the manager comes back as soon as its file is restored.
+        """
+        log.log("hostd.manager_refused", reason=reason, at_start=not self.manager_ever_ready)
+        if not self.manager_ever_ready:
+            self.enclaves["manager"].wanted = False
+            self.fatal = f"the manager enclave refused to start: {reason}"
+            self.stop_requested.set()
+        return {"ok": True}
 
     async def _launch_instance(self, instance_id: str, manager_cert_pem: str) -> dict[str, Any]:
         x509.load_pem_x509_certificate(manager_cert_pem.encode())  # well-formed, at least
@@ -262,18 +316,21 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-async def serve(state: StateDir, ready: asyncio.Event | None = None) -> None:
-    """Run hostd until SIGTERM/SIGINT."""
+async def serve(
+    state: StateDir, ready: asyncio.Event | None = None, *, reset_manager: bool = False
+) -> None:
+    """Run hostd until SIGTERM/SIGINT; HostdError if the manager refuses to start."""
     _raise_fd_limit()
-    hostd = Hostd(state)
-    stop = asyncio.Event()
+    hostd = Hostd(state, reset_manager=reset_manager)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, hostd.stop_requested.set)
     await hostd.start()
     if ready is not None:
         ready.set()
     try:
-        await stop.wait()
+        await hostd.stop_requested.wait()
     finally:
         await hostd.stop()
+    if hostd.fatal:
+        raise HostdError(hostd.fatal)
