@@ -115,7 +115,8 @@ class InstanceEnclave:
     def _new_core(self) -> VtpmCore:
         adapter = EngineStoreAdapter(self.store)
         return VtpmCore(
-            lambda: LibtpmsEngine(adapter), SealedBlobCipher(self.platform, self.instance_id)
+            lambda: LibtpmsEngine(adapter),
+            SealedBlobCipher(self.platform, self.instance_id, self.store),
         )
 
     def trust(self) -> ClientTrust:

@@ -5,6 +5,10 @@ savestate at Shutdown(STATE)) rewrites the whole bundle with version + 1,
 then advances the platform counter (sealing.py explains the order). The
 libtpms store callback returns only after both are durable, so a TPM response
 is released only after the change it reports is durable (DESIGN.md S7).
+
+The bundle also records the version of the latest export of state blobs to
+the host (``exported``, 0 when the TPM has changed since); blobcipher.py
+accepts only that export back.
 """
 
 from __future__ import annotations
@@ -28,8 +32,15 @@ _ABSENT = 0xFFFFFFFF
 
 @dataclass
 class Bundle:
+    """u32 len + provisioning JSON | per blob: u32 len (or absent) + bytes | [u64 exported].
+
+    ``exported`` is written only when set, so bundles of older versions,
+    which end after the blobs, read as "no export".
+    """
+
     provisioning: dict[str, Any] = field(default_factory=dict)
     blobs: dict[str, bytes] = field(default_factory=dict)
+    exported: int = 0
 
     def encode(self) -> bytes:
         meta = json.dumps(self.provisioning, sort_keys=True).encode()
@@ -40,6 +51,8 @@ class Bundle:
                 parts.append(struct.pack(">I", _ABSENT))
             else:
                 parts += [struct.pack(">I", len(blob)), blob]
+        if self.exported:
+            parts.append(struct.pack(">Q", self.exported))
         return b"".join(parts)
 
     @classmethod
@@ -58,11 +71,16 @@ class Bundle:
                     raise ValueError("short blob")
                 blobs[name] = data[offset : offset + length]
                 offset += length
+            exported = 0
+            if offset != len(data):
+                (exported,) = struct.unpack_from(">Q", data, offset)
+                if offset + 8 != len(data) or not exported:
+                    raise ValueError("trailing bytes")
         except (struct.error, ValueError, RecursionError) as exc:
             raise SealError("sealed state content is malformed") from exc
         if not isinstance(provisioning, dict):
             raise SealError("sealed state content is malformed")
-        return cls(provisioning, blobs)
+        return cls(provisioning, blobs, exported)
 
 
 def lock_directory(directory: Path, timeout: float = 30.0) -> int:
