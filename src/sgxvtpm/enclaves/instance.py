@@ -84,7 +84,7 @@ class InstanceEnclave:
         TPM under the VM's name.
         """
         counter = self.store.file.counter_value()
-        if counter is None:
+        if not counter:  # never created, or its creation never completed
             return
         self.state = "error"
         self.reason = (

@@ -128,7 +128,7 @@ class RegistryStore:
                 return registry, "opened"
         else:
             counter = self.file.counter_value()
-            if counter is None:
+            if not counter:  # never created, or its creation never completed
                 return self._create(operator_cert_pem), "created"
             refused = (
                 f"the manager registry {self.file.path.name} is missing, but its platform"

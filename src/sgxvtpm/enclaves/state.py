@@ -122,10 +122,13 @@ class SealedFile:
         """The value of this file's platform counter; None if it was never created.
 
         The counter is created with the file and outlives it (a destroyed
-        instance's id is never used again), so "no file but a counter" means the
+        instance's id is never used again), and it reaches 1 only after the
+        first version is durable. So "no file but a counter above 0" means the
         file was removed behind the enclave's back: tampering or loss, never a
-        first start. A counter the platform cannot read counts as absent here;
-        creating the file over it then fails on that counter.
+        first start. At 0 the first write never completed (a crash during
+        creation), and nothing of it was ever acknowledged. A counter the
+        platform cannot read counts as absent here; creating the file over it
+        then fails on that counter.
         """
         try:
             return self._platform.counter_read(self._counter)
