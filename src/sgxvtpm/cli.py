@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the operator's certificate for the manager to pin on first start "
              f"(default: operator.crt of your credentials directory, env {CREDENTIALS_ENV})",
     )
+    hostd.add_argument(
+        "--reset-manager",
+        action="store_true",
+        help="only after the manager registry was lost: start a new, empty registry."
+        " EVERY VM REGISTERED ON THIS HOST BECOMES UNRECOVERABLE (its vTPM state can"
+        " never be opened again). Refused while the registry is intact",
+    )
 
     vm = sub.add_parser("vm", help="manage vTPM instances (the VMM, over K1)")
     vm_sub = vm.add_subparsers(dest="vm_command", required=True)
@@ -229,11 +236,27 @@ async def _ca(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "hostd":
-            from sgxvtpm.host.hostd import RunAs, serve
+        if getattr(args, "name", None) is not None:
+            from sgxvtpm.enclaves.registry import check_vm_name
 
+            # The manager enclave refuses a bad name too; asking first gives the
+            # same one-line error without a round trip, and before a bad name
+            # becomes a path under the state directory.
+            check_vm_name(args.name)
+        if args.command == "hostd":
+            from sgxvtpm.host.hostd import RESET_EFFECT, RunAs, serve
+
+            if args.reset_manager:
+                print(f"sgxvtpm: warning: --reset-manager: {RESET_EFFECT}", file=sys.stderr)
             run_as = RunAs.parse(args.user) if args.user else None
-            asyncio.run(serve(_state(args), operator_cert=args.operator_cert, run_as=run_as))
+            asyncio.run(
+                serve(
+                    _state(args),
+                    operator_cert=args.operator_cert,
+                    run_as=run_as,
+                    reset_manager=args.reset_manager,
+                )
+            )
             return 0
         if args.command == "vm":
             if args.vm_command in ("attach", "serve"):

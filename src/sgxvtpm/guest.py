@@ -193,7 +193,15 @@ def replay_event_log(log: bytes, alg: int = TPM_ALG_SHA256) -> dict[int, bytes]:
 class Guest:
     """One QEMU process (``-accel tcg``) with a TPM on ``ctrl_path``, driven through its monitor."""
 
-    def __init__(self, workdir: Path, initrd: Path, ctrl_path: Path, name: str = "guest") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        initrd: Path,
+        ctrl_path: Path,
+        name: str = "guest",
+        incoming: Path | None = None,
+    ) -> None:
+        """Start QEMU; with ``incoming``, paused, loading a state saved by :meth:`save`."""
         kernel = kernel_path()
         if kernel is None:
             raise FileNotFoundError("no kernel in /boot (Debian: linux-image-cloud-amd64)")
@@ -209,6 +217,8 @@ class Guest:
             "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
             "-device", "tpm-tis,tpmdev=tpm0",
         ]  # fmt: skip
+        if incoming is not None:
+            self.argv += ["-incoming", f"exec:cat {incoming}"]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
@@ -232,14 +242,34 @@ class Guest:
             f"(qemu rc={self.proc.poll()}); console:\n{self.console()[-3000:]}"
         )
 
-    def monitor(self, command: str) -> None:
+    def monitor(self, command: str) -> str:
+        """Run one monitor command; what the monitor printed (echo included)."""
+        received = b""
+        deadline = time.monotonic() + 10  # QEMU creates the socket shortly after it starts
+        while not self.monitor_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(5)
             s.connect(str(self.monitor_path))
             s.sendall(command.encode() + b"\n")
             with contextlib.suppress(OSError):
                 time.sleep(0.2)
-                s.recv(4096)
+                received = s.recv(65536)
+        return received.decode(errors="replace")
+
+    def save(self, path: Path, timeout: float = 60.0) -> None:
+        """savevm to a file, as ``virsh save`` does: pause, migrate to ``path``, wait."""
+        self.monitor("stop")
+        self.monitor(f'migrate "exec:cat > {path}"')
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.monitor("info migrate")
+            if "Migration status: completed" in status:
+                return
+            if "Migration status: failed" in status:
+                raise AssertionError(f"savevm failed: {status}")
+            time.sleep(0.2)
+        raise AssertionError(f"savevm to {path} did not complete in {timeout}s")
 
     def stop(self) -> int | None:
         if self.proc.poll() is None:

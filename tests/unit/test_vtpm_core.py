@@ -110,6 +110,9 @@ def test_state_blobs_only_while_stopped(core: VtpmCore) -> None:
 class _XorCipher:
     """A stand-in cipher that tags blobs, to see the hook is used both ways."""
 
+    def state_changed(self) -> None:
+        pass
+
     def encrypt(self, kind: StateType, blob: bytes) -> bytes:
         return b"ENC" + bytes(b ^ 0x5A for b in blob)
 

@@ -153,8 +153,28 @@ class InstanceEnclave:
         self._manufacturing: LibtpmsEngine | None = None
         if self.store.exists():
             self._restore()
+        else:
+            self._check_never_provisioned()
 
     # -- state ---------------------------------------------------------------
+    def _check_never_provisioned(self) -> None:
+        """No state file: unprovisioned only if this instance never wrote one.
+
+        Its counter is created with the state file and survives it, so a counter
+        without the file means the file was deleted (or lost). Reporting that as
+        "unprovisioned" would hide the tampering and invite provisioning a fresh
+        TPM under the VM's name.
+        """
+        counter = self.store.file.counter_value()
+        if not counter:  # never created, or its creation never completed
+            return
+        self.state = "error"
+        self.reason = (
+            f"sealed state file is missing but its platform counter is at {counter}:"
+            " removed (tampering) or lost; restore state.sealed from a backup or destroy the VM"
+        )
+        log.log("instance.state_refused", instance=self.instance_id, reason=self.reason)
+
     def _restore(self) -> None:
         try:
             bundle = self.store.load()
@@ -177,7 +197,8 @@ class InstanceEnclave:
     def _new_core(self) -> VtpmCore:
         adapter = EngineStoreAdapter(self.store)
         return VtpmCore(
-            lambda: LibtpmsEngine(adapter), SealedBlobCipher(self.platform, self.instance_id)
+            lambda: LibtpmsEngine(adapter),
+            SealedBlobCipher(self.platform, self.instance_id, self.store),
         )
 
     def trust(self) -> ClientTrust:

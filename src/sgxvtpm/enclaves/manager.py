@@ -48,7 +48,7 @@ from sgxvtpm.enclaves.ekcert import (
     issue_ek_certificate,
     issue_platform_certificate,
 )
-from sgxvtpm.enclaves.registry import InstanceRecord, RegistryStore
+from sgxvtpm.enclaves.registry import VM_CN_PREFIX, InstanceRecord, RegistryStore, check_vm_name
 from sgxvtpm.enclaves.runtime import EnclaveRuntime, platform_verifier
 from sgxvtpm.enclaves.sealing import SealError
 from sgxvtpm.enclaves.specs import peer_policy
@@ -62,7 +62,6 @@ CA_COMMON_NAME = "sgxvtpm manager CA"
 # An instance answers in milliseconds; RSA EK generation at create takes well
 # under a second. A dead or wedged instance must not hold the manager longer.
 CALL_TIMEOUT = 20.0
-_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
 class ManagerError(Exception):
@@ -79,9 +78,11 @@ class ManagerEnclave:
         self.verifier: QuoteVerifier = platform_verifier(platform, args)
         self._lock = lock_directory(Path(args["state_dir"]))
         self.store = RegistryStore(platform, Path(args["state_dir"]) / "registry.sealed")
-        self.registry, created = self.store.open_or_create(str(args["operator_cert_pem"]))
-        if created:
-            log.log("manager.operator_pinned")
+        self.registry, how = self.store.open(
+            str(args["operator_cert_pem"]), reset=bool(args.get("reset_registry"))
+        )
+        if how != "opened":
+            log.log("manager.operator_pinned", registry=how)
         operator = x509.load_pem_x509_certificate(self.registry.operator_cert_pem.encode())
         self.operator_spki = spki_sha256(operator)
         self.ca_key = self.registry.ca_key()
@@ -146,9 +147,10 @@ class ManagerEnclave:
             log.log("manager.restored", vm=record.name, state=record.state)
 
     async def create(self, request: dict[str, Any]) -> dict[str, Any]:
-        name = str(request["name"])
-        if not name or len(name) > 64 or not set(name) <= _NAME_OK:
-            raise ManagerError("VM name must be 1-64 characters of [A-Za-z0-9._-]")
+        try:
+            name = check_vm_name(request["name"])
+        except ValueError as exc:
+            raise ManagerError(str(exc)) from None
         if name in self.registry.instances:
             raise ManagerError(f"VM {name!r} already exists")
         vm_key = serialization.load_der_public_key(bytes.fromhex(request["vm_spki_der"]))
@@ -303,7 +305,7 @@ class ManagerEnclave:
         return reply
 
     def _issue_vm_certificate(self, name: str, vm_key: ec.EllipticCurvePublicKey) -> str:
-        cert = self._issue_client_certificate(f"vm:{name}", vm_key)
+        cert = self._issue_client_certificate(VM_CN_PREFIX + name, vm_key)
         return cert.public_bytes(serialization.Encoding.PEM).decode()
 
     def _issue_client_certificate(
@@ -339,14 +341,38 @@ def hashes_sha256(data: bytes) -> bytes:
     return digest.finalize()
 
 
+def _tell_host_refused(stream: socket.socket, reason: str) -> None:
+    """Tell hostd why the manager will not run, so it can stop relaunching it and say so.
+
+    Only a courtesy to the operator: the refusal itself is that this enclave
+    exits without ever serving a request, whatever hostd does with the message.
+    """
+
+    async def tell() -> None:
+        stream.setblocking(False)
+        reader, writer = await asyncio.open_unix_connection(sock=stream)
+        mux = RelayMux(reader, writer)
+        mux.start()
+        try:
+            # Waiting for the answer: hostd has acted on it before it sees us exit.
+            await asyncio.wait_for(mux.control({"op": "manager_refused", "reason": reason}), 10)
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            await mux.aclose()
+
+    asyncio.run(tell())
+
+
 def main(platform: EnclavePlatform, stream: socket.socket, args: Mapping[str, Any]) -> None:
     """Entry point (base.EnclaveEntry)."""
     log.configure("manager")
     try:
         manager = ManagerEnclave(platform, args)
     except SealError as exc:
-        # A damaged or rolled-back registry: refuse to run, say why (S5/S6).
+        # A damaged, rolled-back or missing registry: refuse to run, say why (S5/S6).
         log.log("manager.registry_refused", reason=str(exc))
+        _tell_host_refused(stream, str(exc))
         raise SystemExit(3) from None
     runtime = EnclaveRuntime(stream, manager.new_session, manager.handle)
 

@@ -43,7 +43,11 @@ MAX_ID = 256
 class SealKind(enum.IntEnum):
     INSTANCE_STATE = 1
     MANAGER_REGISTRY = 2
-    STATE_BLOB = 3  # GET/SET_STATEBLOB blobs handed to the host (blobcipher.py)
+    # GET/SET_STATEBLOB blobs handed to the host (blobcipher.py), one kind per
+    # blob type so one type cannot be passed off as another.
+    STATE_BLOB_PERMANENT = 3
+    STATE_BLOB_VOLATILE = 4
+    STATE_BLOB_SAVESTATE = 5
 
 
 class SealError(Exception):

@@ -5,6 +5,10 @@ savestate at Shutdown(STATE)) rewrites the whole bundle with version + 1,
 then advances the platform counter (sealing.py explains the order). The
 libtpms store callback returns only after both are durable, so a TPM response
 is released only after the change it reports is durable (DESIGN.md S7).
+
+The bundle also records the version of the latest export of state blobs to
+the host (``exported``, 0 when the TPM has changed since); blobcipher.py
+accepts only that export back.
 """
 
 from __future__ import annotations
@@ -28,8 +32,15 @@ _ABSENT = 0xFFFFFFFF
 
 @dataclass
 class Bundle:
+    """u32 len + provisioning JSON | per blob: u32 len (or absent) + bytes | [u64 exported].
+
+    ``exported`` is written only when set, so bundles of older versions,
+    which end after the blobs, read as "no export".
+    """
+
     provisioning: dict[str, Any] = field(default_factory=dict)
     blobs: dict[str, bytes] = field(default_factory=dict)
+    exported: int = 0
 
     def encode(self) -> bytes:
         meta = json.dumps(self.provisioning, sort_keys=True).encode()
@@ -40,6 +51,8 @@ class Bundle:
                 parts.append(struct.pack(">I", _ABSENT))
             else:
                 parts += [struct.pack(">I", len(blob)), blob]
+        if self.exported:
+            parts.append(struct.pack(">Q", self.exported))
         return b"".join(parts)
 
     @classmethod
@@ -58,11 +71,16 @@ class Bundle:
                     raise ValueError("short blob")
                 blobs[name] = data[offset : offset + length]
                 offset += length
+            exported = 0
+            if offset != len(data):
+                (exported,) = struct.unpack_from(">Q", data, offset)
+                if offset + 8 != len(data) or not exported:
+                    raise ValueError("trailing bytes")
         except (struct.error, ValueError, RecursionError) as exc:
             raise SealError("sealed state content is malformed") from exc
         if not isinstance(provisioning, dict):
             raise SealError("sealed state content is malformed")
-        return cls(provisioning, blobs)
+        return cls(provisioning, blobs, exported)
 
 
 def lock_directory(directory: Path, timeout: float = 30.0) -> int:
@@ -100,6 +118,23 @@ class SealedFile:
     def exists(self) -> bool:
         return self.path.exists()
 
+    def counter_value(self) -> int | None:
+        """The value of this file's platform counter; None if it was never created.
+
+        The counter is created with the file and outlives it (a destroyed
+        instance's id is never used again), and it reaches 1 only after the
+        first version is durable. So "no file but a counter above 0" means the
+        file was removed behind the enclave's back: tampering or loss, never a
+        first start. At 0 the first write never completed (a crash during
+        creation), and nothing of it was ever acknowledged. A counter the
+        platform cannot read counts as absent here; creating the file over it
+        then fails on that counter.
+        """
+        try:
+            return self._platform.counter_read(self._counter)
+        except PlatformError:
+            return None
+
     def load(self) -> bytes:
         """The plaintext; SealError when damaged, foreign or rolled back."""
         try:
@@ -117,8 +152,12 @@ class SealedFile:
         return plaintext
 
     def create(self, plaintext: bytes, vm_id: str = "") -> None:
-        self.version = self._platform.counter_create(self._counter)
-        self.commit(plaintext, vm_id)
+        """Write the first version, above the counter if one exists (it never goes back)."""
+        try:
+            self.version = self._platform.counter_create(self._counter)
+            self.commit(plaintext, vm_id)
+        except PlatformError as exc:
+            raise SealError(f"platform counter unavailable: {exc}") from None
 
     def commit(self, plaintext: bytes, vm_id: str = "") -> None:
         """Write version + 1 durably, then advance the counter; only then return."""

@@ -17,10 +17,12 @@ control and data channels answer QEMU and TSS clients (swtpm 0.7.1
 - Control operations that need a running TPM answer TPM_BAD_ORDINAL while it
   is stopped, as swtpm does; SET_STATEBLOB and a non-zero SET_BUFFERSIZE
   answer TPM_BAD_ORDINAL while it runs.
-- State blobs for migration pass through :attr:`VtpmCore.blob_cipher`. The
-  default :class:`IdentityBlobCipher` does NOT protect them: it is the hook
-  where end-to-end blob encryption goes (the lead's part), so that QEMU's
-  migration stream never carries plaintext TPM state.
+- State blobs for migration pass through :attr:`VtpmCore.blob_cipher`, which
+  the core also tells when the guest changes the TPM (so an instance can
+  refuse blobs older than that: blobcipher.py). The default
+  :class:`IdentityBlobCipher` does NOT protect them; the instance enclave's
+  cipher seals them, so QEMU's migration stream never carries plaintext TPM
+  state and cannot roll the TPM back.
 
 One engine per process (libtpms keeps global state): the core creates its
 engine once, on first use, from ``engine_factory``.
@@ -91,10 +93,17 @@ class BlobCipherError(Exception):
 class BlobCipher(Protocol):
     """Protects state blobs that leave the enclave (GET/SET_STATEBLOB)."""
 
-    def encrypt(self, kind: StateType, blob: bytes) -> bytes: ...
+    def state_changed(self) -> None:
+        """The guest changed the TPM (a command, RESET_TPMESTABLISHED): blobs exported
+        before describe an older TPM. Called for every command: keep it cheap."""
+        ...
+
+    def encrypt(self, kind: StateType, blob: bytes) -> bytes:
+        """The protected blob; raises BlobCipherError if it cannot be made."""
+        ...
 
     def decrypt(self, kind: StateType, blob: bytes) -> bytes:
-        """The plaintext blob; raises BlobCipherError if it does not verify."""
+        """The plaintext blob; raises BlobCipherError if it does not verify or is stale."""
         ...
 
 
@@ -103,6 +112,9 @@ class IdentityBlobCipher:
 
     The instance enclave uses blobcipher.SealedBlobCipher.
     """
+
+    def state_changed(self) -> None:
+        pass
 
     def encrypt(self, kind: StateType, blob: bytes) -> bytes:
         return blob
@@ -215,6 +227,7 @@ class VtpmCore:
         return VtpmResponse.ok(self._process(request.data, request.locality))
 
     def _process(self, command: bytes, locality: int) -> bytes:
+        self.blob_cipher.state_changed()
         if len(command) >= HEADER_SIZE:
             self._last_code = int.from_bytes(command[6:10], "big")
         return self.engine.process(command, locality)
@@ -238,6 +251,7 @@ class VtpmCore:
     def _reset_established(self, request: VtpmRequest) -> VtpmResponse:
         if not self.running:
             return VtpmResponse.error(TpmResult.BAD_ORDINAL)
+        self.blob_cipher.state_changed()
         self.engine.reset_established(request.locality)
         return VtpmResponse.ok()
 
@@ -261,7 +275,13 @@ class VtpmCore:
         blob = self.engine.get_state(kind)
         # An absent blob stays empty (swtpm: no data), so the peer can tell
         # "no savestate" without decrypting; only real state is wrapped.
-        return VtpmResponse.ok(self.blob_cipher.encrypt(kind, blob) if blob else b"")
+        if not blob:
+            return VtpmResponse.ok(b"")
+        try:
+            return VtpmResponse.ok(self.blob_cipher.encrypt(kind, blob))
+        except BlobCipherError as exc:
+            log.log("vtpm.state_export_failed", state_type=kind.name, reason=str(exc))
+            return VtpmResponse.error(TpmResult.FAIL)
 
     def _set_stateblob(self, request: VtpmRequest) -> VtpmResponse:
         if self.running:
@@ -273,8 +293,9 @@ class VtpmCore:
             return VtpmResponse.ok()  # QEMU sends absent blobs with length 0
         try:
             blob = self.blob_cipher.decrypt(kind, request.data)
-        except BlobCipherError:
-            log.log("vtpm.state_refused", state_type=kind.name)
+        except BlobCipherError as exc:
+            # Tampered, foreign or stale (a rollback): one answer, the reason in the log.
+            log.log("vtpm.state_refused", state_type=kind.name, reason=str(exc))
             return VtpmResponse.error(TpmResult.BAD_PARAMETER)
         self.engine.set_state(kind, blob)
         return VtpmResponse.ok()

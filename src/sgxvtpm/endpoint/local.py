@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from sgxvtpm.endpoint.listeners import loopback_host
 from sgxvtpm.endpoint.qemu import QemuEndpoint
 from sgxvtpm.endpoint.tss import MssimEndpoint, SwtpmTssEndpoint
 from sgxvtpm.tpm.engine import LibtpmsEngine
+from sgxvtpm.util.durable import atomic_write
 
 _NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
@@ -33,8 +33,8 @@ _NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 class DirStateStore:
     """libtpms blobs as files in a directory (plaintext; NOT protected).
 
-    Writes are atomic and durable (temp file, fsync, rename, fsync dir), so
-    a crash leaves the old or the new blob, never a torn one.
+    Writes go through util.durable.atomic_write, so a crash leaves the old or
+    the new blob, never a torn one.
     """
 
     def __init__(self, directory: Path | str) -> None:
@@ -53,20 +53,7 @@ class DirStateStore:
             return None
 
     def store(self, name: str, data: bytes) -> None:
-        path = self._path(name)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomic_write(self._path(name), data)
 
     def delete(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):

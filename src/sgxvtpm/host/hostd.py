@@ -51,6 +51,13 @@ MAX_BACKOFF = 5.0
 STOP_TIMEOUT = 5.0
 
 
+RESET_EFFECT = (
+    "a new, empty manager registry replaces a missing or unreadable one: every VM"
+    " registered on this host becomes unrecoverable (its vTPM state can never be"
+    " opened again) and the operator key offered now is pinned"
+)
+
+
 class HostdError(Exception):
     """hostd cannot start; the message says why (one line for the CLI)."""
 
@@ -140,8 +147,11 @@ class Enclave:
 
 
 class Hostd:
-    def __init__(self, state: StateDir, operator_cert_pem: bytes) -> None:
+    def __init__(
+        self, state: StateDir, operator_cert_pem: bytes, *, reset_manager: bool = False
+    ) -> None:
         self.state = state
+        self.reset_manager = reset_manager
         state.ensure()
         self._lock_fd = os.open(state.lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -161,21 +171,26 @@ class Hostd:
         self.relay = Relay(self.on_control)
         self.enclaves: dict[str, Enclave] = {}
         self.manager_ready = asyncio.Event()
+        self.manager_ever_ready = False
+        # Set by SIGTERM/SIGINT, or when the manager refuses to start (then
+        # ``fatal`` says why and hostd exits with that line).
+        self.stop_requested = asyncio.Event()
+        self.fatal = ""
         self.stopping = False
         self._server: asyncio.Server | None = None
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
         log.log("hostd.starting", state_dir=str(self.state.root), platform="sim")
+        args: dict[str, Any] = {
+            "state_dir": str(self.state.manager),
+            "operator_cert_pem": self.operator_cert_pem.decode(),
+        }
+        if self.reset_manager:
+            log.log("hostd.manager_reset_requested", effect=RESET_EFFECT)
+            args["reset_registry"] = True
         # The first creation request: the loader measures and launches E1.
-        manager = Enclave(
-            "manager",
-            self.manager_spec,
-            {
-                "state_dir": str(self.state.manager),
-                "operator_cert_pem": self.operator_cert_pem.decode(),
-            },
-        )
+        manager = Enclave("manager", self.manager_spec, args)
         self.enclaves["manager"] = manager
         await self._launch(manager)
         with contextlib.suppress(FileNotFoundError):
@@ -287,7 +302,12 @@ class Hostd:
             return {"ok": False, "error": "only the manager enclave may ask that"}
         if op == "manager_ready":
             self.manager_ready.set()
+            self.manager_ever_ready = True
+            # The reset was done once; a relaunch after a crash opens the new registry.
+            self.enclaves["manager"].args.pop("reset_registry", None)
             return {"ok": True}
+        if op == "manager_refused":
+            return self._manager_refused(str(request.get("reason", "")))
         instance_id = str(request.get("instance_id", ""))
         if op in ("launch_instance", "stop_instance", "instance_info") and not _valid_id(
             instance_id
@@ -300,6 +320,21 @@ class Hostd:
         if op == "instance_info":
             return self._instance_info(instance_id)
         return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def _manager_refused(self, reason: str) -> dict[str, Any]:
+        """The manager will not run on this registry (missing, damaged, rolled back).
+
+        At start-up hostd gives up with that reason as its one line: relaunching
+        would only repeat it. Once a manager has run, the refusal is logged and
+        the relaunches go on (with backoff), so the VMs whose instances run keep
+        serving and the manager comes back as soon as its file is restored.
+        """
+        log.log("hostd.manager_refused", reason=reason, at_start=not self.manager_ever_ready)
+        if not self.manager_ever_ready:
+            self.enclaves["manager"].wanted = False
+            self.fatal = f"the manager enclave refused to start: {reason}"
+            self.stop_requested.set()
+        return {"ok": True}
 
     async def _launch_instance(self, instance_id: str, manager_cert_pem: str) -> dict[str, Any]:
         x509.load_pem_x509_certificate(manager_cert_pem.encode())  # well-formed, at least
@@ -416,8 +451,9 @@ async def serve(
     *,
     operator_cert: Path | None = None,
     run_as: RunAs | None = None,
+    reset_manager: bool = False,
 ) -> None:
-    """Run hostd until SIGTERM/SIGINT."""
+    """Run hostd until SIGTERM/SIGINT; HostdError if the manager refuses to start."""
     if run_as is not None and os.geteuid() != 0:
         raise HostdError(
             f"--user {run_as.user} needs hostd to start as root (it runs as uid {os.geteuid()})"
@@ -425,20 +461,21 @@ async def serve(
     refuse_legacy_keys(state)
     operator_cert_pem = operator_certificate(operator_cert)
     _raise_fd_limit()
-    hostd = Hostd(state, operator_cert_pem)
+    hostd = Hostd(state, operator_cert_pem, reset_manager=reset_manager)
     if run_as is not None:
         drop_privileges(state, run_as)
     elif os.geteuid() == 0:
         log.log("hostd.running_as_root",
                 warning="hostd is untrusted and needs no root after start: give --user")
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, hostd.stop_requested.set)
     await hostd.start()
     if ready is not None:
         ready.set()
     try:
-        await stop.wait()
+        await hostd.stop_requested.wait()
     finally:
         await hostd.stop()
+    if hostd.fatal:
+        raise HostdError(hostd.fatal)

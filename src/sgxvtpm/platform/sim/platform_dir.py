@@ -92,15 +92,16 @@ class SimPlatformDir:
         known-answer tests; leave them out otherwise.
         """
         path = Path(path)
+        # A platform that lost a file is not a new platform: provisioning over
+        # it would make every sealed state and counter on it useless.
+        damaged = (
+            f"the sim platform at {path} is incomplete or damaged ({{}}); restore it from a "
+            "backup, or remove the directory to provision a new platform (every VM sealed "
+            "to the old one is then lost)"
+        )
         if not (path / PLATFORM_JSON).exists():
             if path.exists() and any(path.iterdir()):
-                # A platform that lost a file is not a new platform: provisioning
-                # over it would make every sealed state and counter on it useless.
-                raise PlatformError(
-                    f"the sim platform at {path} is incomplete (no {PLATFORM_JSON}); "
-                    "restore it from a backup, or remove the directory to provision a "
-                    "new platform (every VM sealed to the old one is then lost)"
-                )
+                raise PlatformError(damaged.format(f"no {PLATFORM_JSON}"))
             _provision(
                 path,
                 root_secret if root_secret is not None else os.urandom(32),
@@ -108,7 +109,10 @@ class SimPlatformDir:
                 platform_id if platform_id is not None else os.urandom(16),
                 now if now is not None else datetime.datetime.now(datetime.UTC),
             )
-        return cls(path)
+        try:
+            return cls(path)
+        except PlatformError as exc:
+            raise PlatformError(damaged.format(exc)) from None
 
     @property
     def root_certificate_pem(self) -> bytes:
