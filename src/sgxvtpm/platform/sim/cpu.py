@@ -108,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             header, blob, fds = recv_message(ctl)
         except ZygoteGone:
+            # hostd went away. Like the CPU under a crashed host process, keep
+            # serving the enclaves still running until each one has ended (an
+            # instance finishing a state commit needs its counter).
             cpu.stop_zygote()
+            cpu.wait_enclaves()
             return 0
         try:
             reply, out_fds = cpu.handle(header, blob, fds)
@@ -130,6 +134,7 @@ class Cpu:
         self._preload = preload
         self._zygote: subprocess.Popen[bytes] | None = None
         self._zctl: socket.socket | None = None
+        self._enclu_threads: list[threading.Thread] = []
         self.zygote_pid = 0
 
     # -- the loader's requests -------------------------------------------------
@@ -175,12 +180,14 @@ class Cpu:
                 os.close(fd)
             return {"ok": False, "error": reply.get("error", "launch failed")}, []
         enclave = self.platform.enclave_platform(identity, config=config)
-        threading.Thread(
+        thread = threading.Thread(
             target=serve_enclu,
             args=(cpu_end, enclave),
             name=f"enclu-{reply['pid']}",
             daemon=True,
-        ).start()
+        )
+        thread.start()
+        self._enclu_threads = [t for t in self._enclu_threads if t.is_alive()] + [thread]
         log.info("launched %s pid %s", header["name"], reply["pid"])
         body = pack_report_body(ReportBody(identity=identity, report_data=bytes(64)))
         return {
@@ -242,6 +249,11 @@ class Cpu:
             raise PlatformError("the enclave zygote failed to start (see its stderr)") from exc
         self.zygote_pid = int(reply["pid"])
 
+    def wait_enclaves(self) -> None:
+        """Until every enclave this CPU launched has closed its ENCLU socket."""
+        for thread in self._enclu_threads:
+            thread.join()
+
     def restart_zygote(self) -> None:
         self.stop_zygote()
         self.start_zygote()
@@ -296,7 +308,7 @@ def serve_enclu(sock: socket.socket, enclave: SimEnclavePlatform) -> None:
                 reply, out = _enclu(enclave, header, bytes(blob))
             except AttestationError as exc:
                 reply, out = {"ok": False, "kind": "attestation", "error": str(exc)}, b""
-            except (PlatformError, ValueError, KeyError, TypeError) as exc:
+            except Exception as exc:  # e.g. ENOSPC on a counter: the enclave decides what next
                 reply, out = {"ok": False, "kind": "platform", "error": str(exc)}, b""
             try:
                 send_message(sock, reply, out)

@@ -133,6 +133,9 @@ class SimLoader:
                 stdin=subprocess.DEVNULL,
                 env=CLEAN_ENV,
                 cwd="/",
+                # Its own session: like the hardware it plays, it outlives a
+                # killed hostd (and its process group) while enclaves run.
+                start_new_session=True,
             )
         finally:
             child.close()
