@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tests.helpers.echo_client import call
 
 from sgxvtpm.platform import EnclaveSpec, PlatformError
 from sgxvtpm.platform.sim import (
@@ -29,20 +28,6 @@ pytestmark = pytest.mark.integration
 HELPER_SOURCE = Path(__file__).resolve().parent.parent / "helpers" / "sim_echo_enclave.py"
 
 
-def _call(stream: socket.socket, payload: bytes) -> bytes:
-    stream.settimeout(20)
-    stream.sendall(struct.pack(">I", len(payload)) + payload)
-    head = _recv(stream, 4)
-    return _recv(stream, struct.unpack(">I", head)[0])
-
-
-def _recv(stream: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = stream.recv(n - len(buf))
-        assert chunk, "enclave closed its stream"
-        buf += chunk
-    return buf
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +68,17 @@ def test_launched_enclave_quotes_its_measured_identity(
     spec = _spec(platform, code)
     handle = loader.launch(spec, {"vm": "vm1", "key": b"\x00\xff"})
     try:
-        assert _call(handle.stream, b"P") == b"pong"
+        assert call(handle.stream, b"P") == b"pong"
         assert handle.identity.mrenclave == measure_mrenclave(spec)
         assert handle.identity == identity_of_spec(spec, platform.signer_public_key)
         nonce = os.urandom(64)
-        verified = platform.verifier().verify(_call(handle.stream, b"Q" + nonce))
+        verified = platform.verifier().verify(call(handle.stream, b"Q" + nonce))
         assert verified.identity == handle.identity
         assert verified.report_data == nonce
         assert verified.platform_id == platform.platform_id
-        assert _call(handle.stream, b"C") == spec.config
-        assert _call(handle.stream, b"R") == platform.root_certificate_pem
-        assert json.loads(_call(handle.stream, b"A")) == {"key": "00ff", "vm": "vm1"}
+        assert call(handle.stream, b"C") == spec.config
+        assert call(handle.stream, b"R") == platform.root_certificate_pem
+        assert json.loads(call(handle.stream, b"A")) == {"key": "00ff", "vm": "vm1"}
     finally:
         handle.stop()
 
@@ -103,12 +88,12 @@ def test_enclave_process_is_hardened(
 ) -> None:
     handle = loader.launch(_spec(platform, code), {})
     try:
-        _call(handle.stream, b"P")
+        call(handle.stream, b"P")
         status = Path(f"/proc/{handle.pid}/status").read_text()
         fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
         assert fields["Name"].strip() == "enclave:echo"
         assert int(fields["PPid"]) == loader.zygote_pid
-        assert _call(handle.stream, b"D") == b"0"  # prctl(PR_GET_DUMPABLE) inside
+        assert call(handle.stream, b"D") == b"0"  # prctl(PR_GET_DUMPABLE) inside
         assert _owner_of_proc_files(handle.pid) == 0  # seen from outside (trivial as root)
         limits = Path(f"/proc/{handle.pid}/limits").read_text()
         core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
@@ -132,7 +117,7 @@ def test_stop_terminates_the_enclave(
     platform: SimPlatformDir, loader: SimLoader, code: Path
 ) -> None:
     handle = loader.launch(_spec(platform, code), {})
-    _call(handle.stream, b"P")
+    call(handle.stream, b"P")
     handle.stop(timeout=5)
     assert not Path(f"/proc/{handle.pid}").exists() or _is_zombie_or_gone(handle.pid)
 
@@ -161,8 +146,8 @@ def test_zygote_is_restarted_after_it_dies(
     handle = loader.launch(_spec(platform, code), {})
     try:
         assert loader.zygote_pid != old
-        assert _call(handle.stream, b"P") == b"pong"
-        assert _call(survivor.stream, b"P") == b"pong"  # running enclaves live on
+        assert call(handle.stream, b"P") == b"pong"
+        assert call(survivor.stream, b"P") == b"pong"  # running enclaves live on
     finally:
         handle.stop()
         survivor.stop()
@@ -178,8 +163,8 @@ def test_code_change_changes_identity_and_code_run(
     try:
         assert handle.identity.mrenclave != measure_mrenclave(_spec(platform, code))
         assert handle.identity.mrsigner == mrsigner_of(platform.signer_public_key)
-        assert _call(handle.stream, b"P") == b"PONG"
-        quote = _call(handle.stream, b"Q" + bytes(64))
+        assert call(handle.stream, b"P") == b"PONG"
+        quote = call(handle.stream, b"Q" + bytes(64))
         assert platform.verifier().verify(quote).identity.mrenclave == measure_mrenclave(spec)
     finally:
         handle.stop()
@@ -202,12 +187,12 @@ def test_idle_enclave_memory(
     """PSS of idle enclaves (goal <= 11 MB each); reported with -rA (and -s)."""
     handles = [loader.launch(_spec(platform, code), {})]
     try:
-        assert _call(handles[0].stream, b"P") == b"pong"
+        assert call(handles[0].stream, b"P") == b"pong"
         time.sleep(0.2)
         alone = _pss_kib(handles[0].pid)
         handles += [loader.launch(_spec(platform, code), {}) for _ in range(3)]
         for h in handles:
-            assert _call(h.stream, b"P") == b"pong"
+            assert call(h.stream, b"P") == b"pong"
         time.sleep(0.2)
         pss = [_pss_kib(h.pid) for h in handles]
         rss = [_rss_kib(h.pid) for h in handles]

@@ -12,13 +12,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import socket
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from tests.helpers.echo_client import call
 from tests.helpers.hostd import Hostd, running_hostd
 
 from sgxvtpm.platform import EnclaveSpec, MeasurementPolicy, PlatformError
@@ -121,20 +120,6 @@ def test_only_the_cpu_process_holds_platform_secrets(hostd: Hostd) -> None:
 # -- EINIT and SIGSTRUCT ---------------------------------------------------------
 
 
-def _call(stream: socket.socket, payload: bytes) -> bytes:
-    stream.settimeout(20)
-    stream.sendall(struct.pack(">I", len(payload)) + payload)
-    head = _recv(stream, 4)
-    return _recv(stream, struct.unpack(">I", head)[0])
-
-
-def _recv(stream: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = stream.recv(n - len(buf))
-        assert chunk, "enclave closed its stream"
-        buf += chunk
-    return buf
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +191,7 @@ def test_mrsigner_is_the_key_that_verified(
         assert genuine.identity.mrsigner == mrsigner_of(platform.signer_public_key)
         assert foreign.identity.mrsigner != genuine.identity.mrsigner
         assert foreign.identity.mrenclave == genuine.identity.mrenclave
-        assert _call(foreign.stream, b"K") != _call(genuine.stream, b"K")
+        assert call(foreign.stream, b"K") != call(genuine.stream, b"K")
     finally:
         genuine.stop()
         foreign.stop()
@@ -217,7 +202,7 @@ def test_debug_enclave_is_refused_by_default_policy(
 ) -> None:
     handle = loader.launch(platform.sign(dataclasses.replace(echo, debug=True)), {})
     try:
-        quoted = platform.verifier().verify(_call(handle.stream, b"Q" + bytes(64))).identity
+        quoted = platform.verifier().verify(call(handle.stream, b"Q" + bytes(64))).identity
     finally:
         handle.stop()
     assert is_debug(quoted)

@@ -57,7 +57,7 @@ from sgxvtpm.platform.sim.enclave import SimEnclavePlatform
 from sgxvtpm.platform.sim.measure import attributes_of, identity_of, mrenclave_of, read_code
 from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
 from sgxvtpm.platform.sim.report import pack_report_body
-from sgxvtpm.platform.sim.spawn import CLEAN_ENV, isolated_command
+from sgxvtpm.platform.sim.spawn import CLEAN_ENV, end_child, isolated_command
 from sgxvtpm.platform.sim.zygote_proto import (
     ZygoteGone,
     recv_message,
@@ -259,16 +259,8 @@ class Cpu:
         self.start_zygote()
 
     def stop_zygote(self) -> None:
-        if self._zctl is not None:
-            self._zctl.close()
-            self._zctl = None
-        if self._zygote is not None:
-            try:
-                self._zygote.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._zygote.kill()
-                self._zygote.wait()
-            self._zygote = None
+        end_child(self._zctl, self._zygote, timeout=5)
+        self._zctl, self._zygote = None, None
 
 
 def sign_release(platform: SimPlatformDir, release: str) -> dict[str, bytes]:

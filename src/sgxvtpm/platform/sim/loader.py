@@ -27,7 +27,7 @@ from typing import Any
 from sgxvtpm.platform.base import EnclaveIdentity, EnclaveSpec, PlatformError
 from sgxvtpm.platform.sim.measure import read_code
 from sgxvtpm.platform.sim.report import parse_report_body
-from sgxvtpm.platform.sim.spawn import CLEAN_ENV, isolated_command
+from sgxvtpm.platform.sim.spawn import CLEAN_ENV, end_child, isolated_command
 from sgxvtpm.platform.sim.zygote_proto import (
     ZygoteGone,
     recv_message,
@@ -230,16 +230,8 @@ class SimLoader:
         for handle in handles:
             handle.stop()
         with self._lock:
-            if self._ctl is not None:
-                self._ctl.close()
-                self._ctl = None
-            if self._proc is not None:
-                try:
-                    self._proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait()
-                self._proc = None
+            end_child(self._ctl, self._proc, timeout=10)
+            self._ctl, self._proc = None, None
 
     def __enter__(self) -> SimLoader:
         return self

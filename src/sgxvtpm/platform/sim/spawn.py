@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
 from collections.abc import Sequence
 
 # What an isolated interpreter of ours inherits: nothing from the caller's
@@ -18,3 +20,17 @@ def isolated_command(python: str, module: str, args: Sequence[str]) -> list[str]
     another copy (hostd included) cannot change what they run.
     """
     return [python, "-I", "-m", module, *args]
+
+
+def end_child(
+    ctl: socket.socket | None, proc: subprocess.Popen[bytes] | None, timeout: float
+) -> None:
+    """Close a child's control socket (it exits on EOF), wait, kill it if it lingers."""
+    if ctl is not None:
+        ctl.close()
+    if proc is not None:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
