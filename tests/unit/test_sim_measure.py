@@ -124,3 +124,20 @@ def test_unmeasured_module_of_a_measured_package_is_refused(
     codeimport.install(read_code(files))
     with pytest.raises(ImportError, match="not part of this enclave's measured code"):
         importlib.import_module("encpkg.extra")
+
+
+def test_an_oversized_or_malformed_platform_message_is_refused() -> None:
+    """What a compromised enclave could announce to the sim CPU is bounded (ENCLU_MAX)."""
+    import socket
+    import struct
+
+    from sgxvtpm.platform.sim.zygote_proto import ENCLU_MAX, ZygoteGone, recv_message
+
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(struct.pack(">II", 16, 0xFFFFFFF0))
+        with pytest.raises(ZygoteGone, match="exceeds"):
+            recv_message(b, ENCLU_MAX)
+        a.sendall(struct.pack(">II", 3, 0) + b"[1]")
+        with pytest.raises(ZygoteGone, match="malformed"):
+            recv_message(b, ENCLU_MAX)

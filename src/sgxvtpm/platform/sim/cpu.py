@@ -59,6 +59,7 @@ from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
 from sgxvtpm.platform.sim.report import pack_report_body
 from sgxvtpm.platform.sim.spawn import CLEAN_ENV, end_child, isolated_command
 from sgxvtpm.platform.sim.zygote_proto import (
+    ENCLU_MAX,
     ZygoteGone,
     recv_message,
     send_message,
@@ -291,9 +292,9 @@ def serve_enclu(sock: socket.socket, enclave: SimEnclavePlatform) -> None:
     with sock:
         while True:
             try:
-                header, blob, fds = recv_message(sock)
+                header, blob, fds = recv_message(sock, ENCLU_MAX)
             except (ZygoteGone, OSError):
-                return
+                return  # gone, or sent what no ENCLU request is: the enclave loses its CPU
             for fd in fds:
                 os.close(fd)
             try:

@@ -8,6 +8,7 @@ Launch args are JSON; ``bytes`` values are tagged as {"$bytes": hex}.
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
 import struct
@@ -42,7 +43,18 @@ def send_message(
         raise ZygoteGone(str(exc)) from exc
 
 
-def recv_message(sock: socket.socket) -> tuple[dict[str, Any], bytearray, list[int]]:
+# An enclave's ENCLU requests are small (a key request, 64 bytes of report
+# data, a counter name): a bound keeps a compromised enclave from making the
+# CPU allocate what it announces. Launches carry the code (~1.5 MB) and come
+# from the loader only.
+ENCLU_MAX = 64 * 1024
+LAUNCH_MAX = 256 * 1024 * 1024
+
+
+def recv_message(
+    sock: socket.socket, max_size: int = LAUNCH_MAX
+) -> tuple[dict[str, Any], bytearray, list[int]]:
+    """One message; ZygoteGone when the peer closed or announced more than ``max_size``."""
     try:
         data, fds, _flags, _addr = socket.recv_fds(sock, _PREFIX.size, MAX_FDS)
     except ConnectionResetError as exc:
@@ -51,7 +63,16 @@ def recv_message(sock: socket.socket) -> tuple[dict[str, Any], bytearray, list[i
         raise ZygoteGone("control socket closed")
     data += _recv_exactly(sock, _PREFIX.size - len(data))
     head_len, blob_len = _PREFIX.unpack(data)
-    header = json.loads(_recv_exactly(sock, head_len), object_hook=_decode)
+    if head_len + blob_len > max_size:
+        for fd in fds:
+            os.close(fd)
+        raise ZygoteGone(f"message of {head_len + blob_len} bytes exceeds {max_size}")
+    try:
+        header = json.loads(_recv_exactly(sock, head_len), object_hook=_decode)
+    except ValueError as exc:
+        raise ZygoteGone(f"malformed message header: {exc}") from None
+    if not isinstance(header, dict):
+        raise ZygoteGone("malformed message header")
     return header, _recv_exactly(sock, blob_len), list(fds)
 
 
