@@ -17,8 +17,13 @@ under root's home), so the child must not import anything new.
 from __future__ import annotations
 
 import asyncio
+
+# A child that dropped to another user may not read the interpreter's own
+# library (a Python installed under root's home): everything it runs is
+# imported here, before the fork.
 import concurrent.futures.thread  # noqa: F401 - asyncio.to_thread, used by the VMM client
 import contextlib
+import grp  # noqa: F401 - `hostd --user` resolves groups
 import io
 import json
 import os
@@ -31,6 +36,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+import sgxvtpm.host.hostd  # noqa: F401 - what `sgxvtpm hostd` imports lazily (see above)
 from sgxvtpm.channel import ClientCredential
 from sgxvtpm.cli import main as cli_main
 from sgxvtpm.enclaves.specs import expected_policy
