@@ -52,7 +52,7 @@ from sgxvtpm.enclaves.registry import VM_CN_PREFIX, InstanceRecord, RegistryStor
 from sgxvtpm.enclaves.runtime import EnclaveRuntime, platform_verifier
 from sgxvtpm.enclaves.sealing import SealError
 from sgxvtpm.enclaves.specs import peer_policy
-from sgxvtpm.enclaves.state import lock_directory
+from sgxvtpm.enclaves.state import DirectoryBusyError, lock_directory
 from sgxvtpm.mux.aio import RelayMux
 from sgxvtpm.platform.base import EnclavePlatform, QuoteVerifier
 from sgxvtpm.tpm.ek import public_key_from_tpmt
@@ -369,6 +369,10 @@ def main(platform: EnclavePlatform, stream: socket.socket, args: Mapping[str, An
     log.configure("manager")
     try:
         manager = ManagerEnclave(platform, args)
+    except DirectoryBusyError as exc:
+        # The previous manager is still finishing: hostd relaunches us later.
+        log.log("manager.state_busy", reason=str(exc))
+        raise SystemExit(4) from None
     except SealError as exc:
         # A damaged, rolled-back or missing registry: refuse to run, say why (S5/S6).
         log.log("manager.registry_refused", reason=str(exc))

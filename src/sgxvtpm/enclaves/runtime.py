@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from sgxvtpm.channel import PeerCertificate, ServerSession
@@ -51,18 +51,35 @@ class EnclaveRuntime:
         self.mux: RelayMux | None = None
         self.stop = asyncio.Event()
 
-    async def run(self, after_start: Callable[[RelayMux], Awaitable[None]] | None = None) -> None:
+    async def run(
+        self, after_start: Callable[[RelayMux], Coroutine[Any, Any, None]] | None = None
+    ) -> None:
         """Serve until the host closes the stream (or ``stop`` is set)."""
         self._stream.setblocking(False)
         reader, writer = await asyncio.open_unix_connection(sock=self._stream)
         mux = RelayMux(reader, writer, session_factory=self._new, handler=self._serve)
         self.mux = mux
         runner = asyncio.create_task(mux.run())
-        if after_start is not None:
-            await after_start(mux)
         stopper = asyncio.create_task(self.stop.wait())
-        await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
+        # The start-up work (the manager relaunching every instance) runs
+        # beside the stream, not before it: if hostd goes away meanwhile, the
+        # enclave ends now, instead of waiting out a call timeout per instance
+        # while it holds its state directory against its replacement.
+        starter: asyncio.Task[None] | None = None
+        waited: set[asyncio.Task[Any]] = {runner, stopper}
+        if after_start is not None:
+            starter = asyncio.create_task(after_start(mux))
+            waited.add(starter)
+        while True:
+            done, _ = await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+            if starter in done:
+                waited.discard(starter)
+                starter.result()  # start-up failures end the enclave, as before
+                continue
+            break
+        for task in (stopper, starter):
+            if task is not None and not task.done():
+                task.cancel()
         await mux.aclose()
 
     def _new(self, source: str) -> ServerSession | None:

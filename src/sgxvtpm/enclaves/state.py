@@ -83,6 +83,13 @@ class Bundle:
         return cls(provisioning, blobs, exported)
 
 
+class DirectoryBusyError(Exception):
+    """Another process (an enclave that has not exited yet) holds this state directory.
+
+    Not tampering: the enclave exits and hostd launches it again later.
+    """
+
+
 def lock_directory(directory: Path, timeout: float = 30.0) -> int:
     """Hold ``directory``'s lock for the life of this process (returns the fd).
 
@@ -99,7 +106,7 @@ def lock_directory(directory: Path, timeout: float = 30.0) -> int:
         except BlockingIOError:
             if time.monotonic() > deadline:
                 os.close(fd)
-                raise SealError(f"{directory} is held by another process") from None
+                raise DirectoryBusyError(f"{directory} is held by another process") from None
             time.sleep(0.02)
 
 
