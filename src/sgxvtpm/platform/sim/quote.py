@@ -44,7 +44,6 @@ from sgxvtpm.platform.base import (
     REPORT_BODY_SIZE,
     AttestationError,
     PlatformError,
-    ReportBody,
     TargetInfo,
     VerifiedQuote,
 )
@@ -285,8 +284,3 @@ def _platform_id(pck: x509.Certificate) -> bytes:
         raise _Reject("PCK certificate carries no platform id")
     value = attrs[0].value
     return bytes.fromhex(value if isinstance(value, str) else value.decode())
-
-
-def parse_quote_body(quote: bytes) -> ReportBody:
-    """The report body of a quote WITHOUT verifying it (for diagnostics only)."""
-    return parse_report_body(quote[HEADER_SIZE : HEADER_SIZE + REPORT_BODY_SIZE])
