@@ -15,11 +15,12 @@ process plays both parts for a platform directory:
   (:mod:`.enclu`): every EGETKEY, EREPORT, quote and counter request on that
   socket is answered for that identity only;
 - the vendor's signing step: at start it signs the enclaves of the release
-  named by ``--release module:function`` (a function returning unsigned
-  EnclaveSpecs), built from the sgxvtpm installed for this interpreter, and
-  nothing else, ever. On hardware the vendor signs at build time; here the
-  vendor key lives with the platform, and this is that build. A loader that
-  sends other code gets no signature for it: EINIT refuses the launch.
+  named by ``--release module:function`` (a function of the platform's
+  kind, :data:`.backend.SIM`, returning unsigned EnclaveSpecs), built from
+  the sgxvtpm installed for this interpreter, and nothing else, ever. On
+  hardware the vendor signs at build time; here the vendor key lives with
+  the platform, and this is that build. A loader that sends other code
+  gets no signature for it: EINIT refuses the launch.
 
 Run by :class:`~sgxvtpm.platform.sim.loader.SimLoader` as an isolated
 interpreter (no PYTHONPATH, no cwd on sys.path, a clean environment). When
@@ -53,6 +54,7 @@ from sgxvtpm.platform.base import (
     TargetInfo,
 )
 from sgxvtpm.platform.sim import sigstruct
+from sgxvtpm.platform.sim.backend import SIM
 from sgxvtpm.platform.sim.enclave import SimEnclavePlatform
 from sgxvtpm.platform.sim.measure import attributes_of, identity_of, mrenclave_of, read_code
 from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
@@ -266,7 +268,7 @@ class Cpu:
 def sign_release(platform: SimPlatformDir, release: str) -> dict[str, bytes]:
     """SIGSTRUCTs, by enclave name, for the specs ``release`` ("module:function") builds."""
     module_name, _, func_name = release.partition(":")
-    specs = getattr(importlib.import_module(module_name), func_name)()
+    specs = getattr(importlib.import_module(module_name), func_name)(SIM)
     key = platform.signer_private_key()
     signed = {}
     for spec in specs:

@@ -11,12 +11,13 @@ from sgxvtpm.platform.base import (
     EnclaveIdentity,
     KeyRequest,
     PlatformError,
+    QuoteVerifier,
     ReportBody,
     TargetInfo,
 )
 from sgxvtpm.platform.sim import egetkey
 from sgxvtpm.platform.sim.counters import CounterStore
-from sgxvtpm.platform.sim.quote import QuotingEnclave
+from sgxvtpm.platform.sim.quote import QuotingEnclave, SimQuoteVerifier
 from sgxvtpm.platform.sim.report import pack_report_body, parse_report_body, split_report
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ class SimEnclavePlatform:
         itself and never from the host's launch arguments.
         """
         return self._qe.certification.root_pem
+
+    def quote_verifier(self) -> QuoteVerifier:
+        return SimQuoteVerifier(self.attestation_root_pem)
 
     def get_key(self, request: KeyRequest) -> bytes:
         return egetkey.egetkey(self._base_key, self._identity, request, self._cpu_svn)

@@ -104,9 +104,9 @@ class SimLoader:
 
     It holds no platform secret: it starts the sim CPU (:mod:`.cpu`) on the
     platform directory and sends it code bytes, SIGSTRUCTs and streams.
-    ``release``
-    ("module:function"): the enclaves the platform's vendor key signs, built
-    by the CPU from its own installed code (:func:`signed` hands them out).
+    ``release`` ("module:function", called with :data:`.backend.SIM`): the
+    enclaves the platform's vendor key signs, built by the CPU from its own
+    installed code (:func:`signed` hands out their SIGSTRUCTs).
     """
 
     def __init__(
