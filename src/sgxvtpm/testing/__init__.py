@@ -13,7 +13,10 @@ rather than each writing its own loop.
 - :func:`hostd_control`: one of hostd's own CONTROL requests (``ping``,
   ``wait_ready``, ``platform_root``), the only things it answers in the clear;
 - :func:`terminate`: SIGTERM, then SIGKILL (of the process group) if it
-  does not end in time.
+  does not end in time;
+- :mod:`sgxvtpm.testing.channel`: a client and a server session wired
+  through an in-memory relay that records and can tamper with every record,
+  for code that uses attested sessions, without processes.
 
 Nothing here runs in an enclave (enclaves/specs.py refuses an enclave import
 of this package).
