@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import socket
 import subprocess
@@ -67,8 +66,7 @@ from sgxvtpm.platform.sim.zygote_proto import (
     unpack_code,
     wait_readable,
 )
-
-log = logging.getLogger(__name__)
+from sgxvtpm.util import log
 
 _READY_TIMEOUT = 60.0
 
@@ -80,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preload", default="")
     p.add_argument("--release", default="", help="module:function giving the specs to sign")
     opts = p.parse_args(argv)
+    log.configure("sim-cpu")
     ctl = socket.socket(fileno=opts.control_fd)
     os.set_inheritable(ctl.fileno(), False)
     try:
@@ -190,7 +189,8 @@ class Cpu:
         )
         thread.start()
         self._enclu_threads = [t for t in self._enclu_threads if t.is_alive()] + [thread]
-        log.info("launched %s pid %s", header["name"], reply["pid"])
+        log.log("platform.enclave_launched", enclave=header["name"], pid=reply["pid"],
+                mrenclave=identity.mrenclave.hex())
         body = pack_report_body(ReportBody(identity=identity, report_data=bytes(64)))
         return {
             "ok": True,
@@ -211,13 +211,13 @@ class Cpu:
                 send_message(self._zctl, request, blob, fds)
                 reply, _, out = recv_message(self._zctl)
             except ZygoteGone:
-                log.warning("enclave zygote died; restarting it")
+                log.log("platform.zygote_died", action="restarting it")
                 self.restart_zygote()
                 continue
             if reply.get("stale") and attempt == 1:
                 for fd in out:
                     os.close(fd)
-                log.info("zygote pre-imported outdated %s; restarting it", reply["stale"])
+                log.log("platform.zygote_stale", modules=reply["stale"], action="restarting it")
                 self.restart_zygote()
                 continue
             return reply, list(out)
@@ -277,7 +277,7 @@ def sign_release(platform: SimPlatformDir, release: str) -> dict[str, bytes]:
             key, mrenclave, attributes_of(spec.debug), spec.isv_prod_id, spec.isv_svn
         )
         signed[spec.name] = sig.encode()
-        log.info("signed %s %s", spec.name, mrenclave.hex())
+        log.log("platform.release_signed", enclave=spec.name, mrenclave=mrenclave.hex())
     return signed
 
 

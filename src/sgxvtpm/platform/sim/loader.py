@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import os
 import signal
 import socket
@@ -35,11 +34,7 @@ from sgxvtpm.platform.sim.zygote_proto import (
     wait_readable,
 )
 
-log = logging.getLogger(__name__)
-
 _READY_TIMEOUT = 60.0
-
-
 
 
 class SimEnclaveHandle:
@@ -208,7 +203,6 @@ class SimLoader:
                 else:
                     old.stop(0)  # the process is gone: release its pidfd and stream
             self._handles = [*alive, handle]
-        log.debug("launched enclave %s pid %d", spec.name, handle.pid)
         return handle
 
     def _request(
