@@ -31,6 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+import sgxvtpm.host.hostd  # noqa: F401 - `sgxvtpm hostd` (grp, resource...), for cli_in_child
 from sgxvtpm.channel import ClientCredential
 from sgxvtpm.cli import main as cli_main
 from sgxvtpm.enclaves.specs import expected_policy
