@@ -15,6 +15,7 @@ test: install lint
 lint: install
 	.venv/bin/ruff check src tests benchmarks
 	.venv/bin/mypy
+	.venv/bin/lint-imports
 
 bench: install
 	$(PY) -m sgxvtpm.cli bench

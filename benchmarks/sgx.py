@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.swtpm import wait_answering
-from sgxvtpm.host.control import hostd_control
 from sgxvtpm.host.statedir import StateDir
+from sgxvtpm.testing import HostdProcess, terminate
 from sgxvtpm.vmm.credentials import ENV as CREDENTIALS_ENV
 from sgxvtpm.vmm.credentials import Credentials
 
@@ -70,7 +69,7 @@ class Fleet:
     """A hostd in ``root`` and the VMs created on it."""
 
     root: Path
-    proc: subprocess.Popen[bytes] | None = None
+    hostd: HostdProcess | None = None
     vms: dict[str, Created] = field(default_factory=dict)
     serves: dict[str, tuple[subprocess.Popen[bytes], Path]] = field(default_factory=dict)
 
@@ -98,40 +97,16 @@ class Fleet:
     def start(self) -> float:
         """Start hostd; seconds until its manager is ready."""
         self.root.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sgxvtpm.cli", "hostd", "--state-dir", str(self.state.root)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=self.env(),
-            )
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"hostd exited with {self.proc.returncode}: {self.log_tail()}")
-            if self.state.socket.exists():
-                try:
-                    reply = asyncio.run(hostd_control(self.state.socket, {"op": "wait_ready"}))
-                    if reply.get("ok"):
-                        return time.perf_counter() - t0
-                except (OSError, TimeoutError, ConnectionError):
-                    pass
-            time.sleep(0.05)
-        raise TimeoutError(f"hostd not ready after {READY_TIMEOUT}s: {self.log_tail()}")
+        self.hostd = HostdProcess(self.state, credentials=self.credentials, log_path=self.log_path)
+        return self.hostd.start(READY_TIMEOUT)
 
     def log_tail(self, n: int = 600) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
+        return self.hostd.log_tail(n) if self.hostd is not None else ""
 
     @property
     def hostd_pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        assert self.hostd is not None
+        return self.hostd.pid
 
     def create(self, name: str, ek: list[str] | None = None) -> Created:
         """``VmmClient.create`` (what ``sgxvtpm vm create`` runs), timed."""
@@ -210,18 +185,18 @@ class Fleet:
     def stop_serve(self, name: str) -> None:
         entry = self.serves.pop(name, None)
         if entry is not None:
-            _terminate(entry[0])
+            terminate(entry[0], timeout=10)
 
     def serve_pid(self, name: str) -> int:
         return self.serves[name][0].pid
 
     def stop(self) -> None:
         for proc, _ in self.serves.values():
-            _terminate(proc)
+            terminate(proc, timeout=10)
         self.serves.clear()
-        if self.proc is not None:
-            _terminate(self.proc, group=True, timeout=60)
-            self.proc = None
+        if self.hostd is not None:
+            self.hostd.stop(timeout=60)
+            self.hostd = None
 
     def log_events(self) -> list[dict[str, Any]]:
         """hostd's (and its enclaves') structured log lines."""
@@ -237,20 +212,6 @@ class Fleet:
                 except ValueError:
                     continue
         return events
-
-
-def _terminate(proc: subprocess.Popen[bytes], group: bool = False, timeout: float = 10) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        if group:
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:
-            proc.kill()
-        proc.wait(10)
 
 
 def creation_phases(events: list[dict[str, Any]], created: Created) -> dict[str, float] | None:

@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> None:
         import sgxvtpm.wire.swtpm_ctrl
         import sgxvtpm.wire.vtpm  # noqa: F401
 
+    # Rejections are logged (sgxvtpm/util/log.py); a line per input would drown libFuzzer's.
+    from sgxvtpm.util import log
+
+    log.configure("fuzz", stream=None)
     target = registry.target(args.target)
     # Warm the caches (fixtures, verifier) outside the timed inputs.
     registry.check(args.target, b"")

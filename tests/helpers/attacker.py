@@ -42,7 +42,7 @@ from sgxvtpm.cli import main as cli_main
 from sgxvtpm.enclaves.specs import expected_policy
 from sgxvtpm.endpoint.k2 import K2Client, VmBinding
 from sgxvtpm.host.statedir import StateDir
-from sgxvtpm.platform.sim.quote import SimQuoteVerifier
+from sgxvtpm.platform import platform_kind
 from sgxvtpm.tpm import wire
 from sgxvtpm.vmm.client import VmmClient
 
@@ -95,8 +95,9 @@ def opens_instance(
     socket_path: Path, instance_id: str, credential: ClientCredential, root_pem: bytes
 ) -> bool:
     """K2 to ``instance_id`` as ``credential``: does its TPM answer a command?"""
-    binding = VmBinding(socket_path, instance_id, credential, SimQuoteVerifier(root_pem),
-                        expected_policy("instance"))
+    sim = platform_kind("sim")
+    binding = VmBinding(socket_path, instance_id, credential, sim.quote_verifier(root_pem),
+                        expected_policy("instance", sim))
     try:
         with K2Client(binding, timeout=TIMEOUT) as client:
             return len(client.transact(wire.get_random(8))) >= 10

@@ -1,6 +1,6 @@
-"""The QEMU guest helpers for tests; they live in the package (``sgxvtpm.guest``) for the demo."""
+"""The QEMU guest helpers for tests; they live in the package (``sgxvtpm._demo.guest``)."""
 
-from sgxvtpm.guest import (
+from sgxvtpm._demo.guest import (
     MARKER,
     QEMU,
     BootResult,

@@ -23,6 +23,7 @@ import pytest
 from tests.helpers.hostd import Hostd, running_hostd, wait_ready
 
 from sgxvtpm.enclaves import specs
+from sgxvtpm.platform import platform_kind
 from sgxvtpm.platform.sim.measure import read_code, relative_name
 from sgxvtpm.vmm.client import VmmClient, VmmError
 
@@ -51,12 +52,13 @@ def _enclave_lines(marker: Path) -> list[str]:
 @pytest.mark.parametrize("kind", ["manager", "instance"])
 def test_every_module_an_enclave_imports_is_measured(kind: str) -> None:
     """A fresh interpreter imports the bootstrap and the entry: all of it is in MRENCLAVE."""
-    spec = specs.manager_spec() if kind == "manager" else specs.instance_spec()
+    sim = platform_kind("sim")
+    spec = specs.manager_spec(sim) if kind == "manager" else specs.instance_spec(sim)
     measured = {f.name for f in read_code(spec.code_files)}
     entry_module = spec.entry.partition(":")[0]
     script = (
         "import importlib, json, sys\n"
-        "importlib.import_module('sgxvtpm.platform.sim.zygote')\n"
+        f"for name in {sim.enclave_bootstrap!r}: importlib.import_module(name)\n"
         f"importlib.import_module({entry_module!r})\n"
         "print(json.dumps({n: getattr(m, '__file__', None) for n, m in sys.modules.items()"
         " if n.split('.')[0] == 'sgxvtpm'}))\n"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import logging
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from sgxvtpm.channel import (
 from sgxvtpm.channel.evidence import build_self_signed, spki_der
 from sgxvtpm.platform.base import EnclaveIdentity, MeasurementPolicy
 from sgxvtpm.platform.sim import SimPlatformDir
+from sgxvtpm.util import log
 
 MANAGER = EnclaveIdentity(mrenclave=b"\x11" * 32, mrsigner=b"\x22" * 32, isv_prod_id=1, isv_svn=3)
 OTHER = EnclaveIdentity(mrenclave=b"\x33" * 32, mrsigner=b"\x22" * 32, isv_prod_id=1, isv_svn=3)
@@ -75,13 +75,14 @@ def test_non_p256_key_is_refused(pd: SimPlatformDir) -> None:
         )
 
 
-def test_wrong_mrenclave(pd: SimPlatformDir, caplog: pytest.LogCaptureFixture) -> None:
+def test_wrong_mrenclave(pd: SimPlatformDir) -> None:
     cred = EnclaveCredential.create(pd.enclave_platform(OTHER), "manager")
-    with caplog.at_level(logging.WARNING, "sgxvtpm.channel"), pytest.raises(ChannelError) as err:
+    with log.capture() as records, pytest.raises(ChannelError) as err:
         verify_enclave_certificate(cred.cert_der, POLICY, pd.verifier())
     # Opaque to the caller, specific in the local log.
     assert "policy" not in str(err.value)
-    assert "not accepted by policy" in caplog.text
+    failures = [r["reason"] for r in records if r["event"] == "channel.failure"]
+    assert len(failures) == 1 and "not accepted by policy" in failures[0]
 
 
 def test_mrsigner_policy_accepts_newer_svn_only(pd: SimPlatformDir) -> None:

@@ -33,9 +33,9 @@ from sgxvtpm.channel import (
     report_data_for,
 )
 from sgxvtpm.channel.evidence import build_self_signed, spki_der
-from sgxvtpm.channel.testing import ChannelPair, InMemoryRelay, split_records
 from sgxvtpm.platform.base import EnclaveIdentity, MeasurementPolicy, VerifiedQuote
 from sgxvtpm.platform.sim import SimPlatformDir
+from sgxvtpm.testing.channel import ChannelPair, InMemoryRelay, split_records
 
 MANAGER = EnclaveIdentity(mrenclave=b"\x11" * 32, mrsigner=b"\x22" * 32, isv_prod_id=1, isv_svn=1)
 INSTANCE = EnclaveIdentity(mrenclave=b"\x44" * 32, mrsigner=b"\x22" * 32, isv_prod_id=2, isv_svn=1)

@@ -1,4 +1,4 @@
-"""The platform directory: permissions, wrapped keys, identity, open_platform."""
+"""The platform directory: permissions, wrapped keys, identity; platform_kind, open_platform."""
 
 from __future__ import annotations
 
@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from sgxvtpm.platform import EnclaveIdentity, PlatformError, open_platform
-from sgxvtpm.platform.sim import SimPlatformDir, SimQuoteVerifier, mrsigner_of
+from sgxvtpm.platform import (
+    AttestationError,
+    EnclaveIdentity,
+    PlatformError,
+    open_platform,
+    platform_kind,
+)
+from sgxvtpm.platform.sim import SimPlatformDir, mrsigner_of
 from sgxvtpm.platform.sim.provision import PlatformKeys
 
 IDENT = EnclaveIdentity(b"\x01" * 32, b"\x02" * 32, 1, 1)
@@ -106,15 +112,30 @@ def test_incomplete_directory_is_refused(tmp_path: Path) -> None:
         SimPlatformDir(tmp_path / "p")
 
 
-def test_open_platform(tmp_path: Path) -> None:
-    pdir = open_platform("sim", tmp_path / "p")
-    assert isinstance(pdir, SimPlatformDir)
-    verifier = SimQuoteVerifier(pdir.root_certificate_pem)
-    assert verifier.verify(pdir.enclave_platform(IDENT).quote(bytes(64))).identity == IDENT
-    with pytest.raises(PlatformError, match="no SGX"):
-        open_platform("gramine", tmp_path / "g")
-    with pytest.raises(ValueError, match="unknown platform"):
-        open_platform("tdx", tmp_path / "t")
+def test_platform_kind_verifies_this_platforms_quotes(tmp_path: Path) -> None:
+    """platform_kind("sim"): the verifier's face of the seam, and the enclave's own verifier."""
+    pdir = SimPlatformDir.open_or_create(tmp_path / "p")
+    other = SimPlatformDir.open_or_create(tmp_path / "other")
+    kind = platform_kind("sim")
+    assert kind.name == "sim" and platform_kind() is kind
+    quote = pdir.enclave_platform(IDENT).quote(bytes(64))
+    assert kind.quote_verifier(pdir.root_certificate_pem).verify(quote).identity == IDENT
+    # An enclave checks its peers against its own platform's root, not another's.
+    assert other.enclave_platform(IDENT).quote_verifier().verify(
+        other.enclave_platform(IDENT).quote(bytes(64))).identity == IDENT
+    with pytest.raises(AttestationError):
+        other.enclave_platform(IDENT).quote_verifier().verify(quote)
+    with pytest.raises(PlatformError):
+        kind.quote_verifier(b"not a pem")
+
+
+def test_platforms_other_than_sim_are_refused_clearly(tmp_path: Path) -> None:
+    for make in (platform_kind, lambda name: open_platform(name, tmp_path / name)):
+        with pytest.raises(PlatformError, match=r"needs SGX hardware|needs a Gramine backend"):
+            make("gramine")
+        with pytest.raises(ValueError, match="unknown platform 'tdx'"):
+            make("tdx")
+    assert list(tmp_path.iterdir()) == []  # nothing was provisioned or started
 
 
 @pytest.mark.parametrize("lost", ["platform.json", "fuse.key", "keys.json"])

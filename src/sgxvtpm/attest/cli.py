@@ -254,9 +254,8 @@ def verify_vm(
     transport = _tcti_transport(tcti) if tcti else _k2_transport(state, name, credentials)
     with transport as (transact, power_on):
         evidence = read_evidence(transact, algs, power_on=power_on)
-    return combine(
-        evidence, ca_der, policy=policy or expected_policy("manager"), verifier=verifier
-    )
+    policy = policy or expected_policy("manager", credentials.host(state).platform)
+    return combine(evidence, ca_der, policy=policy, verifier=verifier)
 
 
 def run(

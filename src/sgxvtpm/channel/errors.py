@@ -3,14 +3,12 @@
 Following pyca/cryptography, every authentication or integrity failure raises
 the same opaque :class:`ChannelError`: a peer (or an attacker on the relay)
 learns nothing about which check failed. The detailed reason is logged
-locally on the ``sgxvtpm.channel`` logger.
+locally, as a ``channel.failure`` event (sgxvtpm/util/log.py).
 """
 
 from __future__ import annotations
 
-import logging
-
-log = logging.getLogger("sgxvtpm.channel")
+from sgxvtpm.util import log
 
 GENERIC_MESSAGE = "attested channel failed (authentication or integrity)"
 
@@ -20,7 +18,7 @@ class ChannelError(Exception):
     record was tampered with, replayed, dropped or truncated.
 
     The session that raised it is dead; open a new one. The local log
-    (``sgxvtpm.channel``) says which check failed.
+    (its ``channel.failure`` event) says which check failed.
     """
 
     def __init__(self, message: str = GENERIC_MESSAGE) -> None:
@@ -33,6 +31,6 @@ class ChannelUsageError(Exception):
 
 
 def fail(reason: str, *args: object) -> ChannelError:
-    """Log ``reason`` locally (never sent anywhere) and return the opaque error."""
-    log.warning("channel failure: " + reason, *args)
+    """Log ``reason % args`` locally (never sent anywhere) and return the opaque error."""
+    log.log("channel.failure", reason=reason % args if args else reason)
     return ChannelError()

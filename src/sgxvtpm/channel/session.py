@@ -45,9 +45,10 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from sgxvtpm.platform.base import MeasurementPolicy, QuoteVerifier, VerifiedQuote
+from sgxvtpm.util import log
 
 from .context import client_context, server_context
-from .errors import ChannelError, ChannelUsageError, fail, log
+from .errors import ChannelError, ChannelUsageError, fail
 from .evidence import EnclaveCredential, spki_sha256, verify_enclave_certificate
 from .identity import ClientCredential, ClientTrust
 
@@ -203,7 +204,7 @@ class _Session(abc.ABC):
         except ssl.SSLWantReadError:
             pass  # close_notify is written; the peer's arrives (or not) later
         except ssl.SSLError as exc:
-            log.debug("%s: close: %s", self._role, exc)
+            log.log("channel.close_failed", role=self._role, reason=str(exc))
         if self._peer_closed:
             self._set_state(State.CLOSED)
 

@@ -24,18 +24,14 @@ RequestHandler = Callable[[PeerCertificate, bytes], Awaitable[bytes]]
 
 
 def platform_verifier(platform: EnclavePlatform, args: Mapping[str, Any]) -> QuoteVerifier:
-    """The quote verifier an enclave uses for its peers.
+    """The quote verifier an enclave uses for its peers: its own platform's.
 
-    On real SGX the attestation root is compiled into the (measured) enclave.
-    In sim mode it is the platform's simulated root, which the enclave reads
-    from its own platform (never from the host's launch arguments).
+    The attestation root comes from the platform the enclave runs on
+    (base.EnclavePlatform.quote_verifier), never from ``args``: those are the
+    host's launch arguments, and the host is untrusted.
     """
-    root = getattr(platform, "attestation_root_pem", None)
-    if not isinstance(root, bytes):
-        raise RuntimeError("platform gives no attestation root")
-    from sgxvtpm.platform.sim.quote import SimQuoteVerifier
-
-    return SimQuoteVerifier(root)
+    del args
+    return platform.quote_verifier()
 
 
 class EnclaveRuntime:

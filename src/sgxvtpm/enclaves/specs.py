@@ -3,13 +3,14 @@
 An enclave's measured code is an allow-list: exactly the modules of this
 package that its entry points import, directly or not (:func:`import_closure`
 over the source, so no module of the untrusted host, VMM or endpoint can
-hide in an enclave unmeasured), the sim platform's enclave bootstrap (the
-zygote, which runs in every enclave process before its entry), and, for an
-instance, libtpms' shared object. The manager and the instance measure the
-same module set (the zygote pre-imports both entries for every enclave, so
-each enclave's memory holds both); entry, configuration and libtpms tell
-them apart. A verifier computes the expected MRENCLAVE from the code it has
-installed: no host-side file decides what is trusted.
+hide in an enclave unmeasured), the platform's enclave bootstrap
+(base.PlatformKind.enclave_bootstrap: the sim zygote, which runs in every
+enclave process before its entry), and, for an instance, libtpms' shared
+object. The manager and the instance measure the same module set (the sim
+zygote pre-imports both entries for every enclave, so each enclave's memory
+holds both); entry, configuration and libtpms tell them apart. A verifier
+computes the expected MRENCLAVE from the code it has installed, with its
+platform kind's measurement: no host-side file decides what is trusted.
 """
 
 from __future__ import annotations
@@ -21,19 +22,23 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from sgxvtpm.platform.base import EnclaveSpec, MeasurementPolicy
+from sgxvtpm.platform.base import EnclaveSpec, MeasurementPolicy, PlatformKind
 
 PACKAGE = "sgxvtpm"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 # Code that must never run inside an enclave: a module of these imported by
 # enclave code is an error, not something to measure.
-UNTRUSTED = ("sgxvtpm.host", "sgxvtpm.vmm", "sgxvtpm.endpoint", "sgxvtpm.cli")
-# What runs in every sim enclave process: its bootstrap and both entry points.
-ENCLAVE_ROOTS = (
-    "sgxvtpm.enclaves.manager",
-    "sgxvtpm.enclaves.instance",
-    "sgxvtpm.platform.sim.zygote",
+UNTRUSTED = (
+    "sgxvtpm.host",
+    "sgxvtpm.vmm",
+    "sgxvtpm.endpoint",
+    "sgxvtpm.attest",
+    "sgxvtpm.cli",
+    "sgxvtpm.testing",
+    "sgxvtpm._demo",
 )
+# Both entry points; every enclave process runs them after the platform's bootstrap.
+ENTRY_MODULES = ("sgxvtpm.enclaves.manager", "sgxvtpm.enclaves.instance")
 
 MANAGER_PROD_ID = 1
 INSTANCE_PROD_ID = 2
@@ -116,10 +121,14 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
+def enclave_modules(platform: PlatformKind) -> tuple[Path, ...]:
+    """The measured Python files of both enclaves on ``platform``, in a stable order."""
+    return _closure_files(platform.enclave_bootstrap)
+
+
 @functools.cache
-def enclave_modules() -> tuple[Path, ...]:
-    """The measured Python files of both enclaves, in a stable order."""
-    return tuple(sorted(import_closure(ENCLAVE_ROOTS).values()))
+def _closure_files(bootstrap: tuple[str, ...]) -> tuple[Path, ...]:
+    return tuple(sorted(import_closure((*ENTRY_MODULES, *bootstrap)).values()))
 
 
 @functools.cache
@@ -140,42 +149,51 @@ def _config(name: str, prod_id: int) -> bytes:
     ).encode()
 
 
-def manager_spec() -> EnclaveSpec:
-    """The manager enclave, unsigned (the loader's signer adds the SIGSTRUCT)."""
+def manager_spec(platform: PlatformKind) -> EnclaveSpec:
+    """The manager enclave on ``platform``, unsigned (the platform's signer adds the SIGSTRUCT)."""
     return EnclaveSpec(
         name="manager",
         entry=MANAGER_ENTRY,
-        code_files=enclave_modules(),
+        code_files=enclave_modules(platform),
         config=_config("manager", MANAGER_PROD_ID),
         isv_prod_id=MANAGER_PROD_ID,
         isv_svn=ISV_SVN,
     )
 
 
-def instance_spec() -> EnclaveSpec:
-    """An instance enclave, unsigned."""
+def instance_spec(platform: PlatformKind) -> EnclaveSpec:
+    """An instance enclave on ``platform``, unsigned."""
     return EnclaveSpec(
         name="instance",
         entry=INSTANCE_ENTRY,
-        code_files=(*enclave_modules(), libtpms_path()),
+        code_files=(*enclave_modules(platform), libtpms_path()),
         config=_config("instance", INSTANCE_PROD_ID),
         isv_prod_id=INSTANCE_PROD_ID,
         isv_svn=ISV_SVN,
     )
 
 
-def release() -> list[EnclaveSpec]:
-    """What the platform's vendor key signs (the sim CPU calls this; see platform/sim/cpu.py)."""
-    return [manager_spec(), instance_spec()]
+def release(platform: PlatformKind) -> list[EnclaveSpec]:
+    """What the platform's vendor key signs (open_platform's ``release``; the sim CPU
+    calls it, see platform/sim/cpu.py)."""
+    return [manager_spec(platform), instance_spec(platform)]
 
 
-@functools.cache
-def expected_policy(kind: str) -> MeasurementPolicy:
-    """The default policy: the exact MRENCLAVE of the code installed here."""
-    from sgxvtpm.platform.sim.measure import measure_mrenclave
+_POLICIES: dict[tuple[str, str], MeasurementPolicy] = {}
 
-    spec = manager_spec() if kind == "manager" else instance_spec()
-    return MeasurementPolicy(mrenclaves=frozenset({measure_mrenclave(spec)}))
+
+def expected_policy(kind: str, platform: PlatformKind) -> MeasurementPolicy:
+    """The default policy: the exact MRENCLAVE the code installed here has on ``platform``.
+
+    Computed once per enclave kind and platform kind (it reads and hashes the code).
+    """
+    key = (kind, platform.name)
+    policy = _POLICIES.get(key)
+    if policy is None:
+        spec = manager_spec(platform) if kind == "manager" else instance_spec(platform)
+        policy = MeasurementPolicy(mrenclaves=frozenset({platform.measure(spec)}))
+        _POLICIES[key] = policy
+    return policy
 
 
 def peer_policy(signer_mrsigner: bytes, kind: str) -> MeasurementPolicy:

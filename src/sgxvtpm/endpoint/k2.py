@@ -125,7 +125,7 @@ class VmBinding:
             instance_id=str(info["instance_id"]),
             credential=credential,
             verifier=verifier,
-            policy=expected_policy("instance"),
+            policy=expected_policy("instance", host.platform),
             name=name,
         )
 

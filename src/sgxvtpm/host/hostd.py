@@ -28,8 +28,8 @@ import signal
 import socket
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -37,8 +37,8 @@ from cryptography import x509
 from sgxvtpm.enclaves.specs import instance_spec, manager_spec
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.host.switch import Connection, Relay
+from sgxvtpm.platform import DEFAULT_PLATFORM, open_platform
 from sgxvtpm.platform.base import EnclaveHandle, EnclaveSpec, PlatformError
-from sgxvtpm.platform.sim.loader import SimLoader
 from sgxvtpm.util import log
 
 PRELOAD = ("sgxvtpm.enclaves.manager", "sgxvtpm.enclaves.instance")
@@ -90,47 +90,6 @@ class RunAs:
         return cls(entry.pw_name, entry.pw_uid, gid)
 
 
-def operator_certificate(cert_file: Path | None) -> bytes:
-    """The operator's certificate for the manager to pin (it never needs the key).
-
-    From ``cert_file``, else from the invoking user's credentials directory,
-    where an operator identity is created if there is none yet (this runs
-    before any privilege drop, as that user).
-    """
-    if cert_file is None:
-        from sgxvtpm.vmm.credentials import Credentials, CredentialsError
-
-        try:
-            return Credentials.at(None).operator_certificate()
-        except (CredentialsError, OSError) as exc:
-            raise HostdError(f"operator identity: {exc}") from None
-    try:
-        pem = cert_file.read_bytes()
-        x509.load_pem_x509_certificate(pem)
-    except OSError as exc:
-        raise HostdError(f"--operator-cert {cert_file}: {exc.strerror}") from None
-    except ValueError:
-        raise HostdError(f"--operator-cert {cert_file}: not a PEM certificate") from None
-    return pem
-
-
-def refuse_legacy_keys(state: StateDir) -> None:
-    """Older versions kept the operator's and the VMs' private keys here; refuse to run on them."""
-    found = state.legacy_client_keys()
-    if not found:
-        return
-    from sgxvtpm.vmm.credentials import Credentials
-
-    creds = Credentials.at(None)
-    names = ", ".join(str(p.relative_to(state.root)) for p in found)
-    raise HostdError(
-        f"{state.root} holds client private keys in the clear ({names}), which hostd no longer "
-        f"keeps: as the operator, move operator.key and operator.crt to {creds.root}/ and each "
-        f"vms/NAME/ to {creds.host(state).root}/vms/NAME/ (SGXVTPM_CONFIG_DIR chooses another "
-        "credentials directory), then start hostd again"
-    )
-
-
 @dataclass
 class Enclave:
     """One enclave hostd launched: how to launch it again, and its current process."""
@@ -148,7 +107,12 @@ class Enclave:
 
 class Hostd:
     def __init__(
-        self, state: StateDir, operator_cert_pem: bytes, *, reset_manager: bool = False
+        self,
+        state: StateDir,
+        operator_cert_pem: bytes,
+        *,
+        platform: str = DEFAULT_PLATFORM,
+        reset_manager: bool = False,
     ) -> None:
         self.state = state
         self.reset_manager = reset_manager
@@ -159,15 +123,19 @@ class Hostd:
         except BlockingIOError:
             raise HostdError(f"another hostd is running on {state.root}") from None
         self.operator_cert_pem = operator_cert_pem
-        # The loader starts the platform's CPU process, which alone opens the
-        # platform directory (hostd never holds a platform secret) and signs
-        # the release's enclaves from its own installed code (sim/cpu.py).
+        # The platform backend's loader starts the platform's own process (the
+        # sim CPU), which alone opens the platform directory (hostd never holds
+        # a platform secret) and signs the release's enclaves from its own
+        # installed code (platform/sim/cpu.py).
         try:
-            self.loader = SimLoader(state.platform, preload=PRELOAD, release=RELEASE)
+            self.platform = open_platform(
+                platform, state.platform, preload=PRELOAD, release=RELEASE
+            )
         except PlatformError as exc:
+            os.close(self._lock_fd)
             raise HostdError(str(exc)) from None
-        self.manager_spec = self.loader.signed(manager_spec())
-        self.instance_spec = self.loader.signed(instance_spec())
+        self.manager_spec = self.platform.signed(manager_spec(self.platform))
+        self.instance_spec = self.platform.signed(instance_spec(self.platform))
         self.relay = Relay(self.on_control)
         self.enclaves: dict[str, Enclave] = {}
         self.manager_ready = asyncio.Event()
@@ -181,7 +149,7 @@ class Hostd:
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
-        log.log("hostd.starting", state_dir=str(self.state.root), platform="sim")
+        log.log("hostd.starting", state_dir=str(self.state.root), platform=self.platform.name)
         args: dict[str, Any] = {
             "state_dir": str(self.state.manager),
             "operator_cert_pem": self.operator_cert_pem.decode(),
@@ -213,7 +181,7 @@ class Hostd:
         # Every enclave was asked to end above; one that would still need a
         # signal cannot get it from an unprivileged hostd, and ends with its stream.
         with contextlib.suppress(PermissionError):
-            self.loader.close()
+            self.platform.close()
         with contextlib.suppress(FileNotFoundError):
             self.state.socket.unlink()
         log.log("hostd.stopped")
@@ -239,7 +207,7 @@ class Hostd:
 
     # -- launching ------------------------------------------------------------
     async def _launch(self, enclave: Enclave) -> EnclaveHandle:
-        handle = await asyncio.to_thread(self.loader.launch, enclave.spec, enclave.args)
+        handle = await asyncio.to_thread(self.platform.loader.launch, enclave.spec, enclave.args)
         enclave.handle = handle
         enclave.reason = ""
         enclave.launched_at = time.monotonic()
@@ -297,7 +265,7 @@ class Hostd:
         if op == "platform_root":
             # Public, and only a claim: clients pin it on first contact and later
             # compare, they never verify against what hostd says now.
-            return {"ok": True, "root_ca_pem": self.loader.attestation_root_pem.decode()}
+            return {"ok": True, "root_ca_pem": self.platform.attestation_root_pem.decode()}
         if conn.name != "manager":
             return {"ok": False, "error": "only the manager enclave may ask that"}
         if op == "manager_ready":
@@ -449,19 +417,25 @@ async def serve(
     state: StateDir,
     ready: asyncio.Event | None = None,
     *,
-    operator_cert: Path | None = None,
+    operator_cert: Callable[[], bytes],
+    platform: str = DEFAULT_PLATFORM,
     run_as: RunAs | None = None,
     reset_manager: bool = False,
 ) -> None:
-    """Run hostd until SIGTERM/SIGINT; HostdError if the manager refuses to start."""
+    """Run hostd on the platform backend ``platform`` until SIGTERM/SIGINT.
+
+    ``operator_cert`` gives the operator's certificate for the manager to pin
+    (the command line's: sgxvtpm/vmm/credentials.py, hostd_operator_certificate);
+    it is called once the privilege checks passed, before the platform opens,
+    as the invoking user. HostdError if the manager refuses to start.
+    """
     if run_as is not None and os.geteuid() != 0:
         raise HostdError(
             f"--user {run_as.user} needs hostd to start as root (it runs as uid {os.geteuid()})"
         )
-    refuse_legacy_keys(state)
-    operator_cert_pem = operator_certificate(operator_cert)
+    operator_cert_pem = operator_cert()
     _raise_fd_limit()
-    hostd = Hostd(state, operator_cert_pem, reset_manager=reset_manager)
+    hostd = Hostd(state, operator_cert_pem, platform=platform, reset_manager=reset_manager)
     if run_as is not None:
         drop_privileges(state, run_as)
     elif os.geteuid() == 0:

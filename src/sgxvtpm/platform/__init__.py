@@ -1,13 +1,16 @@
 """sgxvtpm.platform: the SGX-like platform interface and its backends.
 
-The types live in :mod:`sgxvtpm.platform.base`; :func:`open_platform` picks a
-backend. Only ``sim`` exists on this machine (no SGX hardware).
+The types live in :mod:`sgxvtpm.platform.base`. :func:`open_platform` opens a
+backend (hostd's loader, signer and attestation root); :func:`platform_kind`
+gives what a verifier needs of one (its measurement, its quote verifier).
+This module is the one place outside a backend's package that names it. Only
+``sim`` runs on this machine (no SGX hardware).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sgxvtpm.platform.base import (
     REPORT_BODY_SIZE,
@@ -24,17 +27,21 @@ from sgxvtpm.platform.base import (
     KeyRequest,
     Loader,
     MeasurementPolicy,
+    PlatformBackend,
     PlatformError,
+    PlatformKind,
     QuoteVerifier,
     ReportBody,
     TargetInfo,
     VerifiedQuote,
 )
 
-if TYPE_CHECKING:
-    from sgxvtpm.platform.sim import SimPlatformDir
+PLATFORMS = ("sim", "gramine")
+DEFAULT_PLATFORM = "sim"
 
 __all__ = [
+    "DEFAULT_PLATFORM",
+    "PLATFORMS",
     "REPORT_BODY_SIZE",
     "REPORT_DATA_SIZE",
     "REPORT_SIZE",
@@ -49,28 +56,59 @@ __all__ = [
     "KeyRequest",
     "Loader",
     "MeasurementPolicy",
+    "PlatformBackend",
     "PlatformError",
+    "PlatformKind",
     "QuoteVerifier",
     "ReportBody",
     "TargetInfo",
     "VerifiedQuote",
     "open_platform",
+    "platform_kind",
 ]
 
 
-def open_platform(kind: str, path: Path) -> SimPlatformDir:
-    """Open (or provision) the platform backend ``kind`` with its state in ``path``.
+def platform_kind(name: str = DEFAULT_PLATFORM) -> PlatformKind:
+    """The kind of platform called ``name``: how its enclaves are measured and quoted.
 
     ``"sim"``: the simulated SGX platform. ``"gramine"`` needs SGX hardware and
     raises PlatformError here; anything else raises ValueError.
     """
-    if kind == "sim":
-        from sgxvtpm.platform.sim import SimPlatformDir
+    if name == "sim":
+        from sgxvtpm.platform.sim.backend import SIM
 
-        return SimPlatformDir.open_or_create(Path(path))
-    if kind == "gramine":
-        raise PlatformError(
-            "platform 'gramine' is not available on this machine: no SGX "
-            "(no /dev/sgx_enclave); use 'sim'"
+        return SIM
+    raise _unavailable(name)
+
+
+def open_platform(
+    name: str, path: Path, *, preload: Sequence[str] = (), release: str = ""
+) -> PlatformBackend:
+    """Open (or, on first use, provision) the platform ``name`` with its state in ``path``.
+
+    ``preload``: modules the platform imports once for every enclave it
+    starts (the sim zygote's). ``release`` ("module:function", called with the
+    platform's :class:`PlatformKind`): the unsigned enclave specs the
+    platform's signer signs, from the code installed for the platform itself.
+    ``"sim"`` starts the sim CPU process; ``"gramine"`` needs SGX hardware and
+    raises PlatformError here; anything else raises ValueError.
+    """
+    if name == "sim":
+        from sgxvtpm.platform.sim.backend import SimBackend
+
+        return SimBackend.open(Path(path), preload=preload, release=release)
+    raise _unavailable(name)
+
+
+def _unavailable(name: str) -> Exception:
+    if name == "gramine":
+        if not Path("/dev/sgx_enclave").exists():
+            return PlatformError(
+                "platform 'gramine' needs SGX hardware, and this machine has none "
+                "(no /dev/sgx_enclave): use 'sim'"
+            )
+        return PlatformError(
+            "platform 'gramine' needs a Gramine backend (platform/gramine/), which this "
+            "sgxvtpm does not have yet: use 'sim'"
         )
-    raise ValueError(f"unknown platform kind {kind!r}: expected 'sim' or 'gramine'")
+    return ValueError(f"unknown platform {name!r}: expected one of {', '.join(PLATFORMS)}")

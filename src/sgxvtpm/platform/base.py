@@ -1,13 +1,19 @@
 """The platform interface: what an SGX-like backend gives sgxvtpm.
 
-Three faces, as in DESIGN.md section 6:
+Three faces (docs/ARCHITECTURE.md, "Layers and seams"):
 
-- the *loader* (untrusted, in hostd): creates an enclave from an
-  :class:`EnclaveSpec`, measures it, and hands back a byte stream to it;
+- the *backend* (:class:`PlatformBackend`, untrusted, in hostd): the opened
+  platform, with its *loader* (creates an enclave from an
+  :class:`EnclaveSpec`, measures it, and hands back a byte stream to it),
+  the SIGSTRUCTs its signer made for the release, and its attestation root;
+  :func:`sgxvtpm.platform.open_platform` opens one;
 - the *inside* face (:class:`EnclavePlatform`, trusted, in the enclave):
-  EGETKEY, EREPORT, quotes and monotonic counters;
-- the *verifier* (:class:`QuoteVerifier`, anywhere): checks a quote against
-  the platform's attestation root and returns the enclave's identity.
+  EGETKEY, EREPORT, quotes, monotonic counters, and a verifier of its own
+  platform's quotes;
+- the *verifier* (:class:`PlatformKind`, anywhere): the MRENCLAVE a spec
+  gets on this kind of platform, and a :class:`QuoteVerifier` that checks a
+  quote against an attestation root and returns the enclave's identity;
+  :func:`sgxvtpm.platform.platform_kind` gives one.
 
 The ``sim`` backend implements all three with real cryptography; a
 ``gramine`` backend implements them on SGX hardware. Names follow the Intel
@@ -180,6 +186,15 @@ class EnclavePlatform(Protocol):
         """The counter's value; PlatformError if it does not exist or is damaged."""
         ...
 
+    def quote_verifier(self) -> QuoteVerifier:
+        """A verifier of quotes under this platform's own attestation root.
+
+        What an enclave checks its peers with. On SGX the root is compiled
+        into the (measured) enclave; in sim mode it comes from the platform
+        itself. Never from the host's launch arguments.
+        """
+        ...
+
 
 class EnclaveHandle(Protocol):
     """The loader's handle on one running enclave."""
@@ -218,6 +233,67 @@ class Loader(Protocol):
 class QuoteVerifier(Protocol):
     def verify(self, quote: bytes) -> VerifiedQuote:
         """Verify against this verifier's attestation root; AttestationError if not."""
+        ...
+
+
+class PlatformKind(Protocol):
+    """What checking enclaves needs of a kind of platform, with no platform opened.
+
+    A verifier (the VMM, a VM endpoint, ``sgxvtpm attest``) computes the
+    MRENCLAVE it expects from the enclave code installed on its side and
+    checks quotes against the attestation root it pinned: both depend on the
+    kind of platform only, never on a platform's secrets.
+    """
+
+    @property
+    def name(self) -> str:
+        """The name ``open_platform`` and ``hostd --platform`` know it by."""
+        ...
+
+    @property
+    def enclave_bootstrap(self) -> tuple[str, ...]:
+        """Modules of this package that run in every enclave before its entry point.
+
+        They are measured with the enclave's own code (enclaves/specs.py).
+        """
+        ...
+
+    def measure(self, spec: EnclaveSpec) -> bytes:
+        """The MRENCLAVE an enclave built from ``spec`` has on this kind of platform."""
+        ...
+
+    def quote_verifier(self, root_pem: bytes) -> QuoteVerifier:
+        """A verifier of this kind's quotes under ``root_pem``; PlatformError if not a root."""
+        ...
+
+
+class PlatformBackend(PlatformKind, Protocol):
+    """An opened platform, as hostd uses it; it holds no platform secret itself.
+
+    The platform's own process (the sim CPU, or SGX with its quoting
+    enclave) keeps the secrets; the backend reaches it through the loader.
+    """
+
+    @property
+    def loader(self) -> Loader:
+        """Launches enclaves from signed specs."""
+        ...
+
+    @property
+    def attestation_root_pem(self) -> bytes:
+        """The platform's attestation root (public): what clients pin on first contact."""
+        ...
+
+    def signed(self, spec: EnclaveSpec) -> EnclaveSpec:
+        """``spec`` with the SIGSTRUCT the platform's signer made for its release enclave.
+
+        PlatformError if the release has no enclave of that name; whether the
+        SIGSTRUCT fits ``spec``'s code is EINIT's question, at launch.
+        """
+        ...
+
+    def close(self) -> None:
+        """Stop every enclave the loader launched, then the platform's processes."""
         ...
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import enum
 import functools
-import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -31,9 +30,7 @@ from typing import Any, Protocol
 
 from sgxvtpm.tpm.constants import HEADER_SIZE, LIBTPMS_MAX_BUFFER, TPM2_CC, TPM2_RC, TPM2_SU
 from sgxvtpm.tpm.wire import error_response, shutdown, validate_command
-from sgxvtpm.util import measured
-
-_log = logging.getLogger(__name__)
+from sgxvtpm.util import log, measured
 
 LIBTPMS_SONAME = "libtpms.so.0"
 
@@ -583,7 +580,7 @@ class LibtpmsEngine:
         if kind == "store":
             self._store_failures += 1
             self._store_error = exc
-        _log.error("tpm.state_%s_failed error=%s", kind, type(exc).__name__)
+        log.log(f"tpm.state_{kind}_failed", error=type(exc).__name__)
 
     def _raise_pending_base_exception(self) -> None:
         exc, self._callback_error = self._callback_error, None

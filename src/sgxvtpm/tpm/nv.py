@@ -180,9 +180,3 @@ def read_all(transact: Transact, index: int, auth_handle: int | None = None) -> 
             raise TpmResponseError(TPM2_RC.NV_SIZE, TPM2_CC.NV_Read)
         out += piece
     return bytes(out)
-
-
-def nv_defined(transact: Transact, index: int) -> bool:
-    """True if ``index`` is defined (NV_ReadPublic succeeds)."""
-    response = transact(nv_read_public(index))
-    return response_code(response) == TPM2_RC.SUCCESS

@@ -83,7 +83,7 @@ class VmmClient:
 
     async def request(self, request: dict[str, Any]) -> dict[str, Any]:
         session = ClientSession(
-            self._policy or expected_policy("manager"),
+            self._policy or expected_policy("manager", self.host.platform),
             await self.verifier(),
             self._credential(),
             expected_cn=CA_COMMON_NAME,

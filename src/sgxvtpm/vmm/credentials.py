@@ -38,8 +38,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sgxvtpm.channel import ClientCredential
 from sgxvtpm.host.statedir import StateDir
-from sgxvtpm.platform.base import PlatformError, QuoteVerifier
-from sgxvtpm.platform.sim.quote import SimQuoteVerifier
+from sgxvtpm.platform import DEFAULT_PLATFORM, platform_kind
+from sgxvtpm.platform.base import PlatformError, PlatformKind, QuoteVerifier
 from sgxvtpm.util.durable import atomic_write
 from sgxvtpm.util.keyfile import write_private_key
 from sgxvtpm.wire import relay as frames
@@ -176,6 +176,16 @@ class HostCredentials:
             check_pin(self.root_ca, pinned, presented, self.state.socket)
         return pinned
 
+    @property
+    def platform(self) -> PlatformKind:
+        """The kind of platform this host's enclaves run on: how their quotes are
+        checked and which MRENCLAVE to expect (enclaves/specs.py, expected_policy).
+
+        Always the default (``sim``, the only backend this sgxvtpm has); a host
+        on another kind would have it pinned next to ``root_ca.pem``.
+        """
+        return platform_kind(DEFAULT_PLATFORM)
+
     def verifier(self) -> QuoteVerifier:
         return verifier_for(self, self.attestation_root())
 
@@ -226,9 +236,50 @@ class HostCredentials:
 def verifier_for(host: HostCredentials, pem: bytes) -> QuoteVerifier:
     """A quote verifier holding ``pem`` (``host``'s pinned root) in memory: never re-read."""
     try:
-        return SimQuoteVerifier(pem)
+        return host.platform.quote_verifier(pem)
     except PlatformError as exc:
         raise CredentialsError(f"{host.root_ca}: {exc}") from None
+
+
+def hostd_operator_certificate(state: StateDir, cert_file: Path | None) -> bytes:
+    """The operator's certificate ``sgxvtpm hostd`` gives its manager to pin (never the key).
+
+    From ``cert_file`` (``--operator-cert``), else from the invoking user's
+    credentials directory, where an operator identity is created if there is
+    none yet (hostd calls this before any privilege drop, as that user).
+    Refused while ``state`` still holds client private keys, as older
+    versions kept them there.
+    """
+    refuse_legacy_keys(state)
+    if cert_file is None:
+        try:
+            return Credentials.at(None).operator_certificate()
+        except (CredentialsError, OSError) as exc:
+            raise CredentialsError(f"operator identity: {exc}") from None
+    try:
+        pem = cert_file.read_bytes()
+        x509.load_pem_x509_certificate(pem)
+    except OSError as exc:
+        raise CredentialsError(f"--operator-cert {cert_file}: {exc.strerror}") from None
+    except ValueError:
+        raise CredentialsError(f"--operator-cert {cert_file}: not a PEM certificate") from None
+    return pem
+
+
+def refuse_legacy_keys(state: StateDir) -> None:
+    """Older versions kept the operator's and the VMs' private keys in hostd's state
+    directory; refuse to start hostd on them."""
+    found = state.legacy_client_keys()
+    if not found:
+        return
+    creds = Credentials.at(None)
+    names = ", ".join(str(p.relative_to(state.root)) for p in found)
+    raise CredentialsError(
+        f"{state.root} holds client private keys in the clear ({names}), which hostd no longer "
+        f"keeps: as the operator, move operator.key and operator.crt to {creds.root}/ and each "
+        f"vms/NAME/ to {creds.host(state).root}/vms/NAME/ ({ENV} chooses another "
+        "credentials directory), then start hostd again"
+    )
 
 
 def check_pin(pin: Path, pinned: bytes, presented: bytes, where: Path) -> None:

@@ -15,11 +15,12 @@ process plays both parts for a platform directory:
   (:mod:`.enclu`): every EGETKEY, EREPORT, quote and counter request on that
   socket is answered for that identity only;
 - the vendor's signing step: at start it signs the enclaves of the release
-  named by ``--release module:function`` (a function returning unsigned
-  EnclaveSpecs), built from the sgxvtpm installed for this interpreter, and
-  nothing else, ever. On hardware the vendor signs at build time; here the
-  vendor key lives with the platform, and this is that build. A loader that
-  sends other code gets no signature for it: EINIT refuses the launch.
+  named by ``--release module:function`` (a function of the platform's
+  kind, :data:`.backend.SIM`, returning unsigned EnclaveSpecs), built from
+  the sgxvtpm installed for this interpreter, and nothing else, ever. On
+  hardware the vendor signs at build time; here the vendor key lives with
+  the platform, and this is that build. A loader that sends other code
+  gets no signature for it: EINIT refuses the launch.
 
 Run by :class:`~sgxvtpm.platform.sim.loader.SimLoader` as an isolated
 interpreter (no PYTHONPATH, no cwd on sys.path, a clean environment). When
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import socket
 import subprocess
@@ -53,6 +53,7 @@ from sgxvtpm.platform.base import (
     TargetInfo,
 )
 from sgxvtpm.platform.sim import sigstruct
+from sgxvtpm.platform.sim.backend import SIM
 from sgxvtpm.platform.sim.enclave import SimEnclavePlatform
 from sgxvtpm.platform.sim.measure import attributes_of, identity_of, mrenclave_of, read_code
 from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
@@ -66,8 +67,7 @@ from sgxvtpm.platform.sim.zygote_proto import (
     unpack_code,
     wait_readable,
 )
-
-log = logging.getLogger(__name__)
+from sgxvtpm.util import log
 
 _READY_TIMEOUT = 60.0
 
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preload", default="")
     p.add_argument("--release", default="", help="module:function giving the specs to sign")
     opts = p.parse_args(argv)
+    log.configure("sim-cpu")
     ctl = socket.socket(fileno=opts.control_fd)
     os.set_inheritable(ctl.fileno(), False)
     try:
@@ -189,7 +190,8 @@ class Cpu:
         )
         thread.start()
         self._enclu_threads = [t for t in self._enclu_threads if t.is_alive()] + [thread]
-        log.info("launched %s pid %s", header["name"], reply["pid"])
+        log.log("platform.enclave_launched", enclave=header["name"], pid=reply["pid"],
+                mrenclave=identity.mrenclave.hex())
         body = pack_report_body(ReportBody(identity=identity, report_data=bytes(64)))
         return {
             "ok": True,
@@ -210,13 +212,13 @@ class Cpu:
                 send_message(self._zctl, request, blob, fds)
                 reply, _, out = recv_message(self._zctl)
             except ZygoteGone:
-                log.warning("enclave zygote died; restarting it")
+                log.log("platform.zygote_died", action="restarting it")
                 self.restart_zygote()
                 continue
             if reply.get("stale") and attempt == 1:
                 for fd in out:
                     os.close(fd)
-                log.info("zygote pre-imported outdated %s; restarting it", reply["stale"])
+                log.log("platform.zygote_stale", modules=reply["stale"], action="restarting it")
                 self.restart_zygote()
                 continue
             return reply, list(out)
@@ -267,7 +269,7 @@ class Cpu:
 def sign_release(platform: SimPlatformDir, release: str) -> dict[str, bytes]:
     """SIGSTRUCTs, by enclave name, for the specs ``release`` ("module:function") builds."""
     module_name, _, func_name = release.partition(":")
-    specs = getattr(importlib.import_module(module_name), func_name)()
+    specs = getattr(importlib.import_module(module_name), func_name)(SIM)
     key = platform.signer_private_key()
     signed = {}
     for spec in specs:
@@ -276,7 +278,7 @@ def sign_release(platform: SimPlatformDir, release: str) -> dict[str, bytes]:
             key, mrenclave, attributes_of(spec.debug), spec.isv_prod_id, spec.isv_svn
         )
         signed[spec.name] = sig.encode()
-        log.info("signed %s %s", spec.name, mrenclave.hex())
+        log.log("platform.release_signed", enclave=spec.name, mrenclave=mrenclave.hex())
     return signed
 
 

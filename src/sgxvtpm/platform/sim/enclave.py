@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import logging
 
 from sgxvtpm.platform.base import (
     REPORT_DATA_SIZE,
@@ -11,15 +10,15 @@ from sgxvtpm.platform.base import (
     EnclaveIdentity,
     KeyRequest,
     PlatformError,
+    QuoteVerifier,
     ReportBody,
     TargetInfo,
 )
 from sgxvtpm.platform.sim import egetkey
 from sgxvtpm.platform.sim.counters import CounterStore
-from sgxvtpm.platform.sim.quote import QuotingEnclave
+from sgxvtpm.platform.sim.quote import QuotingEnclave, SimQuoteVerifier
 from sgxvtpm.platform.sim.report import pack_report_body, parse_report_body, split_report
-
-log = logging.getLogger(__name__)
+from sgxvtpm.util import log
 
 
 class SimEnclavePlatform:
@@ -63,6 +62,9 @@ class SimEnclavePlatform:
         """
         return self._qe.certification.root_pem
 
+    def quote_verifier(self) -> QuoteVerifier:
+        return SimQuoteVerifier(self.attestation_root_pem)
+
     def get_key(self, request: KeyRequest) -> bytes:
         return egetkey.egetkey(self._base_key, self._identity, request, self._cpu_svn)
 
@@ -99,7 +101,7 @@ class SimEnclavePlatform:
                 raise ValueError("REPORT MAC does not verify")
             return parse_report_body(body)
         except ValueError as exc:
-            log.debug("report rejected: %s", exc)
+            log.log("platform.report_rejected", reason=str(exc))
             raise AttestationError("report verification failed") from None
 
     def quote(self, report_data: bytes) -> bytes:

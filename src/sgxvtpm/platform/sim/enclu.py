@@ -23,9 +23,11 @@ from sgxvtpm.platform.base import (
     EnclaveIdentity,
     KeyRequest,
     PlatformError,
+    QuoteVerifier,
     ReportBody,
     TargetInfo,
 )
+from sgxvtpm.platform.sim.quote import SimQuoteVerifier
 from sgxvtpm.platform.sim.report import parse_report_body
 from sgxvtpm.platform.sim.zygote_proto import ZygoteGone, recv_message, send_message
 
@@ -49,6 +51,9 @@ class SimEnclaveClient:
     def attestation_root_pem(self) -> bytes:
         """The root a verifier inside this enclave trusts (from the CPU, not the host)."""
         return self._root_pem
+
+    def quote_verifier(self) -> QuoteVerifier:
+        return SimQuoteVerifier(self._root_pem)
 
     def get_key(self, request: KeyRequest) -> bytes:
         _, key = self._call(

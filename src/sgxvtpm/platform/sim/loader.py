@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import os
 import signal
 import socket
@@ -35,11 +34,7 @@ from sgxvtpm.platform.sim.zygote_proto import (
     wait_readable,
 )
 
-log = logging.getLogger(__name__)
-
 _READY_TIMEOUT = 60.0
-
-
 
 
 class SimEnclaveHandle:
@@ -104,9 +99,9 @@ class SimLoader:
 
     It holds no platform secret: it starts the sim CPU (:mod:`.cpu`) on the
     platform directory and sends it code bytes, SIGSTRUCTs and streams.
-    ``release``
-    ("module:function"): the enclaves the platform's vendor key signs, built
-    by the CPU from its own installed code (:func:`signed` hands them out).
+    ``release`` ("module:function", called with :data:`.backend.SIM`): the
+    enclaves the platform's vendor key signs, built by the CPU from its own
+    installed code (:func:`signed` hands out their SIGSTRUCTs).
     """
 
     def __init__(
@@ -208,7 +203,6 @@ class SimLoader:
                 else:
                     old.stop(0)  # the process is gone: release its pidfd and stream
             self._handles = [*alive, handle]
-        log.debug("launched enclave %s pid %d", spec.name, handle.pid)
         return handle
 
     def _request(

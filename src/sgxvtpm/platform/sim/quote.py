@@ -26,8 +26,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import hmac
-import logging
 import struct
+import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,14 +44,12 @@ from sgxvtpm.platform.base import (
     REPORT_BODY_SIZE,
     AttestationError,
     PlatformError,
-    ReportBody,
     TargetInfo,
     VerifiedQuote,
 )
 from sgxvtpm.platform.sim import egetkey, provision
 from sgxvtpm.platform.sim.report import parse_report_body, split_report
-
-log = logging.getLogger(__name__)
+from sgxvtpm.util import log
 
 QUOTE_VERSION = 3
 ATT_KEY_TYPE_ECDSA_P256 = 2
@@ -155,12 +153,13 @@ class SimQuoteVerifier:
             x509.InvalidVersion,
             CryptographyDeprecationWarning,
         ) as exc:
-            log.debug("quote rejected: %s: %s", type(exc).__name__, exc)
+            log.log("platform.quote_rejected", reason=f"{type(exc).__name__}: {exc}")
             raise AttestationError("quote verification failed") from None
         except Exception:
             # Attacker-controlled input must never escape as another error type
             # (S8); an unforeseen parser error is still a rejection, logged loudly.
-            log.warning("quote rejected by an unexpected parser error", exc_info=True)
+            log.log("platform.quote_rejected", reason="an unexpected parser error",
+                    traceback=traceback.format_exc())
             raise AttestationError("quote verification failed") from None
 
     def _verify(self, quote: bytes) -> VerifiedQuote:
@@ -285,8 +284,3 @@ def _platform_id(pck: x509.Certificate) -> bytes:
         raise _Reject("PCK certificate carries no platform id")
     value = attrs[0].value
     return bytes.fromhex(value if isinstance(value, str) else value.decode())
-
-
-def parse_quote_body(quote: bytes) -> ReportBody:
-    """The report body of a quote WITHOUT verifying it (for diagnostics only)."""
-    return parse_report_body(quote[HEADER_SIZE : HEADER_SIZE + REPORT_BODY_SIZE])

@@ -23,7 +23,6 @@ import contextlib
 import ctypes
 import gc
 import importlib
-import logging
 import os
 import resource
 import signal
@@ -49,9 +48,6 @@ from sgxvtpm.platform.sim.zygote_proto import (
 DEFAULT_PRELOAD = ("cryptography", "ssl", "ctypes", "sgxvtpm.platform.sim")
 PR_SET_DUMPABLE = 4
 PR_SET_NAME = 15
-
-log = logging.getLogger(__name__)
-
 
 
 def main(argv: list[str] | None = None) -> int:

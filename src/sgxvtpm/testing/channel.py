@@ -2,8 +2,8 @@
 
 :class:`ChannelPair` wires a :class:`ClientSession` and a :class:`ServerSession`
 through an :class:`InMemoryRelay` that records every byte it carried, so tests
-can assert that the relay saw no plaintext (DESIGN.md S1) and can tamper
-with records in flight (S2).
+can assert that the relay saw no plaintext and can tamper with records in
+flight (SECURITY.md, threat model 12 and 15).
 """
 
 from __future__ import annotations
@@ -12,8 +12,15 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import ChannelError
-from .session import ClientSession, Event, HandshakeComplete, Message, ServerSession, State
+from sgxvtpm.channel.errors import ChannelError
+from sgxvtpm.channel.session import (
+    ClientSession,
+    Event,
+    HandshakeComplete,
+    Message,
+    ServerSession,
+    State,
+)
 
 TLS_RECORD_HEADER = 5  # RFC 8446 section 5.1: type(1) legacy_version(2) length(2)
 

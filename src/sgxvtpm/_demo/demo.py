@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import select
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,10 +29,10 @@ from typing import Any
 from cryptography import x509
 
 from sgxvtpm.host.statedir import StateDir
+from sgxvtpm.testing import HostdProcess, terminate
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_SU, TPMA_NV
 from sgxvtpm.tpm.nv import execute
-from sgxvtpm.vmm.credentials import ENV as CREDENTIALS_ENV
 from sgxvtpm.vmm.credentials import Credentials
 
 VM = "demo-vm"
@@ -62,53 +61,11 @@ class Checks:
 # ---------------------------------------------------------------- processes
 
 
-def _env(creds: Credentials) -> dict[str, str]:
-    return {**os.environ, CREDENTIALS_ENV: str(creds.root)}
-
-
-def _start_hostd(state: StateDir, creds: Credentials, log_path: Path) -> subprocess.Popen[bytes]:
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sgxvtpm.cli", "hostd", "--state-dir", str(state.root)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=_env(creds),
-        )
-    _wait_ready(state, creds, proc)
-    return proc
-
-
-def _wait_ready(
-    state: StateDir, creds: Credentials, proc: subprocess.Popen[bytes], timeout: float = 60
-) -> None:
-    from sgxvtpm.vmm.client import VmmClient, VmmError
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"hostd exited with status {proc.returncode}")
-        if state.socket.exists():
-            try:
-                asyncio.run(VmmClient(state, credentials=creds).request({"op": "list"}))
-                return
-            except (VmmError, OSError, TimeoutError):
-                pass
-        time.sleep(0.1)
-    raise TimeoutError("hostd did not become ready")
-
-
-def _stop(proc: subprocess.Popen[bytes], group: bool = True) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            if group:
-                os.killpg(proc.pid, signal.SIGKILL)
-            else:
-                proc.kill()
-            proc.wait(5)
+def _hostd(state: StateDir, creds: Credentials, log_path: Path) -> HostdProcess:
+    """hostd started (as ``sgxvtpm hostd``) and ready."""
+    hostd = HostdProcess(state, credentials=creds, log_path=log_path)
+    hostd.start()
+    return hostd
 
 
 @contextlib.contextmanager
@@ -130,7 +87,7 @@ def _vm_attach(
             raise RuntimeError(f"vm attach did not start (see {log_path})")
         yield proc
     finally:
-        _stop(proc, group=False)
+        terminate(proc)
         if proc.stdout is not None:
             proc.stdout.close()
 
@@ -292,9 +249,9 @@ def _ak_round_on(esapi: Any, ek_cert_spki: bytes) -> AkRound:
 
 def _guest_boot(state: StateDir, creds: Credentials, tmp: Path, check: Checks) -> None:
     """A real QEMU guest whose TPM is ``sgxvtpm vm attach``; what the guest sees."""
+    from sgxvtpm._demo.guest import EventLogError, Guest, build_initramfs, missing_tools
+    from sgxvtpm._demo.guest import replay_event_log as replay
     from sgxvtpm.endpoint.k2 import K2Busy, K2Client, VmBinding
-    from sgxvtpm.guest import EventLogError, Guest, build_initramfs, missing_tools
-    from sgxvtpm.guest import replay_event_log as replay
 
     missing = missing_tools()
     if missing:
@@ -358,7 +315,7 @@ def _demo(state: StateDir, creds: Credentials, tmp: Path) -> int:
     print("sgxvtpm demo: the vTPM manager and each VM's vTPM run in (simulated) SGX enclaves\n")
     log_path = tmp / "hostd.log"
     print("1. hostd, the SGX module, loads the platform and launches the manager enclave E1")
-    proc = _start_hostd(state, creds, log_path)
+    hostd = _hostd(state, creds, log_path)
     try:
         vmm = VmmClient(state, credentials=creds)
         ca = asyncio.run(vmm.ca_certificate())
@@ -370,8 +327,9 @@ def _demo(state: StateDir, creds: Credentials, tmp: Path) -> int:
         check("instance enclave E2 running", info["state"] == "running",
               f"pid {info['pid']}, {time.perf_counter() - t0:.2f} s")
         mrenclave = bytes.fromhex(info["mrenclave"])
+        expected = expected_policy("instance", creds.host(state).platform)
         check("E2 MRENCLAVE = the instance code installed here",
-              mrenclave in expected_policy("instance").mrenclaves, info["mrenclave"][:32] + "...")
+              mrenclave in expected.mrenclaves, info["mrenclave"][:32] + "...")
         check("EKs manufactured, certified by E1's CA", sorted(info["ek_certificates"]) ==
               sorted(info["ek"]), ", ".join(info["ek"]))
 
@@ -394,8 +352,8 @@ def _demo(state: StateDir, creds: Credentials, tmp: Path) -> int:
         _guest_boot(state, creds, tmp, check)
 
         print("7. hostd restarts; the instance comes back from its sealed state")
-        _stop(proc)
-        proc = _start_hostd(state, creds, log_path)
+        hostd.stop()
+        hostd = _hostd(state, creds, log_path)
         with K2Client(VmBinding.load(state, VM, credentials=creds)) as tpm:
             tpm.power_on()
             execute(tpm.transact, wire.startup(TPM2_SU.CLEAR))
@@ -409,7 +367,8 @@ def _demo(state: StateDir, creds: Credentials, tmp: Path) -> int:
         check("instances left", not left, str(len(left)))
         check("sealed state erased", not state.instance(info["instance_id"]).exists())
     finally:
-        _stop(proc)
+        if hostd.running():
+            hostd.stop()
     took = time.perf_counter() - started
     if check.failed:
         print(f"\ndemo found a problem ({len(check.failed)} failed checks), {took:.0f} s")

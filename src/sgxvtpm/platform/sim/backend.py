@@ -1,0 +1,66 @@
+"""The sim platform behind base.py's seam: :data:`SIM` (its kind) and :class:`SimBackend`.
+
+Everything outside ``sgxvtpm.platform.sim`` reaches the simulated platform
+through these two, as ``sgxvtpm.platform.platform_kind("sim")`` and
+``sgxvtpm.platform.open_platform("sim", ...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from sgxvtpm.platform.base import EnclaveSpec, QuoteVerifier
+from sgxvtpm.platform.sim.loader import SimLoader
+from sgxvtpm.platform.sim.measure import measure_mrenclave
+from sgxvtpm.platform.sim.quote import SimQuoteVerifier
+
+
+class SimKind:
+    """base.PlatformKind of the simulated platform."""
+
+    name = "sim"
+    # The zygote forks every sim enclave: it runs in each one before the entry.
+    enclave_bootstrap: tuple[str, ...] = ("sgxvtpm.platform.sim.zygote",)
+
+    def measure(self, spec: EnclaveSpec) -> bytes:
+        return measure_mrenclave(spec)
+
+    def quote_verifier(self, root_pem: bytes) -> QuoteVerifier:
+        return SimQuoteVerifier(root_pem)
+
+
+SIM = SimKind()
+
+
+class SimBackend(SimKind):
+    """base.PlatformBackend: a sim platform opened through its CPU process.
+
+    The loader starts the sim CPU (:mod:`.cpu`) on the platform directory;
+    the CPU alone reads the platform's secrets, and signs the release named
+    by ``release`` ("module:function", called with :data:`SIM`) from its own
+    installed code.
+    """
+
+    def __init__(self, loader: SimLoader) -> None:
+        self._loader = loader
+
+    @classmethod
+    def open(
+        cls, path: Path, *, preload: Sequence[str] = (), release: str = ""
+    ) -> SimBackend:
+        return cls(SimLoader(Path(path), preload=preload, release=release))
+
+    @property
+    def loader(self) -> SimLoader:
+        return self._loader
+
+    @property
+    def attestation_root_pem(self) -> bytes:
+        return self._loader.attestation_root_pem
+
+    def signed(self, spec: EnclaveSpec) -> EnclaveSpec:
+        return self._loader.signed(spec)
+
+    def close(self) -> None:
+        self._loader.close()
