@@ -23,6 +23,8 @@ from sgxvtpm.host.control import hostd_control
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.vmm.credentials import ENV as CREDENTIALS_ENV
 from sgxvtpm.vmm.credentials import Credentials
+from sgxvtpm.wire.control import Refused, WaitReady
+from sgxvtpm.wire.k1 import InstanceInfo
 
 READY_TIMEOUT = 90.0
 
@@ -114,8 +116,8 @@ class Fleet:
                 raise RuntimeError(f"hostd exited with {self.proc.returncode}: {self.log_tail()}")
             if self.state.socket.exists():
                 try:
-                    reply = asyncio.run(hostd_control(self.state.socket, {"op": "wait_ready"}))
-                    if reply.get("ok"):
+                    reply = asyncio.run(hostd_control(self.state.socket, WaitReady()))
+                    if not isinstance(reply, Refused):
                         return time.perf_counter() - t0
                 except (OSError, TimeoutError, ConnectionError):
                     pass
@@ -142,7 +144,7 @@ class Fleet:
         t0 = time.perf_counter()
         info = asyncio.run(client.create(name, ek=ek))
         seconds = time.perf_counter() - t0
-        created = Created(name, int(info.get("pid") or 0), seconds, started, time.time())
+        created = Created(name, info.pid or 0, seconds, started, time.time())
         self.vms[name] = created
         return created
 
@@ -168,11 +170,11 @@ class Fleet:
         seconds = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"sgxvtpm vm create failed: {proc.stderr.decode().strip()}")
-        pid = int(self.show(name).get("pid") or 0)
+        pid = self.show(name).pid or 0
         self.vms[name] = Created(name, pid, seconds, 0.0, 0.0)
         return seconds
 
-    def show(self, name: str) -> dict[str, Any]:
+    def show(self, name: str) -> InstanceInfo:
         from sgxvtpm.vmm.client import VmmClient
 
         return asyncio.run(VmmClient(self.state, credentials=self.credentials).show(name))

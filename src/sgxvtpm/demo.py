@@ -90,7 +90,7 @@ def _wait_ready(
             raise RuntimeError(f"hostd exited with status {proc.returncode}")
         if state.socket.exists():
             try:
-                asyncio.run(VmmClient(state, credentials=creds).request({"op": "list"}))
+                asyncio.run(VmmClient(state, credentials=creds).list())
                 return
             except (VmmError, OSError, TimeoutError):
                 pass
@@ -367,13 +367,13 @@ def _demo(state: StateDir, creds: Credentials, tmp: Path) -> int:
         print("2. vm create: E1 has the loader launch instance enclave E2, verifies, provisions it")
         t0 = time.perf_counter()
         info = asyncio.run(vmm.create(VM))
-        check("instance enclave E2 running", info["state"] == "running",
-              f"pid {info['pid']}, {time.perf_counter() - t0:.2f} s")
-        mrenclave = bytes.fromhex(info["mrenclave"])
+        check("instance enclave E2 running", info.state == "running",
+              f"pid {info.pid}, {time.perf_counter() - t0:.2f} s")
+        mrenclave = bytes.fromhex(info.mrenclave)
         check("E2 MRENCLAVE = the instance code installed here",
-              mrenclave in expected_policy("instance").mrenclaves, info["mrenclave"][:32] + "...")
-        check("EKs manufactured, certified by E1's CA", sorted(info["ek_certificates"]) ==
-              sorted(info["ek"]), ", ".join(info["ek"]))
+              mrenclave in expected_policy("instance").mrenclaves, info.mrenclave[:32] + "...")
+        check("EKs manufactured, certified by E1's CA", sorted(info.ek_certificates) ==
+              sorted(info.ek), ", ".join(info.ek))
 
         print("3. the VM talks TPM 2.0 to E2 over K2 (hostd relays only TLS records)")
         marker = _k2_use(state, creds, check)
@@ -407,7 +407,7 @@ def _demo(state: StateDir, creds: Credentials, tmp: Path) -> int:
         asyncio.run(vmm.destroy(VM))
         left = asyncio.run(vmm.list())
         check("instances left", not left, str(len(left)))
-        check("sealed state erased", not state.instance(info["instance_id"]).exists())
+        check("sealed state erased", not state.instance(info.instance_id).exists())
     finally:
         _stop(proc)
     took = time.perf_counter() - started

@@ -25,6 +25,7 @@ from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.vmm.client import VmmClient
 from sgxvtpm.vmm.credentials import ENV as CREDENTIALS_ENV
 from sgxvtpm.vmm.credentials import Credentials
+from sgxvtpm.wire.control import Refused, WaitReady
 
 
 class Hostd:
@@ -89,8 +90,8 @@ def wait_ready(sock: Path, timeout: float, proc: subprocess.Popen[bytes] | None 
             raise RuntimeError(f"hostd exited with {proc.returncode}")
         if sock.exists():
             try:
-                reply = asyncio.run(hostd_control(sock, {"op": "wait_ready"}))
-                if reply.get("ok"):
+                reply = asyncio.run(hostd_control(sock, WaitReady()))
+                if not isinstance(reply, Refused):
                     return
             except (OSError, TimeoutError, ConnectionError):
                 pass

@@ -23,7 +23,7 @@ destroy     -                                               -
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TypeAlias, cast
+from typing import Any, TypeAlias, cast
 
 from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
 from sgxvtpm.wire.jsonmsg import (
@@ -164,7 +164,7 @@ _CODEC = Codec(
 )
 
 
-def encode_request(request: AdminRequest) -> bytes:
+def encode_request(request: Request[Any]) -> bytes:
     """The message for ``request``; AdminUsageError if it cannot be encoded."""
     return _CODEC.encode_request(request)
 

@@ -31,7 +31,7 @@ lowercase hex digits (:func:`check_instance_id`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TypeAlias, cast
+from typing import Any, TypeAlias, cast
 
 from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
 from sgxvtpm.wire.jsonmsg import (
@@ -63,6 +63,7 @@ __all__ = [
     "Pong",
     "QueryInstance",
     "Refused",
+    "Reply",
     "StopInstance",
     "WaitReady",
     "check_instance_id",
@@ -228,7 +229,7 @@ _CODEC = Codec(
 )
 
 
-def request_to_json(request: ControlRequest) -> JsonObject:
+def request_to_json(request: Request[Any]) -> JsonObject:
     """The JSON object of ``request`` (what ``RelayMux.control`` takes)."""
     return _CODEC.request_to_json(request)
 
@@ -238,7 +239,7 @@ def request_from_json(obj: object) -> ControlRequest:
     return cast(ControlRequest, _CODEC.request_from_json(obj))
 
 
-def encode_request(request: ControlRequest) -> bytes:
+def encode_request(request: Request[Any]) -> bytes:
     return _CODEC.encode_request(request)
 
 

@@ -23,7 +23,7 @@ what it knows of its instance now. The manager decides which names it takes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TypeAlias, cast
+from typing import Any, TypeAlias, cast
 
 from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
 from sgxvtpm.wire.jsonmsg import (
@@ -185,7 +185,7 @@ _CODEC = Codec(
 )
 
 
-def encode_request(request: K1Request) -> bytes:
+def encode_request(request: Request[Any]) -> bytes:
     """The message for ``request``; K1UsageError if it cannot be encoded."""
     return _CODEC.encode_request(request)
 
