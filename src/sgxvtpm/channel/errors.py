@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 
+from sgxvtpm.errors import SgxvtpmError, UsageError
+
 log = logging.getLogger("sgxvtpm.channel")
 
 GENERIC_MESSAGE = "attested channel failed (authentication or integrity)"
 
 
-class ChannelError(Exception):
+class ChannelError(SgxvtpmError):
     """The attested channel failed: the peer could not be authenticated, or a
     record was tampered with, replayed, dropped or truncated.
 
@@ -27,7 +29,7 @@ class ChannelError(Exception):
         super().__init__(message)
 
 
-class ChannelUsageError(Exception):
+class ChannelUsageError(UsageError):
     """The local program used a session wrongly (sent after close, message
     too large, ...). Fix the caller; nothing was sent to the peer."""
 

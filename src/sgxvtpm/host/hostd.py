@@ -35,6 +35,7 @@ from typing import Any
 from cryptography import x509
 
 from sgxvtpm.enclaves.specs import instance_spec, manager_spec
+from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.host.switch import Connection, Relay
 from sgxvtpm.platform.base import EnclaveHandle, EnclaveSpec, PlatformError
@@ -61,8 +62,12 @@ RESET_EFFECT = (
 )
 
 
-class HostdError(Exception):
-    """hostd cannot start; the message says why (one line for the CLI)."""
+class HostdError(SgxvtpmError):
+    """hostd cannot start; the message says why (one line for the CLI).
+
+    Fix what it names (a user, a file, another hostd on the same state
+    directory) and start hostd again.
+    """
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sgxvtpm.channel import ClientCredential
+from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.platform.base import PlatformError, QuoteVerifier
 from sgxvtpm.platform.sim.quote import SimQuoteVerifier
@@ -58,8 +59,12 @@ ROOT_QUERY_TIMEOUT = 10.0
 BINDING_FILES = ("vm.key", "vm.crt", "ca.crt", "instance.json")
 
 
-class CredentialsError(Exception):
-    """A credential is missing, unreadable, or a pinned trust anchor changed (one line)."""
+class CredentialsError(SgxvtpmError):
+    """A credential is missing, unreadable, or a pinned trust anchor changed (one line).
+
+    The message names the file: restore it or fix its permissions; remove a
+    pin only if its platform was replaced on purpose.
+    """
 
 
 def default_credentials_dir() -> Path:
