@@ -22,6 +22,7 @@ from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.testing import HostdProcess, terminate
 from sgxvtpm.vmm.credentials import ENV as CREDENTIALS_ENV
 from sgxvtpm.vmm.credentials import Credentials
+from sgxvtpm.wire.k1 import InstanceInfo
 
 READY_TIMEOUT = 90.0
 
@@ -117,7 +118,7 @@ class Fleet:
         t0 = time.perf_counter()
         info = asyncio.run(client.create(name, ek=ek))
         seconds = time.perf_counter() - t0
-        created = Created(name, int(info.get("pid") or 0), seconds, started, time.time())
+        created = Created(name, info.pid or 0, seconds, started, time.time())
         self.vms[name] = created
         return created
 
@@ -143,11 +144,11 @@ class Fleet:
         seconds = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"sgxvtpm vm create failed: {proc.stderr.decode().strip()}")
-        pid = int(self.show(name).get("pid") or 0)
+        pid = self.show(name).pid or 0
         self.vms[name] = Created(name, pid, seconds, 0.0, 0.0)
         return seconds
 
-    def show(self, name: str) -> dict[str, Any]:
+    def show(self, name: str) -> InstanceInfo:
         from sgxvtpm.vmm.client import VmmClient
 
         return asyncio.run(VmmClient(self.state, credentials=self.credentials).show(name))

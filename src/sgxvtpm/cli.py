@@ -18,6 +18,7 @@ from sgxvtpm.host.statedir import ENV, StateDir
 from sgxvtpm.platform import DEFAULT_PLATFORM, PLATFORMS
 from sgxvtpm.vmm.credentials import ENV as CREDENTIALS_ENV
 from sgxvtpm.vmm.credentials import Credentials
+from sgxvtpm.wire.k1 import InstanceInfo
 
 ANY_LOCAL_USER = "--allow-any-local-user"  # the TCP consent of `vm serve`
 
@@ -157,7 +158,8 @@ def _credentials(args: argparse.Namespace) -> Credentials | None:
     return None if path is None else Credentials.at(path)
 
 
-def _print(obj: Any, as_json: bool) -> None:
+def _print(info: InstanceInfo | list[InstanceInfo], as_json: bool) -> None:
+    obj: Any = [i.to_json() for i in info] if isinstance(info, list) else info.to_json()
     if as_json:
         print(json.dumps(obj, indent=2, sort_keys=True))
     elif isinstance(obj, list):

@@ -26,6 +26,7 @@ from helpers.guest import build_initramfs, missing_tools
 from helpers.hostd import Hostd, running_hostd
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.vmm.client import VmmClient
+from sgxvtpm.wire.k1 import InstanceInfo
 
 CtrlFactory = Callable[[Path], Path]
 
@@ -76,7 +77,7 @@ def sgx_hostd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostd]:
         )
 
 
-def create_vm(hostd: Hostd, name: str, **kw: object) -> dict[str, object]:
+def create_vm(hostd: Hostd, name: str, **kw: object) -> InstanceInfo:
     """``vm create`` through the manager enclave (K1); writes the VM's binding to the
     session's credentials directory (tests/conftest.py)."""
     return asyncio.run(VmmClient(hostd.state).create(name, **kw))  # type: ignore[arg-type]

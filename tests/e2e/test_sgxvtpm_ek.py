@@ -68,8 +68,7 @@ def endpoint_stopped(vm: Vm) -> Iterator[None]:
 def vm(sgx_hostd: Hostd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vm]:
     work = tmp_path_factory.mktemp("ek")
     info = create_vm(sgx_hostd, VM)
-    ek_certificates: dict[str, str] = info["ek_certificates"]  # type: ignore[assignment]
-    certs = {alg: bytes.fromhex(der) for alg, der in ek_certificates.items()}
+    certs = {alg: bytes.fromhex(der) for alg, der in info.ek_certificates.items()}
     shown = sgxvtpm_cli(sgx_hostd.state, "ca", "show", "--pem")
     assert shown.returncode == 0, shown.stderr
     (work / "ca.pem").write_text(shown.stdout)

@@ -27,6 +27,7 @@ from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_RC, TPM2_SU, TPMA_NV
 from sgxvtpm.tpm.nv import execute
 from sgxvtpm.vmm.client import VmmClient, VmmError
+from sgxvtpm.wire.k1 import InstanceInfo
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +49,7 @@ def vmm(h: Hostd) -> VmmClient:
     return VmmClient(h.state)
 
 
-def create(h: Hostd, name: str, **kw: object) -> dict[str, object]:
+def create(h: Hostd, name: str, **kw: object) -> InstanceInfo:
     return asyncio.run(vmm(h).create(name, **kw))  # type: ignore[arg-type]
 
 
@@ -73,7 +74,7 @@ def cli(h: Hostd, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_whole_flow(hostd: Hostd) -> None:
     info = create(hostd, "vm1")
-    assert info["state"] == "running" and isinstance(info["pid"], int)
+    assert info.state == "running" and isinstance(info.pid, int)
     shown = json.loads(cli(hostd, "vm", "show", "vm1", "--json").stdout)
     for key in ("name", "instance_id", "state", "mrenclave", "mrsigner", "pid"):
         assert key in shown
@@ -111,7 +112,7 @@ def test_whole_flow(hostd: Hostd) -> None:
         again = wire.parse_read_public(execute(t.transact, wire.read_public(0x81000001)))
         assert again.public == public.public
 
-    instance_dir = hostd.state.instance(str(info["instance_id"]))
+    instance_dir = hostd.state.instance(info.instance_id)
     assert (instance_dir / "state.sealed").exists()
     assert cli(hostd, "vm", "destroy", "vm1").returncode == 0
     assert not instance_dir.exists()
@@ -138,13 +139,13 @@ def test_wrong_operator_key_cannot_create_or_destroy(hostd: Hostd) -> None:
         asyncio.run(client.create("evil"))
     with pytest.raises((ChannelError, VmmError, EOFError)):
         asyncio.run(client.destroy("vm1"))
-    assert [i["name"] for i in asyncio.run(vmm(hostd).list())] == ["vm1"]
+    assert [i.name for i in asyncio.run(vmm(hostd).list())] == ["vm1"]
 
 
 def _refuses(h: Hostd, name: str, reason: str) -> None:
     shown = asyncio.run(vmm(h).show(name))
-    assert shown["state"] == "error", shown
-    assert reason in shown["reason"], shown
+    assert shown.state == "error", shown
+    assert reason in shown.reason, shown
     assert reason in h.log()
     with pytest.raises((ChannelError, K2Error)), K2Client(VmBinding.load(h.state, name)) as t:
         t.power_on()
@@ -208,7 +209,7 @@ def test_twenty_vms_concurrently(hostd: Hostd) -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = dict(zip(names, pool.map(use, names), strict=True))
     assert results == markers
-    pids = {i["pid"] for i in asyncio.run(vmm(hostd).list())}
+    pids = {i.pid for i in asyncio.run(vmm(hostd).list())}
     assert len(pids) == 20
 
 
@@ -247,7 +248,10 @@ def _instance_pid(h: Hostd) -> int:
             h.kill()
             h.start()
         try:
-            return int(asyncio.run(asyncio.wait_for(vmm(h).show("vm1"), 15))["pid"])
+            pid = asyncio.run(asyncio.wait_for(vmm(h).show("vm1"), 15)).pid
+            if pid is None:
+                raise ValueError("vm1 has no instance process yet")
+            return pid
         except (ChannelError, VmmError, OSError, TypeError, ValueError, EOFError):
             if time.monotonic() > deadline:
                 raise

@@ -89,8 +89,9 @@ def hostd(tmp_path: Path) -> Iterator[Hostd]:
 
 
 def _instance_pid(h: Hostd, name: str) -> int:
-    info = asyncio.run(VmmClient(h.state).show(name))
-    return int(info["pid"])
+    pid = asyncio.run(VmmClient(h.state).show(name)).pid
+    assert pid is not None, name
+    return pid
 
 
 def test_libtpms_is_mapped_from_its_measured_bytes(hostd: Hostd) -> None:
@@ -236,7 +237,7 @@ def test_libtpms_on_ld_library_path_is_not_loaded(tmp_path: Path) -> None:
     try:
         wait_ready(state / "hostd.sock", 60, proc)
         info = asyncio.run(VmmClient(Hostd(state).state).create("vm1"))
-        assert info["state"] == "running"
+        assert info.state == "running"
     finally:
         _stop(proc)
     assert not marker.exists()

@@ -61,7 +61,7 @@ def registry_version(state: StateDir) -> int:
 
 
 def vm_list(state: StateDir) -> list[str]:
-    return [i["name"] for i in asyncio.run(VmmClient(state).list())]
+    return [i.name for i in asyncio.run(VmmClient(state).list())]
 
 
 def test_missing_registry_is_refused_until_the_operator_resets(tmp_path: Path) -> None:
@@ -111,12 +111,12 @@ def test_missing_instance_state_is_tampering_not_unprovisioned(tmp_path: Path) -
     with running_hostd(state.root):
         info = asyncio.run(VmmClient(state).create("gone"))
         asyncio.run(VmmClient(state).create("kept"))
-    (state.instance(str(info["instance_id"])) / "state.sealed").unlink()
+    (state.instance(info.instance_id) / "state.sealed").unlink()
     with running_hostd(state.root) as hostd:
         shown = asyncio.run(VmmClient(state).show("gone"))
-        assert shown["state"] == "error", shown
-        assert "missing" in shown["reason"] and "tampering" in shown["reason"], shown
-        assert asyncio.run(VmmClient(state).show("kept"))["state"] == "running"
+        assert shown.state == "error", shown
+        assert "missing" in shown.reason and "tampering" in shown.reason, shown
+        assert asyncio.run(VmmClient(state).show("kept")).state == "running"
         assert '"instance.state_refused"' in hostd.log()
         with pytest.raises((ChannelError, K2Error)):
             client = K2Client(VmBinding.load(state, "gone"), timeout=30)

@@ -291,7 +291,7 @@ def _run(tmp_path: Path, kills_wanted: int, vms: int, gap: tuple[float, float], 
         # A clean restart at the end, then every VM checks its whole model once more.
         ctl.stop()
         ctl.start()
-        listed = {i["name"] for i in ctl.wait_all_running()}
+        listed = {i.name for i in ctl.wait_all_running()}
         assert set(names) | (set(created) - set(destroyed)) <= listed, "a vm create was lost"
         assert not set(destroyed) & listed, "an acknowledged vm destroy came back"
         for w in workers:
@@ -356,6 +356,6 @@ def test_manager_restart_still_reaches_running_instances(tmp_path: Path) -> None
         for _ in range(2):
             assert ctl.kill_enclave("manager")
             listed = ctl.wait_all_running(timeout=60)
-            assert sorted(i["name"] for i in listed) == ["vm1", "vm2"]
+            assert sorted(i.name for i in listed) == ["vm1", "vm2"]
         asyncio.run(ctl.vmm().destroy("vm1"))
-        assert [i["name"] for i in ctl.list()] == ["vm2"]
+        assert [i.name for i in ctl.list()] == ["vm2"]

@@ -140,8 +140,8 @@ def refuses_writes(ctl: HostdCtl, name: str, c: K2Client, secret: bytes) -> None
 def shows_running(ctl: HostdCtl, name: str) -> None:
     def check() -> None:
         shown = ctl.show(name)
-        if shown["state"] != "running":
-            raise VmmError(f"{name}: {shown['state']} {shown.get('reason')}")
+        if shown.state != "running":
+            raise VmmError(f"{name}: {shown.state} {shown.reason}")
 
     retry(check, 60)
 
@@ -160,7 +160,7 @@ def test_disk_full_and_read_only_then_recovery(small_fs: Path) -> None:
             refuses_writes(ctl, "vm1", c1, secret)
             with pytest.raises(VmmError, match="No space left"):
                 ctl.create(f"new{cycle}")
-            assert {i["name"] for i in ctl.list()} >= {"vm1", "vm2"}  # hostd serves
+            assert {i.name for i in ctl.list()} >= {"vm1", "vm2"}  # hostd serves
             # An instance killed while the disk is full restarts and accepts its state.
             assert ctl.kill_enclave(ctl.instance_id("vm2"))
             shows_running(ctl, "vm2")

@@ -153,7 +153,7 @@ def timed_list(ctl: HostdCtl) -> tuple[float, dict[str, str]]:
     manager asks each instance for, on a new session)."""
     start = time.perf_counter()
     listed = asyncio.run(asyncio.wait_for(ctl.vmm().list(), LIST_DEADLINE))
-    return time.perf_counter() - start, {i["name"]: i["state"] for i in listed}
+    return time.perf_counter() - start, {i.name: i.state for i in listed}
 
 
 ATTACKS = {

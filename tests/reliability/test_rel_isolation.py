@@ -312,7 +312,7 @@ def test_only_the_manager_may_launch_stop_or_erase(host: tuple[HostdCtl, HostdCt
     assert ctl.sealed("b").exists()
     with boot(ctl, "b") as c:
         assert counter(c, CTR) >= 1
-    assert {i["name"] for i in ctl.list()} == {"a", "b"}
+    assert {i.name for i in ctl.list()} == {"a", "b"}
 
 
 # ------------------------------------------------------------------ no API gives out sealed state
@@ -321,7 +321,7 @@ def test_only_the_manager_may_launch_stop_or_erase(host: tuple[HostdCtl, HostdCt
 def test_no_api_returns_sealed_state(host: tuple[HostdCtl, HostdCtl]) -> None:
     ctl, _ = host
     sealed = {n: ctl.sealed(n).read_bytes() for n in ("a", "b")}
-    replies = json.dumps([ctl.list(), ctl.show("a"), ctl.show("b")])
+    replies = json.dumps([i.to_json() for i in [*ctl.list(), ctl.show("a"), ctl.show("b")]])
     for blob in sealed.values():
         body = blob[-64:]  # ciphertext: in hex, base64 or any other text form it would show
         assert body.hex() not in replies

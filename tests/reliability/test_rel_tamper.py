@@ -74,7 +74,7 @@ def counter_file(ctl: HostdCtl, kind: str, owner: str, mrsigner: str) -> Path:
 
 def instance_counter(ctl: HostdCtl, name: str) -> Path:
     shown = ctl.show(name)
-    return counter_file(ctl, "instance_state", str(shown["instance_id"]), str(shown["mrsigner"]))
+    return counter_file(ctl, "instance_state", shown.instance_id, shown.mrsigner)
 
 
 def flip(path: Path, offset: int) -> None:
@@ -89,8 +89,8 @@ def truncate(path: Path, size: int) -> None:
 
 def refused(ctl: HostdCtl, name: str, reason: str) -> None:
     shown = ctl.show(name)
-    assert shown["state"] == "error", (name, shown)
-    assert reason in shown["reason"], (name, shown["reason"])
+    assert shown.state == "error", (name, shown)
+    assert reason in shown.reason, (name, shown.reason)
     assert reason in ctl.log(), (name, reason)
     with pytest.raises((ChannelError, K2Error)), client(ctl, name) as c:
         c.power_on()
@@ -138,12 +138,12 @@ def test_instance_state_and_counter_tampering_is_refused(ctl: HostdCtl) -> None:
     # The rest of the host keeps serving: the untouched VMs hold their data, new VMs work.
     for name in ("good1", "good2"):
         assert read_marker(ctl, name) == markers[name]
-        assert ctl.show(name)["state"] == "running"
+        assert ctl.show(name).state == "running"
     ctl.create("after")
     write_marker(ctl, "after", b"a" * 16, define=True)
     # The operator can remove a refused VM.
     asyncio_destroy(ctl, "flip_header")
-    assert "flip_header" not in {i["name"] for i in ctl.list()}
+    assert "flip_header" not in {i.name for i in ctl.list()}
 
 
 def asyncio_destroy(ctl: HostdCtl, name: str) -> None:
@@ -176,7 +176,7 @@ def registry(ctl: HostdCtl) -> Path:
 
 
 def registry_counter(ctl: HostdCtl) -> Path:
-    mrsigner = str(ctl.show("vm1")["mrsigner"])
+    mrsigner = ctl.show("vm1").mrsigner
     return counter_file(ctl, "manager_registry", "manager", mrsigner)
 
 
@@ -225,7 +225,7 @@ def test_registry_tampering_is_refused_and_vms_keep_serving(ctl: HostdCtl, tmp_p
         assert read_marker(ctl, "vm1") == b"1" * 16, label
         registry(ctl).write_bytes(good)
         counter_path.write_bytes(good_counter)
-        names = retry(lambda: {i["name"] for i in ctl.wait_all_running()}, 60)
+        names = retry(lambda: {i.name for i in ctl.wait_all_running()}, 60)
         assert names == {"vm1", "vm2"}, label
 
 

@@ -25,6 +25,7 @@ from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_ALG, TPM2_CAP, TPM2_PT, TPM2_SU, TPMA_NV
 from sgxvtpm.tpm.nv import execute
 from sgxvtpm.vmm.client import VmmClient, VmmError
+from sgxvtpm.wire.k1 import InstanceInfo
 
 #: What a broken session, a dead instance or a dead hostd looks like to a VM client.
 TRANSIENT = (K2Error, ChannelError, OSError, EOFError, TimeoutError, ConnectionError)
@@ -105,7 +106,7 @@ class HostdCtl:
     def vmm(self) -> VmmClient:
         return self.h.vmm()
 
-    def create(self, name: str) -> dict[str, Any]:
+    def create(self, name: str) -> InstanceInfo:
         return asyncio.run(self.vmm().create(name))
 
     def create_many(self, names: list[str], parallel: int = 8) -> None:
@@ -120,10 +121,10 @@ class HostdCtl:
 
         asyncio.run(run())
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self) -> list[InstanceInfo]:
         return asyncio.run(self.vmm().list())
 
-    def show(self, name: str) -> dict[str, Any]:
+    def show(self, name: str) -> InstanceInfo:
         return asyncio.run(self.vmm().show(name))
 
     def instance_id(self, name: str) -> str:
@@ -133,13 +134,13 @@ class HostdCtl:
     def sealed(self, name: str) -> Path:
         return Path(self.state.instance(self.instance_id(name))) / "state.sealed"
 
-    def wait_all_running(self, timeout: float = 120) -> list[dict[str, Any]]:
+    def wait_all_running(self, timeout: float = 120) -> list[InstanceInfo]:
         """Every VM in the registry running (the manager restored them all)."""
         return retry(self._all_running, timeout)
 
-    def _all_running(self) -> list[dict[str, Any]]:
+    def _all_running(self) -> list[InstanceInfo]:
         listed = self.list()
-        bad = [(i["name"], i["state"], i.get("reason")) for i in listed if i["state"] != "running"]
+        bad = [(i.name, i.state, i.reason) for i in listed if i.state != "running"]
         if bad:
             raise K2Error(f"not running yet: {bad}")
         return listed

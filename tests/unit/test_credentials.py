@@ -20,6 +20,7 @@ from sgxvtpm.channel.evidence import build_self_signed
 from sgxvtpm.host.hostd import HostdError, RunAs, _hand_over
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.vmm.credentials import ENV, Credentials, CredentialsError, default_credentials_dir
+from sgxvtpm.wire.k1 import InstanceInfo
 
 
 def mode(path: Path) -> int:
@@ -111,7 +112,7 @@ def test_binding_key_is_0600_even_over_a_looser_old_file(tmp_path: Path) -> None
     cert = root_pem("vm")
     directory = host.write_binding(
         "vm1", key=ec.generate_private_key(ec.SECP256R1()), vm_cert_pem=cert.decode(),
-        ca_cert_pem=cert.decode(), instance={"instance_id": "0" * 32},
+        ca_cert_pem=cert.decode(), instance=InstanceInfo("vm1", "0" * 32),
     )
     assert mode(directory / "vm.key") == 0o600
     assert b"PRIVATE KEY" in (directory / "vm.key").read_bytes()

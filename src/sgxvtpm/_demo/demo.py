@@ -324,14 +324,14 @@ def _demo(state: StateDir, creds: Credentials, tmp: Path) -> int:
         print("2. vm create: E1 has the loader launch instance enclave E2, verifies, provisions it")
         t0 = time.perf_counter()
         info = asyncio.run(vmm.create(VM))
-        check("instance enclave E2 running", info["state"] == "running",
-              f"pid {info['pid']}, {time.perf_counter() - t0:.2f} s")
-        mrenclave = bytes.fromhex(info["mrenclave"])
+        check("instance enclave E2 running", info.state == "running",
+              f"pid {info.pid}, {time.perf_counter() - t0:.2f} s")
+        mrenclave = bytes.fromhex(info.mrenclave)
         expected = expected_policy("instance", creds.host(state).platform)
         check("E2 MRENCLAVE = the instance code installed here",
-              mrenclave in expected.mrenclaves, info["mrenclave"][:32] + "...")
-        check("EKs manufactured, certified by E1's CA", sorted(info["ek_certificates"]) ==
-              sorted(info["ek"]), ", ".join(info["ek"]))
+              mrenclave in expected.mrenclaves, info.mrenclave[:32] + "...")
+        check("EKs manufactured, certified by E1's CA", sorted(info.ek_certificates) ==
+              sorted(info.ek), ", ".join(info.ek))
 
         print("3. the VM talks TPM 2.0 to E2 over K2 (hostd relays only TLS records)")
         marker = _k2_use(state, creds, check)
@@ -365,7 +365,7 @@ def _demo(state: StateDir, creds: Credentials, tmp: Path) -> int:
         asyncio.run(vmm.destroy(VM))
         left = asyncio.run(vmm.list())
         check("instances left", not left, str(len(left)))
-        check("sealed state erased", not state.instance(info["instance_id"]).exists())
+        check("sealed state erased", not state.instance(info.instance_id).exists())
     finally:
         if hostd.running():
             hostd.stop()

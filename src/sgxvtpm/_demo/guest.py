@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sgxvtpm.errors import SgxvtpmError
+
 MARKER = "SGXVTPM-GUEST-DONE"
 QEMU = "qemu-system-x86_64"
 
@@ -128,8 +130,12 @@ EV_NO_ACTION = 0x3  # not extended into a PCR (PFP 10.4.1)
 TPM_ALG_SHA256 = 0x000B
 
 
-class EventLogError(ValueError):
-    """The bytes are not a TCG crypto-agile event log."""
+class EventLogError(SgxvtpmError, ValueError):
+    """The bytes are not a TCG crypto-agile event log.
+
+    Boot the guest with firmware that logs TPM 2.0 measurements in the
+    crypto-agile format (OVMF does), and read the whole log.
+    """
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from sgxvtpm.attest.report import AttestReport
 from sgxvtpm.attest.verify import verify_ek_chain
 from sgxvtpm.enclaves.specs import expected_policy
+from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.platform.base import MeasurementPolicy, QuoteVerifier
 from sgxvtpm.tpm import wire
@@ -50,8 +51,12 @@ DEFAULT_EKS = ("rsa2048",)
 R_NO_EK_CERT = "no EK certificate in the TPM"
 
 
-class AttestError(Exception):
-    """The verifier could not read what it checks (TPM, CA certificate); the message says which."""
+class AttestError(SgxvtpmError):
+    """The verifier could not read what it checks (TPM, CA certificate); the message says which.
+
+    Start the VM's endpoint (or give the right ``--tcti``), or pass the
+    manager's CA certificate (``sgxvtpm ca show --pem``).
+    """
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,13 @@ locally, as a ``channel.failure`` event (sgxvtpm/util/log.py).
 
 from __future__ import annotations
 
+from sgxvtpm.errors import SgxvtpmError, UsageError
 from sgxvtpm.util import log
 
 GENERIC_MESSAGE = "attested channel failed (authentication or integrity)"
 
 
-class ChannelError(Exception):
+class ChannelError(SgxvtpmError):
     """The attested channel failed: the peer could not be authenticated, or a
     record was tampered with, replayed, dropped or truncated.
 
@@ -25,7 +26,7 @@ class ChannelError(Exception):
         super().__init__(message)
 
 
-class ChannelUsageError(Exception):
+class ChannelUsageError(UsageError):
     """The local program used a session wrongly (sent after close, message
     too large, ...). Fix the caller; nothing was sent to the peer."""
 

@@ -45,6 +45,8 @@ from sgxvtpm.tpm.constants import TPM2_SU
 from sgxvtpm.tpm.engine import LibtpmsEngine
 from sgxvtpm.tpm.nv import execute
 from sgxvtpm.util import log
+from sgxvtpm.wire import admin
+from sgxvtpm.wire.jsonmsg import Refused, Reply
 from sgxvtpm.wire.vtpm import (
     ATTACH_FLAG_TAKEOVER,
     TpmResult,
@@ -222,7 +224,7 @@ class InstanceEnclave:
         if peer is None:  # the loop passes only authenticated sessions
             raise PermissionError("not authenticated")
         if peer.spki_sha256 == self.manager_spki:
-            return json.dumps(self.admin(json.loads(data))).encode()
+            return admin.encode_reply(self.answer_manager(data))
         if self.core is None or peer.spki_sha256 != self.vm_spki:
             raise PermissionError("not the bound VM")
         if session is not self.seat.holder:
@@ -240,54 +242,54 @@ class InstanceEnclave:
             return self.seat.attach(session, request)
         return self.seat.refusal()
 
-    def admin(self, request: dict[str, Any]) -> dict[str, Any]:
-        op = request.get("op")
+    def answer_manager(self, data: bytes) -> Reply | Refused:
+        """The manager's request in ``data`` (sgxvtpm/wire/admin.py), answered."""
+        op = "?"
         try:
-            if op == "status":
+            request = admin.decode_request(data)
+            op = request.OP
+            if isinstance(request, admin.GetStatus):
                 return self.status()
-            if op == "provision":
+            if isinstance(request, admin.Provision):
                 return self.provision(request)
-            if op == "certify":
+            if isinstance(request, admin.Certify):
                 return self.certify(request)
-            if op == "destroy":
-                return self.destroy()
-        except (SealError, OSError, ValueError, KeyError) as exc:
+            return self.destroy()
+        except (SealError, OSError, ValueError, admin.AdminProtocolError) as exc:
             log.log("instance.admin_failed", instance=self.instance_id, op=op, reason=str(exc))
-            return {"ok": False, "error": str(exc)}
-        return {"ok": False, "error": f"unknown op {op!r}"}
+            return Refused(str(exc))
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> admin.InstanceStatus:
         identity = self.platform.identity
-        return {
-            "ok": True,
-            "state": self.state,
-            "reason": self.reason,
-            "mrenclave": identity.mrenclave.hex(),
-            "mrsigner": identity.mrsigner.hex(),
-            "version": self.store.file.version,
-        }
+        return admin.InstanceStatus(
+            state=self.state,
+            reason=self.reason,
+            mrenclave=identity.mrenclave.hex(),
+            mrsigner=identity.mrsigner.hex(),
+            version=self.store.file.version,
+        )
 
-    def provision(self, request: dict[str, Any]) -> dict[str, Any]:
+    def provision(self, request: admin.Provision) -> admin.Provisioned | Refused:
         """Step 1 of manufacturing: bind the VM, start a fresh TPM, create the EKs.
 
         The EK public areas go back to the manager, whose CA certifies them
         (step 2, :meth:`certify`); the CA key never leaves the manager.
         """
         if self.state != "unprovisioned":
-            return {"ok": False, "error": f"instance is {self.state}, not unprovisioned"}
-        algs = [str(a) for a in request.get("ek") or ["rsa2048", "ecc-p256"]]
+            return Refused(f"instance is {self.state}, not unprovisioned")
+        algs = list(request.ek) or ["rsa2048", "ecc-p256"]
         for alg in algs:
             ekmod.profile(alg)  # unknown names are refused before anything is written
         self.store.create(
             {
                 "instance_id": self.instance_id,
-                "vm_id": str(request["vm_id"]),
-                "vm_spki_sha256": str(request["vm_spki_sha256"]),
+                "vm_id": request.vm_id,
+                "vm_spki_sha256": request.vm_spki_sha256.hex(),
                 "manager_spki": self.manager_spki.hex(),
-                "pcr_banks": list(request.get("pcr_banks", ["sha256"])),
+                "pcr_banks": list(request.pcr_banks),
             }
         )
-        self.vm_spki = bytes.fromhex(request["vm_spki_sha256"])
+        self.vm_spki = request.vm_spki_sha256
         engine = LibtpmsEngine(EngineStoreAdapter(self.store))
         engine.start()
         self._manufacturing = engine
@@ -295,24 +297,21 @@ class InstanceEnclave:
         eks = [ekmod.create_ek(engine.process, alg) for alg in algs]
         spec = ekmod.read_tpm_spec(engine.process)
         self.state = "manufacturing"
-        return {
-            **self.status(),
-            "eks": [{"alg": e.alg, "public_area": e.public_area.hex()} for e in eks],
-            "tpm_spec": {"family": spec.family, "level": spec.level, "revision": spec.revision},
-        }
+        return admin.Provisioned(
+            eks=tuple(admin.EkPublicArea(e.alg, e.public_area) for e in eks),
+            tpm_spec=admin.TpmSpec(spec.family, spec.level, spec.revision),
+        )
 
-    def certify(self, request: dict[str, Any]) -> dict[str, Any]:
+    def certify(self, request: admin.Certify) -> admin.InstanceStatus | Refused:
         """Step 2: store the EK and platform certificates (NV, write-locked), allocate
         the PCR banks, and power the TPM off so the VM's first boot starts it."""
         engine = self._manufacturing
         if engine is None or self.state != "manufacturing":
-            return {"ok": False, "error": f"instance is {self.state}, not manufacturing"}
-        for alg, cert_hex in dict(request["ek_certificates"]).items():
-            ekmod.write_ek_certificate(engine.process, str(alg), bytes.fromhex(cert_hex))
-        if request.get("platform_certificate"):
-            ekmod.write_platform_certificate(
-                engine.process, bytes.fromhex(request["platform_certificate"])
-            )
+            return Refused(f"instance is {self.state}, not manufacturing")
+        for alg, der in request.ek_certificates.items():
+            ekmod.write_ek_certificate(engine.process, alg, der)
+        if request.platform_certificate:
+            ekmod.write_platform_certificate(engine.process, request.platform_certificate)
         banks = [str(b) for b in self.store.bundle.provisioning.get("pcr_banks", ["sha256"])]
         ekmod.allocate_pcr_banks(engine.process, banks)
         execute(engine.process, tpmwire.shutdown(TPM2_SU.CLEAR))
@@ -323,14 +322,14 @@ class InstanceEnclave:
         log.log("instance.provisioned", instance=self.instance_id)
         return self.status()
 
-    def destroy(self) -> dict[str, Any]:
+    def destroy(self) -> admin.Done:
         if self.core is not None:
             self.core.close()
             self.core = None
         self.store.erase()
         self.state = "destroyed"
         log.log("instance.destroyed", instance=self.instance_id)
-        return {"ok": True, "state": "destroyed"}
+        return admin.Done()
 
     def close(self) -> None:
         if self.core is not None:

@@ -1,15 +1,15 @@
 """The manager enclave (E1): the patent's second vTPM emulator.
 
 It pins the operator key at first start, keeps the sealed instance registry,
-and answers the VMM over K1 (JSON requests, one per message):
+and answers the VMM over K1 (sgxvtpm/wire/k1.py, one request per message):
 
-- ``create``  {name, vm_spki_der (hex), pcr_banks}: the *second creation
-  request* to the loader (CONTROL launch_instance), then an attested session
-  to the new instance enclave (its quote must show our signer's instance
-  product), provisioning it with its instance id and bound VM key; answers
-  with the instance's identity and a client certificate for the VM key
-  issued by the manager's CA;
-- ``destroy`` {name}, ``list``, ``show`` {name}, ``ca``.
+- ``create`` (CreateVm): the *second creation request* to the loader
+  (CONTROL launch_instance, sgxvtpm/wire/control.py), then an attested
+  session to the new instance enclave (its quote must show our signer's
+  instance product), provisioning it with its instance id and bound VM key
+  (sgxvtpm/wire/admin.py); answers with the instance's identity and a client
+  certificate for the VM key issued by the manager's CA;
+- ``destroy``, ``list``, ``show``, ``ca``.
 
 The manager's one key is both its TLS identity and its CA; the certificate
 carries the manager's quote, and is reissued with a fresh quote each start.
@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 import os
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -53,10 +51,13 @@ from sgxvtpm.enclaves.runtime import EnclaveRuntime, platform_verifier
 from sgxvtpm.enclaves.sealing import SealError
 from sgxvtpm.enclaves.specs import peer_policy
 from sgxvtpm.enclaves.state import DirectoryBusyError, lock_directory
+from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.mux.aio import RelayMux
 from sgxvtpm.platform.base import EnclavePlatform, QuoteVerifier
 from sgxvtpm.tpm.ek import public_key_from_tpmt
 from sgxvtpm.util import log
+from sgxvtpm.wire import admin, control, k1
+from sgxvtpm.wire.jsonmsg import Refused, Reply, Request
 
 CA_COMMON_NAME = "sgxvtpm manager CA"
 # An instance answers in milliseconds; RSA EK generation at create takes well
@@ -64,12 +65,17 @@ CA_COMMON_NAME = "sgxvtpm manager CA"
 CALL_TIMEOUT = 20.0
 
 
-class ManagerError(Exception):
-    """A VMM request was refused; the message goes back to the VMM."""
+class ManagerError(SgxvtpmError):
+    """A VMM request was refused; the message goes back to the VMM, which shows it.
+
+    The message says what to change (another VM name, a supported key type)
+    or which part failed (the loader, the instance enclave).
+    """
 
 
 # How a call to an instance enclave fails when the instance is dead, restarting or wedged.
 _UNREACHABLE = (ChannelError, ManagerError, ConnectionError, TimeoutError, EOFError)
+_R = TypeVar("_R", bound=Reply)
 
 
 class ManagerEnclave:
@@ -111,27 +117,25 @@ class ManagerEnclave:
     async def handle(self, peer: PeerCertificate, data: bytes) -> bytes:
         if peer.spki_sha256 != self.operator_spki:
             raise PermissionError("not the operator")
+        reply: Reply | Refused
         try:
-            request = json.loads(data)
+            request = k1.decode_request(data)
             async with self.lock:
                 reply = await self.dispatch(request)
-        except (ManagerError, SealError, ValueError, KeyError, TypeError) as exc:
-            reply = {"ok": False, "error": str(exc)}
-        return json.dumps(reply).encode()
+        except (ManagerError, SealError, k1.K1ProtocolError, ValueError) as exc:
+            reply = Refused(str(exc))
+        return k1.encode_reply(reply)
 
-    async def dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
-        op = request.get("op")
-        if op == "create":
+    async def dispatch(self, request: k1.K1Request) -> Reply:
+        if isinstance(request, k1.CreateVm):
             return await self.create(request)
-        if op == "destroy":
-            return await self.destroy(str(request["name"]))
-        if op == "list":
-            return {"ok": True, "instances": [await self.describe(r) for r in self._records()]}
-        if op == "show":
-            return {"ok": True, "instance": await self.describe(self._record(request["name"]))}
-        if op == "ca":
-            return {"ok": True, "ca_cert_pem": self.credential.cert_pem.decode()}
-        raise ManagerError(f"unknown op {op!r}")
+        if isinstance(request, k1.DestroyVm):
+            return await self.destroy(request.name)
+        if isinstance(request, k1.ListVms):
+            return k1.Instances(tuple([await self.describe(r) for r in self._records()]))
+        if isinstance(request, k1.ShowVm):
+            return k1.Shown(await self.describe(self._record(request.name)))
+        return k1.CaCertificate(self.credential.cert_pem.decode())
 
     # -- the flow of DESIGN.md section 4 --------------------------------------
     async def restore(self) -> None:
@@ -139,94 +143,89 @@ class ManagerEnclave:
         for record in self._records():
             try:
                 await self._launch(record.instance_id)
-                status = await self._call(record.instance_id, {"op": "status"})
-                record.state = status.get("state", "unknown")
+                record.state = (await self._call(record.instance_id, admin.GetStatus())).state
             except _UNREACHABLE as exc:
                 record.state = "error"
                 log.log("manager.restore_failed", vm=record.name, reason=str(exc))
             log.log("manager.restored", vm=record.name, state=record.state)
 
-    async def create(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def create(self, request: k1.CreateVm) -> k1.Created:
         try:
-            name = check_vm_name(request["name"])
+            name = check_vm_name(request.name)
         except ValueError as exc:
             raise ManagerError(str(exc)) from None
         if name in self.registry.instances:
             raise ManagerError(f"VM {name!r} already exists")
-        vm_key = serialization.load_der_public_key(bytes.fromhex(request["vm_spki_der"]))
+        vm_key = serialization.load_der_public_key(request.vm_spki_der)
         if not isinstance(vm_key, ec.EllipticCurvePublicKey):
             raise ManagerError("the VM key must be an ECDSA public key")
         vm_spki = _spki_sha256_of(vm_key)
-        banks = [str(b) for b in request.get("pcr_banks", ["sha256"])]
         record = InstanceRecord(
             name=name,
             instance_id=os.urandom(16).hex(),
             vm_spki_sha256=vm_spki.hex(),
-            pcr_banks=banks,
-            ek=[str(e) for e in request.get("ek", [])],
+            pcr_banks=list(request.pcr_banks),
+            ek=list(request.ek),
             created=time.time(),
         )
         launched = await self._launch(record.instance_id)
         try:
-            reply = await self._manufacture(record)
+            status = await self._manufacture(record)
         except BaseException:
             await self._stop(record.instance_id, erase=True)
             raise
-        record.state = reply["state"]
-        record.mrenclave = reply["mrenclave"]
-        record.mrsigner = reply["mrsigner"]
+        record.state = status.state
+        record.mrenclave = status.mrenclave
+        record.mrsigner = status.mrsigner
         self.registry.instances[name] = record
         self.store.save(self.registry)
         log.log("manager.instance_created", vm=name, instance=record.instance_id,
-                pid=launched.get("pid"))
-        return {
-            "ok": True,
-            "instance": await self.describe(record),
-            "vm_cert_pem": self._issue_vm_certificate(name, vm_key),
-            "ca_cert_pem": self.credential.cert_pem.decode(),
-        }
-
-    async def _manufacture(self, record: InstanceRecord) -> dict[str, Any]:
-        """Provision the new instance: bind the VM, create and certify its EKs."""
-        reply = await self._call(
-            record.instance_id,
-            {
-                "op": "provision",
-                "vm_id": record.name,
-                "vm_spki_sha256": record.vm_spki_sha256,
-                "pcr_banks": record.pcr_banks,
-                "ek": record.ek,
-            },
+                pid=launched.pid)
+        return k1.Created(
+            instance=await self.describe(record),
+            vm_cert_pem=self._issue_vm_certificate(name, vm_key),
+            ca_cert_pem=self.credential.cert_pem.decode(),
         )
-        if not reply.get("ok"):
-            raise ManagerError(f"provisioning failed: {reply.get('error')}")
-        spec = TpmSpecification(**reply["tpm_spec"])
-        certs: dict[str, str] = {}
+
+    async def _manufacture(self, record: InstanceRecord) -> admin.InstanceStatus:
+        """Provision the new instance: bind the VM, create and certify its EKs."""
+        provisioned = await self._call(
+            record.instance_id,
+            admin.Provision(
+                vm_id=record.name,
+                vm_spki_sha256=bytes.fromhex(record.vm_spki_sha256),
+                pcr_banks=tuple(record.pcr_banks),
+                ek=tuple(record.ek),
+            ),
+            failed="provisioning failed",
+        )
+        tpm = provisioned.tpm_spec
+        spec = TpmSpecification(family=tpm.family, level=tpm.level, revision=tpm.revision)
+        certs: dict[str, bytes] = {}
         first_key = None
-        for ek in reply["eks"]:
+        for ek in provisioned.eks:
             # TPM2B_PUBLIC: a u16 size, then the TPMT_PUBLIC the EK certificate is for.
-            key = public_key_from_tpmt(bytes.fromhex(ek["public_area"])[2:])
+            key = public_key_from_tpmt(ek.public_area[2:])
             first_key = first_key or key
-            der = issue_ek_certificate(
+            certs[ek.alg] = issue_ek_certificate(
                 self.ca_key, self.credential.certificate, key, spec=spec
             )
-            certs[ek["alg"]] = der.hex()
-        assert first_key is not None
+        if first_key is None:
+            raise ManagerError("provisioning failed: the instance created no EK")
         platform = issue_platform_certificate(self.ca_key, self.credential.certificate, first_key)
-        reply = await self._call(
+        status = await self._call(
             record.instance_id,
-            {"op": "certify", "ek_certificates": certs, "platform_certificate": platform.hex()},
+            admin.Certify(ek_certificates=certs, platform_certificate=platform),
+            failed="EK certification failed",
         )
-        if not reply.get("ok"):
-            raise ManagerError(f"EK certification failed: {reply.get('error')}")
         record.ek = list(certs)
-        record.ek_certificates = certs
-        return reply
+        record.ek_certificates = {alg: der.hex() for alg, der in certs.items()}
+        return status
 
-    async def destroy(self, name: str) -> dict[str, Any]:
+    async def destroy(self, name: str) -> k1.Done:
         record = self._record(name)
         try:
-            await self._call(record.instance_id, {"op": "destroy"})
+            await self._call(record.instance_id, admin.Destroy())
         except _UNREACHABLE as exc:
             # An instance that cannot be reached (dead, refusing its state)
             # is still destroyed: hostd removes its files below.
@@ -235,24 +234,34 @@ class ManagerEnclave:
         del self.registry.instances[name]
         self.store.save(self.registry)
         log.log("manager.instance_destroyed", vm=name, instance=record.instance_id)
-        return {"ok": True}
+        return k1.Done()
 
-    async def describe(self, record: InstanceRecord) -> dict[str, Any]:
-        info = asdict(record)
-        info.pop("vm_spki_sha256", None)
-        host = await self._control({"op": "instance_info", "instance_id": record.instance_id})
-        info["pid"] = host.get("pid")
-        info["alive"] = bool(host.get("alive"))
-        if info["alive"]:
+    async def describe(self, record: InstanceRecord) -> k1.InstanceInfo:
+        host = await self._control(control.QueryInstance(record.instance_id))
+        if isinstance(host, Refused):
+            host = control.InstanceProcess(alive=False, pid=None, reason=host.error)
+        if host.alive:
             try:
-                status = await self._call(record.instance_id, {"op": "status"})
-                info["state"] = status.get("state", "unknown")
-                info["reason"] = status.get("reason", "")
+                status = await self._call(record.instance_id, admin.GetStatus())
+                state, reason = status.state, status.reason
             except _UNREACHABLE as exc:
-                info["state"], info["reason"] = "error", f"unreachable: {exc}"
+                state, reason = "error", f"unreachable: {exc}"
         else:
-            info["state"], info["reason"] = "stopped", host.get("reason", "")
-        return info
+            state, reason = "stopped", host.reason
+        return k1.InstanceInfo(
+            name=record.name,
+            instance_id=record.instance_id,
+            pcr_banks=tuple(record.pcr_banks),
+            ek=tuple(record.ek),
+            created=record.created,
+            state=state,
+            mrenclave=record.mrenclave,
+            mrsigner=record.mrsigner,
+            ek_certificates=dict(record.ek_certificates),
+            pid=host.pid,
+            alive=host.alive,
+            reason=reason,
+        )
 
     # -- helpers ------------------------------------------------------------
     def _records(self) -> list[InstanceRecord]:
@@ -264,27 +273,26 @@ class ManagerEnclave:
             raise ManagerError(f"no VM named {name!r}")
         return record
 
-    async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _control(self, request: Request[_R]) -> _R | Refused:
         assert self.mux is not None
-        return await self.mux.control(request)
+        return await control_call(self.mux, request)
 
-    async def _launch(self, instance_id: str) -> dict[str, Any]:
+    async def _launch(self, instance_id: str) -> control.Launched:
         reply = await self._control(
-            {
-                "op": "launch_instance",
-                "instance_id": instance_id,
-                "manager_cert_pem": self.credential.cert_pem.decode(),
-            }
+            control.LaunchInstance(instance_id, self.credential.cert_pem.decode())
         )
-        if not reply.get("ok"):
-            raise ManagerError(f"the loader could not launch the instance: {reply.get('error')}")
+        if isinstance(reply, Refused):
+            raise ManagerError(f"the loader could not launch the instance: {reply.error}")
         return reply
 
     async def _stop(self, instance_id: str, erase: bool = False) -> None:
-        await self._control({"op": "stop_instance", "instance_id": instance_id, "erase": erase})
+        await self._control(control.StopInstance(instance_id, erase=erase))
 
-    async def _call(self, instance_id: str, request: dict[str, Any]) -> dict[str, Any]:
-        """One request over an attested session to an instance enclave (S3 both ways)."""
+    async def _call(
+        self, instance_id: str, request: Request[_R], failed: str = "the instance refused"
+    ) -> _R:
+        """One request over an attested session to an instance enclave (S3 both ways);
+        ManagerError(``failed``: why) if the instance refuses it or answers nonsense."""
         assert self.mux is not None
         client = ClientSession(
             peer_policy(self.platform.identity.mrsigner, "instance"),
@@ -294,14 +302,18 @@ class ManagerEnclave:
         )
         session = await asyncio.wait_for(self.mux.open(instance_id, client), CALL_TIMEOUT)
         try:
-            await session.send(json.dumps(request).encode())
-            reply: dict[str, Any] = json.loads(
-                await asyncio.wait_for(session.recv(), CALL_TIMEOUT)
+            await session.send(admin.encode_request(request))
+            reply = admin.decode_reply(
+                request, await asyncio.wait_for(session.recv(), CALL_TIMEOUT)
             )
         except EOFError:
             raise ManagerError("the instance closed the session") from None
+        except admin.AdminProtocolError as exc:
+            raise ManagerError(f"{failed}: {exc}") from None
         finally:
             await session.close()
+        if isinstance(reply, Refused):
+            raise ManagerError(f"{failed}: {reply.error}")
         return reply
 
     def _issue_vm_certificate(self, name: str, vm_key: ec.EllipticCurvePublicKey) -> str:
@@ -341,6 +353,11 @@ def hashes_sha256(data: bytes) -> bytes:
     return digest.finalize()
 
 
+async def control_call(mux: RelayMux, request: Request[_R]) -> _R | Refused:
+    """Ask hostd ``request`` over CONTROL; its reply (ControlProtocolError if malformed)."""
+    return control.reply_from_json(request, await mux.control(control.request_to_json(request)))
+
+
 def _tell_host_refused(stream: socket.socket, reason: str) -> None:
     """Tell hostd why the manager will not run, so it can stop relaunching it and say so.
 
@@ -355,7 +372,7 @@ def _tell_host_refused(stream: socket.socket, reason: str) -> None:
         mux.start()
         try:
             # Waiting for the answer: hostd has acted on it before it sees us exit.
-            await asyncio.wait_for(mux.control({"op": "manager_refused", "reason": reason}), 10)
+            await asyncio.wait_for(control_call(mux, control.ManagerRefused(reason)), 10)
         except (TimeoutError, ConnectionError):
             pass
         finally:
@@ -384,6 +401,6 @@ def main(platform: EnclavePlatform, stream: socket.socket, args: Mapping[str, An
         manager.mux = mux
         async with manager.lock:
             await manager.restore()
-        await mux.control({"op": "manager_ready"})
+        await control_call(mux, control.ManagerReady())
 
     asyncio.run(runtime.run(after_start))

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.platform.base import EnclavePlatform, KeyName, KeyPolicy, KeyRequest
 
 MAGIC = b"SGXVTPMS"
@@ -50,7 +51,7 @@ class SealKind(enum.IntEnum):
     STATE_BLOB_SAVESTATE = 5
 
 
-class SealError(Exception):
+class SealError(SgxvtpmError):
     """A sealed blob was refused: damaged, foreign, or older than the platform counter.
 
     The message is for the operator's log and ``vm show``; it says what is

@@ -22,6 +22,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.platform.base import EnclaveSpec, MeasurementPolicy, PlatformKind
 
 PACKAGE = "sgxvtpm"
@@ -48,8 +49,12 @@ MANAGER_ENTRY = "sgxvtpm.enclaves.manager:main"
 INSTANCE_ENTRY = "sgxvtpm.enclaves.instance:main"
 
 
-class EnclaveCodeError(RuntimeError):
-    """Enclave code imports something that must stay outside enclaves."""
+class EnclaveCodeError(SgxvtpmError, RuntimeError):
+    """Enclave code imports something that must stay outside enclaves.
+
+    Move that code out of the enclave's imports: enclaves may import only the
+    layers below them (docs/ARCHITECTURE.md, "Layers and seams").
+    """
 
 
 def module_path(name: str) -> Path | None:

@@ -34,6 +34,7 @@ import struct
 from collections.abc import Callable
 from typing import ClassVar, Protocol
 
+from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.tpm.constants import HEADER_SIZE, TPM2_CC, TPM2_RC, TPM2_SU
 from sgxvtpm.tpm.engine import EngineError, EngineMisuseError, StateType
 from sgxvtpm.tpm.wire import error_response, shutdown
@@ -86,8 +87,12 @@ class Engine(Protocol):
     def get_info(self, flags: int) -> str: ...
 
 
-class BlobCipherError(Exception):
-    """A state blob did not decrypt (wrong key, tampered, or not ours)."""
+class BlobCipherError(SgxvtpmError):
+    """A state blob did not decrypt (wrong key, tampered, not ours, or not the latest).
+
+    The instance answers SET_STATEBLOB with an error: give back, unchanged, the
+    blob this VM's instance exported last.
+    """
 
 
 class BlobCipher(Protocol):

@@ -20,6 +20,7 @@ import threading
 from typing import Protocol
 
 from sgxvtpm.enclaves.vtpm_core import VtpmCore
+from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.tpm.constants import TPM2_RC
 from sgxvtpm.tpm.wire import error_response
 from sgxvtpm.util import log
@@ -50,8 +51,11 @@ class VtpmBackend(Protocol):
     def close(self) -> None: ...
 
 
-class VtpmRefused(Exception):
-    """The vTPM answered a TPM command with a TPM_RESULT error (not powered on, ...)."""
+class VtpmRefused(SgxvtpmError):
+    """The vTPM answered a TPM command with a TPM_RESULT error (not powered on, ...).
+
+    Power the TPM on (INIT) before sending commands; the result code says the rest.
+    """
 
 
 class MessageBackend(abc.ABC):

@@ -44,6 +44,7 @@ from sgxvtpm.channel import (
 from sgxvtpm.enclaves.specs import expected_policy
 from sgxvtpm.endpoint.backend import MessageBackend
 from sgxvtpm.endpoint.streams import timeval
+from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.platform.base import MeasurementPolicy, QuoteVerifier
 from sgxvtpm.vmm.credentials import Credentials, CredentialsError
@@ -63,8 +64,11 @@ REQUEST_TIMEOUT = 300.0  # an RSA key generation on a loaded host can take secon
 _READ = 17 * 1024  # one TLS record (16 KiB + overhead)
 
 
-class K2Error(Exception):
-    """The instance could not be reached or the session broke; the message says which."""
+class K2Error(SgxvtpmError):
+    """The instance could not be reached or the session broke; the message says which.
+
+    Check that hostd runs and that the VM exists (``sgxvtpm vm show NAME``), then reconnect.
+    """
 
 
 class K2Busy(K2Error):

@@ -15,6 +15,8 @@ import struct
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
+from sgxvtpm.errors import SgxvtpmError
+
 T = TypeVar("T")
 
 #: A client must finish a message it started within this many seconds.
@@ -31,8 +33,11 @@ class Decoder(Protocol):
     def pending(self) -> int: ...
 
 
-class FrameTimeout(Exception):
-    """The peer started a message and did not finish it in time."""
+class FrameTimeout(SgxvtpmError):
+    """The peer started a message and did not finish it in time.
+
+    The connection is closed; the client must reconnect and send whole messages.
+    """
 
 
 def timeval(seconds: float | None) -> bytes:

@@ -37,6 +37,7 @@ from sgxvtpm.endpoint.ctrl import SUPPORTED_CAPS, CtrlHandler
 from sgxvtpm.endpoint.lifecycle import StopFlag
 from sgxvtpm.endpoint.listeners import OWNER_ONLY, Listeners, SocketAccess
 from sgxvtpm.endpoint.streams import FRAME_TIMEOUT, FrameTimeout, Stream, next_message
+from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.tpm.wire import error_response
 from sgxvtpm.util import log
 from sgxvtpm.wire import mssim
@@ -55,8 +56,11 @@ IDLE_TIMEOUT = 60.0
 _BAD_CTRL_INPUT = encode_response(CtrlResponse(CtrlCmd.INIT, result=TpmResult.BAD_PARAMETER))
 
 
-class EndpointError(Exception):
-    """The endpoint could not start (address in use, backend refused INIT, ...)."""
+class EndpointError(SgxvtpmError):
+    """The endpoint could not start (address in use, backend refused INIT, ...).
+
+    Choose a free socket path or port, or check the VM's instance (``sgxvtpm vm show``).
+    """
 
 
 class _TssBase:

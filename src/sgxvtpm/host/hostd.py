@@ -35,11 +35,14 @@ from typing import Any
 from cryptography import x509
 
 from sgxvtpm.enclaves.specs import instance_spec, manager_spec
+from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.host.switch import Connection, Relay
 from sgxvtpm.platform import DEFAULT_PLATFORM, open_platform
 from sgxvtpm.platform.base import EnclaveHandle, EnclaveSpec, PlatformError
 from sgxvtpm.util import log
+from sgxvtpm.wire import control
+from sgxvtpm.wire.control import Refused
 
 PRELOAD = ("sgxvtpm.enclaves.manager", "sgxvtpm.enclaves.instance")
 RELEASE = "sgxvtpm.enclaves.specs:release"
@@ -49,6 +52,7 @@ RELEASE = "sgxvtpm.enclaves.specs:release"
 CRASH_UPTIME = 2.0
 MAX_BACKOFF = 5.0
 STOP_TIMEOUT = 5.0
+_MANAGER_ONLY = "only the manager enclave may ask that"
 
 
 RESET_EFFECT = (
@@ -58,8 +62,12 @@ RESET_EFFECT = (
 )
 
 
-class HostdError(Exception):
-    """hostd cannot start; the message says why (one line for the CLI)."""
+class HostdError(SgxvtpmError):
+    """hostd cannot start; the message says why (one line for the CLI).
+
+    Fix what it names (a user, a file, another hostd on the same state
+    directory) and start hostd again.
+    """
 
 
 @dataclass(frozen=True)
@@ -255,41 +263,48 @@ class Hostd:
             log.log("hostd.relaunch_failed", enclave=enclave.name, reason=str(exc))
 
     # -- the manager's requests (CONTROL frames) ------------------------------
-    async def on_control(self, conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
-        op = request.get("op")
-        if op == "ping":
-            return {"ok": True, "manager_ready": self.manager_ready.is_set()}
-        if op == "wait_ready":
+    async def on_control(self, conn: Connection, obj: dict[str, Any]) -> dict[str, Any]:
+        """The switch's handler of CONTROL requests (sgxvtpm/wire/control.py)."""
+        try:
+            request = control.request_from_json(obj)
+        except control.ControlProtocolError as exc:
+            if conn.name != "manager":  # as before: a client learns no more than that
+                return control.reply_to_json(Refused(_MANAGER_ONLY))
+            return control.reply_to_json(Refused(str(exc)))
+        return control.reply_to_json(await self._answer(conn, request))
+
+    async def _answer(
+        self, conn: Connection, request: control.ControlRequest
+    ) -> control.Reply | Refused:
+        if isinstance(request, control.Ping):
+            return control.Pong(manager_ready=self.manager_ready.is_set())
+        if isinstance(request, control.WaitReady):
             await asyncio.wait_for(self.manager_ready.wait(), 60)
-            return {"ok": True}
-        if op == "platform_root":
+            return control.Done()
+        if isinstance(request, control.GetPlatformRoot):
             # Public, and only a claim: clients pin it on first contact and later
             # compare, they never verify against what hostd says now.
-            return {"ok": True, "root_ca_pem": self.platform.attestation_root_pem.decode()}
+            return control.PlatformRoot(self.platform.attestation_root_pem.decode())
         if conn.name != "manager":
-            return {"ok": False, "error": "only the manager enclave may ask that"}
-        if op == "manager_ready":
+            return Refused(_MANAGER_ONLY)
+        if isinstance(request, control.ManagerReady):
             self.manager_ready.set()
             self.manager_ever_ready = True
             # The reset was done once; a relaunch after a crash opens the new registry.
             self.enclaves["manager"].args.pop("reset_registry", None)
-            return {"ok": True}
-        if op == "manager_refused":
-            return self._manager_refused(str(request.get("reason", "")))
-        instance_id = str(request.get("instance_id", ""))
-        if op in ("launch_instance", "stop_instance", "instance_info") and not _valid_id(
-            instance_id
-        ):
-            return {"ok": False, "error": "bad instance id"}
-        if op == "launch_instance":
-            return await self._launch_instance(instance_id, str(request["manager_cert_pem"]))
-        if op == "stop_instance":
-            return await self._stop_instance(instance_id, bool(request.get("erase")))
-        if op == "instance_info":
-            return self._instance_info(instance_id)
-        return {"ok": False, "error": f"unknown op {op!r}"}
+            return control.Done()
+        if isinstance(request, control.ManagerRefused):
+            return self._manager_refused(request.reason)
+        if isinstance(request, control.LaunchInstance):
+            return await self._launch_instance(request.instance_id, request.manager_cert_pem)
+        if isinstance(request, control.StopInstance):
+            return await self._stop_instance(request.instance_id, request.erase)
+        if isinstance(request, control.QueryInstance):
+            return self._instance_info(request.instance_id)
+        # Handoff: the switch answers it before this handler sees it.
+        return Refused(f"{request.OP} is not hostd's to answer")
 
-    def _manager_refused(self, reason: str) -> dict[str, Any]:
+    def _manager_refused(self, reason: str) -> control.Done:
         """The manager will not run on this registry (missing, damaged, rolled back).
 
         At start-up hostd gives up with that reason as its one line: relaunching
@@ -302,14 +317,16 @@ class Hostd:
             self.enclaves["manager"].wanted = False
             self.fatal = f"the manager enclave refused to start: {reason}"
             self.stop_requested.set()
-        return {"ok": True}
+        return control.Done()
 
-    async def _launch_instance(self, instance_id: str, manager_cert_pem: str) -> dict[str, Any]:
+    async def _launch_instance(
+        self, instance_id: str, manager_cert_pem: str
+    ) -> control.Launched | Refused:
         x509.load_pem_x509_certificate(manager_cert_pem.encode())  # well-formed, at least
         enclave = self.enclaves.get(instance_id)
         if enclave is not None and enclave.handle is not None and instance_id in self.relay.targets:
             enclave.args["manager_cert_pem"] = manager_cert_pem
-            return {"ok": True, "pid": enclave.handle.pid, "already_running": True}
+            return control.Launched(enclave.handle.pid, already_running=True)
         directory = self.state.instance(instance_id)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         enclave = Enclave(
@@ -325,28 +342,24 @@ class Hostd:
         try:
             handle = await self._launch(enclave)
         except Exception as exc:
-            return {"ok": False, "error": str(exc)}
-        return {"ok": True, "pid": handle.pid, "mrenclave": handle.identity.mrenclave.hex()}
+            return Refused(str(exc))
+        return control.Launched(handle.pid, mrenclave=handle.identity.mrenclave.hex())
 
-    async def _stop_instance(self, instance_id: str, erase: bool) -> dict[str, Any]:
+    async def _stop_instance(self, instance_id: str, erase: bool) -> control.Done:
         enclave = self.enclaves.pop(instance_id, None)
         if enclave is not None:
             enclave.wanted = False
             await asyncio.to_thread(self._stop_process, enclave)
         if erase:
             shutil.rmtree(self.state.instance(instance_id), ignore_errors=True)
-        return {"ok": True}
+        return control.Done()
 
-    def _instance_info(self, instance_id: str) -> dict[str, Any]:
+    def _instance_info(self, instance_id: str) -> control.InstanceProcess:
         enclave = self.enclaves.get(instance_id)
         if enclave is None or enclave.handle is None:
-            return {"ok": True, "alive": False, "pid": None, "reason": "not launched"}
+            return control.InstanceProcess(alive=False, pid=None, reason="not launched")
         alive = instance_id in self.relay.targets
-        return {"ok": True, "alive": alive, "pid": enclave.handle.pid, "reason": enclave.reason}
-
-
-def _valid_id(instance_id: str) -> bool:
-    return len(instance_id) == 32 and all(c in "0123456789abcdef" for c in instance_id)
+        return control.InstanceProcess(alive=alive, pid=enclave.handle.pid, reason=enclave.reason)
 
 
 def _raise_fd_limit() -> None:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from sgxvtpm.errors import SgxvtpmError
+
 REPORT_DATA_SIZE = 64
 REPORT_BODY_SIZE = 384
 REPORT_SIZE = 432  # body + KEYID(32) + MAC(16), SDM 38.15
@@ -42,8 +44,12 @@ SGX_FLAGS_EINITTOKENKEY = 0x20
 SGX_FLAGS_KSS = 0x80
 
 
-class PlatformError(Exception):
-    """A platform primitive failed; the message says which and why."""
+class PlatformError(SgxvtpmError):
+    """A platform primitive failed; the message says which and why.
+
+    hostd's log has the details; an incomplete or replaced platform directory
+    is refused on purpose (SECURITY.md), never repaired.
+    """
 
 
 class AttestationError(PlatformError):
@@ -51,6 +57,8 @@ class AttestationError(PlatformError):
 
     One opaque error for every reason (bad MAC or signature, unknown root,
     malformed layout): the detailed reason is logged where it was found.
+    Do not trust that enclave; a platform replaced on purpose needs its new
+    root pinned again (``vmm/credentials.py``).
     """
 
 

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
+from sgxvtpm.wire import control
 from sgxvtpm.wire import relay as frames
+from sgxvtpm.wire.jsonmsg import R, Refused, Request
 
 
-async def hostd_control(sock: Path, request: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
-    """Send one CONTROL request to the hostd at ``sock``; its answer."""
+async def hostd_control(sock: Path, request: Request[R], timeout: float = 60) -> R | Refused:
+    """Send one CONTROL request (sgxvtpm/wire/control.py) to the hostd at ``sock``; its answer."""
     reader, writer = await asyncio.open_unix_connection(str(sock))
     try:
-        writer.write(frames.encode(frames.Frame.control({**request, "id": 1})))
+        writer.write(frames.encode(frames.Frame.control(control.request_to_json(request))))
         await writer.drain()
         decoder = frames.RelayDecoder()
         while True:
@@ -27,6 +28,6 @@ async def hostd_control(sock: Path, request: dict[str, Any], timeout: float = 60
             decoder.receive_data(data)
             frame = decoder.next_frame()
             if frame is not None:
-                return frame.control_object()
+                return control.reply_from_json(request, frame.control_object())
     finally:
         writer.close()

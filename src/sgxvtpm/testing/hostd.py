@@ -16,6 +16,7 @@ from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.testing.control import hostd_control
 from sgxvtpm.vmm.credentials import ENV as CREDENTIALS_ENV
 from sgxvtpm.vmm.credentials import Credentials
+from sgxvtpm.wire.control import Refused, WaitReady
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
@@ -35,8 +36,8 @@ def wait_ready(
             raise RuntimeError(f"hostd exited with status {proc.returncode}")
         if sock.exists():
             try:
-                reply = asyncio.run(hostd_control(sock, {"op": "wait_ready"}))
-                if reply.get("ok"):
+                reply = asyncio.run(hostd_control(sock, WaitReady()))
+                if not isinstance(reply, Refused):
                     return
             except (OSError, TimeoutError, ConnectionError):
                 pass

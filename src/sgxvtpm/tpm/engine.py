@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from sgxvtpm.errors import SgxvtpmError, UsageError
 from sgxvtpm.tpm.constants import HEADER_SIZE, LIBTPMS_MAX_BUFFER, TPM2_CC, TPM2_RC, TPM2_SU
 from sgxvtpm.tpm.wire import error_response, shutdown, validate_command
 from sgxvtpm.util import log, measured
@@ -97,7 +98,7 @@ class MemoryStateStore:
         self.blobs.pop(name, None)
 
 
-class EngineError(Exception):
+class EngineError(SgxvtpmError):
     """libtpms refused an operation; ``result`` is its TPM_RESULT.
 
     For a failed start() the cause (e.g. the store's error) is chained as
@@ -109,7 +110,7 @@ class EngineError(Exception):
         super().__init__(f"{message} (TPM_RESULT {result:#x})")
 
 
-class EngineMisuseError(RuntimeError):
+class EngineMisuseError(UsageError, RuntimeError):
     """The engine was used in the wrong state (a bug in the caller).
 
     Examples: a second engine started in one process (run each TPM in its own

@@ -20,6 +20,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from sgxvtpm.errors import RemoteProtocolError, SgxvtpmError
 from sgxvtpm.tpm.constants import (
     HEADER_SIZE,
     LIBTPMS_MAX_BUFFER,
@@ -59,7 +60,7 @@ _COMMAND_TAGS = frozenset({TPM2_ST.NO_SESSIONS, TPM2_ST.SESSIONS})
 PCR_SELECT_SIZE = 3
 
 
-class TpmProtocolError(ValueError):
+class TpmProtocolError(RemoteProtocolError, ValueError):
     """Bytes that are not a well-formed TPM response.
 
     The peer (TPM or relay) sent a truncated or inconsistent message. Drop
@@ -67,7 +68,7 @@ class TpmProtocolError(ValueError):
     """
 
 
-class TpmResponseError(Exception):
+class TpmResponseError(SgxvtpmError):
     """A well-formed TPM response carrying an error code.
 
     ``rc`` is the raw response code; ``str()`` names it. TPM_RC_RETRY,

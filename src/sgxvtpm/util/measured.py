@@ -11,12 +11,18 @@ used as usual; inside one, an unmeasured library is refused.
 
 from __future__ import annotations
 
+from sgxvtpm.errors import SgxvtpmError
+
 _libraries: dict[str, str] = {}
 _in_enclave = False
 
 
-class UnmeasuredLibraryError(RuntimeError):
-    """An enclave asked for a shared object its measurement does not contain."""
+class UnmeasuredLibraryError(SgxvtpmError, RuntimeError):
+    """An enclave asked for a shared object its measurement does not contain.
+
+    Load it only where it is measured (an instance enclave's libtpms, see
+    enclaves/specs.py), or add it to that enclave's measured code.
+    """
 
 
 def enter_enclave(libraries: dict[str, str]) -> None:

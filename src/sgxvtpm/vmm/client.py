@@ -12,8 +12,7 @@ The operator identity, the pinned attestation root and the VM bindings
 from __future__ import annotations
 
 import asyncio
-import json
-from typing import Any
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -22,17 +21,27 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sgxvtpm.channel import ClientCredential, ClientSession
 from sgxvtpm.enclaves.manager import CA_COMMON_NAME
 from sgxvtpm.enclaves.specs import expected_policy
+from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.mux.aio import open_client_session
 from sgxvtpm.platform.base import MeasurementPolicy, QuoteVerifier
 from sgxvtpm.vmm.credentials import Credentials, CredentialsError, verifier_for
+from sgxvtpm.wire import k1
+from sgxvtpm.wire.jsonmsg import Refused, Reply, Request
 
 CONNECT_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 120.0
 
 
-class VmmError(Exception):
-    """The manager refused a request or could not be reached; the message says why."""
+_R = TypeVar("_R", bound=Reply)
+
+
+class VmmError(SgxvtpmError):
+    """The manager refused a request or could not be reached; the message says why.
+
+    A refusal names what to change (the VM's name, its key); an unreachable
+    hostd or a changed platform names the socket or the pinned file to check.
+    """
 
 
 class VmmClient:
@@ -81,7 +90,8 @@ class VmmClient:
                 raise VmmError(str(exc)) from None
         return self._root_pem
 
-    async def request(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def request(self, request: Request[_R]) -> _R:
+        """One K1 request (sgxvtpm/wire/k1.py) to the manager; VmmError if it is refused."""
         session = ClientSession(
             self._policy or expected_policy("manager", self.host.platform),
             await self.verifier(),
@@ -98,14 +108,15 @@ class VmmClient:
             open_client_session(reader, writer, session, "manager"), CONNECT_TIMEOUT
         )
         try:
-            await wrapped.send(json.dumps(request).encode())
-            reply: dict[str, Any] = json.loads(
-                await asyncio.wait_for(wrapped.recv(), REQUEST_TIMEOUT)
-            )
+            await wrapped.send(k1.encode_request(request))
+            data = await asyncio.wait_for(wrapped.recv(), REQUEST_TIMEOUT)
+            reply = k1.decode_reply(request, data)
+        except k1.K1ProtocolError as exc:
+            raise VmmError(f"the manager's reply is not understood: {exc}") from None
         finally:
             await wrapped.close()
-        if not reply.get("ok"):
-            raise VmmError(str(reply.get("error", "request refused")))
+        if isinstance(reply, Refused):
+            raise VmmError(reply.error)
         return reply
 
     # -- the operations -------------------------------------------------------
@@ -117,7 +128,7 @@ class VmmClient:
         ek: list[str] | None = None,
         vm_public_key: ec.EllipticCurvePublicKey | None = None,
         export: Credentials | None = None,
-    ) -> dict[str, Any]:
+    ) -> k1.InstanceInfo:
         """Create VM ``name``; its binding goes to this client's credentials directory,
         or to ``export`` (for whoever runs the VM's endpoint) with this host's pinned root."""
         host = self.host if export is None else export.host(self.state)
@@ -134,39 +145,38 @@ class VmmClient:
         spki = vm_public_key.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        reply = await self.request(
-            {
-                "op": "create",
-                "name": name,
-                "vm_spki_der": spki.hex(),
-                "pcr_banks": pcr_banks or ["sha256"],
-                "ek": ek or [],
-            }
+        created = await self.request(
+            k1.CreateVm(
+                name,
+                spki,
+                pcr_banks=tuple(pcr_banks or k1.DEFAULT_PCR_BANKS),
+                ek=tuple(ek or ()),
+            )
         )
         try:
             host.write_binding(
                 name,
                 key=key,
-                vm_cert_pem=reply["vm_cert_pem"],
-                ca_cert_pem=reply["ca_cert_pem"],
-                instance=reply["instance"],
+                vm_cert_pem=created.vm_cert_pem,
+                ca_cert_pem=created.ca_cert_pem,
+                instance=created.instance,
             )
         except (CredentialsError, OSError) as exc:
             raise VmmError(f"{name} was created, but its binding was not stored: {exc}") from None
-        return dict(reply["instance"])
+        return created.instance
 
     async def destroy(self, name: str, *, export: Credentials | None = None) -> None:
-        await self.request({"op": "destroy", "name": name})
+        await self.request(k1.DestroyVm(name))
         self.host.remove_binding(name)
         if export is not None:
             export.host(self.state).remove_binding(name)
 
-    async def list(self) -> list[dict[str, Any]]:
-        return list((await self.request({"op": "list"}))["instances"])
+    async def list(self) -> list[k1.InstanceInfo]:
+        return list((await self.request(k1.ListVms())).instances)
 
-    async def show(self, name: str) -> dict[str, Any]:
-        return dict((await self.request({"op": "show", "name": name}))["instance"])
+    async def show(self, name: str) -> k1.InstanceInfo:
+        return (await self.request(k1.ShowVm(name))).instance
 
     async def ca_certificate(self) -> x509.Certificate:
-        pem = (await self.request({"op": "ca"}))["ca_cert_pem"]
+        pem = (await self.request(k1.GetCaCertificate())).ca_cert_pem
         return x509.load_pem_x509_certificate(pem.encode())

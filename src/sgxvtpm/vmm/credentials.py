@@ -37,12 +37,21 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sgxvtpm.channel import ClientCredential
+from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.platform import DEFAULT_PLATFORM, platform_kind
 from sgxvtpm.platform.base import PlatformError, PlatformKind, QuoteVerifier
 from sgxvtpm.util.durable import atomic_write
 from sgxvtpm.util.keyfile import write_private_key
 from sgxvtpm.wire import relay as frames
+from sgxvtpm.wire.control import (
+    ControlProtocolError,
+    GetPlatformRoot,
+    Refused,
+    reply_from_json,
+    request_to_json,
+)
+from sgxvtpm.wire.k1 import InstanceInfo
 
 ENV = "SGXVTPM_CONFIG_DIR"
 OPERATOR_CN = "sgxvtpm operator"
@@ -50,8 +59,12 @@ ROOT_QUERY_TIMEOUT = 10.0
 BINDING_FILES = ("vm.key", "vm.crt", "ca.crt", "instance.json")
 
 
-class CredentialsError(Exception):
-    """A credential is missing, unreadable, or a pinned trust anchor changed (one line)."""
+class CredentialsError(SgxvtpmError):
+    """A credential is missing, unreadable, or a pinned trust anchor changed (one line).
+
+    The message names the file: restore it or fix its permissions; remove a
+    pin only if its platform was replaced on purpose.
+    """
 
 
 def default_credentials_dir() -> Path:
@@ -207,7 +220,7 @@ class HostCredentials:
         key: ec.EllipticCurvePrivateKey | None,
         vm_cert_pem: str,
         ca_cert_pem: str,
-        instance: dict[str, object],
+        instance: InstanceInfo,
     ) -> Path:
         """Store VM ``name``'s binding (the key only when this side generated it)."""
         self.ensure()
@@ -222,7 +235,7 @@ class HostCredentials:
         atomic_write(directory / "vm.crt", vm_cert_pem.encode(), 0o644)
         atomic_write(directory / "ca.crt", ca_cert_pem.encode(), 0o644)
         atomic_write(directory / "instance.json",
-                     (json.dumps(instance, indent=2) + "\n").encode(), 0o644)
+                     (json.dumps(instance.to_json(), indent=2) + "\n").encode(), 0o644)
         return directory
 
     def remove_binding(self, name: str) -> None:
@@ -301,20 +314,17 @@ def presented_root(sock: Path, timeout: float = ROOT_QUERY_TIMEOUT) -> bytes | N
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(timeout)
             conn.connect(str(sock))
-            conn.sendall(frames.encode(frames.Frame.control({"op": "platform_root", "id": 1})))
+            conn.sendall(frames.encode(frames.Frame.control(request_to_json(GetPlatformRoot()))))
             decoder = frames.RelayDecoder()
             while (frame := decoder.next_frame()) is None:
                 data = conn.recv(65536)
                 if not data:
                     return None
                 decoder.receive_data(data)
-    except (OSError, frames.RelayProtocolError):
+        reply = reply_from_json(GetPlatformRoot(), frame.control_object())
+    except (OSError, frames.RelayProtocolError, ControlProtocolError):
         return None
-    reply = frame.control_object()
-    pem = reply.get("root_ca_pem")
-    if not reply.get("ok") or not isinstance(pem, str):
-        return None
-    return pem.encode()
+    return None if isinstance(reply, Refused) else reply.root_ca_pem.encode()
 
 
 def _read_pin(path: Path) -> bytes | None:

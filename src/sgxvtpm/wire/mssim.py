@@ -22,6 +22,7 @@ import enum
 import struct
 from dataclasses import dataclass
 
+from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
 from sgxvtpm.tpm.constants import HEADER_SIZE, LIBTPMS_MAX_BUFFER
 from sgxvtpm.wire._buffered import BufferedDecoder
 
@@ -29,12 +30,12 @@ _U32 = struct.Struct(">I")
 _SEND_HEADER = struct.Struct(">IBI")
 
 
-class MssimProtocolError(ValueError):
+class MssimProtocolError(RemoteProtocolError, ValueError):
     """The peer sent bytes that are not an mssim message: close the connection."""
 
 
-class MssimUsageError(ValueError):
-    """This side built an invalid mssim message."""
+class MssimUsageError(LocalProtocolError, ValueError):
+    """This side built an invalid mssim message. Nothing was sent; fix the caller."""
 
 
 class MssimCmd(enum.IntEnum):

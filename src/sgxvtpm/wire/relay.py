@@ -40,6 +40,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
+
 HEADER = struct.Struct(">BII")
 HEADER_SIZE = HEADER.size  # 9
 MAX_PAYLOAD = 256 * 1024
@@ -48,14 +50,15 @@ CONTROL_SESSION = 0
 RELAY_ASSIGNED = 0x8000_0000
 
 
-class RelayProtocolError(Exception):
+class RelayProtocolError(RemoteProtocolError):
     """The peer sent a malformed frame (unknown type, oversize, bad UTF-8 or
     JSON, wrong session id, stream cut mid-frame). Drop the connection; the
     decoder that raised it stays broken."""
 
 
-class RelayUsageError(ValueError):
-    """The local program tried to build or encode an invalid frame."""
+class RelayUsageError(LocalProtocolError, ValueError):
+    """The local program tried to build or encode an invalid frame. Nothing was
+    sent; fix the caller (the message says which field)."""
 
 
 class FrameType(enum.IntEnum):

@@ -35,6 +35,7 @@ import enum
 import struct
 from dataclasses import dataclass, field
 
+from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
 from sgxvtpm.tpm.constants import HEADER_SIZE, LIBTPMS_MAX_BUFFER, TPM2_RC
 from sgxvtpm.wire._buffered import BufferedDecoder
 
@@ -48,7 +49,7 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 
 
-class CtrlProtocolError(ValueError):
+class CtrlProtocolError(RemoteProtocolError, ValueError):
     """The peer sent bytes that are not a valid control (or data) message.
 
     The stream cannot be resynchronised: answer if the message type allows,
@@ -61,8 +62,9 @@ class CtrlProtocolError(ValueError):
         self.rc = rc
 
 
-class CtrlUsageError(ValueError):
-    """This side asked for an invalid message or misused a codec object."""
+class CtrlUsageError(LocalProtocolError, ValueError):
+    """This side asked for an invalid message or misused a codec object.
+    Nothing was sent; fix the caller."""
 
 
 class CtrlCmd(enum.IntEnum):

@@ -59,6 +59,8 @@ import enum
 import struct
 from dataclasses import dataclass
 
+from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
+
 MAX_LOCALITY = 4
 #: Upper bound for one message: state blobs of a TPM with full NV are a few
 #: hundred KiB at most; anything larger is refused before it is buffered.
@@ -72,7 +74,7 @@ _U64 = struct.Struct(">Q")
 _SIZES = struct.Struct(">III")
 
 
-class VtpmProtocolError(ValueError):
+class VtpmProtocolError(RemoteProtocolError, ValueError):
     """The peer sent a message that is not a valid vTPM request or response.
 
     The message is dropped; answer a request with TPM_BAD_PARAMETER (see
@@ -80,8 +82,8 @@ class VtpmProtocolError(ValueError):
     """
 
 
-class VtpmUsageError(ValueError):
-    """This side tried to build an invalid message (a bug in the caller)."""
+class VtpmUsageError(LocalProtocolError, ValueError):
+    """This side tried to build an invalid message. Nothing was sent; fix the caller."""
 
 
 class VtpmOp(enum.IntEnum):

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
 
+from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.platform.base import (
     REPORT_BODY_SIZE,
     AttestationError,
@@ -62,7 +63,7 @@ _HEADER = struct.Struct("<HHIHH16s20s")
 _SIG_FIXED = 64 + 64 + REPORT_BODY_SIZE + 64
 
 
-class _Reject(Exception):
+class _Reject(SgxvtpmError):
     """Internal: why a quote was refused (logged, never shown to the caller)."""
 
 

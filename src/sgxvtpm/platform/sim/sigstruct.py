@@ -25,7 +25,11 @@ _TAG = b"sgxvtpm-sim SIGSTRUCT v1\x00"
 
 
 class SigStructError(PlatformError):
-    """EINIT refused the enclave: its SIGSTRUCT is missing, malformed or does not match."""
+    """EINIT refused the enclave: its SIGSTRUCT is missing, malformed or does not match.
+
+    Only the release installed with the platform is signed: run the enclave
+    code installed there (restarting hostd as root signs what is installed).
+    """
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.platform.sim.measure import CodeFile
 
 _PREFIX = struct.Struct(">II")
 MAX_FDS = 4
 
 
-class ZygoteGone(Exception):
-    """The other end closed the control socket (the zygote or loader died)."""
+class ZygoteGone(SgxvtpmError):
+    """The other end closed the control socket (the zygote or loader died).
+
+    No enclave can be launched on this loader any more: restart hostd.
+    """
 
 
 def send_message(

@@ -1,0 +1,184 @@
+"""The manager's requests to an instance enclave (sans-IO).
+
+They go over an attested session the manager opens to the instance (the
+instance answers them only when the client certificate is the manager's),
+one JSON object per message, in the form of :mod:`sgxvtpm.wire.jsonmsg`.
+Manufacturing a VM's TPM is ``provision`` then ``certify``: the instance
+creates the EKs and returns their public areas, the manager's CA certifies
+them, and the certificates go back into the TPM's NV.
+
+==========  ==============================================  ===============================
+op          request fields                                  reply (``ok``)
+==========  ==============================================  ===============================
+status      -                                               state, reason, mrenclave,
+                                                            mrsigner, version
+provision   vm_id, vm_spki_sha256 (hex), pcr_banks,         eks (alg, public_area hex),
+            ek (EK algorithms)                              tpm_spec (family, level, revision)
+certify     ek_certificates (alg: DER hex),                 as status
+            platform_certificate (DER hex, may be empty)
+destroy     -                                               -
+==========  ==============================================  ===============================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias, cast
+
+from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
+from sgxvtpm.wire.jsonmsg import (
+    Codec,
+    Done,
+    Message,
+    R,
+    Refused,
+    Reply,
+    Request,
+    check_with,
+)
+
+__all__ = [
+    "AdminProtocolError",
+    "AdminRequest",
+    "AdminUsageError",
+    "Certify",
+    "Destroy",
+    "Done",
+    "EkPublicArea",
+    "GetStatus",
+    "InstanceStatus",
+    "Provision",
+    "Provisioned",
+    "Refused",
+    "TpmSpec",
+    "decode_reply",
+    "decode_request",
+    "encode_reply",
+    "encode_request",
+]
+
+SHA256_SIZE = 32
+
+
+class AdminProtocolError(RemoteProtocolError):
+    """A message between the manager and an instance that is not one of this protocol's.
+
+    The instance refuses such a request; the manager treats a malformed reply
+    as a failed call (the instance is of another release: relaunch it).
+    """
+
+
+class AdminUsageError(LocalProtocolError):
+    """This program built an admin message that cannot be sent. Nothing was sent; fix the caller."""
+
+
+def _check_sha256(value: bytes) -> None:
+    if len(value) != SHA256_SIZE:
+        raise ValueError(f"{len(value)} bytes, not a SHA-256 digest")
+
+
+# ------------------------------------------------------------------ replies
+
+
+@dataclass(frozen=True)
+class InstanceStatus(Reply):
+    """The instance's state (``unprovisioned``, ``manufacturing``, ``running``,
+    ``error``), why if it is ``error``, its identity and its sealed state's version."""
+
+    state: str
+    reason: str
+    mrenclave: str
+    mrsigner: str
+    version: int
+
+
+@dataclass(frozen=True)
+class EkPublicArea(Message):
+    """One EK the instance created: its algorithm name and TPM2B_PUBLIC."""
+
+    alg: str
+    public_area: bytes
+
+
+@dataclass(frozen=True)
+class TpmSpec(Message):
+    """The TPM's specification (family, level, revision), for the EK certificate."""
+
+    family: str
+    level: int
+    revision: int
+
+
+@dataclass(frozen=True)
+class Provisioned(Reply):
+    eks: tuple[EkPublicArea, ...]
+    tpm_spec: TpmSpec
+
+
+# ------------------------------------------------------------------ requests
+
+
+@dataclass(frozen=True)
+class GetStatus(Request[InstanceStatus]):
+    OP = "status"
+    REPLY = InstanceStatus
+
+
+@dataclass(frozen=True)
+class Provision(Request[Provisioned]):
+    """Bind VM ``vm_id`` (its key's SPKI SHA-256), start a fresh TPM, create the EKs."""
+
+    OP = "provision"
+    REPLY = Provisioned
+    vm_id: str
+    vm_spki_sha256: bytes = field(metadata=check_with(_check_sha256))
+    pcr_banks: tuple[str, ...] = ("sha256",)
+    ek: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Certify(Request[InstanceStatus]):
+    """Store the EK certificates (by algorithm) and the platform certificate, finish the TPM."""
+
+    OP = "certify"
+    REPLY = InstanceStatus
+    ek_certificates: dict[str, bytes]
+    platform_certificate: bytes = b""
+
+
+@dataclass(frozen=True)
+class Destroy(Request[Done]):
+    """Erase the instance's sealed state: the VM's TPM is gone for good."""
+
+    OP = "destroy"
+    REPLY = Done
+
+
+AdminRequest: TypeAlias = GetStatus | Provision | Certify | Destroy
+
+_CODEC = Codec(
+    "admin",
+    (GetStatus, Provision, Certify, Destroy),
+    AdminProtocolError,
+    AdminUsageError,
+)
+
+
+def encode_request(request: Request[Any]) -> bytes:
+    """The message for ``request``; AdminUsageError if it cannot be encoded."""
+    return _CODEC.encode_request(request)
+
+
+def decode_request(data: bytes) -> AdminRequest:
+    """The request in ``data``; AdminProtocolError if it is none."""
+    return cast(AdminRequest, _CODEC.decode_request(data))
+
+
+def encode_reply(reply: Reply | Refused) -> bytes:
+    """The message for ``reply``; AdminUsageError if it cannot be encoded."""
+    return _CODEC.encode_reply(reply)
+
+
+def decode_reply(request: Request[R], data: bytes) -> R | Refused:
+    """The reply to ``request`` in ``data``; AdminProtocolError if it is none."""
+    return _CODEC.decode_reply(request, data)

@@ -1,0 +1,264 @@
+"""hostd's CONTROL requests (sans-IO): what a relay connection asks hostd itself.
+
+They travel as CONTROL frames (:mod:`sgxvtpm.wire.relay`, session 0), one JSON
+object each, in the form of :mod:`sgxvtpm.wire.jsonmsg`. The relay adds an
+``"id"`` to a request and hostd's switch echoes it in the reply; this codec
+ignores it. hostd answers them in the clear, so none carries a secret.
+
+=================  ===================================  ============================
+op                 request fields                       reply (``ok``)
+=================  ===================================  ============================
+ping               -                                    manager_ready
+wait_ready         -                                    -  (once the manager is ready)
+platform_root      -                                    root_ca_pem (a claim: clients
+                                                        pin it on first contact)
+manager_ready      -                                    -
+manager_refused    reason                               -
+launch_instance    instance_id, manager_cert_pem        pid, mrenclave, already_running
+stop_instance      instance_id, erase                   -
+instance_info      instance_id                          alive, pid (or null), reason
+handoff            session                              -
+=================  ===================================  ============================
+
+Anyone connected may ask ``ping``, ``wait_ready`` and ``platform_root``
+(:data:`PUBLIC`); hostd answers the rest only on the manager enclave's
+connection. ``handoff`` (a client passes its connection to the instance
+enclave at the other end of its one session) is answered by the switch
+(``sgxvtpm.host.switch``), not by hostd's handler. An instance id is 32
+lowercase hex digits (:func:`check_instance_id`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias, cast
+
+from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
+from sgxvtpm.wire.jsonmsg import (
+    Codec,
+    Done,
+    JsonObject,
+    R,
+    Refused,
+    Reply,
+    Request,
+    check_with,
+)
+
+__all__ = [
+    "PUBLIC",
+    "ControlProtocolError",
+    "ControlRequest",
+    "ControlUsageError",
+    "Done",
+    "GetPlatformRoot",
+    "Handoff",
+    "InstanceProcess",
+    "LaunchInstance",
+    "Launched",
+    "ManagerReady",
+    "ManagerRefused",
+    "Ping",
+    "PlatformRoot",
+    "Pong",
+    "QueryInstance",
+    "Refused",
+    "Reply",
+    "StopInstance",
+    "WaitReady",
+    "check_instance_id",
+    "decode_reply",
+    "decode_request",
+    "encode_reply",
+    "encode_request",
+    "reply_from_json",
+    "reply_to_json",
+    "request_from_json",
+    "request_to_json",
+]
+
+INSTANCE_ID_LENGTH = 32
+_LOWER_HEX = frozenset("0123456789abcdef")
+
+
+class ControlProtocolError(RemoteProtocolError):
+    """A CONTROL request or reply that is not one of this protocol's messages.
+
+    hostd answers such a request with a refusal and keeps the connection; a
+    malformed reply from hostd means hostd is broken or is not hostd: stop
+    using that connection.
+    """
+
+
+class ControlUsageError(LocalProtocolError):
+    """This program built a CONTROL message that cannot be sent (e.g. a bad
+    instance id). Nothing was sent; fix the caller."""
+
+
+def check_instance_id(value: str) -> None:
+    """ValueError unless ``value`` is an instance id (32 lowercase hex digits)."""
+    if len(value) != INSTANCE_ID_LENGTH or not _LOWER_HEX.issuperset(value):
+        raise ValueError("bad instance id")
+
+
+# ------------------------------------------------------------------ replies
+
+
+@dataclass(frozen=True)
+class Pong(Reply):
+    manager_ready: bool
+
+
+@dataclass(frozen=True)
+class PlatformRoot(Reply):
+    root_ca_pem: str
+
+
+@dataclass(frozen=True)
+class Launched(Reply):
+    """The instance's process; ``already_running`` if it was (then no mrenclave)."""
+
+    pid: int
+    mrenclave: str = ""
+    already_running: bool = False
+
+
+@dataclass(frozen=True)
+class InstanceProcess(Reply):
+    """What hostd knows of an instance's process (``pid`` None: never launched)."""
+
+    alive: bool
+    pid: int | None
+    reason: str = ""
+
+
+# ------------------------------------------------------------------ requests
+
+
+@dataclass(frozen=True)
+class Ping(Request[Pong]):
+    OP = "ping"
+    REPLY = Pong
+
+
+@dataclass(frozen=True)
+class WaitReady(Request[Done]):
+    """Answered once the manager has restored every instance (or times out)."""
+
+    OP = "wait_ready"
+    REPLY = Done
+
+
+@dataclass(frozen=True)
+class GetPlatformRoot(Request[PlatformRoot]):
+    OP = "platform_root"
+    REPLY = PlatformRoot
+
+
+@dataclass(frozen=True)
+class ManagerReady(Request[Done]):
+    OP = "manager_ready"
+    REPLY = Done
+
+
+@dataclass(frozen=True)
+class ManagerRefused(Request[Done]):
+    """The manager will not run on its registry, and says why (hostd tells the operator)."""
+
+    OP = "manager_refused"
+    REPLY = Done
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class LaunchInstance(Request[Launched]):
+    """The second creation request: launch (or find running) instance ``instance_id``."""
+
+    OP = "launch_instance"
+    REPLY = Launched
+    instance_id: str = field(metadata=check_with(check_instance_id))
+    manager_cert_pem: str
+
+
+@dataclass(frozen=True)
+class StopInstance(Request[Done]):
+    """Stop the instance's process; ``erase`` also removes its directory."""
+
+    OP = "stop_instance"
+    REPLY = Done
+    instance_id: str = field(metadata=check_with(check_instance_id))
+    erase: bool = False
+
+
+@dataclass(frozen=True)
+class QueryInstance(Request[InstanceProcess]):
+    OP = "instance_info"
+    REPLY = InstanceProcess
+    instance_id: str = field(metadata=check_with(check_instance_id))
+
+
+@dataclass(frozen=True)
+class Handoff(Request[Done]):
+    """Pass this connection to the enclave at the other end of relay session ``session``."""
+
+    OP = "handoff"
+    REPLY = Done
+    session: int
+
+
+ControlRequest: TypeAlias = (
+    Ping
+    | WaitReady
+    | GetPlatformRoot
+    | ManagerReady
+    | ManagerRefused
+    | LaunchInstance
+    | StopInstance
+    | QueryInstance
+    | Handoff
+)
+#: What hostd answers on any connection; the rest only on the manager's.
+PUBLIC: tuple[type[ControlRequest], ...] = (Ping, WaitReady, GetPlatformRoot)
+
+_CODEC = Codec(
+    "CONTROL",
+    (Ping, WaitReady, GetPlatformRoot, ManagerReady, ManagerRefused, LaunchInstance,
+     StopInstance, QueryInstance, Handoff),
+    ControlProtocolError,
+    ControlUsageError,
+)
+
+
+def request_to_json(request: Request[Any]) -> JsonObject:
+    """The JSON object of ``request`` (what ``RelayMux.control`` takes)."""
+    return _CODEC.request_to_json(request)
+
+
+def request_from_json(obj: object) -> ControlRequest:
+    """The request in a CONTROL frame's object; ControlProtocolError if it is none."""
+    return cast(ControlRequest, _CODEC.request_from_json(obj))
+
+
+def encode_request(request: Request[Any]) -> bytes:
+    return _CODEC.encode_request(request)
+
+
+def decode_request(data: bytes) -> ControlRequest:
+    return cast(ControlRequest, _CODEC.decode_request(data))
+
+
+def reply_to_json(reply: Reply | Refused) -> JsonObject:
+    return _CODEC.reply_to_json(reply)
+
+
+def reply_from_json(request: Request[R], obj: object) -> R | Refused:
+    """The reply to ``request`` in a CONTROL frame's object; ControlProtocolError if none."""
+    return _CODEC.reply_from_json(request, obj)
+
+
+def encode_reply(reply: Reply | Refused) -> bytes:
+    return _CODEC.encode_reply(reply)
+
+
+def decode_reply(request: Request[R], data: bytes) -> R | Refused:
+    return _CODEC.decode_reply(request, data)

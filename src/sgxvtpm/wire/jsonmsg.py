@@ -1,0 +1,305 @@
+"""JSON control messages, typed (sans-IO): what :mod:`~sgxvtpm.wire.k1`,
+:mod:`~sgxvtpm.wire.control` and :mod:`~sgxvtpm.wire.admin` share.
+
+Each of those protocols carries one request or one reply per message, as a
+JSON object (UTF-8)::
+
+    request   {"op": OP, FIELD: VALUE, ...}
+    reply     {"ok": true, FIELD: VALUE, ...}   or   {"ok": false, "error": TEXT}
+
+A message is a frozen dataclass; its fields' annotations say their JSON form:
+``str``, ``int``, ``float`` (finite), ``bool`` as themselves, ``bytes`` as hex,
+``X | None`` as X or null, ``tuple[X, ...]`` as an array, ``dict[str, X]`` as
+an object, another message dataclass as an object. A field may carry a check
+(:func:`check_with`), applied on both ends.
+
+Decoding ignores fields it does not know (the relay's ``"id"`` among them:
+:mod:`sgxvtpm.wire.relay` correlates CONTROL replies by it, and this codec
+leaves it to the transport) and fills in missing fields that have a default.
+Anything else malformed raises the protocol's :class:`RemoteProtocolError`
+subclass, never ``KeyError`` or ``TypeError``; building a message that cannot
+be encoded raises its :class:`LocalProtocolError` subclass.
+
+Replies do not name their op, so a reply is decoded for the request it
+answers: ``decode_reply(request, data)`` gives the request's reply type, or
+:class:`Refused`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import string
+import types
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, Generic, TypeAlias, TypeVar, Union, cast
+
+from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
+
+JsonValue: TypeAlias = (
+    "bool | int | float | str | list[JsonValue] | dict[str, JsonValue] | None"
+)
+JsonObject: TypeAlias = dict[str, JsonValue]
+
+#: Keys of the envelope (requests: "op"; replies: "ok", "error"; both: the
+#: relay's "id"); no message field may use them.
+RESERVED = frozenset({"op", "ok", "error", "id"})
+_HEX = frozenset(string.hexdigits)
+
+
+class Message:
+    """Base of every message dataclass (a request, a reply, or a part of one)."""
+
+
+class Reply(Message):
+    """Base of the replies that say ``"ok": true``."""
+
+
+R = TypeVar("R", bound=Reply)
+M = TypeVar("M", bound=Message)
+
+
+class Request(Message, Generic[R]):
+    """Base of the requests. ``OP`` is the wire name; ``REPLY`` what answers it (R)."""
+
+    OP: ClassVar[str]
+    REPLY: ClassVar[type[Reply]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Done(Reply):
+    """The reply of a request that has nothing to say but that it was done."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Refused:
+    """``{"ok": false, "error": TEXT}``: the peer did not do the request, and says why."""
+
+    error: str = "refused without a reason"
+
+
+def check_with(check: Callable[[Any], None]) -> dict[str, Callable[[Any], None]]:
+    """Field metadata: the value must pass ``check`` (which raises ValueError saying why
+    not), as in ``name: str = field(metadata=check_with(check_name))``."""
+    return {"check": check}
+
+
+# ------------------------------------------------------------------ values
+
+_Error = type[RemoteProtocolError] | type[LocalProtocolError]
+
+
+def _describe(tp: object) -> str:
+    return getattr(tp, "__name__", None) or str(tp)
+
+
+def _convert(tp: Any, value: object, where: str, error: _Error, decoding: bool) -> Any:
+    """``value`` (JSON when decoding, Python when encoding) as the other form of ``tp``."""
+    if tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return int(value)
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+            if math.isfinite(number):
+                return number
+            raise error(f"{where}: {number} is not a finite number")
+    elif tp is bytes:
+        if decoding and isinstance(value, str):
+            if len(value) % 2 or not _HEX.issuperset(value):
+                raise error(f"{where}: not hex")
+            return bytes.fromhex(value)
+        if not decoding and isinstance(value, bytes):
+            return value.hex()
+    elif isinstance(tp, type) and issubclass(tp, Message):
+        if decoding:
+            return _from_object(tp, value, where, cast(type[RemoteProtocolError], error))
+        if isinstance(value, tp):
+            return _to_object(value, where, cast(type[LocalProtocolError], error))
+    else:
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin in (Union, types.UnionType):
+            if value is None and type(None) in args:
+                return None
+            (inner,) = (a for a in args if a is not type(None))
+            return _convert(inner, value, where, error, decoding)
+        if origin is tuple:
+            items = value if decoding else (value if isinstance(value, tuple) else None)
+            if isinstance(items, list | tuple):
+                converted = [
+                    _convert(args[0], item, f"{where}[{i}]", error, decoding)
+                    for i, item in enumerate(items)
+                ]
+                return tuple(converted) if decoding else converted
+        elif origin is dict:
+            if isinstance(value, dict):
+                out = {}
+                for key, item in value.items():
+                    if not isinstance(key, str):
+                        raise error(f"{where}: key {key!r} is not a string")
+                    out[key] = _convert(args[1], item, f"{where}[{key!r}]", error, decoding)
+                return out
+        else:  # pragma: no cover - a message class with an unsupported annotation
+            raise TypeError(f"{where}: unsupported field type {tp!r}")
+    raise error(f"{where}: expected {_describe(tp)}, got {type(value).__name__}")
+
+
+def _fields(cls: type[Message]) -> list[tuple[dataclasses.Field[Any], Any]]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = typing.get_type_hints(cls)
+        _HINTS[cls] = hints
+    return [(f, hints[f.name]) for f in dataclasses.fields(cast(Any, cls))]
+
+
+_HINTS: dict[type[Message], dict[str, Any]] = {}
+
+
+def _check(f: dataclasses.Field[Any], value: object, where: str, error: _Error) -> None:
+    check = f.metadata.get("check")
+    if check is not None and value is not None:
+        try:
+            check(value)
+        except ValueError as exc:
+            raise error(f"{where}: {exc}") from None
+
+
+def _to_object(message: Message, where: str, error: type[LocalProtocolError]) -> JsonObject:
+    out: JsonObject = {}
+    for f, tp in _fields(type(message)):
+        value = getattr(message, f.name)
+        _check(f, value, f"{where}.{f.name}", error)
+        out[f.name] = _convert(tp, value, f"{where}.{f.name}", error, False)
+    return out
+
+
+def _from_object(
+    cls: type[M], obj: object, where: str, error: type[RemoteProtocolError]
+) -> M:
+    if not isinstance(obj, dict):
+        raise error(f"{where}: expected an object, got {type(obj).__name__}")
+    kwargs: dict[str, Any] = {}
+    for f, tp in _fields(cls):
+        if f.name not in obj:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise error(f"{where}: missing field {f.name!r}")
+            continue
+        value = _convert(tp, obj[f.name], f"{where}.{f.name}", error, True)
+        _check(f, value, f"{where}.{f.name}", error)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def to_json(message: Message, usage_error: type[LocalProtocolError]) -> JsonObject:
+    """The JSON object of one message (no envelope); ``usage_error`` if it has none."""
+    return _to_object(message, type(message).__name__, usage_error)
+
+
+def from_json(cls: type[M], obj: object, error: type[RemoteProtocolError]) -> M:
+    """The ``cls`` message in ``obj`` (no envelope); ``error`` if it is none."""
+    return _from_object(cls, obj, cls.__name__, error)
+
+
+def _dumps(obj: JsonObject) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(data: bytes, error: type[RemoteProtocolError]) -> object:
+    try:
+        return json.loads(bytes(data).decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deep nesting
+        raise error("not a UTF-8 JSON document") from None
+
+
+# ------------------------------------------------------------------ a protocol
+
+
+class Codec:
+    """One protocol's requests and its two errors; the protocol modules wrap it."""
+
+    def __init__(
+        self,
+        name: str,
+        requests: Iterable[type[Request[Any]]],
+        error: type[RemoteProtocolError],
+        usage_error: type[LocalProtocolError],
+    ) -> None:
+        self.name = name
+        self.error = error
+        self.usage_error = usage_error
+        self.requests: dict[str, type[Request[Any]]] = {}
+        for cls in requests:
+            for part in (cls, cls.REPLY):
+                clash = RESERVED & {f.name for f, _ in _fields(part)}
+                if clash:
+                    raise TypeError(f"{part.__name__} uses reserved field names {clash}")
+            self.requests[cls.OP] = cls
+
+    # -- requests --
+    def request_to_json(self, request: Request[Any]) -> JsonObject:
+        cls = type(request)
+        if self.requests.get(getattr(cls, "OP", "")) is not cls:
+            raise self.usage_error(f"{cls.__name__} is not a {self.name} request")
+        return {"op": cls.OP, **_to_object(request, cls.OP, self.usage_error)}
+
+    def request_from_json(self, obj: object) -> Request[Any]:
+        if not isinstance(obj, dict):
+            raise self.error(f"{self.name} request is not a JSON object")
+        op = obj.get("op")
+        cls = self.requests.get(op) if isinstance(op, str) else None
+        if cls is None:
+            raise self.error(f"unknown {self.name} op {_short(op)}")
+        return _from_object(cls, obj, cls.OP, self.error)
+
+    def encode_request(self, request: Request[Any]) -> bytes:
+        return _dumps(self.request_to_json(request))
+
+    def decode_request(self, data: bytes) -> Request[Any]:
+        return self.request_from_json(_loads(data, self.error))
+
+    # -- replies --
+    def reply_to_json(self, reply: Reply | Refused) -> JsonObject:
+        if isinstance(reply, Refused):
+            if not isinstance(reply.error, str):
+                raise self.usage_error("Refused.error must be a string")
+            return {"ok": False, "error": reply.error}
+        if not isinstance(reply, Reply):
+            raise self.usage_error(f"{type(reply).__name__} is not a reply")
+        return {"ok": True, **_to_object(reply, type(reply).__name__, self.usage_error)}
+
+    def reply_from_json(self, request: Request[R], obj: object) -> R | Refused:
+        if not isinstance(obj, dict):
+            raise self.error(f"{self.name} reply is not a JSON object")
+        ok = obj.get("ok", False)
+        if not isinstance(ok, bool):
+            raise self.error(f"{self.name} reply: 'ok' is not a boolean")
+        if not ok:
+            error = obj.get("error", Refused.error)
+            if not isinstance(error, str):
+                raise self.error(f"{self.name} reply: 'error' is not a string")
+            return Refused(error)
+        cls = type(request).REPLY
+        return cast(R, _from_object(cls, obj, f"reply to {type(request).OP}", self.error))
+
+    def encode_reply(self, reply: Reply | Refused) -> bytes:
+        return _dumps(self.reply_to_json(reply))
+
+    def decode_reply(self, request: Request[R], data: bytes) -> R | Refused:
+        return self.reply_from_json(request, _loads(data, self.error))
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
