@@ -74,7 +74,7 @@ KEPT_BASES = {
     "sgxvtpm.wire.mssim.MssimProtocolError": ValueError,
     "sgxvtpm.wire.mssim.MssimUsageError": ValueError,
     "sgxvtpm.wire.relay.RelayUsageError": ValueError,
-    "sgxvtpm.guest.EventLogError": ValueError,
+    "sgxvtpm._demo.guest.EventLogError": ValueError,
     "sgxvtpm.tpm.engine.EngineMisuseError": RuntimeError,
     "sgxvtpm.enclaves.specs.EnclaveCodeError": RuntimeError,
     "sgxvtpm.util.measured.UnmeasuredLibraryError": RuntimeError,

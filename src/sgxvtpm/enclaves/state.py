@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sgxvtpm.enclaves.sealing import Sealer, SealError, SealKind, check_fresh
+from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.platform.base import EnclavePlatform, PlatformError
 from sgxvtpm.util.durable import atomic_write, remove_durably
 
@@ -83,7 +84,7 @@ class Bundle:
         return cls(provisioning, blobs, exported)
 
 
-class DirectoryBusyError(Exception):
+class DirectoryBusyError(SgxvtpmError):
     """Another process (an enclave that has not exited yet) holds this state directory.
 
     Not tampering: the enclave exits and hostd launches it again later.
