@@ -224,7 +224,12 @@ class K2Client(MessageBackend):
         relay.request_handoff(self._sid)
         self._flush()
         while self._relay is not None and relay.pending_requests:
-            self._take_in(self._recv())
+            assert self._sock is not None
+            try:
+                data = self._receive(self._sock)
+            except OSError as exc:
+                raise self._lost(exc) from None
+            self._take_in(data)
             self._flush()
 
     def _attach(self) -> None:
@@ -315,20 +320,15 @@ class K2Client(MessageBackend):
 
     def _flush(self) -> None:
         assert self._sock is not None and self._tls is not None
-        out = self._tls.data_to_send()
+        out: bytes | bytearray = self._tls.data_to_send()
         relay = self._relay
         if relay is not None:  # still through hostd: in frames
             if out:
                 relay.send(self._sid, out)
-            self._sendall(relay.data_to_send())
-        elif out:
-            self._sendall(out)
-
-    def _sendall(self, data: bytes | bytearray) -> None:
-        assert self._sock is not None
-        if data:
+            out = relay.data_to_send()
+        if out:
             try:
-                self._sock.sendall(data)
+                self._sock.sendall(out)
             except OSError as exc:
                 self.close()
                 raise K2Error(f"connection to the instance lost: {exc.strerror}") from None
@@ -365,21 +365,16 @@ class K2Client(MessageBackend):
                 if tail := relay.trailing_data:
                     self._tls.receive_data(tail)
 
-    def _recv(self) -> bytes:
-        """The next bytes from the socket; K2Error (and closed) if none come."""
-        assert self._sock is not None
-        try:
-            return self._receive(self._sock)
-        except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
-            self.close()
-            raise K2Error("the instance did not answer in time") from None
-        except OSError as exc:
-            self.close()
-            raise K2Error(f"connection to the instance lost: {exc.strerror}") from None
+    def _lost(self, exc: OSError) -> K2Error:
+        """Reading the socket failed: closed, and the error to raise."""
+        self.close()
+        if isinstance(exc, TimeoutError | BlockingIOError):  # BlockingIOError: SO_RCVTIMEO
+            return K2Error("the instance did not answer in time")
+        return K2Error(f"connection to the instance lost: {exc.strerror}")
 
     def _next_event(self) -> HandshakeComplete | Message:
         assert self._sock is not None and self._tls is not None
-        tls = self._tls
+        sock, tls = self._sock, self._tls
         while True:
             try:
                 event = tls.next_event()
@@ -391,7 +386,18 @@ class K2Client(MessageBackend):
             if isinstance(event, Closed):
                 self.close()
                 raise K2Error("the instance closed the session")
-            self._take_in(self._recv())
+            try:
+                data = self._receive(sock)
+            except OSError as exc:
+                raise self._lost(exc) from None
+            if self._relay is None:  # handed off: the instance's TLS as it is
+                try:
+                    tls.receive_data(data)
+                except ChannelError:
+                    self.close()
+                    raise
+            else:
+                self._take_in(data)
             self._flush()
 
     @staticmethod

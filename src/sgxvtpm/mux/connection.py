@@ -427,7 +427,7 @@ class RelayConnection:
         self._out += name
         return sid
 
-    def send(self, sid: int, data: bytes) -> bool:
+    def send(self, sid: int, data: bytes | bytearray) -> bool:
         """Queue ``data`` for session ``sid`` in DATA frames of at most
         MAX_PAYLOAD bytes. False if the session is closed, or was just dropped
         because the output would pass ``out_limit`` (its CLOSE is queued if it fits)."""
