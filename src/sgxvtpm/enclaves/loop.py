@@ -45,19 +45,7 @@ from sgxvtpm.channel import (
     PeerCertificate,
     ServerSession,
 )
-from sgxvtpm.mux.connection import (
-    CLOSED,
-    NOT_ACCEPTED,
-    ConnectionEnded,
-    DataReceived,
-    Event,
-    Handoff,
-    RelayConnection,
-    Role,
-    SessionClosed,
-    SessionDropped,
-    SessionOpened,
-)
+from sgxvtpm.mux import connection as relay
 from sgxvtpm.mux.limits import SESSION_OUT_MAX, STREAM_OUT_MAX, Admission
 from sgxvtpm.wire.relay import RelayProtocolError
 
@@ -109,8 +97,8 @@ class InstanceLoop:
         # Read here for the select timeout; decided on by the core.
         self._admission = admission if admission is not None else Admission()
         self._backlog = bytearray()  # frames for hostd its socket has not taken yet
-        self._conn = RelayConnection(
-            Role.ENCLAVE,
+        self._conn = relay.RelayConnection(
+            relay.Role.ENCLAVE,
             admission=self._admission,
             takes_handoff=True,
             out_limit=STREAM_OUT_MAX,
@@ -208,29 +196,29 @@ class InstanceLoop:
         self._pump()
         return True
 
-    def _on_event(self, event: Event) -> bool:
-        if isinstance(event, DataReceived):
+    def _on_event(self, event: relay.Event) -> bool:
+        if isinstance(event, relay.DataReceived):
             session = self._sessions.get(event.sid)
             if session is not None:
                 self._feed(session, event.data)
-        elif isinstance(event, SessionOpened):
+        elif isinstance(event, relay.SessionOpened):
             tls = self._factory()
             if tls is None:
-                self._conn.close(event.sid, NOT_ACCEPTED)
+                self._conn.close(event.sid, relay.NOT_ACCEPTED)
             else:
                 self._sessions[event.sid] = Session(event.sid, tls)
-        elif isinstance(event, SessionClosed):
+        elif isinstance(event, relay.SessionClosed):
             session = self._sessions.get(event.sid)
             if session is not None:
                 self._feed(session, b"")
-        elif isinstance(event, SessionDropped):
+        elif isinstance(event, relay.SessionDropped):
             session = self._sessions.get(event.sid)
             if session is not None:
                 log.info("enclave: session %d dropped: %s", event.sid, event.reason)
                 self._drop(session, reason=event.reason)
-        elif isinstance(event, Handoff):
+        elif isinstance(event, relay.Handoff):
             self._take_connection(event.sid, event.accepted)
-        elif isinstance(event, ConnectionEnded):
+        elif isinstance(event, relay.ConnectionEnded):
             return False
         return True  # ControlReply, HandoffAnswered: this end asks nothing of hostd
 
@@ -384,7 +372,7 @@ class InstanceLoop:
             return
         self._pump()
 
-    def _drop(self, session: Session, reason: str = CLOSED, notify: bool = True) -> None:
+    def _drop(self, session: Session, reason: str = relay.CLOSED, notify: bool = True) -> None:
         """Forget ``session``: CLOSE to hostd if relayed (the core knows) and
         ``notify``, its connection closed if handed off, the handler told."""
         if self._sessions.get(session.sid) is not session:

@@ -46,7 +46,7 @@ Session states, one table (:data:`TRANSITIONS`), every input named by
         |                          |    +------ handoff refused ----+
         |                          +--HANDOFF (enclave)--+  +-- handoff accepted
         |                                                v  v
-        +--(peer CLOSE, from any open state)-->  REMOTE_CLOSED   HANDED_OFF
+        +--(peer CLOSE, from any relayed state)-->  REMOTE_CLOSED   HANDED_OFF
     any state --close()/dropped--> CLOSED (the session leaves the table)
 
 An id this end does not know is ``CLOSED``. The peer cannot make a session
