@@ -131,6 +131,22 @@ def test_vm_key_of_vm2_cannot_open_vm1(hostd: Hostd) -> None:
         assert len(wire.parse_get_random(execute(t.transact, wire.get_random(8)))) == 8
 
 
+def test_k2_through_the_relay_and_on_the_handed_off_connection(hostd: Hostd) -> None:
+    """The same session twice: in relay frames through hostd (handoff=False)
+    and, after the handoff, as raw TLS on the connection the instance took."""
+    create(hostd, "vm1")
+    binding = VmBinding.load(hostd.state, "vm1")
+    for handoff in (False, True):
+        with K2Client(binding, handoff=handoff) as t:
+            if not handoff:
+                started(t)
+            first = wire.parse_get_random(execute(t.transact, wire.get_random(32)))
+            assert t.direct is handoff
+            second = wire.parse_get_random(execute(t.transact, wire.get_random(32)))
+            assert len(first) == len(second) == 32 and first != second
+        assert not t.direct  # closed
+
+
 def test_wrong_operator_key_cannot_create_or_destroy(hostd: Hostd) -> None:
     create(hostd, "vm1")
     intruder = ClientCredential.self_signed(ec.generate_private_key(ec.SECP256R1()), "x")

@@ -125,6 +125,9 @@ class Hostd:
     def handshake(self, sid: int, client: ClientSession) -> None:
         """OPEN ``sid`` and run ``client``'s handshake through relay frames."""
         self.send(Frame.open(sid, "client"), Frame.data(sid, client.data_to_send()))
+        self.complete_handshake(sid, client)
+
+    def complete_handshake(self, sid: int, client: ClientSession) -> None:
         while True:
             frame = self.next_frame()
             if frame.session_id != sid:
@@ -137,6 +140,18 @@ class Hostd:
                 self.send(Frame.data(sid, out))
             if done:
                 return
+
+    def request(self, sid: int, client: ClientSession, payload: bytes) -> bytes:
+        """One request in relay frames."""
+        client.send_message(payload)
+        self.send(Frame.data(sid, client.data_to_send()))
+        while True:
+            frame = self.next_frame()
+            assert (frame.type, frame.session_id) == (FrameType.DATA, sid), frame
+            client.receive_data(frame.payload)
+            for event in client.events():
+                if isinstance(event, Message):
+                    return event.data
 
     def hand_off(self, sid: int) -> socket.socket:
         """HANDOFF ``sid`` with a new connection's descriptor; the client's end."""
@@ -174,11 +189,12 @@ def run_loop(
     scenario: Callable[[Hostd], None],
     handler: Callable[[Session, bytes], bytes] = echo,
     admission: Admission | None = None,
+    on_close: Callable[[Session], None] | None = None,
 ) -> None:
     """Run the loop here and ``scenario`` in a thread; re-raise what the scenario raised."""
     ours, theirs = socket.socketpair()
     given = {"admission": admission} if admission is not None else {}
-    loop = InstanceLoop(theirs, world.server_session, handler, **given)
+    loop = InstanceLoop(theirs, world.server_session, handler, on_close=on_close, **given)
     failed: list[BaseException] = []
 
     def play() -> None:
@@ -299,3 +315,37 @@ def test_a_client_that_does_not_read_its_replies_is_dropped(world: World) -> Non
 
     run_loop(world, scenario, handler)
 
+
+
+def test_a_handoff_before_authentication_is_refused(world: World) -> None:
+    """hostd (untrusted) hands off a session whose client has not authenticated:
+    the enclave closes that descriptor, and the session goes on in frames."""
+
+    def scenario(hostd: Hostd) -> None:
+        client = world.client()
+        hostd.send(Frame.open(SID, "client"), Frame.data(SID, client.data_to_send()))
+        with hostd.hand_off(SID) as conn:
+            assert conn.recv(1) == b""  # closed by the enclave, unused
+        hostd.complete_handshake(SID, client)
+        assert hostd.request(SID, client, b"framed") == b"framed"
+
+    run_loop(world, scenario)
+
+
+def test_a_handed_off_session_whose_descriptor_is_not_a_unix_socket_ends(world: World) -> None:
+    closed: list[int] = []
+
+    def scenario(hostd: Hostd) -> None:
+        client = world.client()
+        hostd.handshake(SID, client)
+        assert hostd.request(SID, client, b"framed") == b"framed"
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            header = encode(Frame(FrameType.HANDOFF, SID))
+            socket.send_fds(hostd.sock, [header], [tcp.fileno()])
+        deadline = time.monotonic() + 5
+        while not closed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert closed == [SID]
+
+    run_loop(world, scenario, on_close=lambda session: closed.append(session.sid))
+    assert closed == [SID]

@@ -1,10 +1,13 @@
 """The instance enclave's I/O loop: one thread, one selector, sans-IO sessions.
 
-Sessions arrive as relay frames on the enclave's stream (OPEN, DATA, CLOSE).
-Once a client's session is authenticated, hostd may hand the client's
-connection itself to the enclave (a HANDOFF frame carrying the descriptor by
-SCM_RIGHTS, see sgxvtpm.wire.relay): from then on that session's TLS records
-are read and written here directly, and hostd is off the command path.
+Sessions arrive as relay frames on the enclave's stream (OPEN, DATA, CLOSE);
+what the frames mean, which sessions are admitted and what is dropped is
+decided by the sans-IO core, :class:`sgxvtpm.mux.connection.RelayConnection`,
+which this loop drives. Once a client's session is authenticated, hostd may
+hand the client's connection itself to the enclave (a HANDOFF frame carrying
+the descriptor by SCM_RIGHTS, see sgxvtpm.wire.relay): from then on that
+session's TLS records are read and written here directly, past the core, and
+hostd is off the command path.
 
 Requests are answered one at a time, in arrival order (libtpms is
 single-threaded). A misbehaving session is dropped; the loop never dies of
@@ -42,8 +45,9 @@ from sgxvtpm.channel import (
     PeerCertificate,
     ServerSession,
 )
+from sgxvtpm.mux import connection as relay
 from sgxvtpm.mux.limits import SESSION_OUT_MAX, STREAM_OUT_MAX, Admission
-from sgxvtpm.wire import relay as frames
+from sgxvtpm.wire.relay import RelayProtocolError
 
 log = logging.getLogger("sgxvtpm.enclave")
 
@@ -89,12 +93,19 @@ class InstanceLoop:
         self._factory = session_factory
         self._handler = handler
         self._on_close = on_close
-        self._decoder = frames.RelayDecoder()
         self._sessions: dict[int, Session] = {}
+        # Read here for the select timeout; decided on by the core.
         self._admission = admission if admission is not None else Admission()
+        self._backlog = bytearray()  # frames for hostd its socket has not taken yet
+        self._conn = relay.RelayConnection(
+            relay.Role.ENCLAVE,
+            admission=self._admission,
+            takes_handoff=True,
+            out_limit=STREAM_OUT_MAX,
+            backlog=self._backlog.__len__,
+        )
         self._fds: deque[int] = deque()
         self._selector = selectors.DefaultSelector()
-        self._backlog = bytearray()  # frames for hostd its socket has not taken yet
         self._running = True
         stream.setblocking(False)
 
@@ -139,7 +150,7 @@ class InstanceLoop:
                     self._expire()
         finally:
             for session in list(self._sessions.values()):
-                self._drop(session, notify=False)
+                self._drop(session, notify=False)  # hostd is gone or going
             self._selector.close()
             for fd in self._fds:
                 socket.close(fd)
@@ -151,11 +162,8 @@ class InstanceLoop:
         return max(0.0, min(_IDLE_TICK, deadline - time.monotonic()))
 
     def _expire(self) -> None:
-        for sid in self._admission.expired(time.monotonic()):
-            session = self._sessions.get(sid)
-            if session is not None:
-                log.info("enclave: session %d: no handshake in time", sid)
-                self._drop(session, reason=b"handshake timeout")
+        self._conn.expire()
+        self._events()
 
     # -- the stream from hostd ---------------------------------------------
     def _read_stream(self) -> bool:
@@ -174,80 +182,83 @@ class InstanceLoop:
                 fds.frombytes(payload[:usable])
         self._fds.extend(fds)
         try:
-            self._decoder.receive_data(data)
-            while (frame := self._decoder.next_frame()) is not None:
-                self._on_frame(frame)
-        except frames.RelayProtocolError as exc:
+            self._conn.receive_data(data)
+            return self._events()
+        except RelayProtocolError as exc:
             log.warning("enclave: hostd sent a malformed frame: %s", exc)
             return False
-        return bool(data)
 
-    def _on_frame(self, frame: frames.Frame) -> None:
-        sid = frame.session_id
-        if frame.type is frames.FrameType.OPEN:
-            self._open(sid)
-        elif frame.type is frames.FrameType.DATA:
-            session = self._sessions.get(sid)
+    def _events(self) -> bool:
+        """Act on the core's events; False once the stream ended."""
+        while (event := self._conn.next_event()) is not None:
+            if not self._on_event(event):
+                return False
+        self._pump()
+        return True
+
+    def _on_event(self, event: relay.Event) -> bool:
+        if isinstance(event, relay.DataReceived):
+            session = self._sessions.get(event.sid)
             if session is not None:
-                self._feed(session, frame.payload)
-        elif frame.type is frames.FrameType.CLOSE:
-            session = self._sessions.get(sid)
+                self._feed(session, event.data)
+        elif isinstance(event, relay.SessionOpened):
+            tls = self._factory()
+            if tls is None:
+                self._conn.close(event.sid, relay.NOT_ACCEPTED)
+            else:
+                self._sessions[event.sid] = Session(event.sid, tls)
+        elif isinstance(event, relay.SessionClosed):
+            session = self._sessions.get(event.sid)
             if session is not None:
                 self._feed(session, b"")
-        elif frame.type is frames.FrameType.HANDOFF:
-            self._take_connection(sid)
+        elif isinstance(event, relay.SessionDropped):
+            session = self._sessions.get(event.sid)
+            if session is not None:
+                log.info("enclave: session %d dropped: %s", event.sid, event.reason)
+                self._drop(session, reason=event.reason)
+        elif isinstance(event, relay.Handoff):
+            self._take_connection(event.sid, event.accepted)
+        elif isinstance(event, relay.ConnectionEnded):
+            return False
+        return True  # ControlReply, HandoffAnswered: this end asks nothing of hostd
 
-    def _open(self, sid: int) -> None:
-        if sid in self._sessions:
-            self._send_frame(frames.FrameType.CLOSE, sid, b"not accepted")
-            return
-        verdict = self._admission.admit(sid, time.monotonic())
-        if not verdict.accepted:
-            self._send_frame(frames.FrameType.CLOSE, sid, b"busy")
-            return
-        if verdict.evicted is not None:
-            evicted = self._sessions.get(verdict.evicted)
-            if evicted is not None:
-                self._drop(evicted, reason=b"busy")
-        tls = self._factory()
-        if tls is None:
-            self._admission.done(sid)
-            self._send_frame(frames.FrameType.CLOSE, sid, b"not accepted")
-            return
-        self._sessions[sid] = Session(sid, tls)
-
-    def _take_connection(self, sid: int) -> None:
+    def _take_connection(self, sid: int, accepted: bool) -> None:
+        """HANDOFF of ``sid``: its descriptor is the next one received."""
         if not self._fds:
             log.warning("enclave: HANDOFF for session %d without a descriptor", sid)
-            return
-        conn = socket.socket(fileno=self._fds.popleft())
-        session = self._sessions.get(sid)
-        if session is None or session.direct is not None or conn.family != socket.AF_UNIX:
-            conn.close()
+            conn = None
+        else:
+            conn = socket.socket(fileno=self._fds.popleft())
+        session = self._sessions.get(sid) if accepted else None
+        if session is None or conn is None or conn.family != socket.AF_UNIX:
+            if conn is not None:
+                conn.close()
+            if session is not None:
+                self._drop(session)  # the relay let go of it, and it cannot come here: over
             return
         conn.setblocking(False)
         session.direct = conn
         self._selector.register(conn, _READ_ONLY, session)
 
-    def _send_frame(self, ftype: frames.FrameType, sid: int, payload: bytes) -> bool:
-        """Queue a frame for hostd; False (nothing queued) if hostd is that far behind."""
-        data = frames.encode_header(ftype, sid, len(payload)) + payload
+    def _pump(self) -> None:
+        """Write what the core queued for hostd, never waiting: the rest is
+        kept (the core counts it against STREAM_OUT_MAX) until the socket takes it."""
+        out = self._conn.data_to_send()
+        if not out:
+            return
         if self._backlog:
-            if len(self._backlog) + len(data) > STREAM_OUT_MAX:
-                return False
-            self._backlog += data
-            return True
+            self._backlog += out
+            return
         try:
-            sent = self._stream.send(data)
+            sent = self._stream.send(out)
         except BlockingIOError:
             sent = 0
         except OSError:
             self._running = False
-            return False
-        if sent < len(data):
-            self._backlog += memoryview(data)[sent:]
+            return
+        if sent < len(out):
+            self._backlog += memoryview(out)[sent:]
             self._selector.modify(self._stream, _READ_WRITE, None)
-        return True
 
     def _write_stream(self) -> None:
         try:
@@ -326,7 +337,7 @@ class InstanceLoop:
                 if isinstance(event, HandshakeComplete):
                     assert isinstance(event.peer, PeerCertificate)
                     session.peer = event.peer
-                    self._admission.done(session.sid)
+                    self._conn.authenticated(session.sid)
                 elif isinstance(event, Message):
                     assert session.peer is not None
                     session.tls.send_message(self._handler(session, event.data))
@@ -355,24 +366,25 @@ class InstanceLoop:
         if session.direct is not None:
             self._send_direct(session, out)
             return
-        for start in range(0, len(out), frames.MAX_PAYLOAD):
-            chunk = out[start : start + frames.MAX_PAYLOAD]
-            if not self._send_frame(frames.FrameType.DATA, session.sid, chunk):
-                log.info("enclave: session %d dropped: hostd does not read", session.sid)
-                self._drop(session, notify=False)
-                return
+        if not self._conn.send(session.sid, out):
+            log.info("enclave: session %d dropped: hostd does not read", session.sid)
+            self._drop(session)
+            return
+        self._pump()
 
-    def _drop(self, session: Session, notify: bool = True, reason: bytes = b"closed") -> None:
+    def _drop(self, session: Session, reason: str = relay.CLOSED, notify: bool = True) -> None:
+        """Forget ``session``: CLOSE to hostd if relayed (the core knows) and
+        ``notify``, its connection closed if handed off, the handler told."""
         if self._sessions.get(session.sid) is not session:
             return
         del self._sessions[session.sid]
-        self._admission.done(session.sid)
+        self._conn.close(session.sid, reason)
         if session.direct is not None:
             self._selector.unregister(session.direct)
             session.direct.close()
             session.backlog.clear()
         elif notify:
-            self._send_frame(frames.FrameType.CLOSE, session.sid, reason)
+            self._pump()
         if self._on_close is not None:
             try:
                 self._on_close(session)

@@ -46,9 +46,17 @@ from sgxvtpm.endpoint.backend import MessageBackend
 from sgxvtpm.endpoint.streams import timeval
 from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.host.statedir import StateDir
+from sgxvtpm.mux.connection import (
+    ConnectionEnded,
+    DataReceived,
+    HandoffAnswered,
+    RelayConnection,
+    Role,
+    SessionClosed,
+)
 from sgxvtpm.platform.base import MeasurementPolicy, QuoteVerifier
 from sgxvtpm.vmm.credentials import Credentials, CredentialsError
-from sgxvtpm.wire import relay as frames
+from sgxvtpm.wire.relay import RelayProtocolError, RelayUsageError
 from sgxvtpm.wire.vtpm import (
     ATTACH_FLAG_TAKEOVER,
     MAX_ATTACH_INFO,
@@ -139,107 +147,15 @@ class VmBinding:
         )
 
 
-class K2Connection:
-    """Sans-IO: one K2 session on one hostd connection, with the handoff.
-
-    Bytes in with :meth:`receive_data`, bytes out with :meth:`data_to_send`.
-    The session opens through relay frames; once the instance is
-    authenticated, it asks hostd to hand the connection to the instance
-    (sgxvtpm.wire.relay, HANDOFF) and, when hostd agrees, carries raw TLS
-    records from then on. Messages sent meanwhile are held until the answer.
-    """
-
-    SID = 1
-
-    def __init__(self, binding: VmBinding, *, handoff: bool = True) -> None:
-        self.session = binding.new_session()
-        self._decoder: frames.RelayDecoder | None = frames.RelayDecoder()
-        self._out = bytearray(frames.encode(frames.Frame.open(self.SID, binding.instance_id)))
-        self._handoff = handoff
-        self._awaiting_handoff = False
-        self._held: list[bytes] = []
-        self.authenticated = False
-        self._flush_session()
-
-    @property
-    def direct(self) -> bool:
-        """True once hostd handed the connection to the instance."""
-        return self._decoder is None
-
-    def receive_data(self, data: bytes) -> None:
-        """Bytes from the socket; ``b""`` at end of stream."""
-        if self._decoder is None:
-            self.session.receive_data(data)  # direct: data_to_send() takes what it wrote
-            return
-        decoder = self._decoder
-        decoder.receive_data(data)
-        # After hostd's answer to the handoff nothing more comes in frames.
-        while self._decoder is not None and (frame := decoder.next_frame()) is not None:
-            self._on_frame(frame)
-        if not data:
-            self.session.receive_data(b"")
-        self._flush_session()
-
-    def next_event(self) -> HandshakeComplete | Message | Closed | None:
-        event = self.session.next_event()
-        if isinstance(event, HandshakeComplete):
-            self.authenticated = True
-            if self._handoff:
-                self._awaiting_handoff = True
-                request = frames.Frame.control({"op": "handoff", "session": self.SID})
-                self._out += frames.encode(request)
-        return event
-
-    def send_message(self, payload: bytes) -> None:
-        if self._awaiting_handoff:
-            self._held.append(payload)
-            return
-        self.session.send_message(payload)
-        if self._decoder is not None:  # relayed: frame it now (direct: data_to_send does)
-            self._flush_session()
-
-    def close(self) -> None:
-        self.session.close()
-        self._flush_session()
-
-    def data_to_send(self) -> bytes:
-        if self._decoder is None:
-            # Direct: the session's TLS records as they are, after anything older.
-            if not self._out:
-                return self.session.data_to_send()
-            self._flush_session()
-        out, self._out = bytes(self._out), bytearray()
-        return out
-
-    def _on_frame(self, frame: frames.Frame) -> None:
-        if frame.type is frames.FrameType.DATA:
-            self.session.receive_data(frame.payload)
-        elif frame.type is frames.FrameType.CLOSE:
-            self.session.receive_data(b"")
-        elif frame.type is frames.FrameType.CONTROL and self._awaiting_handoff:
-            # The last frame hostd sends on this connection if it agreed.
-            self._awaiting_handoff = False
-            if frame.control_object().get("ok"):
-                self._decoder = None
-            held, self._held = self._held, []
-            for payload in held:
-                self.send_message(payload)
-
-    def _flush_session(self) -> None:
-        out = self.session.data_to_send()
-        if not out:
-            return
-        if self._decoder is None:
-            self._out += out
-            return
-        for start in range(0, len(out), frames.MAX_PAYLOAD):
-            self._out += frames.encode(
-                frames.Frame.data(self.SID, out[start : start + frames.MAX_PAYLOAD])
-            )
-
-
 class K2Client(MessageBackend):
     """A blocking K2 session: ``request(bytes) -> bytes``, one at a time.
+
+    The session opens through relay frames (a client
+    :class:`~sgxvtpm.mux.connection.RelayConnection`); once the instance is
+    authenticated, it asks hostd to hand the connection to the instance
+    (sgxvtpm.wire.relay, HANDOFF) and, when hostd agrees, carries the TLS
+    records as they are: each command then goes from the TLS session to the
+    socket with nothing in between. ``handoff=False`` keeps the relay.
 
     ``takeover``: the first session ends the one that holds the VM's TPM
     instead of being refused. ``label`` says what this endpoint is, shown to
@@ -263,8 +179,17 @@ class K2Client(MessageBackend):
         self.takeover = takeover
         self.label = label
         self._sock: socket.socket | None = None
-        self._conn: K2Connection | None = None
+        self._tls: ClientSession | None = None
+        # The relay connection while the session goes through hostd; None once direct.
+        self._relay: RelayConnection | None = None
+        self._sid = 0
+        self._eof = False  # the session's end of stream was fed to the TLS session
         self._idle = select.poll()
+
+    @property
+    def direct(self) -> bool:
+        """True while a session is open on a connection hostd handed to the instance."""
+        return self._tls is not None and self._relay is None
 
     def connect(self) -> None:
         """Open a session and attach to the VM's TPM; K2Busy if another endpoint holds it."""
@@ -276,10 +201,16 @@ class K2Client(MessageBackend):
         except OSError as exc:
             sock.close()
             raise K2Error(f"cannot reach hostd at {self.binding.socket_path}: {exc}") from None
-        self._sock, self._conn = sock, K2Connection(self.binding, handoff=self.handoff)
+        relay = RelayConnection(Role.CLIENT)
+        self._sock, self._tls, self._relay = sock, self.binding.new_session(), relay
+        self._eof = False
+        self._sid = relay.open(self.binding.instance_id)
         self._flush()
         while not isinstance(self._next_event(), HandshakeComplete):
             pass
+        relay.authenticated(self._sid)
+        if self.handoff:
+            self._hand_off(relay)
         # From here on the kernel's timeouts (socket(7)) on a blocking socket:
         # CPython's own socket timeout costs a poll(2) before every send and recv.
         sock.settimeout(None)
@@ -289,6 +220,21 @@ class K2Client(MessageBackend):
         self._idle = select.poll()
         self._idle.register(sock, select.POLLIN)
         self._attach()
+
+    def _hand_off(self, relay: RelayConnection) -> None:
+        """Ask hostd to hand this connection to the instance and wait for its
+        answer (sending nothing meanwhile: every byte after it is the instance's)."""
+        self._flush()  # the handshake's last flight goes before the request
+        relay.request_handoff(self._sid)
+        self._flush()
+        while self._relay is not None and relay.pending_requests:
+            assert self._sock is not None
+            try:
+                data = self._receive(self._sock)
+            except OSError as exc:
+                raise self._lost(exc) from None
+            self._take_in(data)
+            self._flush()
 
     def _attach(self) -> None:
         about = {"pid": os.getpid(), "endpoint": self.label[: MAX_ATTACH_INFO // 8]}
@@ -313,7 +259,7 @@ class K2Client(MessageBackend):
         raise K2Error(f"the instance of {name} refused the session (result {response.result:#x})")
 
     def request(self, payload: bytes) -> bytes:
-        if self._conn is None or self._ended_while_idle():
+        if self._tls is None or self._ended_while_idle():
             self.connect()
         return self._send(payload)
 
@@ -325,7 +271,10 @@ class K2Client(MessageBackend):
         """
         if not self._idle.poll(0):
             return False
-        assert self._sock is not None and self._conn is not None
+        assert self._sock is not None and self._tls is not None
+        if self._eof:  # the relay already ended this session's stream
+            self.close()
+            return True
         try:
             data = self._sock.recv(_READ, socket.MSG_DONTWAIT)
         except BlockingIOError:
@@ -333,9 +282,9 @@ class K2Client(MessageBackend):
         except OSError:
             data = b""
         try:
-            self._conn.receive_data(data)
-            event = self._conn.next_event()
-        except (ChannelError, frames.RelayProtocolError):
+            self._take_in(data)
+            event = self._tls.next_event()
+        except ChannelError:
             event = None
             data = b""
         if data and event is None:
@@ -344,8 +293,12 @@ class K2Client(MessageBackend):
         return True
 
     def _send(self, payload: bytes) -> bytes:
-        assert self._conn is not None
-        self._conn.send_message(payload)
+        assert self._tls is not None
+        try:
+            self._tls.send_message(payload)
+        except ChannelError:
+            self.close()
+            raise
         self._flush()
         while True:
             event = self._next_event()
@@ -354,20 +307,29 @@ class K2Client(MessageBackend):
 
     def close(self) -> None:
         if self._sock is not None:
-            if self._conn is not None:
+            if self._tls is not None:
                 # _flush raises K2Error (and closes) when the peer is gone: close quietly.
-                with contextlib.suppress(OSError, ChannelError, K2Error):
-                    self._conn.close()
+                with contextlib.suppress(OSError, ChannelError, K2Error, RelayUsageError):
+                    self._tls.close()
+                    if self._relay is not None:
+                        self._relay.send(self._sid, self._tls.data_to_send())
+                        self._relay.close(self._sid)
                     self._flush()
             if self._sock is None:
                 return
             self._sock.close()
         self._sock = None
-        self._conn = None
+        self._tls = None
+        self._relay = None
 
     def _flush(self) -> None:
-        assert self._sock is not None and self._conn is not None
-        out = self._conn.data_to_send()
+        assert self._sock is not None and self._tls is not None
+        out: bytes | bytearray = self._tls.data_to_send()
+        relay = self._relay
+        if relay is not None:  # still through hostd: in frames
+            if out:
+                relay.send(self._sid, out)
+            out = relay.data_to_send()
         if out:
             try:
                 self._sock.sendall(out)
@@ -375,36 +337,71 @@ class K2Client(MessageBackend):
                 self.close()
                 raise K2Error(f"connection to the instance lost: {exc.strerror}") from None
 
+    def _take_in(self, data: bytes) -> None:
+        """Bytes from the socket into the TLS session (in the relay's frames
+        until the handoff); ChannelError, the connection closed, if they break either."""
+        assert self._tls is not None
+        try:
+            if self._relay is None:
+                self._tls.receive_data(data)
+            else:
+                self._take_in_frames(self._relay, data)
+        except ChannelError:
+            self.close()
+            raise
+        except RelayProtocolError:
+            self.close()
+            raise ChannelError() from None
+
+    def _take_in_frames(self, relay: RelayConnection, data: bytes) -> None:
+        assert self._tls is not None
+        relay.receive_data(data)
+        while (event := relay.next_event()) is not None:
+            if isinstance(event, DataReceived):
+                self._tls.receive_data(event.data)
+            elif isinstance(event, SessionClosed | ConnectionEnded):
+                if not self._eof:
+                    self._eof = True
+                    self._tls.receive_data(b"")
+            elif isinstance(event, HandoffAnswered) and event.accepted:
+                # hostd's last frame: what follows is the instance's TLS as it is.
+                self._relay = None
+                if tail := relay.trailing_data:
+                    self._tls.receive_data(tail)
+
+    def _lost(self, exc: OSError) -> K2Error:
+        """Reading the socket failed: closed, and the error to raise."""
+        self.close()
+        if isinstance(exc, TimeoutError | BlockingIOError):  # BlockingIOError: SO_RCVTIMEO
+            return K2Error("the instance did not answer in time")
+        return K2Error(f"connection to the instance lost: {exc.strerror}")
+
     def _next_event(self) -> HandshakeComplete | Message:
-        assert self._sock is not None and self._conn is not None
-        sock, conn = self._sock, self._conn
+        assert self._sock is not None and self._tls is not None
+        sock, tls = self._sock, self._tls
         while True:
             try:
-                event = conn.next_event()
+                event = tls.next_event()
             except ChannelError:
                 self.close()
                 raise
-            if isinstance(event, Message):
-                return event
-            if isinstance(event, HandshakeComplete):
-                self._flush()  # the handoff request
+            if isinstance(event, Message | HandshakeComplete):
                 return event
             if isinstance(event, Closed):
                 self.close()
                 raise K2Error("the instance closed the session")
             try:
                 data = self._receive(sock)
-            except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
-                self.close()
-                raise K2Error("the instance did not answer in time") from None
             except OSError as exc:
-                self.close()
-                raise K2Error(f"connection to the instance lost: {exc.strerror}") from None
-            try:
-                conn.receive_data(data)
-            except (ChannelError, frames.RelayProtocolError):
-                self.close()
-                raise ChannelError() from None
+                raise self._lost(exc) from None
+            if self._relay is None:  # handed off: the instance's TLS as it is
+                try:
+                    tls.receive_data(data)
+                except ChannelError:
+                    self.close()
+                    raise
+            else:
+                self._take_in(data)
             self._flush()
 
     @staticmethod

@@ -40,7 +40,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sgxvtpm.mux.aio import Observer, read_frame, write_frame
 from sgxvtpm.mux.limits import (
     CLIENT_SESSIONS_MAX,
     CONTROL_QUEUE_MAX,
@@ -51,6 +50,7 @@ from sgxvtpm.wire.relay import (
     RELAY_ASSIGNED,
     Frame,
     FrameType,
+    RelayDecoder,
     RelayProtocolError,
     encode_header,
 )
@@ -58,6 +58,9 @@ from sgxvtpm.wire.relay import (
 log = logging.getLogger("sgxvtpm.relay")
 
 ControlHandler = Callable[["Connection", dict[str, Any]], Awaitable[dict[str, Any]]]
+Observer = Callable[[bytes], None]  # sees every byte the relay reads
+
+_READ = 64 * 1024
 
 _NO_TARGET = b"no such target"
 _PEER_GONE = b"peer gone"
@@ -113,7 +116,10 @@ class Connection:
     def send(self, ftype: FrameType, session_id: int, payload: bytes) -> None:
         if self.closed or self.writer.is_closing():
             return
-        write_frame(self.writer, ftype, session_id, payload)
+        # Two writes, no concatenation: the transport buffers them together.
+        self.writer.write(encode_header(ftype, session_id, len(payload)))
+        if payload:
+            self.writer.write(payload)
 
     async def drain(self) -> None:
         try:
@@ -185,23 +191,35 @@ class Relay:
             self._drop(conn)
 
     async def _loop(self, conn: Connection) -> None:
-        while not conn.closed and (frame := await read_frame(conn.reader, self._observer)):
-            ftype, sid, payload = frame
-            if ftype is FrameType.DATA:
-                await self._forward(conn, sid, payload)
-            elif ftype is FrameType.OPEN:
-                self._open(conn, sid, payload.decode("utf-8"))
-            elif ftype is FrameType.CLOSE:
-                self._close(conn, sid, payload)
-            elif ftype is FrameType.HANDOFF:
-                raise RelayProtocolError("HANDOFF is the relay's to send")
-            else:
-                request = Frame(ftype, sid, payload).control_object()
-                if request.get("op") == "handoff":
-                    if await self._handoff(conn, request):
-                        return  # the connection now belongs to the enclave
-                else:
-                    self._control(conn, request)
+        decoder = RelayDecoder()
+        while not conn.closed:
+            data = await conn.reader.read(_READ)
+            if self._observer is not None and data:
+                self._observer(data)
+            decoder.receive_data(data)
+            while not conn.closed and (frame := decoder.next_frame()) is not None:
+                if await self._on_frame(conn, frame):
+                    return  # the connection now belongs to the enclave
+            if not data:
+                return
+
+    async def _on_frame(self, conn: Connection, frame: Frame) -> bool:
+        """Act on one frame of ``conn``; True once ``conn`` was handed off."""
+        ftype, sid, payload = frame.type, frame.session_id, frame.payload
+        if ftype is FrameType.DATA:
+            await self._forward(conn, sid, payload)
+        elif ftype is FrameType.OPEN:
+            self._open(conn, sid, frame.text)
+        elif ftype is FrameType.CLOSE:
+            self._close(conn, sid, payload)
+        elif ftype is FrameType.HANDOFF:
+            raise RelayProtocolError("HANDOFF is the relay's to send")
+        else:
+            request = frame.control_object()
+            if request.get("op") == "handoff":
+                return await self._handoff(conn, request)
+            self._control(conn, request)
+        return False
 
     def _send(self, conn: Connection, ftype: FrameType, sid: int, payload: bytes) -> None:
         """Queue a frame for ``conn``; never waits. A client that lets its

@@ -3,8 +3,10 @@
 Anyone who can connect to hostd.sock can send relay frames, credential or
 not. These bounds keep such a client from making another VM wait or from
 growing a process without bound. Three rules, kept by hostd's switch
-(:mod:`sgxvtpm.host.switch`), the instance loop
-(:mod:`sgxvtpm.enclaves.loop`) and the asyncio mux (:mod:`sgxvtpm.mux.aio`):
+(:mod:`sgxvtpm.host.switch`) and, at the trusted ends, by the relay
+connection (:mod:`sgxvtpm.mux.connection`) that the instance loop
+(:mod:`sgxvtpm.enclaves.loop`) and the asyncio mux (:mod:`sgxvtpm.mux.aio`)
+drive:
 
 - Nobody waits for a peer that does not read. hostd drops a client
   connection whose unsent output passes :data:`SWITCH_OUT_MAX` and keeps

@@ -190,6 +190,12 @@ class RelayDecoder:
         """True once the stream ended on a frame boundary."""
         return self._eof and not self._buf and self._error is None
 
+    def trailing_data(self) -> bytes:
+        """The bytes received after the last whole frame. After a protocol
+        switch (a connection handed off, see HANDOFF) they are the first
+        bytes of the next protocol, not part of a frame."""
+        return bytes(self._buf)
+
     def _next(self) -> Frame | None:
         buf = self._buf
         if len(buf) < HEADER_SIZE:
