@@ -133,7 +133,7 @@ class ManagerEnclave:
             return {"ok": True, "ca_cert_pem": self.credential.cert_pem.decode()}
         raise ManagerError(f"unknown op {op!r}")
 
-    # -- the flow of DESIGN.md section 4 --------------------------------------
+    # -- the flows of docs/ARCHITECTURE.md, "Flows" ----------------------------
     async def restore(self) -> None:
         """After a (re)start: relaunch every instance; each unseals its own state."""
         for record in self._records():
@@ -284,7 +284,7 @@ class ManagerEnclave:
         await self._control({"op": "stop_instance", "instance_id": instance_id, "erase": erase})
 
     async def _call(self, instance_id: str, request: dict[str, Any]) -> dict[str, Any]:
-        """One request over an attested session to an instance enclave (S3 both ways)."""
+        """One request over an attested session to an instance enclave (both quotes checked)."""
         assert self.mux is not None
         client = ClientSession(
             peer_policy(self.platform.identity.mrsigner, "instance"),
@@ -370,7 +370,8 @@ def main(platform: EnclavePlatform, stream: socket.socket, args: Mapping[str, An
     try:
         manager = ManagerEnclave(platform, args)
     except SealError as exc:
-        # A damaged, rolled-back or missing registry: refuse to run, say why (S5/S6).
+        # A damaged, rolled-back or missing registry: refuse to run, say why
+        # (SECURITY.md properties 10 and 15).
         log.log("manager.registry_refused", reason=str(exc))
         _tell_host_refused(stream, str(exc))
         raise SystemExit(3) from None

@@ -1,6 +1,6 @@
 """The platform interface: what an SGX-like backend gives sgxvtpm.
 
-Three faces, as in DESIGN.md section 6:
+Three faces (docs/ARCHITECTURE.md, "Layers and seams"):
 
 - the *loader* (untrusted, in hostd): creates an enclave from an
   :class:`EnclaveSpec`, measures it, and hands back a byte stream to it;
@@ -227,7 +227,7 @@ EnclaveEntry = Callable[[EnclavePlatform, socket.socket, Mapping[str, Any]], Non
 
 @dataclass
 class MeasurementPolicy:
-    """Which enclaves a verifier accepts (DESIGN.md S3).
+    """Which enclaves a verifier accepts (SECURITY.md property 13).
 
     Either an exact MRENCLAVE (the default: computed by the verifier from the
     enclave code it has installed), or MRSIGNER + ISVPRODID + minimum ISVSVN

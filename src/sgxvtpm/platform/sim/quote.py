@@ -159,7 +159,8 @@ class SimQuoteVerifier:
             raise AttestationError("quote verification failed") from None
         except Exception:
             # Attacker-controlled input must never escape as another error type
-            # (S8); an unforeseen parser error is still a rejection, logged loudly.
+            # (bad input is refused, never a crash); an unforeseen parser error is
+            # still a rejection, logged loudly.
             log.warning("quote rejected by an unexpected parser error", exc_info=True)
             raise AttestationError("quote verification failed") from None
 
