@@ -1,4 +1,4 @@
-"""EKs and the attestation chain on the real system (issue 7), read as a verifier would.
+"""EKs and the attestation chain on the real system, read as a verifier would.
 
 One hostd per module; VM ``ek-vm`` is an instance enclave whose EKs the
 manager enclave's CA certified at ``vm create``. tpm2-tools reads the

@@ -1,4 +1,4 @@
-"""Fuzz targets: every codec and socket-facing parser, one function per target (S8).
+"""Fuzz targets: every codec and socket-facing parser, one function per target.
 
 Each target takes arbitrary bytes and either returns or raises one of the
 exceptions that parser documents for remote misbehaviour (``ALLOWED``).

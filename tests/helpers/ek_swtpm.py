@@ -19,8 +19,7 @@ from types import TracebackType
 
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_RC, TPM2_SU
-
-CMD_INIT = 2  # swtpm control channel (PROTOCOLS.md)
+from sgxvtpm.wire.swtpm_ctrl import CtrlCmd
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -94,7 +93,7 @@ class SwtpmTpm:
         PCR_Allocate takes effect only now.
         """
         wire.check_success(self.transact(wire.shutdown(TPM2_SU.CLEAR)))
-        result = self.ctrl(CMD_INIT, struct.pack(">I", 0))
+        result = self.ctrl(CtrlCmd.INIT, struct.pack(">I", 0))
         if result[:4] != bytes(4):
             raise RuntimeError(f"swtpm CMD_INIT failed: {result.hex()}")
         rc = wire.response_code(self.transact(wire.startup(TPM2_SU.CLEAR)))

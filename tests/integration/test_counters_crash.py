@@ -1,4 +1,5 @@
-"""S6/S7: a monotonic counter never reads back below an acknowledged value.
+"""A monotonic counter never reads back below an acknowledged value (SECURITY.md
+properties 15 and 16).
 
 A child process increments a counter and prints each value once
 counter_increment has returned; the parent SIGKILLs it at random moments

@@ -1,4 +1,4 @@
-"""Bad input never crashes or hangs the engine (DESIGN.md S8).
+"""Bad input never crashes or hangs the engine.
 
 One engine in a child process takes random bytes and mutated valid commands;
 every answer must be a well-formed TPM response. The framing answers must be

@@ -1,4 +1,4 @@
-"""The patent's method end to end, with real processes (issue 5).
+"""The patent's method end to end, with real processes (docs/ARCHITECTURE.md, "Flows").
 
 hostd (the SGX module) launches the manager enclave; the VMM creates
 instance enclaves over K1; VMs talk TPM 2.0 over K2; state is sealed at rest,
@@ -97,7 +97,8 @@ def test_whole_flow(hostd: Hostd) -> None:
         public = wire.parse_read_public(execute(t.transact, wire.read_public(0x81000001)))
         execute(t.transact, wire.shutdown(TPM2_SU.STATE))
 
-    # S1 at rest: no file under the state directory holds the NV marker or libtpms state.
+    # Ciphertext at rest (SECURITY.md property 12): no file under the state directory
+    # holds the NV marker or libtpms state.
     for path in hostd.state.root.rglob("*"):
         if path.is_file() and not path.is_socket():
             data = path.read_bytes()
@@ -255,7 +256,8 @@ def _instance_pid(h: Hostd) -> int:
 
 
 def test_no_acknowledged_increment_is_lost_across_kill_9(hostd: Hostd) -> None:
-    """S7: 500 NV increments; hostd and the instance are killed -9 at random moments."""
+    """SECURITY.md property 16: 500 NV increments; hostd and the instance are killed -9
+    at random moments."""
     import random
     import signal
     import threading

@@ -1,4 +1,4 @@
-"""What runs in an enclave is what was measured (SECURITY.md, "enclave code").
+"""What runs in an enclave is what was measured (SECURITY.md properties 1, 2 and 4).
 
 Attacks, as a host that starts hostd could mount them: plant a module next to
 hostd (its cwd), point PYTHONPATH at a modified copy of the package, point

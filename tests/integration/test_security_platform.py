@@ -1,4 +1,4 @@
-"""The sim platform keeps SGX's boundary (SECURITY.md, "platform secrets", "SIGSTRUCT").
+"""The sim platform keeps SGX's boundary (SECURITY.md properties 2-4).
 
 - Only the sim CPU process holds the platform's secrets: hostd, the zygote and
   every enclave are scanned for them in memory.

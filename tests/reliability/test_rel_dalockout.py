@@ -1,4 +1,5 @@
-"""Must-show 7: abrupt VM resets do not lock the owner out (TPM 2.0 Part 1, 19.8.6).
+"""Abrupt VM resets do not lock the owner out (RELIABILITY.md scenario 7; TPM 2.0
+Part 1, 19.8.6).
 
 A TPM that restarts without an orderly TPM2_Shutdown after a DA-protected
 authorization was used counts one failed authorization; enough VM resets

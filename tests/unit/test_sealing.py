@@ -1,4 +1,5 @@
-"""Sealed state at rest (S5, S6), on the real sim platform's keys and counters."""
+"""Sealed state at rest (SECURITY.md properties 12 and 15), on the real sim platform's
+keys and counters."""
 
 from __future__ import annotations
 
