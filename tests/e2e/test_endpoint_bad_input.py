@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from helpers.endpoint import (
+from tests.helpers.endpoint import (
     CtrlClient,
     EndpointProcess,
     free_port_pair,
-    recv_tpm_response,
     start_local,
 )
+from tests.helpers.sockets import recv_tpm_response
+
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_RC, TPM2_SU
 from sgxvtpm.wire import mssim

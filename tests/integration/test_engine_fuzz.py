@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.helpers.tpm import EngineProcess, started_engine
 
-from helpers.tpm import EngineProcess, started_engine
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPMA_NV
 

@@ -7,8 +7,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from tests.helpers.tpm import EngineProcess, RemoteError, started_engine
 
-from helpers.tpm import EngineProcess, RemoteError, started_engine
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_RC, TPM2_SU, TPMA_NV
 from sgxvtpm.tpm.engine import StateType

@@ -14,12 +14,11 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from tests.helpers.hostd import Hostd, running_hostd
+from tests.helpers.hostd import Hostd
 
 from sgxvtpm.channel import ChannelError, ClientCredential
 from sgxvtpm.endpoint.k2 import K2Client, K2Error, VmBinding
@@ -36,12 +35,6 @@ NV_ATTRS = (
 # The first bytes of libtpms' serialized permanent and volatile state (version + magic):
 # a file holding either in the clear would contain them.
 LIBTPMS_MAGICS = (bytes.fromhex("0003ab364723"), bytes.fromhex("000445637889"))
-
-
-@pytest.fixture
-def hostd(tmp_path: Path) -> Iterator[Hostd]:
-    with running_hostd(tmp_path / "state") as h:
-        yield h
 
 
 def vmm(h: Hostd) -> VmmClient:

@@ -12,15 +12,14 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.helpers.hostd import Hostd, running_hostd, wait_ready
+from tests.helpers.hostd import Hostd, wait_ready
+from tests.helpers.processes import stop_process
 
 from sgxvtpm.enclaves import specs
 from sgxvtpm.platform.sim.measure import read_code, relative_name
@@ -80,12 +79,6 @@ def test_enclave_code_importing_host_code_is_refused(tmp_path: Path) -> None:
         specs.import_closure(["sgxvtpm.host.hostd"])
 
 
-@pytest.fixture
-def hostd(tmp_path: Path) -> Iterator[Hostd]:
-    with running_hostd(tmp_path / "state") as h:
-        yield h
-
-
 def _instance_pid(h: Hostd, name: str) -> int:
     info = asyncio.run(VmmClient(h.state).show(name))
     return int(info["pid"])
@@ -134,16 +127,6 @@ def _start_hostd(
     return proc
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-
 def _console_script() -> list[str]:
     script = Path(sys.executable).parent / "sgxvtpm"
     assert script.exists(), "the sgxvtpm console script is installed with the package"
@@ -167,7 +150,7 @@ def test_modules_planted_in_hostds_cwd_never_run(tmp_path: Path) -> None:
         wait_ready(state / "hostd.sock", 60, proc)
         asyncio.run(VmmClient(Hostd(state).state).create("vm1"))
     finally:
-        _stop(proc)
+        stop_process(proc, timeout=30, group=True)
     assert not marker.exists(), marker.read_text()
 
 
@@ -198,7 +181,7 @@ def test_modified_package_on_pythonpath_gets_no_enclave(tmp_path: Path) -> None:
             with pytest.raises(VmmError):
                 asyncio.run(VmmClient(Hostd(state).state).create("vm1"))
     finally:
-        _stop(proc)
+        stop_process(proc, timeout=30, group=True)
     assert marker.exists(), "the copy ran in hostd (the test's premise)"
     assert _enclave_lines(marker) == []
 
@@ -236,5 +219,5 @@ def test_libtpms_on_ld_library_path_is_not_loaded(tmp_path: Path) -> None:
         info = asyncio.run(VmmClient(Hostd(state).state).create("vm1"))
         assert info["state"] == "running"
     finally:
-        _stop(proc)
+        stop_process(proc, timeout=30, group=True)
     assert not marker.exists()

@@ -36,7 +36,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from tests.reliability.vmtools import (
+from tests.helpers.vmtools import (
     COUNTER_ATTRS,
     NV_ATTRS,
     TPM2_RC_VALUE_P1,

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from tests.reliability.vmtools import (
+from tests.helpers.vmtools import (
     COUNTER_ATTRS,
     TRANSIENT,
     VMM_TRANSIENT,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tests.reliability.vmtools import (
+from tests.helpers.vmtools import (
     COUNTER_ATTRS,
     NV_ATTRS,
     HostdCtl,

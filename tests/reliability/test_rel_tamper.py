@@ -22,11 +22,11 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tests.reliability.vmtools import (
+from tests.helpers.vmtools import (
     NV_ATTRS,
     VMM_TRANSIENT,
     HostdCtl,
@@ -46,12 +46,6 @@ from sgxvtpm.tpm.nv import execute
 pytestmark = pytest.mark.integration
 
 INDEX = 0x01500030
-
-
-@pytest.fixture
-def ctl(tmp_path: Path) -> Iterator[HostdCtl]:
-    with running(tmp_path / "state") as c:
-        yield c
 
 
 def write_marker(ctl: HostdCtl, name: str, data: bytes, define: bool = False) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -93,10 +92,8 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    base: Path = tmp_path_factory.mktemp("platforms")
-    pd = SimPlatformDir.open_or_create(base / "a")
-    other = SimPlatformDir.open_or_create(base / "b")
+def world(sim_platform: SimPlatformDir, other_sim_platform: SimPlatformDir) -> World:
+    pd, other = sim_platform, other_sim_platform
     manager = EnclaveCredential.create(pd.enclave_platform(MANAGER), "manager", is_ca=True)
     operator = ClientCredential.self_signed(ec.generate_private_key(ec.SECP256R1()), "operator")
     instance_a = EnclaveCredential.create(pd.enclave_platform(INSTANCE), "instance-a")
