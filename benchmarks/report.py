@@ -1,7 +1,7 @@
 """BENCHMARKS.md from a run's results (pure: a dict in, markdown out).
 
-The verdicts compare against the targets of issue 8, each a ratio to swtpm
-measured in the same run; a target whose figures are missing is "not
+The verdicts compare against the targets below (``LIMITS``), each a ratio to
+swtpm measured in the same run; a target whose figures are missing is "not
 measured", never "met".
 """
 
@@ -308,7 +308,7 @@ def _latency(results: dict[str, Any]) -> list[str]:
         f"{results.get('config', {}).get('cheap_iterations', '?')} iterations for cheap "
         "commands and a tenth of that for heavy ones, after a warm-up. (a) keeps its state "
         "in memory; (b) writes files without fsync; (c) and (d) seal and fsync every state "
-        "change before answering (DESIGN.md S7).",
+        "change before answering (SECURITY.md property 16).",
         "",
         *_table(header, rows),
         "",
@@ -571,7 +571,7 @@ def render(results: dict[str, Any], analysis: str = "") -> str:
         "Results are figures, not pass/fail tests; every ratio compares two systems measured "
         "in this same run, on the same machine, with the same client and the same libtpms.",
         "",
-        "## Targets (issue 8)",
+        "## Targets",
         "",
         *(f"- {v.sentence}" for v in verdicts(results)),
         "",

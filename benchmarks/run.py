@@ -161,8 +161,9 @@ def run_from_snapshot(args: argparse.Namespace, argv: list[str]) -> int:
     """Re-run this command on a copy of the code, so the run measures one version.
 
     An enclave's MRENCLAVE is computed from the code installed at the
-    moment a client checks it (S3): if the sources change while a long run
-    is under way, instances launched before the change no longer verify.
+    moment a client checks it (SECURITY.md property 13): if the sources
+    change while a long run is under way, instances launched before the
+    change no longer verify.
     The copy (sgxvtpm and benchmarks, first on PYTHONPATH) stays put.
     """
     output = args.output.resolve()

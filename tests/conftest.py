@@ -1,4 +1,8 @@
-"""Shared pytest configuration.
+"""Shared pytest configuration, and the fixtures of more than one layer.
+
+Each layer's own fixtures are in its conftest.py (tests/unit, tests/integration,
+tests/e2e, tests/reliability); helpers that tests import by name are in
+tests/helpers (``from tests.helpers.x import ...``).
 
 Tests marked ``slow`` are the long versions run by ``make stress``
 (SGXVTPM_STRESS=1); ``make test`` runs everything else.
@@ -6,15 +10,22 @@ Tests marked ``slow`` are the long versions run by ``make stress``
 The operator identity, pinned platform roots and VM bindings go to a
 credentials directory (sgxvtpm/vmm/credentials.py); the session gets its own,
 so no test writes to the invoking user's ~/.config/sgxvtpm.
+
+The sim platform, in-process (its keys, quotes and counters; no CPU process):
+``sim_platform`` is shared by a module's tests, ``other_sim_platform`` is a
+second one (another attestation root) for the same module, and
+``fresh_sim_platform`` is a new one for each test.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from sgxvtpm.platform.sim import SimPlatformDir
 from sgxvtpm.vmm.credentials import ENV as CREDENTIALS_ENV
 
 
@@ -38,3 +49,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def sim_platform(tmp_path_factory: pytest.TempPathFactory) -> SimPlatformDir:
+    return SimPlatformDir.open_or_create(tmp_path_factory.mktemp("sim") / "platform")
+
+
+@pytest.fixture(scope="module")
+def other_sim_platform(tmp_path_factory: pytest.TempPathFactory) -> SimPlatformDir:
+    return SimPlatformDir.open_or_create(tmp_path_factory.mktemp("sim") / "other")
+
+
+@pytest.fixture
+def fresh_sim_platform(tmp_path: Path) -> SimPlatformDir:
+    return SimPlatformDir.open_or_create(tmp_path / "platform")

@@ -208,7 +208,8 @@ async def _vm(args: argparse.Namespace) -> int:
 
 
 def _vm_endpoint(args: argparse.Namespace) -> int:
-    """``vm attach`` / ``vm serve``: blocking endpoints, no event loop (issue 8)."""
+    """``vm attach`` / ``vm serve``: blocking endpoints, a thread per connection, no
+    event loop (asyncio cost more CPU per command; BENCHMARKS.md has the figures)."""
     from sgxvtpm.endpoint.listeners import OWNER_ONLY, SocketAccess
     from sgxvtpm.endpoint.serve import attach, serve_tss
 

@@ -1,34 +1,31 @@
-"""Fixtures for the QEMU / tpm2-tools end-to-end tests.
+"""Fixtures of the end-to-end tests: QEMU, tpm2-tools, tpm2-pytss on real endpoints.
 
-``vtpm_ctrl_factory`` yields a function ``make(workdir) -> ctrl socket path``
-that starts a QEMU-facing vTPM endpoint. By default it is the local endpoint
-over a LocalBackend (NOT protected); the real ``sgxvtpm vm attach`` can be
-swapped in by overriding this fixture (e.g. in a conftest next to a test).
+``sgx_hostd`` is the real system, one per test module: hostd, the manager
+enclave, and instance enclaves created through it over K1
+(tests/helpers/vmtools.py: ``create_vm``); their endpoints are the real
+``sgxvtpm vm attach`` / ``vm serve`` processes, talking K2
+(tests/helpers/endpoint.py: ``start_vm_endpoint``).
 
-``sgx_hostd`` (one per test module), :func:`create_vm` and
-:func:`start_vm_endpoint` run the same scenarios on the real system: hostd,
-the manager enclave, instance enclaves, and the ``sgxvtpm vm attach`` /
-``vm serve`` endpoint processes over K2.
+``vtpm_ctrl_factory`` yields ``make(workdir) -> ctrl socket path``, a
+QEMU-facing vTPM endpoint, once for each kind: ``local`` (the local endpoint
+over a LocalBackend, NOT protected) and ``sgx`` (a new VM on ``sgx_hostd``
+behind ``sgxvtpm vm attach``). A test that takes it runs against both.
 """
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.helpers.endpoint import CtrlFactory, EndpointProcess, start_local, start_vm_endpoint
+from tests.helpers.guest import build_initramfs, missing_tools
+from tests.helpers.hostd import Hostd, running_hostd
+from tests.helpers.swtpm import swtpm_available
+from tests.helpers.vmtools import create_vm
 
-from helpers.endpoint import EndpointProcess, first_line, start_local, swtpm_available
-from helpers.guest import build_initramfs, missing_tools
-from helpers.hostd import Hostd, running_hostd
-from sgxvtpm.host.statedir import StateDir
-from sgxvtpm.vmm.client import VmmClient
-from sgxvtpm.wire.k1 import InstanceInfo
-
-CtrlFactory = Callable[[Path], Path]
+_vm_names = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
@@ -45,29 +42,6 @@ def initrd(qemu_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_initramfs(tmp_path_factory.mktemp("initramfs"))
 
 
-@pytest.fixture
-def vtpm_ctrl_factory() -> Iterator[CtrlFactory]:
-    started: list[EndpointProcess] = []
-
-    def make(workdir: Path) -> Path:
-        workdir.mkdir(parents=True, exist_ok=True)
-        ep = start_local(workdir / "state", ctrl=workdir / "vtpm.ctrl")
-        started.append(ep)
-        return Path(ep.address)
-
-    yield make
-    for ep in started:
-        ep.stop()
-
-
-# ---------------------------------------------------------------- the real system
-# One hostd (the SGX module, with its manager enclave) per test module; VMs are
-# instance enclaves created through the manager over K1, and their endpoints are
-# the real ``sgxvtpm vm attach`` / ``vm serve`` processes, talking K2.
-
-ENDPOINT_READY_TIMEOUT = 30.0
-
-
 @pytest.fixture(scope="module")
 def sgx_hostd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostd]:
     with running_hostd(tmp_path_factory.mktemp("sgx") / "state") as hostd:
@@ -77,45 +51,24 @@ def sgx_hostd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostd]:
         )
 
 
-def create_vm(hostd: Hostd, name: str, **kw: object) -> InstanceInfo:
-    """``vm create`` through the manager enclave (K1); writes the VM's binding to the
-    session's credentials directory (tests/conftest.py)."""
-    return asyncio.run(VmmClient(hostd.state).create(name, **kw))  # type: ignore[arg-type]
+@pytest.fixture(params=["local", "sgx"])
+def vtpm_ctrl_factory(request: pytest.FixtureRequest) -> Iterator[CtrlFactory]:
+    sgx: Hostd | None = request.getfixturevalue("sgx_hostd") if request.param == "sgx" else None
+    started: list[EndpointProcess] = []
 
+    def make(workdir: Path) -> Path:
+        workdir.mkdir(parents=True, exist_ok=True)
+        ctrl = workdir / "vtpm.ctrl"
+        if sgx is None:
+            ep = start_local(workdir / "state", ctrl=ctrl)
+        else:
+            name = f"qemu-vm{next(_vm_names)}"
+            create_vm(sgx, name)
+            ep = start_vm_endpoint(sgx.state, name, "--ctrl", str(ctrl), log_dir=workdir)
+        started.append(ep)
+        return Path(ep.address)
 
-def sgxvtpm_cli(state: StateDir, *args: str, timeout: float = 120.0
-                ) -> subprocess.CompletedProcess[str]:
-    """``python -m sgxvtpm.cli ARGS --state-dir STATE``."""
-    return subprocess.run(
-        [sys.executable, "-m", "sgxvtpm.cli", *args, "--state-dir", str(state.root)],
-        capture_output=True, text=True, timeout=timeout,
-    )
-
-
-def start_vm_endpoint(state: StateDir, name: str, *mode: str, log_dir: Path) -> EndpointProcess:
-    """``sgxvtpm vm attach NAME --ctrl P`` or ``vm serve NAME --swtpm P|--swtpm-tcp|--mssim``.
-
-    Waits for the line the command prints once its socket listens; the
-    address is the socket path, or the TCP port.
-    """
-    command = "attach" if mode[0] == "--ctrl" else "serve"
-    # TCP lets every local user in: the tests accept that for their loopback ports.
-    consent = ["--allow-any-local-user"] if mode[0] in ("--swtpm-tcp", "--mssim") else []
-    log_path = log_dir / f"{name}-{command}.log"
-    with open(log_path, "ab") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sgxvtpm.cli", "vm", command, name, *mode, *consent,
-             "--state-dir", str(state.root)],
-            stdout=subprocess.PIPE, stderr=err,
-        )
-    line = first_line(proc, ENDPOINT_READY_TIMEOUT)
-    if not line.startswith(("attached ", "serving ")):
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(
-            f"vm {command} did not start (got {line!r}); stderr:\n{log_path.read_text()[-2000:]}"
-        )
-    address = mode[1]
-    if mode[0] in ("--swtpm-tcp", "--mssim"):
-        address = address.rpartition(":")[2]
-    return EndpointProcess(proc, address)
+    yield make
+    for ep in started:
+        assert ep.alive(), "the endpoint died while QEMU used it"
+        ep.stop()

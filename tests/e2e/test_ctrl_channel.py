@@ -12,14 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from helpers.endpoint import (
+from tests.helpers.endpoint import (
     CtrlClient,
     EndpointProcess,
     start_local,
     start_swtpm_ctrl,
-    swtpm_available,
 )
+from tests.helpers.swtpm import swtpm_available
+
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_SU
 from sgxvtpm.wire.swtpm_ctrl import CtrlCmd, CtrlRequest, CtrlResponse, PtmCap

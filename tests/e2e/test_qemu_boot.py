@@ -1,5 +1,9 @@
 """QEMU boots a Linux guest with its TPM on our endpoint, compared with Debian's swtpm.
 
+Our endpoint is each of ``vtpm_ctrl_factory``'s (tests/e2e/conftest.py): the
+local one, and the real ``sgxvtpm vm attach`` of an instance enclave, which
+forwards QEMU's control and data channels over K2.
+
 Golden test: SeaBIOS and the kernel drive the TPM exactly as in production
 (version probe, STOP/SET_BUFFERSIZE/INIT, TPM2_Startup, PCR extends of the
 firmware measurements); the guest prints PCR 0-7 from sysfs. The same boot
@@ -14,10 +18,8 @@ import re
 from pathlib import Path
 
 import pytest
-
-from conftest import CtrlFactory
-from helpers.endpoint import start_swtpm_ctrl
-from helpers.guest import Guest
+from tests.helpers.endpoint import CtrlFactory, start_swtpm_ctrl
+from tests.helpers.guest import Guest
 
 pytestmark = pytest.mark.e2e
 BOOT_TIMEOUT = 90.0

@@ -1,4 +1,4 @@
-"""EKs and the attestation chain on the real system (issue 7), read as a verifier would.
+"""EKs and the attestation chain on the real system, read as a verifier would.
 
 One hostd per module; VM ``ek-vm`` is an instance enclave whose EKs the
 manager enclave's CA certified at ``vm create``. tpm2-tools reads the
@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from tests.helpers.ek_tools import attestation_round, run_tool
+from tests.helpers.endpoint import EndpointProcess, start_vm_endpoint
+from tests.helpers.hostd import Hostd, running_hostd
+from tests.helpers.vmtools import create_vm, sgxvtpm_cli
 
-from conftest import create_vm, sgxvtpm_cli, start_vm_endpoint
-from helpers.ek_tools import attestation_round, run_tool
-from helpers.endpoint import EndpointProcess
-from helpers.hostd import Hostd, running_hostd
 from sgxvtpm.attest.verify import R_QUOTE_ROOT
 
 pytestmark = [

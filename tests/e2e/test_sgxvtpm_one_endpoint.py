@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.helpers.ek_tools import run_tool
+from tests.helpers.endpoint import EndpointProcess, first_line, start_vm_endpoint
+from tests.helpers.hostd import Hostd
+from tests.helpers.vmtools import create_vm
 
-from conftest import create_vm, start_vm_endpoint
-from helpers.ek_tools import run_tool
-from helpers.endpoint import EndpointProcess, first_line
-from helpers.hostd import Hostd
 from sgxvtpm.endpoint.k2 import K2Client, K2Error, VmBinding
 from sgxvtpm.tpm import wire
 

@@ -18,6 +18,8 @@ tpm2_pytss = pytest.importorskip("tpm2_pytss")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature  # noqa: E402
+from tests.helpers.hostd import Hostd  # noqa: E402
+from tests.helpers.vmtools import create_vm  # noqa: E402
 from tpm2_pytss import (  # noqa: E402
     ESAPI,
     ESYS_TR,
@@ -41,8 +43,6 @@ from tpm2_pytss import (  # noqa: E402
     TSS2_Exception,
 )
 
-from conftest import create_vm  # noqa: E402
-from helpers.hostd import Hostd  # noqa: E402
 from sgxvtpm.endpoint.tcti import K2Tcti  # noqa: E402
 
 pytestmark = pytest.mark.e2e

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import create_vm, start_vm_endpoint
-from helpers.guest import Guest
-from helpers.hostd import Hostd
+from tests.helpers.endpoint import start_vm_endpoint
+from tests.helpers.guest import Guest
+from tests.helpers.hostd import Hostd
+from tests.helpers.vmtools import create_vm
 
 pytestmark = pytest.mark.e2e
 

@@ -18,10 +18,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tests.helpers.endpoint import free_port_pair, start_vm_endpoint
+from tests.helpers.hostd import Hostd
+from tests.helpers.sockets import recv_tpm_response
+from tests.helpers.vmtools import create_vm, sgxvtpm_cli
 
-from conftest import create_vm, sgxvtpm_cli, start_vm_endpoint
-from helpers.endpoint import free_port_pair, recv_tpm_response
-from helpers.hostd import Hostd
 from sgxvtpm.tpm import wire
 
 pytestmark = [

@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tests.helpers.endpoint import CtrlClient, start_vm_endpoint
+from tests.helpers.hostd import Hostd
+from tests.helpers.vmtools import create_vm
 
-from conftest import create_vm, start_vm_endpoint
-from helpers.endpoint import CtrlClient
-from helpers.hostd import Hostd
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_SU, TPMA_NV
 from sgxvtpm.wire.swtpm_ctrl import CtrlCmd, CtrlRequest, CtrlResponse

@@ -1,8 +1,10 @@
 """tpm2-tools, unchanged, against our TSS endpoints over each TCTI.
 
-The endpoints run the local vTPM (LocalBackend, NOT protected) in their own
-process; the TCTIs are tpm2-tss's own libraries (tcti-swtpm over unix and
-TCP, tcti-mssim).
+The TCTIs are tpm2-tss's own libraries (tcti-swtpm over unix and TCP,
+tcti-mssim). Each runs against two endpoints: ``local``, the local vTPM
+(LocalBackend, NOT protected) in its own process, and ``sgx``, the real
+``sgxvtpm vm serve`` of an instance enclave created through the manager,
+which forwards every command over K2.
 """
 
 from __future__ import annotations
@@ -14,14 +16,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from helpers.endpoint import EndpointProcess, free_port_pair, start_local
+from tests.helpers.endpoint import (
+    EndpointProcess,
+    free_port_pair,
+    start_local,
+    start_vm_endpoint,
+)
+from tests.helpers.hostd import Hostd
+from tests.helpers.vmtools import create_vm
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(shutil.which("tpm2_startup") is None, reason="needs tpm2-tools"),
 ]
 TCTIS = ["swtpm-unix", "swtpm-tcp", "mssim"]
+ENDPOINTS = [f"{backend}-{tcti}" for backend in ("local", "sgx") for tcti in TCTIS]
 
 
 class Tools:
@@ -46,20 +55,36 @@ class Tools:
         self.run("flushcontext", "-s")
 
 
-@pytest.fixture(scope="module", params=TCTIS)
+def _start_local(kind: str, work: Path) -> EndpointProcess:
+    if kind == "swtpm-unix":
+        return start_local(work / "state", swtpm=work / "tpm.sock")
+    if kind == "swtpm-tcp":
+        return start_local(work / "state", swtpm_tcp=free_port_pair())
+    return start_local(work / "state", mssim=free_port_pair())
+
+
+def _start_sgx(kind: str, work: Path, hostd: Hostd) -> EndpointProcess:
+    name = f"tools-{kind}"
+    create_vm(hostd, name)
+    flag = {"swtpm-unix": "--swtpm", "swtpm-tcp": "--swtpm-tcp", "mssim": "--mssim"}[kind]
+    where = str(work / "tpm.sock") if kind == "swtpm-unix" else f"127.0.0.1:{free_port_pair()}"
+    return start_vm_endpoint(hostd.state, name, flag, where, log_dir=work)
+
+
+@pytest.fixture(scope="module", params=ENDPOINTS)
 def tools(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[Tools]:
+    backend, _, kind = str(request.param).partition("-")
     work = tmp_path_factory.mktemp(str(request.param))
-    kind = str(request.param)
-    ep: EndpointProcess
+    if backend == "local":
+        ep = _start_local(kind, work)
+    else:
+        ep = _start_sgx(kind, work, request.getfixturevalue("sgx_hostd"))
     if kind == "swtpm-unix":
-        ep = start_local(work / "state", swtpm=work / "tpm.sock")
         tcti = f"swtpm:path={ep.address}"
     elif kind == "swtpm-tcp":
-        ep = start_local(work / "state", swtpm_tcp=free_port_pair())
         tcti = f"swtpm:host=127.0.0.1,port={ep.port}"
     else:
-        ep = start_local(work / "state", mssim=free_port_pair())
         tcti = f"mssim:host=127.0.0.1,port={ep.port}"
     t = Tools(tcti, work)
     t.run("startup", "-c")

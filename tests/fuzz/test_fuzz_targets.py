@@ -1,4 +1,5 @@
-"""Must-show 4: hostile input to every codec and socket-facing parser (S8).
+"""Hostile input to every codec and socket-facing parser (RELIABILITY.md scenario 4):
+an error or a clean refusal, never a crash, a hang or unbounded memory.
 
 Two parts:
 - every kept input (seed corpus and regression cases of fixed findings) runs

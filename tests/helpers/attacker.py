@@ -41,6 +41,7 @@ from sgxvtpm.channel import ClientCredential
 from sgxvtpm.cli import main as cli_main
 from sgxvtpm.enclaves.specs import expected_policy
 from sgxvtpm.endpoint.k2 import K2Client, VmBinding
+from sgxvtpm.host import hostd as _hostd  # noqa: F401 - the cli's hostd command (grp)
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.platform import platform_kind
 from sgxvtpm.tpm import wire

@@ -1,6 +1,6 @@
 """An unauthenticated local client that tries to wear hostd and its enclaves out.
 
-Usage: python dos_client.py SOCKET MODE TARGET COUNT SECONDS
+Usage: python -m tests.helpers.dos_client SOCKET MODE TARGET COUNT SECONDS
 
 Runs in a process of its own so that its work does not share an interpreter
 lock with the client whose latency a test measures. Modes:

@@ -1,7 +1,7 @@
 """Times EK manufacturing against a LibtpmsEngine in this process (run as a child).
 
 libtpms holds one TPM per process, so the pytest process never loads it.
-Usage: ek_bench_child.py PLATFORM_DIR RUNS ALGS(comma) -> one JSON line:
+Usage: python -m tests.helpers.ek_bench_child PLATFORM_DIR RUNS ALGS(comma) -> one JSON line:
 {"manufacture_ms": [...], "tpm_init_ms": [...], "nv_certificates": {...}}
 
 Each run: a new engine on empty state (libtpms manufactures a TPM:
@@ -17,12 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+from tests.helpers.ek_ca import manager_ca
+
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.ek import manufacture, read_ek_certificate
 from sgxvtpm.tpm.engine import LibtpmsEngine, MemoryStateStore
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers.ek_ca import manager_ca
 
 
 def main() -> None:

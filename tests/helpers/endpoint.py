@@ -1,9 +1,9 @@
-"""Start vTPM endpoint processes for tests: ours (local, NOT protected) and Debian's swtpm.
+"""Start vTPM endpoint processes for tests: the local one (NOT protected), the real
+``sgxvtpm vm attach``/``vm serve`` (over K2 to an instance enclave), and Debian's swtpm.
 
-Both yield the same kind of address (a control socket for QEMU, a tcti-swtpm
-path or port, an mssim port), so a test can run one scenario against either
-and compare. The real ``sgxvtpm vm attach``/``vm serve`` endpoints can be
-slotted in through the same :class:`EndpointProcess` (argv + READY line).
+All yield the same kind of address (a control socket for QEMU, a tcti-swtpm
+path or port, an mssim port) in an :class:`EndpointProcess`, so a test can
+run one scenario against each and compare.
 """
 
 from __future__ import annotations
@@ -11,13 +11,22 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.helpers.processes import stop_process
+from tests.helpers.sockets import recv_tpm_response
+
+from sgxvtpm.host.statedir import StateDir
+
+#: ``make(workdir) -> control socket``: starts a QEMU-facing endpoint in ``workdir``.
+CtrlFactory = Callable[[Path], Path]
+ENDPOINT_READY_TIMEOUT = 30.0
 
 
 @dataclass
@@ -35,16 +44,10 @@ class EndpointProcess:
         return self.proc.poll() is None
 
     def stop(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc, timeout=timeout)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
-        return int(self.proc.returncode)
+        return code
 
 
 def free_port_pair() -> int:
@@ -110,8 +113,33 @@ def start_local(
     return EndpointProcess(proc, _read_ready(proc, 30.0))
 
 
-def swtpm_available() -> bool:
-    return shutil.which("swtpm") is not None
+def start_vm_endpoint(state: StateDir, name: str, *mode: str, log_dir: Path) -> EndpointProcess:
+    """``sgxvtpm vm attach NAME --ctrl P`` or ``vm serve NAME --swtpm P|--swtpm-tcp|--mssim``.
+
+    Waits for the line the command prints once its socket listens; the
+    address is the socket path, or the TCP port.
+    """
+    command = "attach" if mode[0] == "--ctrl" else "serve"
+    # TCP lets every local user in: the tests accept that for their loopback ports.
+    consent = ["--allow-any-local-user"] if mode[0] in ("--swtpm-tcp", "--mssim") else []
+    log_path = log_dir / f"{name}-{command}.log"
+    with open(log_path, "ab") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sgxvtpm.cli", "vm", command, name, *mode, *consent,
+             "--state-dir", str(state.root)],
+            stdout=subprocess.PIPE, stderr=err,
+        )
+    line = first_line(proc, ENDPOINT_READY_TIMEOUT)
+    if not line.startswith(("attached ", "serving ")):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(
+            f"vm {command} did not start (got {line!r}); stderr:\n{log_path.read_text()[-2000:]}"
+        )
+    address = mode[1]
+    if mode[0] in ("--swtpm-tcp", "--mssim"):
+        address = address.rpartition(":")[2]
+    return EndpointProcess(proc, address)
 
 
 def start_swtpm_ctrl(state_dir: Path, ctrl: Path) -> EndpointProcess:
@@ -192,19 +220,3 @@ class CtrlClient:
         if self.data is not None:
             self.data.close()
         self.sock.close()
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
-
-
-def recv_tpm_response(sock: socket.socket) -> bytes:
-    header = recv_exact(sock, 10)
-    size = int.from_bytes(header[2:6], "big")
-    return header + recv_exact(sock, max(0, size - 10))

@@ -1,6 +1,6 @@
 """Counter crash-test child: increment a counter and print each acknowledged value.
 
-Usage: python sim_counter_child.py PLATFORM_DIR COUNT
+Usage: python -m tests.helpers.sim_counter_child PLATFORM_DIR COUNT
 Prints one line per increment, only after counter_increment returned (so
 after the value is durable). The parent kills it with SIGKILL at random.
 """

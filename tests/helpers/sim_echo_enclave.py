@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 
+# Not tests.helpers.sockets: an enclave runs only its measured code, this one file.
 def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
     buf = b""
     while len(buf) < n:

@@ -1,9 +1,8 @@
-"""Test kit for the TPM engine: a LibtpmsEngine in a child process, and swtpm.
+"""Test kit for the TPM engine: a LibtpmsEngine in a child process.
 
 libtpms holds one TPM per process, so tests never start an engine in the
 pytest process: :class:`EngineProcess` runs ``tpm_engine_server.py`` and
-forwards calls to it; :class:`Swtpm` runs Debian's swtpm for golden
-comparisons.
+forwards calls to it. Debian's swtpm, the golden peer, is tests/helpers/swtpm.py.
 """
 
 from __future__ import annotations
@@ -12,18 +11,14 @@ import contextlib
 import os
 import pickle
 import select
-import shutil
-import signal
-import socket
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-SERVER = Path(__file__).with_name("tpm_engine_server.py")
+from tests.helpers.processes import helper_command, helper_env, stop_process
 
 
 class RemoteError(Exception):
@@ -43,11 +38,11 @@ class EngineProcess:
     """A LibtpmsEngine in its own process; ``call(op, *args)`` runs an op there."""
 
     def __init__(self, state_dir: Path | None = None, timeout: float = 60.0) -> None:
-        argv = [sys.executable, str(SERVER)]
-        if state_dir is not None:
-            argv.append(str(state_dir))
+        argv = helper_command("tpm_engine_server", *([str(state_dir)] if state_dir else []))
         self.timeout = timeout
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=helper_env()
+        )
 
     def __enter__(self) -> EngineProcess:
         return self
@@ -96,10 +91,7 @@ class EngineProcess:
             with contextlib.suppress(BrokenPipeError):
                 self.proc.stdin.close()
         try:
-            return self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+            return stop_process(self.proc, sig=None)
         finally:
             if self.proc.stdout:
                 self.proc.stdout.close()
@@ -113,83 +105,3 @@ def started_engine(state_dir: Path | None = None) -> EngineProcess:
     ep.call("start")
     wire.check_success(ep.process(wire.startup()))
     return ep
-
-
-def swtpm_available() -> bool:
-    return shutil.which("swtpm") is not None
-
-
-class Swtpm:
-    """Debian's swtpm (TPM 2.0) on unix sockets, started fresh in ``directory``.
-
-    ``--flags not-need-init,startup-clear``: commands work at once and swtpm
-    has sent TPM2_Startup(CLEAR) itself.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.data_path = directory / "data.sock"
-        self.ctrl_path = directory / "ctrl.sock"
-        state = directory / "state"
-        state.mkdir()
-        self.proc = subprocess.Popen(
-            [
-                "swtpm", "socket", "--tpm2",
-                "--server", f"type=unixio,path={self.data_path}",
-                "--ctrl", f"type=unixio,path={self.ctrl_path}",
-                "--tpmstate", f"dir={state}",
-                "--flags", "not-need-init,startup-clear",
-                "--log", f"file={directory / 'swtpm.log'}",
-            ],
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while not self.data_path.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("swtpm did not start")
-            time.sleep(0.01)
-        self.sock = self.connect()
-
-    def connect(self) -> socket.socket:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(5)
-        s.connect(str(self.data_path))
-        return s
-
-    def reconnect(self) -> None:
-        self.sock.close()
-        self.sock = self.connect()
-
-    def read_response(self, timeout: float = 5.0) -> bytes | None:
-        """One response (header, then its size); None if swtpm sent nothing."""
-        self.sock.settimeout(timeout)
-        try:
-            header = self._recv_exact(10)
-        except (TimeoutError, EOFError):
-            return None
-        size = struct.unpack(">I", header[2:6])[0]
-        return header + self._recv_exact(size - 10)
-
-    def _recv_exact(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise EOFError
-            data += chunk
-        return data
-
-    def transact(self, command: bytes) -> bytes:
-        self.sock.sendall(command)
-        response = self.read_response()
-        if response is None:
-            raise TimeoutError("swtpm did not answer")
-        return response
-
-    def close(self) -> None:
-        self.sock.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()

@@ -6,7 +6,7 @@ talks to one of these. Protocol on stdin/stdout: u32 length + pickle of
 ``("err", type name, message, cause type name)``. Test-only code: the peer is
 the test process itself.
 
-Usage: tpm_engine_server.py [STATE_DIR]   (no dir: state in memory)
+Usage: python -m tests.helpers.tpm_engine_server [STATE_DIR]   (no dir: state in memory)
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from tests.helpers.sockets import read_exact
 
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.engine import LibtpmsEngine, MemoryStateStore, StateType
@@ -187,25 +189,15 @@ class Server:
         raise ValueError(f"unknown op {op!r}")
 
 
-def _read_exact(stream: Any, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = stream.read(n - len(data))
-        if not chunk:
-            raise EOFError
-        data += chunk
-    return data
-
-
 def main() -> None:
     server = Server(Path(sys.argv[1]) if len(sys.argv) > 1 else None)
     rx, tx = sys.stdin.buffer, sys.stdout.buffer
     while True:
         try:
-            (length,) = struct.unpack(">I", _read_exact(rx, 4))
-        except EOFError:
+            (length,) = struct.unpack(">I", read_exact(rx.read, 4))
+        except ConnectionError:  # the parent closed our stdin
             return
-        op, args = pickle.loads(_read_exact(rx, length))
+        op, args = pickle.loads(read_exact(rx.read, length))
         try:
             reply: tuple[Any, ...] = ("ok", server.dispatch(op, args))
         except Exception as exc:

@@ -1,4 +1,5 @@
-"""S6/S7: a monotonic counter never reads back below an acknowledged value.
+"""A monotonic counter never reads back below an acknowledged value (SECURITY.md
+properties 15 and 16).
 
 A child process increments a counter and prints each value once
 counter_increment has returned; the parent SIGKILLs it at random moments
@@ -12,18 +13,17 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from tests.helpers.processes import helper_command, helper_env
+from tests.helpers.sim_counter_child import COUNTER, IDENTITY
 
-from helpers.sim_counter_child import COUNTER, IDENTITY
 from sgxvtpm.platform.sim import SimPlatformDir
 
 pytestmark = pytest.mark.integration
 
-CHILD = Path(__file__).resolve().parent.parent / "helpers" / "sim_counter_child.py"
 TOTAL = 10_000
 KILLS = 20
 
@@ -36,9 +36,9 @@ def _read_counter(platform_dir: Path) -> int:
 def _run_child(platform_dir: Path, count: int, kill_after: int | None) -> list[int]:
     """Run a child; SIGKILL it after ``kill_after`` acknowledged values; all values it printed."""
     with subprocess.Popen(
-        [sys.executable, str(CHILD), str(platform_dir), str(count)],
+        helper_command("sim_counter_child", str(platform_dir), str(count)),
         stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        env=helper_env(),
     ) as proc:
         return _ack_and_kill(proc, kill_after)
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from tests.helpers.ek_ca import POLICY, ManagerCa, manager_ca, pem
+from tests.helpers.ek_tools import attestation_round, run_tool, tss_public_spki
+from tests.helpers.swtpm import Swtpm, swtpm_setup
 
-from helpers.ek_ca import POLICY, ManagerCa, manager_ca, pem
-from helpers.ek_swtpm import SwtpmTpm, swtpm_setup
-from helpers.ek_tools import attestation_round, run_tool, tss_public_spki
 from sgxvtpm.attest import verify_ek_chain
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_RC, TPM2_RH
@@ -57,7 +57,7 @@ def _spki(cert_der: bytes) -> bytes:
 
 @dataclass
 class Made:
-    tpm: SwtpmTpm
+    tpm: Swtpm
     ca: ManagerCa
     made: Manufactured
     dir: Path
@@ -67,7 +67,7 @@ class Made:
 def made(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Made]:
     d = tmp_path_factory.mktemp("ek-swtpm")
     ca = manager_ca(d / "platform")
-    with SwtpmTpm(d) as tpm:
+    with Swtpm(d) as tpm:
         result = manufacture(
             tpm.transact, ["rsa2048", "ecc-p256"], ca.sign_ek,
             platform_cert=ca.sign_platform, pcr_banks=["sha256", "sha384"],
@@ -195,7 +195,7 @@ def setup_dirs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_templates_give_swtpm_setup_keys(setup_dirs: Path, state: str, algs: list[str]) -> None:
     run = setup_dirs / f"run-{state}"
     run.mkdir()
-    with SwtpmTpm(run, state=setup_dirs / state) as tpm:
+    with Swtpm(run, state=setup_dirs / state) as tpm:
         handles = run_tool(tpm.tcti, "tpm2_getcap", "handles-persistent", cwd=run).stdout.decode()
         indices = run_tool(tpm.tcti, "tpm2_getcap", "handles-nv-index", cwd=run).stdout.decode()
         for alg in algs:
@@ -220,7 +220,7 @@ def _spki_key(key: object) -> bytes:
 
 def test_our_high_range_eks_land_where_swtpm_setup_puts_them(tmp_path: Path) -> None:
     ca = manager_ca(tmp_path / "platform")
-    with SwtpmTpm(tmp_path) as tpm:
+    with Swtpm(tmp_path) as tpm:
         made = manufacture(tpm.transact, ["rsa3072", "ecc-p384"], ca.sign_ek)
         handles = run_tool(
             tpm.tcti, "tpm2_getcap", "handles-persistent", cwd=tmp_path

@@ -12,15 +12,15 @@ import json
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from tests.helpers.ek_ca import manager_ca
+from tests.helpers.processes import helper_command, helper_env
+from tests.helpers.swtpm import Swtpm, swtpm_setup
 
-from helpers.ek_ca import manager_ca
-from helpers.ek_swtpm import SwtpmTpm, swtpm_setup
 from sgxvtpm.tpm.ek import manufacture, read_ek_certificate
 
 pytestmark = [
@@ -33,13 +33,12 @@ ENGINE_P384 = "sgxvtpm on libtpms in-process, rsa2048+ecc-p384"
 SOCKET_P256 = "sgxvtpm over a swtpm socket, rsa2048+ecc-p256"
 SWTPM_SETUP = "swtpm_setup (localca), rsa2048+ecc-p384"
 RecordProperty = Callable[[str, object], None]
-CHILD = Path(__file__).parents[1] / "helpers" / "ek_bench_child.py"
 
 
 def _engine_ms(platform: Path, runs: int, algs: str) -> list[float]:
     out = subprocess.run(
-        [sys.executable, str(CHILD), str(platform), str(runs), algs],
-        capture_output=True, check=True, timeout=120,
+        helper_command("ek_bench_child", str(platform), str(runs), algs),
+        capture_output=True, check=True, timeout=120, env=helper_env(),
     )  # fmt: skip
     data = json.loads(out.stdout)
     assert set(data["nv_certificates"]) == set(algs.split(","))
@@ -52,7 +51,7 @@ def _swtpm_ms(tmp: Path, runs: int) -> list[float]:
     for i in range(runs):
         d = tmp / f"swtpm{i}"
         d.mkdir()
-        with SwtpmTpm(d) as tpm:
+        with Swtpm(d) as tpm:
             t0 = time.perf_counter()
             made = manufacture(
                 tpm.transact, ["rsa2048", "ecc-p256"], ca.sign_ek,

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+from tests.helpers.tpm import EngineProcess, RemoteError, started_engine
 
-from helpers.tpm import EngineProcess, RemoteError, started_engine
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_ALG, TPM2_CC, TPM2_HT, TPM2_RC, TPM2_RH, TPMA_NV
 

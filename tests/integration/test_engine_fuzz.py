@@ -1,4 +1,4 @@
-"""Bad input never crashes or hangs the engine (DESIGN.md S8).
+"""Bad input never crashes or hangs the engine.
 
 One engine in a child process takes random bytes and mutated valid commands;
 every answer must be a well-formed TPM response. The framing answers must be
@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.helpers.tpm import EngineProcess, started_engine
 
-from helpers.tpm import EngineProcess, started_engine
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPMA_NV
 

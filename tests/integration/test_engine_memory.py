@@ -7,8 +7,7 @@ stop()); every get_state() blob is freed with TPM_Free. RSS must stay flat.
 from __future__ import annotations
 
 import pytest
-
-from helpers.tpm import started_engine
+from tests.helpers.tpm import started_engine
 
 pytestmark = pytest.mark.integration
 

@@ -7,8 +7,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from tests.helpers.tpm import EngineProcess, RemoteError, started_engine
 
-from helpers.tpm import EngineProcess, RemoteError, started_engine
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_RC, TPM2_SU, TPMA_NV
 from sgxvtpm.tpm.engine import StateType
@@ -132,7 +132,8 @@ def test_get_state_while_stopped_reads_the_store(tmp_path: Path) -> None:
 
 
 def test_store_failure_fails_the_command_and_nothing_after() -> None:
-    """A store that raises (full disk) never yields a success for that change (S7)."""
+    """A store that raises (full disk) never yields a success for that change
+    (SECURITY.md property 16)."""
     with started_engine() as ep:
         primary_before = ep.process(wire.create_primary(wire.ecc_p256_template()))
         ep.call("fail", True, False)

@@ -1,4 +1,4 @@
-"""The patent's method end to end, with real processes (issue 5).
+"""The patent's method end to end, with real processes (docs/ARCHITECTURE.md, "Flows").
 
 hostd (the SGX module) launches the manager enclave; the VMM creates
 instance enclaves over K1; VMs talk TPM 2.0 over K2; state is sealed at rest,
@@ -14,12 +14,11 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from tests.helpers.hostd import Hostd, running_hostd
+from tests.helpers.hostd import Hostd
 
 from sgxvtpm.channel import ChannelError, ClientCredential
 from sgxvtpm.endpoint.k2 import K2Client, K2Error, VmBinding
@@ -37,12 +36,6 @@ NV_ATTRS = (
 # The first bytes of libtpms' serialized permanent and volatile state (version + magic):
 # a file holding either in the clear would contain them.
 LIBTPMS_MAGICS = (bytes.fromhex("0003ab364723"), bytes.fromhex("000445637889"))
-
-
-@pytest.fixture
-def hostd(tmp_path: Path) -> Iterator[Hostd]:
-    with running_hostd(tmp_path / "state") as h:
-        yield h
 
 
 def vmm(h: Hostd) -> VmmClient:
@@ -98,7 +91,8 @@ def test_whole_flow(hostd: Hostd) -> None:
         public = wire.parse_read_public(execute(t.transact, wire.read_public(0x81000001)))
         execute(t.transact, wire.shutdown(TPM2_SU.STATE))
 
-    # S1 at rest: no file under the state directory holds the NV marker or libtpms state.
+    # Ciphertext at rest (SECURITY.md property 12): no file under the state directory
+    # holds the NV marker or libtpms state.
     for path in hostd.state.root.rglob("*"):
         if path.is_file() and not path.is_socket():
             data = path.read_bytes()
@@ -275,7 +269,8 @@ def _instance_pid(h: Hostd) -> int:
 
 
 def test_no_acknowledged_increment_is_lost_across_kill_9(hostd: Hostd) -> None:
-    """S7: 500 NV increments; hostd and the instance are killed -9 at random moments."""
+    """SECURITY.md property 16: 500 NV increments; hostd and the instance are killed -9
+    at random moments."""
     import random
     import signal
     import threading

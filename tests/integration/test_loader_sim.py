@@ -6,11 +6,11 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tests.helpers.echo_client import call
+from tests.helpers.echo_client import call, echo_spec
 
 from sgxvtpm.platform import EnclaveSpec, PlatformError
 from sgxvtpm.platform.sim import (
@@ -23,76 +23,42 @@ from sgxvtpm.platform.sim import (
 
 pytestmark = pytest.mark.integration
 
-# tests/helpers is a package; the enclave gets a copy outside it, so that its
-# measured relative name (and module name) is just "sim_echo_enclave.py".
-HELPER_SOURCE = Path(__file__).resolve().parent.parent / "helpers" / "sim_echo_enclave.py"
-
-
-
-
-@pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> SimPlatformDir:
-    return SimPlatformDir.open_or_create(tmp_path_factory.mktemp("sgx") / "platform")
-
-
-@pytest.fixture(scope="module")
-def code(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("enclave_code") / "sim_echo_enclave.py"
-    path.write_bytes(HELPER_SOURCE.read_bytes())
-    return path
-
-
-@pytest.fixture(scope="module")
-def loader(platform: SimPlatformDir) -> Iterator[SimLoader]:
-    with platform.loader() as ldr:
-        yield ldr
-
-
 def _spec(platform: SimPlatformDir, code: Path, config: bytes = b'{"x": 1}') -> EnclaveSpec:
     """The echo enclave, signed by the platform's vendor key."""
-    return platform.sign(
-        EnclaveSpec(
-            name="echo",
-            entry="sim_echo_enclave:main",
-            code_files=[code],
-            config=config,
-            isv_prod_id=7,
-            isv_svn=3,
-        )
-    )
+    return platform.sign(echo_spec(code, config))
 
 
 def test_launched_enclave_quotes_its_measured_identity(
-    platform: SimPlatformDir, loader: SimLoader, code: Path
+    sim_platform: SimPlatformDir, sim_loader: SimLoader, echo_code: Path
 ) -> None:
-    spec = _spec(platform, code)
-    handle = loader.launch(spec, {"vm": "vm1", "key": b"\x00\xff"})
+    spec = _spec(sim_platform, echo_code)
+    handle = sim_loader.launch(spec, {"vm": "vm1", "key": b"\x00\xff"})
     try:
         assert call(handle.stream, b"P") == b"pong"
         assert handle.identity.mrenclave == measure_mrenclave(spec)
-        assert handle.identity == identity_of_spec(spec, platform.signer_public_key)
+        assert handle.identity == identity_of_spec(spec, sim_platform.signer_public_key)
         nonce = os.urandom(64)
-        verified = platform.verifier().verify(call(handle.stream, b"Q" + nonce))
+        verified = sim_platform.verifier().verify(call(handle.stream, b"Q" + nonce))
         assert verified.identity == handle.identity
         assert verified.report_data == nonce
-        assert verified.platform_id == platform.platform_id
+        assert verified.platform_id == sim_platform.platform_id
         assert call(handle.stream, b"C") == spec.config
-        assert call(handle.stream, b"R") == platform.root_certificate_pem
+        assert call(handle.stream, b"R") == sim_platform.root_certificate_pem
         assert json.loads(call(handle.stream, b"A")) == {"key": "00ff", "vm": "vm1"}
     finally:
         handle.stop()
 
 
 def test_enclave_process_is_hardened(
-    platform: SimPlatformDir, loader: SimLoader, code: Path
+    sim_platform: SimPlatformDir, sim_loader: SimLoader, echo_code: Path
 ) -> None:
-    handle = loader.launch(_spec(platform, code), {})
+    handle = sim_loader.launch(_spec(sim_platform, echo_code), {})
     try:
         call(handle.stream, b"P")
         status = Path(f"/proc/{handle.pid}/status").read_text()
         fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
         assert fields["Name"].strip() == "enclave:echo"
-        assert int(fields["PPid"]) == loader.zygote_pid
+        assert int(fields["PPid"]) == sim_loader.zygote_pid
         assert call(handle.stream, b"D") == b"0"  # prctl(PR_GET_DUMPABLE) inside
         assert _owner_of_proc_files(handle.pid) == 0  # seen from outside (trivial as root)
         limits = Path(f"/proc/{handle.pid}/limits").read_text()
@@ -114,9 +80,9 @@ def _owner_of_proc_files(pid: int) -> int:
 
 
 def test_stop_terminates_the_enclave(
-    platform: SimPlatformDir, loader: SimLoader, code: Path
+    sim_platform: SimPlatformDir, sim_loader: SimLoader, echo_code: Path
 ) -> None:
-    handle = loader.launch(_spec(platform, code), {})
+    handle = sim_loader.launch(_spec(sim_platform, echo_code), {})
     call(handle.stream, b"P")
     handle.stop(timeout=5)
     assert not Path(f"/proc/{handle.pid}").exists() or _is_zombie_or_gone(handle.pid)
@@ -137,15 +103,15 @@ def _is_zombie_or_gone(pid: int) -> bool:
 
 
 def test_zygote_is_restarted_after_it_dies(
-    platform: SimPlatformDir, loader: SimLoader, code: Path
+    sim_platform: SimPlatformDir, sim_loader: SimLoader, echo_code: Path
 ) -> None:
-    survivor = loader.launch(_spec(platform, code), {})
-    old = loader.zygote_pid
+    survivor = sim_loader.launch(_spec(sim_platform, echo_code), {})
+    old = sim_loader.zygote_pid
     os.kill(old, signal.SIGKILL)
     time.sleep(0.1)
-    handle = loader.launch(_spec(platform, code), {})
+    handle = sim_loader.launch(_spec(sim_platform, echo_code), {})
     try:
-        assert loader.zygote_pid != old
+        assert sim_loader.zygote_pid != old
         assert call(handle.stream, b"P") == b"pong"
         assert call(survivor.stream, b"P") == b"pong"  # running enclaves live on
     finally:
@@ -154,49 +120,51 @@ def test_zygote_is_restarted_after_it_dies(
 
 
 def test_code_change_changes_identity_and_code_run(
-    platform: SimPlatformDir, loader: SimLoader, code: Path, tmp_path: Path
+    sim_platform: SimPlatformDir, sim_loader: SimLoader, echo_code: Path, tmp_path: Path
 ) -> None:
     changed = tmp_path / "sim_echo_enclave.py"
-    changed.write_bytes(code.read_bytes().replace(b'b"pong"', b'b"PONG"'))
-    spec = _spec(platform, changed)
-    handle = loader.launch(spec, {})
+    changed.write_bytes(echo_code.read_bytes().replace(b'b"pong"', b'b"PONG"'))
+    spec = _spec(sim_platform, changed)
+    handle = sim_loader.launch(spec, {})
     try:
-        assert handle.identity.mrenclave != measure_mrenclave(_spec(platform, code))
-        assert handle.identity.mrsigner == mrsigner_of(platform.signer_public_key)
+        assert handle.identity.mrenclave != measure_mrenclave(_spec(sim_platform, echo_code))
+        assert handle.identity.mrsigner == mrsigner_of(sim_platform.signer_public_key)
         assert call(handle.stream, b"P") == b"PONG"
         quote = call(handle.stream, b"Q" + bytes(64))
-        assert platform.verifier().verify(quote).identity.mrenclave == measure_mrenclave(spec)
+        assert sim_platform.verifier().verify(quote).identity.mrenclave == measure_mrenclave(spec)
     finally:
         handle.stop()
 
 
-def test_bad_entry_fails_cleanly(platform: SimPlatformDir, loader: SimLoader, code: Path) -> None:
-    spec = platform.sign(
-        EnclaveSpec("bad", "no_colon", [code], config=b"", isv_prod_id=1, isv_svn=1)
+def test_bad_entry_fails_cleanly(
+    sim_platform: SimPlatformDir, sim_loader: SimLoader, echo_code: Path
+) -> None:
+    spec = sim_platform.sign(
+        EnclaveSpec("bad", "no_colon", [echo_code], config=b"", isv_prod_id=1, isv_svn=1)
     )
     with pytest.raises(PlatformError):
-        loader.launch(spec, {})
+        sim_loader.launch(spec, {})
 
 
 def test_idle_enclave_memory(
-    platform: SimPlatformDir,
-    loader: SimLoader,
-    code: Path,
+    sim_platform: SimPlatformDir,
+    sim_loader: SimLoader,
+    echo_code: Path,
     record_property: Callable[[str, object], None],
 ) -> None:
     """PSS of idle enclaves (goal <= 11 MB each); reported with -rA (and -s)."""
-    handles = [loader.launch(_spec(platform, code), {})]
+    handles = [sim_loader.launch(_spec(sim_platform, echo_code), {})]
     try:
         assert call(handles[0].stream, b"P") == b"pong"
         time.sleep(0.2)
         alone = _pss_kib(handles[0].pid)
-        handles += [loader.launch(_spec(platform, code), {}) for _ in range(3)]
+        handles += [sim_loader.launch(_spec(sim_platform, echo_code), {}) for _ in range(3)]
         for h in handles:
             assert call(h.stream, b"P") == b"pong"
         time.sleep(0.2)
         pss = [_pss_kib(h.pid) for h in handles]
         rss = [_rss_kib(h.pid) for h in handles]
-        zygote = _pss_kib(loader.zygote_pid)
+        zygote = _pss_kib(sim_loader.zygote_pid)
         report = (
             f"idle enclave PSS: {alone} KiB as the only enclave; {pss} KiB with 4 "
             f"(RSS {rss} KiB); zygote PSS {zygote} KiB"
@@ -236,25 +204,24 @@ def _package_copy(tmp_path: Path, change: bytes = b"") -> list[Path]:
 
 
 def test_other_bytes_for_a_preloaded_module_never_run(
-    platform: SimPlatformDir, loader: SimLoader, code: Path, tmp_path: Path
+    sim_platform: SimPlatformDir, sim_loader: SimLoader, echo_code: Path, tmp_path: Path
 ) -> None:
     """The zygote pre-imported sgxvtpm; an enclave measuring other bytes for it is refused."""
-    spec = _spec(platform, code)
-    changed = platform.sign(
+    spec = _spec(sim_platform, echo_code)
+    changed = sim_platform.sign(
         EnclaveSpec(
-            spec.name, spec.entry, [code, *_package_copy(tmp_path, b"X = 1\n")], b"", 7, 3
+            spec.name, spec.entry, [echo_code, *_package_copy(tmp_path, b"X = 1\n")], b"", 7, 3
         )
     )
     with pytest.raises(PlatformError, match="stale"):
-        loader.launch(changed, {})
+        sim_loader.launch(changed, {})
 
 
 def test_preloaded_modules_of_a_measured_package_must_be_measured(
-    platform: SimPlatformDir, loader: SimLoader, code: Path, tmp_path: Path
+    sim_platform: SimPlatformDir, sim_loader: SimLoader, echo_code: Path, tmp_path: Path
 ) -> None:
     """Measuring sgxvtpm/__init__.py alone leaves the zygote's other sgxvtpm modules unmeasured."""
-    spec = platform.sign(
-        EnclaveSpec("echo", "sim_echo_enclave:main", [code, *_package_copy(tmp_path)], b"", 7, 3)
-    )
+    code = [echo_code, *_package_copy(tmp_path)]
+    spec = sim_platform.sign(EnclaveSpec("echo", "sim_echo_enclave:main", code, b"", 7, 3))
     with pytest.raises(PlatformError, match="stale"):
-        loader.launch(spec, {})
+        sim_loader.launch(spec, {})

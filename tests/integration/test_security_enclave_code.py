@@ -1,4 +1,4 @@
-"""What runs in an enclave is what was measured (SECURITY.md, "enclave code").
+"""What runs in an enclave is what was measured (SECURITY.md properties 1, 2 and 4).
 
 Attacks, as a host that starts hostd could mount them: plant a module next to
 hostd (its cwd), point PYTHONPATH at a modified copy of the package, point
@@ -12,15 +12,14 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.helpers.hostd import Hostd, running_hostd, wait_ready
+from tests.helpers.hostd import Hostd, wait_ready
+from tests.helpers.processes import stop_process
 
 from sgxvtpm.enclaves import specs
 from sgxvtpm.platform import platform_kind
@@ -82,12 +81,6 @@ def test_enclave_code_importing_host_code_is_refused(tmp_path: Path) -> None:
         specs.import_closure(["sgxvtpm.host.hostd"])
 
 
-@pytest.fixture
-def hostd(tmp_path: Path) -> Iterator[Hostd]:
-    with running_hostd(tmp_path / "state") as h:
-        yield h
-
-
 def _instance_pid(h: Hostd, name: str) -> int:
     pid = asyncio.run(VmmClient(h.state).show(name)).pid
     assert pid is not None, name
@@ -137,16 +130,6 @@ def _start_hostd(
     return proc
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-
 def _console_script() -> list[str]:
     script = Path(sys.executable).parent / "sgxvtpm"
     assert script.exists(), "the sgxvtpm console script is installed with the package"
@@ -170,7 +153,7 @@ def test_modules_planted_in_hostds_cwd_never_run(tmp_path: Path) -> None:
         wait_ready(state / "hostd.sock", 60, proc)
         asyncio.run(VmmClient(Hostd(state).state).create("vm1"))
     finally:
-        _stop(proc)
+        stop_process(proc, timeout=30, group=True)
     assert not marker.exists(), marker.read_text()
 
 
@@ -201,7 +184,7 @@ def test_modified_package_on_pythonpath_gets_no_enclave(tmp_path: Path) -> None:
             with pytest.raises(VmmError):
                 asyncio.run(VmmClient(Hostd(state).state).create("vm1"))
     finally:
-        _stop(proc)
+        stop_process(proc, timeout=30, group=True)
     assert marker.exists(), "the copy ran in hostd (the test's premise)"
     assert _enclave_lines(marker) == []
 
@@ -239,5 +222,5 @@ def test_libtpms_on_ld_library_path_is_not_loaded(tmp_path: Path) -> None:
         info = asyncio.run(VmmClient(Hostd(state).state).create("vm1"))
         assert info.state == "running"
     finally:
-        _stop(proc)
+        stop_process(proc, timeout=30, group=True)
     assert not marker.exists()

@@ -1,4 +1,4 @@
-"""The sim platform keeps SGX's boundary (SECURITY.md, "platform secrets", "SIGSTRUCT").
+"""The sim platform keeps SGX's boundary (SECURITY.md properties 2-4).
 
 - Only the sim CPU process holds the platform's secrets: hostd, the zygote and
   every enclave are scanned for them in memory.
@@ -12,13 +12,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from tests.helpers.echo_client import call
-from tests.helpers.hostd import Hostd, running_hostd
+from tests.helpers.echo_client import ECHO_SOURCE, call, echo_spec
+from tests.helpers.hostd import Hostd
 
 from sgxvtpm.platform import EnclaveSpec, MeasurementPolicy, PlatformError
 from sgxvtpm.platform.base import is_debug
@@ -28,9 +27,6 @@ from sgxvtpm.platform.sim.spawn import CLEAN_ENV
 from sgxvtpm.vmm.client import VmmClient
 
 pytestmark = pytest.mark.integration
-
-HELPER_SOURCE = Path(__file__).resolve().parent.parent / "helpers" / "sim_echo_enclave.py"
-
 
 # -- memory of every process but the CPU ----------------------------------------
 
@@ -88,12 +84,6 @@ def _platform_secrets(path: Path) -> list[bytes]:
     return secrets
 
 
-@pytest.fixture
-def hostd(tmp_path: Path) -> Iterator[Hostd]:
-    with running_hostd(tmp_path / "state") as h:
-        yield h
-
-
 def test_only_the_cpu_process_holds_platform_secrets(hostd: Hostd) -> None:
     asyncio.run(VmmClient(hostd.state).create("vm1"))
     assert hostd.proc is not None
@@ -120,24 +110,9 @@ def test_only_the_cpu_process_holds_platform_secrets(hostd: Hostd) -> None:
 # -- EINIT and SIGSTRUCT ---------------------------------------------------------
 
 
-
-
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> SimPlatformDir:
-    return SimPlatformDir.open_or_create(tmp_path_factory.mktemp("sgx") / "platform")
-
-
-@pytest.fixture(scope="module")
-def loader(platform: SimPlatformDir) -> Iterator[SimLoader]:
-    with platform.loader() as ldr:
-        yield ldr
-
-
-@pytest.fixture(scope="module")
-def echo(tmp_path_factory: pytest.TempPathFactory) -> EnclaveSpec:
-    path = tmp_path_factory.mktemp("code") / "sim_echo_enclave.py"
-    path.write_bytes(HELPER_SOURCE.read_bytes())
-    return EnclaveSpec("echo", "sim_echo_enclave:main", [path], b"{}", isv_prod_id=7, isv_svn=3)
+def echo(echo_code: Path) -> EnclaveSpec:
+    return echo_spec(echo_code)
 
 
 def _signed_by(key: ec.EllipticCurvePrivateKey, spec: EnclaveSpec) -> EnclaveSpec:
@@ -146,49 +121,49 @@ def _signed_by(key: ec.EllipticCurvePrivateKey, spec: EnclaveSpec) -> EnclaveSpe
     return dataclasses.replace(spec, sigstruct=sig.encode())
 
 
-def test_unsigned_enclave_is_refused(loader: SimLoader, echo: EnclaveSpec) -> None:
+def test_unsigned_enclave_is_refused(sim_loader: SimLoader, echo: EnclaveSpec) -> None:
     with pytest.raises(PlatformError, match="SIGSTRUCT"):
-        loader.launch(echo, {})
+        sim_loader.launch(echo, {})
 
 
 def test_forged_signature_is_refused(
-    platform: SimPlatformDir, loader: SimLoader, echo: EnclaveSpec
+    sim_platform: SimPlatformDir, sim_loader: SimLoader, echo: EnclaveSpec
 ) -> None:
-    good = sigstruct.SigStruct.decode(platform.sign(echo).sigstruct)
+    good = sigstruct.SigStruct.decode(sim_platform.sign(echo).sigstruct)
     bad_sig = bytearray(good.signature)
     bad_sig[-1] ^= 1
     forged = dataclasses.replace(good, signature=bytes(bad_sig))
     with pytest.raises(PlatformError, match="SIGSTRUCT"):
-        loader.launch(dataclasses.replace(echo, sigstruct=forged.encode()), {})
+        sim_loader.launch(dataclasses.replace(echo, sigstruct=forged.encode()), {})
     # The genuine signer's key named with another key's signature: still refused.
     stranger = ec.generate_private_key(ec.SECP256R1())
     other = sigstruct.SigStruct.decode(_signed_by(stranger, echo).sigstruct)
     spliced = dataclasses.replace(other, signer_public_key=good.signer_public_key)
     with pytest.raises(PlatformError, match="SIGSTRUCT"):
-        loader.launch(dataclasses.replace(echo, sigstruct=spliced.encode()), {})
+        sim_loader.launch(dataclasses.replace(echo, sigstruct=spliced.encode()), {})
 
 
 def test_genuine_signature_for_other_code_is_refused(
-    platform: SimPlatformDir, loader: SimLoader, echo: EnclaveSpec, tmp_path: Path
+    sim_platform: SimPlatformDir, sim_loader: SimLoader, echo: EnclaveSpec, tmp_path: Path
 ) -> None:
-    signed = platform.sign(echo)
+    signed = sim_platform.sign(echo)
     other = tmp_path / "sim_echo_enclave.py"
-    other.write_bytes(HELPER_SOURCE.read_bytes() + b"\nPAYLOAD = 1\n")
+    other.write_bytes(ECHO_SOURCE.read_bytes() + b"\nPAYLOAD = 1\n")
     with pytest.raises(PlatformError, match="does not sign the measured enclave"):
-        loader.launch(dataclasses.replace(signed, code_files=[other]), {})
+        sim_loader.launch(dataclasses.replace(signed, code_files=[other]), {})
     with pytest.raises(PlatformError, match="does not sign the measured enclave"):
-        loader.launch(dataclasses.replace(signed, isv_svn=signed.isv_svn + 1), {})
+        sim_loader.launch(dataclasses.replace(signed, isv_svn=signed.isv_svn + 1), {})
 
 
 def test_mrsigner_is_the_key_that_verified(
-    platform: SimPlatformDir, loader: SimLoader, echo: EnclaveSpec
+    sim_platform: SimPlatformDir, sim_loader: SimLoader, echo: EnclaveSpec
 ) -> None:
     """Code signed by someone else runs, but as that signer: none of our signer's keys."""
     stranger = ec.generate_private_key(ec.SECP256R1())
-    genuine = loader.launch(platform.sign(echo), {})
-    foreign = loader.launch(_signed_by(stranger, echo), {})
+    genuine = sim_loader.launch(sim_platform.sign(echo), {})
+    foreign = sim_loader.launch(_signed_by(stranger, echo), {})
     try:
-        assert genuine.identity.mrsigner == mrsigner_of(platform.signer_public_key)
+        assert genuine.identity.mrsigner == mrsigner_of(sim_platform.signer_public_key)
         assert foreign.identity.mrsigner != genuine.identity.mrsigner
         assert foreign.identity.mrenclave == genuine.identity.mrenclave
         assert call(foreign.stream, b"K") != call(genuine.stream, b"K")
@@ -198,11 +173,11 @@ def test_mrsigner_is_the_key_that_verified(
 
 
 def test_debug_enclave_is_refused_by_default_policy(
-    platform: SimPlatformDir, loader: SimLoader, echo: EnclaveSpec
+    sim_platform: SimPlatformDir, sim_loader: SimLoader, echo: EnclaveSpec
 ) -> None:
-    handle = loader.launch(platform.sign(dataclasses.replace(echo, debug=True)), {})
+    handle = sim_loader.launch(sim_platform.sign(dataclasses.replace(echo, debug=True)), {})
     try:
-        quoted = platform.verifier().verify(call(handle.stream, b"Q" + bytes(64))).identity
+        quoted = sim_platform.verifier().verify(call(handle.stream, b"Q" + bytes(64))).identity
     finally:
         handle.stop()
     assert is_debug(quoted)

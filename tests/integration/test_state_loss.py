@@ -23,6 +23,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from tests.helpers.hostd import running_hostd, wait_ready
+from tests.helpers.processes import stop_process
 
 from sgxvtpm.channel import ChannelError
 from sgxvtpm.enclaves.sealing import parse_header
@@ -93,8 +94,7 @@ def test_missing_registry_is_refused_until_the_operator_resets(tmp_path: Path) -
         assert vm_list(state) == []
         assert registry_version(state) > old_version
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert stop_process(proc, timeout=30, group=True) == 0
     text = log_path.read_text()
     assert "every VM registered on this host becomes unrecoverable" in text
     assert '"manager.registry_reset"' in text

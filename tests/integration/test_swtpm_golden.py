@@ -20,8 +20,10 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+from tests.helpers.sockets import recv_exact, recv_tpm_response
+from tests.helpers.swtpm import Swtpm, swtpm_available
+from tests.helpers.tpm import EngineProcess, started_engine
 
-from helpers.tpm import EngineProcess, Swtpm, started_engine, swtpm_available
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_ALG, TPM2_RC
 
@@ -107,19 +109,22 @@ def test_oversize_command(pair: tuple[EngineProcess, Swtpm]) -> None:
     command = struct.pack(">HII", 0x8001, 5000, 0x17B) + bytes(4990)
     ours = engine.process(command)
     assert ours == wire.error_response(TPM2_RC.COMMAND_SIZE)
-    assert swtpm.transact(command) == ours
-    # swtpm's stream framing: the 904 bytes past its 4096-byte buffer are read
-    # as another command (tag 0x0000 -> TPM_RC_VALUE). The engine answers once.
-    assert swtpm.read_response(timeout=2) == wire.error_response(TPM2_RC.VALUE)
+    with swtpm.connect(timeout=2) as stream:
+        stream.sendall(command)
+        assert recv_tpm_response(stream) == ours
+        # swtpm's stream framing: the 904 bytes past its 4096-byte buffer are read
+        # as another command (tag 0x0000 -> TPM_RC_VALUE). The engine answers once.
+        assert recv_tpm_response(stream) == wire.error_response(TPM2_RC.VALUE)
 
 
 def test_short_header(pair: tuple[EngineProcess, Swtpm]) -> None:
     engine, swtpm = pair
     short = bytes.fromhex("80010000")
     assert engine.process(short) == wire.error_response(TPM2_RC.INSUFFICIENT)
-    swtpm.sock.sendall(short)
-    assert swtpm.read_response(timeout=0.3) is None  # swtpm waits for 10 bytes
-    swtpm.reconnect()
+    with swtpm.connect(timeout=0.3) as stream:
+        stream.sendall(short)
+        with pytest.raises(TimeoutError):  # swtpm waits for 10 bytes
+            recv_exact(stream, 1)
     assert wire.response_code(swtpm.transact(wire.get_random(8))) == TPM2_RC.SUCCESS
 
 

@@ -1,4 +1,5 @@
-"""Must-show 1: crash durability under kill -9 (DESIGN.md S5, S6, S7).
+"""Crash durability under kill -9 (RELIABILITY.md scenario 1; SECURITY.md properties
+15 and 16).
 
 Ten VMs each run a workload of NV writes, NV counter increments, persistent
 keys made and removed with TPM2_EvictControl, PCR extends and suspend/resume
@@ -35,7 +36,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from tests.reliability.vmtools import (
+from tests.helpers.vmtools import (
     COUNTER_ATTRS,
     NV_ATTRS,
     TPM2_RC_VALUE_P1,

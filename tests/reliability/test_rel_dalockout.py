@@ -1,4 +1,5 @@
-"""Must-show 7: abrupt VM resets do not lock the owner out (TPM 2.0 Part 1, 19.8.6).
+"""Abrupt VM resets do not lock the owner out (RELIABILITY.md scenario 7; TPM 2.0
+Part 1, 19.8.6).
 
 A TPM that restarts without an orderly TPM2_Shutdown after a DA-protected
 authorization was used counts one failed authorization; enough VM resets
@@ -21,14 +22,12 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tests.reliability.vmtools import NV_ATTRS, HostdCtl, client, lockout_counter, rc_of, running
+from tests.helpers.endpoint import start_vm_endpoint
+from tests.helpers.vmtools import NV_ATTRS, HostdCtl, client, lockout_counter, rc_of
 
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_CAP, TPM2_CC, TPM2_PT, TPM2_RH, TPM2_SU, TPMA_OBJECT
@@ -84,17 +83,7 @@ class SwtpmEndpoint:
 
     def __init__(self, ctl: HostdCtl, name: str, path: Path) -> None:
         self.path = path
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sgxvtpm.cli", "vm", "serve", name, "--swtpm", str(path),
-             "--state-dir", str(ctl.state.root)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 30
-        while not Path(f"{path}.ctrl").exists():
-            assert self.proc.poll() is None, "endpoint exited"
-            assert time.monotonic() < deadline, "endpoint did not start"
-            time.sleep(0.05)
+        self.ep = start_vm_endpoint(ctl.state, name, "--swtpm", str(path), log_dir=path.parent)
         self.data: socket.socket | None = None
 
     def init(self) -> None:
@@ -132,18 +121,11 @@ class SwtpmEndpoint:
     def close(self) -> None:
         if self.data is not None:
             self.data.close()
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
-@pytest.fixture
-def ctl(tmp_path: Path) -> Iterator[HostdCtl]:
-    with running(tmp_path / "state") as c:
-        c.create("vm1")
-        yield c
+        self.ep.stop()
 
 
 def test_abrupt_resets_do_not_lock_out_the_owner(ctl: HostdCtl, tmp_path: Path) -> None:
+    ctl.create("vm1")
     with client(ctl, "vm1") as c:
         c.power_on()
         provision(c.transact)

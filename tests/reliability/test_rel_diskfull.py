@@ -1,4 +1,7 @@
-"""Must-show 2: disk full and I/O errors under the state directory (S7, S8, S1).
+"""Disk full and I/O errors under the state directory (RELIABILITY.md scenario 2).
+
+SECURITY.md properties 16 (no acknowledged change lost) and 12 (no plaintext
+in the host's log); a failing disk is answered with an error, never a crash.
 
 The whole state directory (sealed state, registry, platform counters) is a
 small tmpfs. It is filled to the last block (writes fail with ENOSPC), and
@@ -11,7 +14,7 @@ Meanwhile:
 - ``vm create`` fails with a clear error and hostd keeps serving;
 - an instance killed while the disk is full comes back with its state;
 - nothing of the failed command reaches the log (libtpms dumps a failing
-  command to stderr unless told otherwise: S1);
+  command to stderr unless told otherwise);
 - once space returns, a power cycle (INIT + Startup, what a VM reset sends)
   brings the TPM back with every acknowledged change, new writes succeed,
   and everything survives a hostd restart.
@@ -33,7 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.reliability.vmtools import (
+from tests.helpers.vmtools import (
     COUNTER_ATTRS,
     NV_ATTRS,
     HostdCtl,

@@ -27,7 +27,6 @@ import os
 import select
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -35,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tests.reliability.vmtools import TRANSIENT, HostdCtl, Numbers, boot, running
+from tests.helpers.processes import helper_command, helper_env, stop_process
+from tests.helpers.vmtools import TRANSIENT, HostdCtl, Numbers, boot, running
 
 from sgxvtpm.endpoint.k2 import K2Client
 from sgxvtpm.tpm import wire
@@ -43,7 +43,6 @@ from sgxvtpm.tpm.nv import execute
 
 pytestmark = pytest.mark.integration
 
-ATTACKER = Path(__file__).parents[1] / "helpers" / "dos_client.py"
 QUIET_COMMANDS = 300
 WINDOW = 4.0  # seconds of victim commands while an attack runs
 COMMAND_TIMEOUT = 5.0  # a stalled instance shows as a timeout, not a hung test
@@ -122,10 +121,12 @@ class Sampler:
 class Attack:
     def __init__(self, socket_path: Path, mode: str, target: str, count: int) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(ATTACKER), str(socket_path), mode, target, str(count),
-             str(SEND_DEADLINE)],
+            helper_command(
+                "dos_client", str(socket_path), mode, target, str(count), str(SEND_DEADLINE)
+            ),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            env=helper_env(),
         )
 
     def sent(self, timeout: float) -> int:
@@ -139,12 +140,8 @@ class Attack:
 
     def stop(self) -> None:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.proc.stdin.close()  # it lets its connections go and exits
+        stop_process(self.proc, sig=None)
         self.proc.stdout.close()
 
 

@@ -1,4 +1,4 @@
-"""Must-show 5: the isolation matrix (S2, S3, S4, S5).
+"""The isolation matrix (RELIABILITY.md scenario 5; SECURITY.md properties 12-15).
 
 Every cross-tenant attempt we could think of, each refused:
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from tests.reliability.vmtools import (
+from tests.helpers.vmtools import (
     COUNTER_ATTRS,
     TRANSIENT,
     VMM_TRANSIENT,

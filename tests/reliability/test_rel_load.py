@@ -1,4 +1,5 @@
-"""Must-show 6: many VMs under a mixed command stream; no errors, no growth.
+"""Many VMs under a mixed command stream; no errors, no growth (RELIABILITY.md
+scenario 6).
 
 Each VM has its own client thread running a mix of TPM commands (GetRandom,
 PCR_Extend and PCR_Read, NV_Write and NV_Read, NV_Increment, ReadClock,
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tests.reliability.vmtools import (
+from tests.helpers.vmtools import (
     COUNTER_ATTRS,
     NV_ATTRS,
     HostdCtl,

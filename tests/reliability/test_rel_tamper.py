@@ -1,4 +1,5 @@
-"""Must-show 3: tampering and rollback at rest, for each kind of sealed file (S5, S6).
+"""Tampering and rollback at rest, for each kind of sealed file (RELIABILITY.md
+scenario 3; SECURITY.md properties 10 and 15).
 
 Three kinds of file hold state at rest: an instance's ``state.sealed``, the
 manager's ``registry.sealed``, and the platform's monotonic counter files
@@ -21,11 +22,11 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tests.reliability.vmtools import (
+from tests.helpers.vmtools import (
     NV_ATTRS,
     VMM_TRANSIENT,
     HostdCtl,
@@ -45,12 +46,6 @@ from sgxvtpm.tpm.nv import execute
 pytestmark = pytest.mark.integration
 
 INDEX = 0x01500030
-
-
-@pytest.fixture
-def ctl(tmp_path: Path) -> Iterator[HostdCtl]:
-    with running(tmp_path / "state") as c:
-        yield c
 
 
 def write_marker(ctl: HostdCtl, name: str, data: bytes, define: bool = False) -> None:
@@ -221,7 +216,7 @@ def test_registry_tampering_is_refused_and_vms_keep_serving(ctl: HostdCtl, tmp_p
         since = len(ctl.log())
         tamper()
         manager_refuses(ctl, reason, since)
-        # VMs whose instances run keep serving while the manager refuses (S7: no data lost).
+        # VMs whose instances run keep serving while the manager refuses (no data lost).
         assert read_marker(ctl, "vm1") == b"1" * 16, label
         registry(ctl).write_bytes(good)
         counter_path.write_bytes(good_counter)

@@ -8,8 +8,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
+from tests.helpers.ek_ca import MANAGER, POLICY, ManagerCa, manager_ca
 
-from helpers.ek_ca import MANAGER, POLICY, ManagerCa, manager_ca
 from sgxvtpm.attest import AttestReport, verify_ek_chain
 from sgxvtpm.attest import verify as v
 from sgxvtpm.channel.evidence import (

@@ -1,4 +1,4 @@
-"""BENCHMARKS.md rendering and the issue-8 verdicts, from synthetic results."""
+"""BENCHMARKS.md rendering and the verdicts against its targets, from synthetic results."""
 
 from __future__ import annotations
 

@@ -16,8 +16,7 @@ from sgxvtpm.enclaves.blobcipher import SealedBlobCipher
 from sgxvtpm.enclaves.sealing import SealError, parse_header
 from sgxvtpm.enclaves.state import Bundle, EngineStoreAdapter, SealedStateStore
 from sgxvtpm.enclaves.vtpm_core import VtpmCore
-from sgxvtpm.platform.base import EnclaveIdentity, EnclavePlatform
-from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
+from sgxvtpm.platform.base import EnclavePlatform
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_SU
 from sgxvtpm.tpm.engine import LibtpmsEngine
@@ -26,12 +25,6 @@ from sgxvtpm.wire.vtpm import TpmResult, VtpmOp, VtpmRequest
 
 R = VtpmRequest
 ID = "ab" * 16
-
-
-@pytest.fixture
-def platform(tmp_path: Path) -> EnclavePlatform:
-    pdir = SimPlatformDir.open_or_create(tmp_path / "platform")
-    return pdir.enclave_platform(EnclaveIdentity(b"\x01" * 32, bytes(range(32)), 2, 1))
 
 
 def start_instance(platform: EnclavePlatform, path: Path) -> VtpmCore:
@@ -70,10 +63,10 @@ def boot(core: VtpmCore) -> bytes:
 
 
 def test_one_save_has_one_version_and_restores_after_an_instance_restart(
-    platform: EnclavePlatform, tmp_path: Path
+    enclave_platform: EnclavePlatform, tmp_path: Path
 ) -> None:
     path = tmp_path / "state.sealed"
-    core = start_instance(platform, path)
+    core = start_instance(enclave_platform, path)
     pcr = boot(core)
     blobs = savevm(core)
     versions = {parse_header(b)[0].version for b in blobs.values() if b}
@@ -82,7 +75,7 @@ def test_one_save_has_one_version_and_restores_after_an_instance_restart(
     assert {parse_header(b)[0].version for b in savevm(core).values() if b} == versions
     core.close()  # the instance stops (hostd restarts): its Shutdown(STATE) is committed
 
-    core = start_instance(platform, path)
+    core = start_instance(enclave_platform, path)
     try:
         assert loadvm(core, blobs) == [TpmResult.SUCCESS] * 2
         assert core.handle(R.init(1)).success
@@ -92,16 +85,16 @@ def test_one_save_has_one_version_and_restores_after_an_instance_restart(
 
 
 def test_an_export_the_guest_ran_on_from_is_refused_also_after_a_restart(
-    platform: EnclavePlatform, tmp_path: Path
+    enclave_platform: EnclavePlatform, tmp_path: Path
 ) -> None:
     path = tmp_path / "state.sealed"
-    core = start_instance(platform, path)
+    core = start_instance(enclave_platform, path)
     boot(core)
     blobs = savevm(core)
     tpm(core, wire.pcr_extend(16, hashlib.sha256(b"after the save").digest()))
     core.close()
 
-    core = start_instance(platform, path)
+    core = start_instance(enclave_platform, path)
     try:
         with log.capture() as records:
             assert loadvm(core, blobs) == [TpmResult.BAD_PARAMETER] * 2
@@ -111,8 +104,10 @@ def test_an_export_the_guest_ran_on_from_is_refused_also_after_a_restart(
         core.close()
 
 
-def test_a_blob_type_cannot_pass_for_another(platform: EnclavePlatform, tmp_path: Path) -> None:
-    core = start_instance(platform, tmp_path / "state.sealed")
+def test_a_blob_type_cannot_pass_for_another(
+    enclave_platform: EnclavePlatform, tmp_path: Path
+) -> None:
+    core = start_instance(enclave_platform, tmp_path / "state.sealed")
     try:
         boot(core)
         blobs = savevm(core)

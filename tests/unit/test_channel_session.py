@@ -1,7 +1,8 @@
 """Sans-IO attested sessions (sgxvtpm.channel.session) over the real sim platform.
 
 Every negative test ends with ChannelError on the side that detected the
-fault and with no message delivered that it should not have been (S2-S4).
+fault and with no message delivered that it should not have been (SECURITY.md
+properties 13-15).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import datetime
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -92,10 +92,8 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    base: Path = tmp_path_factory.mktemp("platforms")
-    pd = SimPlatformDir.open_or_create(base / "a")
-    other = SimPlatformDir.open_or_create(base / "b")
+def world(sim_platform: SimPlatformDir, other_sim_platform: SimPlatformDir) -> World:
+    pd, other = sim_platform, other_sim_platform
     manager = EnclaveCredential.create(pd.enclave_platform(MANAGER), "manager", is_ca=True)
     operator = ClientCredential.self_signed(ec.generate_private_key(ec.SECP256R1()), "operator")
     instance_a = EnclaveCredential.create(pd.enclave_platform(INSTANCE), "instance-a")
@@ -202,7 +200,7 @@ def test_usage_errors(world: World) -> None:
         pair.client.receive_data(b"more")
 
 
-# --- S3: enclave identity ---------------------------------------------------
+# --- enclave identity (SECURITY.md property 13) ------------------------------
 
 
 def _rejected_by_client(pair: ChannelPair, marker: bytes) -> None:
@@ -255,7 +253,7 @@ def test_wrong_common_name(world: World) -> None:
     _rejected_by_client(pair, secrets.token_bytes(32))
 
 
-# --- S4: endpoint identity --------------------------------------------------
+# --- endpoint identity (SECURITY.md property 14) -----------------------------
 
 
 def _rejected_by_server(pair: ChannelPair, marker: bytes) -> None:
@@ -296,7 +294,7 @@ def test_empty_pin_set_accepts_nobody(world: World) -> None:
     _rejected_by_server(ChannelPair(client, ServerSession(world.manager, trust)), b"m" * 32)
 
 
-# --- S2: integrity of records ----------------------------------------------
+# --- integrity of records (SECURITY.md property 15) --------------------------
 
 
 def _records_of(pair: ChannelPair, sender: str, messages: list[bytes]) -> list[bytes]:
@@ -370,7 +368,7 @@ def test_dropped_record(world: World, sender: str) -> None:
 def test_replayed_record(world: World, sender: str) -> None:
     pair = open_pair(world.k1())
     (record,) = _records_of(pair, sender, [b"TPM2_CC_NV_Increment"])
-    # Delivered once, never twice: the replay breaks the session (S2).
+    # Delivered once, never twice: the replay breaks the session.
     assert _deliver(_receiver(pair, sender), [record, record]) == [b"TPM2_CC_NV_Increment"]
 
 

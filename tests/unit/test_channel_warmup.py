@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from sgxvtpm.channel import ChannelError, context, warmup
 from sgxvtpm.platform.sim import SimPlatformDir
 
 
-def test_exercise_completes_and_keeps_no_context(tmp_path: Path) -> None:
-    pd = SimPlatformDir.open_or_create(tmp_path / "platform")
-    warmup.exercise(pd.enclave_platform, pd.verifier())
+def test_exercise_completes_and_keeps_no_context(sim_platform: SimPlatformDir) -> None:
+    warmup.exercise(sim_platform.enclave_platform, sim_platform.verifier())
     assert not context._cache  # nothing of the throwaway identity reaches a child
 
 
-def test_exercise_fails_loudly_when_the_quote_does_not_verify(tmp_path: Path) -> None:
-    pd = SimPlatformDir.open_or_create(tmp_path / "platform")
-    other = SimPlatformDir.open_or_create(tmp_path / "other")
+def test_exercise_fails_loudly_when_the_quote_does_not_verify(
+    sim_platform: SimPlatformDir, other_sim_platform: SimPlatformDir
+) -> None:
     with pytest.raises(ChannelError):
-        warmup.exercise(pd.enclave_platform, other.verifier())
+        warmup.exercise(sim_platform.enclave_platform, other_sim_platform.verifier())

@@ -9,8 +9,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtensionOID
+from tests.helpers.ek_ca import ManagerCa, manager_ca
 
-from helpers.ek_ca import ManagerCa, manager_ca
 from sgxvtpm.enclaves.ekcert import (
     EK_POLICY_NOTICE,
     NO_EXPIRY,

@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tests.helpers.endpoint import free_port_pair
+from tests.helpers.sockets import recv_tpm_response
 
-from helpers.endpoint import free_port_pair, recv_tpm_response
 from sgxvtpm.enclaves.vtpm_core import VtpmCore
 from sgxvtpm.endpoint.backend import LocalBackend
 from sgxvtpm.endpoint.tss import MssimEndpoint, SwtpmTssEndpoint

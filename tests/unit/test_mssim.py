@@ -7,6 +7,7 @@ import contextlib
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from tests.helpers.codecs import decode_in_chunks
 
 from sgxvtpm.wire.mssim import (
     END_CODES,
@@ -34,14 +35,7 @@ signals = st.builds(MssimRequest, st.sampled_from(sorted(PLATFORM_SIGNALS)))
 
 def decode_all(port: Port, data: bytes, chunk: int) -> list[MssimRequest]:
     dec = MssimRequestDecoder(port)
-    out = []
-    for i in range(0, len(data), chunk):
-        dec.receive_data(data[i : i + chunk])
-        while (r := dec.next_request()) is not None:
-            out.append(r)
-    dec.receive_data(b"")
-    assert dec.next_request() is None
-    return out
+    return decode_in_chunks(dec.receive_data, dec.next_request, data, chunk)
 
 
 @given(st.lists(commands, max_size=4), st.integers(1, 9))

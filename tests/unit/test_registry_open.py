@@ -9,67 +9,60 @@ import pytest
 
 from sgxvtpm.enclaves.registry import REGISTRY_OWNER, RegistryStore
 from sgxvtpm.enclaves.sealing import SealError, SealKind, parse_header
-from sgxvtpm.platform.base import EnclaveIdentity, EnclavePlatform
-from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
+from sgxvtpm.platform.base import EnclavePlatform
 
 OPERATOR = "-----BEGIN CERTIFICATE-----\noperator\n-----END CERTIFICATE-----\n"
-
-
-@pytest.fixture
-def platform(tmp_path: Path) -> EnclavePlatform:
-    pdir = SimPlatformDir.open_or_create(tmp_path / "platform")
-    return pdir.enclave_platform(EnclaveIdentity(b"\x01" * 32, bytes(range(32)), 1, 1))
 
 
 def version(path: Path) -> int:
     return parse_header(path.read_bytes())[0].version
 
 
-def test_first_start_creates_then_opens(platform: EnclavePlatform, tmp_path: Path) -> None:
+def test_first_start_creates_then_opens(enclave_platform: EnclavePlatform, tmp_path: Path) -> None:
     path = tmp_path / "registry.sealed"
-    registry, how = RegistryStore(platform, path).open(OPERATOR)
+    registry, how = RegistryStore(enclave_platform, path).open(OPERATOR)
     assert how == "created" and registry.operator_cert_pem == OPERATOR
-    again, how = RegistryStore(platform, path).open("another operator")
+    again, how = RegistryStore(enclave_platform, path).open("another operator")
     assert how == "opened" and again.operator_cert_pem == OPERATOR
 
 
 def test_a_removed_registry_is_refused_and_only_reset_replaces_it(
-    platform: EnclavePlatform, tmp_path: Path
+    enclave_platform: EnclavePlatform, tmp_path: Path
 ) -> None:
     path = tmp_path / "registry.sealed"
-    store = RegistryStore(platform, path)
+    store = RegistryStore(enclave_platform, path)
     registry, _ = store.open(OPERATOR)
     store.save(registry)
     old = version(path)
     path.unlink()
     with pytest.raises(SealError, match=r"is missing.*tampering.*--reset-manager"):
-        RegistryStore(platform, path).open("the attacker's operator")
+        RegistryStore(enclave_platform, path).open("the attacker's operator")
     assert not path.exists()
-    fresh, how = RegistryStore(platform, path).open("new operator", reset=True)
+    fresh, how = RegistryStore(enclave_platform, path).open("new operator", reset=True)
     assert how == "reset" and fresh.instances == {} and fresh.ca_key_pem != registry.ca_key_pem
     assert version(path) > old  # above the counter: the old file can never come back
     with pytest.raises(SealError, match="intact"):
-        RegistryStore(platform, path).open("new operator", reset=True)
+        RegistryStore(enclave_platform, path).open("new operator", reset=True)
 
 
 def test_a_damaged_registry_is_refused_unless_reset(
-    platform: EnclavePlatform, tmp_path: Path
+    enclave_platform: EnclavePlatform, tmp_path: Path
 ) -> None:
     path = tmp_path / "registry.sealed"
-    RegistryStore(platform, path).open(OPERATOR)
+    RegistryStore(enclave_platform, path).open(OPERATOR)
     data = path.read_bytes()
     path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(SealError, match="failed authentication"):
-        RegistryStore(platform, path).open(OPERATOR)
-    assert RegistryStore(platform, path).open(OPERATOR, reset=True)[1] == "reset"
-    assert RegistryStore(platform, path).open(OPERATOR)[1] == "opened"
+        RegistryStore(enclave_platform, path).open(OPERATOR)
+    assert RegistryStore(enclave_platform, path).open(OPERATOR, reset=True)[1] == "reset"
+    assert RegistryStore(enclave_platform, path).open(OPERATOR)[1] == "opened"
 
 
 def test_a_creation_that_never_completed_is_a_first_start(
-    platform: EnclavePlatform, tmp_path: Path
+    enclave_platform: EnclavePlatform, tmp_path: Path
 ) -> None:
     """Killed between creating the counter and writing version 1: nothing was acknowledged."""
-    platform.counter_create(f"{SealKind.MANAGER_REGISTRY.name.lower()}:{REGISTRY_OWNER}")
+    enclave_platform.counter_create(f"{SealKind.MANAGER_REGISTRY.name.lower()}:{REGISTRY_OWNER}")
     path = tmp_path / "registry.sealed"
-    assert RegistryStore(platform, path).open(OPERATOR)[1] == "created"
+    assert RegistryStore(enclave_platform, path).open(OPERATOR)[1] == "created"
     assert version(path) == 1

@@ -1,4 +1,5 @@
-"""Sealed state at rest (S5, S6), on the real sim platform's keys and counters."""
+"""Sealed state at rest (SECURITY.md properties 12 and 15), on the real sim platform's
+keys and counters."""
 
 from __future__ import annotations
 
@@ -18,19 +19,14 @@ from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
 SIGNER = bytes(range(32))
 
 
-@pytest.fixture(scope="module")
-def platform_dir(tmp_path_factory: pytest.TempPathFactory) -> SimPlatformDir:
-    return SimPlatformDir.open_or_create(tmp_path_factory.mktemp("platform"))
-
-
 def enclave(
     pd: SimPlatformDir, mrenclave: bytes = b"\x01" * 32, svn: int = 1
 ) -> SimEnclavePlatform:
     return pd.enclave_platform(EnclaveIdentity(mrenclave, SIGNER, 2, svn))
 
 
-def test_seal_round_trip(platform_dir: SimPlatformDir) -> None:
-    sealer = Sealer(enclave(platform_dir), SealKind.INSTANCE_STATE, "a" * 32)
+def test_seal_round_trip(sim_platform: SimPlatformDir) -> None:
+    sealer = Sealer(enclave(sim_platform), SealKind.INSTANCE_STATE, "a" * 32)
     blob = sealer.seal(b"tpm state", 7, "vm1")
     header, plain = sealer.unseal(blob)
     assert plain == b"tpm state"
@@ -38,8 +34,8 @@ def test_seal_round_trip(platform_dir: SimPlatformDir) -> None:
     assert b"tpm state" not in blob
 
 
-def test_every_flipped_bit_is_refused(platform_dir: SimPlatformDir) -> None:
-    sealer = Sealer(enclave(platform_dir), SealKind.INSTANCE_STATE, "a" * 32)
+def test_every_flipped_bit_is_refused(sim_platform: SimPlatformDir) -> None:
+    sealer = Sealer(enclave(sim_platform), SealKind.INSTANCE_STATE, "a" * 32)
     blob = sealer.seal(b"x" * 40, 3, "vm1")
     for bit in range(len(blob) * 8):
         damaged = bytearray(blob)
@@ -48,36 +44,37 @@ def test_every_flipped_bit_is_refused(platform_dir: SimPlatformDir) -> None:
             sealer.unseal(bytes(damaged))
 
 
-def test_other_instance_cannot_open(platform_dir: SimPlatformDir) -> None:
-    platform = enclave(platform_dir)
+def test_other_instance_cannot_open(sim_platform: SimPlatformDir) -> None:
+    platform = enclave(sim_platform)
     blob = Sealer(platform, SealKind.INSTANCE_STATE, "b" * 32).seal(b"s", 1, "vm2")
     with pytest.raises(SealError, match="another instance"):
         Sealer(platform, SealKind.INSTANCE_STATE, "a" * 32).unseal(blob)
 
 
-def test_other_kind_cannot_open(platform_dir: SimPlatformDir) -> None:
-    platform = enclave(platform_dir)
+def test_other_kind_cannot_open(sim_platform: SimPlatformDir) -> None:
+    platform = enclave(sim_platform)
     blob = Sealer(platform, SealKind.MANAGER_REGISTRY, "a" * 32).seal(b"s", 1, "")
     with pytest.raises(SealError, match="another kind"):
         Sealer(platform, SealKind.INSTANCE_STATE, "a" * 32).unseal(blob)
 
 
-def test_new_code_same_signer_still_opens(platform_dir: SimPlatformDir) -> None:
+def test_new_code_same_signer_still_opens(sim_platform: SimPlatformDir) -> None:
     # MRSIGNER policy: an upgraded enclave (other MRENCLAVE) keeps its state.
-    blob = Sealer(enclave(platform_dir, b"\x01" * 32), SealKind.INSTANCE_STATE, "i").seal(
+    blob = Sealer(enclave(sim_platform, b"\x01" * 32), SealKind.INSTANCE_STATE, "i").seal(
         b"s", 1, ""
     )
-    _, plain = Sealer(enclave(platform_dir, b"\x02" * 32), SealKind.INSTANCE_STATE, "i").unseal(
+    _, plain = Sealer(enclave(sim_platform, b"\x02" * 32), SealKind.INSTANCE_STATE, "i").unseal(
         blob
     )
     assert plain == b"s"
 
 
-def test_other_platform_cannot_open(platform_dir: SimPlatformDir, tmp_path: Path) -> None:
-    other = SimPlatformDir.open_or_create(tmp_path / "other")
-    blob = Sealer(enclave(platform_dir), SealKind.INSTANCE_STATE, "i").seal(b"s", 1, "")
+def test_other_platform_cannot_open(
+    sim_platform: SimPlatformDir, other_sim_platform: SimPlatformDir
+) -> None:
+    blob = Sealer(enclave(sim_platform), SealKind.INSTANCE_STATE, "i").seal(b"s", 1, "")
     with pytest.raises(SealError, match="authentication"):
-        Sealer(enclave(other), SealKind.INSTANCE_STATE, "i").unseal(blob)
+        Sealer(enclave(other_sim_platform), SealKind.INSTANCE_STATE, "i").unseal(blob)
 
 
 def test_freshness_rule() -> None:
@@ -103,8 +100,8 @@ def test_bundle_decoder_never_crashes(data: bytes) -> None:
         Bundle.decode(data)
 
 
-def test_state_store_rollback_is_refused(platform_dir: SimPlatformDir, tmp_path: Path) -> None:
-    platform = enclave(platform_dir)
+def test_state_store_rollback_is_refused(sim_platform: SimPlatformDir, tmp_path: Path) -> None:
+    platform = enclave(sim_platform)
     path = tmp_path / "state.sealed"
     store = SealedStateStore(platform, "c" * 32, path)
     store.create({"instance_id": "c" * 32, "vm_id": "vm1"})
@@ -119,9 +116,9 @@ def test_state_store_rollback_is_refused(platform_dir: SimPlatformDir, tmp_path:
 
 
 def test_crash_between_write_and_counter_is_accepted(
-    platform_dir: SimPlatformDir, tmp_path: Path
+    sim_platform: SimPlatformDir, tmp_path: Path
 ) -> None:
-    platform = enclave(platform_dir)
+    platform = enclave(sim_platform)
     path = tmp_path / "reg.sealed"
     sealed = SealedFile(platform, SealKind.MANAGER_REGISTRY, "d" * 32, path)
     sealed.create(b"one")
@@ -136,8 +133,8 @@ def test_crash_between_write_and_counter_is_accepted(
     assert platform.counter_read(f"manager_registry:{'d' * 32}") == again.version
 
 
-def test_failed_write_is_not_acknowledged(platform_dir: SimPlatformDir, tmp_path: Path) -> None:
-    platform = enclave(platform_dir)
+def test_failed_write_is_not_acknowledged(sim_platform: SimPlatformDir, tmp_path: Path) -> None:
+    platform = enclave(sim_platform)
     directory = tmp_path / "gone"
     directory.mkdir()
     store = SealedStateStore(platform, "e" * 32, directory / "state.sealed")

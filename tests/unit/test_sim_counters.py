@@ -16,47 +16,47 @@ A2 = EnclaveIdentity(b"\x0b" * 32, SIGNER_1, 2, 5)  # same signer, other code/pr
 B = EnclaveIdentity(b"\x0a" * 32, b"\x22" * 32, 1, 1)  # other signer
 
 
-@pytest.fixture
-def pdir(tmp_path: Path) -> SimPlatformDir:
-    return SimPlatformDir.open_or_create(tmp_path / "p")
-
-
 def _counter_file(pdir: SimPlatformDir) -> Path:
     (path,) = (pdir.path / "counters").glob("*.ctr")
     return path
 
 
-def test_create_increment_read(pdir: SimPlatformDir) -> None:
-    enclave = pdir.enclave_platform(A)
+def test_create_increment_read(fresh_sim_platform: SimPlatformDir) -> None:
+    enclave = fresh_sim_platform.enclave_platform(A)
     assert enclave.counter_create("state") == 0
     assert [enclave.counter_increment("state") for _ in range(3)] == [1, 2, 3]
     assert enclave.counter_read("state") == 3
     assert enclave.counter_create("state") == 3  # create opens an existing counter
-    assert SimPlatformDir.open_or_create(pdir.path).enclave_platform(A).counter_read("state") == 3
+    assert (
+        SimPlatformDir.open_or_create(fresh_sim_platform.path)
+        .enclave_platform(A)
+        .counter_read("state")
+        == 3
+    )
 
 
-def test_missing_counter(pdir: SimPlatformDir) -> None:
+def test_missing_counter(fresh_sim_platform: SimPlatformDir) -> None:
     with pytest.raises(PlatformError, match="does not exist"):
-        pdir.enclave_platform(A).counter_read("nope")
+        fresh_sim_platform.enclave_platform(A).counter_read("nope")
     with pytest.raises(PlatformError, match="does not exist"):
-        pdir.enclave_platform(A).counter_increment("nope")
+        fresh_sim_platform.enclave_platform(A).counter_increment("nope")
 
 
-def test_counters_belong_to_the_mrsigner(pdir: SimPlatformDir) -> None:
-    pdir.enclave_platform(A).counter_create("c")
-    pdir.enclave_platform(A).counter_increment("c")
-    assert pdir.enclave_platform(A2).counter_read("c") == 1
+def test_counters_belong_to_the_mrsigner(fresh_sim_platform: SimPlatformDir) -> None:
+    fresh_sim_platform.enclave_platform(A).counter_create("c")
+    fresh_sim_platform.enclave_platform(A).counter_increment("c")
+    assert fresh_sim_platform.enclave_platform(A2).counter_read("c") == 1
     with pytest.raises(PlatformError):
-        pdir.enclave_platform(B).counter_read("c")
-    assert _counter_file(pdir).name.startswith(SIGNER_1.hex())
+        fresh_sim_platform.enclave_platform(B).counter_read("c")
+    assert _counter_file(fresh_sim_platform).name.startswith(SIGNER_1.hex())
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
-def test_damaged_counter_is_refused(pdir: SimPlatformDir, damage: str) -> None:
-    enclave = pdir.enclave_platform(A)
+def test_damaged_counter_is_refused(fresh_sim_platform: SimPlatformDir, damage: str) -> None:
+    enclave = fresh_sim_platform.enclave_platform(A)
     enclave.counter_create("c")
     enclave.counter_increment("c")
-    path = _counter_file(pdir)
+    path = _counter_file(fresh_sim_platform)
     raw = bytearray(path.read_bytes())
     if damage == "flip":
         raw[80] ^= 1  # the value field
@@ -81,8 +81,8 @@ def test_counter_file_from_another_platform_is_refused(tmp_path: Path) -> None:
         two.enclave_platform(A).counter_read("c")
 
 
-def test_concurrent_increments_lose_nothing(pdir: SimPlatformDir) -> None:
-    enclave = pdir.enclave_platform(A)
+def test_concurrent_increments_lose_nothing(fresh_sim_platform: SimPlatformDir) -> None:
+    enclave = fresh_sim_platform.enclave_platform(A)
     enclave.counter_create("c")
     seen: list[int] = []
 
@@ -100,6 +100,6 @@ def test_concurrent_increments_lose_nothing(pdir: SimPlatformDir) -> None:
 
 
 @pytest.mark.parametrize("name", ["", "x" * 256])
-def test_bad_names(pdir: SimPlatformDir, name: str) -> None:
+def test_bad_names(fresh_sim_platform: SimPlatformDir, name: str) -> None:
     with pytest.raises(PlatformError):
-        pdir.enclave_platform(A).counter_create(name)
+        fresh_sim_platform.enclave_platform(A).counter_create(name)

@@ -21,11 +21,6 @@ SEAL_MRENCLAVE = KeyRequest(KeyName.SEAL, KeyPolicy.MRENCLAVE, isv_svn=2)
 SEAL_MRSIGNER = KeyRequest(KeyName.SEAL, KeyPolicy.MRSIGNER, isv_svn=2)
 
 
-@pytest.fixture(scope="module")
-def pdir(tmp_path_factory: pytest.TempPathFactory) -> SimPlatformDir:
-    return SimPlatformDir.open_or_create(tmp_path_factory.mktemp("p") / "platform")
-
-
 def _spec(code: Path, pdir: SimPlatformDir) -> EnclaveSpec:
     return EnclaveSpec("e", "enclave_code:main", [code], b"cfg", 9, 2)
 
@@ -39,39 +34,43 @@ def _code_pair(tmp_path: Path) -> tuple[Path, Path]:
     return one, two
 
 
-def test_mrenclave_key_changes_with_one_code_byte(pdir: SimPlatformDir, tmp_path: Path) -> None:
+def test_mrenclave_key_changes_with_one_code_byte(
+    sim_platform: SimPlatformDir, tmp_path: Path
+) -> None:
     one, two = _code_pair(tmp_path)
-    id1, id2 = identity_of_spec(_spec(one, pdir), pdir.signer_public_key), identity_of_spec(
-        _spec(two, pdir), pdir.signer_public_key
+    id1, id2 = (
+        identity_of_spec(_spec(one, sim_platform), sim_platform.signer_public_key),
+        identity_of_spec(_spec(two, sim_platform), sim_platform.signer_public_key),
     )
     assert id1.mrenclave != id2.mrenclave
-    k1 = pdir.enclave_platform(id1).get_key(SEAL_MRENCLAVE)
-    k2 = pdir.enclave_platform(id2).get_key(SEAL_MRENCLAVE)
+    k1 = sim_platform.enclave_platform(id1).get_key(SEAL_MRENCLAVE)
+    k2 = sim_platform.enclave_platform(id2).get_key(SEAL_MRENCLAVE)
     assert len(k1) == 16
     assert k1 != k2
 
 
-def test_mrsigner_key_survives_a_code_change(pdir: SimPlatformDir, tmp_path: Path) -> None:
+def test_mrsigner_key_survives_a_code_change(sim_platform: SimPlatformDir, tmp_path: Path) -> None:
     one, two = _code_pair(tmp_path)
-    id1, id2 = identity_of_spec(_spec(one, pdir), pdir.signer_public_key), identity_of_spec(
-        _spec(two, pdir), pdir.signer_public_key
+    id1, id2 = (
+        identity_of_spec(_spec(one, sim_platform), sim_platform.signer_public_key),
+        identity_of_spec(_spec(two, sim_platform), sim_platform.signer_public_key),
     )
-    k1 = pdir.enclave_platform(id1).get_key(SEAL_MRSIGNER)
-    assert k1 == pdir.enclave_platform(id2).get_key(SEAL_MRSIGNER)
-    assert k1 != pdir.enclave_platform(id1).get_key(SEAL_MRENCLAVE)
+    k1 = sim_platform.enclave_platform(id1).get_key(SEAL_MRSIGNER)
+    assert k1 == sim_platform.enclave_platform(id2).get_key(SEAL_MRSIGNER)
+    assert k1 != sim_platform.enclave_platform(id1).get_key(SEAL_MRENCLAVE)
 
 
-def test_higher_svn_request_is_refused(pdir: SimPlatformDir) -> None:
-    enclave = pdir.enclave_platform(EnclaveIdentity(b"\x01" * 32, b"\x02" * 32, 1, 2))
+def test_higher_svn_request_is_refused(sim_platform: SimPlatformDir) -> None:
+    enclave = sim_platform.enclave_platform(EnclaveIdentity(b"\x01" * 32, b"\x02" * 32, 1, 2))
     with pytest.raises(PlatformError, match="ISVSVN 3"):
         enclave.get_key(KeyRequest(KeyName.SEAL, KeyPolicy.MRSIGNER, isv_svn=3))
     older = enclave.get_key(KeyRequest(KeyName.SEAL, KeyPolicy.MRSIGNER, isv_svn=1))
     assert older != enclave.get_key(SEAL_MRSIGNER)
 
 
-def test_upgraded_enclave_gets_old_key(pdir: SimPlatformDir) -> None:
-    v2 = pdir.enclave_platform(EnclaveIdentity(b"\x01" * 32, b"\x02" * 32, 1, 2))
-    v3 = pdir.enclave_platform(EnclaveIdentity(b"\x03" * 32, b"\x02" * 32, 1, 3))
+def test_upgraded_enclave_gets_old_key(sim_platform: SimPlatformDir) -> None:
+    v2 = sim_platform.enclave_platform(EnclaveIdentity(b"\x01" * 32, b"\x02" * 32, 1, 2))
+    v3 = sim_platform.enclave_platform(EnclaveIdentity(b"\x03" * 32, b"\x02" * 32, 1, 3))
     assert v3.get_key(SEAL_MRSIGNER) == v2.get_key(SEAL_MRSIGNER)
 
 
@@ -86,21 +85,23 @@ def test_upgraded_enclave_gets_old_key(pdir: SimPlatformDir) -> None:
         KeyRequest(KeyName.SEAL, key_id=b"short"),
     ],
 )
-def test_invalid_requests_are_refused(pdir: SimPlatformDir, request_: KeyRequest) -> None:
-    enclave = pdir.enclave_platform(EnclaveIdentity(b"\x01" * 32, b"\x02" * 32, 1, 2))
+def test_invalid_requests_are_refused(sim_platform: SimPlatformDir, request_: KeyRequest) -> None:
+    enclave = sim_platform.enclave_platform(EnclaveIdentity(b"\x01" * 32, b"\x02" * 32, 1, 2))
     with pytest.raises(PlatformError):
         enclave.get_key(request_)
 
 
-def test_provision_key_needs_the_attribute(pdir: SimPlatformDir) -> None:
+def test_provision_key_needs_the_attribute(sim_platform: SimPlatformDir) -> None:
     attrs = (SGX_FLAGS_INITTED | SGX_FLAGS_PROVISIONKEY).to_bytes(8, "little") + bytes(8)
-    enclave = pdir.enclave_platform(EnclaveIdentity(b"\x01" * 32, b"\x02" * 32, 1, 2, attrs))
+    enclave = sim_platform.enclave_platform(
+        EnclaveIdentity(b"\x01" * 32, b"\x02" * 32, 1, 2, attrs)
+    )
     assert len(enclave.get_key(KeyRequest(KeyName.PROVISION))) == 16
 
 
-def test_key_id_and_product_separate_keys(pdir: SimPlatformDir) -> None:
-    enclave = pdir.enclave_platform(EnclaveIdentity(b"\x01" * 32, b"\x02" * 32, 1, 2))
-    other_product = pdir.enclave_platform(EnclaveIdentity(b"\x01" * 32, b"\x02" * 32, 2, 2))
+def test_key_id_and_product_separate_keys(sim_platform: SimPlatformDir) -> None:
+    enclave = sim_platform.enclave_platform(EnclaveIdentity(b"\x01" * 32, b"\x02" * 32, 1, 2))
+    other_product = sim_platform.enclave_platform(EnclaveIdentity(b"\x01" * 32, b"\x02" * 32, 2, 2))
     base = enclave.get_key(SEAL_MRSIGNER)
     assert base != enclave.get_key(
         KeyRequest(KeyName.SEAL, KeyPolicy.MRSIGNER, isv_svn=2, key_id=b"\x01" * 32)
@@ -108,17 +109,18 @@ def test_key_id_and_product_separate_keys(pdir: SimPlatformDir) -> None:
     assert base != other_product.get_key(SEAL_MRSIGNER)
 
 
-def test_other_platform_other_keys(pdir: SimPlatformDir, tmp_path: Path) -> None:
+def test_other_platform_other_keys(
+    sim_platform: SimPlatformDir, other_sim_platform: SimPlatformDir
+) -> None:
     ident = EnclaveIdentity(b"\x01" * 32, b"\x02" * 32, 1, 2)
-    other = SimPlatformDir.open_or_create(tmp_path / "other")
-    assert pdir.enclave_platform(ident).get_key(SEAL_MRSIGNER) != other.enclave_platform(
-        ident
-    ).get_key(SEAL_MRSIGNER)
+    assert sim_platform.enclave_platform(ident).get_key(
+        SEAL_MRSIGNER
+    ) != other_sim_platform.enclave_platform(ident).get_key(SEAL_MRSIGNER)
 
 
-def test_keys_are_stable_across_reopen(pdir: SimPlatformDir) -> None:
+def test_keys_are_stable_across_reopen(sim_platform: SimPlatformDir) -> None:
     ident = EnclaveIdentity(b"\x01" * 32, b"\x02" * 32, 1, 2)
-    again = SimPlatformDir.open_or_create(pdir.path)
-    assert again.enclave_platform(ident).get_key(SEAL_MRENCLAVE) == pdir.enclave_platform(
+    again = SimPlatformDir.open_or_create(sim_platform.path)
+    assert again.enclave_platform(ident).get_key(SEAL_MRENCLAVE) == sim_platform.enclave_platform(
         ident
     ).get_key(SEAL_MRENCLAVE)

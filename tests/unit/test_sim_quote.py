@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import struct
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,25 +19,20 @@ REPORT_DATA = bytes(range(64))
 
 
 @pytest.fixture(scope="module")
-def pdir(tmp_path_factory: pytest.TempPathFactory) -> SimPlatformDir:
-    return SimPlatformDir.open_or_create(tmp_path_factory.mktemp("q") / "platform")
+def quote(sim_platform: SimPlatformDir) -> bytes:
+    return sim_platform.enclave_platform(IDENT).quote(REPORT_DATA)
 
 
 @pytest.fixture(scope="module")
-def quote(pdir: SimPlatformDir) -> bytes:
-    return pdir.enclave_platform(IDENT).quote(REPORT_DATA)
+def verifier(sim_platform: SimPlatformDir) -> SimQuoteVerifier:
+    return SimQuoteVerifier(sim_platform.root_certificate_pem)
 
 
-@pytest.fixture(scope="module")
-def verifier(pdir: SimPlatformDir) -> SimQuoteVerifier:
-    return SimQuoteVerifier(pdir.root_certificate_pem)
-
-
-def test_quote_layout(quote: bytes, pdir: SimPlatformDir) -> None:
+def test_quote_layout(quote: bytes, sim_platform: SimPlatformDir) -> None:
     version, key_type, tee, _qe_svn, _pce_svn = struct.unpack_from("<HHIHH", quote)
     assert (version, key_type, tee) == (3, 2, 0)
     assert quote[12:28] == QE_VENDOR_ID
-    assert quote[28:48] == pdir.platform_id + bytes(4)
+    assert quote[28:48] == sim_platform.platform_id + bytes(4)
     assert quote[48 + 64 : 48 + 96] == IDENT.mrenclave
     assert quote[48 + 320 : 48 + 384] == REPORT_DATA
     (sig_len,) = struct.unpack_from("<I", quote, 432)
@@ -51,16 +45,16 @@ def test_quote_layout(quote: bytes, pdir: SimPlatformDir) -> None:
     pem = sig[584 + auth_len :]
     assert len(pem) == cert_len
     assert pem.count(b"-----BEGIN CERTIFICATE-----") == 2
-    assert pem.endswith(pdir.root_certificate_pem)
+    assert pem.endswith(sim_platform.root_certificate_pem)
     assert qe_body[320 + 32 :] == bytes(32)  # SHA-256(attest key || auth) || zeros
 
 
-def test_verifier_from_root_alone(quote: bytes, pdir: SimPlatformDir) -> None:
-    verified = SimQuoteVerifier(pdir.root_certificate_pem).verify(quote)
+def test_verifier_from_root_alone(quote: bytes, sim_platform: SimPlatformDir) -> None:
+    verified = SimQuoteVerifier(sim_platform.root_certificate_pem).verify(quote)
     assert verified.identity == IDENT
     assert verified.report_data == REPORT_DATA
-    assert verified.platform_id == pdir.platform_id
-    assert pdir.verifier().verify(quote) == verified
+    assert verified.platform_id == sim_platform.platform_id
+    assert sim_platform.verifier().verify(quote) == verified
 
 
 def test_each_byte_with_one_flipped_bit_is_rejected(
@@ -119,33 +113,33 @@ def test_truncated_or_extended_quote_is_rejected(
 
 
 def test_quote_from_another_root_is_rejected(
-    quote: bytes, pdir: SimPlatformDir, tmp_path: Path
+    quote: bytes, sim_platform: SimPlatformDir, other_sim_platform: SimPlatformDir
 ) -> None:
-    other = SimPlatformDir.open_or_create(tmp_path / "other")
-    assert other.root_certificate_pem != pdir.root_certificate_pem
-    assert other.platform_id != pdir.platform_id
+    assert other_sim_platform.root_certificate_pem != sim_platform.root_certificate_pem
+    assert other_sim_platform.platform_id != sim_platform.platform_id
     with pytest.raises(AttestationError):
-        other.verifier().verify(quote)
-    foreign = other.enclave_platform(IDENT).quote(REPORT_DATA)
+        other_sim_platform.verifier().verify(quote)
+    foreign = other_sim_platform.enclave_platform(IDENT).quote(REPORT_DATA)
     with pytest.raises(AttestationError):
-        pdir.verifier().verify(foreign)
+        sim_platform.verifier().verify(foreign)
 
 
-def test_spliced_chain_is_rejected(quote: bytes, pdir: SimPlatformDir, tmp_path: Path) -> None:
+def test_spliced_chain_is_rejected(
+    quote: bytes, sim_platform: SimPlatformDir, other_sim_platform: SimPlatformDir
+) -> None:
     """Another platform's quote with our root appended in place of its own."""
-    other = SimPlatformDir.open_or_create(tmp_path / "other")
-    foreign = other.enclave_platform(IDENT).quote(REPORT_DATA)
-    theirs, ours = other.root_certificate_pem, pdir.root_certificate_pem
+    foreign = other_sim_platform.enclave_platform(IDENT).quote(REPORT_DATA)
+    theirs, ours = other_sim_platform.root_certificate_pem, sim_platform.root_certificate_pem
     spliced = foreign.replace(theirs, ours)
     assert len(spliced) == len(foreign) and spliced != foreign
     with pytest.raises(AttestationError):
-        pdir.verifier().verify(spliced)
+        sim_platform.verifier().verify(spliced)
 
 
-def test_expired_chain_is_rejected(quote: bytes, pdir: SimPlatformDir) -> None:
+def test_expired_chain_is_rejected(quote: bytes, sim_platform: SimPlatformDir) -> None:
     later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=365 * 31)
     with pytest.raises(AttestationError):
-        SimQuoteVerifier(pdir.root_certificate_pem, clock=lambda: later).verify(quote)
+        SimQuoteVerifier(sim_platform.root_certificate_pem, clock=lambda: later).verify(quote)
 
 
 def test_rejection_is_opaque_and_logged(quote: bytes, verifier: SimQuoteVerifier) -> None:
@@ -158,8 +152,8 @@ def test_rejection_is_opaque_and_logged(quote: bytes, verifier: SimQuoteVerifier
     assert len(reasons) == 1 and reasons[0] != str(excinfo.value)
 
 
-def test_verifier_needs_a_self_signed_root(pdir: SimPlatformDir) -> None:
-    pck_pem = (pdir.path / "pck.pem").read_bytes()
+def test_verifier_needs_a_self_signed_root(sim_platform: SimPlatformDir) -> None:
+    pck_pem = (sim_platform.path / "pck.pem").read_bytes()
     with pytest.raises(PlatformError):
         SimQuoteVerifier(pck_pem)
     with pytest.raises(PlatformError):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 
 import pytest
 
@@ -20,11 +19,6 @@ from sgxvtpm.platform.sim.report import pack_report_body, parse_report_body
 
 A = EnclaveIdentity(b"\xaa" * 32, b"\x51" * 32, isv_prod_id=0x1234, isv_svn=0x0506)
 B = EnclaveIdentity(b"\xbb" * 32, b"\x51" * 32, isv_prod_id=0x1234, isv_svn=0x0506)
-
-
-@pytest.fixture(scope="module")
-def pdir(tmp_path_factory: pytest.TempPathFactory) -> SimPlatformDir:
-    return SimPlatformDir.open_or_create(tmp_path_factory.mktemp("p") / "platform")
 
 
 def _enclave(pdir: SimPlatformDir, ident: EnclaveIdentity) -> SimEnclavePlatform:
@@ -55,22 +49,22 @@ def test_parse_refuses_nonzero_reserved(offset: int) -> None:
         parse_report_body(bytes(body))
 
 
-def test_report_verifies_for_its_target_only(pdir: SimPlatformDir) -> None:
-    report = _enclave(pdir, A).report(TargetInfo(B.mrenclave), b"\x42" * 64)
+def test_report_verifies_for_its_target_only(sim_platform: SimPlatformDir) -> None:
+    report = _enclave(sim_platform, A).report(TargetInfo(B.mrenclave), b"\x42" * 64)
     assert len(report) == REPORT_SIZE
-    body = _enclave(pdir, B).verify_report(report)
+    body = _enclave(sim_platform, B).verify_report(report)
     assert body.identity == A
     assert body.report_data == b"\x42" * 64
     with pytest.raises(AttestationError):
-        _enclave(pdir, A).verify_report(report)  # targeted at B, not A
-    self_report = _enclave(pdir, A).report(TargetInfo(A.mrenclave), b"\x42" * 64)
+        _enclave(sim_platform, A).verify_report(report)  # targeted at B, not A
+    self_report = _enclave(sim_platform, A).report(TargetInfo(A.mrenclave), b"\x42" * 64)
     with pytest.raises(AttestationError):
-        _enclave(pdir, B).verify_report(self_report)
+        _enclave(sim_platform, B).verify_report(self_report)
 
 
-def test_every_single_bit_flip_is_rejected(pdir: SimPlatformDir) -> None:
-    report = _enclave(pdir, A).report(TargetInfo(B.mrenclave), b"\x17" * 64)
-    verifier = _enclave(pdir, B)
+def test_every_single_bit_flip_is_rejected(sim_platform: SimPlatformDir) -> None:
+    report = _enclave(sim_platform, A).report(TargetInfo(B.mrenclave), b"\x17" * 64)
+    verifier = _enclave(sim_platform, B)
     verifier.verify_report(report)
     for bit in range(REPORT_SIZE * 8):
         flipped = bytearray(report)
@@ -79,19 +73,20 @@ def test_every_single_bit_flip_is_rejected(pdir: SimPlatformDir) -> None:
             verifier.verify_report(bytes(flipped))
 
 
-def test_report_from_another_platform_is_rejected(pdir: SimPlatformDir, tmp_path: Path) -> None:
-    other = SimPlatformDir.open_or_create(tmp_path / "other")
-    report = _enclave(other, A).report(TargetInfo(B.mrenclave), bytes(64))
+def test_report_from_another_platform_is_rejected(
+    sim_platform: SimPlatformDir, other_sim_platform: SimPlatformDir
+) -> None:
+    report = _enclave(other_sim_platform, A).report(TargetInfo(B.mrenclave), bytes(64))
     with pytest.raises(AttestationError):
-        _enclave(pdir, B).verify_report(report)
+        _enclave(sim_platform, B).verify_report(report)
 
 
 @pytest.mark.parametrize("size", [0, 431, 433])
-def test_wrong_size_report_is_rejected(pdir: SimPlatformDir, size: int) -> None:
+def test_wrong_size_report_is_rejected(sim_platform: SimPlatformDir, size: int) -> None:
     with pytest.raises(AttestationError):
-        _enclave(pdir, A).verify_report(bytes(size))
+        _enclave(sim_platform, A).verify_report(bytes(size))
 
 
-def test_report_data_must_be_64_bytes(pdir: SimPlatformDir) -> None:
+def test_report_data_must_be_64_bytes(sim_platform: SimPlatformDir) -> None:
     with pytest.raises(PlatformError):
-        _enclave(pdir, A).report(TargetInfo(B.mrenclave), b"short")
+        _enclave(sim_platform, A).report(TargetInfo(B.mrenclave), b"short")

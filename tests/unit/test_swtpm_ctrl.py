@@ -7,6 +7,7 @@ import contextlib
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from tests.helpers.codecs import decode_in_chunks
 
 from sgxvtpm.wire.swtpm_ctrl import (
     CommandFramer,
@@ -42,14 +43,7 @@ requests = st.one_of(
 
 def decode_all_requests(data: bytes, chunk: int, locality_body: int) -> list[CtrlRequest]:
     dec = CtrlRequestDecoder(locality_body=locality_body)
-    out = []
-    for i in range(0, len(data), chunk):
-        dec.receive_data(data[i : i + chunk])
-        while (req := dec.next_request()) is not None:
-            out.append(req)
-    dec.receive_data(b"")
-    assert dec.next_request() is None
-    return out
+    return decode_in_chunks(dec.receive_data, dec.next_request, data, chunk)
 
 
 @given(st.lists(requests, max_size=5), st.sampled_from([1, 4]))

@@ -1,6 +1,6 @@
 """Remote verification of a vTPM's EK certificate down to the manager enclave's quote.
 
-The chain a verifier walks (DESIGN.md sections 5 and 9):
+The chain a verifier walks:
 
     EK (in the TPM) --certified by--> manager EK CA key
     manager CA certificate --carries--> SGX quote (RA-TLS extension)

@@ -2,7 +2,7 @@
 
 Keys are handed to OpenSSL through an anonymous in-memory file
 (``memfd_create``): ``SSLContext.load_cert_chain`` only reads paths, and an
-enclave must never write its private key to disk (DESIGN.md S1).
+enclave must never write its private key to disk (SECURITY.md property 12).
 Contexts are cached per (certificate, anchors) because building one costs a
 key parse and, on the server, a trust store. The certificate identifies the
 key: OpenSSL refuses a key that does not match it.
@@ -46,7 +46,7 @@ def _load_identity(
 
 
 def _tls13_only(ctx: ssl.SSLContext) -> None:
-    # DESIGN.md section 5: TLS 1.3 only (RFC 8446); no compression, no tickets,
+    # TLS 1.3 only (RFC 8446); no compression, no tickets,
     # so every session is a full, attested handshake.
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3

@@ -1,11 +1,11 @@
 """RA-TLS certificates: an X.509 certificate that carries an SGX quote.
 
-The convention is Intel's and Gramine's RA-TLS (DESIGN.md section 5): the
-enclave generates a P-256 key, asks the platform for a quote whose 64-byte
-REPORTDATA is ``SHA-256(DER SubjectPublicKeyInfo) || 32 zero bytes`` and puts
-the quote into a non-critical extension of a self-signed certificate for that
-key. A verifier who checks the quote, the measurement policy and the binding
-knows that the TLS peer holding this key runs inside the measured enclave.
+The convention is Intel's and Gramine's RA-TLS: the enclave generates a P-256
+key, asks the platform for a quote whose 64-byte REPORTDATA is
+``SHA-256(DER SubjectPublicKeyInfo) || 32 zero bytes`` and puts the quote into
+a non-critical extension of a self-signed certificate for that key. A verifier
+who checks the quote, the measurement policy and the binding knows that the
+TLS peer holding this key runs inside the measured enclave.
 
 Extension OID: ``1.2.840.113741.1.13.1`` (under Intel's arc), the OID Gramine's
 RA-TLS library uses for a raw DCAP quote; reusing it keeps our certificates
@@ -223,12 +223,13 @@ def verify_enclave_certificate(
 ) -> VerifiedQuote:
     """Check an RA-TLS certificate; return the verified quote or raise ChannelError.
 
-    Checks (DESIGN.md S3): the certificate parses and is validly self-signed
-    by an ECDSA P-256 key; its quote verifies against ``verifier``'s root; the
-    quoted identity is accepted by ``policy``; REPORTDATA equals
-    SHA-256(SPKI) || zeros for this certificate's key; and the subject CN is
-    ``expected_cn`` when given. Validity dates are not checked: freshness of
-    an enclave identity comes from the quote, not from the clock.
+    Checks (SECURITY.md property 13): the certificate parses and is validly
+    self-signed by an ECDSA P-256 key; its quote verifies against
+    ``verifier``'s root; the quoted identity is accepted by ``policy``;
+    REPORTDATA equals SHA-256(SPKI) || zeros for this certificate's key; and
+    the subject CN is ``expected_cn`` when given. Validity dates are not
+    checked: freshness of an enclave identity comes from the quote, not from
+    the clock.
     """
     cert = _parse(cert_der)
     try:

@@ -1,8 +1,8 @@
 """Client identities (operator key, VM keys) and the server's trust in them.
 
 An enclave authenticates its clients with ordinary X.509 client certificates
-(DESIGN.md S4): OpenSSL checks the chain to a trust anchor during the TLS 1.3
-handshake, and :class:`ClientTrust` then checks the key against a pin set.
+(SECURITY.md property 14): OpenSSL checks the chain to a trust anchor during
+the TLS 1.3 handshake, and :class:`ClientTrust` then checks the key against a pin set.
 The manager pins the operator's self-signed certificate (anchor = that very
 certificate); an instance trusts the manager's CA certificate as anchor and
 pins the SPKI of the VM key bound to it (plus the manager's own).

@@ -16,7 +16,7 @@ State machine (one table, :data:`_TRANSITIONS`)::
          +------- any failure -----------+--> BROKEN (forever)
 
 Authentication happens at the HANDSHAKING -> OPEN edge, before any
-application byte is read or written (DESIGN.md S3/S4):
+application byte is read or written (SECURITY.md properties 13 and 14):
 
 - the client verifies the enclave certificate's quote, measurement and key
   binding (:func:`verify_enclave_certificate`); messages sent earlier are held;

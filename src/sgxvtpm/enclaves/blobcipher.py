@@ -37,8 +37,8 @@ design, as rolling its TPM back would be. What is not closed: after an
 instance crash, its latest export can replace TPM changes the crash lost
 anyway (only volatile ones: every NV change is committed and forgets the
 export). Moving state to another host is not done with these blobs (their
-seal key is this platform's), but by the attested instance-to-instance
-transfer of DESIGN.md section 9, not built yet.
+seal key is this platform's), but by an attested instance-to-instance
+transfer, not built yet (docs/ARCHITECTURE.md, "Where new work goes").
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The instance enclave (E2..En): one VM's vTPM, libtpms inside, state sealed.
 
-Who may talk to it (DESIGN.md S4), decided by the client certificate's key:
+Who may talk to it (SECURITY.md property 14), decided by the client
+certificate's key:
 - the manager (its CA certificate is the trust anchor; its key is pinned):
   provisioning, status, EK manufacturing, destroy;
 - the VM bound at creation (a certificate the manager's CA issued for the
@@ -135,7 +136,8 @@ class InstanceEnclave:
         self.instance_id = str(args["instance_id"])
         manager_cert = x509.load_pem_x509_certificate(str(args["manager_cert_pem"]).encode())
         # The manager's certificate came through the untrusted host: trust it
-        # only once its quote shows the manager of our own signer (S3).
+        # only once its quote shows the manager of our own signer (SECURITY.md
+        # property 13).
         verify_enclave_certificate(
             manager_cert.public_bytes(Encoding.DER),
             peer_policy(platform.identity.mrsigner, "manager"),

@@ -137,7 +137,7 @@ class ManagerEnclave:
             return k1.Shown(await self.describe(self._record(request.name)))
         return k1.CaCertificate(self.credential.cert_pem.decode())
 
-    # -- the flow of DESIGN.md section 4 --------------------------------------
+    # -- the flows of docs/ARCHITECTURE.md, "Flows" ----------------------------
     async def restore(self) -> None:
         """After a (re)start: relaunch every instance; each unseals its own state."""
         for record in self._records():
@@ -291,7 +291,7 @@ class ManagerEnclave:
     async def _call(
         self, instance_id: str, request: Request[_R], failed: str = "the instance refused"
     ) -> _R:
-        """One request over an attested session to an instance enclave (S3 both ways);
+        """One request over an attested session to an instance enclave (both quotes checked);
         ManagerError(``failed``: why) if the instance refuses it or answers nonsense."""
         assert self.mux is not None
         client = ClientSession(
@@ -391,7 +391,8 @@ def main(platform: EnclavePlatform, stream: socket.socket, args: Mapping[str, An
         log.log("manager.state_busy", reason=str(exc))
         raise SystemExit(4) from None
     except SealError as exc:
-        # A damaged, rolled-back or missing registry: refuse to run, say why (S5/S6).
+        # A damaged, rolled-back or missing registry: refuse to run, say why
+        # (SECURITY.md properties 10 and 15).
         log.log("manager.registry_refused", reason=str(exc))
         _tell_host_refused(stream, str(exc))
         raise SystemExit(3) from None

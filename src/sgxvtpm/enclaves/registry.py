@@ -1,7 +1,8 @@
 """The manager's registry: the pinned operator, the CA key, and every instance.
 
 Sealed at rest like instance state (kind MANAGER_REGISTRY, its own counter),
-so a tampered, foreign or rolled-back registry is refused (S5, S6).
+so a tampered, foreign or rolled-back registry is refused (SECURITY.md
+properties 10 and 15).
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
-"""What every enclave runs around its own logic: one stream, many attested sessions.
+"""What the manager enclave runs around its own logic: one stream, many attested sessions.
 
 The stream is the enclave's only way in or out (the loader's socketpair);
 over it the relay frames carry TLS records (sgxvtpm.mux.aio.RelayMux).
-An enclave provides a session factory (its credential and whom it trusts)
+The enclave provides a session factory (its credential and whom it trusts)
 and a request handler; the runtime answers each authenticated request
-message with one reply message, in order, one request at a time per
-enclave (libtpms is single-threaded, and so is this loop).
+message with one reply message, in order within a session. Sessions are
+served concurrently (asyncio); the manager serialises its requests itself.
+An instance enclave runs :mod:`sgxvtpm.enclaves.loop` instead (no asyncio,
+one request at a time, handed-off client connections).
+:func:`platform_verifier` serves both.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sealed state at rest (DESIGN.md S5, S6).
+"""Sealed state at rest (SECURITY.md properties 12 and 15).
 
 A sealed blob is AES-256-GCM under a key derived (HKDF-SHA256) from the
 platform SEAL key (EGETKEY, MRSIGNER policy, so an upgraded enclave of the
@@ -7,7 +7,7 @@ holds the format version, the kind of blob, the owner (instance) id, the VM
 id and the state version; so a blob of another instance, another kind, or an
 altered header does not open.
 
-Freshness (S6) is the caller's: the state version in the header is compared
+Freshness is the caller's: the state version in the header is compared
 with a platform monotonic counter. The write order that makes a crash safe is
 *write blob v+1 durably, then increment the counter to v+1*; on load a blob
 whose version is the counter or the counter + 1 is current, anything lower is

@@ -4,7 +4,8 @@ One file, one version: every libtpms store (permall after an NV write, the
 savestate at Shutdown(STATE)) rewrites the whole bundle with version + 1,
 then advances the platform counter (sealing.py explains the order). The
 libtpms store callback returns only after both are durable, so a TPM response
-is released only after the change it reports is durable (DESIGN.md S7).
+is released only after the change it reports is durable (SECURITY.md
+property 16).
 
 The bundle also records the version of the latest export of state blobs to
 the host (``exported``, 0 when the TPM has changed since); blobcipher.py

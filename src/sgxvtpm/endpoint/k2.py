@@ -3,16 +3,16 @@
 The endpoint checks the instance enclave's certificate (quote from this
 platform's root, MRENCLAVE of the instance code installed here, key bound
 by REPORTDATA, CN = the instance id it expects) and authenticates with the
-VM key the manager bound to the instance (S3, S4).
+VM key the manager bound to the instance (SECURITY.md properties 13 and 14).
 
 :class:`K2Client` is blocking: the in-process TCTI uses it, and it is the
 ``VtpmBackend`` the QEMU and TSS endpoints forward to (they serialise
 their calls). After a session breaks (the instance or hostd restarted) the
 request in flight fails with :class:`K2Error` and is not resent, since it
-may have run (S2); the next request opens a new session. A session the
-instance ended while it was idle (a restart, another endpoint's takeover)
-is noticed before the next request is sent, which then opens a new session
-at once: nothing had been sent on the old one.
+may have run and nothing may run twice; the next request opens a new
+session. A session the instance ended while it was idle (a restart, another
+endpoint's takeover) is noticed before the next request is sent, which then
+opens a new session at once: nothing had been sent on the old one.
 
 Every session first attaches to the VM's TPM (sgxvtpm.wire.vtpm, ATTACH):
 the instance serves one endpoint per VM at a time and refuses another with

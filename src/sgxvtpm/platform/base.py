@@ -311,7 +311,7 @@ EnclaveEntry = Callable[[EnclavePlatform, socket.socket, Mapping[str, Any]], Non
 
 @dataclass
 class MeasurementPolicy:
-    """Which enclaves a verifier accepts (DESIGN.md S3).
+    """Which enclaves a verifier accepts (SECURITY.md property 13).
 
     Either an exact MRENCLAVE (the default: computed by the verifier from the
     enclave code it has installed), or MRSIGNER + ISVPRODID + minimum ISVSVN

@@ -2,8 +2,8 @@
 
 :class:`ChannelPair` wires a :class:`ClientSession` and a :class:`ServerSession`
 through an :class:`InMemoryRelay` that records every byte it carried, so tests
-can assert that the relay saw no plaintext and can tamper with records in
-flight (SECURITY.md, threat model 12 and 15).
+can assert that the relay saw no plaintext (SECURITY.md property 12) and can
+tamper with records in flight (property 15).
 """
 
 from __future__ import annotations

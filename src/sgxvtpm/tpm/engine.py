@@ -2,7 +2,8 @@
 
 libtpms keeps one TPM in global C state, so a process runs at most one
 :class:`LibtpmsEngine` at a time; a second ``start()`` raises
-:class:`EngineMisuseError`. Use one process per TPM (DESIGN.md section 3).
+:class:`EngineMisuseError`. Use one process per TPM (docs/ARCHITECTURE.md,
+"Processes").
 
 Call order (libtpms' tpm_library.h, as swtpm uses it):
 ChooseTPMVersion(TPM 2.0) -> RegisterCallbacks -> [SetBufferSize] ->
@@ -15,7 +16,8 @@ manufacture); "volatilestate" is written only on request
 returns TPM_FAIL and libtpms enters failure mode: that command and every later
 one answer TPM_RC_FAILURE until the engine is restarted from the last durable
 state, so no success is ever reported for a change that is not durable
-(DESIGN.md S7). The exception is kept in :attr:`LibtpmsEngine.store_error`.
+(SECURITY.md property 16). The exception is kept in
+:attr:`LibtpmsEngine.store_error`.
 """
 
 from __future__ import annotations
@@ -186,7 +188,8 @@ def _silence_diagnostics(lib: ctypes.CDLL) -> None:
     With no debug fd set, libtpms writes to stderr when it enters failure mode
     (e.g. after a failed state store), and that dump holds the bytes of the TPM
     command that failed: NV data, authValues in password sessions, sensitive
-    areas. In an instance enclave stderr is the host's log (DESIGN.md S1).
+    areas. In an instance enclave stderr is the host's log (SECURITY.md
+    property 12).
     Failures still reach the caller as TPM_RC_FAILURE and our own log line.
     """
     if hasattr(lib, "TPMLIB_SetDebugFD"):
@@ -399,7 +402,8 @@ class LibtpmsEngine:
             else:
                 response = ctypes.string_at(self._rbuf, size)
             if self._store_failures != failures and response[6:10] == b"\0\0\0\0":
-                # S7: never report success for a state change that is not durable.
+                # Never report success for a change that is not durable (SECURITY.md
+                # property 16).
                 response = error_response(TPM2_RC.FAILURE)
             self._raise_pending_base_exception()
         return response

@@ -1,4 +1,4 @@
-"""Durable, atomic file replacement (DESIGN.md S7).
+"""Durable, atomic file replacement (SECURITY.md property 16).
 
 A response that reports a state change is released only after this returns:
 temp file, fsync, rename over the old file, fsync the directory. A crash at

@@ -3,7 +3,8 @@
 Every request opens an attested session through hostd's relay: the manager's
 certificate must carry a quote, from this platform's attestation root, of
 the manager code installed here (the MRENCLAVE this client computes itself),
-bound to the certificate's key; the operator key authenticates us (S3, S4).
+bound to the certificate's key; the operator key authenticates us
+(SECURITY.md properties 13 and 14).
 The operator identity, the pinned attestation root and the VM bindings
 ``vm create`` writes are in the operator's credentials directory
 (sgxvtpm/vmm/credentials.py), never in hostd's state directory.

@@ -1,4 +1,4 @@
-"""The simulated SGX platform (DESIGN.md section 6).
+"""The simulated SGX platform (README.md, "What sim mode protects against").
 
 Real cryptography behind Intel SDM names: EGETKEY (AES-CMAC key derivation),
 EREPORT (the 432-byte REPORT), DCAP v3 ECDSA-P256 quotes under a simulated

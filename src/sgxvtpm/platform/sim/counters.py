@@ -1,4 +1,4 @@
-"""Monotonic counters: durable files in the platform directory (DESIGN.md S6).
+"""Monotonic counters: durable files in the platform directory.
 
 One file per counter, named by its owner's MRSIGNER and a hash of its name:
 
@@ -9,11 +9,12 @@ The counter key is derived from the fuse key, so only this platform can
 write a counter the enclaves will accept. Every change is written
 atomically (temp file, fsync, rename, fsync dir) before the new value is
 returned, under an exclusive flock so concurrent increments never lose one.
+Sealed state is fresh because of them (SECURITY.md property 15).
 
 What the simulation cannot stop: whoever controls the platform directory
-can put back an older, validly MAC'd file (the fuse key is readable by the
-host user). Hardware needs a TPM NV counter or a replicated service for that
-(DESIGN.md S6).
+(root; hostd's user too when hostd runs without ``--user``) can put back an
+older, validly MAC'd file. Hardware needs a TPM NV counter or a replicated
+service for that (SECURITY.md, "What sim mode does not protect against").
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ fixes the result as MRENCLAVE. The simulation hashes what makes up one of our
 enclaves instead: the entry point, each code file (its *relative name* and
 its bytes, in spec order) and the configuration. The hash is deterministic
 and independent of where the code is installed, so a verifier can compute
-the expected MRENCLAVE itself from the code it has installed (DESIGN.md S3).
+the expected MRENCLAVE itself from the code it has installed (SECURITY.md
+property 13).
 
 Relative name of a file: inside a Python package (its directory has an
 ``__init__.py``) it is the path from the top-level package's parent, e.g.

@@ -158,7 +158,8 @@ class SimQuoteVerifier:
             raise AttestationError("quote verification failed") from None
         except Exception:
             # Attacker-controlled input must never escape as another error type
-            # (S8); an unforeseen parser error is still a rejection, logged loudly.
+            # (bad input is refused, never a crash); an unforeseen parser error is
+            # still a rejection, logged loudly.
             log.log("platform.quote_rejected", reason="an unexpected parser error",
                     traceback=traceback.format_exc())
             raise AttestationError("quote verification failed") from None

@@ -1,15 +1,17 @@
-"""Debian's swtpm for the EK tests, started exactly as tcti-swtpm expects it.
+"""Debian's swtpm, the golden peer, started exactly as tcti-swtpm expects it.
 
 ``swtpm socket --tpm2 --server type=unixio,path=S --ctrl type=unixio,path=S.ctrl
---tpmstate dir=D --flags not-need-init,startup-clear``: tpm2-tools reach it
-with ``-T swtpm:path=S`` (tcti-swtpm derives the control socket S.ctrl), and
-:meth:`SwtpmTpm.transact` opens one data connection per command, as
-tcti-swtpm does, so that our code and tpm2-tools can take turns.
+--tpmstate dir=D --flags not-need-init,startup-clear``: commands work at once
+(swtpm has sent TPM2_Startup(CLEAR) itself), tpm2-tools reach it with
+``-T swtpm:path=S`` (tcti-swtpm derives the control socket S.ctrl), and
+:meth:`Swtpm.transact` opens one data connection per command, as tcti-swtpm
+does, so that our code and tpm2-tools can take turns. A test that looks at
+swtpm's stream framing holds one data connection itself (:meth:`Swtpm.connect`).
 """
 
 from __future__ import annotations
 
-import signal
+import shutil
 import socket
 import struct
 import subprocess
@@ -17,23 +19,19 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from tests.helpers.processes import stop_process
+from tests.helpers.sockets import recv_tpm_response
+
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_RC, TPM2_SU
-
-CMD_INIT = 2  # swtpm control channel (PROTOCOLS.md)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError(f"swtpm closed the connection after {len(data)} of {n} bytes")
-        data += chunk
-    return data
+from sgxvtpm.wire.swtpm_ctrl import CtrlCmd
 
 
-class SwtpmTpm:
+def swtpm_available() -> bool:
+    return shutil.which("swtpm") is not None
+
+
+class Swtpm:
     """A fresh swtpm TPM 2.0 in ``directory`` (state in directory/state)."""
 
     def __init__(self, directory: Path, state: Path | None = None) -> None:
@@ -63,7 +61,7 @@ class SwtpmTpm:
     def tcti(self) -> str:
         return f"swtpm:path={self.path}"
 
-    def __enter__(self) -> SwtpmTpm:
+    def __enter__(self) -> Swtpm:
         return self
 
     def __exit__(
@@ -71,15 +69,18 @@ class SwtpmTpm:
     ) -> None:
         self.close()
 
+    def connect(self, timeout: float = 30.0) -> socket.socket:
+        """A data connection of the caller's own."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        s.connect(str(self.path))
+        return s
+
     def transact(self, command: bytes) -> bytes:
         """One command on a new data connection; the complete response."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(30)
-            s.connect(str(self.path))
+        with self.connect() as s:
             s.sendall(command)
-            header = _recv_exact(s, 10)
-            size = struct.unpack(">I", header[2:6])[0]
-            return header + _recv_exact(s, size - 10)
+            return recv_tpm_response(s)
 
     def ctrl(self, code: int, body: bytes = b"") -> bytes:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -94,7 +95,7 @@ class SwtpmTpm:
         PCR_Allocate takes effect only now.
         """
         wire.check_success(self.transact(wire.shutdown(TPM2_SU.CLEAR)))
-        result = self.ctrl(CMD_INIT, struct.pack(">I", 0))
+        result = self.ctrl(CtrlCmd.INIT, struct.pack(">I", 0))
         if result[:4] != bytes(4):
             raise RuntimeError(f"swtpm CMD_INIT failed: {result.hex()}")
         rc = wire.response_code(self.transact(wire.startup(TPM2_SU.CLEAR)))
@@ -102,13 +103,7 @@ class SwtpmTpm:
             raise RuntimeError(f"TPM2_Startup failed: {rc:#x}")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=5)
 
 
 def swtpm_setup(state: Path, workdir: Path, *extra: str) -> float:

@@ -1,7 +1,8 @@
-"""Shared tools of the reliability suite: a controllable hostd, VM clients, the TPM calls.
+"""VMs on the real system: a controllable hostd, ``vm create``, VM clients, the TPM calls.
 
-Kept out of conftest.py so test modules can import them by name
-(``from tests.reliability.vmtools import ...``).
+The reliability suite drives hostd through :class:`HostdCtl`; the e2e tests
+create VMs on their module's hostd with :func:`create_vm` and run the CLI
+with :func:`sgxvtpm_cli`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from tests.helpers.hostd import Hostd
 
 from sgxvtpm.channel import ChannelError
 from sgxvtpm.endpoint.k2 import K2Client, K2Error
+from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_ALG, TPM2_CAP, TPM2_PT, TPM2_SU, TPMA_NV
 from sgxvtpm.tpm.nv import execute
@@ -169,6 +173,21 @@ def running(state_dir: Path, credentials: Path | None = None) -> Iterator[HostdC
             ctl.stop()
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(ctl.h.proc.pid, signal.SIGKILL)
+
+
+def create_vm(hostd: Hostd, name: str, **kw: object) -> InstanceInfo:
+    """``vm create`` through the manager enclave (K1); writes the VM's binding to the
+    session's credentials directory (tests/conftest.py)."""
+    return asyncio.run(VmmClient(hostd.state).create(name, **kw))  # type: ignore[arg-type]
+
+
+def sgxvtpm_cli(state: StateDir, *args: str, timeout: float = 120.0
+                ) -> subprocess.CompletedProcess[str]:
+    """``python -m sgxvtpm.cli ARGS --state-dir STATE``."""
+    return subprocess.run(
+        [sys.executable, "-m", "sgxvtpm.cli", *args, "--state-dir", str(state.root)],
+        capture_output=True, text=True, timeout=timeout,
+    )
 
 
 # ------------------------------------------------------------------ VM side

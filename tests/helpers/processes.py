@@ -1,0 +1,50 @@
+"""Child processes of the tests: a helper module run as a child, and ending a child."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def helper_command(module: str, *args: str) -> list[str]:
+    """``python -m tests.helpers.MODULE ARGS``; run it with :func:`helper_env`."""
+    return [sys.executable, "-m", f"tests.helpers.{module}", *args]
+
+
+def helper_env() -> dict[str, str]:
+    """This process's environment, with the repository first on PYTHONPATH (so that
+    the child imports ``tests.helpers`` whatever its working directory)."""
+    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+def stop_process(
+    proc: subprocess.Popen[bytes],
+    *,
+    sig: int | None = signal.SIGTERM,
+    timeout: float = 10.0,
+    group: bool = False,
+) -> int:
+    """End a child and return its exit code.
+
+    Sends ``sig`` (None: the child is already ending, e.g. its stdin was
+    closed), waits ``timeout`` seconds, then SIGKILLs it, or its whole process
+    group with ``group`` (a child started with ``start_new_session``).
+    """
+    if sig is not None and proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        if group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        return proc.wait()
