@@ -36,6 +36,7 @@ from sgxvtpm.platform.base import (
     QuoteVerifier,
     VerifiedQuote,
 )
+from sgxvtpm.util.x509 import CertificateBytes, key_usage
 
 from .errors import ChannelUsageError, fail
 
@@ -75,17 +76,7 @@ def _name(common_name: str) -> x509.Name:
 def _key_usage(*, is_ca: bool) -> x509.KeyUsage:
     # digitalSignature: TLS 1.3 CertificateVerify (RFC 8446 4.4.3). keyCertSign
     # and cRLSign only for a CA; OpenSSL checks keyCertSign on every issuer.
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=is_ca,
-        crl_sign=is_ca,
-        encipher_only=False,
-        decipher_only=False,
-    )
+    return key_usage(digital_signature=True, key_cert_sign=is_ca, crl_sign=is_ca)
 
 
 def build_self_signed(
@@ -128,7 +119,7 @@ def _check_key(key: ec.EllipticCurvePrivateKey) -> None:
 
 
 @dataclass(frozen=True)
-class EnclaveCredential:
+class EnclaveCredential(CertificateBytes):
     """An enclave's TLS identity: its key and its quote-carrying certificate.
 
     Build it inside the enclave with :meth:`create`; the key never leaves.
@@ -160,14 +151,6 @@ class EnclaveCredential:
         ext = x509.UnrecognizedExtension(QUOTE_EXTENSION_OID, quote)
         cert = build_self_signed(key, common_name, is_ca=is_ca, extensions=[ext])
         return cls(key=key, certificate=cert)
-
-    @property
-    def cert_der(self) -> bytes:
-        return self.certificate.public_bytes(serialization.Encoding.DER)
-
-    @property
-    def cert_pem(self) -> bytes:
-        return self.certificate.public_bytes(serialization.Encoding.PEM)
 
     def __repr__(self) -> str:  # never print the key
         return f"EnclaveCredential(subject={self.certificate.subject.rfc4514_string()!r})"

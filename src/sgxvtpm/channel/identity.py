@@ -18,12 +18,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sgxvtpm.util.x509 import CertificateBytes
+
 from .errors import ChannelUsageError
 from .evidence import build_self_signed, spki_sha256
 
 
 @dataclass(frozen=True)
-class ClientCredential:
+class ClientCredential(CertificateBytes):
     """A client's TLS identity: an ECDSA key and its certificate."""
 
     key: ec.EllipticCurvePrivateKey
@@ -48,14 +50,6 @@ class ClientCredential:
             raise ChannelUsageError(f"{key_path}: not an ECDSA private key")
         cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
         return cls(key, cert)
-
-    @property
-    def cert_der(self) -> bytes:
-        return self.certificate.public_bytes(serialization.Encoding.DER)
-
-    @property
-    def cert_pem(self) -> bytes:
-        return self.certificate.public_bytes(serialization.Encoding.PEM)
 
     @property
     def spki_sha256(self) -> bytes:

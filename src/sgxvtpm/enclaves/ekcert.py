@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtensionOID, ObjectIdentifier
 
 from sgxvtpm.tpm.ek import EkPublic, EkPublicKey
+from sgxvtpm.util.x509 import key_usage
 
 # TCG OIDs (TCG EK Credential Profile 2.x, section 5 / TCG OID registry).
 TCG_AT_TPM_MANUFACTURER = ObjectIdentifier("2.23.133.2.1")
@@ -144,17 +145,7 @@ def _public_key(ek: EkPublic | EkPublicKey) -> EkPublicKey:
 def _key_usage(key: EkPublicKey) -> x509.KeyUsage:
     # EK Credential Profile 3.2.9: keyEncipherment for RSA EKs, keyAgreement for ECC.
     is_rsa = isinstance(key, rsa.RSAPublicKey)
-    return x509.KeyUsage(
-        digital_signature=False,
-        content_commitment=False,
-        key_encipherment=is_rsa,
-        data_encipherment=False,
-        key_agreement=not is_rsa,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
+    return key_usage(key_encipherment=is_rsa, key_agreement=not is_rsa)
 
 
 def _attribute_name(pairs: list[tuple[ObjectIdentifier, str]]) -> x509.Name:

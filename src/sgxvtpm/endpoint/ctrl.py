@@ -9,7 +9,14 @@ goes to the vTPM as a :mod:`sgxvtpm.wire.vtpm` request.
 from __future__ import annotations
 
 from sgxvtpm.endpoint.backend import VmTpm
-from sgxvtpm.wire.swtpm_ctrl import GETINFO_CHUNK, CtrlCmd, CtrlRequest, CtrlResponse, PtmCap
+from sgxvtpm.wire.swtpm_ctrl import (
+    GETINFO_CHUNK,
+    CtrlCmd,
+    CtrlRequest,
+    CtrlResponse,
+    PtmCap,
+    encode_response,
+)
 from sgxvtpm.wire.vtpm import (
     INIT_FLAG_DELETE_VOLATILE,
     MAX_LOCALITY,
@@ -18,6 +25,9 @@ from sgxvtpm.wire.vtpm import (
     VtpmProtocolError,
     VtpmRequest,
 )
+
+#: The answer to a control channel's malformed input, before the endpoint closes it.
+BAD_CTRL_INPUT = encode_response(CtrlResponse(CtrlCmd.INIT, result=TpmResult.BAD_PARAMETER))
 
 #: What we implement. Not HASHING (TPM 1.2 only; QEMU never uses it) and not
 #: SEND_COMMAND_HEADER (a data-channel prefix mode QEMU does not use);

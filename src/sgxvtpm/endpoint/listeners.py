@@ -69,25 +69,23 @@ OWNER_ONLY = SocketAccess()
 
 
 def _uid(owner: str | None) -> int:
-    if owner is None:
-        return -1
-    if owner.isdigit():
-        return int(owner)
-    try:
-        return pwd.getpwnam(owner).pw_uid
-    except KeyError:
-        raise ValueError(f"--owner: no user {owner!r}") from None
+    return _lookup_id(owner, lambda name: pwd.getpwnam(name).pw_uid, "--owner: no user")
 
 
 def _gid(group: str | None) -> int:
-    if group is None:
+    return _lookup_id(group, lambda name: grp.getgrnam(name).gr_gid, "--group: no group")
+
+
+def _lookup_id(name: str | None, lookup: Callable[[str], int], missing: str) -> int:
+    """-1 for None (chown: unchanged), a number as itself, else ``lookup(name)``."""
+    if name is None:
         return -1
-    if group.isdigit():
-        return int(group)
+    if name.isdigit():
+        return int(name)
     try:
-        return grp.getgrnam(group).gr_gid
+        return lookup(name)
     except KeyError:
-        raise ValueError(f"--group: no group {group!r}") from None
+        raise ValueError(f"{missing} {name!r}") from None
 
 
 def loopback_host(host: str) -> str:

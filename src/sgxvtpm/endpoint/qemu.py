@@ -30,7 +30,7 @@ import threading
 from pathlib import Path
 
 from sgxvtpm.endpoint.backend import VmTpm, VtpmBackend
-from sgxvtpm.endpoint.ctrl import CtrlHandler
+from sgxvtpm.endpoint.ctrl import BAD_CTRL_INPUT, CtrlHandler
 from sgxvtpm.endpoint.lifecycle import StopFlag
 from sgxvtpm.endpoint.listeners import OWNER_ONLY, Listeners, SocketAccess
 from sgxvtpm.endpoint.streams import (
@@ -56,7 +56,6 @@ from sgxvtpm.wire.swtpm_ctrl import (
 from sgxvtpm.wire.vtpm import TpmResult
 
 _MAX_FDS = 4
-_BAD_CTRL_INPUT = encode_response(CtrlResponse(CtrlCmd.INIT, result=TpmResult.BAD_PARAMETER))
 
 
 class _FdStream(Stream):
@@ -171,7 +170,7 @@ class QemuEndpoint:
                 except (CtrlProtocolError, FrameTimeout) as exc:
                     log.log("endpoint.ctrl_bad_input", reason=str(exc))
                     with contextlib.suppress(OSError):
-                        conn.sock.sendall(_BAD_CTRL_INPUT)
+                        conn.sock.sendall(BAD_CTRL_INPUT)
                     return owned
                 if req is None:
                     return owned

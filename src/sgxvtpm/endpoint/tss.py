@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sgxvtpm.endpoint.backend import VmTpm, VtpmBackend
-from sgxvtpm.endpoint.ctrl import SUPPORTED_CAPS, CtrlHandler
+from sgxvtpm.endpoint.ctrl import BAD_CTRL_INPUT, SUPPORTED_CAPS, CtrlHandler
 from sgxvtpm.endpoint.lifecycle import StopFlag
 from sgxvtpm.endpoint.listeners import OWNER_ONLY, Listeners, SocketAccess
 from sgxvtpm.endpoint.streams import FRAME_TIMEOUT, FrameTimeout, Stream, next_message
@@ -53,7 +53,6 @@ from sgxvtpm.wire.swtpm_ctrl import (
 from sgxvtpm.wire.vtpm import INIT_FLAG_IF_STOPPED, TpmResult, VtpmOp, VtpmRequest
 
 IDLE_TIMEOUT = 60.0
-_BAD_CTRL_INPUT = encode_response(CtrlResponse(CtrlCmd.INIT, result=TpmResult.BAD_PARAMETER))
 
 
 class EndpointError(SgxvtpmError):
@@ -162,7 +161,7 @@ class SwtpmTssEndpoint(_TssBase):
             except (CtrlProtocolError, FrameTimeout) as exc:
                 log.log("endpoint.ctrl_bad_input", reason=str(exc))
                 if not stream.eof:
-                    sock.sendall(_BAD_CTRL_INPUT)
+                    sock.sendall(BAD_CTRL_INPUT)
                 return
             if req is None:
                 return

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ENV = "SGXVTPM_STATE_DIR"
 
@@ -30,6 +31,17 @@ def default_state_dir() -> Path:
     return Path(base) / "sgxvtpm"
 
 
+class Entry:
+    """A read-only attribute that is ``name`` under the instance's ``root``
+    (``socket = Entry("hostd.sock")`` in a class with a ``root: Path``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Path:
+        return obj.root / self.name  # type: ignore[no-any-return]
+
+
 @dataclass(frozen=True)
 class StateDir:
     root: Path
@@ -38,21 +50,13 @@ class StateDir:
     def at(cls, path: Path | str | None) -> StateDir:
         return cls(Path(path) if path is not None else default_state_dir())
 
-    @property
-    def socket(self) -> Path:
-        return self.root / "hostd.sock"
+    socket = Entry("hostd.sock")
 
-    @property
-    def lock(self) -> Path:
-        return self.root / "hostd.lock"
+    lock = Entry("hostd.lock")
 
-    @property
-    def platform(self) -> Path:
-        return self.root / "platform"
+    platform = Entry("platform")
 
-    @property
-    def manager(self) -> Path:
-        return self.root / "manager"
+    manager = Entry("manager")
 
     def instance(self, instance_id: str) -> Path:
         return self.root / "instances" / instance_id

@@ -99,9 +99,7 @@ class AsyncSession:
             self._session.send_message(payload)
         except ChannelError:
             raise await self._fail("send on a broken session") from None
-        self._flush()
-        if self._undelivered:
-            raise await self._fail("hostd does not take our output")
+        await self._flush_or_fail()
 
     async def recv(self) -> bytes:
         """The next message; EOFError once the peer closed cleanly."""
@@ -150,9 +148,12 @@ class AsyncSession:
                 self._session.receive_data(data)
             except ChannelError:
                 raise await self._fail("channel error") from None
-            self._flush()
-            if self._undelivered:
-                raise await self._fail("hostd does not take our output")
+            await self._flush_or_fail()
+
+    async def _flush_or_fail(self) -> None:
+        self._flush()
+        if self._undelivered:
+            raise await self._fail("hostd does not take our output")
 
     def _flush(self) -> None:
         if self._finished:

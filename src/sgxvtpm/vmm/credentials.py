@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sgxvtpm.channel import ClientCredential
 from sgxvtpm.errors import SgxvtpmError
-from sgxvtpm.host.statedir import StateDir
+from sgxvtpm.host.statedir import Entry, StateDir
 from sgxvtpm.platform import DEFAULT_PLATFORM, platform_kind
 from sgxvtpm.platform.base import PlatformError, PlatformKind, QuoteVerifier
 from sgxvtpm.util.durable import atomic_write
@@ -98,13 +98,9 @@ class Credentials:
     def at(cls, path: Path | str | None) -> Credentials:
         return cls(Path(path) if path is not None else default_credentials_dir())
 
-    @property
-    def operator_key(self) -> Path:
-        return self.root / "operator.key"
+    operator_key = Entry("operator.key")
 
-    @property
-    def operator_cert(self) -> Path:
-        return self.root / "operator.crt"
+    operator_cert = Entry("operator.crt")
 
     def operator(self) -> ClientCredential:
         """The operator identity; CredentialsError if this directory has none."""
@@ -151,9 +147,7 @@ class HostCredentials:
     root: Path
     state: StateDir
 
-    @property
-    def root_ca(self) -> Path:
-        return self.root / "root_ca.pem"
+    root_ca = Entry("root_ca.pem")
 
     def vm(self, name: str) -> Path:
         if name in ("", ".", "..") or "/" in name or "\0" in name:

@@ -23,14 +23,13 @@ destroy     -                                               -
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias, cast
+from typing import TypeAlias
 
 from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
 from sgxvtpm.wire.jsonmsg import (
     Codec,
     Done,
     Message,
-    R,
     Refused,
     Reply,
     Request,
@@ -156,7 +155,7 @@ class Destroy(Request[Done]):
 
 AdminRequest: TypeAlias = GetStatus | Provision | Certify | Destroy
 
-_CODEC = Codec(
+_CODEC: Codec[AdminRequest] = Codec(
     "admin",
     (GetStatus, Provision, Certify, Destroy),
     AdminProtocolError,
@@ -164,21 +163,7 @@ _CODEC = Codec(
 )
 
 
-def encode_request(request: Request[Any]) -> bytes:
-    """The message for ``request``; AdminUsageError if it cannot be encoded."""
-    return _CODEC.encode_request(request)
-
-
-def decode_request(data: bytes) -> AdminRequest:
-    """The request in ``data``; AdminProtocolError if it is none."""
-    return cast(AdminRequest, _CODEC.decode_request(data))
-
-
-def encode_reply(reply: Reply | Refused) -> bytes:
-    """The message for ``reply``; AdminUsageError if it cannot be encoded."""
-    return _CODEC.encode_reply(reply)
-
-
-def decode_reply(request: Request[R], data: bytes) -> R | Refused:
-    """The reply to ``request`` in ``data``; AdminProtocolError if it is none."""
-    return _CODEC.decode_reply(request, data)
+encode_request = _CODEC.encode_request
+decode_request = _CODEC.decode_request
+encode_reply = _CODEC.encode_reply
+decode_reply = _CODEC.decode_reply

@@ -31,14 +31,12 @@ lowercase hex digits (:func:`check_instance_id`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias, cast
+from typing import TypeAlias
 
 from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
 from sgxvtpm.wire.jsonmsg import (
     Codec,
     Done,
-    JsonObject,
-    R,
     Refused,
     Reply,
     Request,
@@ -220,7 +218,7 @@ ControlRequest: TypeAlias = (
 #: What hostd answers on any connection; the rest only on the manager's.
 PUBLIC: tuple[type[ControlRequest], ...] = (Ping, WaitReady, GetPlatformRoot)
 
-_CODEC = Codec(
+_CODEC: Codec[ControlRequest] = Codec(
     "CONTROL",
     (Ping, WaitReady, GetPlatformRoot, ManagerReady, ManagerRefused, LaunchInstance,
      StopInstance, QueryInstance, Handoff),
@@ -229,36 +227,11 @@ _CODEC = Codec(
 )
 
 
-def request_to_json(request: Request[Any]) -> JsonObject:
-    """The JSON object of ``request`` (what ``RelayMux.control`` takes)."""
-    return _CODEC.request_to_json(request)
-
-
-def request_from_json(obj: object) -> ControlRequest:
-    """The request in a CONTROL frame's object; ControlProtocolError if it is none."""
-    return cast(ControlRequest, _CODEC.request_from_json(obj))
-
-
-def encode_request(request: Request[Any]) -> bytes:
-    return _CODEC.encode_request(request)
-
-
-def decode_request(data: bytes) -> ControlRequest:
-    return cast(ControlRequest, _CODEC.decode_request(data))
-
-
-def reply_to_json(reply: Reply | Refused) -> JsonObject:
-    return _CODEC.reply_to_json(reply)
-
-
-def reply_from_json(request: Request[R], obj: object) -> R | Refused:
-    """The reply to ``request`` in a CONTROL frame's object; ControlProtocolError if none."""
-    return _CODEC.reply_from_json(request, obj)
-
-
-def encode_reply(reply: Reply | Refused) -> bytes:
-    return _CODEC.encode_reply(reply)
-
-
-def decode_reply(request: Request[R], data: bytes) -> R | Refused:
-    return _CODEC.decode_reply(request, data)
+request_to_json = _CODEC.request_to_json
+request_from_json = _CODEC.request_from_json
+encode_request = _CODEC.encode_request
+decode_request = _CODEC.decode_request
+reply_to_json = _CODEC.reply_to_json
+reply_from_json = _CODEC.reply_from_json
+encode_reply = _CODEC.encode_reply
+decode_reply = _CODEC.decode_reply

@@ -226,8 +226,15 @@ def _loads(data: bytes, error: type[RemoteProtocolError]) -> object:
 # ------------------------------------------------------------------ a protocol
 
 
-class Codec:
-    """One protocol's requests and its two errors; the protocol modules wrap it."""
+Q = TypeVar("Q", bound="Request[Any]")
+
+
+class Codec(Generic[Q]):
+    """One protocol's requests (Q, their union) and its two errors.
+
+    A protocol module publishes the bound methods it offers as its functions
+    (``encode_request = _CODEC.encode_request``, ...).
+    """
 
     def __init__(
         self,
@@ -249,28 +256,33 @@ class Codec:
 
     # -- requests --
     def request_to_json(self, request: Request[Any]) -> JsonObject:
+        """The JSON object of ``request``; the usage error if it cannot be encoded."""
         cls = type(request)
         if self.requests.get(getattr(cls, "OP", "")) is not cls:
             raise self.usage_error(f"{cls.__name__} is not a {self.name} request")
         return {"op": cls.OP, **_to_object(request, cls.OP, self.usage_error)}
 
-    def request_from_json(self, obj: object) -> Request[Any]:
+    def request_from_json(self, obj: object) -> Q:
+        """The request in a message's object; the protocol error if it is none."""
         if not isinstance(obj, dict):
             raise self.error(f"{self.name} request is not a JSON object")
         op = obj.get("op")
         cls = self.requests.get(op) if isinstance(op, str) else None
         if cls is None:
             raise self.error(f"unknown {self.name} op {_short(op)}")
-        return _from_object(cls, obj, cls.OP, self.error)
+        return cast(Q, _from_object(cls, obj, cls.OP, self.error))
 
     def encode_request(self, request: Request[Any]) -> bytes:
+        """The message for ``request``; the usage error if it cannot be encoded."""
         return _dumps(self.request_to_json(request))
 
-    def decode_request(self, data: bytes) -> Request[Any]:
+    def decode_request(self, data: bytes) -> Q:
+        """The request in ``data``; the protocol error if it is none."""
         return self.request_from_json(_loads(data, self.error))
 
     # -- replies --
     def reply_to_json(self, reply: Reply | Refused) -> JsonObject:
+        """The JSON object of ``reply``; the usage error if it cannot be encoded."""
         if isinstance(reply, Refused):
             if not isinstance(reply.error, str):
                 raise self.usage_error("Refused.error must be a string")
@@ -280,6 +292,7 @@ class Codec:
         return {"ok": True, **_to_object(reply, type(reply).__name__, self.usage_error)}
 
     def reply_from_json(self, request: Request[R], obj: object) -> R | Refused:
+        """The reply to ``request`` in a message's object; the protocol error if none."""
         if not isinstance(obj, dict):
             raise self.error(f"{self.name} reply is not a JSON object")
         ok = obj.get("ok", False)
@@ -294,9 +307,11 @@ class Codec:
         return cast(R, _from_object(cls, obj, f"reply to {type(request).OP}", self.error))
 
     def encode_reply(self, reply: Reply | Refused) -> bytes:
+        """The message for ``reply``; the usage error if it cannot be encoded."""
         return _dumps(self.reply_to_json(reply))
 
     def decode_reply(self, request: Request[R], data: bytes) -> R | Refused:
+        """The reply to ``request`` in ``data``; the protocol error if it is none."""
         return self.reply_from_json(request, _loads(data, self.error))
 
 

@@ -23,7 +23,7 @@ what it knows of its instance now. The manager decides which names it takes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias, cast
+from typing import TypeAlias
 
 from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
 from sgxvtpm.wire.jsonmsg import (
@@ -31,7 +31,6 @@ from sgxvtpm.wire.jsonmsg import (
     Done,
     JsonObject,
     Message,
-    R,
     Refused,
     Reply,
     Request,
@@ -177,7 +176,7 @@ class GetCaCertificate(Request[CaCertificate]):
 
 K1Request: TypeAlias = CreateVm | DestroyVm | ListVms | ShowVm | GetCaCertificate
 
-_CODEC = Codec(
+_CODEC: Codec[K1Request] = Codec(
     "K1",
     (CreateVm, DestroyVm, ListVms, ShowVm, GetCaCertificate),
     K1ProtocolError,
@@ -185,21 +184,7 @@ _CODEC = Codec(
 )
 
 
-def encode_request(request: Request[Any]) -> bytes:
-    """The message for ``request``; K1UsageError if it cannot be encoded."""
-    return _CODEC.encode_request(request)
-
-
-def decode_request(data: bytes) -> K1Request:
-    """The request in ``data``; K1ProtocolError if it is none."""
-    return cast(K1Request, _CODEC.decode_request(data))
-
-
-def encode_reply(reply: Reply | Refused) -> bytes:
-    """The message for ``reply``; K1UsageError if it cannot be encoded."""
-    return _CODEC.encode_reply(reply)
-
-
-def decode_reply(request: Request[R], data: bytes) -> R | Refused:
-    """The reply to ``request`` in ``data``; K1ProtocolError if it is none."""
-    return _CODEC.decode_reply(request, data)
+encode_request = _CODEC.encode_request
+decode_request = _CODEC.decode_request
+encode_reply = _CODEC.encode_reply
+decode_reply = _CODEC.decode_reply

@@ -302,13 +302,19 @@ def encode_request(request: VtpmRequest) -> bytes:
     return head + body
 
 
-def decode_request(message: bytes) -> VtpmRequest:
-    """Parse one request message; VtpmProtocolError if it is not one."""
+def _sized(message: bytes, what: str, header_size: int, header: str) -> bytes:
+    """``message`` as bytes, if it is at most MAX_MESSAGE and has its header."""
     message = bytes(message)
     if len(message) > MAX_MESSAGE:
-        raise VtpmProtocolError(f"request of {len(message)} bytes exceeds {MAX_MESSAGE}")
-    if len(message) < REQUEST_HEADER_SIZE:
-        raise VtpmProtocolError(f"request of {len(message)} bytes has no header")
+        raise VtpmProtocolError(f"{what} of {len(message)} bytes exceeds {MAX_MESSAGE}")
+    if len(message) < header_size:
+        raise VtpmProtocolError(f"{what} of {len(message)} bytes has no {header}")
+    return message
+
+
+def decode_request(message: bytes) -> VtpmRequest:
+    """Parse one request message; VtpmProtocolError if it is not one."""
+    message = _sized(message, "request", REQUEST_HEADER_SIZE, "header")
     raw_op, locality, reserved = _REQ_HEADER.unpack_from(message)
     try:
         op = VtpmOp(raw_op)
@@ -411,10 +417,6 @@ def encode_response(response: VtpmResponse) -> bytes:
 
 def decode_response(message: bytes) -> VtpmResponse:
     """Parse one response message; VtpmProtocolError if it is not one."""
-    message = bytes(message)
-    if len(message) > MAX_MESSAGE:
-        raise VtpmProtocolError(f"response of {len(message)} bytes exceeds {MAX_MESSAGE}")
-    if len(message) < RESPONSE_HEADER_SIZE:
-        raise VtpmProtocolError(f"response of {len(message)} bytes has no result")
+    message = _sized(message, "response", RESPONSE_HEADER_SIZE, "result")
     (result,) = _U32.unpack_from(message)
     return VtpmResponse(result, message[RESPONSE_HEADER_SIZE:])

@@ -28,6 +28,7 @@ from cryptography.x509.oid import NameOID
 
 from sgxvtpm.platform.base import EnclaveIdentity, ReportBody
 from sgxvtpm.platform.sim.report import pack_report_body
+from sgxvtpm.util.x509 import key_usage
 
 # The simulated quoting enclave's identity (what a verifier's "QE identity"
 # check expects). Intel's QE has ISVPRODID 1.
@@ -158,31 +159,11 @@ def pck_certificate(
 
 
 def _ca_usage() -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=False,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )
+    return key_usage(key_cert_sign=True, crl_sign=True)
 
 
 def _leaf_usage() -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=True,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
+    return key_usage(digital_signature=True, content_commitment=True)
 
 
 def qe_report_body(attestation_public: bytes, auth_data: bytes = QE_AUTH_DATA) -> bytes:
