@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from sgxvtpm.testing.hostd import terminate
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,20 +32,10 @@ def stop_process(
     timeout: float = 10.0,
     group: bool = False,
 ) -> int:
-    """End a child and return its exit code.
+    """End a child and return its exit code (sgxvtpm.testing's ``terminate``).
 
     Sends ``sig`` (None: the child is already ending, e.g. its stdin was
     closed), waits ``timeout`` seconds, then SIGKILLs it, or its whole process
     group with ``group`` (a child started with ``start_new_session``).
     """
-    if sig is not None and proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        if group:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        else:
-            proc.kill()
-        return proc.wait()
+    return terminate(proc, sig=sig, group=group, timeout=timeout)

@@ -48,14 +48,15 @@ def wait_ready(
 def terminate(
     proc: subprocess.Popen[bytes],
     *,
-    sig: int = signal.SIGTERM,
+    sig: int | None = signal.SIGTERM,
     group: bool = False,
     timeout: float = STOP_TIMEOUT,
 ) -> int:
-    """Send ``sig`` (SIGTERM) to ``proc``; if it has not ended after ``timeout``
+    """Send ``sig`` (SIGTERM; None: the process is ending already, e.g. its
+    stdin was closed) to ``proc``; if it has not ended after ``timeout``
     seconds, SIGKILL it (its whole process group if ``group``: a process
     started in its own session). Its exit status."""
-    if proc.poll() is None:
+    if sig is not None and proc.poll() is None:
         proc.send_signal(sig)
     try:
         return proc.wait(timeout)
