@@ -485,12 +485,17 @@ def check_success(response: bytes) -> None:
         raise TpmResponseError(rc)
 
 
-def parse_get_random(response: bytes) -> bytes:
-    """randomBytes of a TPM2_GetRandom response."""
+def _single_tpm2b(response: bytes) -> bytes:
+    """The one TPM2B response parameter of a command that has just that."""
     _, r = response_parameters(response)
     data = r.tpm2b()
     r.done()
     return data
+
+
+def parse_get_random(response: bytes) -> bytes:
+    """randomBytes of a TPM2_GetRandom response."""
+    return _single_tpm2b(response)
 
 
 @dataclass(frozen=True)
@@ -516,10 +521,7 @@ def parse_pcr_read(response: bytes) -> PcrReadResult:
 
 def parse_nv_read(response: bytes) -> bytes:
     """data of a TPM2_NV_Read response."""
-    _, r = response_parameters(response)
-    data = r.tpm2b()
-    r.done()
-    return data
+    return _single_tpm2b(response)
 
 
 @dataclass(frozen=True)
