@@ -43,11 +43,24 @@ _CREDENTIALS_HELP = (
 )
 
 
+def _version() -> str:
+    """The installed distribution's version; the package's ``__version__`` when not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sgxvtpm")
+    except PackageNotFoundError:
+        import sgxvtpm
+
+        return str(getattr(sgxvtpm, "__version__", "unknown"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sgxvtpm",
         description="vTPMs for VMs, with the manager and every instance in an enclave",
     )
+    parser.add_argument("--version", action="version", version=f"sgxvtpm {_version()}")
     _add_state_dir(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -40,3 +40,14 @@ def test_bench_outside_a_source_checkout_says_where_the_suite_is(tmp_path: Path)
     assert done.returncode == 1
     assert done.stderr.startswith("sgxvtpm: error: the benchmark suite is not installed")
     assert "Traceback" not in done.stderr
+
+
+def test_version_prints_the_package_version_and_exits_0(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"sgxvtpm {version('sgxvtpm')}\n"
