@@ -43,11 +43,24 @@ _CREDENTIALS_HELP = (
 )
 
 
+def _version() -> str:
+    """The installed distribution's version; the package's ``__version__`` when not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sgxvtpm")
+    except PackageNotFoundError:
+        import sgxvtpm
+
+        return str(getattr(sgxvtpm, "__version__", "unknown"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sgxvtpm",
         description="vTPMs for VMs, with the manager and every instance in an enclave",
     )
+    parser.add_argument("--version", action="version", version=f"sgxvtpm {_version()}")
     _add_state_dir(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -183,6 +196,13 @@ async def _vm(args: argparse.Namespace) -> int:
     client = VmmClient(_state(args))
     cmd = args.vm_command
     if cmd == "create":
+        from sgxvtpm.tpm.ek import check_pcr_banks
+
+        pcr_banks = [b for b in args.pcr_banks.split(",") if b]
+        try:  # before anything is contacted
+            check_pcr_banks(pcr_banks)
+        except ValueError as exc:
+            raise ValueError(f"--pcr-banks: {exc}") from None
         pub = None
         if args.vm_pubkey is not None:
             loaded = serialization.load_pem_public_key(args.vm_pubkey.read_bytes())
@@ -191,7 +211,7 @@ async def _vm(args: argparse.Namespace) -> int:
             pub = loaded
         info = await client.create(
             args.name,
-            pcr_banks=[b for b in args.pcr_banks.split(",") if b],
+            pcr_banks=pcr_banks,
             ek=[e for e in args.ek.split(",") if e],
             vm_public_key=pub,
             export=_credentials(args),

@@ -40,3 +40,56 @@ def test_bench_outside_a_source_checkout_says_where_the_suite_is(tmp_path: Path)
     assert done.returncode == 1
     assert done.stderr.startswith("sgxvtpm: error: the benchmark suite is not installed")
     assert "Traceback" not in done.stderr
+
+
+def test_version_prints_the_package_version_and_exits_0(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"sgxvtpm {version('sgxvtpm')}\n"
+
+
+def _one_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sgxvtpm: error: "), err
+    return err.removeprefix("sgxvtpm: error: ").strip()
+
+
+def test_hostd_on_a_state_dir_that_is_a_file_says_it_is_not_a_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "state").write_text("")
+    assert main(["hostd", "--state-dir", str(tmp_path / "state")]) == 1
+    message = _one_error(capsys)
+    assert message.startswith(f"the state directory {tmp_path / 'state'} is not a directory")
+    assert "--state-dir" in message and "Errno" not in message
+
+
+def test_hostd_on_a_state_dir_too_long_for_its_socket_names_the_socket_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / ("s" * (114 - len(str(tmp_path)) - 1))
+    assert len(str(state)) == 114
+    socket_path = state / "hostd.sock"
+    assert main(["hostd", "--state-dir", str(state)]) == 1
+    message = _one_error(capsys)
+    assert message.startswith(f"hostd's socket path {socket_path} is {len(str(socket_path))} "
+                              "bytes, more than the 107 AF_UNIX allows")
+    assert "shorter --state-dir" in message
+    assert not state.exists()  # refused before anything was made
+
+
+def test_vm_create_with_an_unknown_pcr_bank_is_refused_before_contacting_hostd(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # no hostd runs on tmp_path: the bank is refused before anything is contacted
+    status = main(["vm", "create", "vm1", "--pcr-banks", "sha256,sha999",
+                   "--state-dir", str(tmp_path)])
+    assert status == 1
+    message = _one_error(capsys)
+    assert message.startswith("--pcr-banks: unknown PCR bank 'sha999'; use sha1, sha256")
+    assert "hostd" not in message

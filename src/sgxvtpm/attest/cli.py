@@ -178,7 +178,7 @@ def ca_certificate(
         return cert.public_bytes(serialization.Encoding.DER)
     if source == CA_FROM_VM:
         try:
-            path = credentials.host(state).vm(name) / "ca.crt"
+            path = credentials.host(state).existing_vm(name) / "ca.crt"
         except CredentialsError as exc:
             raise AttestError(str(exc)) from None
     else:

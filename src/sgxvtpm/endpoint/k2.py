@@ -124,7 +124,7 @@ class VmBinding:
         (``credentials``, else this user's: sgxvtpm/vmm/credentials.py)."""
         host = (credentials or Credentials.at(None)).host(state)
         try:
-            vm_dir = host.vm(name)
+            vm_dir = host.existing_vm(name)
             info = json.loads((vm_dir / "instance.json").read_text())
             credential = ClientCredential.load(vm_dir / "vm.key", vm_dir / "vm.crt")
             verifier = host.verifier()
@@ -200,7 +200,10 @@ class K2Client(MessageBackend):
             sock.connect(str(self.binding.socket_path))
         except OSError as exc:
             sock.close()
-            raise K2Error(f"cannot reach hostd at {self.binding.socket_path}: {exc}") from None
+            raise K2Error(
+                f"hostd is not reachable at {self.binding.socket_path} ({exc.strerror or exc}): "
+                f"start it with `sgxvtpm hostd --state-dir {self.binding.socket_path.parent}`"
+            ) from None
         relay = RelayConnection(Role.CLIENT)
         self._sock, self._tls, self._relay = sock, self.binding.new_session(), relay
         self._eof = False

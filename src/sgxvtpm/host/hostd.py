@@ -442,6 +442,7 @@ async def serve(
     it is called once the privilege checks passed, before the platform opens,
     as the invoking user. HostdError if the manager refuses to start.
     """
+    state.check()  # before anything starts: StateDirError names the path and the fix
     if run_as is not None and os.geteuid() != 0:
         raise HostdError(
             f"--user {run_as.user} needs hostd to start as root (it runs as uid {os.geteuid()})"

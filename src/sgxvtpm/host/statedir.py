@@ -20,7 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sgxvtpm.errors import SgxvtpmError
+
 ENV = "SGXVTPM_STATE_DIR"
+
+#: The longest path a unix socket can bind: sun_path's 108 bytes less the NUL (unix(7)).
+MAX_SOCKET_PATH = 107
+
+
+class StateDirError(SgxvtpmError):
+    """The state directory cannot be used; the message names the path and the fix."""
 
 
 def default_state_dir() -> Path:
@@ -61,7 +70,26 @@ class StateDir:
     def instance(self, instance_id: str) -> Path:
         return self.root / "instances" / instance_id
 
+    def check(self) -> None:
+        """StateDirError unless hostd can make and use this directory (nothing is made)."""
+        for path in (self.root, *self.root.parents):
+            if path.exists() or path.is_symlink():
+                if not path.is_dir():
+                    what = "is not" if path == self.root else f"is under {path}, which is not"
+                    raise StateDirError(
+                        f"the state directory {self.root} {what} a directory: give "
+                        "--state-dir a directory (it is made if missing), or move the file away"
+                    )
+                break
+        length = len(os.fsencode(self.socket))
+        if length > MAX_SOCKET_PATH:
+            raise StateDirError(
+                f"hostd's socket path {self.socket} is {length} bytes, more than the "
+                f"{MAX_SOCKET_PATH} AF_UNIX allows: give a shorter --state-dir"
+            )
+
     def ensure(self) -> None:
+        self.check()
         for directory in (self.root, self.manager, self.root / "instances"):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 

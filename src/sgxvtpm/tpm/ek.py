@@ -347,6 +347,12 @@ def _bank_alg(name: str) -> int:
         raise ValueError(f"unknown PCR bank {name!r}; use {', '.join(PCR_BANKS)}") from None
 
 
+def check_pcr_banks(banks: Sequence[str]) -> None:
+    """ValueError naming the allowed banks unless every one of ``banks`` is in PCR_BANKS."""
+    for name in banks:
+        _bank_alg(name)
+
+
 def allocate_pcr_banks(
     transact: Transact, banks: Sequence[str], *, platform_auth: bytes = b""
 ) -> None:

@@ -26,6 +26,7 @@ from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.mux.aio import open_client_session
 from sgxvtpm.platform.base import MeasurementPolicy, QuoteVerifier
+from sgxvtpm.tpm.ek import check_pcr_banks
 from sgxvtpm.vmm.credentials import Credentials, CredentialsError, verifier_for
 from sgxvtpm.wire import k1
 from sgxvtpm.wire.jsonmsg import Refused, Reply, Request
@@ -132,6 +133,10 @@ class VmmClient:
     ) -> k1.InstanceInfo:
         """Create VM ``name``; its binding goes to this client's credentials directory,
         or to ``export`` (for whoever runs the VM's endpoint) with this host's pinned root."""
+        try:  # before anything is contacted
+            check_pcr_banks(pcr_banks or ())
+        except ValueError as exc:
+            raise VmmError(str(exc)) from None
         host = self.host if export is None else export.host(self.state)
         try:  # before the manager creates anything: a binding that cannot be stored is lost
             if export is not None:

@@ -154,6 +154,17 @@ class HostCredentials:
             raise CredentialsError(f"{name!r} cannot name a VM: it must be one path component")
         return self.root / "vms" / name
 
+    def existing_vm(self, name: str) -> Path:
+        """:meth:`vm`, refused in one line naming the fix when VM ``name`` has no binding here."""
+        path = self.vm(name)
+        if not path.is_dir():
+            raise CredentialsError(
+                f"no VM named {name!r} has credentials in {self.root.parent.parent} for the "
+                f"hostd of {self.state.root}: create it with `sgxvtpm vm create {name}`, or "
+                "pass --credentials DIR where its binding was written"
+            )
+        return path
+
     def ensure(self) -> None:
         for directory in (self.root.parent.parent, self.root.parent, self.root):
             private_directory(directory)
