@@ -55,12 +55,28 @@ def _version() -> str:
         return str(getattr(sgxvtpm, "__version__", "unknown"))
 
 
+class _VersionAction(argparse.Action):
+    """``--version``, looked up only when asked (importlib.metadata costs start-up time)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        print(f"sgxvtpm {_version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sgxvtpm",
         description="vTPMs for VMs, with the manager and every instance in an enclave",
     )
-    parser.add_argument("--version", action="version", version=f"sgxvtpm {_version()}")
+    parser.add_argument(
+        "--version", action=_VersionAction, nargs=0, help="print sgxvtpm's version and exit"
+    )
     _add_state_dir(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
