@@ -252,7 +252,9 @@ class VmWorker:
         self.acked["verified"] += 1
 
 
-def _run(tmp_path: Path, kills_wanted: int, vms: int, gap: tuple[float, float], seed: int) -> None:
+def assert_crash_durability(
+    tmp_path: Path, kills_wanted: int, vms: int, gap: tuple[float, float], seed: int
+) -> None:
     rng = random.Random(seed)
     with running(tmp_path / "state") as ctl:
         names = [f"vm{i:02d}" for i in range(vms)]
@@ -338,13 +340,13 @@ def _operator(
 
 
 def test_crash_durability_fast(tmp_path: Path) -> None:
-    _run(tmp_path, kills_wanted=20, vms=10, gap=(0.2, 0.9), seed=9001)
+    assert_crash_durability(tmp_path, kills_wanted=20, vms=10, gap=(0.2, 0.9), seed=9001)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_crash_durability_stress(tmp_path: Path) -> None:
-    _run(tmp_path, kills_wanted=220, vms=10, gap=(0.1, 1.0), seed=9002)
+    assert_crash_durability(tmp_path, kills_wanted=220, vms=10, gap=(0.1, 1.0), seed=9002)
 
 
 def test_manager_restart_still_reaches_running_instances(tmp_path: Path) -> None:

@@ -134,7 +134,7 @@ def run_stream(ctl: HostdCtl, stream: Stream, stop: threading.Event) -> None:
         stream.errors.append(f"{type(exc).__name__}: {exc}")
 
 
-def _load(tmp_path: Path, vms: int, seconds: float) -> None:
+def assert_load_holds(tmp_path: Path, vms: int, seconds: float) -> None:
     with running(tmp_path / "state") as ctl:
         names = [f"vm{i:03d}" for i in range(vms)]
         ctl.create_many(names)
@@ -216,10 +216,10 @@ def test_leak_criterion_tells_a_settling_heap_from_growth() -> None:
 
 
 def test_load_fast(tmp_path: Path) -> None:
-    _load(tmp_path, vms=20, seconds=60)  # 200 VMs x 600 s in the stress run
+    assert_load_holds(tmp_path, vms=20, seconds=60)  # 200 VMs x 600 s in the stress run
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_load_stress(tmp_path: Path) -> None:
-    _load(tmp_path, vms=200, seconds=600)
+    assert_load_holds(tmp_path, vms=200, seconds=600)

@@ -203,7 +203,7 @@ def test_usage_errors(world: World) -> None:
 # --- enclave identity (SECURITY.md property 13) ------------------------------
 
 
-def _rejected_by_client(pair: ChannelPair, marker: bytes) -> None:
+def assert_rejected_by_client(pair: ChannelPair, marker: bytes) -> None:
     pair.client.send_message(marker)
     pair.pump()
     assert isinstance(pair.client_error, ChannelError)
@@ -219,14 +219,14 @@ def test_wrong_mrenclave(world: World) -> None:
     rogue = EnclaveCredential.create(world.pd.enclave_platform(ROGUE), "manager", is_ca=True)
     client = ClientSession(MANAGER_POLICY, world.pd.verifier(), world.operator, "manager")
     pair = ChannelPair(client, ServerSession(rogue, world.manager_trust()))
-    _rejected_by_client(pair, secrets.token_bytes(32))
+    assert_rejected_by_client(pair, secrets.token_bytes(32))
 
 
 def test_quote_from_another_platform_root(world: World) -> None:
     foreign = EnclaveCredential.create(world.other_pd.enclave_platform(MANAGER), "manager")
     client = ClientSession(MANAGER_POLICY, world.pd.verifier(), world.operator, "manager")
     pair = ChannelPair(client, ServerSession(foreign, world.manager_trust()))
-    _rejected_by_client(pair, secrets.token_bytes(32))
+    assert_rejected_by_client(pair, secrets.token_bytes(32))
 
 
 def test_reportdata_not_matching_the_key(world: World) -> None:
@@ -244,19 +244,19 @@ def test_reportdata_not_matching_the_key(world: World) -> None:
     )
     client = ClientSession(MANAGER_POLICY, world.pd.verifier(), world.operator, "manager")
     pair = ChannelPair(client, ServerSession(fake, world.manager_trust()))
-    _rejected_by_client(pair, secrets.token_bytes(32))
+    assert_rejected_by_client(pair, secrets.token_bytes(32))
 
 
 def test_wrong_common_name(world: World) -> None:
     client = ClientSession(INSTANCE_POLICY, world.pd.verifier(), world.vm_a, "instance-b")
     pair = ChannelPair(client, ServerSession(world.instance_a, world.instance_a_trust()))
-    _rejected_by_client(pair, secrets.token_bytes(32))
+    assert_rejected_by_client(pair, secrets.token_bytes(32))
 
 
 # --- endpoint identity (SECURITY.md property 14) -----------------------------
 
 
-def _rejected_by_server(pair: ChannelPair, marker: bytes) -> None:
+def assert_rejected_by_server(pair: ChannelPair, marker: bytes) -> None:
     pair.client.send_message(marker)
     pair.pump()
     # The relay ends the stream when the server drops the session.
@@ -272,26 +272,26 @@ def _rejected_by_server(pair: ChannelPair, marker: bytes) -> None:
 def test_client_certificate_not_pinned(world: World) -> None:
     # VM B holds a valid certificate from the same manager CA, but instance A
     # is pinned to VM A's key.
-    _rejected_by_server(world.k2(world.vm_b), secrets.token_bytes(32))
+    assert_rejected_by_server(world.k2(world.vm_b), secrets.token_bytes(32))
 
 
 def test_client_certificate_not_anchored(world: World) -> None:
     stranger = ClientCredential.self_signed(ec.generate_private_key(ec.SECP256R1()), "operator")
     client = ClientSession(MANAGER_POLICY, world.pd.verifier(), stranger, "manager")
     pair = ChannelPair(client, ServerSession(world.manager, world.manager_trust()))
-    _rejected_by_server(pair, secrets.token_bytes(32))
+    assert_rejected_by_server(pair, secrets.token_bytes(32))
 
 
 def test_vm_key_cannot_open_the_manager(world: World) -> None:
     client = ClientSession(MANAGER_POLICY, world.pd.verifier(), world.vm_a, "manager")
     pair = ChannelPair(client, ServerSession(world.manager, world.manager_trust()))
-    _rejected_by_server(pair, secrets.token_bytes(32))
+    assert_rejected_by_server(pair, secrets.token_bytes(32))
 
 
 def test_empty_pin_set_accepts_nobody(world: World) -> None:
     client = ClientSession(MANAGER_POLICY, world.pd.verifier(), world.operator, "manager")
     trust = ClientTrust([world.operator.cert_pem], frozenset())
-    _rejected_by_server(ChannelPair(client, ServerSession(world.manager, trust)), b"m" * 32)
+    assert_rejected_by_server(ChannelPair(client, ServerSession(world.manager, trust)), b"m" * 32)
 
 
 # --- integrity of records (SECURITY.md property 15) --------------------------
