@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sgxvtpm.platform.base import EnclaveIdentity, EnclaveSpec, PlatformError
-from sgxvtpm.platform.sim.measure import read_code
+from sgxvtpm.platform.sim.measure import CodeFile, read_code
 from sgxvtpm.platform.sim.report import parse_report_body
 from sgxvtpm.platform.sim.spawn import CLEAN_ENV, end_child, isolated_command
 from sgxvtpm.platform.sim.zygote_proto import (
@@ -152,20 +152,26 @@ class SimLoader:
         self.attestation_root_pem = bytes.fromhex(ready["root_pem"])
         self.platform_id = bytes.fromhex(ready["platform_id"])
         self._sigstructs = {k: bytes.fromhex(v) for k, v in ready["sigstructs"].items()}
+        self._release_code: dict[tuple[Path, ...], list[CodeFile]] = {}
 
     def signed(self, spec: EnclaveSpec) -> EnclaveSpec:
         """``spec`` with the SIGSTRUCT the platform made for the release enclave of its name.
 
-        Whether it fits ``spec``'s code is EINIT's question, at launch.
+        Whether it fits ``spec``'s code is EINIT's question, at launch. The
+        release's code is read here, once: hostd calls this before it drops
+        root, and its user may not be able to read the installed code (every
+        relaunch then sends these same bytes).
         """
         try:
-            return dataclasses.replace(spec, sigstruct=self._sigstructs[spec.name])
+            signed = dataclasses.replace(spec, sigstruct=self._sigstructs[spec.name])
         except KeyError:
             raise PlatformError(f"the platform signed no enclave named {spec.name!r}") from None
+        self._release_code[tuple(spec.code_files)] = read_code(spec.code_files)
+        return signed
 
     # -- launching ----------------------------------------------------------------
     def launch(self, spec: EnclaveSpec, args: Mapping[str, Any]) -> SimEnclaveHandle:
-        code = read_code(spec.code_files)
+        code = self._release_code.get(tuple(spec.code_files)) or read_code(spec.code_files)
         header = {
             "op": "launch",
             "name": spec.name,
