@@ -18,7 +18,12 @@ from sgxvtpm.channel import (
     report_data_for,
     verify_enclave_certificate,
 )
-from sgxvtpm.channel.evidence import build_self_signed, spki_der
+from sgxvtpm.channel.evidence import (
+    build_self_signed,
+    pubkey_claims,
+    report_data_for_claims,
+    spki_der,
+)
 from sgxvtpm.platform.base import EnclaveIdentity, MeasurementPolicy
 from sgxvtpm.platform.sim import SimPlatformDir
 from sgxvtpm.util import log
@@ -32,7 +37,9 @@ def test_certificate_carries_a_quote_binding_its_key(sim_platform: SimPlatformDi
     cred = EnclaveCredential.create(sim_platform.enclave_platform(MANAGER), "manager")
     verified = verify_enclave_certificate(cred.cert_der, POLICY, sim_platform.verifier(), "manager")
     assert verified.identity.mrenclave == MANAGER.mrenclave
-    assert verified.report_data == report_data_for(spki_der(cred.key.public_key()))
+    # The handshake checks the tagged evidence's quote, which binds the claims.
+    claims = pubkey_claims(spki_der(cred.key.public_key()))
+    assert verified.report_data == report_data_for_claims(claims)
     assert verified.report_data[32:] == bytes(32)
     ext = cred.certificate.extensions.get_extension_for_oid(QUOTE_EXTENSION_OID)
     assert not ext.critical

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from sgxvtpm.attest.report import AttestReport
-from sgxvtpm.channel.evidence import QUOTE_EXTENSION_OID, report_data_for
+from sgxvtpm.channel.evidence import BoundQuote, EvidenceError, bound_quote
 from sgxvtpm.enclaves.ekcert import TCG_KP_EK_CERTIFICATE, tpm_attributes
 from sgxvtpm.platform.base import (
     AttestationError,
@@ -72,12 +72,11 @@ def _is_self_signed_ca(cert: x509.Certificate) -> bool:
     return bc.ca
 
 
-def _quote_of(cert: x509.Certificate) -> bytes | None:
+def _quote_of(cert: x509.Certificate) -> BoundQuote | str:
     try:
-        ext = cert.extensions.get_extension_for_oid(QUOTE_EXTENSION_OID).value
-    except x509.ExtensionNotFound:
-        return None
-    return ext.value if isinstance(ext, x509.UnrecognizedExtension) else None
+        return bound_quote(cert)
+    except EvidenceError as exc:
+        return str(exc)
 
 
 def _check_ca(
@@ -87,16 +86,14 @@ def _check_ca(
     verifier: QuoteVerifier,
 ) -> None:
     report.add("CA certificate self-signed CA", _is_self_signed_ca(ca), reason=R_CA_NOT_SELF_SIGNED)
-    quote = _quote_of(ca)
-    if quote is None:
-        report.add(
-            "CA quote verifies against platform root", False, "no quote extension", R_NO_QUOTE
-        )
+    bound = _quote_of(ca)
+    if isinstance(bound, str):
+        report.add("CA quote verifies against platform root", False, bound, R_NO_QUOTE)
         _skip(report, "quote measurement in policy", "quote REPORTDATA binds CA key")
         return
     verified: VerifiedQuote | None
     try:
-        verified = verifier.verify(quote)
+        verified = verifier.verify(bound.quote)
     except AttestationError as exc:
         verified = None
         report.add("CA quote verifies against platform root", False, str(exc), R_QUOTE_ROOT)
@@ -116,8 +113,8 @@ def _check_ca(
         f"MRENCLAVE {identity.mrenclave.hex()[:16]}...",
         R_POLICY,
     )
-    bound = hmac.compare_digest(verified.report_data, report_data_for(_spki(ca.public_key())))
-    report.add("quote REPORTDATA binds CA key", bound, "SHA-256(SPKI) || 0^32", R_REPORT_DATA)
+    binds = hmac.compare_digest(verified.report_data, bound.report_data)
+    report.add("quote REPORTDATA binds CA key", binds, bound.source, R_REPORT_DATA)
 
 
 def _skip(report: AttestReport, *names: str) -> None:

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from .errors import ChannelError, ChannelUsageError
 from .evidence import (
+    EVIDENCE_EXTENSION_OID,
     QUOTE_EXTENSION_OID,
+    BoundQuote,
     EnclaveCredential,
+    EvidenceError,
+    bound_quote,
     report_data_for,
     spki_sha256,
     verify_enclave_certificate,
@@ -29,8 +33,10 @@ from .session import (
 )
 
 __all__ = [
+    "EVIDENCE_EXTENSION_OID",
     "MAX_MESSAGE",
     "QUOTE_EXTENSION_OID",
+    "BoundQuote",
     "ChannelError",
     "ChannelUsageError",
     "ClientCredential",
@@ -39,11 +45,13 @@ __all__ = [
     "Closed",
     "EnclaveCredential",
     "Event",
+    "EvidenceError",
     "HandshakeComplete",
     "Message",
     "PeerCertificate",
     "ServerSession",
     "State",
+    "bound_quote",
     "report_data_for",
     "spki_sha256",
     "verify_enclave_certificate",

@@ -1,18 +1,39 @@
 """RA-TLS certificates: an X.509 certificate that carries an SGX quote.
 
-The convention is Intel's and Gramine's RA-TLS: the enclave generates a P-256
-key, asks the platform for a quote whose 64-byte REPORTDATA is
-``SHA-256(DER SubjectPublicKeyInfo) || 32 zero bytes`` and puts the quote into
-a non-critical extension of a self-signed certificate for that key. A verifier
-who checks the quote, the measurement policy and the binding knows that the
-TLS peer holding this key runs inside the measured enclave.
+The convention is Gramine's RA-TLS (tools/sgx/ra-tls, v1.9; facts in
+PROTOCOLS.md): the enclave generates an ECDSA key and self-signs a certificate
+for it that carries quotes binding that key, in two non-critical extensions,
+as Gramine's ``ra_tls_attest`` writes them:
 
-Extension OID: ``1.2.840.113741.1.13.1`` (under Intel's arc), the OID Gramine's
-RA-TLS library uses for a raw DCAP quote; reusing it keeps our certificates
-readable by existing RA-TLS tooling. The extnValue OCTET STRING holds the raw
-quote bytes with no further DER wrapping, as in Gramine. The extension is not
-critical so that OpenSSL accepts the certificate as a CA in client-certificate
-chains (RFC 5280 section 4.2: unknown critical extensions must be rejected).
+- the TCG DICE "tagged evidence" extension, OID ``2.23.133.5.4.9`` (Gramine
+  v1.8 on): CBOR tag 60000 over ``[quote, claims]`` (both byte strings), where
+  ``claims`` is the serialized CBOR map ``{"pubkey-hash": bstr(serialized
+  [1, bstr SHA-256(DER SubjectPublicKeyInfo)])}`` (1 = sha-256 in IANA's
+  named-information registry) and the quote's REPORTDATA is
+  ``SHA-256(claims) || 32 zero bytes``;
+- the legacy quote extension, OID ``1.2.840.113741.1337.6`` (Gramine v1.0
+  on): the raw quote, whose REPORTDATA is ``SHA-256(SPKI) || 32 zero bytes``.
+
+So two quotes per certificate, made once when an enclave builds its identity.
+A verifier (ours, like Gramine's) reads the tagged evidence when present and
+the legacy quote otherwise, and checks one quote: the handshake verifies one
+quote, as before.
+
+Gramine's own header keeps the legacy OID with its DER tag and length bytes
+(06 09) inside the OID value, so a certificate made by Gramine carries the
+legacy quote under the OID whose encoding is ``06 09 2A 86 48 86 F8 4D 8A 39
+06`` (read as ``0.6.9.42.840.113741.1337.6``); its verifier finds either
+form by a byte search. We write the correct OID and accept both.
+
+Earlier versions of sgxvtpm put the quote under ``1.2.840.113741.1.13.1``,
+which is Intel's PCK certificate "SGX Extensions" OID (FMSPC, PCEID, TCB
+levels), not an RA-TLS one; no Gramine peer or DCAP library reads a quote
+there. That OID is refused: no deployed peer depends on it (the enclaves
+make new certificates at every start).
+
+The extensions are not critical so that OpenSSL accepts the certificate as a
+CA in client-certificate chains (RFC 5280 section 4.2: unknown critical
+extensions must be rejected).
 """
 
 from __future__ import annotations
@@ -28,6 +49,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.platform.base import (
     REPORT_DATA_SIZE,
     AttestationError,
@@ -36,11 +58,22 @@ from sgxvtpm.platform.base import (
     QuoteVerifier,
     VerifiedQuote,
 )
+from sgxvtpm.util import cbor
 from sgxvtpm.util.x509 import CertificateBytes, key_usage
 
 from .errors import ChannelUsageError, fail
 
-QUOTE_EXTENSION_OID = x509.ObjectIdentifier("1.2.840.113741.1.13.1")
+# Gramine tools/sgx/ra-tls/ra_tls.h (v1.9); see the module docstring.
+QUOTE_EXTENSION_OID = x509.ObjectIdentifier("1.2.840.113741.1337.6")
+GRAMINE_QUOTE_EXTENSION_OID = x509.ObjectIdentifier("0.6.9.42.840.113741.1337.6")
+EVIDENCE_EXTENSION_OID = x509.ObjectIdentifier("2.23.133.5.4.9")
+# Tag 60000: "TCG DICE tagged evidence, SGX/TDX quote" (IANA CBOR tags registry).
+EVIDENCE_CBOR_TAG = 60000
+PUBKEY_HASH_CLAIM = "pubkey-hash"
+HASH_ALG_SHA256 = 1  # IANA named-information hash algorithm registry
+# What a "pubkey-hash" claim may use (Gramine's verifier accepts these three;
+# its attester, and ours, write SHA-256).
+_CLAIM_HASHES = {HASH_ALG_SHA256: "sha256", 7: "sha384", 8: "sha512"}
 
 _DEFAULT_VALIDITY = datetime.timedelta(days=3650)
 # Backdate notBefore a little: a verifier whose clock is behind ours must not
@@ -67,6 +100,34 @@ def report_data_for(certificate_spki_der: bytes) -> bytes:
     """REPORTDATA binding a key: SHA-256(SPKI) || 32 zero bytes (RA-TLS)."""
     digest = hashlib.sha256(certificate_spki_der).digest()
     return digest + bytes(REPORT_DATA_SIZE - len(digest))
+
+
+def pubkey_claims(certificate_spki_der: bytes) -> bytes:
+    """The serialized claims map of tagged evidence: only "pubkey-hash" (as Gramine's)."""
+    hash_entry = cbor.encode([HASH_ALG_SHA256, hashlib.sha256(certificate_spki_der).digest()])
+    return cbor.encode({PUBKEY_HASH_CLAIM: hash_entry})
+
+
+def report_data_for_claims(claims: bytes) -> bytes:
+    """REPORTDATA binding serialized claims: SHA-256(claims) || 32 zero bytes."""
+    digest = hashlib.sha256(claims).digest()
+    return digest + bytes(REPORT_DATA_SIZE - len(digest))
+
+
+def tagged_evidence(quote: bytes, claims: bytes) -> bytes:
+    """The value of the tagged-evidence extension: tag 60000 over [quote, claims]."""
+    return cbor.encode(cbor.Tag(EVIDENCE_CBOR_TAG, [quote, claims]))
+
+
+def ra_tls_extensions(platform: EnclavePlatform, spki: bytes) -> list[x509.ExtensionType]:
+    """Both RA-TLS extensions for the key ``spki``, each with its own quote."""
+    claims = pubkey_claims(spki)
+    evidence = tagged_evidence(platform.quote(report_data_for_claims(claims)), claims)
+    legacy = platform.quote(report_data_for(spki))
+    return [
+        x509.UnrecognizedExtension(EVIDENCE_EXTENSION_OID, evidence),
+        x509.UnrecognizedExtension(QUOTE_EXTENSION_OID, legacy),
+    ]
 
 
 def _name(common_name: str) -> x509.Name:
@@ -147,9 +208,8 @@ class EnclaveCredential(CertificateBytes):
         if key is None:
             key = ec.generate_private_key(ec.SECP256R1())
         _check_key(key)
-        quote = platform.quote(report_data_for(spki_der(key.public_key())))
-        ext = x509.UnrecognizedExtension(QUOTE_EXTENSION_OID, quote)
-        cert = build_self_signed(key, common_name, is_ca=is_ca, extensions=[ext])
+        exts = ra_tls_extensions(platform, spki_der(key.public_key()))
+        cert = build_self_signed(key, common_name, is_ca=is_ca, extensions=exts)
         return cls(key=key, certificate=cert)
 
     def __repr__(self) -> str:  # never print the key
@@ -164,15 +224,100 @@ def _common_name(cert: x509.Certificate) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _extract_quote(cert: x509.Certificate) -> bytes:
+class EvidenceError(SgxvtpmError):
+    """A certificate carries no RA-TLS quote, or its evidence is malformed or binds another key.
+
+    The certificate is not an RA-TLS certificate this verifier understands
+    (Gramine's tagged evidence or legacy quote extension); the message says why.
+    """
+
+
+@dataclass(frozen=True)
+class BoundQuote:
+    """A quote taken from an RA-TLS certificate, and the REPORTDATA it must carry.
+
+    ``report_data`` already binds the certificate's key: SHA-256(claims) || 0^32
+    for tagged evidence whose "pubkey-hash" claim matched that key, or
+    SHA-256(SPKI) || 0^32 for the legacy extension. ``source`` names which.
+    """
+
+    quote: bytes
+    report_data: bytes
+    source: str
+
+
+def _extension_value(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> bytes | None:
     try:
-        ext = cert.extensions.get_extension_for_oid(QUOTE_EXTENSION_OID)
+        value = cert.extensions.get_extension_for_oid(oid).value
     except x509.ExtensionNotFound:
-        raise fail("enclave certificate has no quote extension") from None
-    value = ext.value
+        return None
     if not isinstance(value, x509.UnrecognizedExtension):
-        raise fail("quote extension has an unexpected type")
+        raise EvidenceError(f"extension {oid.dotted_string} has an unexpected type")
     return value.value
+
+
+def _claims_bind(claims: bytes, spki: bytes) -> bool:
+    try:
+        claims_map = cbor.decode(claims)
+        if not isinstance(claims_map, dict):
+            return False
+        # Other claims (e.g. Gramine's optional "nonce") are ignored, as Gramine does;
+        # unlike Gramine's verifier, "pubkey-hash" is required.
+        hash_entry = claims_map.get(PUBKEY_HASH_CLAIM)
+        if not isinstance(hash_entry, bytes):
+            return False
+        entry = cbor.decode(hash_entry)
+    except cbor.CborError:
+        return False
+    if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], bytes)):
+        return False
+    alg = entry[0]
+    if not isinstance(alg, int) or alg not in _CLAIM_HASHES:
+        return False
+    return hmac.compare_digest(entry[1], hashlib.new(_CLAIM_HASHES[alg], spki).digest())
+
+
+def _from_evidence(value: bytes, spki: bytes) -> BoundQuote:
+    try:
+        item = cbor.decode(value)
+    except cbor.CborError as exc:
+        raise EvidenceError(f"tagged evidence is not CBOR: {exc}") from None
+    if not (
+        isinstance(item, cbor.Tag)
+        and item.number == EVIDENCE_CBOR_TAG
+        and isinstance(item.value, list)
+        and len(item.value) == 2
+        and all(isinstance(x, bytes) for x in item.value)
+    ):
+        raise EvidenceError("tagged evidence is not tag 60000 over [quote, claims]")
+    quote, claims = item.value
+    assert isinstance(quote, bytes) and isinstance(claims, bytes)  # checked above, for mypy
+    if not _claims_bind(claims, spki):
+        raise EvidenceError("tagged evidence claims do not bind the certificate key")
+    return BoundQuote(quote, report_data_for_claims(claims), "tagged evidence 2.23.133.5.4.9")
+
+
+def bound_quote(cert: x509.Certificate) -> BoundQuote:
+    """The quote an RA-TLS certificate carries for its key; EvidenceError if none.
+
+    Tagged evidence first; when it is present, its failure is final (no
+    fallback to the legacy quote), as in Gramine's verifier. The caller
+    verifies the quote and compares its REPORTDATA with ``report_data``.
+    """
+    try:
+        spki = cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise EvidenceError(f"certificate key does not load: {exc}") from None
+    evidence = _extension_value(cert, EVIDENCE_EXTENSION_OID)
+    if evidence is not None:
+        return _from_evidence(evidence, spki)
+    for oid in (QUOTE_EXTENSION_OID, GRAMINE_QUOTE_EXTENSION_OID):
+        quote = _extension_value(cert, oid)
+        if quote is not None:
+            return BoundQuote(quote, report_data_for(spki), f"legacy quote {oid.dotted_string}")
+    raise EvidenceError("certificate has no RA-TLS quote extension")
 
 
 def _parse(cert_der: bytes) -> x509.Certificate:
@@ -207,9 +352,10 @@ def verify_enclave_certificate(
     """Check an RA-TLS certificate; return the verified quote or raise ChannelError.
 
     Checks (SECURITY.md property 13): the certificate parses and is validly
-    self-signed by an ECDSA P-256 key; its quote verifies against
-    ``verifier``'s root; the quoted identity is accepted by ``policy``;
-    REPORTDATA equals SHA-256(SPKI) || zeros for this certificate's key; and
+    self-signed by an ECDSA P-256 (or P-384, Gramine's) key; the quote it
+    carries (:func:`bound_quote`) verifies against ``verifier``'s root; the
+    quoted identity is accepted by ``policy``; REPORTDATA binds this
+    certificate's key (through the claims, or directly); and
     the subject CN is ``expected_cn`` when given. Validity dates are not
     checked: freshness of an enclave identity comes from the quote, not from
     the clock.
@@ -219,14 +365,18 @@ def verify_enclave_certificate(
         public = cert.public_key()
     except (ValueError, UnsupportedAlgorithm) as exc:  # e.g. an EC point not on the curve
         raise fail("enclave certificate key does not load: %s", exc) from None
+    # P-384 too: Gramine's ra_tls_attest makes P-384 keys; ours are P-256.
     if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(
-        public.curve, ec.SECP256R1
+        public.curve, ec.SECP256R1 | ec.SECP384R1
     ):
-        raise fail("enclave certificate key is not ECDSA P-256")
+        raise fail("enclave certificate key is not ECDSA P-256 or P-384")
     _check_self_signature(cert)
-    quote = _extract_quote(cert)
     try:
-        verified = verifier.verify(quote)
+        bound = bound_quote(cert)
+    except EvidenceError as exc:
+        raise fail("enclave certificate evidence: %s", exc) from None
+    try:
+        verified = verifier.verify(bound.quote)
     except AttestationError:
         raise fail("enclave quote does not verify against the attestation root") from None
     if not policy.accepts(verified.identity):
@@ -234,8 +384,8 @@ def verify_enclave_certificate(
             "enclave identity not accepted by policy (MRENCLAVE %s)",
             verified.identity.mrenclave.hex(),
         )
-    if not hmac.compare_digest(verified.report_data, report_data_for(spki_der(public))):
-        raise fail("quote REPORTDATA does not bind the certificate key")
+    if not hmac.compare_digest(verified.report_data, bound.report_data):
+        raise fail("quote REPORTDATA does not bind the certificate key (%s)", bound.source)
     if expected_cn is not None and _common_name(cert) != expected_cn:
         raise fail("enclave certificate CN %r, expected %r", _common_name(cert), expected_cn)
     return verified
