@@ -170,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--ek", default="", help="EK kinds to check (default: the VM's)")
     _add_state_dir(verify)
     _add_credentials(verify, _CREDENTIALS_HELP)
+    aq = attest_sub.add_parser("quote", help="verify a raw DCAP quote (real or sim) with dcap-qvl")
+    aq.add_argument("quote_file", metavar="FILE", type=Path)
+    aq.add_argument("--collateral", type=Path, metavar="FILE",
+                    help="QuoteCollateralV3 JSON (a PCCS's, or a sim platform's collateral.json)")
+    aq.add_argument("--root", default="intel", metavar="intel|PEM",
+                    help="trusted root: Intel's SGX Root CA (pinned; default) or a PEM file")
+    aq.add_argument("--at", metavar="TIME", help="verify at this time (epoch seconds or ISO 8601)")
+    aq.add_argument("--accept", action="append", default=[], metavar="STATUS",
+                    help="also accept this TCB status (UpToDate always is); repeatable")
+    aq.add_argument("--json", action="store_true")
 
     demo = sub.add_parser("demo", help="start hostd, create a VM's vTPM, use it")
     _add_state_dir(demo)
@@ -326,6 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_vm(args))
         if args.command == "ca":
             return asyncio.run(_ca(args))
+        if args.command == "attest" and args.attest_command == "quote":
+            from sgxvtpm.attest.quote import run as quote_run
+
+            return quote_run(args.quote_file, collateral_file=args.collateral, root=args.root,
+                             at=args.at, as_json=args.json, accept=["UpToDate", *args.accept])
         if args.command == "attest":
             from sgxvtpm.attest.cli import run as attest_run
 

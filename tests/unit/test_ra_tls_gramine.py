@@ -74,9 +74,7 @@ def gramine_layout_certificate(
         .not_valid_after(datetime.datetime(2030, 12, 31, 23, 59, 59, tzinfo=datetime.UTC))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), False)
     )
     if legacy:
         # generate_quote_with_pk_hash: REPORTDATA = SHA-256(SPKI DER), rest zero.

@@ -43,6 +43,8 @@ KEYS = "keys.json"
 ROOT_PEM = "root_ca.pem"
 PCK_PEM = "pck.pem"
 PLATFORM_JSON = "platform.json"
+# DCAP collateral (public, dcap-qvl QuoteCollateralV3 JSON), written at provisioning.
+COLLATERAL_JSON = "collateral.json"
 COUNTERS = "counters"
 _FORMAT = 1
 
@@ -142,6 +144,17 @@ class SimPlatformDir:
     def verifier(self) -> SimQuoteVerifier:
         return SimQuoteVerifier(self.root_certificate_pem)
 
+    def dcap_collateral(self) -> str:
+        """The platform's DCAP collateral (QuoteCollateralV3 JSON) for platform/dcap.py.
+
+        Platforms provisioned before sgxvtpm wrote it have none (and a PCK
+        certificate without the SGX extension): PlatformError.
+        """
+        try:
+            return (self.path / COLLATERAL_JSON).read_text()
+        except OSError as exc:
+            raise PlatformError(f"{self.path} has no DCAP collateral: {exc}") from None
+
     def enclave_platform(
         self, identity: EnclaveIdentity, *, config: bytes = b""
     ) -> SimEnclavePlatform:
@@ -213,6 +226,8 @@ def _provision(
     cert = provision.certify(keys, platform_id, now)
     atomic_write(path / ROOT_PEM, cert.root_pem, 0o644)
     atomic_write(path / PCK_PEM, cert.pck_pem, 0o644)
+    collateral = provision.collateral(keys.root_ca, cert.root_pem, now)
+    atomic_write(path / COLLATERAL_JSON, collateral.encode(), 0o644)
     meta = {
         "format": _FORMAT,
         "platform_id": platform_id.hex(),

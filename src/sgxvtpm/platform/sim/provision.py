@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -138,8 +139,16 @@ def pck_certificate(
     pck_key: ec.EllipticCurvePublicKey,
     platform_id: bytes,
     now: datetime.datetime,
+    cpu_svn: bytes = bytes(16),
 ) -> x509.Certificate:
-    """The PCK certificate; its subject serialNumber carries the platform id (hex)."""
+    """The PCK certificate; its subject serialNumber carries the platform id (hex).
+
+    It carries Intel's SGX Extensions (PPID = the platform id, this platform's
+    TCB, the sim FMSPC) so that DCAP verifiers match it against the collateral.
+    """
+    sgx = x509.UnrecognizedExtension(
+        x509.ObjectIdentifier(SGX_EXTENSIONS_OID), sgx_extensions(platform_id, cpu_svn, PCE_SVN)
+    )
     return (
         x509.CertificateBuilder()
         .subject_name(_name("sgxvtpm-sim SGX PCK Certificate", platform_id.hex()))
@@ -154,6 +163,7 @@ def pck_certificate(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
             critical=False,
         )
+        .add_extension(sgx, critical=False)
         .sign(root_key, hashes.SHA256(), ecdsa_deterministic=True)
     )
 
@@ -192,4 +202,198 @@ def certify(keys: PlatformKeys, platform_id: bytes, now: datetime.datetime) -> C
         pck_pem=pck.public_bytes(serialization.Encoding.PEM),
         qe_report_body=body,
         qe_report_signature=sign_raw(keys.pck, body),
+    )
+
+
+# --- DCAP: the PCK certificate's SGX extension and the sim collateral ---------
+#
+# So that a sim quote verifies through the same DCAP verifier as a real one
+# (platform/dcap.py, dcap-qvl), the sim PCK certificate carries Intel's "SGX
+# Extensions" (Intel SGX PCK Certificate and CRL Profile, section 3.5) and the
+# platform publishes collateral in dcap-qvl's QuoteCollateralV3 layout: TCB Info
+# (v3) and QE Identity (v2) signed by the sim root key, the root CA CRL and the
+# PCK CRL (both empty, issued by the root, which is also the PCK issuer here).
+
+SGX_EXTENSIONS_OID = "1.2.840.113741.1.13.1"
+SIM_FMSPC = bytes.fromhex("00906ED50000")
+SIM_PCEID = bytes(2)
+SGX_TYPE_STANDARD = 0
+TCB_EVALUATION_DATA_NUMBER = 1
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    if n < 0x80:
+        return bytes([tag, n]) + content
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + content
+
+
+def _der_oid(dotted: str) -> bytes:
+    arcs = [int(a) for a in dotted.split(".")]
+    out = bytearray([40 * arcs[0] + arcs[1]])
+    for arc in arcs[2:]:
+        chunk = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7F))
+            arc >>= 7
+        out += bytes(reversed(chunk))
+    return _der(0x06, bytes(out))
+
+
+def _der_uint(value: int) -> bytes:
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def _entry(suffix: str, value: bytes) -> bytes:
+    return _der(0x30, _der_oid(f"{SGX_EXTENSIONS_OID}.{suffix}") + value)
+
+
+def sgx_extensions(ppid: bytes, cpu_svn: bytes, pce_svn: int) -> bytes:
+    """DER of the PCK SGX Extensions: PPID, TCB (16 components from CPUSVN, PCESVN,
+    CPUSVN), PCE-ID, FMSPC, SGX Type."""
+    tcb = b"".join(_entry(f"2.{i + 1}", _der_uint(svn)) for i, svn in enumerate(cpu_svn))
+    tcb += _entry("2.17", _der_uint(pce_svn)) + _entry("2.18", _der(0x04, cpu_svn))
+    return _der(
+        0x30,
+        _entry("1", _der(0x04, ppid))
+        + _entry("2", _der(0x30, tcb))
+        + _entry("3", _der(0x04, SIM_PCEID))
+        + _entry("4", _der(0x04, SIM_FMSPC))
+        + _entry("5", _der(0x0A, bytes([SGX_TYPE_STANDARD]))),
+    )
+
+
+def _dcap_time(t: datetime.datetime) -> str:
+    return t.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _crl(
+    root_key: ec.EllipticCurvePrivateKey, root: x509.Certificate, now: datetime.datetime
+) -> str:
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(root.subject)
+        .last_update(now)
+        .next_update(now + _VALIDITY)
+        # Intel's CRLs carry these two; DCAP verifiers (webpki) expect them.
+        .add_extension(x509.CRLNumber(1), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
+            critical=False,
+        )
+        .sign(root_key, hashes.SHA256(), ecdsa_deterministic=True)
+    )
+    return crl.public_bytes(serialization.Encoding.DER).hex()
+
+
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def tcb_signing_key(root_key: ec.EllipticCurvePrivateKey) -> ec.EllipticCurvePrivateKey:
+    """The sim "TCB Signing" key, derived from the root key (deterministic, never stored)."""
+    scalar = root_key.private_numbers().private_value.to_bytes(32, "big")
+    digest = hashlib.sha256(b"sgxvtpm-sim TCB signing key\0" + scalar).digest()
+    scalar_value = int.from_bytes(digest, "big") % (_P256_ORDER - 1) + 1
+    return ec.derive_private_key(scalar_value, ec.SECP256R1())
+
+
+def tcb_signing_certificate(
+    root_key: ec.EllipticCurvePrivateKey, root: x509.Certificate, now: datetime.datetime
+) -> x509.Certificate:
+    """The certificate of the key that signs TCB Info and QE Identity (as Intel's
+    "SGX TCB Signing" certificate: an end entity under the root)."""
+    key = tcb_signing_key(root_key).public_key()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name("sgxvtpm-sim SGX TCB Signing"))
+        .issuer_name(root.subject)
+        .public_key(key)
+        .serial_number(_serial(key))
+        .not_valid_before(now)
+        .not_valid_after(now + _VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_leaf_usage(), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
+            critical=False,
+        )
+        .sign(root_key, hashes.SHA256(), ecdsa_deterministic=True)
+    )
+
+
+def tcb_info(cpu_svn: bytes, pce_svn: int, now: datetime.datetime) -> str:
+    """TCB Info v3 for the sim FMSPC: one level, this platform's TCB, UpToDate."""
+    body = {
+        "id": "SGX",
+        "version": 3,
+        "issueDate": _dcap_time(now),
+        "nextUpdate": _dcap_time(now + _VALIDITY),
+        "fmspc": SIM_FMSPC.hex().upper(),
+        "pceId": SIM_PCEID.hex().upper(),
+        "tcbType": 0,
+        "tcbEvaluationDataNumber": TCB_EVALUATION_DATA_NUMBER,
+        "tcbLevels": [
+            {
+                "tcb": {
+                    "sgxtcbcomponents": [{"svn": svn} for svn in cpu_svn],
+                    "pcesvn": pce_svn,
+                },
+                "tcbDate": _dcap_time(now),
+                "tcbStatus": "UpToDate",
+            }
+        ],
+    }
+    return json.dumps(body, separators=(",", ":"))
+
+
+def qe_identity(now: datetime.datetime) -> str:
+    """QE Identity v2 for the sim quoting enclave (its MRSIGNER, ISVPRODID, ISVSVN)."""
+    body = {
+        "id": "QE",
+        "version": 2,
+        "issueDate": _dcap_time(now),
+        "nextUpdate": _dcap_time(now + _VALIDITY),
+        "tcbEvaluationDataNumber": TCB_EVALUATION_DATA_NUMBER,
+        "miscselect": "00000000",
+        "miscselectMask": "FFFFFFFF",
+        "attributes": "00" * 16,
+        "attributesMask": "00" * 16,
+        "mrsigner": QE_MRSIGNER.hex().upper(),
+        "isvprodid": QE_ISVPRODID,
+        "tcbLevels": [
+            {"tcb": {"isvsvn": QE_SVN}, "tcbDate": _dcap_time(now), "tcbStatus": "UpToDate"}
+        ],
+    }
+    return json.dumps(body, separators=(",", ":"))
+
+
+def collateral(
+    root_key: ec.EllipticCurvePrivateKey,
+    root_pem: bytes,
+    now: datetime.datetime,
+    cpu_svn: bytes = bytes(16),
+) -> str:
+    """The sim platform's DCAP collateral, dcap-qvl QuoteCollateralV3 JSON."""
+    root = x509.load_pem_x509_certificate(root_pem)
+    signer = tcb_signing_key(root_key)
+    signing_pem = tcb_signing_certificate(root_key, root, now).public_bytes(
+        serialization.Encoding.PEM
+    )
+    chain = (signing_pem + root_pem).decode()
+    tcb, qe = tcb_info(cpu_svn, PCE_SVN, now), qe_identity(now)
+    return json.dumps(
+        {
+            "pck_crl_issuer_chain": root_pem.decode(),
+            "root_ca_crl": _crl(root_key, root, now),
+            "pck_crl": _crl(root_key, root, now),
+            "tcb_info_issuer_chain": chain,
+            "tcb_info": tcb,
+            "tcb_info_signature": sign_raw(signer, tcb.encode()).hex(),
+            "qe_identity_issuer_chain": chain,
+            "qe_identity": qe,
+            "qe_identity_signature": sign_raw(signer, qe.encode()).hex(),
+        },
+        indent=1,
     )

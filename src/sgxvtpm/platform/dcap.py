@@ -1,0 +1,218 @@
+"""DCAP quote verification with dcap-qvl (Phala-Network/dcap-qvl, MIT): real and sim quotes.
+
+One verifier for Intel-signed quotes and for the sim platform's: the quote's
+PCK chain, the PCK CRL and root CA CRL, the TCB Info and QE Identity (each
+signed by a TCB signing certificate) must all chain to the one root
+certificate the verifier was given, at the verification time; dcap-qvl then
+matches the PCK certificate's SGX extension (FMSPC, PCEID, TCB components,
+PCESVN) and the QE report against the collateral and answers a TCB status with
+Intel's advisory IDs. This module adds what a verifier decides: which TCB
+statuses it accepts (default: only ``UpToDate``) and which root is trusted
+(Intel's SGX Root CA is pinned by its SHA-256, below). Debug enclaves
+(ATTRIBUTES.DEBUG) are always refused: dcap-qvl 0.7's ``verify`` refuses them
+("Debug mode is enabled") and its Python API has no switch; a debug enclave's
+secrets are readable by its host, so nothing is lost.
+
+Collateral is dcap-qvl's ``QuoteCollateralV3`` JSON (what ``dcap_qvl.get_collateral``
+returns from a PCCS, and what tests/vectors/dcap holds); this module does no I/O.
+
+Used on the verifier's side (``sgxvtpm attest quote``). The enclaves keep
+the sim verifier (``platform/sim/quote.py``) for their peers: their verifier
+must get its root and collateral from the platform, never from the host, and
+the sim platform does not hand collateral to enclaves.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import dcap_qvl
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from sgxvtpm.platform.base import (
+    REPORT_BODY_SIZE,
+    SGX_FLAGS_DEBUG,
+    AttestationError,
+    EnclaveIdentity,
+    ReportBody,
+    VerifiedQuote,
+)
+
+# SHA-256 of the DER of Intel's "SGX Root CA" certificate (CN=Intel SGX Root CA,
+# O=Intel Corporation, valid 2018-05-21 .. 2049-12-31), as published at
+# https://certificates.trustedservices.intel.com/Intel_SGX_Provisioning_Certification_RootCA.cer
+# and found as the last certificate of every issuer chain in DCAP collateral
+# (e.g. tests/vectors/dcap/sgx_quote_collateral.json, tcb_info_issuer_chain).
+INTEL_SGX_ROOT_CA_SHA256 = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
+
+UP_TO_DATE = "UpToDate"
+# dcap-qvl's TCB status names (Intel's TCB Info tcbStatus values).
+TCB_STATUSES = frozenset(
+    {
+        "UpToDate",
+        "SWHardeningNeeded",
+        "ConfigurationNeeded",
+        "ConfigurationAndSWHardeningNeeded",
+        "OutOfDate",
+        "OutOfDateConfigurationNeeded",
+        "Revoked",
+    }
+)
+
+_HEADER_SIZE = 48
+_TEE_SGX, _TEE_TDX = 0x00000000, 0x00000081
+_TD_REPORT_DATA = slice(520, 584)  # TDX TD report body (TDX module ABI, TDREPORT 1.0)
+_TD_MRTD = slice(136, 184)
+
+
+class CollateralError(AttestationError):
+    """The collateral file is not dcap-qvl QuoteCollateralV3 JSON; fetch it again from a PCCS."""
+
+
+@dataclass(frozen=True)
+class DcapReport:
+    """What a DCAP verification tells, for a verifier to print and decide on."""
+
+    tee: str  # "SGX" or "TDX"
+    tcb_status: str
+    advisory_ids: tuple[str, ...]
+    report_data: bytes
+    body: ReportBody | None = None  # SGX only
+    mrtd: bytes = b""  # TDX only
+    accepted: bool = False
+    refusal: str = ""
+
+    @property
+    def debug(self) -> bool:
+        return self.body is not None and bool(self.body.identity.attributes[0] & SGX_FLAGS_DEBUG)
+
+
+def load_collateral(text: str) -> dcap_qvl.QuoteCollateralV3:
+    try:
+        return dcap_qvl.QuoteCollateralV3.from_json(text)
+    except (ValueError, TypeError) as exc:
+        raise CollateralError(f"collateral does not parse: {exc}") from None
+
+
+def root_from_collateral(collateral: dcap_qvl.QuoteCollateralV3) -> bytes:
+    """The DER of the root certificate the collateral's TCB Info chain ends in."""
+    try:
+        chain = x509.load_pem_x509_certificates(collateral.tcb_info_issuer_chain.encode())
+    except ValueError as exc:
+        raise CollateralError(f"collateral issuer chain does not parse: {exc}") from None
+    return chain[-1].public_bytes(serialization.Encoding.DER)
+
+
+def intel_root(collateral: dcap_qvl.QuoteCollateralV3) -> bytes:
+    """Intel's SGX Root CA (DER), taken from the collateral and checked against the pin."""
+    der = root_from_collateral(collateral)
+    if hashlib.sha256(der).hexdigest() != INTEL_SGX_ROOT_CA_SHA256:
+        raise CollateralError("the collateral's root is not Intel's SGX Root CA (pinned SHA-256)")
+    return der
+
+
+def parse_sgx_body(raw: bytes) -> ReportBody:
+    """An SGX REPORT body (SDM 38.15: CPUSVN, MISCSELECT, ATTRIBUTES, MRENCLAVE,
+    MRSIGNER, ISVPRODID, ISVSVN, REPORTDATA at their offsets)."""
+    if len(raw) != REPORT_BODY_SIZE:
+        raise AttestationError("report body is not 384 bytes")
+    (misc_select,) = struct.unpack_from("<I", raw, 16)
+    prod_id, svn = struct.unpack_from("<HH", raw, 256)
+    identity = EnclaveIdentity(
+        mrenclave=raw[64:96],
+        mrsigner=raw[128:160],
+        isv_prod_id=prod_id,
+        isv_svn=svn,
+        attributes=raw[48:64],
+        misc_select=misc_select,
+    )
+    return ReportBody(identity=identity, report_data=raw[320:384], cpu_svn=raw[0:16])
+
+
+def _utc(now: datetime.datetime | int) -> int:
+    return now if isinstance(now, int) else int(now.timestamp())
+
+
+class DcapQuoteVerifier:
+    """Verify DCAP quotes under one root, with a policy of accepted TCB statuses.
+
+    ``root_der`` is the trusted root (Intel's via :func:`intel_root`, or a sim
+    platform's); ``accept`` the TCB statuses taken as good enough. ``clock`` gives the
+    verification time (collateral and certificates must be valid then).
+    """
+
+    def __init__(
+        self,
+        collateral: dcap_qvl.QuoteCollateralV3,
+        root_der: bytes,
+        *,
+        accept: Iterable[str] = (UP_TO_DATE,),
+        clock: datetime.datetime | int | None = None,
+    ) -> None:
+        unknown = set(accept) - TCB_STATUSES
+        if unknown:
+            raise ValueError(f"unknown TCB status {sorted(unknown)}; known: {sorted(TCB_STATUSES)}")
+        self._collateral = collateral
+        self._root_der = root_der
+        self._accept = frozenset(accept)
+        self._clock = clock
+
+    def _now(self) -> int:
+        if self._clock is None:
+            return int(datetime.datetime.now(datetime.UTC).timestamp())
+        return _utc(self._clock)
+
+    def check(self, quote: bytes) -> DcapReport:
+        """Verify the quote's signatures and collateral; AttestationError if they fail.
+
+        A quote that verifies but whose TCB status the policy refuses comes
+        back with ``accepted`` False and the reason in ``refusal``.
+        """
+        quote = bytes(quote)
+        try:
+            result = dcap_qvl.verify_with_root_ca(
+                quote, self._collateral, self._root_der, self._now()
+            )
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise AttestationError(f"quote does not verify: {exc}") from None
+        report = self._report(quote, str(result.status), tuple(result.advisory_ids))
+        refusal = ""
+        if report.tcb_status not in self._accept:
+            refusal = f"TCB status {report.tcb_status} not accepted"
+        elif report.debug:  # dcap-qvl refuses these already; kept should it stop doing so
+            refusal = "debug enclave (ATTRIBUTES.DEBUG) not accepted"
+        return DcapReport(
+            tee=report.tee,
+            tcb_status=report.tcb_status,
+            advisory_ids=report.advisory_ids,
+            report_data=report.report_data,
+            body=report.body,
+            mrtd=report.mrtd,
+            accepted=not refusal,
+            refusal=refusal,
+        )
+
+    @staticmethod
+    def _report(quote: bytes, status: str, advisories: tuple[str, ...]) -> DcapReport:
+        (tee,) = struct.unpack_from("<I", quote, 4)
+        if tee == _TEE_SGX:
+            body = parse_sgx_body(quote[_HEADER_SIZE : _HEADER_SIZE + REPORT_BODY_SIZE])
+            return DcapReport("SGX", status, advisories, body.report_data, body=body)
+        if tee == _TEE_TDX:
+            td = quote[_HEADER_SIZE:]
+            return DcapReport("TDX", status, advisories, td[_TD_REPORT_DATA], mrtd=td[_TD_MRTD])
+        raise AttestationError(f"unknown TEE type {tee:#x}")
+
+    def verify(self, quote: bytes) -> VerifiedQuote:
+        """The :class:`QuoteVerifier` face: an accepted SGX quote, else AttestationError."""
+        report = self.check(quote)
+        if not report.accepted:
+            raise AttestationError(report.refusal)
+        if report.body is None:
+            raise AttestationError("not an SGX enclave quote")
+        return VerifiedQuote(body=report.body)
