@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -41,6 +42,37 @@ _CREDENTIALS_HELP = (
     f"credentials directory holding the VM's binding (env {CREDENTIALS_ENV}, "
     "default ~/.config/sgxvtpm)"
 )
+
+
+def _log_option(text: str) -> object:
+    from sgxvtpm.util.runfiles import LogSpec
+
+    try:
+        return LogSpec.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _pid_option(text: str) -> Path:
+    from sgxvtpm.util.runfiles import parse_pid_option
+
+    try:
+        return parse_pid_option(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_run_files(parser: argparse.ArgumentParser) -> None:
+    """swtpm's ``--log`` and ``--pid`` (sgxvtpm/util/runfiles.py)."""
+    parser.add_argument(
+        "--log", type=_log_option, metavar="file=PATH[,level=LEVEL]",
+        help="append the JSON log lines (this process's and its children's stderr) to PATH; "
+             "LEVEL is debug, info (default), warning or error",
+    )
+    parser.add_argument(
+        "--pid", type=_pid_option, metavar="file=PATH",
+        help="write the process id to PATH while running (removed on a clean exit)",
+    )
 
 
 def _version() -> str:
@@ -119,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("name")
         p.add_argument("--json", action="store_true")
         _add_state_dir(p)
+    tpm = vm_sub.add_parser(
+        "tpm", help="send one raw TPM command to a VM's TPM over K2 and print the response",
+        description="Send one raw TPM 2.0 command (header included) to the VM's TPM and "
+        "print its response in hex. It never starts, resets or takes over the TPM: it is "
+        "refused while an endpoint (vm attach/serve) holds the VM, and a TPM not started yet "
+        "answers TPM_RC_FAILURE (80010000000a00000101).",
+    )
+    tpm.add_argument("name", help="the VM's name")
+    tpm.add_argument("hex", metavar="HEX",
+                     help="the command in hex, e.g. 80010000000c0000017b0008 (GetRandom 8)")
+    _add_state_dir(tpm)
+    _add_credentials(tpm, _CREDENTIALS_HELP)
     destroy = vm_sub.add_parser("destroy", help="destroy an instance and erase its sealed state")
     destroy.add_argument("name")
     attach = vm_sub.add_parser("attach", help="serve a swtpm-compatible control socket for QEMU")
@@ -146,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "being refused; the TPM keeps running, it is not reset")
     for p in (create, destroy, attach, serve):
         _add_state_dir(p)
+    for p in (hostd, attach, serve):
+        _add_run_files(p)
     _add_credentials(create, "write the VM's binding (key, certificates, pinned platform root) "
                              "to this credentials directory instead of yours, for whoever runs "
                              "its endpoint")
@@ -263,6 +309,23 @@ def _vm_endpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vm_tpm(args: argparse.Namespace) -> int:
+    """``vm tpm NAME HEX``: a bad HEX is a usage error (status 2, one line)."""
+    text = "".join(args.hex.split())
+    try:
+        command = bytes.fromhex(text)
+    except ValueError:
+        command = b""
+    if not command:
+        print(f"sgxvtpm: error: vm tpm: {args.hex!r} is not a TPM command in hex "
+              "(e.g. 80010000000c0000017b0008)", file=sys.stderr)
+        return 2
+    from sgxvtpm.endpoint.serve import tpm_command
+
+    print(tpm_command(_state(args), args.name, command, credentials=_credentials(args)).hex())
+    return 0
+
+
 async def _ca(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import hashes, serialization
 
@@ -294,57 +357,75 @@ def _bench(quick: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console = sys.stderr  # the one error line goes here, also when --log takes stderr
     try:
-        if getattr(args, "name", None) is not None:
-            from sgxvtpm.enclaves.registry import check_vm_name
-
-            # The manager enclave refuses a bad name too; asking first gives the
-            # same one-line error without a round trip, and before a bad name
-            # becomes a path under the state directory.
-            check_vm_name(args.name)
-        if args.command == "hostd":
-            from sgxvtpm.host.hostd import RESET_EFFECT, RunAs, serve
-            from sgxvtpm.vmm.credentials import hostd_operator_certificate
-
-            if args.reset_manager:
-                print(f"sgxvtpm: warning: --reset-manager: {RESET_EFFECT}", file=sys.stderr)
-            run_as = RunAs.parse(args.user) if args.user else None
-            state = _state(args)
-            asyncio.run(
-                serve(
-                    state,
-                    operator_cert=lambda: hostd_operator_certificate(state, args.operator_cert),
-                    platform=args.platform,
-                    run_as=run_as,
-                    reset_manager=args.reset_manager,
-                )
-            )
-            return 0
-        if args.command == "vm":
-            if args.vm_command in ("attach", "serve"):
-                return _vm_endpoint(args)
-            return asyncio.run(_vm(args))
-        if args.command == "ca":
-            return asyncio.run(_ca(args))
-        if args.command == "attest":
-            from sgxvtpm.attest.cli import run as attest_run
-
-            return attest_run(_state(args), args.name, ca=args.ca, tcti=args.tcti,
-                              eks=[e for e in args.ek.split(",") if e],
-                              credentials=_credentials(args))
-        if args.command == "demo":
-            from sgxvtpm._demo.demo import run_demo
-
-            return run_demo(_state(args) if args.state_dir else None)
-        if args.command == "bench":
-            return _bench(args.quick)
+        if getattr(args, "log", None) is not None:
+            console = args.log.apply()
+        with _pid_file(args):
+            return _run(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # one clear line, never a traceback, for the CLI
         name = type(exc).__name__
         message = str(exc) or name
-        print(f"sgxvtpm: error: {message}", file=sys.stderr)
+        print(f"sgxvtpm: error: {message}", file=console)
         return 1
+
+
+def _pid_file(args: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
+    if getattr(args, "pid", None) is None:
+        return contextlib.nullcontext()
+    from sgxvtpm.util.runfiles import pid_file
+
+    return pid_file(args.pid)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if getattr(args, "name", None) is not None:
+        from sgxvtpm.enclaves.registry import check_vm_name
+
+        # The manager enclave refuses a bad name too; asking first gives the
+        # same one-line error without a round trip, and before a bad name
+        # becomes a path under the state directory.
+        check_vm_name(args.name)
+    if args.command == "hostd":
+        from sgxvtpm.host.hostd import RESET_EFFECT, RunAs, serve
+        from sgxvtpm.vmm.credentials import hostd_operator_certificate
+
+        if args.reset_manager:
+            print(f"sgxvtpm: warning: --reset-manager: {RESET_EFFECT}", file=sys.stderr)
+        run_as = RunAs.parse(args.user) if args.user else None
+        state = _state(args)
+        asyncio.run(
+            serve(
+                state,
+                operator_cert=lambda: hostd_operator_certificate(state, args.operator_cert),
+                platform=args.platform,
+                run_as=run_as,
+                reset_manager=args.reset_manager,
+            )
+        )
+        return 0
+    if args.command == "vm":
+        if args.vm_command == "tpm":
+            return _vm_tpm(args)
+        if args.vm_command in ("attach", "serve"):
+            return _vm_endpoint(args)
+        return asyncio.run(_vm(args))
+    if args.command == "ca":
+        return asyncio.run(_ca(args))
+    if args.command == "attest":
+        from sgxvtpm.attest.cli import run as attest_run
+
+        return attest_run(_state(args), args.name, ca=args.ca, tcti=args.tcti,
+                          eks=[e for e in args.ek.split(",") if e],
+                          credentials=_credentials(args))
+    if args.command == "demo":
+        from sgxvtpm._demo.demo import run_demo
+
+        return run_demo(_state(args) if args.state_dir else None)
+    if args.command == "bench":
+        return _bench(args.quick)
     return 2
 
 

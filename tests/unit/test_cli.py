@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,43 @@ def test_vm_create_with_an_unknown_pcr_bank_is_refused_before_contacting_hostd(
     message = _one_error(capsys)
     assert message.startswith("--pcr-banks: unknown PCR bank 'sha999'; use sha1, sha256")
     assert "hostd" not in message
+
+
+@pytest.mark.parametrize(("option", "bad", "says"), [
+    ("--log", "path=/tmp/x", "--log: expected file=..., level=..., got 'path=/tmp/x'"),
+    ("--log", "file=/tmp/x,level=loud", "--log: level must be one of debug, info, warning"),
+    ("--log", "level=debug", "--log: file=PATH is required"),
+    ("--pid", "file=", "--pid: expected file=..., got 'file='"),
+])
+def test_log_and_pid_options_in_swtpm_syntax_refuse_what_they_do_not_know(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, bad: str, says: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["hostd", "--state-dir", str(tmp_path), option, bad])
+    assert exited.value.code == 2
+    assert says in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_log_level_filters_records_and_logging_records_become_json(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+    import logging
+
+    from sgxvtpm.util import log
+
+    stream = io.StringIO()
+    log.configure("test", stream, level="warning")
+    try:
+        log.log("quiet.info")
+        log.log("loud.warning", level="warning")
+        logging.getLogger("sgxvtpm.enclave").info("routine")
+        logging.getLogger("sgxvtpm.enclave").error("bad %d", 1)
+    finally:
+        log.configure("sgxvtpm", sys.stderr, level="info")
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(r["event"], r["level"]) for r in records] == [
+        ("loud.warning", "warning"), ("enclave.log", "error")]
+    assert records[1]["message"] == "bad 1"
+    assert capsys.readouterr().err == ""  # nothing through logging's plain last resort
