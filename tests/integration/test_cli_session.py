@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from tests.helpers.hostd import Hostd, running_hostd
 from tests.helpers.vmtools import sgxvtpm_cli
 
+from sgxvtpm.enclaves.ekcert import TCG_AT_TPM_MANUFACTURER, TCG_AT_TPM_MODEL, TCG_AT_TPM_VERSION
 from sgxvtpm.testing.hostd import terminate
 
 pytestmark = pytest.mark.integration
@@ -186,3 +188,43 @@ def test_a_log_level_filters_and_an_unknown_one_is_a_usage_error(
     done = sgxvtpm_cli(h.state, "vm", "serve", "lv", "--swtpm", str(tmp_path / "u.sock"),
                        "--log", f"file={tmp_path}/x,level=loud")
     assert done.returncode == 2 and "--log: level must be one of debug, info" in done.stderr
+
+
+def _raw_properties(getcap: str) -> dict[str, int]:
+    """``TPM2_PT_X: raw: 0x...`` of tpm2_getcap properties-fixed's output."""
+    found: dict[str, int] = {}
+    name = ""
+    for line in getcap.splitlines():
+        if line.startswith("TPM2_PT_") and line.rstrip().endswith(":"):
+            name = line.strip().rstrip(":")
+        elif line.strip().startswith("raw:") and name:
+            found[name] = int(line.split(":", 1)[1].strip(), 16)
+    return found
+
+
+def test_the_ek_certificate_names_the_tpm_as_the_tpm_reports_itself(
+    session: tuple[Hostd, Path, Path], tmp_path: Path
+) -> None:
+    h = session[0]
+    assert sgxvtpm_cli(h.state, "vm", "create", "ident", "--ek", "rsa2048,ecc-p256"
+                       ).returncode == 0
+    shown = sgxvtpm_cli(h.state, "vm", "show", "ident", "--json")
+    certs = json.loads(shown.stdout)["ek_certificates"]
+    sock = tmp_path / "tpm.sock"
+    with serving(h, "ident", sock):
+        tpm2("tpm2_startup", sock, "-c")
+        props = _raw_properties(tpm2("tpm2_getcap", sock, "properties-fixed"))
+    vendor = b"".join(props[f"TPM2_PT_VENDOR_STRING_{i}"].to_bytes(4, "big") for i in (1, 2, 3, 4))
+    expected = {
+        TCG_AT_TPM_MANUFACTURER: f"id:{props['TPM2_PT_MANUFACTURER']:08X}",
+        TCG_AT_TPM_MODEL: vendor.replace(b"\0", b"").decode().strip(),
+        TCG_AT_TPM_VERSION: f"id:{props['TPM2_PT_FIRMWARE_VERSION_1']:08X}",
+    }
+    assert expected[TCG_AT_TPM_MANUFACTURER] == "id:49424D00"  # libtpms: "IBM"
+    assert sorted(certs) == ["ecc-p256", "rsa2048"]
+    for der in certs.values():
+        cert = x509.load_der_x509_certificate(bytes.fromhex(der))
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        (name,) = san.get_values_for_type(x509.DirectoryName)
+        found = {a.oid: a.value for a in name}
+        assert found == expected

@@ -43,6 +43,9 @@ from sgxvtpm.channel import (
     spki_sha256,
 )
 from sgxvtpm.enclaves.ekcert import (
+    DEFAULT_MANUFACTURER,
+    DEFAULT_MODEL,
+    DEFAULT_VERSION,
     TpmSpecification,
     issue_ek_certificate,
     issue_platform_certificate,
@@ -219,6 +222,11 @@ class ManagerEnclave:
         )
         tpm = provisioned.tpm_spec
         spec = TpmSpecification(family=tpm.family, level=tpm.level, revision=tpm.revision)
+        # The TPM's own manufacturer, model and version (tpm/ek.py, certificate_attributes);
+        # an older instance sends none, and gets the defaults.
+        manufacturer = tpm.manufacturer or DEFAULT_MANUFACTURER
+        model = tpm.model or DEFAULT_MODEL
+        version = tpm.version or DEFAULT_VERSION
         certs: dict[str, bytes] = {}
         first_key = None
         for ek in provisioned.eks:
@@ -226,7 +234,8 @@ class ManagerEnclave:
             key = public_key_from_tpmt(ek.public_area[2:])
             first_key = first_key or key
             certs[ek.alg] = issue_ek_certificate(
-                self.ca_key, self.credential.certificate, key, spec=spec
+                self.ca_key, self.credential.certificate, key, spec=spec,
+                manufacturer=manufacturer, model=model, version=version,
             )
         if first_key is None:
             raise ManagerError("provisioning failed: the instance created no EK")
