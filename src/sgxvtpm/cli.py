@@ -11,9 +11,9 @@ import asyncio
 import contextlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from sgxvtpm.host.statedir import ENV, StateDir
 from sgxvtpm.platform import DEFAULT_PLATFORM, PLATFORMS
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--version", action=_VersionAction, nargs=0, help="print sgxvtpm's version and exit"
     )
     _add_state_dir(parser, top=True)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, help="the command")
 
     hostd = sub.add_parser("hostd", help="run the SGX module (loader + relay) in the foreground")
     _add_state_dir(hostd)
@@ -137,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     vm = sub.add_parser("vm", help="manage vTPM instances (the VMM, over K1)")
-    vm_sub = vm.add_subparsers(dest="vm_command", required=True)
+    vm_sub = vm.add_subparsers(dest="vm_command", required=True, help="what to do")
     create = vm_sub.add_parser("create", help="create a vTPM instance for a VM")
-    create.add_argument("name")
+    create.add_argument("name", help="the VM's name: 1-61 characters of [A-Za-z0-9._-]")
     create.add_argument("--pcr-banks", default="sha256", help="comma-separated, e.g. sha256,sha1")
     create.add_argument("--ek", default="", help="EK algorithms (rsa2048,ecc-p256,...)")
     create.add_argument(
@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("list", "list instances"), ("show", "show one instance")):
         p = vm_sub.add_parser(name, help=helptext)
         if name == "show":
-            p.add_argument("name")
-        p.add_argument("--json", action="store_true")
+            p.add_argument("name", help="the VM's name")
+        p.add_argument("--json", action="store_true", help="print JSON instead of text")
         _add_state_dir(p)
     tpm = vm_sub.add_parser(
         "tpm", help="send one raw TPM command to a VM's TPM over K2 and print the response",
@@ -164,12 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_state_dir(tpm)
     _add_credentials(tpm, _CREDENTIALS_HELP)
     destroy = vm_sub.add_parser("destroy", help="destroy an instance and erase its sealed state")
-    destroy.add_argument("name")
+    destroy.add_argument("name", help="the VM's name")
     attach = vm_sub.add_parser("attach", help="serve a swtpm-compatible control socket for QEMU")
-    attach.add_argument("name")
+    attach.add_argument("name", help="the VM's name")
     attach.add_argument("--ctrl", type=Path, required=True, help="unix socket path for QEMU")
     serve = vm_sub.add_parser("serve", help="serve TSS sockets (tcti-swtpm / tcti-mssim)")
-    serve.add_argument("name")
+    serve.add_argument("name", help="the VM's name")
     group = serve.add_mutually_exclusive_group(required=True)
     group.add_argument("--swtpm", type=Path, metavar="PATH", help="unix PATH and PATH.ctrl")
     group.add_argument("--swtpm-tcp", metavar="HOST:PORT",
@@ -200,28 +200,82 @@ def build_parser() -> argparse.ArgumentParser:
         _add_credentials(p, _CREDENTIALS_HELP)
 
     ca = sub.add_parser("ca", help="the manager's EK CA")
-    ca_sub = ca.add_subparsers(dest="ca_command", required=True)
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True, help="what to do")
     ca_show = ca_sub.add_parser("show", help="print the CA certificate")
-    ca_show.add_argument("--pem", action="store_true")
+    ca_show.add_argument("--pem", action="store_true", help="print the certificate in PEM")
+    ca_show.add_argument("--json", action="store_true",
+                         help="print subject, serial, fingerprint and PEM as JSON")
     _add_state_dir(ca_show)
 
     attest = sub.add_parser("attest", help="verify a VM's vTPM (EK -> manager CA -> quote)")
-    attest_sub = attest.add_subparsers(dest="attest_command", required=True)
+    attest_sub = attest.add_subparsers(dest="attest_command", required=True,
+                                       help="what to do")
     verify = attest_sub.add_parser("verify", help="check a VM's EK certificates down to the quote")
-    verify.add_argument("name")
+    verify.add_argument("name", help="the VM's name")
     verify.add_argument("--ca", default="vm", metavar="vm|manager|PATH",
                         help="CA certificate: the VM binding's ca.crt (default), the manager's, "
                              "or a file")
     verify.add_argument("--tcti", help="read the TPM through this TCTI instead of K2")
     verify.add_argument("--ek", default="", help="EK kinds to check (default: the VM's)")
+    verify.add_argument("--json", action="store_true",
+                        help="print the report as JSON (ok, reason, facts, checks)")
     _add_state_dir(verify)
     _add_credentials(verify, _CREDENTIALS_HELP)
 
     demo = sub.add_parser("demo", help="start hostd, create a VM's vTPM, use it")
     _add_state_dir(demo)
     bench = sub.add_parser("bench", help="run the benchmark suite (writes BENCHMARKS.md)")
-    bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke run")
+    _add_examples(parser)
     return parser
+
+
+#: One example per subcommand, shown after its --help (and in the man page).
+EXAMPLES: dict[str, str] = {
+    "hostd": "sgxvtpm hostd --state-dir /var/lib/sgxvtpm --user sgxvtpm "
+             "--log file=/var/log/sgxvtpm.log,level=info --pid file=/run/sgxvtpm.pid",
+    "vm": "sgxvtpm vm create vm1 --ek rsa2048,ecc-p256 --pcr-banks sha256,sha384",
+    "vm create": "sgxvtpm vm create vm1 --ek rsa2048,ecc-p256 --pcr-banks sha256,sha384",
+    "vm list": "sgxvtpm vm list --json",
+    "vm show": "sgxvtpm vm show vm1",
+    "vm tpm": "sgxvtpm vm tpm vm1 80010000000c0000017b0008    # TPM2_GetRandom(8)",
+    "vm destroy": "sgxvtpm vm destroy vm1",
+    "vm attach": "sgxvtpm vm attach vm1 --ctrl /run/vm1-tpm.sock --owner libvirt-qemu",
+    "vm serve": "sgxvtpm vm serve vm1 --swtpm /run/vm1.sock & "
+                "tpm2_startup -c -T swtpm:path=/run/vm1.sock",
+    "ca": "sgxvtpm ca show --pem > ca.pem",
+    "ca show": "sgxvtpm ca show --pem > ca.pem",
+    "attest": "sgxvtpm attest verify vm1 --json",
+    "attest verify": "sgxvtpm attest verify vm1 --ca manager",
+    "demo": "sgxvtpm demo",
+    "bench": "sgxvtpm bench --quick",
+}
+
+
+def subcommands(
+    parser: argparse.ArgumentParser, prefix: str = ""
+) -> list[tuple[str, argparse.ArgumentParser]]:
+    """Every subcommand's parser, by its words ("vm create"), depth first."""
+    found: list[tuple[str, argparse.ArgumentParser]] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                words = f"{prefix} {name}".strip()
+                found.append((words, sub))
+                found.extend(subcommands(sub, words))
+    return found
+
+
+def _add_examples(parser: argparse.ArgumentParser) -> None:
+    leaves = [words for words, sub in subcommands(parser) if not subcommands(sub)]
+    parser.epilog = "examples:\n" + "\n".join(
+        f"  {EXAMPLES[words]}" for words in leaves if words in EXAMPLES)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    for words, sub in subcommands(parser):
+        example = EXAMPLES.get(words)
+        if example is not None and sub.epilog is None:
+            sub.epilog = f"example:\n  {example}"
+            sub.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def _state(args: argparse.Namespace) -> StateDir:
@@ -244,9 +298,39 @@ def _print(info: InstanceInfo | list[InstanceInfo], as_json: bool) -> None:
                   f"{item['instance_id']}")
     else:
         for key in ("name", "instance_id", "state", "reason", "pid", "mrenclave", "mrsigner",
-                    "pcr_banks"):
-            if obj.get(key) not in (None, ""):
-                print(f"{key:<12} {obj[key]}")
+                    "pcr_banks", "ek"):
+            value = obj.get(key)
+            if isinstance(value, list | tuple):  # a list as a list: sha256,sha384
+                value = ",".join(str(v) for v in value) or "-"
+            if value not in (None, ""):
+                print(f"{key:<12} {value}")
+
+
+#: ``vm create`` says what it is doing once it has taken this long (seconds).
+PROGRESS_AFTER = 1.0
+
+
+@contextlib.asynccontextmanager
+async def progress(
+    message: str, stream: TextIO | None = None, after: float = PROGRESS_AFTER
+) -> AsyncIterator[None]:
+    """One line on ``stream`` (stderr) if the block takes more than ``after`` seconds,
+    and only if that stream is a terminal: as git's and dd's progress, a person waiting
+    sees why, and a script or libvirt reading stderr gets nothing it has to skip."""
+    out = stream or sys.stderr
+
+    async def notice() -> None:
+        await asyncio.sleep(after)
+        print(message, file=out, flush=True)
+
+    task = asyncio.create_task(notice()) if out.isatty() else None
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def _vm(args: argparse.Namespace) -> int:
@@ -271,13 +355,15 @@ async def _vm(args: argparse.Namespace) -> int:
             if not isinstance(loaded, ec.EllipticCurvePublicKey):
                 raise ValueError(f"{args.vm_pubkey}: not an ECDSA public key")
             pub = loaded
-        info = await client.create(
-            args.name,
-            pcr_banks=pcr_banks,
-            ek=[e for e in args.ek.split(",") if e],
-            vm_public_key=pub,
-            export=_credentials(args),
-        )
+        async with progress(f"creating {args.name}: launching its instance enclave, "
+                            "creating and certifying its EKs..."):
+            info = await client.create(
+                args.name,
+                pcr_banks=pcr_banks,
+                ek=[e for e in args.ek.split(",") if e],
+                vm_public_key=pub,
+                export=_credentials(args),
+            )
         _print(info, False)
     elif cmd == "list":
         _print(await client.list(), args.json)
@@ -332,7 +418,16 @@ async def _ca(args: argparse.Namespace) -> int:
     from sgxvtpm.vmm.client import VmmClient
 
     cert = await VmmClient(_state(args)).ca_certificate()
-    if args.pem:
+    if args.json:
+        print(json.dumps({
+            "subject": cert.subject.rfc4514_string(),
+            "serial": f"{cert.serial_number:x}",
+            "sha256": cert.fingerprint(hashes.SHA256()).hex(),
+            "not_before": cert.not_valid_before_utc.isoformat(),
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            "pem": cert.public_bytes(serialization.Encoding.PEM).decode(),
+        }, indent=2))
+    elif args.pem:
         sys.stdout.write(cert.public_bytes(serialization.Encoding.PEM).decode())
     else:
         print(f"subject  {cert.subject.rfc4514_string()}")
@@ -419,7 +514,7 @@ def _run(args: argparse.Namespace) -> int:
 
         return attest_run(_state(args), args.name, ca=args.ca, tcti=args.tcti,
                           eks=[e for e in args.ek.split(",") if e],
-                          credentials=_credentials(args))
+                          credentials=_credentials(args), as_json=args.json)
     if args.command == "demo":
         from sgxvtpm._demo.demo import run_demo
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from tests.helpers.hostd import Hostd, running_hostd
 from tests.helpers.vmtools import sgxvtpm_cli
 
@@ -228,3 +229,19 @@ def test_the_ek_certificate_names_the_tpm_as_the_tpm_reports_itself(
         (name,) = san.get_values_for_type(x509.DirectoryName)
         found = {a.oid: a.value for a in name}
         assert found == expected
+
+
+def test_attest_verify_and_ca_show_print_json(session: tuple[Hostd, Path, Path]) -> None:
+    h = session[0]
+    assert sgxvtpm_cli(h.state, "vm", "create", "att", "--ek", "ecc-p256").returncode == 0
+    done = sgxvtpm_cli(h.state, "attest", "verify", "att", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["vm"] == "att" and report["ok"] is True and report["reason"] == ""
+    assert report["checks"] and all(c["passed"] is True for c in report["checks"])
+    done = sgxvtpm_cli(h.state, "ca", "show", "--json")
+    assert done.returncode == 0, done.stderr
+    ca = json.loads(done.stdout)
+    cert = x509.load_pem_x509_certificate(ca["pem"].encode())
+    assert ca["sha256"] == cert.fingerprint(hashes.SHA256()).hex()
+    assert ca["subject"] == cert.subject.rfc4514_string()

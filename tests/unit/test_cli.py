@@ -134,3 +134,75 @@ def test_the_log_level_filters_records_and_logging_records_become_json(
         ("loud.warning", "warning"), ("enclave.log", "error")]
     assert records[1]["message"] == "bad 1"
     assert capsys.readouterr().err == ""  # nothing through logging's plain last resort
+
+
+def test_every_argument_has_help_and_every_subcommand_an_example() -> None:
+    from sgxvtpm.cli import build_parser, subcommands
+
+    parser = build_parser()
+    found = subcommands(parser)
+    assert {"hostd", "vm create", "vm tpm", "vm serve", "attest verify", "ca show"} <= {
+        w for w, _ in found}
+    for words, sub in [("", parser), *found]:
+        for action in sub._actions:
+            assert action.help, f"`sgxvtpm {words}` {action.dest}: no help"
+        if words:
+            assert sub.epilog and sub.epilog.startswith("example:\n  sgxvtpm " + words), words
+            assert f"sgxvtpm {words}" in sub.format_help()
+
+
+def test_make_man_writes_a_man_page_naming_every_subcommand(tmp_path: Path) -> None:
+    from sgxvtpm.cli import build_parser, subcommands
+
+    page = tmp_path / "man" / "sgxvtpm.1"
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(["make", "-s", "-o", "install", "man", f"MANPAGE={page}"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    text = page.read_text()
+    assert text.startswith(".TH SGXVTPM \"1\"")
+    for words, _ in subcommands(build_parser()):
+        assert f"'sgxvtpm {words}'" in text, words
+    assert "sgxvtpm vm tpm vm1 80010000000c0000017b0008" in text  # the examples too
+
+
+class _Terminal(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize(("tty", "seconds", "said"), [
+    (True, 0.3, True), (True, 0.0, False), (False, 0.3, False)])
+def test_vm_create_says_what_it_does_only_when_slow_and_only_on_a_terminal(
+    tty: bool, seconds: float, said: bool
+) -> None:
+    import asyncio
+
+    from sgxvtpm.cli import progress
+
+    stream = _Terminal(tty)
+
+    async def work() -> None:
+        async with progress("creating vm1...", stream, after=0.1):
+            await asyncio.sleep(seconds)
+
+    asyncio.run(work())
+    assert stream.getvalue() == ("creating vm1...\n" if said else "")
+
+
+def test_vm_show_prints_lists_as_lists_and_the_ek_kinds(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from sgxvtpm.cli import _print
+    from sgxvtpm.wire.k1 import InstanceInfo
+
+    info = InstanceInfo(name="vm1", instance_id="ab" * 16, pcr_banks=("sha256", "sha384"),
+                        ek=("rsa2048", "ecc-p256"), created=0.0, state="running")
+    _print(info, False)
+    out = capsys.readouterr().out
+    assert "pcr_banks    sha256,sha384\n" in out and "ek           rsa2048,ecc-p256\n" in out
+    assert "[" not in out
