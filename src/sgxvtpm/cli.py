@@ -279,7 +279,11 @@ def _add_examples(parser: argparse.ArgumentParser) -> None:
 
 
 def _state(args: argparse.Namespace) -> StateDir:
-    return StateDir.at(args.state_dir)
+    state = StateDir.at(args.state_dir)
+    # A file, or a path too long for hostd's socket, is named as such before anything
+    # tries the socket (which would only say "cannot reach hostd").
+    state.check()
+    return state
 
 
 def _credentials(args: argparse.Namespace) -> Credentials | None:

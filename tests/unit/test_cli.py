@@ -206,3 +206,33 @@ def test_vm_show_prints_lists_as_lists_and_the_ek_kinds(
     out = capsys.readouterr().out
     assert "pcr_banks    sha256,sha384\n" in out and "ek           rsa2048,ecc-p256\n" in out
     assert "[" not in out
+
+
+@pytest.mark.parametrize("command", [
+    ["vm", "create", "vm1"], ["vm", "list"], ["ca", "show"],
+    ["vm", "serve", "vm1", "--swtpm", "{tmp}/s"], ["vm", "attach", "vm1", "--ctrl", "{tmp}/c"],
+    ["vm", "tpm", "vm1", "80010000000c0000017b0008"], ["attest", "verify", "vm1"],
+], ids=lambda c: " ".join(c[:2]))
+def test_every_client_names_a_state_dir_that_is_a_file_or_too_long(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    args = [a.format(tmp=tmp_path) for a in command]
+    (tmp_path / "file").write_text("")
+    assert main([*args, "--state-dir", str(tmp_path / "file")]) == 1
+    assert _one_error(capsys).startswith(f"the state directory {tmp_path / 'file'} is not a "
+                                         "directory: give --state-dir a directory")
+    long = tmp_path / ("s" * (114 - len(str(tmp_path)) - 1))
+    assert main([*args, "--state-dir", str(long)]) == 1
+    message = _one_error(capsys)
+    assert message.startswith(f"hostd's socket path {long / 'hostd.sock'} is ")
+    assert "more than the 107 AF_UNIX allows: give a shorter --state-dir" in message
+
+
+def test_a_vmm_command_with_hostd_down_says_how_to_start_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    assert main(["vm", "list", "--state-dir", str(state)]) == 1
+    message = _one_error(capsys)
+    assert message.startswith(f"cannot reach hostd at {state / 'hostd.sock'}")
+    assert message.endswith(f"start it with `sgxvtpm hostd --state-dir {state}`")

@@ -106,7 +106,10 @@ class VmmClient:
                 asyncio.open_unix_connection(str(self.state.socket)), CONNECT_TIMEOUT
             )
         except (OSError, TimeoutError):
-            raise VmmError(f"cannot reach hostd at {self.state.socket}") from None
+            raise VmmError(
+                f"cannot reach hostd at {self.state.socket}: start it with "
+                f"`sgxvtpm hostd --state-dir {self.state.root}`"
+            ) from None
         wrapped = await asyncio.wait_for(
             open_client_session(reader, writer, session, "manager"), CONNECT_TIMEOUT
         )
