@@ -1,7 +1,7 @@
 # The README's two commands: `make demo` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: install demo test lint coverage bench stress clean
+.PHONY: install demo test lint coverage bench stress man clean
 
 install:
 	@scripts/install.sh
@@ -27,6 +27,16 @@ lint: install
 
 bench: install
 	$(PY) -m sgxvtpm.cli bench
+
+# The man page, generated from the command line's parser (not committed: it carries
+# the day it was made).
+MANPAGE ?= man/sgxvtpm.1
+man: install
+	@mkdir -p $(dir $(MANPAGE))
+	.venv/bin/argparse-manpage --module sgxvtpm.cli --function build_parser --prog sgxvtpm \
+		--project-name sgxvtpm --manual-title "sgxvtpm manual" \
+		--description "vTPMs for VMs, with the manager and every instance in an enclave" \
+		--output $(MANPAGE)
 
 stress: install
 	SGXVTPM_STRESS=1 $(PY) -m pytest -q -m "slow or not slow"

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from sgxvtpm.host.statedir import ENV, StateDir
 from sgxvtpm.platform import DEFAULT_PLATFORM, PLATFORMS
@@ -41,6 +42,37 @@ _CREDENTIALS_HELP = (
     f"credentials directory holding the VM's binding (env {CREDENTIALS_ENV}, "
     "default ~/.config/sgxvtpm)"
 )
+
+
+def _log_option(text: str) -> object:
+    from sgxvtpm.util.runfiles import LogSpec
+
+    try:
+        return LogSpec.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _pid_option(text: str) -> Path:
+    from sgxvtpm.util.runfiles import parse_pid_option
+
+    try:
+        return parse_pid_option(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_run_files(parser: argparse.ArgumentParser) -> None:
+    """swtpm's ``--log`` and ``--pid`` (sgxvtpm/util/runfiles.py)."""
+    parser.add_argument(
+        "--log", type=_log_option, metavar="file=PATH[,level=LEVEL]",
+        help="append the JSON log lines (this process's and its children's stderr) to PATH; "
+             "LEVEL is debug, info (default), warning or error",
+    )
+    parser.add_argument(
+        "--pid", type=_pid_option, metavar="file=PATH",
+        help="write the process id to PATH while running (removed on a clean exit)",
+    )
 
 
 def _version() -> str:
@@ -78,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--version", action=_VersionAction, nargs=0, help="print sgxvtpm's version and exit"
     )
     _add_state_dir(parser, top=True)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, help="the command")
 
     hostd = sub.add_parser("hostd", help="run the SGX module (loader + relay) in the foreground")
     _add_state_dir(hostd)
@@ -105,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     vm = sub.add_parser("vm", help="manage vTPM instances (the VMM, over K1)")
-    vm_sub = vm.add_subparsers(dest="vm_command", required=True)
+    vm_sub = vm.add_subparsers(dest="vm_command", required=True, help="what to do")
     create = vm_sub.add_parser("create", help="create a vTPM instance for a VM")
-    create.add_argument("name")
+    create.add_argument("name", help="the VM's name: 1-61 characters of [A-Za-z0-9._-]")
     create.add_argument("--pcr-banks", default="sha256", help="comma-separated, e.g. sha256,sha1")
     create.add_argument("--ek", default="", help="EK algorithms (rsa2048,ecc-p256,...)")
     create.add_argument(
@@ -116,16 +148,28 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("list", "list instances"), ("show", "show one instance")):
         p = vm_sub.add_parser(name, help=helptext)
         if name == "show":
-            p.add_argument("name")
-        p.add_argument("--json", action="store_true")
+            p.add_argument("name", help="the VM's name")
+        p.add_argument("--json", action="store_true", help="print JSON instead of text")
         _add_state_dir(p)
+    tpm = vm_sub.add_parser(
+        "tpm", help="send one raw TPM command to a VM's TPM over K2 and print the response",
+        description="Send one raw TPM 2.0 command (header included) to the VM's TPM and "
+        "print its response in hex. It never starts, resets or takes over the TPM: it is "
+        "refused while an endpoint (vm attach/serve) holds the VM, and a TPM not started yet "
+        "answers TPM_RC_FAILURE (80010000000a00000101).",
+    )
+    tpm.add_argument("name", help="the VM's name")
+    tpm.add_argument("hex", metavar="HEX",
+                     help="the command in hex, e.g. 80010000000c0000017b0008 (GetRandom 8)")
+    _add_state_dir(tpm)
+    _add_credentials(tpm, _CREDENTIALS_HELP)
     destroy = vm_sub.add_parser("destroy", help="destroy an instance and erase its sealed state")
-    destroy.add_argument("name")
+    destroy.add_argument("name", help="the VM's name")
     attach = vm_sub.add_parser("attach", help="serve a swtpm-compatible control socket for QEMU")
-    attach.add_argument("name")
+    attach.add_argument("name", help="the VM's name")
     attach.add_argument("--ctrl", type=Path, required=True, help="unix socket path for QEMU")
     serve = vm_sub.add_parser("serve", help="serve TSS sockets (tcti-swtpm / tcti-mssim)")
-    serve.add_argument("name")
+    serve.add_argument("name", help="the VM's name")
     group = serve.add_mutually_exclusive_group(required=True)
     group.add_argument("--swtpm", type=Path, metavar="PATH", help="unix PATH and PATH.ctrl")
     group.add_argument("--swtpm-tcp", metavar="HOST:PORT",
@@ -146,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "being refused; the TPM keeps running, it is not reset")
     for p in (create, destroy, attach, serve):
         _add_state_dir(p)
+    for p in (hostd, attach, serve):
+        _add_run_files(p)
     _add_credentials(create, "write the VM's binding (key, certificates, pinned platform root) "
                              "to this credentials directory instead of yours, for whoever runs "
                              "its endpoint")
@@ -154,24 +200,29 @@ def build_parser() -> argparse.ArgumentParser:
         _add_credentials(p, _CREDENTIALS_HELP)
 
     ca = sub.add_parser("ca", help="the manager's EK CA")
-    ca_sub = ca.add_subparsers(dest="ca_command", required=True)
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True, help="what to do")
     ca_show = ca_sub.add_parser("show", help="print the CA certificate")
-    ca_show.add_argument("--pem", action="store_true")
+    ca_show.add_argument("--pem", action="store_true", help="print the certificate in PEM")
+    ca_show.add_argument("--json", action="store_true",
+                         help="print subject, serial, fingerprint and PEM as JSON")
     _add_state_dir(ca_show)
 
     attest = sub.add_parser("attest", help="verify a VM's vTPM (EK -> manager CA -> quote)")
-    attest_sub = attest.add_subparsers(dest="attest_command", required=True)
+    attest_sub = attest.add_subparsers(dest="attest_command", required=True,
+                                       help="what to do")
     verify = attest_sub.add_parser("verify", help="check a VM's EK certificates down to the quote")
-    verify.add_argument("name")
+    verify.add_argument("name", help="the VM's name")
     verify.add_argument("--ca", default="vm", metavar="vm|manager|PATH",
                         help="CA certificate: the VM binding's ca.crt (default), the manager's, "
                              "or a file")
     verify.add_argument("--tcti", help="read the TPM through this TCTI instead of K2")
     verify.add_argument("--ek", default="", help="EK kinds to check (default: the VM's)")
+    verify.add_argument("--json", action="store_true",
+                        help="print the report as JSON (ok, reason, facts, checks)")
     _add_state_dir(verify)
     _add_credentials(verify, _CREDENTIALS_HELP)
     aq = attest_sub.add_parser("quote", help="verify a raw DCAP quote (real or sim) with dcap-qvl")
-    aq.add_argument("quote_file", metavar="FILE", type=Path)
+    aq.add_argument("quote_file", metavar="FILE", type=Path, help="the raw quote (binary)")
     aq.add_argument("--collateral", type=Path, metavar="FILE",
                     help="QuoteCollateralV3 JSON (a PCCS's, or a sim platform's collateral.json)")
     aq.add_argument("--root", default="intel", metavar="intel|PEM",
@@ -179,17 +230,72 @@ def build_parser() -> argparse.ArgumentParser:
     aq.add_argument("--at", metavar="TIME", help="verify at this time (epoch seconds or ISO 8601)")
     aq.add_argument("--accept", action="append", default=[], metavar="STATUS",
                     help="also accept this TCB status (UpToDate always is); repeatable")
-    aq.add_argument("--json", action="store_true")
+    aq.add_argument("--json", action="store_true",
+                    help="print the verified identity and TCB status as JSON")
 
     demo = sub.add_parser("demo", help="start hostd, create a VM's vTPM, use it")
     _add_state_dir(demo)
     bench = sub.add_parser("bench", help="run the benchmark suite (writes BENCHMARKS.md)")
-    bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke run")
+    _add_examples(parser)
     return parser
 
 
+#: One example per subcommand, shown after its --help (and in the man page).
+EXAMPLES: dict[str, str] = {
+    "hostd": "sgxvtpm hostd --state-dir /var/lib/sgxvtpm --user sgxvtpm "
+             "--log file=/var/log/sgxvtpm.log,level=info --pid file=/run/sgxvtpm.pid",
+    "vm": "sgxvtpm vm create vm1 --ek rsa2048,ecc-p256 --pcr-banks sha256,sha384",
+    "vm create": "sgxvtpm vm create vm1 --ek rsa2048,ecc-p256 --pcr-banks sha256,sha384",
+    "vm list": "sgxvtpm vm list --json",
+    "vm show": "sgxvtpm vm show vm1",
+    "vm tpm": "sgxvtpm vm tpm vm1 80010000000c0000017b0008    # TPM2_GetRandom(8)",
+    "vm destroy": "sgxvtpm vm destroy vm1",
+    "vm attach": "sgxvtpm vm attach vm1 --ctrl /run/vm1-tpm.sock --owner libvirt-qemu",
+    "vm serve": "sgxvtpm vm serve vm1 --swtpm /run/vm1.sock & "
+                "tpm2_startup -c -T swtpm:path=/run/vm1.sock",
+    "ca": "sgxvtpm ca show --pem > ca.pem",
+    "ca show": "sgxvtpm ca show --pem > ca.pem",
+    "attest": "sgxvtpm attest verify vm1 --json",
+    "attest verify": "sgxvtpm attest verify vm1 --ca manager",
+    "attest quote": "sgxvtpm attest quote quote.bin --collateral collateral.json --json",
+    "demo": "sgxvtpm demo",
+    "bench": "sgxvtpm bench --quick",
+}
+
+
+def subcommands(
+    parser: argparse.ArgumentParser, prefix: str = ""
+) -> list[tuple[str, argparse.ArgumentParser]]:
+    """Every subcommand's parser, by its words ("vm create"), depth first."""
+    found: list[tuple[str, argparse.ArgumentParser]] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                words = f"{prefix} {name}".strip()
+                found.append((words, sub))
+                found.extend(subcommands(sub, words))
+    return found
+
+
+def _add_examples(parser: argparse.ArgumentParser) -> None:
+    leaves = [words for words, sub in subcommands(parser) if not subcommands(sub)]
+    parser.epilog = "examples:\n" + "\n".join(
+        f"  {EXAMPLES[words]}" for words in leaves if words in EXAMPLES)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    for words, sub in subcommands(parser):
+        example = EXAMPLES.get(words)
+        if example is not None and sub.epilog is None:
+            sub.epilog = f"example:\n  {example}"
+            sub.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
 def _state(args: argparse.Namespace) -> StateDir:
-    return StateDir.at(args.state_dir)
+    state = StateDir.at(args.state_dir)
+    # A file, or a path too long for hostd's socket, is named as such before anything
+    # tries the socket (which would only say "cannot reach hostd").
+    state.check()
+    return state
 
 
 def _credentials(args: argparse.Namespace) -> Credentials | None:
@@ -208,9 +314,39 @@ def _print(info: InstanceInfo | list[InstanceInfo], as_json: bool) -> None:
                   f"{item['instance_id']}")
     else:
         for key in ("name", "instance_id", "state", "reason", "pid", "mrenclave", "mrsigner",
-                    "pcr_banks"):
-            if obj.get(key) not in (None, ""):
-                print(f"{key:<12} {obj[key]}")
+                    "pcr_banks", "ek"):
+            value = obj.get(key)
+            if isinstance(value, list | tuple):  # a list as a list: sha256,sha384
+                value = ",".join(str(v) for v in value) or "-"
+            if value not in (None, ""):
+                print(f"{key:<12} {value}")
+
+
+#: ``vm create`` says what it is doing once it has taken this long (seconds).
+PROGRESS_AFTER = 1.0
+
+
+@contextlib.asynccontextmanager
+async def progress(
+    message: str, stream: TextIO | None = None, after: float = PROGRESS_AFTER
+) -> AsyncIterator[None]:
+    """One line on ``stream`` (stderr) if the block takes more than ``after`` seconds,
+    and only if that stream is a terminal: as git's and dd's progress, a person waiting
+    sees why, and a script or libvirt reading stderr gets nothing it has to skip."""
+    out = stream or sys.stderr
+
+    async def notice() -> None:
+        await asyncio.sleep(after)
+        print(message, file=out, flush=True)
+
+    task = asyncio.create_task(notice()) if out.isatty() else None
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def _vm(args: argparse.Namespace) -> int:
@@ -235,13 +371,15 @@ async def _vm(args: argparse.Namespace) -> int:
             if not isinstance(loaded, ec.EllipticCurvePublicKey):
                 raise ValueError(f"{args.vm_pubkey}: not an ECDSA public key")
             pub = loaded
-        info = await client.create(
-            args.name,
-            pcr_banks=pcr_banks,
-            ek=[e for e in args.ek.split(",") if e],
-            vm_public_key=pub,
-            export=_credentials(args),
-        )
+        async with progress(f"creating {args.name}: launching its instance enclave, "
+                            "creating and certifying its EKs..."):
+            info = await client.create(
+                args.name,
+                pcr_banks=pcr_banks,
+                ek=[e for e in args.ek.split(",") if e],
+                vm_public_key=pub,
+                export=_credentials(args),
+            )
         _print(info, False)
     elif cmd == "list":
         _print(await client.list(), args.json)
@@ -273,13 +411,39 @@ def _vm_endpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vm_tpm(args: argparse.Namespace) -> int:
+    """``vm tpm NAME HEX``: a bad HEX is a usage error (status 2, one line)."""
+    text = "".join(args.hex.split())
+    try:
+        command = bytes.fromhex(text)
+    except ValueError:
+        command = b""
+    if not command:
+        print(f"sgxvtpm: error: vm tpm: {args.hex!r} is not a TPM command in hex "
+              "(e.g. 80010000000c0000017b0008)", file=sys.stderr)
+        return 2
+    from sgxvtpm.endpoint.serve import tpm_command
+
+    print(tpm_command(_state(args), args.name, command, credentials=_credentials(args)).hex())
+    return 0
+
+
 async def _ca(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import hashes, serialization
 
     from sgxvtpm.vmm.client import VmmClient
 
     cert = await VmmClient(_state(args)).ca_certificate()
-    if args.pem:
+    if args.json:
+        print(json.dumps({
+            "subject": cert.subject.rfc4514_string(),
+            "serial": f"{cert.serial_number:x}",
+            "sha256": cert.fingerprint(hashes.SHA256()).hex(),
+            "not_before": cert.not_valid_before_utc.isoformat(),
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            "pem": cert.public_bytes(serialization.Encoding.PEM).decode(),
+        }, indent=2))
+    elif args.pem:
         sys.stdout.write(cert.public_bytes(serialization.Encoding.PEM).decode())
     else:
         print(f"subject  {cert.subject.rfc4514_string()}")
@@ -304,62 +468,80 @@ def _bench(quick: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console = sys.stderr  # the one error line goes here, also when --log takes stderr
     try:
-        if getattr(args, "name", None) is not None:
-            from sgxvtpm.enclaves.registry import check_vm_name
-
-            # The manager enclave refuses a bad name too; asking first gives the
-            # same one-line error without a round trip, and before a bad name
-            # becomes a path under the state directory.
-            check_vm_name(args.name)
-        if args.command == "hostd":
-            from sgxvtpm.host.hostd import RESET_EFFECT, RunAs, serve
-            from sgxvtpm.vmm.credentials import hostd_operator_certificate
-
-            if args.reset_manager:
-                print(f"sgxvtpm: warning: --reset-manager: {RESET_EFFECT}", file=sys.stderr)
-            run_as = RunAs.parse(args.user) if args.user else None
-            state = _state(args)
-            asyncio.run(
-                serve(
-                    state,
-                    operator_cert=lambda: hostd_operator_certificate(state, args.operator_cert),
-                    platform=args.platform,
-                    run_as=run_as,
-                    reset_manager=args.reset_manager,
-                )
-            )
-            return 0
-        if args.command == "vm":
-            if args.vm_command in ("attach", "serve"):
-                return _vm_endpoint(args)
-            return asyncio.run(_vm(args))
-        if args.command == "ca":
-            return asyncio.run(_ca(args))
-        if args.command == "attest" and args.attest_command == "quote":
-            from sgxvtpm.attest.quote import run as quote_run
-
-            return quote_run(args.quote_file, collateral_file=args.collateral, root=args.root,
-                             at=args.at, as_json=args.json, accept=["UpToDate", *args.accept])
-        if args.command == "attest":
-            from sgxvtpm.attest.cli import run as attest_run
-
-            return attest_run(_state(args), args.name, ca=args.ca, tcti=args.tcti,
-                              eks=[e for e in args.ek.split(",") if e],
-                              credentials=_credentials(args))
-        if args.command == "demo":
-            from sgxvtpm._demo.demo import run_demo
-
-            return run_demo(_state(args) if args.state_dir else None)
-        if args.command == "bench":
-            return _bench(args.quick)
+        if getattr(args, "log", None) is not None:
+            console = args.log.apply()
+        with _pid_file(args):
+            return _run(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # one clear line, never a traceback, for the CLI
         name = type(exc).__name__
         message = str(exc) or name
-        print(f"sgxvtpm: error: {message}", file=sys.stderr)
+        print(f"sgxvtpm: error: {message}", file=console)
         return 1
+
+
+def _pid_file(args: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
+    if getattr(args, "pid", None) is None:
+        return contextlib.nullcontext()
+    from sgxvtpm.util.runfiles import pid_file
+
+    return pid_file(args.pid)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if getattr(args, "name", None) is not None:
+        from sgxvtpm.enclaves.registry import check_vm_name
+
+        # The manager enclave refuses a bad name too; asking first gives the
+        # same one-line error without a round trip, and before a bad name
+        # becomes a path under the state directory.
+        check_vm_name(args.name)
+    if args.command == "hostd":
+        from sgxvtpm.host.hostd import RESET_EFFECT, RunAs, serve
+        from sgxvtpm.vmm.credentials import hostd_operator_certificate
+
+        if args.reset_manager:
+            print(f"sgxvtpm: warning: --reset-manager: {RESET_EFFECT}", file=sys.stderr)
+        run_as = RunAs.parse(args.user) if args.user else None
+        state = _state(args)
+        asyncio.run(
+            serve(
+                state,
+                operator_cert=lambda: hostd_operator_certificate(state, args.operator_cert),
+                platform=args.platform,
+                run_as=run_as,
+                reset_manager=args.reset_manager,
+            )
+        )
+        return 0
+    if args.command == "vm":
+        if args.vm_command == "tpm":
+            return _vm_tpm(args)
+        if args.vm_command in ("attach", "serve"):
+            return _vm_endpoint(args)
+        return asyncio.run(_vm(args))
+    if args.command == "ca":
+        return asyncio.run(_ca(args))
+    if args.command == "attest" and args.attest_command == "quote":
+        from sgxvtpm.attest.quote import run as quote_run
+
+        return quote_run(args.quote_file, collateral_file=args.collateral, root=args.root,
+                         at=args.at, as_json=args.json, accept=["UpToDate", *args.accept])
+    if args.command == "attest":
+        from sgxvtpm.attest.cli import run as attest_run
+
+        return attest_run(_state(args), args.name, ca=args.ca, tcti=args.tcti,
+                          eks=[e for e in args.ek.split(",") if e],
+                          credentials=_credentials(args), as_json=args.json)
+    if args.command == "demo":
+        from sgxvtpm._demo.demo import run_demo
+
+        return run_demo(_state(args) if args.state_dir else None)
+    if args.command == "bench":
+        return _bench(args.quick)
     return 2
 
 

@@ -282,7 +282,8 @@ def test_the_wire_keeps_the_json_field_names() -> None:
     assert json.loads(admin.encode_reply(admin.Provisioned(
         (admin.EkPublicArea("rsa2048", b"\x01"),), admin.TpmSpec("2.0", 0, 164)))) == {
         "ok": True, "eks": [{"alg": "rsa2048", "public_area": "01"}],
-        "tpm_spec": {"family": "2.0", "level": 0, "revision": 164}}
+        "tpm_spec": {"family": "2.0", "level": 0, "revision": 164, "manufacturer": "",
+                     "model": "", "version": ""}}
     assert json.loads(k1.encode_reply(Refused("no VM named 'x'"))) == {
         "ok": False, "error": "no VM named 'x'"}
 

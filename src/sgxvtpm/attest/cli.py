@@ -271,9 +271,13 @@ def run(
     tcti: str | None,
     eks: Sequence[str],
     credentials: Credentials | None = None,
+    as_json: bool = False,
 ) -> int:
-    """The CLI: print the one-screen report; 0 if it passed, 1 if not."""
+    """The CLI: print the one-screen report (or JSON); 0 if it passed, 1 if not."""
     report = verify_vm(state, name, ca=ca, tcti=tcti, eks=eks, credentials=credentials)
+    if as_json:
+        print(json.dumps({"vm": name, **report.to_json()}, indent=2))
+        return 0 if report.ok else 1
     print(f"VM {name}")
     print(report.render(), end="")
     return 0 if report.ok else 1

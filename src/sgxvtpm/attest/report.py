@@ -42,6 +42,17 @@ class AttestReport:
             self.reason = reason or f"{name}: failed"
         return bool(passed)
 
+    def to_json(self) -> dict[str, object]:
+        """The report as JSON: ``ok``, ``reason``, ``facts`` and each check
+        (``passed`` is null for a check that could not be run)."""
+        return {
+            "ok": self.ok,
+            "reason": self.reason,
+            "facts": dict(self.facts),
+            "checks": [{"name": c.name, "passed": c.passed, "detail": c.detail}
+                       for c in self.checks],
+        }
+
     def render(self) -> str:
         """A report that fits on one screen (under 25 lines of 100 columns)."""
         verdict = "PASS" if self.ok else "FAIL"

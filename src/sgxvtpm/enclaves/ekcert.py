@@ -65,7 +65,9 @@ EK_POLICY_NOTICE = "TCG Trusted Platform Endorsement"
 
 #: tcg-at-tpmManufacturer: "id:" + the 4-byte vendor ID in hex, as TPM_PT_MANUFACTURER
 #: spells it (TCG Vendor ID Registry). 53475856 is ASCII "SGXV": sgxvtpm's own,
-#: NOT registered with TCG (swtpm uses IBM's id:00001014 the same way).
+#: NOT registered with TCG (swtpm uses IBM's id:00001014 the same way). Only for an
+#: instance that does not report its TPM's attributes: the manager writes what the
+#: TPM reports (sgxvtpm/tpm/ek.py, TpmSpecInfo.certificate_attributes).
 DEFAULT_MANUFACTURER = "id:53475856"
 DEFAULT_MODEL = "sgxvtpm"
 DEFAULT_VERSION = "id:00000001"

@@ -301,7 +301,8 @@ class InstanceEnclave:
         self.state = "manufacturing"
         return admin.Provisioned(
             eks=tuple(admin.EkPublicArea(e.alg, e.public_area) for e in eks),
-            tpm_spec=admin.TpmSpec(spec.family, spec.level, spec.revision),
+            tpm_spec=admin.TpmSpec(spec.family, spec.level, spec.revision,
+                                   *spec.certificate_attributes()),
         )
 
     def certify(self, request: admin.Certify) -> admin.InstanceStatus | Refused:

@@ -52,6 +52,14 @@ from sgxvtpm.wire.relay import RelayProtocolError
 log = logging.getLogger("sgxvtpm.enclave")
 
 
+def _log_send_failure(sid: int, exc: OSError) -> None:
+    """A client that went away (EPIPE, ECONNRESET) is routine, not a warning."""
+    if isinstance(exc, BrokenPipeError | ConnectionResetError):
+        log.info("enclave: session %d dropped: its client closed the connection", sid)
+    else:
+        log.warning("enclave: session %d: send failed: %s", sid, exc)
+
+
 _MAX_FDS = 8
 _READ = 17 * 1024  # a TLS record (16 KiB + overhead); larger reads only cost allocations
 _IDLE_TICK = 0.5  # seconds; two idle ticks and free heap goes back to the host
@@ -297,7 +305,7 @@ class InstanceLoop:
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            log.warning("enclave: session %d: send failed: %s", session.sid, exc)
+            _log_send_failure(session.sid, exc)
             self._drop(session)
             return
         if sent < len(out):
@@ -316,7 +324,7 @@ class InstanceLoop:
         except BlockingIOError:
             return
         except OSError as exc:
-            log.warning("enclave: session %d: send failed: %s", session.sid, exc)
+            _log_send_failure(session.sid, exc)
             self._drop(session)
             return
         del session.backlog[:sent]

@@ -18,6 +18,7 @@ carries the manager's quote, and is reissued with a fresh quote each start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import os
 import socket
@@ -42,6 +43,9 @@ from sgxvtpm.channel import (
     spki_sha256,
 )
 from sgxvtpm.enclaves.ekcert import (
+    DEFAULT_MANUFACTURER,
+    DEFAULT_MODEL,
+    DEFAULT_VERSION,
     TpmSpecification,
     issue_ek_certificate,
     issue_platform_certificate,
@@ -169,23 +173,40 @@ class ManagerEnclave:
             created=time.time(),
         )
         launched = await self._launch(record.instance_id)
+        # All or nothing: whatever fails after the launch (provisioning, certification,
+        # the registry's save, the VM's certificate) stops and erases the instance and
+        # leaves no registration, so the name is free again.
         try:
             status = await self._manufacture(record)
-        except BaseException:
-            await self._stop(record.instance_id, erase=True)
+            record.state = status.state
+            record.mrenclave = status.mrenclave
+            record.mrsigner = status.mrsigner
+            vm_cert_pem = self._issue_vm_certificate(name, vm_key)
+            self.registry.instances[name] = record
+            try:
+                self.store.save(self.registry)
+            except OSError as exc:
+                raise ManagerError(f"the manager's registry could not be saved: {exc}") from None
+            created = k1.Created(
+                instance=await self.describe(record),
+                vm_cert_pem=vm_cert_pem,
+                ca_cert_pem=self.credential.cert_pem.decode(),
+            )
+        except BaseException as exc:
+            await self._undo_create(record, exc)
             raise
-        record.state = status.state
-        record.mrenclave = status.mrenclave
-        record.mrsigner = status.mrsigner
-        self.registry.instances[name] = record
-        self.store.save(self.registry)
         log.log("manager.instance_created", vm=name, instance=record.instance_id,
                 pid=launched.pid)
-        return k1.Created(
-            instance=await self.describe(record),
-            vm_cert_pem=self._issue_vm_certificate(name, vm_key),
-            ca_cert_pem=self.credential.cert_pem.decode(),
-        )
+        return created
+
+    async def _undo_create(self, record: InstanceRecord, exc: BaseException) -> None:
+        log.log("manager.create_undone", vm=record.name, instance=record.instance_id,
+                reason=str(exc) or type(exc).__name__)
+        if self.registry.instances.get(record.name) is record:
+            del self.registry.instances[record.name]
+            with contextlib.suppress(SealError, OSError):
+                self.store.save(self.registry)
+        await self._stop(record.instance_id, erase=True)
 
     async def _manufacture(self, record: InstanceRecord) -> admin.InstanceStatus:
         """Provision the new instance: bind the VM, create and certify its EKs."""
@@ -201,6 +222,11 @@ class ManagerEnclave:
         )
         tpm = provisioned.tpm_spec
         spec = TpmSpecification(family=tpm.family, level=tpm.level, revision=tpm.revision)
+        # The TPM's own manufacturer, model and version (tpm/ek.py, certificate_attributes);
+        # an older instance sends none, and gets the defaults.
+        manufacturer = tpm.manufacturer or DEFAULT_MANUFACTURER
+        model = tpm.model or DEFAULT_MODEL
+        version = tpm.version or DEFAULT_VERSION
         certs: dict[str, bytes] = {}
         first_key = None
         for ek in provisioned.eks:
@@ -208,7 +234,8 @@ class ManagerEnclave:
             key = public_key_from_tpmt(ek.public_area[2:])
             first_key = first_key or key
             certs[ek.alg] = issue_ek_certificate(
-                self.ca_key, self.credential.certificate, key, spec=spec
+                self.ca_key, self.credential.certificate, key, spec=spec,
+                manufacturer=manufacturer, model=model, version=version,
             )
         if first_key is None:
             raise ManagerError("provisioning failed: the instance created no EK")

@@ -132,3 +132,28 @@ def serve_tss(
     finally:
         endpoint.close()
         endpoint.tpm.close()
+
+
+def tpm_command(
+    state: StateDir, name: str, command: bytes, *, credentials: Credentials | None = None
+) -> bytes:
+    """``sgxvtpm vm tpm NAME HEX``: one raw TPM command over K2, its raw response.
+
+    It attaches without a takeover and never powers the TPM on or off: a
+    running TPM keeps its state, and a TPM that is not started answers what
+    a stopped TPM answers (TPM_RC_FAILURE). Refused, naming the holder, while
+    another endpoint holds the VM's TPM.
+    """
+    binding = VmBinding.load(state, name, credentials=credentials)
+    client = K2Client(binding, label="vm tpm")
+    try:
+        client.connect()
+    except K2Busy as exc:
+        raise exc.with_hint(
+            "`vm tpm` does not take the TPM over: send the command through that endpoint, "
+            "or stop it first"
+        ) from None
+    try:
+        return client.transact(command)
+    finally:
+        client.close()

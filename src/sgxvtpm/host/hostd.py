@@ -250,7 +250,7 @@ class Hostd:
         delay = min(MAX_BACKOFF, 0.05 * (1 << min(enclave.quick_deaths, 10)))
         if enclave.quick_deaths >= 5:
             enclave.reason = f"crash-looping ({enclave.quick_deaths} deaths right after launch)"
-        log.log("hostd.enclave_died", enclave=enclave.name, relaunch_in=delay)
+        log.log("hostd.enclave_died", level="warning", enclave=enclave.name, relaunch_in=delay)
         if enclave.name == "manager":
             self.manager_ready.clear()
         await asyncio.sleep(delay)
@@ -260,7 +260,7 @@ class Hostd:
             await self._launch(enclave)
         except Exception as exc:  # the loader failed: say so, keep serving others
             enclave.reason = f"relaunch failed: {exc}"
-            log.log("hostd.relaunch_failed", enclave=enclave.name, reason=str(exc))
+            log.log("hostd.relaunch_failed", level="error", enclave=enclave.name, reason=str(exc))
 
     # -- the manager's requests (CONTROL frames) ------------------------------
     async def on_control(self, conn: Connection, obj: dict[str, Any]) -> dict[str, Any]:
@@ -312,7 +312,8 @@ class Hostd:
         the relaunches go on (with backoff), so the VMs whose instances run keep
         serving and the manager comes back as soon as its file is restored.
         """
-        log.log("hostd.manager_refused", reason=reason, at_start=not self.manager_ever_ready)
+        log.log("hostd.manager_refused", level="error", reason=reason,
+                at_start=not self.manager_ever_ready)
         if not self.manager_ever_ready:
             self.enclaves["manager"].wanted = False
             self.fatal = f"the manager enclave refused to start: {reason}"
@@ -453,7 +454,7 @@ async def serve(
     if run_as is not None:
         drop_privileges(state, run_as)
     elif os.geteuid() == 0:
-        log.log("hostd.running_as_root",
+        log.log("hostd.running_as_root", level="warning",
                 warning="hostd is untrusted and needs no root after start: give --user")
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

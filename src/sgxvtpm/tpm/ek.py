@@ -397,10 +397,22 @@ class TpmSpecInfo:
     revision: int  # e.g. 164 for 1.64 (libtpms 0.9)
     manufacturer: int  # TPM_PT_MANUFACTURER, 4 ASCII chars as u32
     firmware_version: int  # TPM_PT_FIRMWARE_VERSION_1
+    vendor_string: str = ""  # TPM_PT_VENDOR_STRING_1..4, NULs dropped
+
+    def certificate_attributes(self) -> tuple[str, str, str]:
+        """The EK certificate's tcg-at-tpmManufacturer, tpmModel and tpmVersion, as this
+        TPM reports itself (TCG EK Credential Profile 2.x, 3.2.9: the manufacturer is
+        "id:" and TPM_PT_MANUFACTURER's 4 bytes in hex, e.g. id:49424D00 for "IBM";
+        the version "id:" and TPM_PT_FIRMWARE_VERSION_1 in hex, as swtpm writes
+        id:20191023). swtpm_setup takes these from libtpms' attributes instead, which
+        say id:00001014 and "swtpm" while the TPM reports "IBM" and "SW   TPM"."""
+        return (f"id:{self.manufacturer:08X}", self.vendor_string or "unknown",
+                f"id:{self.firmware_version:08X}")
 
 
 def read_tpm_spec(transact: Transact) -> TpmSpecInfo:
-    """TPM_PT_FAMILY_INDICATOR, LEVEL, REVISION, MANUFACTURER, FIRMWARE_VERSION_1.
+    """TPM_PT_FAMILY_INDICATOR, LEVEL, REVISION, MANUFACTURER, VENDOR_STRING_1..4,
+    FIRMWARE_VERSION_1.
 
     swtpm_setup passes the first three as --tpm-spec-family/level/revision.
     """
@@ -420,7 +432,19 @@ def read_tpm_spec(transact: Transact) -> TpmSpecInfo:
         revision=prop(TPM2_PT.REVISION),
         manufacturer=prop(TPM2_PT.MANUFACTURER),
         firmware_version=prop(TPM2_PT.FIRMWARE_VERSION_1),
+        vendor_string=vendor_string(transact),
     )
+
+
+def vendor_string(transact: Transact) -> str:
+    """TPM_PT_VENDOR_STRING_1..4 (Part 2, 6.13: 4 ASCII bytes each, unused ones 0), NULs
+    dropped, outer spaces stripped: "SW   TPM" for libtpms."""
+    raw = b""
+    for p in (TPM2_PT.VENDOR_STRING_1, TPM2_PT.VENDOR_STRING_2, TPM2_PT.VENDOR_STRING_3,
+              TPM2_PT.VENDOR_STRING_4):
+        value = get_tpm_property(transact, p)
+        raw += (value or 0).to_bytes(4, "big")
+    return raw.replace(b"\0", b"").decode("ascii", "replace").strip()
 
 
 # ---------------------------------------------------------------- all at once

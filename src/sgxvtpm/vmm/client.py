@@ -13,6 +13,7 @@ The operator identity, the pinned attestation root and the VM bindings
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TypeVar
 
 from cryptography import x509
@@ -105,7 +106,10 @@ class VmmClient:
                 asyncio.open_unix_connection(str(self.state.socket)), CONNECT_TIMEOUT
             )
         except (OSError, TimeoutError):
-            raise VmmError(f"cannot reach hostd at {self.state.socket}") from None
+            raise VmmError(
+                f"cannot reach hostd at {self.state.socket}: start it with "
+                f"`sgxvtpm hostd --state-dir {self.state.root}`"
+            ) from None
         wrapped = await asyncio.wait_for(
             open_client_session(reader, writer, session, "manager"), CONNECT_TIMEOUT
         )
@@ -168,7 +172,20 @@ class VmmClient:
                 instance=created.instance,
             )
         except (CredentialsError, OSError) as exc:
-            raise VmmError(f"{name} was created, but its binding was not stored: {exc}") from None
+            # All or nothing: a VM whose binding is lost could never be used, and would
+            # hold its name. Remove what was written, and the VM.
+            with contextlib.suppress(OSError):
+                host.remove_binding(name)
+            try:
+                await self.request(k1.DestroyVm(name))
+            except (VmmError, OSError, TimeoutError) as undo:
+                raise VmmError(
+                    f"{name}: its binding could not be stored ({exc}), and the VM could not "
+                    f"be removed ({undo}): run `sgxvtpm vm destroy {name}`"
+                ) from None
+            raise VmmError(
+                f"{name} was not created: its binding could not be stored: {exc}"
+            ) from None
         return created.instance
 
     async def destroy(self, name: str, *, export: Credentials | None = None) -> None:

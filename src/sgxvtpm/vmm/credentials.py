@@ -184,7 +184,8 @@ class HostCredentials:
         if pinned is None and presented is None:
             raise CredentialsError(
                 f"cannot reach hostd at {self.state.socket} to learn its platform's "
-                f"attestation root (none pinned in {self.root_ca} yet)"
+                f"attestation root (none pinned in {self.root_ca} yet): start it with "
+                f"`sgxvtpm hostd --state-dir {self.state.root}`"
             )
         if pinned is None:
             assert presented is not None

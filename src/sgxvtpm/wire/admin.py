@@ -101,11 +101,15 @@ class EkPublicArea(Message):
 
 @dataclass(frozen=True)
 class TpmSpec(Message):
-    """The TPM's specification (family, level, revision), for the EK certificate."""
+    """The TPM's specification (family, level, revision) and attributes (manufacturer,
+    model, version: empty from an older instance), for the EK certificate."""
 
     family: str
     level: int
     revision: int
+    manufacturer: str = ""
+    model: str = ""
+    version: str = ""
 
 
 @dataclass(frozen=True)
