@@ -173,13 +173,28 @@ def test_swtpm_ioctl_options_match_swtpm(peers: tuple[Peer, Peer]) -> None:
     differences = []
     for args, stdin in [*((a, None) for a in SEQUENCE),
                         (("-l", "4"), None),
-                        (("-h", "-"), b"x" * 10000),  # three HASH_DATA chunks from stdin
+                        # 256 HASH_DATA chunks from stdin, as swtpm's _test_tpm2_hashing
+                        (("-h", "-"), bytes(1024 * 1024)),
                         (("-e",), None)]:
         swtpm, ours = (p.ioctl(*args, stdin=stdin) for p in peers)
         if ours != swtpm:
             differences.append(f"swtpm_ioctl {' '.join(args)}: swtpm {swtpm} attach {ours}")
     assert not differences, "\n".join(differences)
     assert peers[1].ioctl("-e") == (0, "tpmEstablished is 1\n", "")
+    # What the hash sequences measured (before TPM2_Startup: the H-CRTM), as the TPM
+    # reports it; pcrUpdateCounter (bytes 10-13) depends on the allocated banks.
+    reads = []
+    for peer in peers:
+        with peer.connect() as ctrl:  # swtpm serves one control connection at a time
+            data = attach_data(ctrl)
+        with data:
+            # At locality 4 (the last -l) TPM2_Startup is refused: TPM_RC_LOCALITY.
+            assert transact(data, wire.startup(TPM2_SU.CLEAR))[6:] == b"\0\0\x09\x07"
+            assert peer.ioctl("-l", "0") == (0, "", "")
+            assert wire.response_code(transact(data, wire.startup(TPM2_SU.CLEAR))) == 0
+            reads.append(transact(data, wire.pcr_read([0, 17])))
+    assert reads[0][:10] + reads[0][14:] == reads[1][:10] + reads[1][14:], reads
+    assert wire.response_code(reads[1]) == 0
 
 
 def test_save_and_load_state_blobs(peers: tuple[Peer, Peer], tmp_path: Path) -> None:
