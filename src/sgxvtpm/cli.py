@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     attach = vm_sub.add_parser("attach", help="serve a swtpm-compatible control socket for QEMU")
     attach.add_argument("name", help="the VM's name")
     attach.add_argument("--ctrl", type=Path, required=True, help="unix socket path for QEMU")
+    attach.add_argument("--terminate", action="store_true",
+                        help="exit after the control channel's CMD_SHUTDOWN, as swtpm does "
+                        "(default: keep serving, for the VM's next QEMU)")
     serve = vm_sub.add_parser("serve", help="serve TSS sockets (tcti-swtpm / tcti-mssim)")
     serve.add_argument("name", help="the VM's name")
     group = serve.add_mutually_exclusive_group(required=True)
@@ -402,7 +405,8 @@ def _vm_endpoint(args: argparse.Namespace) -> int:
         access = SocketAccess.parse(args.mode, args.owner, args.group)
     if args.vm_command == "attach":
         attach(_state(args), args.name, args.ctrl, access=access or OWNER_ONLY,
-               takeover=args.takeover, credentials=_credentials(args))
+               takeover=args.takeover, credentials=_credentials(args),
+               terminate=args.terminate)
     else:
         serve_tss(_state(args), args.name, swtpm=args.swtpm, swtpm_tcp=args.swtpm_tcp,
                   mssim=args.mssim, access=access,

@@ -1,8 +1,9 @@
 """The QEMU-facing control channel, driven like QEMU does, against ours and real swtpm.
 
 Each step runs on both and the answers are compared; the known, deliberate
-differences are asserted explicitly (capabilities, the automatic
-TPM2_Shutdown that swtpm only has from 0.10 on).
+differences are asserted explicitly (the automatic TPM2_Shutdown that swtpm
+only has from 0.10 on). test_swtpm_ioctl_conformance.py compares ``vm attach``
+with swtpm through swtpm_ioctl and byte for byte.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def test_qemu_sequence_matches_swtpm(pair: tuple[CtrlClient, CtrlClient]) -> Non
     # QEMU's version probe before INIT: the tagged TPM 2.0 error.
     assert tpm_both(pair, wire.read_clock()) == NOT_RUNNING
     caps = [c.request(CtrlRequest(CtrlCmd.GET_CAPABILITY)) for c in pair]
-    assert caps[0].caps == 0xFFFF  # type: ignore[attr-defined]
+    assert caps[0].caps == caps[1].caps == 0xFFFF  # type: ignore[attr-defined]
     for cap in caps:
         assert cap.caps & QEMU_REQUIRED == QEMU_REQUIRED  # type: ignore[attr-defined]
     # Machine reset: STOP, SET_BUFFERSIZE(0), STOP, SET_BUFFERSIZE(n), INIT.

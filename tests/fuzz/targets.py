@@ -84,7 +84,9 @@ def swtpm_ctrl(data: bytes) -> None:
         return
     selector, rest = data[0], data[1:]
     if selector & 1:  # the server side (what QEMU and tcti-swtpm send us)
-        decoder = ctrl.CtrlRequestDecoder(locality_body=1 if selector & 2 else 4)
+        # QEMU's 4-byte locality bodies, tcti-swtpm's 1 byte, or as read (vm attach).
+        body = (ctrl.QEMU_LOCALITY_BODY, 1, ctrl.LOCALITY_AS_READ)[(selector >> 1) % 3]
+        decoder = ctrl.CtrlRequestDecoder(locality_body=body)
         for piece in [*_chunks(rest), b""]:
             decoder.receive_data(piece)
             while (request := decoder.next_request()) is not None:
@@ -106,9 +108,12 @@ def swtpm_data(data: bytes) -> None:
     framer = ctrl.CommandFramer()
     for piece in [*_chunks(data), b""]:
         framer.receive_data(piece)
-        while (command := framer.next_command()) is not None:
+        # What the endpoints call: plain commands and the TCG SEND_COMMAND prefix.
+        while (frame := framer.next_data_command()) is not None:
+            command = frame.command
             assert len(command) >= HEADER_SIZE
             assert int.from_bytes(command[2:6], "big") == len(command)
+            assert frame.locality is None or 0 <= frame.locality <= 255
         assert framer.pending <= MAX_BUFFERED
 
 

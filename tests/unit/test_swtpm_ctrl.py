@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from tests.helpers.codecs import decode_in_chunks
 
 from sgxvtpm.wire.swtpm_ctrl import (
+    LOCALITY_AS_READ,
+    SEND_COMMAND,
     CommandFramer,
     CtrlCmd,
     CtrlProtocolError,
@@ -16,6 +20,7 @@ from sgxvtpm.wire.swtpm_ctrl import (
     CtrlResponse,
     CtrlResponseDecoder,
     CtrlUsageError,
+    DataCommand,
     encode_request,
     encode_response,
 )
@@ -188,3 +193,92 @@ def test_command_framer_any_bytes(data: bytes, chunk: int) -> None:
         framer.next_command()
     except CtrlProtocolError as exc:
         assert exc.rc == 0x142
+
+
+@given(st.lists(st.tuples(requests, st.sampled_from([1, 4])), max_size=6))
+def test_locality_as_read_takes_qemu_and_swtpm_ioctl_forms(
+    reqs: list[tuple[CtrlRequest, int]],
+) -> None:
+    """One decoder for QEMU (4-byte locality bodies) and swtpm_ioctl (1 byte): each
+    request arrives whole and is answered before the next, as both clients do."""
+    dec = CtrlRequestDecoder(locality_body=LOCALITY_AS_READ)
+    for req, body in reqs:
+        dec.receive_data(encode_request(req, locality_body=body))
+        assert dec.next_request() == req
+        assert dec.pending == 0 and dec.next_request() is None
+
+
+def test_locality_as_read_waits_for_the_body_and_keeps_non_padding() -> None:
+    """(A request sent behind a 1-byte body without waiting for the answer would
+    be taken for padding, as in swtpm; no client does that.)"""
+    dec = CtrlRequestDecoder(locality_body=LOCALITY_AS_READ)
+    dec.receive_data(bytes.fromhex("00000005"))
+    assert dec.next_request() is None  # no locality byte yet
+    # The locality byte alone (swtpm_ioctl): a 1-byte body; the next request follows.
+    dec.receive_data(bytes.fromhex("04"))
+    assert dec.next_request() == CtrlRequest(CtrlCmd.SET_LOCALITY, locality=4)
+    dec.receive_data(bytes.fromhex("0000000e"))
+    assert dec.next_request() == CtrlRequest(CtrlCmd.STOP)
+    # Bytes after the locality that are not zero padding are not taken as padding.
+    dec.receive_data(bytes.fromhex("0000000b" "03" "010000" "0000000e"))
+    assert dec.next_request() == CtrlRequest(CtrlCmd.RESET_TPMESTABLISHED, locality=3)
+    assert dec.pending == 7
+    with pytest.raises(CtrlUsageError):
+        CtrlRequestDecoder(locality_body=2)
+
+
+@given(st.binary(max_size=80), st.integers(1, 8))
+def test_locality_as_read_any_bytes(data: bytes, chunk: int) -> None:
+    try:
+        decoded = decode_all_requests(data, chunk, LOCALITY_AS_READ)
+    except CtrlProtocolError:
+        return
+    assert all(isinstance(r, CtrlRequest) for r in decoded)
+
+
+def prefixed(command: bytes, locality: int) -> bytes:
+    return struct.pack(">IBI", SEND_COMMAND, locality, len(command)) + command
+
+
+tpm_commands = st.builds(
+    lambda tag, code, body: struct.pack(">HII", tag, 10 + len(body), code) + body,
+    st.sampled_from([0x8001, 0x8002]), u32, st.binary(max_size=40))
+
+
+@given(st.lists(st.tuples(tpm_commands, st.none() | st.integers(0, 255)), max_size=5),
+       st.integers(1, 9))
+def test_data_commands_with_and_without_the_tcg_prefix(
+    cmds: list[tuple[bytes, int | None]], chunk: int,
+) -> None:
+    data = b"".join(c if loc is None else prefixed(c, loc) for c, loc in cmds)
+    framer = CommandFramer()
+    out = decode_in_chunks(framer.receive_data, framer.next_data_command, data, chunk)
+    assert out == [DataCommand(c, loc) for c, loc in cmds]
+
+
+def test_prefixed_response_framing_and_bad_prefixes() -> None:
+    response = bytes.fromhex("80010000000a00000000")
+    assert DataCommand(b"", None).frame_response(response) == response
+    assert DataCommand(b"", 3).frame_response(response) == (
+        struct.pack(">I", 10) + response + bytes(4))
+    for bad in (struct.pack(">IBI", SEND_COMMAND, 0, 9),            # size below a header
+                # the prefix says 10 bytes, the command's size field 11
+                struct.pack(">IBI", SEND_COMMAND, 0, 10) + bytes.fromhex("80010000000b00000000")):
+        framer = CommandFramer()
+        framer.receive_data(bad + bytes(16))
+        with pytest.raises(CtrlProtocolError):
+            framer.next_data_command()
+        with pytest.raises(CtrlProtocolError):  # stays broken
+            framer.next_data_command()
+
+
+@given(st.binary(max_size=60), st.integers(1, 7))
+def test_data_command_framer_any_bytes(data: bytes, chunk: int) -> None:
+    """Any input: data commands, or CtrlProtocolError (TPM_RC_COMMAND_SIZE), nothing else."""
+    framer = CommandFramer(max_size=32)
+    try:
+        out = decode_in_chunks(framer.receive_data, framer.next_data_command, data, chunk)
+    except CtrlProtocolError as exc:
+        assert exc.rc == 0x142
+        return
+    assert all(isinstance(c, DataCommand) and 10 <= len(c.command) <= 32 for c in out)

@@ -3,6 +3,7 @@ every test closes its core)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import pytest
@@ -168,3 +169,26 @@ def test_init_if_stopped_never_resets_a_running_tpm(core: VtpmCore) -> None:
     assert if_stopped == vtpm.INIT_FLAG_IF_STOPPED
     # ATTACH belongs to the instance enclave (its sessions), not to the TPM.
     assert core.handle(R.attach()).result == TpmResult.BAD_ORDINAL
+
+
+def test_drtm_hash_sequence_at_locality_4_extends_pcr17(core: VtpmCore) -> None:
+    """HASH_START/DATA/END (swtpm's CMD_HASH_*) are _TPM_Hash_Start/Data/End: from
+    locality 4 after Startup, PCR 17 is reset and extended with the data's digest
+    (TPM 2.0 Part 1, 34.3), and TPM_ESTABLISHED is set."""
+    for op in (VtpmOp.HASH_START, VtpmOp.HASH_END):
+        assert core.handle(R(op, locality=4)).result == TpmResult.BAD_ORDINAL  # not running
+    assert core.handle(R.hash_data(b"x", 4)).result == TpmResult.BAD_ORDINAL
+    assert core.handle(R.init()).success
+    assert rc(core, wire.startup(TPM2_SU.CLEAR)) == 0
+    assert core.handle(R(VtpmOp.GET_ESTABLISHED)).established() is False
+    mle = b"measured launch environment" * 200
+    assert core.handle(R(VtpmOp.HASH_START, locality=4)).success
+    for i in range(0, len(mle), 4096):
+        assert core.handle(R.hash_data(mle[i:i + 4096], 4)).success
+    assert core.handle(R(VtpmOp.HASH_END, locality=4)).success
+    expected = hashlib.sha256(bytes(32) + hashlib.sha256(mle).digest()).digest()
+    assert tpm(core, wire.pcr_read([17]))[-32:] == expected
+    assert core.handle(R(VtpmOp.GET_ESTABLISHED)).established() is True
+    # Through the encoded path too (what the instance enclave receives).
+    message = encode_request(R(VtpmOp.HASH_START, locality=4))
+    assert decode_response(core.handle_message(message)).success

@@ -37,7 +37,9 @@ requests = st.one_of(
     st.builds(VtpmRequest.get_info, st.integers(0, 2**64 - 1)),
     st.builds(VtpmRequest.attach, u32, st.binary(max_size=MAX_ATTACH_INFO)),
     st.builds(VtpmRequest, st.sampled_from([VtpmOp.SHUTDOWN, VtpmOp.STOP, VtpmOp.GET_ESTABLISHED,
-                                            VtpmOp.CANCEL, VtpmOp.STORE_VOLATILE]), locality),
+                                            VtpmOp.CANCEL, VtpmOp.STORE_VOLATILE,
+                                            VtpmOp.HASH_START, VtpmOp.HASH_END]), locality),
+    st.builds(VtpmRequest.hash_data, st.binary(max_size=200), locality),
 )
 
 
@@ -75,7 +77,9 @@ def test_decode_response_any_bytes(data: bytes) -> None:
         b"",
         b"\x01\x00\x00",  # short header
         b"\x00\x00\x00\x00",  # op 0
-        b"\x0e\x00\x00\x00",  # unknown op
+        b"\xff\x00\x00\x00",  # unknown op
+        b"\x0e\x04\x00\x00\x00",  # HASH_START with a payload
+        b"\x10\x04\x00\x00\x01",  # HASH_END with a payload
         b"\x0d\x00\x00\x00\x00\x00\x01",  # ATTACH without full flags
         b"\x01\x05\x00\x00",  # locality 5
         b"\x01\x00\x00\x01",  # reserved not zero

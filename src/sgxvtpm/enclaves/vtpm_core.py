@@ -86,6 +86,12 @@ class Engine(Protocol):
 
     def get_info(self, flags: int) -> str: ...
 
+    def hash_start(self, locality: int) -> None: ...
+
+    def hash_data(self, data: bytes, locality: int) -> None: ...
+
+    def hash_end(self, locality: int) -> None: ...
+
 
 class BlobCipherError(SgxvtpmError):
     """A state blob did not decrypt (wrong key, tampered, not ours, or not the latest).
@@ -323,6 +329,21 @@ class VtpmCore:
     def _get_info(self, request: VtpmRequest) -> VtpmResponse:
         return VtpmResponse.ok(self.engine.get_info(request.flags).encode())
 
+    def _hash(self, request: VtpmRequest) -> VtpmResponse:
+        """HASH_START/DATA/END: the platform's DRTM indications at the request's
+        locality (swtpm: TPM_IO_Hash_*; TPM_BAD_ORDINAL while stopped)."""
+        if not self.running:
+            return VtpmResponse.error(TpmResult.BAD_ORDINAL)
+        self.blob_cipher.state_changed()
+        engine, locality = self.engine, request.locality
+        if request.op == VtpmOp.HASH_START:
+            engine.hash_start(locality)
+        elif request.op == VtpmOp.HASH_DATA:
+            engine.hash_data(request.data, locality)
+        else:
+            engine.hash_end(locality)
+        return VtpmResponse.ok()
+
     _HANDLERS: ClassVar[dict[VtpmOp, Callable[[VtpmCore, VtpmRequest], VtpmResponse]]] = {
         VtpmOp.TPM_COMMAND: _tpm_command,
         VtpmOp.INIT: _init,
@@ -336,6 +357,9 @@ class VtpmCore:
         VtpmOp.CANCEL: _cancel,
         VtpmOp.STORE_VOLATILE: _store_volatile,
         VtpmOp.GET_INFO: _get_info,
+        VtpmOp.HASH_START: _hash,
+        VtpmOp.HASH_DATA: _hash,
+        VtpmOp.HASH_END: _hash,
     }
 
 

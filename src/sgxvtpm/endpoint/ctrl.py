@@ -9,11 +9,14 @@ goes to the vTPM as a :mod:`sgxvtpm.wire.vtpm` request.
 from __future__ import annotations
 
 from sgxvtpm.endpoint.backend import VmTpm
+from sgxvtpm.tpm.constants import TPM2_RC
+from sgxvtpm.tpm.wire import error_response
 from sgxvtpm.wire.swtpm_ctrl import (
     GETINFO_CHUNK,
     CtrlCmd,
     CtrlRequest,
     CtrlResponse,
+    DataCommand,
     PtmCap,
     encode_response,
 )
@@ -29,14 +32,15 @@ from sgxvtpm.wire.vtpm import (
 #: The answer to a control channel's malformed input, before the endpoint closes it.
 BAD_CTRL_INPUT = encode_response(CtrlResponse(CtrlCmd.INIT, result=TpmResult.BAD_PARAMETER))
 
-#: What we implement. Not HASHING (TPM 1.2 only; QEMU never uses it) and not
-#: SEND_COMMAND_HEADER (a data-channel prefix mode QEMU does not use);
-#: LOCK_STORAGE is answered (there is no host-side storage to lock).
+#: What swtpm 0.7.1 reports for a TPM 2.0 (0xffff), all implemented here:
+#: HASHING is CMD_HASH_START/DATA/END, SEND_COMMAND_HEADER the TCG prefix on
+#: the data channel. Not LOCK_STORAGE (swtpm 0.8+; 0.7.1 does not know the code).
 SUPPORTED_CAPS = (
     PtmCap.INIT
     | PtmCap.SHUTDOWN
     | PtmCap.GET_TPMESTABLISHED
     | PtmCap.SET_LOCALITY
+    | PtmCap.HASHING
     | PtmCap.CANCEL_TPM_CMD
     | PtmCap.STORE_VOLATILE
     | PtmCap.RESET_TPMESTABLISHED
@@ -47,8 +51,15 @@ SUPPORTED_CAPS = (
     | PtmCap.SET_DATAFD
     | PtmCap.SET_BUFFERSIZE
     | PtmCap.GET_INFO
-    | PtmCap.LOCK_STORAGE
+    | PtmCap.SEND_COMMAND_HEADER
 )
+
+
+_HASH_OPS: dict[int, VtpmOp] = {
+    CtrlCmd.HASH_START: VtpmOp.HASH_START,
+    CtrlCmd.HASH_DATA: VtpmOp.HASH_DATA,
+    CtrlCmd.HASH_END: VtpmOp.HASH_END,
+}
 
 
 class CtrlHandler:
@@ -110,9 +121,11 @@ class CtrlHandler:
                                 (0, 0, 0))
         if code == CtrlCmd.GET_INFO:
             return self._get_info(req)
-        if code == CtrlCmd.LOCK_STORAGE:
-            return CtrlResponse(code)
-        # HASH_START/DATA/END (TPM 1.2 only) and unknown codes, as swtpm answers unknown ones.
+        if code in _HASH_OPS:
+            # At the current locality, as swtpm's libtpms locality callback answers.
+            return self._simple(code, VtpmRequest(_HASH_OPS[code], locality=self.tpm.locality,
+                                                  data=req.data))
+        # Unknown codes, LOCK_STORAGE (swtpm 0.8+) among them, as swtpm 0.7.1 answers.
         return CtrlResponse(code, result=TpmResult.BAD_ORDINAL)
 
     def _get_info(self, req: CtrlRequest) -> CtrlResponse:
@@ -126,3 +139,17 @@ class CtrlHandler:
         whole = text + b"\0"  # swtpm sends, and counts, the terminating NUL
         chunk = whole[req.offset : req.offset + GETINFO_CHUNK]
         return CtrlResponse(code, totlength=len(whole), data=chunk)
+
+
+def answer_data_command(tpm: VmTpm, command: DataCommand) -> bytes:
+    """The data channel's answer to ``command``, framed as it came.
+
+    A TCG prefix sets the locality for this and the next commands, as swtpm
+    does. swtpm hands a prefix locality above 4 to libtpms as it is; the
+    vTPM protocol carries 0-4, so that command gets TPM_RC_LOCALITY.
+    """
+    if command.locality is not None:
+        if command.locality > MAX_LOCALITY:
+            return command.frame_response(error_response(TPM2_RC.LOCALITY))
+        tpm.locality = command.locality
+    return command.frame_response(tpm.transact(command.command))

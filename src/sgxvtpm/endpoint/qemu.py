@@ -30,7 +30,7 @@ import threading
 from pathlib import Path
 
 from sgxvtpm.endpoint.backend import VmTpm, VtpmBackend
-from sgxvtpm.endpoint.ctrl import BAD_CTRL_INPUT, CtrlHandler
+from sgxvtpm.endpoint.ctrl import BAD_CTRL_INPUT, CtrlHandler, answer_data_command
 from sgxvtpm.endpoint.lifecycle import StopFlag
 from sgxvtpm.endpoint.listeners import OWNER_ONLY, Listeners, SocketAccess
 from sgxvtpm.endpoint.streams import (
@@ -45,6 +45,7 @@ from sgxvtpm.tpm.constants import TPM2_RC
 from sgxvtpm.tpm.wire import error_response
 from sgxvtpm.util import log
 from sgxvtpm.wire.swtpm_ctrl import (
+    LOCALITY_AS_READ,
     CommandFramer,
     CtrlCmd,
     CtrlProtocolError,
@@ -149,18 +150,19 @@ class QemuEndpoint:
 
     def _serve_ctrl(self, sock: socket.socket) -> None:
         conn = _FdStream(sock)
-        owned: socket.socket | None = None
         try:
-            owned = self._ctrl_loop(conn)
+            self._ctrl_loop(conn)
         finally:
-            if owned is not None:
-                self._stop_data(owned)
             conn.close_fds()
 
-    def _ctrl_loop(self, conn: _FdStream) -> socket.socket | None:
-        """Serve control requests; the data channel this connection set, if any."""
-        decoder = CtrlRequestDecoder()
-        owned: socket.socket | None = None
+    def _ctrl_loop(self, conn: _FdStream) -> None:
+        """Serve control requests until the client closes or sends SHUTDOWN.
+
+        The data channel a connection set (SET_DATAFD) outlives it, as in
+        swtpm 0.7.1: it ends when its peer closes it, or at SHUTDOWN.
+        """
+        # QEMU pads SET_LOCALITY/RESET_TPMESTABLISHED to 4 bytes, swtpm_ioctl does not.
+        decoder = CtrlRequestDecoder(locality_body=LOCALITY_AS_READ)
         try:
             while True:
                 try:
@@ -171,44 +173,41 @@ class QemuEndpoint:
                     log.log("endpoint.ctrl_bad_input", reason=str(exc))
                     with contextlib.suppress(OSError):
                         conn.sock.sendall(BAD_CTRL_INPUT)
-                    return owned
+                    return
                 if req is None:
-                    return owned
+                    return
                 if req.code == CtrlCmd.SET_DATAFD:
-                    resp, data = self._set_datafd(req, conn)
-                    owned = data or owned
+                    resp = self._set_datafd(req, conn)
                 else:
                     resp = self._handler.handle(req)
                 conn.sock.sendall(encode_response(resp))
                 if req.code == CtrlCmd.SHUTDOWN and resp.result == 0:
-                    self._stop_data(None)
+                    self._stop_data()
                     if self.exit_on_shutdown:
                         self.stopped.set()
-                    return None
+                    return
         except OSError:
-            return owned
+            return
 
-    def _set_datafd(
-        self, req: CtrlRequest, conn: _FdStream
-    ) -> tuple[CtrlResponse, socket.socket | None]:
+    def _set_datafd(self, req: CtrlRequest, conn: _FdStream) -> CtrlResponse:
         fds, conn.fds = conn.fds, []
         with self._data_lock:
             thread = None if self._data is None else self._data[1]
             if thread is not None and thread.is_alive():
                 for fd in fds:
                     os.close(fd)
-                return CtrlResponse(req.code, result=TpmResult.IOERROR), None  # swtpm: err_io
+                return CtrlResponse(req.code, result=TpmResult.IOERROR)  # swtpm: err_io
             data_sock = _data_socket(fds)
             if data_sock is None:
-                return CtrlResponse(req.code, result=TpmResult.BAD_PARAMETER), None
+                return CtrlResponse(req.code, result=TpmResult.BAD_PARAMETER)
             thread = self._listeners.serve(data_sock, self._serve_data)
             self._data = (data_sock, thread)
-            return CtrlResponse(req.code), data_sock
+            return CtrlResponse(req.code)
 
-    def _stop_data(self, only: socket.socket | None) -> None:
-        """End the data channel (``only`` that one, if it is still the current one)."""
+    def _stop_data(self) -> None:
+        """End the data channel, if there is one."""
         with self._data_lock:
-            if self._data is None or (only is not None and self._data[0] is not only):
+            if self._data is None:
                 return
             sock, self._data = self._data[0], None
         self._listeners.shutdown(sock)
@@ -219,11 +218,11 @@ class QemuEndpoint:
         # The per-command path: one recv, the framer, the vTPM, one sendall.
         stream = Stream(sock)
         framer = CommandFramer()
-        transact = self.tpm.transact
+        tpm = self.tpm
         while True:
             try:
                 command = next_message(
-                    stream.read, framer, framer.next_command, frame_timeout=self.frame_timeout
+                    stream.read, framer, framer.next_data_command, frame_timeout=self.frame_timeout
                 )
             except (CtrlProtocolError, FrameTimeout) as exc:
                 # swtpm hands whatever one read() gave it to libtpms, which
@@ -237,4 +236,4 @@ class QemuEndpoint:
                 continue
             if command is None:
                 return
-            sock.sendall(transact(command))
+            sock.sendall(answer_data_command(tpm, command))

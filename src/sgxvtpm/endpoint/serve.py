@@ -60,10 +60,12 @@ def attach(
     access: SocketAccess = OWNER_ONLY,
     takeover: bool = False,
     credentials: Credentials | None = None,
+    terminate: bool = False,
 ) -> None:
-    """Serve VM ``name``'s vTPM to QEMU on the swtpm control socket ``ctrl``."""
+    """Serve VM ``name``'s vTPM to QEMU on the swtpm control socket ``ctrl``;
+    with ``terminate``, only until CMD_SHUTDOWN (as swtpm)."""
     backend = _attached(state, name, f"vm attach --ctrl {ctrl}", takeover, credentials)
-    endpoint = QemuEndpoint(backend, ctrl, access=access)
+    endpoint = QemuEndpoint(backend, ctrl, access=access, exit_on_shutdown=terminate)
     try:
         endpoint.start()
         print(f"attached {name}: -chardev socket,id=chrtpm,path={ctrl} "

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sgxvtpm.endpoint.backend import VmTpm, VtpmBackend
-from sgxvtpm.endpoint.ctrl import BAD_CTRL_INPUT, SUPPORTED_CAPS, CtrlHandler
+from sgxvtpm.endpoint.ctrl import BAD_CTRL_INPUT, SUPPORTED_CAPS, CtrlHandler, answer_data_command
 from sgxvtpm.endpoint.lifecycle import StopFlag
 from sgxvtpm.endpoint.listeners import OWNER_ONLY, Listeners, SocketAccess
 from sgxvtpm.endpoint.streams import FRAME_TIMEOUT, FrameTimeout, Stream, next_message
@@ -130,11 +130,11 @@ class SwtpmTssEndpoint(_TssBase):
         # The per-command path: one recv, the framer, the vTPM, one sendall.
         stream = Stream(sock)
         framer = CommandFramer()
-        transact = self.tpm.transact
+        tpm = self.tpm
         while True:
             try:
                 command = next_message(
-                    stream.read, framer, framer.next_command,
+                    stream.read, framer, framer.next_data_command,
                     frame_timeout=self.frame_timeout, idle_timeout=self.idle_timeout,
                 )
             except CtrlProtocolError as exc:
@@ -147,7 +147,7 @@ class SwtpmTssEndpoint(_TssBase):
                 return
             if command is None:
                 return
-            sock.sendall(transact(command))
+            sock.sendall(answer_data_command(tpm, command))
 
     def _serve_ctrl(self, sock: socket.socket) -> None:
         stream = Stream(sock)

@@ -176,6 +176,9 @@ def _libtpms() -> ctypes.CDLL:
     _sig(lib, "TPMLIB_GetState", u32, ctypes.c_int, ctypes.POINTER(_u8p), u32p)
     _sig(lib, "TPM_IO_TpmEstablished_Get", u32, ctypes.POINTER(ctypes.c_ubyte))
     _sig(lib, "TPM_IO_TpmEstablished_Reset", u32)
+    _sig(lib, "TPM_IO_Hash_Start", u32)
+    _sig(lib, "TPM_IO_Hash_Data", u32, ctypes.c_char_p, u32)
+    _sig(lib, "TPM_IO_Hash_End", u32)
     _sig(lib, "TPM_Free", None, ctypes.c_void_p)
     _sig(lib, "TPMLIB_SetDebugFD", None, ctypes.c_int)
     _silence_diagnostics(lib)
@@ -553,6 +556,38 @@ class LibtpmsEngine:
                 self._locality = saved
             if rc != TPM_SUCCESS:
                 raise EngineError(f"TPM_IO_TpmEstablished_Reset at locality {locality}", rc)
+
+    def hash_start(self, locality: int) -> None:
+        """_TPM_Hash_Start at ``locality`` (TPM_IO_Hash_Start; Part 1, 34.3)."""
+        self._indication("TPM_IO_Hash_Start", locality)
+
+    def hash_data(self, data: bytes, locality: int) -> None:
+        """_TPM_Hash_Data with ``data`` at ``locality`` (TPM_IO_Hash_Data)."""
+        self._indication("TPM_IO_Hash_Data", locality, bytes(data), len(data))
+
+    def hash_end(self, locality: int) -> None:
+        """_TPM_Hash_End at ``locality`` (TPM_IO_Hash_End): extends the DRTM PCR."""
+        self._indication("TPM_IO_Hash_End", locality)
+
+    def _indication(self, name: str, locality: int, *args: Any) -> None:
+        """Call the libtpms entry point ``name`` as if the platform signalled it
+        from ``locality``; EngineError with libtpms' TPM_RESULT if it refuses."""
+        if not 0 <= locality <= _MAX_LOCALITY:
+            raise ValueError(f"locality must be 0..4, got {locality}")
+        with self._lock:
+            if not self._running:
+                raise EngineMisuseError(f"{name} on a stopped engine")
+            saved, self._locality = self._locality, locality
+            failures = self._store_failures
+            try:
+                rc = getattr(_libtpms(), name)(*args)
+            finally:
+                self._locality = saved
+            self._raise_pending_base_exception()
+            if rc == TPM_SUCCESS and self._store_failures != failures:
+                rc = TPM_FAIL  # a PCR change that is not durable is not a success
+            if rc != TPM_SUCCESS:
+                raise EngineError(f"{name} at locality {locality}", rc)
 
     def get_info(self, flags: int) -> str:
         """TPMLIB_GetInfo JSON (flags: 1 specification, 2 attributes, 4 features)."""

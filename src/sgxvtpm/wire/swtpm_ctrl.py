@@ -23,7 +23,17 @@ with this codec (tests/e2e/test_ctrl_channel.py):
   bytes from QEMU (u8 locality, 3 padding bytes: tpm_emulator.c sends the
   whole union) but 1 byte from tcti-swtpm; swtpm copes because it takes
   whatever one read() returns. Without a length field the decoder must be
-  told which: ``locality_body`` (4 for QEMU, 1 for tcti-swtpm).
+  told which: ``locality_body`` (4 for QEMU, 1 for tcti-swtpm), or
+  :data:`LOCALITY_AS_READ`, which does what swtpm does for a socket that
+  serves both (QEMU and swtpm_ioctl, which sends 1 byte): the body is 4
+  bytes if 4 are already buffered and the last 3 are zero padding, else 1.
+  That relies on what every client does: wait for the answer before the
+  next request.
+- With PTM_CAP_SEND_COMMAND_HEADER (swtpm's tpmlib.c) a data-channel command
+  may carry the TCG prefix of tcti-mssim's TPM_SEND_COMMAND: u32 8, u8
+  locality, u32 size; it is recognised by a first u16 that is not a TPM 2.0
+  command tag (0x8001/0x8002). The answer then has a u32 size before and a
+  u32 0 after the response, and the locality stays set for the next commands.
 
 The data channel carries raw TPM commands and responses (no prefix); a
 :class:`CommandFramer` cuts commands out of the byte stream by their header.
@@ -143,6 +153,9 @@ _VARIABLE_HEADER = {CtrlCmd.HASH_DATA: 4, CtrlCmd.SET_STATEBLOB: 12}
 _LOCALITY_CODES = frozenset({CtrlCmd.SET_LOCALITY, CtrlCmd.RESET_TPMESTABLISHED})
 #: QEMU's body size for the locality commands: sizeof(ptm_loc) = sizeof(ptm_reset_est).
 QEMU_LOCALITY_BODY = 4
+#: ``locality_body`` for "1 or 4 bytes, as buffered" (see the module docstring).
+LOCALITY_AS_READ = 0
+_LOCALITY_BODIES = (LOCALITY_AS_READ, 1, QEMU_LOCALITY_BODY)
 
 
 @dataclass(frozen=True)
@@ -261,14 +274,14 @@ class _Buffered(BufferedDecoder):
 class CtrlRequestDecoder(_Buffered):
     """Server side: control bytes in, :class:`CtrlRequest` out.
 
-    ``locality_body``: 4 for QEMU (the default), 1 for tcti-swtpm (see the
-    module docstring).
+    ``locality_body``: 4 for QEMU (the default), 1 for tcti-swtpm,
+    LOCALITY_AS_READ for both (see the module docstring).
     """
 
     def __init__(self, max_blob: int = MAX_BLOB, locality_body: int = QEMU_LOCALITY_BODY) -> None:
         super().__init__()
-        if locality_body not in (1, QEMU_LOCALITY_BODY):
-            raise CtrlUsageError(f"locality_body must be 1 or 4, got {locality_body}")
+        if locality_body not in _LOCALITY_BODIES:
+            raise CtrlUsageError(f"locality_body must be 0, 1 or 4, got {locality_body}")
         self.max_blob = max_blob
         self.locality_body = locality_body
 
@@ -287,13 +300,26 @@ class CtrlRequestDecoder(_Buffered):
                 raise self._fail(f"control command {code} announces {length} bytes")
             body_size = fixed + length
         elif code in _LOCALITY_CODES:
-            body_size = self.locality_body
+            body_size = self._locality_size()
+            if not body_size:
+                return None
         else:
             body_size = _FIXED_BODY.get(code, 0)
         if not self._need(4 + body_size):
             return None
         message = self._take(4 + body_size)
         return _parse_request(code, message[4:])
+
+    def _locality_size(self) -> int:
+        """The locality body's size; 0 until it can be told."""
+        if self.locality_body != LOCALITY_AS_READ:
+            return self.locality_body
+        if not self._need(5):
+            return 0
+        full = 4 + QEMU_LOCALITY_BODY
+        if len(self._buf) >= full and not any(self._buf[5:full]):
+            return QEMU_LOCALITY_BODY
+        return 1
 
 
 # ------------------------------------------------------------------ responses
@@ -400,6 +426,27 @@ class CtrlResponseDecoder(_Buffered):
 # ------------------------------------------------------------------ data channel
 
 
+#: TPM_SEND_COMMAND, the ``cmd`` of the TCG command prefix (SEND_COMMAND_HEADER).
+SEND_COMMAND = 8
+_PREFIX = struct.Struct(">IBI")
+_TPM2_TAGS = (b"\x80\x01", b"\x80\x02")
+
+
+@dataclass(frozen=True)
+class DataCommand:
+    """One data-channel command; ``locality`` is the TCG prefix's (None: no prefix)."""
+
+    command: bytes
+    locality: int | None = None
+
+    def frame_response(self, response: bytes) -> bytes:
+        """The response as the client expects it: with the prefix's size and
+        trailing u32 0 if the command had the prefix."""
+        if self.locality is None:
+            return response
+        return _U32.pack(len(response)) + response + bytes(4)
+
+
 class CommandFramer(_Buffered):
     """Cuts raw TPM commands (or responses) out of a data-channel byte stream.
 
@@ -423,3 +470,27 @@ class CommandFramer(_Buffered):
         if not self._need(size):
             return None
         return self._take(size)
+
+    def next_data_command(self) -> DataCommand | None:
+        """Like :meth:`next_command`, also taking commands with the TCG prefix
+        (see the module docstring); the prefix's size must be the command's."""
+        self._check()
+        if not self._need(2):
+            return None
+        if bytes(self._buf[:2]) in _TPM2_TAGS:
+            command = self.next_command()
+            return None if command is None else DataCommand(command)
+        if not self._need(_PREFIX.size):
+            return None
+        cmd, locality, size = _PREFIX.unpack_from(self._buf)
+        if cmd != SEND_COMMAND:
+            return None if (command := self.next_command()) is None else DataCommand(command)
+        if not HEADER_SIZE <= size <= self.max_size:
+            raise self._fail(f"TCG prefix announces {size} bytes, outside "
+                             f"{HEADER_SIZE}..{self.max_size}")
+        if not self._need(_PREFIX.size + size):
+            return None
+        command = self._take(_PREFIX.size + size)[_PREFIX.size:]
+        if _U32.unpack_from(command, 2)[0] != size:
+            raise self._fail("TCG prefix size differs from the command's size field")
+        return DataCommand(command, locality)

@@ -39,7 +39,14 @@ STORE_VOLATILE -                               -
 GET_INFO       u64 flags                       UTF-8 JSON
 ATTACH         u32 flags (1: takeover),        - (refused: TPM_RESOURCES and
                UTF-8 JSON about the endpoint   UTF-8 JSON about the holder)
+HASH_START     - (uses the header locality)    -
+HASH_DATA      data (header locality)          -
+HASH_END       - (uses the header locality)    -
 ============== =============================== ================================
+
+HASH_START/DATA/END are swtpm's CMD_HASH_*: the TPM's _TPM_Hash_Start,
+_TPM_Hash_Data and _TPM_Hash_End indications (TPM 2.0 Part 1, 34.3: the
+DRTM sequence, at locality 4), which extend PCR 17.
 
 ATTACH is answered by the instance enclave, not by the TPM: a VM's TPM has
 one endpoint at a time (as swtpm has one process per state), so a K2
@@ -102,6 +109,9 @@ class VtpmOp(enum.IntEnum):
     STORE_VOLATILE = 11
     GET_INFO = 12
     ATTACH = 13  # not a swtpm command: claims the VM's TPM for this session
+    HASH_START = 14
+    HASH_DATA = 15
+    HASH_END = 16
 
 
 class TpmResult(enum.IntEnum):
@@ -149,6 +159,9 @@ _FIXED_PAYLOAD: dict[VtpmOp, int | None] = {
     VtpmOp.STORE_VOLATILE: 0,
     VtpmOp.GET_INFO: 8,
     VtpmOp.ATTACH: None,
+    VtpmOp.HASH_START: 0,
+    VtpmOp.HASH_DATA: None,
+    VtpmOp.HASH_END: 0,
 }
 
 
@@ -159,8 +172,8 @@ class VtpmRequest:
     - ``flags``: INIT and ATTACH flags (u32) or GET_INFO flags (u64);
     - ``size``: SET_BUFFERSIZE;
     - ``blob_type``: GET/SET_STATEBLOB;
-    - ``data``: the TPM command (TPM_COMMAND), the blob (SET_STATEBLOB) or
-      the endpoint's description (ATTACH).
+    - ``data``: the TPM command (TPM_COMMAND), the blob (SET_STATEBLOB),
+      the endpoint's description (ATTACH) or the bytes to hash (HASH_DATA).
     """
 
     op: VtpmOp
@@ -202,6 +215,10 @@ class VtpmRequest:
     @classmethod
     def attach(cls, flags: int = 0, info: bytes = b"") -> VtpmRequest:
         return cls(VtpmOp.ATTACH, flags=flags, data=bytes(info))
+
+    @classmethod
+    def hash_data(cls, data: bytes, locality: int = 0) -> VtpmRequest:
+        return cls(VtpmOp.HASH_DATA, locality=locality, data=bytes(data))
 
 
 @dataclass(frozen=True)
@@ -271,7 +288,7 @@ def encode_request(request: VtpmRequest) -> bytes:
         raise VtpmUsageError(f"locality must be 0..{MAX_LOCALITY}, got {request.locality}")
     head = _REQ_HEADER.pack(op, request.locality, 0)
     body: bytes
-    if op is VtpmOp.TPM_COMMAND:
+    if op in (VtpmOp.TPM_COMMAND, VtpmOp.HASH_DATA):
         body = bytes(request.data)
     elif op is VtpmOp.INIT:
         _check_u32("INIT flags", request.flags)
@@ -328,7 +345,7 @@ def decode_request(message: bytes) -> VtpmRequest:
     fixed = _FIXED_PAYLOAD[op]
     if fixed is not None and len(body) != fixed:
         raise VtpmProtocolError(f"{op.name} payload of {len(body)} bytes, expected {fixed}")
-    if op is VtpmOp.TPM_COMMAND:
+    if op in (VtpmOp.TPM_COMMAND, VtpmOp.HASH_DATA):
         return VtpmRequest(op, locality, data=body)
     if op is VtpmOp.INIT:
         return VtpmRequest(op, locality, flags=_U32.unpack(body)[0])
