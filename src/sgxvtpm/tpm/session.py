@@ -254,7 +254,7 @@ class HmacSession:
     auth_hash: int = TPM2_ALG.SHA256
     rng: Random = os.urandom
     _nonce_caller: bytes = b""
-    _pending: tuple[int, bytes, int] | None = None  # command code, authValue, attributes
+    _pending: tuple[int, bytes, int] | None = None  # command code, authValue, sessions
     _broken: bool = field(default=False)
 
     @classmethod
@@ -309,13 +309,14 @@ class HmacSession:
         ).digest()
         ours = u32(self.handle) + tpm2b(nonce) + u8(attributes) + tpm2b(mac)
         self._nonce_caller = nonce
-        self._pending = (code, auth.auth_value, attributes)
+        self._pending = (code, auth.auth_value, len(password_sessions) + 1)
         return build_command(code, params, handles, [*password_sessions, ours])
 
-    def response(self, response: bytes, handles: int = 0, position: int = -1) -> bytes:
+    def response(self, response: bytes, handles: int = 0) -> bytes:
         """The parameters of a successful ``response``, once its HMAC verified.
 
-        ``position``: which TPMS_AUTH_RESPONSE is ours (the last by default).
+        Ours is the last TPMS_AUTH_RESPONSE; a password session's answer before
+        it carries nothing authenticated, and nothing we use.
         An error code raises TpmResponseError (the session is then unchanged on
         the TPM, Part 1 19.6.2); anything that does not authenticate raises
         SessionError and breaks this session.
@@ -323,15 +324,21 @@ class HmacSession:
         self._check_usable()
         if self._pending is None:
             raise UsageError("no command is waiting for a response on this session")
-        code, auth_value, _ = self._pending
+        code, auth_value, count = self._pending
         self._pending = None
-        rc = response_code(response)
+        try:
+            rc = response_code(response)
+        except ValueError:  # TpmProtocolError: not even a TPM response
+            self._broken = True
+            raise SessionError("the TPM response does not authenticate") from None
         if rc != TPM2_RC.SUCCESS:
             raise TpmResponseError(rc, code)
         try:
             params, auth_area = _split_response(response, handles)
-            nonce_tpm, attributes, mac = auth_area[position]
-        except (ValueError, IndexError):
+            if len(auth_area) != count:  # one answer per session sent (Part 1, 18.10)
+                raise ValueError("wrong number of sessions")
+            nonce_tpm, attributes, mac = auth_area[-1]
+        except ValueError:
             self._broken = True
             raise SessionError("the TPM response does not authenticate") from None
         rp_hash = digest(self.auth_hash, u32(TPM2_RC.SUCCESS) + u32(code) + params)
