@@ -24,7 +24,7 @@ from sgxvtpm.platform.base import EnclaveIdentity, EnclavePlatform, PlatformErro
 from sgxvtpm.platform.sim import SimPlatformDir
 from sgxvtpm.platform.tpm_counters import TpmCountedPlatform, TpmCounters, provision
 from sgxvtpm.tpm import wire
-from sgxvtpm.tpm.constants import HEADER_SIZE, TPM2_CC, TPM2_RH, TPM2_ST, TPMA_NV
+from sgxvtpm.tpm.constants import HEADER_SIZE, TPM2_ALG, TPM2_CC, TPM2_RH, TPM2_ST, TPMA_NV
 from sgxvtpm.tpm.nv import execute
 from sgxvtpm.tpm.nvcounter import CounterError, HostTpmCounters, counter_public
 from sgxvtpm.tpm.session import nv_name
@@ -300,3 +300,31 @@ def test_sealed_state_rollback_is_caught_with_tpm_counters(
         enclave_platform, TpmCounters.open(enclave_platform, mitm.transact, config)
     )
     assert again.counter_read(counter) == platform.counter_read(counter) == sealed.version
+
+
+def test_tpm2_pytss_esapi_agrees_with_our_sessions(mitm: Mitm, keys: dict[str, int]) -> None:
+    """ESAPI (tpm2-tss), in its own session salted to the same key, reads and increments
+    the index we defined: our encrypted authValue and our Names are what the TPM holds."""
+    esys = pytest.importorskip("tpm2_pytss")
+    counters = _counters(mitm, keys, "rsa")
+    counters.create("c")
+    value = counters.increment("c")
+    ctx = esys.ESAPI(mitm.tpm.tcti)  # swtpm serves one connection at a time: ours wait
+    try:
+        key = ctx.tr_from_tpmpublic(keys["rsa"])
+        aes = esys.TPMT_SYM_DEF(
+            algorithm=TPM2_ALG.AES,
+            keyBits=esys.TPMU_SYM_KEY_BITS(aes=128),
+            mode=esys.TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
+        )
+        session = ctx.start_auth_session(
+            key, esys.ESYS_TR.NONE, esys.TPM2_SE.HMAC, aes, TPM2_ALG.SHA256
+        )
+        nv = ctx.tr_from_tpmpublic(counters.index("c"))
+        ctx.tr_set_auth(nv, counters._auth("c"))
+        assert int.from_bytes(bytes(ctx.nv_read(nv, 8, 0, nv, session1=session)), "big") == value
+        ctx.nv_increment(nv, nv, session1=session)
+        ctx.flush_context(session)
+    finally:
+        ctx.close()
+    assert counters.read("c") == value + 1

@@ -21,7 +21,8 @@ pinned (its Name), so the host relays bytes it can neither read nor forge:
 What the host can still do (SECURITY.md): refuse service, clear the TPM or
 undefine an index (the counter is then missing, which sealed state reports);
 a TPM_NT_COUNTER defined again starts above the highest value any counter of
-that TPM ever had (Part 1, 37.2.4), so undefining never moves a counter back.
+that TPM ever had (Part 1, "NV Counter"; tested on libtpms), so undefining
+never moves a counter back.
 Its owner authorization (``owner_auth``, usually empty) is the host's to give.
 
 ``transact`` sends one command and returns its response (nv.Transact); the
