@@ -22,7 +22,12 @@ from sgxvtpm.enclaves.sealing import SealError, SealKind
 from sgxvtpm.enclaves.state import SealedFile
 from sgxvtpm.platform.base import EnclaveIdentity, EnclavePlatform, PlatformError
 from sgxvtpm.platform.sim import SimPlatformDir
-from sgxvtpm.platform.tpm_counters import TpmCountedPlatform, TpmCounters, provision
+from sgxvtpm.platform.tpm_counters import (
+    TpmCountedPlatform,
+    TpmCounters,
+    counter_secret,
+    provision,
+)
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import HEADER_SIZE, TPM2_ALG, TPM2_CC, TPM2_RH, TPM2_ST, TPMA_NV
 from sgxvtpm.tpm.nv import execute
@@ -292,6 +297,7 @@ def test_sealed_state_rollback_is_caught_with_tpm_counters(
     sealed.create(b"v1")
     old = path.read_bytes()
     sealed.commit(b"v2")
+    current = path.read_bytes()
     path.write_bytes(old)  # the host puts the older sealed file back
     with pytest.raises(SealError, match="older than the platform counter"):
         SealedFile(platform, SealKind.INSTANCE_STATE, owner, path).load()
@@ -300,6 +306,14 @@ def test_sealed_state_rollback_is_caught_with_tpm_counters(
         enclave_platform, TpmCounters.open(enclave_platform, mitm.transact, config)
     )
     assert again.counter_read(counter) == platform.counter_read(counter) == sealed.version
+    # The host undefines the index (or clears its TPM): the state is refused, not reset.
+    path.write_bytes(current)
+    index = HostTpmCounters(
+        mitm.transact, config.key_handle, config.key_name, counter_secret(enclave_platform)
+    ).index(counter)
+    execute(mitm.tpm.transact, wire.nv_undefine_space(index))
+    with pytest.raises(SealError, match=r"platform counter unavailable.*does not exist"):
+        SealedFile(platform, SealKind.INSTANCE_STATE, owner, path).load()
 
 
 def test_tpm2_pytss_esapi_agrees_with_our_sessions(mitm: Mitm, keys: dict[str, int]) -> None:
