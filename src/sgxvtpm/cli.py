@@ -181,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also accept this TCB status (UpToDate always is); repeatable")
     aq.add_argument("--json", action="store_true")
 
+    gramine = sub.add_parser("gramine", help="the Gramine backend (docs/REAL-SGX.md)")
+    gramine_sub = gramine.add_subparsers(dest="gramine_command", required=True)
+    gm = gramine_sub.add_parser("manifest", help="render and check an enclave's manifest template")
+    gm.add_argument("--role", required=True, choices=("manager", "instance"))
+    _add_state_dir(gm)
+
     demo = sub.add_parser("demo", help="start hostd, create a VM's vTPM, use it")
     _add_state_dir(demo)
     bench = sub.add_parser("bench", help="run the benchmark suite (writes BENCHMARKS.md)")
@@ -336,6 +342,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_vm(args))
         if args.command == "ca":
             return asyncio.run(_ca(args))
+        if args.command == "gramine":
+            from sgxvtpm.enclaves.specs import PACKAGE_ROOT, instance_spec, manager_spec
+            from sgxvtpm.platform.gramine.backend import GRAMINE
+            from sgxvtpm.platform.gramine.manifest import check, render
+
+            spec = (manager_spec if args.role == "manager" else instance_spec)(GRAMINE)
+            rendered = render(spec, args.role, state_dir=_state(args).root.resolve(),
+                              package_root=PACKAGE_ROOT)
+            check(rendered.text, spec.code_files, PACKAGE_ROOT)  # printed only once checked
+            print(rendered.text, end="")
+            return 0
         if args.command == "attest" and args.attest_command == "quote":
             from sgxvtpm.attest.quote import run as quote_run
 
