@@ -236,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     aq.add_argument("--json", action="store_true",
                     help="print the verified identity and TCB status as JSON")
 
+    gramine = sub.add_parser("gramine", help="the Gramine backend (docs/REAL-SGX.md)")
+    gramine_sub = gramine.add_subparsers(dest="gramine_command", required=True,
+                                         help="what to do")
+    gm = gramine_sub.add_parser("manifest", help="render and check an enclave's manifest template")
+    gm.add_argument("--role", required=True, choices=("manager", "instance"),
+                    help="which enclave's manifest")
+    _add_state_dir(gm)
+
     demo = sub.add_parser("demo", help="start hostd, create a VM's vTPM, use it")
     _add_state_dir(demo)
     bench = sub.add_parser("bench", help="run the benchmark suite (writes BENCHMARKS.md)")
@@ -262,6 +270,8 @@ EXAMPLES: dict[str, str] = {
     "attest": "sgxvtpm attest verify vm1 --json",
     "attest verify": "sgxvtpm attest verify vm1 --ca manager",
     "attest quote": "sgxvtpm attest quote quote.bin --collateral collateral.json --json",
+    "gramine": "sgxvtpm gramine manifest --role instance > instance.manifest.toml",
+    "gramine manifest": "sgxvtpm gramine manifest --role instance > instance.manifest.toml",
     "demo": "sgxvtpm demo",
     "bench": "sgxvtpm bench --quick",
 }
@@ -529,6 +539,17 @@ def _run(args: argparse.Namespace) -> int:
         return asyncio.run(_vm(args))
     if args.command == "ca":
         return asyncio.run(_ca(args))
+    if args.command == "gramine":
+        from sgxvtpm.enclaves.specs import PACKAGE_ROOT, instance_spec, manager_spec
+        from sgxvtpm.platform.gramine.backend import GRAMINE
+        from sgxvtpm.platform.gramine.manifest import check, render
+
+        spec = (manager_spec if args.role == "manager" else instance_spec)(GRAMINE)
+        rendered = render(spec, args.role, state_dir=_state(args).root.resolve(),
+                          package_root=PACKAGE_ROOT)
+        check(rendered.text, spec.code_files, PACKAGE_ROOT)  # printed only once checked
+        print(rendered.text, end="")
+        return 0
     if args.command == "attest" and args.attest_command == "quote":
         from sgxvtpm.attest.quote import run as quote_run
 

@@ -236,7 +236,7 @@ class Hostd:
         self, enclave: Enclave, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         # Instances (loop.InstanceLoop) take over their clients' connections.
-        handoff = enclave.name != "manager"
+        handoff = enclave.name != "manager" and self.platform.connection_handoff
         await self.relay.serve(
             reader, writer, kind="enclave", name=enclave.name, accepts_handoff=handoff
         )

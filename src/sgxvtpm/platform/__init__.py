@@ -3,8 +3,9 @@
 The types live in :mod:`sgxvtpm.platform.base`. :func:`open_platform` opens a
 backend (hostd's loader, signer and attestation root); :func:`platform_kind`
 gives what a verifier needs of one (its measurement, its quote verifier).
-This module is the one place outside a backend's package that names it. Only
-``sim`` runs on this machine (no SGX hardware).
+This module is the one place outside a backend's package that names it.
+``sim`` and ``gramine-sim`` (the Gramine enclave code path on the sim
+platform) run on this machine; ``gramine`` needs SGX hardware.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from sgxvtpm.platform.base import (
     VerifiedQuote,
 )
 
-PLATFORMS = ("sim", "gramine")
+PLATFORMS = ("sim", "gramine-sim", "gramine")
 DEFAULT_PLATFORM = "sim"
 
 __all__ = [
@@ -71,13 +72,23 @@ __all__ = [
 def platform_kind(name: str = DEFAULT_PLATFORM) -> PlatformKind:
     """The kind of platform called ``name``: how its enclaves are measured and quoted.
 
-    ``"sim"``: the simulated SGX platform. ``"gramine"`` needs SGX hardware and
-    raises PlatformError here; anything else raises ValueError.
+    ``"sim"``: the simulated SGX platform; ``"gramine-sim"``: the Gramine code
+    path on it (platform/sim/gramine_sim.py); ``"gramine"``: Gramine on SGX
+    hardware (its MRENCLAVE comes from gramine-sgx-sign: ``measure`` raises
+    PlatformError); anything else raises ValueError.
     """
     if name == "sim":
         from sgxvtpm.platform.sim.backend import SIM
 
         return SIM
+    if name == "gramine-sim":
+        from sgxvtpm.platform.sim.gramine_sim import GRAMINE_SIM
+
+        return GRAMINE_SIM
+    if name == "gramine":
+        from sgxvtpm.platform.gramine.backend import GRAMINE
+
+        return GRAMINE
     raise _unavailable(name)
 
 
@@ -97,6 +108,10 @@ def open_platform(
         from sgxvtpm.platform.sim.backend import SimBackend
 
         return SimBackend.open(Path(path), preload=preload, release=release)
+    if name == "gramine-sim":
+        from sgxvtpm.platform.sim.backend import GramineSimBackend
+
+        return GramineSimBackend.open(Path(path), preload=preload, release=release)
     raise _unavailable(name)
 
 
@@ -108,7 +123,7 @@ def _unavailable(name: str) -> Exception:
                 "(no /dev/sgx_enclave): use 'sim'"
             )
         return PlatformError(
-            "platform 'gramine' needs a Gramine backend (platform/gramine/), which this "
-            "sgxvtpm does not have yet: use 'sim'"
+            "platform 'gramine': the gramine-sgx launcher is not wired into hostd yet "
+            "(docs/REAL-SGX.md); 'gramine-sim' runs the same enclave code path on the sim"
         )
     return ValueError(f"unknown platform {name!r}: expected one of {', '.join(PLATFORMS)}")

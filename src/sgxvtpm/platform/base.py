@@ -283,6 +283,12 @@ class PlatformBackend(PlatformKind, Protocol):
     """
 
     @property
+    def connection_handoff(self) -> bool:
+        """Whether an instance enclave can take a client's connection (SCM_RIGHTS on
+        its stream); False on Gramine, whose host stream is stdio."""
+        ...
+
+    @property
     def loader(self) -> Loader:
         """Launches enclaves from signed specs."""
         ...

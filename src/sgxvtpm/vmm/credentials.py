@@ -200,10 +200,11 @@ class HostCredentials:
         """The kind of platform this host's enclaves run on: how their quotes are
         checked and which MRENCLAVE to expect (enclaves/specs.py, expected_policy).
 
-        Always the default (``sim``, the only backend this sgxvtpm has); a host
-        on another kind would have it pinned next to ``root_ca.pem``.
+        The verifier's own choice, never the host's claim: ``$SGXVTPM_PLATFORM``
+        (``sim``, ``gramine-sim``; the kind hostd runs with ``--platform``),
+        else the default, ``sim``.
         """
-        return platform_kind(DEFAULT_PLATFORM)
+        return platform_kind(os.environ.get("SGXVTPM_PLATFORM") or DEFAULT_PLATFORM)
 
     def verifier(self) -> QuoteVerifier:
         return verifier_for(self, self.attestation_root())

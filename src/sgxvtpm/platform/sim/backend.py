@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sgxvtpm.platform.base import EnclaveSpec, QuoteVerifier
+from sgxvtpm.platform.sim.gramine_sim import GramineSimKind
 from sgxvtpm.platform.sim.loader import SimLoader
 from sgxvtpm.platform.sim.measure import measure_mrenclave
 from sgxvtpm.platform.sim.quote import SimQuoteVerifier
@@ -22,6 +23,8 @@ class SimKind:
     name = "sim"
     # The zygote forks every sim enclave: it runs in each one before the entry.
     enclave_bootstrap: tuple[str, ...] = ("sgxvtpm.platform.sim.zygote",)
+    # hostd may hand an authenticated client's connection to an instance.
+    connection_handoff = True
 
     def measure(self, spec: EnclaveSpec) -> bytes:
         return measure_mrenclave(spec)
@@ -50,6 +53,35 @@ class SimBackend(SimKind):
         cls, path: Path, *, preload: Sequence[str] = (), release: str = ""
     ) -> SimBackend:
         return cls(SimLoader(Path(path), preload=preload, release=release))
+
+    @property
+    def loader(self) -> SimLoader:
+        return self._loader
+
+    @property
+    def attestation_root_pem(self) -> bytes:
+        return self._loader.attestation_root_pem
+
+    def signed(self, spec: EnclaveSpec) -> EnclaveSpec:
+        return self._loader.signed(spec)
+
+    def close(self) -> None:
+        self._loader.close()
+
+
+class GramineSimBackend(GramineSimKind):
+    """base.PlatformBackend of gramine-sim (platform/sim/gramine_sim.py): the sim CPU
+    launches one stand-in process per enclave, which runs the Gramine code path."""
+
+    def __init__(self, loader: SimLoader) -> None:
+        self._loader = loader
+
+    @classmethod
+    def open(
+        cls, path: Path, *, preload: Sequence[str] = (), release: str = ""
+    ) -> GramineSimBackend:
+        del preload  # no zygote: every enclave is a fresh process
+        return cls(SimLoader(Path(path), release=release, gramine_sim=True))
 
     @property
     def loader(self) -> SimLoader:

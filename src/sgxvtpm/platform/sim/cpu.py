@@ -45,16 +45,19 @@ from typing import Any
 
 from sgxvtpm.platform.base import (
     AttestationError,
+    EnclaveIdentity,
     KeyName,
     KeyPolicy,
     KeyRequest,
     PlatformError,
+    PlatformKind,
     ReportBody,
     TargetInfo,
 )
 from sgxvtpm.platform.sim import sigstruct
 from sgxvtpm.platform.sim.backend import SIM
 from sgxvtpm.platform.sim.enclave import SimEnclavePlatform
+from sgxvtpm.platform.sim.gramine_sim import GRAMINE_SIM, start_stand_in
 from sgxvtpm.platform.sim.measure import attributes_of, identity_of, mrenclave_of, read_code
 from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
 from sgxvtpm.platform.sim.report import pack_report_body
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--platform-dir", required=True)
     p.add_argument("--preload", default="")
     p.add_argument("--release", default="", help="module:function giving the specs to sign")
+    p.add_argument("--gramine-sim", action="store_true",
+                   help="one stand-in process per enclave over /dev/attestation (gramine_sim.py)")
     opts = p.parse_args(argv)
     log.configure("sim-cpu")
     ctl = socket.socket(fileno=opts.control_fd)
@@ -87,10 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     except PlatformError as exc:
         send_message(ctl, {"ready": False, "error": str(exc)})
         return 2
-    cpu = Cpu(platform, opts.preload)
+    cpu = Cpu(platform, opts.preload, gramine_sim=opts.gramine_sim)
     try:
-        sigstructs = sign_release(platform, opts.release) if opts.release else {}
-        cpu.start_zygote()
+        kind = GRAMINE_SIM if opts.gramine_sim else SIM
+        sigstructs = sign_release(platform, opts.release, kind) if opts.release else {}
+        if not opts.gramine_sim:
+            cpu.start_zygote()
     except (PlatformError, ImportError, AttributeError, OSError) as exc:
         send_message(ctl, {"ready": False, "error": str(exc)})
         return 2
@@ -131,8 +138,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class Cpu:
-    def __init__(self, platform: SimPlatformDir, preload: str) -> None:
+    def __init__(
+        self, platform: SimPlatformDir, preload: str, *, gramine_sim: bool = False
+    ) -> None:
         self.platform = platform
+        self.gramine_sim = gramine_sim
         self._preload = preload
         self._zygote: subprocess.Popen[bytes] | None = None
         self._zctl: socket.socket | None = None
@@ -166,6 +176,8 @@ class Cpu:
             bool(header.get("debug", False)),
         )
         sigstruct.einit_check(sig, identity)
+        if self.gramine_sim:
+            return self._launch_stand_in(header, blob, stream_fd, identity, config)
         cpu_end, enclave_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             request = {k: header[k] for k in ("name", "entry", "config_len", "files", "args")}
@@ -199,6 +211,47 @@ class Cpu:
             "zygote_pid": self.zygote_pid,
             "identity": body.hex(),
         }, pidfds
+
+    def _launch_stand_in(
+        self,
+        header: Mapping[str, Any],
+        blob: bytearray,
+        stream_fd: int,
+        identity: EnclaveIdentity,
+        config: bytes,
+    ) -> tuple[dict[str, Any], list[int]]:
+        """gramine-sim: a new process per enclave (as gramine-sgx), no zygote.
+
+        The stand-in (:mod:`.gramine_sim`) gets the host stream as stdin and
+        stdout and its ENCLU socket; it fetches its measured code over that
+        socket (op ``code``), once.
+        """
+        cpu_end, enclave_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = start_stand_in(
+                stream_fd, enclave_end.fileno(), str(header["entry"]), str(header["name"])
+            )
+        except BaseException:
+            cpu_end.close()
+            raise
+        finally:
+            enclave_end.close()
+        enclave = self.platform.enclave_platform(identity, config=config)
+        code = ({k: header[k] for k in ("config_len", "files")}, bytes(blob))
+        collateral = self.platform.dcap_collateral()
+        thread = threading.Thread(
+            target=_serve_stand_in,
+            args=(cpu_end, enclave, code, collateral, proc),
+            name=f"enclu-{proc.pid}",
+            daemon=True,
+        )
+        thread.start()
+        self._enclu_threads = [t for t in self._enclu_threads if t.is_alive()] + [thread]
+        log.log("platform.enclave_launched", enclave=header["name"], pid=proc.pid,
+                mrenclave=identity.mrenclave.hex(), kind="gramine-sim")
+        body = pack_report_body(ReportBody(identity=identity, report_data=bytes(64)))
+        pidfd = os.pidfd_open(proc.pid)
+        return {"ok": True, "pid": proc.pid, "zygote_pid": 0, "identity": body.hex()}, [pidfd]
 
     # -- the zygote --------------------------------------------------------------
     def _to_zygote(
@@ -266,10 +319,12 @@ class Cpu:
         self._zctl, self._zygote = None, None
 
 
-def sign_release(platform: SimPlatformDir, release: str) -> dict[str, bytes]:
+def sign_release(
+    platform: SimPlatformDir, release: str, kind: PlatformKind = SIM
+) -> dict[str, bytes]:
     """SIGSTRUCTs, by enclave name, for the specs ``release`` ("module:function") builds."""
     module_name, _, func_name = release.partition(":")
-    specs = getattr(importlib.import_module(module_name), func_name)(SIM)
+    specs = getattr(importlib.import_module(module_name), func_name)(kind)
     key = platform.signer_private_key()
     signed = {}
     for spec in specs:
@@ -285,7 +340,26 @@ def sign_release(platform: SimPlatformDir, release: str) -> dict[str, bytes]:
 # -- ENCLU, answered for one identity ------------------------------------------
 
 
-def serve_enclu(sock: socket.socket, enclave: SimEnclavePlatform) -> None:
+def _serve_stand_in(
+    sock: socket.socket,
+    enclave: SimEnclavePlatform,
+    code: tuple[dict[str, Any], bytes],
+    collateral: str,
+    proc: subprocess.Popen[bytes],
+) -> None:
+    try:
+        serve_enclu(sock, enclave, code=code, collateral=collateral)
+    finally:
+        proc.wait()  # reap it: the stand-in closes its ENCLU socket only by exiting
+
+
+def serve_enclu(
+    sock: socket.socket,
+    enclave: SimEnclavePlatform,
+    *,
+    code: tuple[dict[str, Any], bytes] | None = None,
+    collateral: str = "",
+) -> None:
     """Answer one enclave's requests until it goes away.
 
     One thread per enclave; counters need no lock here (CounterStore locks
@@ -299,6 +373,12 @@ def serve_enclu(sock: socket.socket, enclave: SimEnclavePlatform) -> None:
                 return  # gone, or sent what no ENCLU request is: the enclave loses its CPU
             for fd in fds:
                 os.close(fd)
+            if header.get("op") == "code" and code is not None:
+                # gramine-sim: the stand-in's measured code, given once (as Gramine
+                # checks trusted files against the measured hashes).
+                (files, data), code = code, None
+                send_message(sock, {"ok": True, **files, "collateral": collateral}, data)
+                continue
             try:
                 reply, out = _enclu(enclave, header, bytes(blob))
             except AttestationError as exc:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sgxvtpm.platform.base import EnclaveIdentity, EnclaveSpec, PlatformError
+from sgxvtpm.platform.gramine.bootstrap import encode_launch_args
 from sgxvtpm.platform.sim.measure import CodeFile, read_code
 from sgxvtpm.platform.sim.report import parse_report_body
 from sgxvtpm.platform.sim.spawn import CLEAN_ENV, end_child, isolated_command
@@ -111,6 +112,7 @@ class SimLoader:
         preload: Sequence[str] = (),
         python: str = sys.executable,
         release: str = "",
+        gramine_sim: bool = False,
     ) -> None:
         self._dir = Path(platform_dir)
         self._lock = threading.Lock()
@@ -121,6 +123,9 @@ class SimLoader:
         args += ["--preload", ",".join(preload)]
         if release:
             args += ["--release", release]
+        if gramine_sim:
+            args += ["--gramine-sim"]
+        self.gramine_sim = gramine_sim
         try:
             self._proc = subprocess.Popen(
                 isolated_command(python, "sgxvtpm.platform.sim.cpu", args),
@@ -199,6 +204,14 @@ class SimLoader:
             host_end.close()
             raise PlatformError(f"enclave launch failed: {reply.get('error')}")
         identity = parse_report_body(bytes.fromhex(reply["identity"])).identity
+        if self.gramine_sim:
+            # The Gramine bootstrap reads its launch arguments as the first stdin frame.
+            try:
+                host_end.sendall(encode_launch_args(args))
+            except OSError as exc:
+                os.close(fds[0])
+                host_end.close()
+                raise PlatformError(f"enclave launch failed: {exc}") from None
         self.zygote_pid = int(reply["zygote_pid"])
         handle = SimEnclaveHandle(spec.name, identity, int(reply["pid"]), fds[0], host_end)
         with self._lock:
