@@ -129,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
              "gramine needs SGX hardware)",
     )
     hostd.add_argument(
+        "--counters", default="sim", metavar="sim|tpm:DEVICE_OR_TCTI",
+        help="where the enclaves keep their rollback counters: sim (the sim platform's, "
+             "default) or the host's TPM, e.g. tpm:/dev/tpmrm0 or tpm:swtpm:path=SOCKET "
+             "(hostd relays the commands; SECURITY.md, 'Rollback counters in a host TPM')",
+    )
+    hostd.add_argument(
+        "--counters-key", type=lambda v: int(v, 0), default=None, metavar="HANDLE",
+        help="the host TPM key the enclaves pin and salt their sessions to "
+             "(default 0x81010001, the RSA EK); pinned at each enclave's first start",
+    )
+    hostd.add_argument(
         "--reset-manager",
         action="store_true",
         help="only after the manager registry was lost: start a new, empty registry."
@@ -528,6 +539,8 @@ def _run(args: argparse.Namespace) -> int:
                 platform=args.platform,
                 run_as=run_as,
                 reset_manager=args.reset_manager,
+                counters=args.counters,
+                counters_key=args.counters_key,
             )
         )
         return 0

@@ -40,6 +40,7 @@ from sgxvtpm.enclaves.specs import peer_policy
 from sgxvtpm.enclaves.state import EngineStoreAdapter, SealedStateStore, lock_directory
 from sgxvtpm.enclaves.vtpm_core import VtpmCore
 from sgxvtpm.platform.base import EnclaveIdentity, EnclavePlatform, QuoteVerifier
+from sgxvtpm.platform.tpm_counters import open_host_counters
 from sgxvtpm.tpm import ek as ekmod
 from sgxvtpm.tpm import wire as tpmwire
 from sgxvtpm.tpm.constants import TPM2_SU
@@ -351,8 +352,15 @@ def zygote_warm_up(
 def main(platform: EnclavePlatform, stream: socket.socket, args: Mapping[str, Any]) -> None:
     """Entry point (base.EnclaveEntry): serve sessions until the host closes the stream."""
     log.configure(f"instance-{str(args.get('instance_id', ''))[:8]}")
-    enclave = InstanceEnclave(platform, args)
+    # Host TPM counters when hostd relays a host TPM (platform/tpm_counters.py);
+    # CountersRefused ends the instance (hostd logs its exit).
+    platform, stream, tap = open_host_counters(platform, stream, args)
     try:
-        enclave.serve(stream)
+        enclave = InstanceEnclave(platform, args)
+        try:
+            enclave.serve(stream)
+        finally:
+            enclave.close()
     finally:
-        enclave.close()
+        if tap is not None:
+            tap.close()

@@ -58,6 +58,7 @@ from sgxvtpm.enclaves.state import DirectoryBusyError, lock_directory
 from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.mux.aio import RelayMux
 from sgxvtpm.platform.base import EnclavePlatform, QuoteVerifier
+from sgxvtpm.platform.tpm_counters import CountersRefused, open_host_counters
 from sgxvtpm.tpm.ek import public_key_from_tpmt
 from sgxvtpm.util import log
 from sgxvtpm.wire import admin, control, k1
@@ -411,6 +412,24 @@ def _tell_host_refused(stream: socket.socket, reason: str) -> None:
 def main(platform: EnclavePlatform, stream: socket.socket, args: Mapping[str, Any]) -> None:
     """Entry point (base.EnclaveEntry)."""
     log.configure("manager")
+    # Host TPM counters when hostd relays a host TPM (platform/tpm_counters.py).
+    try:
+        platform, stream, tap = open_host_counters(platform, stream, args)
+    except CountersRefused as exc:
+        # Its state's counters are in a host TPM it cannot reach, or its pin is gone.
+        log.log("manager.counters_refused", reason=str(exc))
+        _tell_host_refused(exc.stream, str(exc))
+        if exc.tap is not None:
+            exc.tap.close()
+        raise SystemExit(3) from None
+    try:
+        _serve(platform, stream, args)
+    finally:
+        if tap is not None:
+            tap.close()
+
+
+def _serve(platform: EnclavePlatform, stream: socket.socket, args: Mapping[str, Any]) -> None:
     try:
         manager = ManagerEnclave(platform, args)
     except DirectoryBusyError as exc:

@@ -36,6 +36,7 @@ from cryptography import x509
 
 from sgxvtpm.enclaves.specs import instance_spec, manager_spec
 from sgxvtpm.errors import SgxvtpmError
+from sgxvtpm.host.host_tpm import HostTpm, HostTpmError
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.host.switch import Connection, Relay
 from sgxvtpm.platform import DEFAULT_PLATFORM, open_platform
@@ -52,6 +53,9 @@ RELEASE = "sgxvtpm.enclaves.specs:release"
 CRASH_UPTIME = 2.0
 MAX_BACKOFF = 5.0
 STOP_TIMEOUT = 5.0
+#: The key the enclaves salt their host-TPM sessions to: the RSA EK's
+#: persistent handle in TCG's EK Credential Profile (2.2.1.4).
+DEFAULT_COUNTERS_KEY = 0x81010001
 _MANAGER_ONLY = "only the manager enclave may ask that"
 
 
@@ -121,6 +125,8 @@ class Hostd:
         *,
         platform: str = DEFAULT_PLATFORM,
         reset_manager: bool = False,
+        counters: str = "sim",
+        counters_key: int = DEFAULT_COUNTERS_KEY,
     ) -> None:
         self.state = state
         self.reset_manager = reset_manager
@@ -131,6 +137,22 @@ class Hostd:
         except BlockingIOError:
             raise HostdError(f"another hostd is running on {state.root}") from None
         self.operator_cert_pem = operator_cert_pem
+        # --counters tpm:SPEC: the enclaves keep their counters in this TPM,
+        # through TPM frames hostd relays unread (host/host_tpm.py).
+        self.host_tpm: HostTpm | None = None
+        self.counters_key = counters_key
+        if counters != "sim":
+            kind, _, spec = counters.partition(":")
+            try:
+                if kind != "tpm" or not spec:
+                    raise HostTpmError(
+                        f"--counters {counters!r}: give sim, or tpm:/dev/tpmrm0, "
+                        "tpm:swtpm:path=SOCKET"
+                    )
+                self.host_tpm = HostTpm(spec)
+            except HostTpmError as exc:
+                os.close(self._lock_fd)
+                raise HostdError(str(exc)) from None
         # The platform backend's loader starts the platform's own process (the
         # sim CPU), which alone opens the platform directory (hostd never holds
         # a platform secret) and signs the release's enclaves from its own
@@ -144,7 +166,9 @@ class Hostd:
             raise HostdError(str(exc)) from None
         self.manager_spec = self.platform.signed(manager_spec(self.platform))
         self.instance_spec = self.platform.signed(instance_spec(self.platform))
-        self.relay = Relay(self.on_control)
+        self.relay = Relay(
+            self.on_control, on_tpm=self._host_tpm if self.host_tpm is not None else None
+        )
         self.enclaves: dict[str, Enclave] = {}
         self.manager_ready = asyncio.Event()
         self.manager_ever_ready = False
@@ -162,6 +186,7 @@ class Hostd:
             "state_dir": str(self.state.manager),
             "operator_cert_pem": self.operator_cert_pem.decode(),
         }
+        self._counter_args(args)
         if self.reset_manager:
             log.log("hostd.manager_reset_requested", effect=RESET_EFFECT)
             args["reset_registry"] = True
@@ -190,6 +215,8 @@ class Hostd:
         # signal cannot get it from an unprivileged hostd, and ends with its stream.
         with contextlib.suppress(PermissionError):
             self.platform.close()
+        if self.host_tpm is not None:
+            self.host_tpm.close()
         with contextlib.suppress(FileNotFoundError):
             self.state.socket.unlink()
         log.log("hostd.stopped")
@@ -212,6 +239,15 @@ class Hostd:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self.relay.serve(reader, writer, kind="client")
+
+    def _counter_args(self, args: dict[str, Any]) -> None:
+        """Ask an enclave for host TPM counters (platform/tpm_counters.py)."""
+        if self.host_tpm is not None:
+            args["tpm_counters"] = {"key_handle": self.counters_key}
+
+    async def _host_tpm(self, command: bytes) -> bytes:
+        assert self.host_tpm is not None
+        return await asyncio.to_thread(self.host_tpm.transact, command)
 
     # -- launching ------------------------------------------------------------
     async def _launch(self, enclave: Enclave) -> EnclaveHandle:
@@ -339,6 +375,7 @@ class Hostd:
                 "manager_cert_pem": manager_cert_pem,
             },
         )
+        self._counter_args(enclave.args)
         self.enclaves[instance_id] = enclave
         try:
             handle = await self._launch(enclave)
@@ -435,6 +472,8 @@ async def serve(
     platform: str = DEFAULT_PLATFORM,
     run_as: RunAs | None = None,
     reset_manager: bool = False,
+    counters: str = "sim",
+    counters_key: int | None = None,
 ) -> None:
     """Run hostd on the platform backend ``platform`` until SIGTERM/SIGINT.
 
@@ -450,7 +489,14 @@ async def serve(
         )
     operator_cert_pem = operator_cert()
     _raise_fd_limit()
-    hostd = Hostd(state, operator_cert_pem, platform=platform, reset_manager=reset_manager)
+    hostd = Hostd(
+        state,
+        operator_cert_pem,
+        platform=platform,
+        reset_manager=reset_manager,
+        counters=counters,
+        counters_key=DEFAULT_COUNTERS_KEY if counters_key is None else counters_key,
+    )
     if run_as is not None:
         drop_privileges(state, run_as)
     elif os.geteuid() == 0:

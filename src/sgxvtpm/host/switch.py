@@ -16,6 +16,9 @@ connection creates a session between the two:
   target is answered CLOSE("no such target");
 - CONTROL frames (session 0) go to ``on_control(conn, obj)`` whose reply is
   sent back as CONTROL; a request's ``"id"`` is echoed in the reply.
+- TPM frames (session 0) from an enclave go to ``on_tpm(command)``, the host
+  TPM, one command at a time; its response goes back as a TPM frame, an
+  empty one without a host TPM. Only enclaves may send them.
 A malformed frame ends the offending connection only.
 
 Anyone who can connect may send frames, so nothing a client does may hold
@@ -58,6 +61,7 @@ from sgxvtpm.wire.relay import (
 log = logging.getLogger("sgxvtpm.relay")
 
 ControlHandler = Callable[["Connection", dict[str, Any]], Awaitable[dict[str, Any]]]
+TpmHandler = Callable[[bytes], Awaitable[bytes]]  # one TPM command -> its response
 Observer = Callable[[bytes], None]  # sees every byte the relay reads
 
 _READ = 64 * 1024
@@ -139,9 +143,15 @@ class Relay:
     """Moves frames between attached connections; see the module docstring."""
 
     def __init__(
-        self, on_control: ControlHandler | None = None, *, observer: Observer | None = None
+        self,
+        on_control: ControlHandler | None = None,
+        *,
+        observer: Observer | None = None,
+        on_tpm: TpmHandler | None = None,
     ) -> None:
         self._on_control = on_control
+        self._on_tpm = on_tpm
+        self._tpm_lock = asyncio.Lock()  # the host has one TPM
         self._observer = observer
         self._targets: dict[str, Connection] = {}
         self._connections: set[Connection] = set()
@@ -214,12 +224,29 @@ class Relay:
             self._close(conn, sid, payload)
         elif ftype is FrameType.HANDOFF:
             raise RelayProtocolError("HANDOFF is the relay's to send")
+        elif ftype is FrameType.TPM:
+            if not conn.is_enclave:
+                raise RelayProtocolError("TPM frames are for enclaves only")
+            task = asyncio.get_running_loop().create_task(self._tpm(conn, payload))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         else:
             request = frame.control_object()
             if request.get("op") == "handoff":
                 return await self._handoff(conn, request)
             self._control(conn, request)
         return False
+
+    async def _tpm(self, conn: Connection, command: bytes) -> None:
+        """One command to the host TPM for ``conn``; the bytes pass unread."""
+        response = b""
+        if self._on_tpm is not None:
+            async with self._tpm_lock:
+                try:
+                    response = await self._on_tpm(command)
+                except Exception as exc:  # the enclave sees no answer as "no host TPM"
+                    log.warning("relay: host TPM command for %r failed: %s", conn, exc)
+        conn.send(FrameType.TPM, 0, response)
 
     def _send(self, conn: Connection, ftype: FrameType, sid: int, payload: bytes) -> None:
         """Queue a frame for ``conn``; never waits. A client that lets its

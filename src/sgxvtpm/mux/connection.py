@@ -571,6 +571,9 @@ class RelayConnection:
                 and self._fire(session, sid, Input.HANDOFF)
             )
             self._events.append(Handoff(sid, accepted))
+        elif ftype is FrameType.TPM:
+            # Host-TPM frames stop at the enclave's tap (platform/host_tpm.py).
+            raise self._broken("a TPM frame outside an enclave's host-TPM tap")
         else:
             self._on_control(frame.control_object())
 

@@ -16,19 +16,30 @@ to the platform underneath, so sealing (enclaves/state.py) is unchanged.
 - The pinned key's Name is the enclave's to keep (sealed with its state, or
   fixed in its measured configuration: see SECURITY.md for why the latter is
   the stronger choice).
-- ``transact`` carries one TPM command to the host TPM and back: in the
-  tests a socket to swtpm; in a deployment hostd relays it (not wired yet,
-  docs/ARCHITECTURE.md).
+- ``transact`` carries one TPM command to the host TPM and back: hostd
+  relays it as TPM frames on the enclave's own host stream
+  (platform/host_tpm.py; ``hostd --counters tpm:DEVICE_OR_TCTI``).
 
-The sim platform keeps its own counters (platform/sim/counters.py) and stays
-the default.
+:func:`open_host_counters` is what an enclave entry calls: with the launch
+argument ``tpm_counters`` it puts the tap on the stream, pins the host key
+on first use (sealed, see :func:`load_or_pin`) and hands the entry a
+TpmCountedPlatform. The sim platform keeps its own counters
+(platform/sim/counters.py) and stays the default.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sgxvtpm.platform.base import (
@@ -42,11 +53,19 @@ from sgxvtpm.platform.base import (
     ReportBody,
     TargetInfo,
 )
+from sgxvtpm.platform.host_tpm import HostTpmTap
 from sgxvtpm.tpm.nv import Transact
 from sgxvtpm.tpm.nvcounter import CounterError, HostTpmCounters, pin_key
 
 #: KEYREQUEST.KEYID of the counter secret: fixed, so every start derives the same.
 _KEY_ID = b"sgxvtpm host TPM counters".ljust(32, b"\x00")
+#: KEYREQUEST.KEYID of the key that seals the pin.
+_PIN_KEY_ID = b"sgxvtpm host TPM pin".ljust(32, b"\x00")
+_PIN_AAD = b"sgxvtpm host TPM pin v1"
+#: Where an enclave keeps its sealed pin, in its own state directory.
+PIN_FILE = "host-tpm.pin"
+#: The launch argument that asks for host TPM counters: {"key_handle": int}.
+LAUNCH_ARG = "tpm_counters"
 
 
 @dataclass(frozen=True)
@@ -123,18 +142,33 @@ class TpmCounters:
 
 
 class TpmCountedPlatform:
-    """An EnclavePlatform whose monotonic counters live in the host TPM."""
+    """An EnclavePlatform whose monotonic counters live in the host TPM.
 
-    def __init__(self, inner: EnclavePlatform, counters: TpmCounters) -> None:
+    ``bind``: the pinned key's Name. When given, every SEAL key is derived
+    from the platform's and it, so what is sealed under one pin opens under
+    no other: a host that removes the pin (and has another TPM pinned) gets
+    state that does not open, not old state accepted by its own counters.
+    """
+
+    def __init__(self, inner: EnclavePlatform, counters: TpmCounters, bind: bytes = b"") -> None:
         self._inner = inner
         self._counters = counters
+        self._bind = bind
 
     @property
     def identity(self) -> EnclaveIdentity:
         return self._inner.identity
 
     def get_key(self, request: KeyRequest) -> bytes:
-        return self._inner.get_key(request)
+        key = self._inner.get_key(request)
+        if request.key_name is not KeyName.SEAL or not self._bind:
+            return key
+        return HKDF(
+            algorithm=hashes.SHA256(),
+            length=len(key),
+            salt=None,
+            info=b"sgxvtpm seal key bound to host TPM key " + self._bind,
+        ).derive(key)
 
     def report(self, target: TargetInfo, report_data: bytes) -> bytes:
         return self._inner.report(target, report_data)
@@ -156,3 +190,121 @@ class TpmCountedPlatform:
 
     def counter_read(self, name: str) -> int:
         return self._counters.read(name)
+
+
+# ---------------------------------------------------------------- the pin
+
+
+def _pin_aead(platform: EnclavePlatform) -> AESGCM:
+    request = KeyRequest(
+        KeyName.SEAL, KeyPolicy.MRSIGNER, isv_svn=platform.identity.isv_svn, key_id=_PIN_KEY_ID
+    )
+    return AESGCM(platform.get_key(request)[:16])
+
+
+def seal_pin(platform: EnclavePlatform, config: TpmCounterConfig) -> bytes:
+    """The pin as the enclave family alone can open it (MRSIGNER seal key)."""
+    body = json.dumps(
+        {"key_handle": config.key_handle, "key_name": config.key_name.hex()}, sort_keys=True
+    ).encode()
+    nonce = os.urandom(12)
+    return nonce + _pin_aead(platform).encrypt(nonce, body, _PIN_AAD)
+
+
+def unseal_pin(platform: EnclavePlatform, blob: bytes) -> TpmCounterConfig:
+    try:
+        body = json.loads(_pin_aead(platform).decrypt(blob[:12], blob[12:], _PIN_AAD))
+        return TpmCounterConfig(int(body["key_handle"]), bytes.fromhex(body["key_name"]))
+    except (InvalidTag, ValueError, KeyError, TypeError):
+        raise PlatformError("the sealed host TPM pin does not open: damaged or foreign") from None
+
+
+def _has_sealed_state(state_dir: Path) -> bool:
+    return any(state_dir.glob("*.sealed"))
+
+
+def load_or_pin(
+    platform: EnclavePlatform, transact: Transact, state_dir: Path, key_handle: int
+) -> TpmCounterConfig:
+    """The pinned host key of the enclave that keeps its state in ``state_dir``.
+
+    The pin is sealed at first provisioning (trust on first use): when the
+    directory has no pin *and no sealed state*, the Name of the key the host
+    shows at ``key_handle`` is pinned and sealed to PIN_FILE. A directory with
+    sealed state but no pin is refused (the pin was removed: pinning again
+    would trust whatever TPM the host shows now). A pin that exists wins over
+    ``key_handle``. SECURITY.md, "Rollback counters in a host TPM", says what
+    this does and does not protect.
+    """
+    path = state_dir / PIN_FILE
+    try:
+        return unseal_pin(platform, path.read_bytes())
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise PlatformError(f"cannot read the host TPM pin: {exc.strerror}") from None
+    if _has_sealed_state(state_dir):
+        raise PlatformError(
+            f"{state_dir} holds sealed state but no host TPM pin ({PIN_FILE}): it was removed; "
+            "restore it (pinning again would trust any TPM the host shows)"
+        )
+    config = provision(transact, key_handle)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(seal_pin(platform, config))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return config
+
+
+class CountersRefused(PlatformError):
+    """The enclave cannot have the counters its state needs: it must not start.
+
+    ``stream`` is where the entry still reaches hostd (to say why it stops),
+    ``tap`` the host TPM tap to close afterwards, if one was put on.
+    """
+
+    def __init__(self, reason: str, stream: socket.socket, tap: HostTpmTap | None) -> None:
+        super().__init__(reason)
+        self.stream = stream
+        self.tap = tap
+
+
+def open_host_counters(
+    platform: EnclavePlatform, stream: socket.socket, args: Mapping[str, Any]
+) -> tuple[EnclavePlatform, socket.socket, HostTpmTap | None]:
+    """The platform and stream an enclave entry runs on: with host TPM counters if asked.
+
+    Without the launch argument ``tpm_counters`` both come back unchanged
+    (the platform's own counters: the sim's), unless the enclave's state
+    directory holds a host TPM pin: its state's counters are in a host TPM,
+    so it refuses rather than use other counters. With it: the TPM tap goes
+    on ``stream`` (the entry gets the tap's inner end, and the tap, to close
+    when it is done), the pin is loaded or made (:func:`load_or_pin`), and the
+    platform is a TpmCountedPlatform whose SEAL keys are bound to the pin.
+    CountersRefused when that fails.
+    """
+    state_dir = Path(str(args.get("state_dir", "")))
+    requested = args.get(LAUNCH_ARG)
+    if not isinstance(requested, Mapping):
+        if (state_dir / PIN_FILE).exists():
+            raise CountersRefused(
+                f"this enclave's counters are in the host's TPM ({PIN_FILE} exists): "
+                "start hostd with --counters tpm:DEVICE_OR_TCTI",
+                stream,
+                None,
+            )
+        return platform, stream, None
+    tap = HostTpmTap(stream)
+    try:
+        key_handle = int(requested["key_handle"])
+        config = load_or_pin(platform, tap.transact, state_dir, key_handle)
+        counters = TpmCounters.open(platform, tap.transact, config)
+    except (KeyError, TypeError, ValueError):
+        raise CountersRefused(
+            "launch argument tpm_counters without a key_handle", tap.stream, tap
+        ) from None
+    except PlatformError as exc:
+        raise CountersRefused(str(exc), tap.stream, tap) from None
+    return TpmCountedPlatform(platform, counters, bind=config.key_name), tap.stream, tap

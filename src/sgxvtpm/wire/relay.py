@@ -14,6 +14,9 @@ CLOSE (3)  != 0        reason (UTF-8, informational, unauthenticated)
 CONTROL(4) == 0        a JSON object, to or from hostd itself
 HANDOFF(5) != 0        empty; sent by hostd to an enclave together with
                        the client connection's file descriptor (SCM_RIGHTS)
+TPM (6)    == 0        one TPM command (enclave to hostd) or its response
+                       (hostd to enclave) for the host's TPM, opaque to
+                       hostd; an empty response: hostd has no host TPM
 =========  ==========  ===================================================
 
 HANDOFF takes the relay off a session's path once it is authenticated: a
@@ -67,6 +70,7 @@ class FrameType(enum.IntEnum):
     CLOSE = 3
     CONTROL = 4
     HANDOFF = 5
+    TPM = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +119,7 @@ def parse_header(header: bytes | bytearray | memoryview) -> tuple[FrameType, int
         raise RelayProtocolError(f"unknown frame type {raw_type}") from None
     if length > MAX_PAYLOAD:
         raise RelayProtocolError(f"frame payload of {length} bytes exceeds {MAX_PAYLOAD}")
-    if (ftype is FrameType.CONTROL) != (session_id == CONTROL_SESSION):
+    if (ftype in (FrameType.CONTROL, FrameType.TPM)) != (session_id == CONTROL_SESSION):
         raise RelayProtocolError(f"{ftype.name} frame on session {session_id}")
     if ftype is FrameType.OPEN and not 0 < length <= MAX_NAME:
         raise RelayProtocolError(f"OPEN target name of {length} bytes")
