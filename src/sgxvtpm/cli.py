@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     hostd.add_argument(
         "--platform", choices=PLATFORMS, default=DEFAULT_PLATFORM,
         help=f"the platform backend the enclaves run on (default {DEFAULT_PLATFORM}; "
-             "gramine needs SGX hardware)",
+             "gramine needs SGX hardware, Gramine's tools and DCAP collateral: docs/REAL-SGX.md)",
     )
     hostd.add_argument(
         "--counters", default="sim", metavar="sim|tpm:DEVICE_OR_TCTI",

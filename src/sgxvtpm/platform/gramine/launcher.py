@@ -1,0 +1,318 @@
+"""hostd's side of the Gramine backend: build, sign and run one ``gramine-sgx`` per enclave.
+
+``open_platform("gramine", PLATFORM_DIR)`` opens :class:`GramineBackend`:
+
+1. it checks what it needs: the SGX device (``/dev/sgx_enclave``), Gramine's
+   tools on PATH (``gramine-manifest``, ``gramine-sgx-sign``, ``gramine-sgx``)
+   and the DCAP collateral for the enclaves (``PLATFORM_DIR/dcap-collateral.json``,
+   QuoteCollateralV3 JSON as a PCCS serves it; the enclaves check it under
+   Intel's pinned root). PlatformError naming the first thing missing;
+2. for each enclave role of the release (``manager``, ``instance``) in
+   ``PLATFORM_DIR/gramine/``: renders the manifest template and checks it
+   (:mod:`.manifest`), then runs the tools as Gramine documents them
+   (manpages gramine-manifest, gramine-sgx-sign, gramine)::
+
+       gramine-manifest ROLE.manifest.template ROLE.manifest
+       gramine-sgx-sign --manifest ROLE.manifest --output ROLE.manifest.sgx
+
+   ``gramine-sgx-sign`` signs with Gramine's default key
+   (``$HOME/.config/gramine/enclave-key.pem`` of hostd's user, made by
+   ``gramine-sgx-gen-private-key``) and writes the SIGSTRUCT to ``ROLE.sig``;
+3. reads ``ROLE.sig`` (:mod:`.sigstruct`): its MRENCLAVE and MRSIGNER are the
+   identity the enclave's quotes will carry (``measure`` answers it; hostd
+   logs it; verifiers pin it).
+
+Each launch is ``gramine-sgx ROLE`` in ``PLATFORM_DIR/gramine`` (Gramine
+finds ``ROLE.manifest.sgx`` and ``ROLE.sig`` there), in a session of its
+own, with one end of a socketpair as its stdin and stdout (the enclave's
+host stream, :mod:`.bootstrap`), stderr to hostd's, and an environment of
+PATH only (Gramine passes no host environment into the enclave unless its
+manifest allows it; ours does not). The launch arguments go first on the
+stream, with the collateral added (``dcap_collateral``).
+
+:data:`DEVICE_ENV` is a test-only override of the SGX device's path: the
+tests use it to stand for a device, with stand-in executables for Gramine's
+tools (tests/integration/test_gramine_launcher.py). Nothing else reads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from sgxvtpm.platform import dcap
+from sgxvtpm.platform.base import (
+    EnclaveIdentity,
+    EnclaveSpec,
+    PlatformError,
+    PlatformKind,
+    QuoteVerifier,
+)
+from sgxvtpm.platform.gramine import sigstruct
+from sgxvtpm.platform.gramine.backend import GRAMINE
+from sgxvtpm.platform.gramine.bootstrap import encode_launch_args
+from sgxvtpm.platform.gramine.manifest import check, render
+
+SGX_DEVICE = "/dev/sgx_enclave"
+#: Test-only: the path that stands for /dev/sgx_enclave (see the module doc).
+DEVICE_ENV = "SGXVTPM_TEST_SGX_DEVICE"
+TOOLS = ("gramine-manifest", "gramine-sgx-sign", "gramine-sgx")
+COLLATERAL_FILE = "dcap-collateral.json"
+BUILD_DIR = "gramine"
+TOOL_TIMEOUT = 600.0  # gramine-sgx-sign hashes every trusted file
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+ROLES = ("manager", "instance")
+
+
+def sgx_device() -> Path:
+    return Path(os.environ.get(DEVICE_ENV) or SGX_DEVICE)
+
+
+def check_host(platform_dir: Path) -> None:
+    """PlatformError naming the first thing this host lacks for platform 'gramine'."""
+    device = sgx_device()
+    if not device.exists():
+        raise PlatformError(
+            f"platform 'gramine' needs SGX hardware, and this machine has none (no {device}): "
+            "use 'sim', or 'gramine-sim' for the same enclave code path"
+        )
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing:
+        raise PlatformError(
+            f"platform 'gramine' needs Gramine's tools: {', '.join(missing)} not found on PATH "
+            "(install Gramine v1.9, docs/REAL-SGX.md)"
+        )
+    if not (platform_dir / COLLATERAL_FILE).is_file():
+        raise PlatformError(
+            f"platform 'gramine' needs the DCAP collateral for its enclaves in "
+            f"{platform_dir / COLLATERAL_FILE} (QuoteCollateralV3 JSON from your PCCS, "
+            "docs/REAL-SGX.md)"
+        )
+
+
+def _run(argv: Sequence[str], cwd: Path) -> str:
+    try:
+        done = subprocess.run(
+            list(argv), cwd=cwd, capture_output=True, text=True, timeout=TOOL_TIMEOUT,
+            env={"PATH": os.environ.get("PATH", os.defpath), "HOME": str(Path.home())},
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise PlatformError(f"{argv[0]} did not run: {exc}") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        raise PlatformError(f"{argv[0]} failed: {last}")
+    return done.stdout
+
+
+@dataclasses.dataclass(frozen=True)
+class SignedEnclave:
+    role: str
+    sig: sigstruct.GramineSigStruct
+
+    @property
+    def identity(self) -> EnclaveIdentity:
+        return EnclaveIdentity(
+            self.sig.mrenclave,
+            self.sig.mrsigner,
+            self.sig.isv_prod_id,
+            self.sig.isv_svn,
+            attributes=self.sig.attributes,
+            misc_select=self.sig.misc_select,
+        )
+
+
+def build(spec: EnclaveSpec, build_dir: Path, state_dir: Path) -> SignedEnclave:
+    """Render, check, preprocess and sign ``spec``'s manifest in ``build_dir``; its SIGSTRUCT."""
+    role = spec.name
+    if role not in ROLES:
+        raise PlatformError(f"unknown enclave role {role!r}: expected manager or instance")
+    rendered = render(spec, role, state_dir=state_dir, package_root=PACKAGE_ROOT)
+    check(rendered.text, spec.code_files, PACKAGE_ROOT)
+    template = build_dir / f"{role}.manifest.template"
+    template.write_text(rendered.text)
+    _run(["gramine-manifest", template.name, f"{role}.manifest"], build_dir)
+    _run(
+        ["gramine-sgx-sign", "--manifest", f"{role}.manifest", "--output",
+         f"{role}.manifest.sgx"],
+        build_dir,
+    )  # fmt: skip
+    try:
+        data = (build_dir / f"{role}.sig").read_bytes()
+    except OSError as exc:
+        raise PlatformError(f"gramine-sgx-sign wrote no {role}.sig: {exc.strerror}") from None
+    return SignedEnclave(role, sigstruct.parse(data))
+
+
+class GramineHandle:
+    """base.EnclaveHandle of one ``gramine-sgx`` process."""
+
+    def __init__(
+        self, name: str, identity: EnclaveIdentity, proc: subprocess.Popen[bytes],
+        stream: socket.socket,
+    ) -> None:  # fmt: skip
+        self._name, self._identity, self._proc, self._stream = name, identity, proc, stream
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def identity(self) -> EnclaveIdentity:
+        return self._identity
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def stream(self) -> socket.socket:
+        return self._stream
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM (Gramine injects it once: the enclave saves its state), then SIGKILL."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, sig)
+            if self.wait(timeout):
+                break
+        self._stream.close()
+
+
+class GramineLoader:
+    """base.Loader: one ``gramine-sgx ROLE`` process per enclave."""
+
+    def __init__(self, build_dir: Path, signed: Mapping[str, SignedEnclave], collateral: str):
+        self._build_dir = build_dir
+        self._signed = signed
+        self._collateral = collateral
+        self.handles: list[GramineHandle] = []
+
+    def launch(self, spec: EnclaveSpec, args: Mapping[str, Any]) -> GramineHandle:
+        signed = self._signed.get(spec.name)
+        if signed is None:
+            raise PlatformError(f"no signed Gramine enclave named {spec.name!r}")
+        host_end, enclave_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = subprocess.Popen(
+                ["gramine-sgx", spec.name],
+                cwd=self._build_dir,
+                stdin=enclave_end.fileno(),
+                stdout=enclave_end.fileno(),
+                env={"PATH": os.environ.get("PATH", os.defpath)},
+                start_new_session=True,
+            )
+        except OSError as exc:
+            host_end.close()
+            raise PlatformError(f"gramine-sgx did not start: {exc}") from None
+        finally:
+            enclave_end.close()
+        try:
+            host_end.sendall(encode_launch_args({**args, "dcap_collateral": self._collateral}))
+        except OSError as exc:
+            proc.kill()
+            proc.wait()
+            host_end.close()
+            raise PlatformError(f"the {spec.name} enclave took no launch arguments: {exc}") from exc
+        handle = GramineHandle(spec.name, signed.identity, proc, host_end)
+        self.handles = [h for h in self.handles if not h.wait(0)] + [handle]
+        return handle
+
+    def close(self) -> None:
+        """Stop the enclaves still running (hostd asked each to end first)."""
+        for handle in self.handles:
+            if not handle.wait(0):
+                handle.stop()
+
+
+class GramineBackend:
+    """base.PlatformBackend of platform 'gramine' (see the module doc)."""
+
+    name = "gramine"
+    enclave_bootstrap = GRAMINE.enclave_bootstrap
+    connection_handoff = False
+
+    def __init__(
+        self, loader: GramineLoader, signed: Mapping[str, SignedEnclave], root_pem: bytes,
+        collateral: str,
+    ) -> None:  # fmt: skip
+        self._loader = loader
+        self._signed = dict(signed)
+        self._root_pem = root_pem
+        self._collateral = collateral
+
+    @classmethod
+    def open(cls, platform_dir: Path, *, release: str = "") -> GramineBackend:
+        check_host(platform_dir)
+        collateral = (platform_dir / COLLATERAL_FILE).read_text()
+        try:
+            root_der = dcap.root_from_collateral(dcap.load_collateral(collateral))
+        except dcap.CollateralError as exc:
+            raise PlatformError(f"{platform_dir / COLLATERAL_FILE}: {exc}") from None
+        root_pem = x509.load_der_x509_certificate(root_der).public_bytes(
+            serialization.Encoding.PEM
+        )
+        build_dir = platform_dir / BUILD_DIR
+        build_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        state_dir = platform_dir.resolve().parent
+        signed = {spec.name: build(spec, build_dir, state_dir) for spec in _release(release)}
+        return cls(GramineLoader(build_dir, signed, collateral), signed, root_pem, collateral)
+
+    @property
+    def loader(self) -> GramineLoader:
+        return self._loader
+
+    @property
+    def attestation_root_pem(self) -> bytes:
+        """The root the collateral's chain ends in (Intel's on hardware; the enclaves
+        check it against Intel's pinned root themselves)."""
+        return self._root_pem
+
+    def signed(self, spec: EnclaveSpec) -> EnclaveSpec:
+        if spec.name not in self._signed:
+            raise PlatformError(f"no signed Gramine enclave named {spec.name!r}")
+        return spec
+
+    def measure(self, spec: EnclaveSpec) -> bytes:
+        """The MRENCLAVE gramine-sgx-sign put in ``spec``'s SIGSTRUCT."""
+        signed = self._signed.get(spec.name)
+        if signed is None:
+            return GRAMINE.measure(spec)  # raises, saying where the value comes from
+        return signed.sig.mrenclave
+
+    def quote_verifier(self, root_pem: bytes) -> QuoteVerifier:
+        root_der = x509.load_pem_x509_certificate(root_pem).public_bytes(
+            serialization.Encoding.DER
+        )
+        return dcap.DcapQuoteVerifier(dcap.load_collateral(self._collateral), root_der)
+
+    def close(self) -> None:
+        self._loader.close()
+
+
+def _release(release: str) -> list[EnclaveSpec]:
+    if not release:
+        raise PlatformError("platform 'gramine' needs the release's enclave specs")
+    module, _, function = release.partition(":")
+    make: Callable[[PlatformKind], list[EnclaveSpec]] = getattr(
+        importlib.import_module(module), function
+    )
+    return make(GRAMINE)
