@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,20 +36,23 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from tests.helpers import gramine_standin
 from tests.helpers.hostd import Hostd
+from tests.helpers.swtpm import Swtpm
 
 from sgxvtpm.endpoint.k2 import K2Client
 from sgxvtpm.platform import MeasurementPolicy, PlatformError, open_platform
 from sgxvtpm.platform.gramine import sigstruct
 from sgxvtpm.platform.gramine.launcher import COLLATERAL_FILE, DEVICE_ENV
 from sgxvtpm.platform.sim import SimPlatformDir
+from sgxvtpm.platform.tpm_counters import PIN_FILE
 from sgxvtpm.tpm import wire
-from sgxvtpm.tpm.constants import TPM2_SU
+from sgxvtpm.tpm.constants import TPM2_RH, TPM2_SU, TPMA_NV
 from sgxvtpm.tpm.nv import execute
 from sgxvtpm.vmm.client import VmmClient
 
 pytestmark = pytest.mark.integration
 
 RELEASE = "sgxvtpm.enclaves.specs:release"
+NV_ATTRS = TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHWRITE | TPMA_NV.AUTHREAD
 
 
 @dataclasses.dataclass
@@ -181,14 +185,33 @@ def test_build_runs_gramines_tools_and_reads_the_sig(
         backend.close()
 
 
+def _host_tpm(directory: Path) -> Swtpm:
+    """Debian's swtpm as the host TPM, an RSA EK persistent at 0x81010001."""
+    directory.mkdir()
+    tpm = Swtpm(directory)
+    create = wire.create_primary(wire.rsa2048_template(), TPM2_RH.ENDORSEMENT)
+    transient = wire.parse_create_primary(execute(tpm.transact, create)).handle
+    execute(tpm.transact, wire.evict_control(transient, 0x81010001))
+    execute(tpm.transact, wire.flush_context(transient))
+    return tpm
+
+
+@pytest.mark.parametrize("counters", ["sim", "tpm"])
 def test_hostd_platform_gramine_end_to_end(
-    tmp_path: Path, standins: StandIns, environ: pytest.MonkeyPatch
+    tmp_path: Path, standins: StandIns, environ: pytest.MonkeyPatch, counters: str
 ) -> None:
+    """With the stand-in's counters (the sim CPU's), or a host TPM's (--counters tpm:)."""
+    if counters == "tpm" and shutil.which("swtpm") is None:
+        pytest.skip("Debian's swtpm is not installed")
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
     _platform_dir(state, standins)
     environ.setenv("SGXVTPM_PLATFORM", "gramine-sim")  # the client checks the stand-in's quotes
-    h = Hostd(state, args=["--platform", "gramine"])
+    tpm = _host_tpm(tmp_path / "host-tpm") if counters == "tpm" else None
+    args = ["--platform", "gramine"]
+    if tpm is not None:
+        args += ["--counters", f"tpm:{tpm.tcti}"]
+    h = Hostd(state, args=args)
     h.env.update(standins.env())
     h.start()
     try:
@@ -218,5 +241,16 @@ def test_hostd_platform_gramine_end_to_end(
             client.power_on()
             execute(client.transact, wire.startup(TPM2_SU.CLEAR))
             assert len(wire.parse_get_random(execute(client.transact, wire.get_random(8)))) == 8
+            execute(client.transact, wire.nv_define_space(0x01500002, 8, NV_ATTRS))
+            execute(client.transact, wire.nv_write(0x01500002, b"gramine!"))  # a sealed commit
+        # With --counters tpm: the enclaves pinned the host TPM's key at their first start.
+        manager_pinned = (state / "manager" / PIN_FILE).exists()
+        instance_pins = list((state / "instances").glob(f"*/{PIN_FILE}"))
+        if counters == "tpm":
+            assert manager_pinned and len(instance_pins) == 1
+        else:
+            assert not manager_pinned and instance_pins == []
     finally:
         h.stop()
+        if tpm is not None:
+            tpm.close()

@@ -326,3 +326,25 @@ def test_seal_keys_are_bound_to_the_pin(enclave_face: EnclavePlatform) -> None:
     assert Sealer(pinned_a, SealKind.INSTANCE_STATE, "i1").unseal(blob)[1] == b"state"
     with pytest.raises(SealError):
         Sealer(pinned_b, SealKind.INSTANCE_STATE, "i1").unseal(blob)
+
+
+def test_the_manager_refuses_without_its_counters_or_its_pin(
+    tmp_path: Path, host_tpm: Swtpm
+) -> None:
+    """hostd says why in one line: run without --counters tpm: after using it, or with the
+    manager's pin removed (its registry stays sealed to the pinned TPM)."""
+    state = tmp_path / "state"
+    args = ["--counters", f"tpm:{host_tpm.tcti}"]
+    h = Hostd(state, args=args)
+    h.start()
+    h.stop()
+    pin = h.state.manager / PIN_FILE
+    assert pin.exists() and (h.state.manager / "registry.sealed").exists()
+    h.args = []  # the sim counters: refused, the registry's counter is in the host TPM
+    with pytest.raises(RuntimeError, match="counters are in the host's TPM"):
+        h.start()
+    pin.unlink()
+    h.args = args
+    with pytest.raises(RuntimeError, match="holds sealed state but no host TPM pin"):
+        h.start()
+    assert "manager.counters_refused" in h.log()
