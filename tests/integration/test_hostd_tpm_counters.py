@@ -282,6 +282,8 @@ def test_a_pinned_enclave_refuses_other_counters(
     a, b = socket.socketpair()
     with a, b, pytest.raises(CountersRefused, match="--counters tpm"):
         open_host_counters(enclave_face, a, {"state_dir": str(state_dir)})
+    with a, b, pytest.raises(CountersRefused, match="need the enclave's state_dir"):
+        open_host_counters(enclave_face, a, {"tpm_counters": {"key_handle": EK_HANDLE}})
     # Without a pin and without the launch argument: the platform's own counters.
     other = tmp_path / "other"
     other.mkdir()

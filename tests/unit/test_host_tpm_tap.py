@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sgxvtpm.host.switch import Relay
+from sgxvtpm.host.switch import TPM_PENDING_MAX, Relay
 from sgxvtpm.mux.connection import RelayConnection, RelayRemoteError, Role
 from sgxvtpm.platform.base import PlatformError
 from sgxvtpm.platform.host_tpm import HostTpmTap
@@ -138,12 +138,16 @@ def test_host_gone_ends_calls_and_the_stream(pair: tuple[Host, HostTpmTap]) -> N
         tap.transact(b"cmd")
 
 
-def test_no_answer_times_out(pair: tuple[Host, HostTpmTap]) -> None:
+def test_no_answer_times_out_and_ends_the_tap(pair: tuple[Host, HostTpmTap]) -> None:
+    """A late answer must never pass for the next command's: after a timeout, no more calls."""
     host, tap = pair
     tap._timeout = 0.2
     with pytest.raises(PlatformError, match="did not answer"):
         tap.transact(b"cmd")
     assert host.frame() == Frame(FrameType.TPM, 0, b"cmd")
+    host.sock.sendall(encode(Frame(FrameType.TPM, 0, b"late answer to cmd")))
+    with pytest.raises(PlatformError, match="did not answer"):
+        tap.transact(b"next")
 
 
 def test_enclave_eof_reaches_the_host_after_its_frames(pair: tuple[Host, HostTpmTap]) -> None:
@@ -214,6 +218,37 @@ def test_switch_relays_an_enclaves_tpm_command_unread() -> None:
 def test_switch_without_a_host_tpm_answers_empty() -> None:
     frame, seen = asyncio.run(_switch_exchange("enclave", on_tpm=False))
     assert frame == Frame(FrameType.TPM, 0, b"") and seen == []
+
+
+def test_switch_bounds_an_enclaves_outstanding_tpm_commands() -> None:
+    """Commands beyond TPM_PENDING_MAX unanswered end the enclave's connection; those
+    still queued then never reach the TPM."""
+
+    async def run() -> tuple[Frame | None, int]:
+        release = asyncio.Event()
+        seen = 0
+
+        async def slow_tpm(command: bytes) -> bytes:
+            nonlocal seen
+            seen += 1
+            await release.wait()
+            return b"r"
+
+        relay = Relay(on_tpm=slow_tpm)
+        ours, theirs = socket.socketpair()
+        r, w = await asyncio.open_connection(sock=theirs)
+        task = asyncio.create_task(relay.serve(r, w, kind="enclave", name="e1"))
+        reader, writer = await asyncio.open_connection(sock=ours)
+        writer.write(encode(Frame(FrameType.TPM, 0, b"c")) * (TPM_PENDING_MAX + 1))
+        await asyncio.wait_for(task, 10)  # the relay dropped the connection
+        release.set()
+        frame = await asyncio.wait_for(_frame(reader), 10)
+        writer.close()
+        await relay.aclose()
+        return frame, seen
+
+    frame, seen = asyncio.run(run())
+    assert frame is None and seen <= 1  # at most the command in flight reached the TPM
 
 
 def test_switch_drops_a_client_sending_tpm_frames() -> None:

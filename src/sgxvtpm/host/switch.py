@@ -69,6 +69,9 @@ _READ = 64 * 1024
 _NO_TARGET = b"no such target"
 _PEER_GONE = b"peer gone"
 _BUSY = b"busy"
+#: An enclave sends one TPM command at a time (platform/host_tpm.py); a few
+#: more are tolerated, not an unbounded queue.
+TPM_PENDING_MAX = 4
 
 
 class Connection:
@@ -89,6 +92,7 @@ class Connection:
         self.unanswered: set[int] = set()
         # CONTROL requests received and not answered yet, oldest first.
         self.controls: deque[dict[str, Any]] = deque()
+        self.tpm_pending = 0  # TPM frames received and not answered yet
         self._ids = itertools.count(RELAY_ASSIGNED)
 
     @property
@@ -227,6 +231,9 @@ class Relay:
         elif ftype is FrameType.TPM:
             if not conn.is_enclave:
                 raise RelayProtocolError("TPM frames are for enclaves only")
+            if conn.tpm_pending >= TPM_PENDING_MAX:
+                raise RelayProtocolError(f"more than {TPM_PENDING_MAX} TPM commands outstanding")
+            conn.tpm_pending += 1
             task = asyncio.get_running_loop().create_task(self._tpm(conn, payload))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -242,10 +249,13 @@ class Relay:
         response = b""
         if self._on_tpm is not None:
             async with self._tpm_lock:
+                if conn.closed:  # dropped while it waited: its commands go nowhere
+                    return
                 try:
                     response = await self._on_tpm(command)
                 except Exception as exc:  # the enclave sees no answer as "no host TPM"
                     log.warning("relay: host TPM command for %r failed: %s", conn, exc)
+        conn.tpm_pending -= 1
         conn.send(FrameType.TPM, 0, response)
 
     def _send(self, conn: Connection, ftype: FrameType, sid: int, payload: bytes) -> None:

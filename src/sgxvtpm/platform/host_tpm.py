@@ -78,7 +78,9 @@ class HostTpmTap:
                 if not self._answer.wait_for(
                     lambda: self._response is not None or bool(self._ended), self._timeout
                 ):
-                    raise PlatformError(f"the host TPM did not answer in {self._timeout:g} s")
+                    # A late answer must not pass for the next command's: no more commands.
+                    self._ended = f"the host TPM did not answer in {self._timeout:g} s"
+                    raise PlatformError(self._ended)
                 response, self._response = self._response, None
                 if response is None:
                     raise PlatformError(f"no host TPM: {self._ended}")

@@ -285,8 +285,12 @@ def open_host_counters(
     platform is a TpmCountedPlatform whose SEAL keys are bound to the pin.
     CountersRefused when that fails.
     """
-    state_dir = Path(str(args.get("state_dir", "")))
     requested = args.get(LAUNCH_ARG)
+    if not args.get("state_dir"):
+        if isinstance(requested, Mapping):
+            raise CountersRefused("host TPM counters need the enclave's state_dir", stream, None)
+        return platform, stream, None
+    state_dir = Path(str(args["state_dir"]))
     if not isinstance(requested, Mapping):
         if (state_dir / PIN_FILE).exists():
             raise CountersRefused(
