@@ -104,6 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
         " never be opened again). Refused while the registry is intact",
     )
 
+    hostd.add_argument(
+        "--sim-root", type=Path, metavar="DIR",
+        help="sim only: provision this host's platform under the simulated provisioning "
+             "authority DIR (sgxvtpm sim-root init), so hosts under one root attest each other",
+    )
+    hostd.add_argument(
+        "--fleet-listen", metavar="HOST:PORT",
+        help="relay manager-to-manager sessions (the fleet) on this TCP address",
+    )
+    sim_root = sub.add_parser("sim-root", help="a simulated provisioning authority (sim only)")
+    sim_root_sub = sim_root.add_subparsers(dest="sim_root_command", required=True)
+    sim_root_init = sim_root_sub.add_parser(
+        "init", help="create a root key and certificate and the vendor's enclave signing key"
+    )
+    sim_root_init.add_argument("dir", type=Path)
+
     vm = sub.add_parser("vm", help="manage vTPM instances (the VMM, over K1)")
     vm_sub = vm.add_subparsers(dest="vm_command", required=True)
     create = vm_sub.add_parser("create", help="create a vTPM instance for a VM")
@@ -302,6 +318,14 @@ def _bench(quick: bool) -> int:
     return int(bench_main(["--quick"] if quick else []))
 
 
+def _address(text: str) -> tuple[str, int]:
+    """HOST:PORT (a bracketed IPv6 host too), or ValueError with one line."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -327,8 +351,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     platform=args.platform,
                     run_as=run_as,
                     reset_manager=args.reset_manager,
+                    sim_root=args.sim_root,
+                    fleet_listen=_address(args.fleet_listen) if args.fleet_listen else None,
                 )
             )
+            return 0
+        if args.command == "sim-root":
+            from sgxvtpm.platform import init_sim_root
+
+            digest = init_sim_root(args.dir)
+            print(f"sim root created in {args.dir} (root certificate SHA-256 {digest})")
             return 0
         if args.command == "vm":
             if args.vm_command in ("attach", "serve"):

@@ -30,6 +30,7 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -121,8 +122,12 @@ class Hostd:
         *,
         platform: str = DEFAULT_PLATFORM,
         reset_manager: bool = False,
+        sim_root: Path | None = None,
+        fleet_listen: tuple[str, int] | None = None,
     ) -> None:
         self.state = state
+        self.fleet_listen = fleet_listen
+        self._fleet_server: asyncio.Server | None = None
         self.reset_manager = reset_manager
         state.ensure()
         self._lock_fd = os.open(state.lock, os.O_RDWR | os.O_CREAT, 0o600)
@@ -137,7 +142,7 @@ class Hostd:
         # installed code (platform/sim/cpu.py).
         try:
             self.platform = open_platform(
-                platform, state.platform, preload=PRELOAD, release=RELEASE
+                platform, state.platform, preload=PRELOAD, release=RELEASE, sim_root=sim_root
             )
         except PlatformError as exc:
             os.close(self._lock_fd)
@@ -434,6 +439,8 @@ async def serve(
     platform: str = DEFAULT_PLATFORM,
     run_as: RunAs | None = None,
     reset_manager: bool = False,
+    sim_root: Path | None = None,
+    fleet_listen: tuple[str, int] | None = None,
 ) -> None:
     """Run hostd on the platform backend ``platform`` until SIGTERM/SIGINT.
 
@@ -449,7 +456,14 @@ async def serve(
         )
     operator_cert_pem = operator_cert()
     _raise_fd_limit()
-    hostd = Hostd(state, operator_cert_pem, platform=platform, reset_manager=reset_manager)
+    hostd = Hostd(
+        state,
+        operator_cert_pem,
+        platform=platform,
+        reset_manager=reset_manager,
+        sim_root=sim_root,
+        fleet_listen=fleet_listen,
+    )
     if run_as is not None:
         drop_privileges(state, run_as)
     elif os.geteuid() == 0:

@@ -47,9 +47,14 @@ class SimBackend(SimKind):
 
     @classmethod
     def open(
-        cls, path: Path, *, preload: Sequence[str] = (), release: str = ""
+        cls,
+        path: Path,
+        *,
+        preload: Sequence[str] = (),
+        release: str = "",
+        sim_root: Path | None = None,
     ) -> SimBackend:
-        return cls(SimLoader(Path(path), preload=preload, release=release))
+        return cls(SimLoader(Path(path), preload=preload, release=release, sim_root=sim_root))
 
     @property
     def loader(self) -> SimLoader:

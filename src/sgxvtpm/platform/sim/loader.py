@@ -111,6 +111,7 @@ class SimLoader:
         preload: Sequence[str] = (),
         python: str = sys.executable,
         release: str = "",
+        sim_root: Path | None = None,
     ) -> None:
         self._dir = Path(platform_dir)
         self._lock = threading.Lock()
@@ -121,6 +122,8 @@ class SimLoader:
         args += ["--preload", ",".join(preload)]
         if release:
             args += ["--release", release]
+        if sim_root is not None:
+            args += ["--sim-root", str(Path(sim_root).resolve())]
         try:
             self._proc = subprocess.Popen(
                 isolated_command(python, "sgxvtpm.platform.sim.cpu", args),
