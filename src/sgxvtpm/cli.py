@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim_root_init.add_argument("dir", type=Path)
 
+    from sgxvtpm.vmm import fleetcmd
+
+    fleetcmd.add_parser(sub)
+
     vm = sub.add_parser("vm", help="manage vTPM instances (the VMM, over K1)")
     vm_sub = vm.add_subparsers(dest="vm_command", required=True)
     create = vm_sub.add_parser("create", help="create a vTPM instance for a VM")
@@ -318,14 +322,6 @@ def _bench(quick: bool) -> int:
     return int(bench_main(["--quick"] if quick else []))
 
 
-def _address(text: str) -> tuple[str, int]:
-    """HOST:PORT (a bracketed IPv6 host too), or ValueError with one line."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -338,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_vm_name(args.name)
         if args.command == "hostd":
             from sgxvtpm.host.hostd import RESET_EFFECT, RunAs, serve
+            from sgxvtpm.vmm import fleetcmd
             from sgxvtpm.vmm.credentials import hostd_operator_certificate
 
             if args.reset_manager:
@@ -352,10 +349,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run_as=run_as,
                     reset_manager=args.reset_manager,
                     sim_root=args.sim_root,
-                    fleet_listen=_address(args.fleet_listen) if args.fleet_listen else None,
+                    fleet_listen=fleetcmd.address(args.fleet_listen) if args.fleet_listen else None,
                 )
             )
             return 0
+        if args.command == "fleet":
+            from sgxvtpm.vmm import fleetcmd
+
+            return asyncio.run(fleetcmd.run(args, _state(args)))
         if args.command == "sim-root":
             from sgxvtpm.platform import init_sim_root
 

@@ -46,6 +46,7 @@ from sgxvtpm.enclaves.ekcert import (
     issue_ek_certificate,
     issue_platform_certificate,
 )
+from sgxvtpm.enclaves.fleet import FleetError, FleetState, accepted_peer
 from sgxvtpm.enclaves.registry import VM_CN_PREFIX, InstanceRecord, RegistryStore, check_vm_name
 from sgxvtpm.enclaves.runtime import EnclaveRuntime, platform_verifier
 from sgxvtpm.enclaves.sealing import SealError
@@ -53,13 +54,15 @@ from sgxvtpm.enclaves.specs import peer_policy
 from sgxvtpm.enclaves.state import DirectoryBusyError, lock_directory
 from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.mux.aio import RelayMux
-from sgxvtpm.platform.base import EnclavePlatform, QuoteVerifier
+from sgxvtpm.platform.base import EnclavePlatform, QuoteVerifier, VerifiedQuote
 from sgxvtpm.tpm.ek import public_key_from_tpmt
 from sgxvtpm.util import log
 from sgxvtpm.wire import admin, control, k1
+from sgxvtpm.wire import fleet as fleetwire
 from sgxvtpm.wire.jsonmsg import Refused, Reply, Request
 
 CA_COMMON_NAME = "sgxvtpm manager CA"
+FLEET_IN = "fleet"  # hostd's label of a session from its fleet port (host/switch.py)
 # An instance answers in milliseconds; RSA EK generation at create takes well
 # under a second. A dead or wedged instance must not hold the manager longer.
 CALL_TIMEOUT = 20.0
@@ -105,9 +108,20 @@ class ManagerEnclave:
         )
         self.mux: RelayMux | None = None
         self.lock = asyncio.Lock()
+        try:
+            self.fleet = FleetState.from_json(self.registry.fleet)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SealError(f"manager registry holds a malformed fleet: {exc}") from None
+        self._platform_id = ""
 
     # -- sessions ------------------------------------------------------------
-    def new_session(self) -> ServerSession:
+    def new_session(self, source: str = "") -> ServerSession:
+        if source == FLEET_IN:
+            # Another manager, through hostd --fleet-listen: anonymous to TLS, it
+            # proves itself in its Join (enclaves/fleet.py). The label is the
+            # host's word only: a session of either kind gets nothing without
+            # its own proof (operator key, or token and attested evidence).
+            return ServerSession(self.credential, ClientTrust([], in_band=True))
         trust = ClientTrust(
             anchors_pem=[self.registry.operator_cert_pem.encode()],
             pinned_spki_sha256=frozenset({self.operator_spki}),
@@ -115,6 +129,8 @@ class ManagerEnclave:
         return ServerSession(self.credential, trust)
 
     async def handle(self, peer: PeerCertificate, data: bytes) -> bytes:
+        if peer.spki_sha256 == b"" and peer.cert_der == b"":
+            return await self.handle_fleet(data)
         if peer.spki_sha256 != self.operator_spki:
             raise PermissionError("not the operator")
         reply: Reply | Refused
@@ -135,7 +151,114 @@ class ManagerEnclave:
             return k1.Instances(tuple([await self.describe(r) for r in self._records()]))
         if isinstance(request, k1.ShowVm):
             return k1.Shown(await self.describe(self._record(request.name)))
-        return k1.CaCertificate(self.credential.cert_pem.decode())
+        if isinstance(request, k1.GetCaCertificate):
+            return k1.CaCertificate(self.credential.cert_pem.decode())
+        return await self.dispatch_fleet(request)
+
+    # -- the fleet (docs/ARCHITECTURE.md, "Many hosts"; enclaves/fleet.py) -----
+    @property
+    def platform_id(self) -> str:
+        """This platform's id, as our own quote shows it (what other members call us)."""
+        if not self._platform_id:
+            quote = self.platform.quote(bytes(64))
+            self._platform_id = self.verifier.verify(quote).platform_id.hex()
+        return self._platform_id
+
+    def _save_fleet(self) -> None:
+        self.registry.fleet = self.fleet.to_json() if self.fleet.member else {}
+        self.store.save(self.registry)
+
+    async def dispatch_fleet(self, request: k1.K1Request) -> Reply:
+        try:
+            if isinstance(request, k1.FleetInvite):
+                token, expires = self.fleet.invite(
+                    self.platform_id, self.platform.identity, request.address, time.time()
+                )
+                self._save_fleet()
+                log.log("manager.fleet_invited", fleet=self.fleet.fleet_id, expires=expires)
+                return k1.FleetInvitation(token=token, expires=expires)
+            if isinstance(request, k1.FleetJoin):
+                await self._join(request)
+            elif isinstance(request, k1.FleetLeave):
+                log.log("manager.fleet_left", fleet=self.fleet.fleet_id)
+                self.fleet.leave()
+                self._save_fleet()
+            elif isinstance(request, k1.FleetRemove):
+                self.fleet.remove(request.member, self.platform_id)
+                self._save_fleet()
+                log.log("manager.fleet_removed", member=request.member)
+        except FleetError as exc:
+            raise ManagerError(str(exc)) from None
+        return k1.FleetStatus(self.fleet.info(self.platform_id))
+
+    async def _join(self, request: k1.FleetJoin) -> None:
+        if self.fleet.member:
+            raise FleetError(
+                f"this manager is in fleet {self.fleet.fleet_id} already: fleet leave first"
+            )
+        dialled = await self._control(control.FleetDial(request.host, request.port))
+        if isinstance(dialled, Refused):
+            raise FleetError(dialled.error)
+        assert self.mux is not None
+        client = ClientSession(
+            peer_policy(self.platform.identity.mrsigner, "manager"),
+            self.verifier,
+            self.as_client,
+            expected_cn=CA_COMMON_NAME,
+        )
+        try:
+            session = await asyncio.wait_for(self.mux.open(dialled.target, client), CALL_TIMEOUT)
+        except (ChannelError, ConnectionError, TimeoutError, EOFError) as exc:
+            raise FleetError(f"the fleet member at {request.host}:{request.port} "
+                             f"is refused or unreachable: {exc}") from None
+        try:
+            peer = session.peer
+            if not isinstance(peer, VerifiedQuote):
+                raise FleetError("the fleet member is not attested")
+            why = accepted_peer(self.platform.identity, peer.identity)
+            if why is not None:
+                raise FleetError(f"the fleet member is refused: {why}")
+            evidence = self.credential.certificate.public_bytes(serialization.Encoding.DER)
+            join = fleetwire.Join(token=request.token, evidence=evidence, address=request.address)
+            await session.send(fleetwire.encode_request(join))
+            reply = fleetwire.decode_reply(
+                join, await asyncio.wait_for(session.recv(), CALL_TIMEOUT)
+            )
+        except (ChannelError, ConnectionError, TimeoutError, EOFError) as exc:
+            raise FleetError(f"the fleet member closed the session: {exc}") from None
+        except fleetwire.FleetProtocolError as exc:
+            raise FleetError(f"the fleet member answered nonsense: {exc}") from None
+        finally:
+            await session.close()
+        if isinstance(reply, Refused):
+            raise FleetError(f"the fleet member refused the join: {reply.error}")
+        self.fleet.joined(request.token, reply, self.ca_key)
+        if reply.member_id != self.platform_id:
+            self.fleet.leave()
+            raise FleetError("the fleet member recorded another platform id for this host")
+        self._save_fleet()
+        log.log("manager.fleet_joined", fleet=self.fleet.fleet_id,
+                members=len(self.fleet.members))
+
+    async def handle_fleet(self, data: bytes) -> bytes:
+        """A request of another manager on a fleet session (wire/fleet.py)."""
+        reply: Reply | Refused
+        try:
+            request = fleetwire.decode_request(data)
+        except fleetwire.FleetProtocolError as exc:
+            return fleetwire.encode_reply(Refused(str(exc)))
+        async with self.lock:
+            try:
+                reply = self.fleet.admit(
+                    request, self.platform.identity, self.verifier, time.time()
+                )
+                log.log("manager.fleet_admitted", member=reply.member_id)
+            except FleetError as exc:
+                log.log("manager.fleet_join_refused", reason=str(exc))
+                reply = Refused(str(exc))
+            # The token is burnt whatever the outcome: sealed before the answer leaves.
+            self._save_fleet()
+        return fleetwire.encode_reply(reply)
 
     # -- the flows of docs/ARCHITECTURE.md, "Flows" ----------------------------
     async def restore(self) -> None:
