@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--vm-pubkey", type=Path, help="PEM public key of the VM (default: a new key)"
     )
+    create.add_argument(
+        "--incoming", action="store_true",
+        help="no TPM yet: it waits for the VM's state migrated from another fleet member "
+             "(vm attach serves QEMU's -incoming)",
+    )
     for name, helptext in (("list", "list instances"), ("show", "show one instance")):
         p = vm_sub.add_parser(name, help=helptext)
         if name == "show":
@@ -141,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_state_dir(p)
     destroy = vm_sub.add_parser("destroy", help="destroy an instance and erase its sealed state")
     destroy.add_argument("name")
+    cancel = vm_sub.add_parser(
+        "migrate-cancel", help="run a VM's TPM here again after it migrated to another host"
+    )
+    cancel.add_argument("name")
     attach = vm_sub.add_parser("attach", help="serve a swtpm-compatible control socket for QEMU")
     attach.add_argument("name")
     attach.add_argument("--ctrl", type=Path, required=True, help="unix socket path for QEMU")
@@ -261,6 +270,7 @@ async def _vm(args: argparse.Namespace) -> int:
             ek=[e for e in args.ek.split(",") if e],
             vm_public_key=pub,
             export=_credentials(args),
+            incoming=args.incoming,
         )
         _print(info, False)
     elif cmd == "list":
@@ -270,6 +280,10 @@ async def _vm(args: argparse.Namespace) -> int:
     elif cmd == "destroy":
         await client.destroy(args.name, export=_credentials(args))
         print(f"destroyed {args.name}")
+    elif cmd == "migrate-cancel":
+        from sgxvtpm.wire import k1
+
+        _print((await client.request(k1.MigrateCancel(args.name))).instance, False)
     return 0
 
 

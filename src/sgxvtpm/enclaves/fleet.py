@@ -17,6 +17,7 @@ and seals :class:`FleetState` in its registry. What is here:
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -265,8 +266,13 @@ class FleetState:
             for m in reply.members
         }
 
+    def moved_proof(self, vm: str, version: int, to: str) -> bytes:
+        """What only a member can say: VM ``vm`` runs on ``to`` from export ``version``."""
+        message = b"sgxvtpm fleet moved v1\x00" + f"{vm}\x00{to}\x00{version}".encode()
+        return hmac.new(self.vm_key(vm), message, hashlib.sha256).digest()
+
     def vm_key(self, vm_identity: str) -> bytes:
-        """The per-VM blob key: HKDF(fleet key, VM identity) (portable state, planned)."""
+        """The per-VM blob key: HKDF(fleet key, VM identity)."""
         if not self.member:
             raise FleetError("this manager is not in a fleet")
         return HKDF(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hmac
 import os
 import socket
 import time
@@ -59,13 +60,15 @@ from sgxvtpm.tpm.ek import public_key_from_tpmt
 from sgxvtpm.util import log
 from sgxvtpm.wire import admin, control, k1
 from sgxvtpm.wire import fleet as fleetwire
-from sgxvtpm.wire.jsonmsg import Refused, Reply, Request
+from sgxvtpm.wire.jsonmsg import Done, Refused, Reply, Request
 
 CA_COMMON_NAME = "sgxvtpm manager CA"
 FLEET_IN = "fleet"  # hostd's label of a session from its fleet port (host/switch.py)
 # An instance answers in milliseconds; RSA EK generation at create takes well
 # under a second. A dead or wedged instance must not hold the manager longer.
 CALL_TIMEOUT = 20.0
+# How often the manager looks whether an incoming VM runs here yet (to tell its source).
+MIGRATION_POLL = 0.5
 
 
 class ManagerError(SgxvtpmError):
@@ -153,6 +156,13 @@ class ManagerEnclave:
             return k1.Shown(await self.describe(self._record(request.name)))
         if isinstance(request, k1.GetCaCertificate):
             return k1.CaCertificate(self.credential.cert_pem.decode())
+        if isinstance(request, k1.MigrateCancel):
+            record = self._record(request.name)
+            await self._call(record.instance_id, admin.CancelMigration())
+            log.log("manager.migration_cancelled", vm=record.name, was=record.migration)
+            record.migration = {}
+            self.store.save(self.registry)
+            return k1.Shown(await self.describe(record))
         return await self.dispatch_fleet(request)
 
     # -- the fleet (docs/ARCHITECTURE.md, "Many hosts"; enclaves/fleet.py) -----
@@ -191,12 +201,10 @@ class ManagerEnclave:
             raise ManagerError(str(exc)) from None
         return k1.FleetStatus(self.fleet.info(self.platform_id))
 
-    async def _join(self, request: k1.FleetJoin) -> None:
-        if self.fleet.member:
-            raise FleetError(
-                f"this manager is in fleet {self.fleet.fleet_id} already: fleet leave first"
-            )
-        dialled = await self._control(control.FleetDial(request.host, request.port))
+    async def _fleet_call(self, host: str, port: int, request: Request[_R]) -> _R | Refused:
+        """One request to the manager behind the fleet port ``host``:``port``, after
+        checking its quote (our root, signer, manager product, our MRENCLAVE)."""
+        dialled = await self._control(control.FleetDial(host, port))
         if isinstance(dialled, Refused):
             raise FleetError(dialled.error)
         assert self.mux is not None
@@ -209,7 +217,7 @@ class ManagerEnclave:
         try:
             session = await asyncio.wait_for(self.mux.open(dialled.target, client), CALL_TIMEOUT)
         except (ChannelError, ConnectionError, TimeoutError, EOFError) as exc:
-            raise FleetError(f"the fleet member at {request.host}:{request.port} "
+            raise FleetError(f"the fleet member at {host}:{port} "
                              f"is refused or unreachable: {exc}") from None
         try:
             peer = session.peer
@@ -218,11 +226,9 @@ class ManagerEnclave:
             why = accepted_peer(self.platform.identity, peer.identity)
             if why is not None:
                 raise FleetError(f"the fleet member is refused: {why}")
-            evidence = self.credential.certificate.public_bytes(serialization.Encoding.DER)
-            join = fleetwire.Join(token=request.token, evidence=evidence, address=request.address)
-            await session.send(fleetwire.encode_request(join))
-            reply = fleetwire.decode_reply(
-                join, await asyncio.wait_for(session.recv(), CALL_TIMEOUT)
+            await session.send(fleetwire.encode_request(request))
+            return fleetwire.decode_reply(
+                request, await asyncio.wait_for(session.recv(), CALL_TIMEOUT)
             )
         except (ChannelError, ConnectionError, TimeoutError, EOFError) as exc:
             raise FleetError(f"the fleet member closed the session: {exc}") from None
@@ -230,6 +236,15 @@ class ManagerEnclave:
             raise FleetError(f"the fleet member answered nonsense: {exc}") from None
         finally:
             await session.close()
+
+    async def _join(self, request: k1.FleetJoin) -> None:
+        if self.fleet.member:
+            raise FleetError(
+                f"this manager is in fleet {self.fleet.fleet_id} already: fleet leave first"
+            )
+        evidence = self.credential.certificate.public_bytes(serialization.Encoding.DER)
+        join = fleetwire.Join(token=request.token, evidence=evidence, address=request.address)
+        reply = await self._fleet_call(request.host, request.port, join)
         if isinstance(reply, Refused):
             raise FleetError(f"the fleet member refused the join: {reply.error}")
         self.fleet.joined(request.token, reply, self.ca_key)
@@ -239,6 +254,79 @@ class ManagerEnclave:
         self._save_fleet()
         log.log("manager.fleet_joined", fleet=self.fleet.fleet_id,
                 members=len(self.fleet.members))
+        for record in self._records():
+            try:
+                await self._push_blob_key(record)
+            except _UNREACHABLE as exc:
+                log.log("manager.blob_key_failed", vm=record.name, reason=str(exc))
+
+    async def _push_blob_key(self, record: InstanceRecord) -> admin.InstanceStatus | None:
+        """Give the VM's instance its per-VM fleet key (portable state blobs)."""
+        if not self.fleet.member:
+            return None
+        return await self._call(
+            record.instance_id,
+            admin.SetBlobKey(
+                key=self.fleet.vm_key(record.name), vm=record.name, origin=self.platform_id
+            ),
+            failed="the instance did not take its fleet key",
+        )
+
+    # -- migrations: the destination tells the source (docs/ARCHITECTURE.md) -----
+    async def watch_migrations(self) -> None:
+        """Until the enclave ends: tell each incoming VM's source once it runs here."""
+        while True:
+            await asyncio.sleep(MIGRATION_POLL)
+            if not any(r.migration.get("phase") == "incoming" for r in self._records()):
+                continue
+            async with self.lock:
+                for record in self._records():
+                    if record.migration.get("phase") == "incoming":
+                        try:
+                            await self._check_incoming(record)
+                        except (*_UNREACHABLE, FleetError) as exc:
+                            log.log("manager.migration_report_failed", vm=record.name,
+                                    reason=str(exc))
+
+    async def _check_incoming(self, record: InstanceRecord) -> None:
+        status = await self._call(record.instance_id, admin.GetStatus())
+        if not status.imported:
+            return
+        member = self.fleet.members.get(status.origin, {})
+        address = str(member.get("address", ""))
+        moved = fleetwire.Moved(
+            vm=record.name,
+            version=status.imported,
+            to=self.platform_id,
+            proof=self.fleet.moved_proof(record.name, status.imported, self.platform_id),
+        )
+        if status.origin != self.platform_id:
+            if not address:
+                raise FleetError(f"the source platform {status.origin} has no fleet address")
+            host, _, port = address.rpartition(":")
+            reply = await self._fleet_call(host.strip("[]"), int(port), moved)
+            if isinstance(reply, Refused):
+                raise FleetError(f"the source refused: {reply.error}")
+        record.migration = {"phase": "in", "from": status.origin, "version": status.imported}
+        record.state = status.state
+        self.store.save(self.registry)
+        log.log("manager.migration_completed", vm=record.name, source=status.origin,
+                version=status.imported)
+
+    async def _moved(self, request: fleetwire.Moved) -> Reply:
+        record = self.registry.instances.get(request.vm)
+        if record is None:
+            raise FleetError(f"no VM named {request.vm!r} here")
+        expected = self.fleet.moved_proof(request.vm, request.version, request.to)
+        if not hmac.compare_digest(expected, request.proof):
+            raise FleetError("the migration report is not from a member of this fleet")
+        try:
+            await self._call(record.instance_id, admin.MarkMigrated(request.version, request.to))
+        except _UNREACHABLE as exc:
+            raise FleetError(f"the VM's instance did not take it: {exc}") from None
+        record.migration = {"phase": "out", "to": request.to, "version": request.version}
+        log.log("manager.migrated_out", vm=record.name, to=request.to, version=request.version)
+        return Done()
 
     async def handle_fleet(self, data: bytes) -> bytes:
         """A request of another manager on a fleet session (wire/fleet.py)."""
@@ -249,14 +337,18 @@ class ManagerEnclave:
             return fleetwire.encode_reply(Refused(str(exc)))
         async with self.lock:
             try:
-                reply = self.fleet.admit(
-                    request, self.platform.identity, self.verifier, time.time()
-                )
-                log.log("manager.fleet_admitted", member=reply.member_id)
-            except FleetError as exc:
-                log.log("manager.fleet_join_refused", reason=str(exc))
+                if isinstance(request, fleetwire.Moved):
+                    reply = await self._moved(request)
+                else:
+                    reply = self.fleet.admit(
+                        request, self.platform.identity, self.verifier, time.time()
+                    )
+                    log.log("manager.fleet_admitted", member=reply.member_id)
+            except (FleetError, ManagerError) as exc:
+                log.log("manager.fleet_request_refused", op=request.OP, reason=str(exc))
                 reply = Refused(str(exc))
-            # The token is burnt whatever the outcome: sealed before the answer leaves.
+            # A join's token is burnt whatever the outcome; a move is recorded:
+            # sealed before the answer leaves.
             self._save_fleet()
         return fleetwire.encode_reply(reply)
 
@@ -267,6 +359,7 @@ class ManagerEnclave:
             try:
                 await self._launch(record.instance_id)
                 record.state = (await self._call(record.instance_id, admin.GetStatus())).state
+                await self._push_blob_key(record)
             except _UNREACHABLE as exc:
                 record.state = "error"
                 log.log("manager.restore_failed", vm=record.name, reason=str(exc))
@@ -291,9 +384,28 @@ class ManagerEnclave:
             ek=list(request.ek),
             created=time.time(),
         )
+        if request.incoming and not self.fleet.member:
+            raise ManagerError(
+                "an incoming VM needs this host in a fleet (sgxvtpm fleet join): its state"
+                " comes from another member"
+            )
         launched = await self._launch(record.instance_id)
         try:
-            status = await self._manufacture(record)
+            if request.incoming:
+                status = await self._call(
+                    record.instance_id,
+                    admin.ProvisionIncoming(
+                        vm_id=name,
+                        vm_spki_sha256=bytes.fromhex(record.vm_spki_sha256),
+                        pcr_banks=tuple(record.pcr_banks),
+                    ),
+                    failed="provisioning failed",
+                )
+                record.ek = []
+                record.migration = {"phase": "incoming"}
+            else:
+                status = await self._manufacture(record)
+            status = await self._push_blob_key(record) or status
         except BaseException:
             await self._stop(record.instance_id, erase=True)
             raise
@@ -526,5 +638,6 @@ def main(platform: EnclavePlatform, stream: socket.socket, args: Mapping[str, An
         async with manager.lock:
             await manager.restore()
         await control_call(mux, control.ManagerReady())
+        await manager.watch_migrations()
 
     asyncio.run(runtime.run(after_start))

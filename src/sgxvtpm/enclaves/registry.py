@@ -61,6 +61,8 @@ class InstanceRecord:
     mrenclave: str = ""
     mrsigner: str = ""
     ek_certificates: dict[str, str] = field(default_factory=dict)
+    # Many hosts: {"phase": "incoming"|"in"|"out", ...} (enclaves/manager.py).
+    migration: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

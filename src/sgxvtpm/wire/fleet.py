@@ -11,7 +11,12 @@ op     request fields                              reply (``ok``)
 =====  ==========================================  ===========================================
 join   token (hex), evidence (DER hex), address    fleet_id, member_id, ephemeral (SEC1 hex),
                                                    wrapped (hex), members
+moved  vm, version, to (platform id), proof (hex)  -
 =====  ==========================================  ===========================================
+
+``moved``: the destination's manager tells the source's that VM ``vm`` runs on
+platform ``to`` from export ``version``; ``proof`` is an HMAC under the VM's
+fleet key (enclaves/fleet.py: ``moved_proof``), so only a member can say it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
-from sgxvtpm.wire.jsonmsg import Codec, Refused, Reply, Request, check_with
+from sgxvtpm.wire.jsonmsg import Codec, Done, Refused, Reply, Request, check_with
 from sgxvtpm.wire.k1 import FleetMember
 
 __all__ = [
@@ -29,6 +34,7 @@ __all__ = [
     "FleetUsageError",
     "Join",
     "Joined",
+    "Moved",
     "Refused",
     "decode_reply",
     "decode_request",
@@ -79,9 +85,19 @@ class Join(Request[Joined]):
     address: str = ""
 
 
-FleetRequest: TypeAlias = Join
+@dataclass(frozen=True)
+class Moved(Request[Done]):
+    OP = "moved"
+    REPLY = Done
+    vm: str
+    version: int
+    to: str
+    proof: bytes
 
-_CODEC: Codec[FleetRequest] = Codec("fleet", (Join,), FleetProtocolError, FleetUsageError)
+
+FleetRequest: TypeAlias = Join | Moved
+
+_CODEC: Codec[FleetRequest] = Codec("fleet", (Join, Moved), FleetProtocolError, FleetUsageError)
 
 encode_request = _CODEC.encode_request
 decode_request = _CODEC.decode_request

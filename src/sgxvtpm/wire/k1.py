@@ -8,7 +8,7 @@ K1 delivers whole messages: each is one JSON object in the form of
 op         request fields                         reply (``ok``)
 =========  =====================================  ===========================================
 create     name, vm_spki_der (hex), pcr_banks,    instance, vm_cert_pem (for the VM key,
-           ek (EK algorithms)                     issued by the manager's CA), ca_cert_pem
+           ek (EK algorithms), incoming           issued by the manager's CA), ca_cert_pem
 destroy    name                                   -
 list       -                                      instances (sorted by name)
 show       name                                   instance
@@ -23,6 +23,8 @@ fleet_     -                                      fleet (empty: no longer a memb
 leave
 fleet_     member (platform id hex)               fleet
 remove
+migrate_   name                                   instance
+cancel
 =========  =====================================  ===========================================
 
 ``instance`` is an :class:`InstanceInfo`: the manager's record of the VM and
@@ -70,6 +72,7 @@ __all__ = [
     "K1Request",
     "K1UsageError",
     "ListVms",
+    "MigrateCancel",
     "Refused",
     "ShowVm",
     "Shown",
@@ -165,6 +168,7 @@ class CreateVm(Request[Created]):
     vm_spki_der: bytes
     pcr_banks: tuple[str, ...] = DEFAULT_PCR_BANKS
     ek: tuple[str, ...] = ()
+    incoming: bool = False
 
 
 @dataclass(frozen=True)
@@ -266,15 +270,24 @@ class FleetRemove(Request[FleetStatus]):
     member: str
 
 
+@dataclass(frozen=True)
+class MigrateCancel(Request[Shown]):
+    """Run VM ``name`` here again although it migrated to another host (the operator's call)."""
+
+    OP = "migrate_cancel"
+    REPLY = Shown
+    name: str
+
+
 K1Request: TypeAlias = (
     CreateVm | DestroyVm | ListVms | ShowVm | GetCaCertificate
-    | FleetInvite | FleetJoin | FleetShow | FleetLeave | FleetRemove
+    | FleetInvite | FleetJoin | FleetShow | FleetLeave | FleetRemove | MigrateCancel
 )
 
 _CODEC: Codec[K1Request] = Codec(
     "K1",
     (CreateVm, DestroyVm, ListVms, ShowVm, GetCaCertificate,
-     FleetInvite, FleetJoin, FleetShow, FleetLeave, FleetRemove),
+     FleetInvite, FleetJoin, FleetShow, FleetLeave, FleetRemove, MigrateCancel),
     K1ProtocolError,
     K1UsageError,
 )
