@@ -41,6 +41,25 @@ COUNTER_ATTRS = (
     | TPMA_NV.NO_DA | TPMA_NV.TPM_NT_COUNTER
 )
 RC_INITIALIZE = 0x100
+MARKER_INDEX = 0x01500042
+MARKER = b"FLEET-PLAINTEXT-MARKER-7c1e9a2f"
+MARKER_ATTRS = (
+    TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHWRITE | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA
+)
+# The first bytes of libtpms' serialized state (as tests/integration/test_flow.py).
+LIBTPMS_MAGICS = (bytes.fromhex("0003ab364723"), bytes.fromhex("000445637889"))
+
+
+def assert_no_plaintext(where: list[Path], blobs: dict[int, bytes]) -> None:
+    """Neither the migration stream nor any file of either host holds the TPM in the clear."""
+    for blob in blobs.values():
+        assert MARKER not in blob and not any(m in blob for m in LIBTPMS_MAGICS)
+    for root in where:
+        for path in root.rglob("*"):
+            if path.is_file() and not path.is_socket():
+                data = path.read_bytes()
+                assert MARKER not in data, path
+                assert not any(m in data for m in LIBTPMS_MAGICS), path
 
 
 def ctrl(c: CtrlClient, code: CtrlCmd, **kw: int | bytes) -> CtrlResponse:
@@ -114,6 +133,8 @@ def test_a_vm_tpm_moves_to_another_host_and_not_back(
         tpm_ok(q, wire.nv_define_space(COUNTER, 8, COUNTER_ATTRS))
         for _ in range(3):
             tpm_ok(q, wire.nv_increment(COUNTER))
+        tpm_ok(q, wire.nv_define_space(MARKER_INDEX, len(MARKER), MARKER_ATTRS))
+        tpm_ok(q, wire.nv_write(MARKER_INDEX, MARKER))
         before = pcrs(q)
         ek_before = ek.read_ek_certificate(q.transact, "rsa2048")
         blobs = savevm(q)
@@ -127,6 +148,9 @@ def test_a_vm_tpm_moves_to_another_host_and_not_back(
         assert pcrs(q) == before
         assert ek.read_ek_certificate(q.transact, "rsa2048") == ek_before
         assert counter(q) == 3
+        marker = tpm_ok(q, wire.nv_read(MARKER_INDEX, len(MARKER)))
+        assert wire.parse_nv_read(marker) == MARKER
+        assert_no_plaintext([a.state.root, b.state.root], blobs)
         tpm_ok(q, wire.nv_increment(COUNTER))
         assert counter(q) == 4
         q.close()

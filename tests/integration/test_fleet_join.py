@@ -135,6 +135,11 @@ def test_a_host_under_another_root_is_refused(fleet: Fleet) -> None:
     assert done.returncode == 1
     assert "refused or unreachable" in done.stderr
     assert show(c)["fleet_id"] == ""
+    # A host not in a fleet cannot wait for a migrated VM: nobody could send it state.
+    incoming = cli(c, "vm", "create", "waiting", "--incoming")
+    assert incoming.returncode == 1
+    assert "needs this host in a fleet" in incoming.stderr
+    assert cli(c, "vm", "show", "waiting").returncode == 1
 
 
 async def _join_as(

@@ -48,6 +48,7 @@ from sgxvtpm.enclaves.ekcert import (
     issue_platform_certificate,
 )
 from sgxvtpm.enclaves.fleet import FleetError, FleetState, accepted_peer
+from sgxvtpm.enclaves.migration import VM_STATES as migration_states
 from sgxvtpm.enclaves.registry import VM_CN_PREFIX, InstanceRecord, RegistryStore, check_vm_name
 from sgxvtpm.enclaves.runtime import EnclaveRuntime, platform_verifier
 from sgxvtpm.enclaves.sealing import SealError
@@ -116,6 +117,8 @@ class ManagerEnclave:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SealError(f"manager registry holds a malformed fleet: {exc}") from None
         self._platform_id = ""
+        # VM name -> (monotonic time of the next report attempt, last delay).
+        self._report_due: dict[str, tuple[float, float]] = {}
 
     # -- sessions ------------------------------------------------------------
     def new_session(self, source: str = "") -> ServerSession:
@@ -258,6 +261,7 @@ class ManagerEnclave:
             try:
                 await self._push_blob_key(record)
             except _UNREACHABLE as exc:
+                # Its next start (manager restore) gives it the key again.
                 log.log("manager.blob_key_failed", vm=record.name, reason=str(exc))
 
     async def _push_blob_key(self, record: InstanceRecord) -> admin.InstanceStatus | None:
@@ -281,12 +285,20 @@ class ManagerEnclave:
                 continue
             async with self.lock:
                 for record in self._records():
-                    if record.migration.get("phase") == "incoming":
-                        try:
-                            await self._check_incoming(record)
-                        except (*_UNREACHABLE, FleetError) as exc:
-                            log.log("manager.migration_report_failed", vm=record.name,
-                                    reason=str(exc))
+                    due = self._report_due.get(record.name, (0.0, 0.0))
+                    if record.migration.get("phase") != "incoming" or time.monotonic() < due[0]:
+                        continue
+                    try:
+                        await self._check_incoming(record)
+                    except (*_UNREACHABLE, FleetError) as exc:
+                        # Back off (up to a minute): an unreachable source must not
+                        # hold the manager's lock every poll.
+                        delay = min(60.0, max(1.0, due[1] * 2))
+                        self._report_due[record.name] = (time.monotonic() + delay, delay)
+                        log.log("manager.migration_report_failed", vm=record.name,
+                                reason=str(exc), retry_in=delay)
+                    else:
+                        self._report_due.pop(record.name, None)
 
     async def _check_incoming(self, record: InstanceRecord) -> None:
         status = await self._call(record.instance_id, admin.GetStatus())
@@ -359,7 +371,8 @@ class ManagerEnclave:
             try:
                 await self._launch(record.instance_id)
                 record.state = (await self._call(record.instance_id, admin.GetStatus())).state
-                await self._push_blob_key(record)
+                if record.state in migration_states:
+                    await self._push_blob_key(record)
             except _UNREACHABLE as exc:
                 record.state = "error"
                 log.log("manager.restore_failed", vm=record.name, reason=str(exc))
