@@ -150,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate-cancel", help="run a VM's TPM here again after it migrated to another host"
     )
     cancel.add_argument("name")
+    move = vm_sub.add_parser(
+        "migrate", help="move a stopped VM's TPM to another fleet member (cold move)"
+    )
+    move.add_argument("name")
+    move.add_argument("--to", required=True, metavar="HOST:PORT",
+                      help="the destination's fleet address (its hostd --fleet-listen); "
+                           "`vm create NAME --incoming` there first")
     attach = vm_sub.add_parser("attach", help="serve a swtpm-compatible control socket for QEMU")
     attach.add_argument("name")
     attach.add_argument("--ctrl", type=Path, required=True, help="unix socket path for QEMU")
@@ -280,6 +287,12 @@ async def _vm(args: argparse.Namespace) -> int:
     elif cmd == "destroy":
         await client.destroy(args.name, export=_credentials(args))
         print(f"destroyed {args.name}")
+    elif cmd == "migrate":
+        from sgxvtpm.vmm.fleetcmd import address
+        from sgxvtpm.wire import k1
+
+        host, port = address(args.to)
+        _print((await client.request(k1.MigrateVm(args.name, host, port))).instance, False)
     elif cmd == "migrate-cancel":
         from sgxvtpm.wire import k1
 

@@ -286,3 +286,64 @@ def test_a_qemu_guest_migrates_with_its_tpm(
     assert vm_state(b, "guest") == "running"
     assert "rollback refused" in b.log()
 
+
+
+def fleet_address(of: Hostd, member: Hostd) -> str:
+    """``member``'s fleet address, as ``of``'s manager lists it."""
+    mine = json.loads(ok(cli(member, "fleet", "show", "--json")))["self_id"]
+    listed = json.loads(ok(cli(of, "fleet", "show", "--json")))["members"]
+    (address,) = [m["address"] for m in listed if m["platform_id"] == mine]
+    return str(address)
+
+
+def test_a_stopped_vm_moves_cold_without_qemu(
+    two_hosts: tuple[Hostd, Hostd], tmp_path: Path
+) -> None:
+    a, b = two_hosts
+    to_b = fleet_address(a, b)
+    ok(cli(a, "vm", "create", "cold"))
+    ok(cli(a, "vm", "create", "hot"))
+    ep = start_vm_endpoint(a.state, "cold", "--ctrl", str(tmp_path / "a.ctrl"), log_dir=tmp_path)
+    hot = start_vm_endpoint(a.state, "hot", "--ctrl", str(tmp_path / "hot.ctrl"),
+                            log_dir=tmp_path)  # fmt: skip
+    try:
+        q = new_qemu(ep.address)
+        assert ctrl(q, CtrlCmd.INIT).result == 0
+        tpm_ok(q, wire.startup(TPM2_SU.CLEAR))
+        tpm_ok(q, wire.nv_define_space(COUNTER, 8, COUNTER_ATTRS))
+        for _ in range(5):
+            tpm_ok(q, wire.nv_increment(COUNTER))
+        ek_before = ek.read_ek_certificate(q.transact, "rsa2048")
+        assert ctrl(q, CtrlCmd.SHUTDOWN).result == 0  # QEMU exits: the TPM is stopped
+        q.close()
+        # A running TPM is not moved cold.
+        h = new_qemu(hot.address)
+        assert ctrl(h, CtrlCmd.INIT).result == 0
+        refused = cli(a, "vm", "migrate", "hot", "--to", to_b)
+        assert refused.returncode == 1 and "the VM's TPM is running" in refused.stderr
+        h.close()
+    finally:
+        ep.stop()
+        hot.stop()
+    # No incoming instance on B yet: B refuses, A keeps the VM.
+    early = cli(a, "vm", "migrate", "cold", "--to", to_b)
+    assert early.returncode == 1 and "no incoming VM named 'cold'" in early.stderr
+    assert vm_state(a, "cold") == "running"
+
+    ok(cli(b, "vm", "create", "cold", "--incoming"))
+    ok(cli(a, "vm", "migrate", "cold", "--to", to_b))
+    assert vm_state(a, "cold") == "migrated"
+    assert vm_state(b, "cold") == "running"
+    again = cli(a, "vm", "migrate", "cold", "--to", to_b)
+    assert again.returncode == 1 and "nothing to move" in again.stderr
+
+    ep = start_vm_endpoint(b.state, "cold", "--ctrl", str(tmp_path / "b.ctrl"), log_dir=tmp_path)
+    try:
+        q = new_qemu(ep.address)
+        assert ctrl(q, CtrlCmd.INIT).result == 0
+        assert wire.response_code(q.transact(wire.startup(TPM2_SU.STATE))) in (0, RC_INITIALIZE)
+        assert counter(q) == 5
+        assert ek.read_ek_certificate(q.transact, "rsa2048") == ek_before
+        q.close()
+    finally:
+        ep.stop()

@@ -271,6 +271,14 @@ class FleetState:
         message = b"sgxvtpm fleet moved v1\x00" + f"{vm}\x00{to}\x00{version}".encode()
         return hmac.new(self.vm_key(vm), message, hashlib.sha256).digest()
 
+    def move_proof(self, vm: str, origin: str, blobs: dict[str, bytes]) -> bytes:
+        """What only a member can send: the portable blobs of ``vm`` from ``origin``."""
+        digest = hashlib.sha256()
+        for kind in sorted(blobs):
+            digest.update(kind.encode() + b"\x00" + hashlib.sha256(blobs[kind]).digest())
+        message = b"sgxvtpm fleet move v1\x00" + f"{vm}\x00{origin}\x00".encode()
+        return hmac.new(self.vm_key(vm), message + digest.digest(), hashlib.sha256).digest()
+
     def vm_key(self, vm_identity: str) -> bytes:
         """The per-VM blob key: HKDF(fleet key, VM identity)."""
         if not self.member:

@@ -285,9 +285,17 @@ class InstanceEnclave:
     def migration_request(
         self,
         request: admin.ProvisionIncoming | admin.SetBlobKey | admin.MarkMigrated
-        | admin.CancelMigration,
-    ) -> admin.InstanceStatus | Refused:
-        """The fleet's requests (enclaves/migration.py): incoming, blob key, migrated."""
+        | admin.CancelMigration | admin.ExportState | admin.ImportState,
+    ) -> admin.InstanceStatus | admin.PortableState | Refused:
+        """The fleet's requests (enclaves/migration.py): incoming, blob key, migrated,
+        a cold move's export and import."""
+        try:
+            if isinstance(request, admin.ExportState) and self.core is not None:
+                return migration.export_state(self.core, self.store.bundle.provisioning)
+            if isinstance(request, admin.ImportState) and self.core is not None:
+                migration.import_state(self.core, self.store, request.blobs)
+        except migration.MigrationError as exc:
+            return Refused(str(exc))
         if isinstance(request, admin.ProvisionIncoming):
             if self.state != "unprovisioned":
                 return Refused(f"instance is {self.state}, not unprovisioned")
@@ -298,7 +306,7 @@ class InstanceEnclave:
             self.core = self._new_core()
         elif self.core is None:
             return Refused(f"instance is {self.state}: no VM state")
-        else:
+        elif not isinstance(request, admin.ExportState | admin.ImportState):
             migration.apply(self.store, request)
         self.state = migration.state_of(self.store.bundle.provisioning)
         log.log("instance.migration", instance=self.instance_id, op=request.OP, state=self.state)

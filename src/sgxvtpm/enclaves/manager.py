@@ -42,6 +42,7 @@ from sgxvtpm.channel import (
     ServerSession,
     spki_sha256,
 )
+from sgxvtpm.enclaves import portable
 from sgxvtpm.enclaves.ekcert import (
     TpmSpecification,
     issue_ek_certificate,
@@ -159,6 +160,8 @@ class ManagerEnclave:
             return k1.Shown(await self.describe(self._record(request.name)))
         if isinstance(request, k1.GetCaCertificate):
             return k1.CaCertificate(self.credential.cert_pem.decode())
+        if isinstance(request, k1.MigrateVm):
+            return await self.migrate(request)
         if isinstance(request, k1.MigrateCancel):
             record = self._record(request.name)
             await self._call(record.instance_id, admin.CancelMigration())
@@ -325,6 +328,49 @@ class ManagerEnclave:
         log.log("manager.migration_completed", vm=record.name, source=status.origin,
                 version=status.imported)
 
+    async def migrate(self, request: k1.MigrateVm) -> k1.Shown:
+        """A cold move: the stopped TPM's portable blobs to the member at host:port."""
+        record = self._record(request.name)
+        if not self.fleet.member:
+            raise ManagerError("this host is not in a fleet (sgxvtpm fleet join)")
+        exported = await self._call(record.instance_id, admin.ExportState(),
+                                    failed="the instance did not export its state")
+        move = fleetwire.Move(
+            vm=record.name,
+            origin=self.platform_id,
+            blobs=exported.blobs,
+            proof=self.fleet.move_proof(record.name, self.platform_id, exported.blobs),
+        )
+        try:
+            reply = await self._fleet_call(request.host, request.port, move)
+        except FleetError as exc:
+            raise ManagerError(str(exc)) from None
+        if isinstance(reply, Refused):
+            raise ManagerError(f"the destination refused the VM: {reply.error}")
+        version = portable_version(exported.blobs)
+        await self._call(record.instance_id, admin.MarkMigrated(version, reply.to))
+        record.migration = {"phase": "out", "to": reply.to, "version": version}
+        self.store.save(self.registry)
+        log.log("manager.migrated_out", vm=record.name, to=reply.to, version=version)
+        return k1.Shown(await self.describe(record))
+
+    async def _move_in(self, request: fleetwire.Move) -> Reply:
+        record = self.registry.instances.get(request.vm)
+        if record is None or record.migration.get("phase") != "incoming":
+            raise FleetError(
+                f"no incoming VM named {request.vm!r} here (vm create {request.vm} --incoming)"
+            )
+        expected = self.fleet.move_proof(request.vm, request.origin, request.blobs)
+        if not hmac.compare_digest(expected, request.proof):
+            raise FleetError("the move is not from a member of this fleet")
+        status = await self._call(record.instance_id, admin.ImportState(request.blobs),
+                                  failed="the VM's instance refused the state")
+        record.migration = {"phase": "in", "from": request.origin, "version": status.imported}
+        record.state = status.state
+        log.log("manager.migration_completed", vm=record.name, source=request.origin,
+                version=status.imported)
+        return fleetwire.MovedIn(to=self.platform_id)
+
     async def _moved(self, request: fleetwire.Moved) -> Reply:
         record = self.registry.instances.get(request.vm)
         if record is None:
@@ -351,6 +397,8 @@ class ManagerEnclave:
             try:
                 if isinstance(request, fleetwire.Moved):
                     reply = await self._moved(request)
+                elif isinstance(request, fleetwire.Move):
+                    reply = await self._move_in(request)
                 else:
                     reply = self.fleet.admit(
                         request, self.platform.identity, self.verifier, time.time()
@@ -586,6 +634,14 @@ class ManagerEnclave:
             )
             .sign(self.ca_key, hashes.SHA256())
         )
+
+
+def portable_version(blobs: Mapping[str, bytes]) -> int:
+    """The export version of a set of portable blobs (all of one export)."""
+    versions = {portable.parse_header(blob)[0].version for blob in blobs.values()}
+    if len(versions) != 1:
+        raise ManagerError(f"the exported blobs are of several versions {sorted(versions)}")
+    return versions.pop()
 
 
 def _spki_sha256_of(key: ec.EllipticCurvePublicKey) -> bytes:

@@ -23,6 +23,8 @@ blob_key    key (hex), vm (VM identity), origin              as status
 migrated    version, to (the destination's platform id)     as status (``migrated``)
 cancel_     -                                               as status
 migration
+export      -                                               blobs (type: portable blob hex)
+import      blobs (type: portable blob hex)                 as status (``running``)
 ==========  ==============================================  ===============================
 
 ``status`` also says what an incoming instance imported (``imported``: the
@@ -56,9 +58,12 @@ __all__ = [
     "Destroy",
     "Done",
     "EkPublicArea",
+    "ExportState",
     "GetStatus",
+    "ImportState",
     "InstanceStatus",
     "MarkMigrated",
+    "PortableState",
     "Provision",
     "ProvisionIncoming",
     "Provisioned",
@@ -215,15 +220,39 @@ class CancelMigration(Request[InstanceStatus]):
     REPLY = InstanceStatus
 
 
+@dataclass(frozen=True)
+class PortableState(Reply):
+    """A stopped TPM's state blobs, portable (by type: "1", "2", "3"; absent ones left out)."""
+
+    blobs: dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class ExportState(Request[PortableState]):
+    """A cold move: the stopped TPM's blobs under the VM's fleet key (a recorded export)."""
+
+    OP = "export"
+    REPLY = PortableState
+
+
+@dataclass(frozen=True)
+class ImportState(Request[InstanceStatus]):
+    """A cold move's other end: an incoming instance takes ``blobs`` and becomes the VM's TPM."""
+
+    OP = "import"
+    REPLY = InstanceStatus
+    blobs: dict[str, bytes]
+
+
 AdminRequest: TypeAlias = (
     GetStatus | Provision | Certify | Destroy
-    | ProvisionIncoming | SetBlobKey | MarkMigrated | CancelMigration
+    | ProvisionIncoming | SetBlobKey | MarkMigrated | CancelMigration | ExportState | ImportState
 )
 
 _CODEC: Codec[AdminRequest] = Codec(
     "admin",
     (GetStatus, Provision, Certify, Destroy,
-     ProvisionIncoming, SetBlobKey, MarkMigrated, CancelMigration),
+     ProvisionIncoming, SetBlobKey, MarkMigrated, CancelMigration, ExportState, ImportState),
     AdminProtocolError,
     AdminUsageError,
 )

@@ -12,7 +12,14 @@ op     request fields                              reply (``ok``)
 join   token (hex), evidence (DER hex), address    fleet_id, member_id, ephemeral (SEC1 hex),
                                                    wrapped (hex), members
 moved  vm, version, to (platform id), proof (hex)  -
+move   vm, origin (platform id), blobs (type: hex), to (the destination's platform id)
+       proof (hex)
 =====  ==========================================  ===========================================
+
+``move``: a cold move (``vm migrate NAME --to``): the source's manager sends
+the stopped TPM's portable blobs to the destination's, whose incoming
+instance for ``vm`` takes them; ``proof`` is an HMAC under the VM's fleet key
+over the VM, the origin and the blobs (enclaves/fleet.py: ``move_proof``).
 
 ``moved``: the destination's manager tells the source's that VM ``vm`` runs on
 platform ``to`` from export ``version``; ``proof`` is an HMAC under the VM's
@@ -34,7 +41,9 @@ __all__ = [
     "FleetUsageError",
     "Join",
     "Joined",
+    "Move",
     "Moved",
+    "MovedIn",
     "Refused",
     "decode_reply",
     "decode_request",
@@ -95,9 +104,26 @@ class Moved(Request[Done]):
     proof: bytes
 
 
-FleetRequest: TypeAlias = Join | Moved
+@dataclass(frozen=True)
+class MovedIn(Reply):
+    to: str
 
-_CODEC: Codec[FleetRequest] = Codec("fleet", (Join, Moved), FleetProtocolError, FleetUsageError)
+
+@dataclass(frozen=True)
+class Move(Request[MovedIn]):
+    OP = "move"
+    REPLY = MovedIn
+    vm: str
+    origin: str
+    blobs: dict[str, bytes]
+    proof: bytes
+
+
+FleetRequest: TypeAlias = Join | Moved | Move
+
+_CODEC: Codec[FleetRequest] = Codec(
+    "fleet", (Join, Moved, Move), FleetProtocolError, FleetUsageError
+)
 
 encode_request = _CODEC.encode_request
 decode_request = _CODEC.decode_request

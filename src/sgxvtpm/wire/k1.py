@@ -25,6 +25,7 @@ fleet_     member (platform id hex)               fleet
 remove
 migrate_   name                                   instance
 cancel
+migrate    name, host, port (a member's fleet port)  instance (``migrated``)
 =========  =====================================  ===========================================
 
 ``instance`` is an :class:`InstanceInfo`: the manager's record of the VM and
@@ -73,6 +74,7 @@ __all__ = [
     "K1UsageError",
     "ListVms",
     "MigrateCancel",
+    "MigrateVm",
     "Refused",
     "ShowVm",
     "Shown",
@@ -279,15 +281,26 @@ class MigrateCancel(Request[Shown]):
     name: str
 
 
+@dataclass(frozen=True)
+class MigrateVm(Request[Shown]):
+    """Move VM ``name``'s stopped TPM to the member at the fleet port ``host``:``port``."""
+
+    OP = "migrate"
+    REPLY = Shown
+    name: str
+    host: str
+    port: int
+
+
 K1Request: TypeAlias = (
     CreateVm | DestroyVm | ListVms | ShowVm | GetCaCertificate
-    | FleetInvite | FleetJoin | FleetShow | FleetLeave | FleetRemove | MigrateCancel
+    | FleetInvite | FleetJoin | FleetShow | FleetLeave | FleetRemove | MigrateCancel | MigrateVm
 )
 
 _CODEC: Codec[K1Request] = Codec(
     "K1",
     (CreateVm, DestroyVm, ListVms, ShowVm, GetCaCertificate,
-     FleetInvite, FleetJoin, FleetShow, FleetLeave, FleetRemove, MigrateCancel),
+     FleetInvite, FleetJoin, FleetShow, FleetLeave, FleetRemove, MigrateCancel, MigrateVm),
     K1ProtocolError,
     K1UsageError,
 )
