@@ -10,11 +10,13 @@ code; the token is used up by the first attempt.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,6 +71,43 @@ def join(h: Hostd, member_port: int, token: str) -> subprocess.CompletedProcess[
     return cli(h, "fleet", "join", f"127.0.0.1:{member_port}", "--token", token)
 
 
+class RecordingProxy:
+    """A TCP forwarder to 127.0.0.1:``port`` that keeps every byte it carries (the network)."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.carried = bytearray()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._threads: list[threading.Thread] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for src, dst in ((client, upstream), (upstream, client)):
+                t = threading.Thread(target=self._pump, args=(src, dst), daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                self.carried += data
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._listener.close()
+        for t in self._threads:
+            t.join(5)
+
+
 class Fleet:
     def __init__(self, root: Path, hosts: dict[str, Hostd], ports: dict[str, int]) -> None:
         self.root, self.hosts, self.ports = root, hosts, ports
@@ -105,8 +144,16 @@ def test_join_gives_the_fleet_to_both_managers(fleet: Fleet) -> None:
     a, b = fleet.hosts["a"], fleet.hosts["b"]
     assert show(b)["fleet_id"] == ""
     token = invite(a)
-    done = join(b, fleet.ports["a"], token)
+    # Through a recording proxy: what the network between the two hostds carries.
+    proxy = RecordingProxy(fleet.ports["a"])
+    try:
+        done = join(b, proxy.port, token)
+    finally:
+        proxy.close()
     assert done.returncode == 0, done.stderr
+    assert len(proxy.carried) > 1000  # two quotes and certificates went through
+    assert bytes.fromhex(token) not in proxy.carried
+    assert token.encode() not in proxy.carried
     shown_a, shown_b = show(a), show(b)
     assert shown_a["fleet_id"] == shown_b["fleet_id"] != ""
     members = {m["platform_id"] for m in shown_a["members"]}  # type: ignore[attr-defined]
@@ -224,8 +271,17 @@ def test_the_key_is_wrapped_to_the_attested_key_only(fleet: Fleet, tmp_path: Pat
     assert not state.member
     second = bytes.fromhex(invite(fleet.hosts["a"]))
     der = forged.certificate.public_bytes(Encoding.DER)
-    _, reply = asyncio.run(_join_as(fleet.root, fleet.ports["a"], second, der))
+    proxy = RecordingProxy(fleet.ports["a"])
+    try:
+        _, reply = asyncio.run(_join_as(fleet.root, proxy.port, second, der))
+    finally:
+        proxy.close()
     assert isinstance(reply, fleetwire.Joined)
     state.joined(second, reply, forged.key)
     assert state.fleet_id == show(fleet.hosts["a"])["fleet_id"]
     assert len(state.key) == 32
+    # The network carried the join, never the token or the fleet key in the clear.
+    assert len(proxy.carried) > 1000
+    assert second not in proxy.carried and state.key not in proxy.carried
+    assert second.hex().encode() not in proxy.carried
+    assert state.key.hex().encode() not in proxy.carried
