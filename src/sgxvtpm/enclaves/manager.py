@@ -293,9 +293,10 @@ class ManagerEnclave:
                         continue
                     try:
                         await self._check_incoming(record)
-                    except (*_UNREACHABLE, FleetError) as exc:
+                    except (*_UNREACHABLE, FleetError, SealError, OSError, ValueError) as exc:
                         # Back off (up to a minute): an unreachable source must not
-                        # hold the manager's lock every poll.
+                        # hold the manager's lock every poll; and a failure here
+                        # never ends the manager (it serves the operator meanwhile).
                         delay = min(60.0, max(1.0, due[1] * 2))
                         self._report_due[record.name] = (time.monotonic() + delay, delay)
                         log.log("manager.migration_report_failed", vm=record.name,
