@@ -136,6 +136,27 @@ def build_parser() -> argparse.ArgumentParser:
         " never be opened again). Refused while the registry is intact",
     )
 
+    hostd.add_argument(
+        "--sim-root", type=Path, metavar="DIR",
+        help="sim only: provision this host's platform under the simulated provisioning "
+             "authority DIR (sgxvtpm sim-root init), so hosts under one root attest each other",
+    )
+    hostd.add_argument(
+        "--fleet-listen", metavar="HOST:PORT",
+        help="relay manager-to-manager sessions (the fleet) on this TCP address",
+    )
+    sim_root = sub.add_parser("sim-root", help="a simulated provisioning authority (sim only)")
+    sim_root_sub = sim_root.add_subparsers(dest="sim_root_command", required=True,
+                                           help="what to do")
+    sim_root_init = sim_root_sub.add_parser(
+        "init", help="create a root key and certificate and the vendor's enclave signing key"
+    )
+    sim_root_init.add_argument("dir", type=Path, help="a new directory for the authority")
+
+    from sgxvtpm.vmm import fleetcmd
+
+    fleetcmd.add_parser(sub)
+
     vm = sub.add_parser("vm", help="manage vTPM instances (the VMM, over K1)")
     vm_sub = vm.add_subparsers(dest="vm_command", required=True, help="what to do")
     create = vm_sub.add_parser("create", help="create a vTPM instance for a VM")
@@ -144,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--ek", default="", help="EK algorithms (rsa2048,ecc-p256,...)")
     create.add_argument(
         "--vm-pubkey", type=Path, help="PEM public key of the VM (default: a new key)"
+    )
+    create.add_argument(
+        "--incoming", action="store_true",
+        help="no TPM yet: it waits for the VM's state migrated from another fleet member "
+             "(vm attach serves QEMU's -incoming)",
     )
     for name, helptext in (("list", "list instances"), ("show", "show one instance")):
         p = vm_sub.add_parser(name, help=helptext)
@@ -165,6 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_credentials(tpm, _CREDENTIALS_HELP)
     destroy = vm_sub.add_parser("destroy", help="destroy an instance and erase its sealed state")
     destroy.add_argument("name", help="the VM's name")
+    cancel = vm_sub.add_parser(
+        "migrate-cancel", help="run a VM's TPM here again after it migrated to another host"
+    )
+    cancel.add_argument("name", help="the VM's name")
+    move = vm_sub.add_parser(
+        "migrate", help="move a stopped VM's TPM to another fleet member (cold move)"
+    )
+    move.add_argument("name", help="the VM's name")
+    move.add_argument("--to", required=True, metavar="HOST:PORT",
+                      help="the destination's fleet address (its hostd --fleet-listen); "
+                           "`vm create NAME --incoming` there first")
     attach = vm_sub.add_parser("attach", help="serve a swtpm-compatible control socket for QEMU")
     attach.add_argument("name", help="the VM's name")
     attach.add_argument("--ctrl", type=Path, required=True, help="unix socket path for QEMU")
@@ -392,6 +429,7 @@ async def _vm(args: argparse.Namespace) -> int:
                 ek=[e for e in args.ek.split(",") if e],
                 vm_public_key=pub,
                 export=_credentials(args),
+                incoming=args.incoming,
             )
         _print(info, False)
     elif cmd == "list":
@@ -401,6 +439,16 @@ async def _vm(args: argparse.Namespace) -> int:
     elif cmd == "destroy":
         await client.destroy(args.name, export=_credentials(args))
         print(f"destroyed {args.name}")
+    elif cmd == "migrate":
+        from sgxvtpm.vmm.fleetcmd import address
+        from sgxvtpm.wire import k1
+
+        host, port = address(args.to)
+        _print((await client.request(k1.MigrateVm(args.name, host, port))).instance, False)
+    elif cmd == "migrate-cancel":
+        from sgxvtpm.wire import k1
+
+        _print((await client.request(k1.MigrateCancel(args.name))).instance, False)
     return 0
 
 
@@ -515,6 +563,7 @@ def _run(args: argparse.Namespace) -> int:
         check_vm_name(args.name)
     if args.command == "hostd":
         from sgxvtpm.host.hostd import RESET_EFFECT, RunAs, serve
+        from sgxvtpm.vmm import fleetcmd
         from sgxvtpm.vmm.credentials import hostd_operator_certificate
 
         if args.reset_manager:
@@ -528,8 +577,20 @@ def _run(args: argparse.Namespace) -> int:
                 platform=args.platform,
                 run_as=run_as,
                 reset_manager=args.reset_manager,
+                sim_root=args.sim_root,
+                fleet_listen=fleetcmd.address(args.fleet_listen) if args.fleet_listen else None,
             )
         )
+        return 0
+    if args.command == "fleet":
+        from sgxvtpm.vmm import fleetcmd
+
+        return asyncio.run(fleetcmd.run(args, _state(args)))
+    if args.command == "sim-root":
+        from sgxvtpm.platform import init_sim_root
+
+        digest = init_sim_root(args.dir)
+        print(f"sim root created in {args.dir} (root certificate SHA-256 {digest})")
         return 0
     if args.command == "vm":
         if args.vm_command == "tpm":

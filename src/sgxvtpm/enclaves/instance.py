@@ -32,6 +32,7 @@ from sgxvtpm.channel import (
     verify_enclave_certificate,
     warmup,
 )
+from sgxvtpm.enclaves import migration
 from sgxvtpm.enclaves.blobcipher import SealedBlobCipher
 from sgxvtpm.enclaves.loop import InstanceLoop, Session
 from sgxvtpm.enclaves.runtime import platform_verifier
@@ -195,7 +196,7 @@ class InstanceEnclave:
             return
         self.vm_spki = bytes.fromhex(prov["vm_spki_sha256"])
         self.core = self._new_core()
-        self.state = "running"
+        self.state = migration.state_of(prov)
         log.log("instance.restored", instance=self.instance_id, version=self.store.file.version)
 
     def _new_core(self) -> VtpmCore:
@@ -207,7 +208,7 @@ class InstanceEnclave:
 
     def trust(self) -> ClientTrust:
         pins = {self.manager_spki}
-        if self.vm_spki is not None and self.state == "running":
+        if self.vm_spki is not None and self.state in migration.VM_STATES:
             pins.add(self.vm_spki)
         return ClientTrust(anchors_pem=[self.manager_cert_pem], pinned_spki_sha256=frozenset(pins))
 
@@ -231,6 +232,8 @@ class InstanceEnclave:
             raise PermissionError("not the bound VM")
         if session is not self.seat.holder:
             return encode_response(self._not_attached(session, data))
+        if self.state == "migrated":
+            return migration.refuse(self.store.bundle.provisioning)
         return self.core.handle_message(data)
 
     def _not_attached(self, session: Session, data: bytes) -> VtpmResponse:
@@ -256,20 +259,58 @@ class InstanceEnclave:
                 return self.provision(request)
             if isinstance(request, admin.Certify):
                 return self.certify(request)
-            return self.destroy()
+            if isinstance(request, admin.Destroy):
+                return self.destroy()
+            return self.migration_request(request)
         except (SealError, OSError, ValueError, admin.AdminProtocolError) as exc:
             log.log("instance.admin_failed", instance=self.instance_id, op=op, reason=str(exc))
             return Refused(str(exc))
 
     def status(self) -> admin.InstanceStatus:
         identity = self.platform.identity
+        prov = self.store.bundle.provisioning
+        if self.state in migration.VM_STATES:
+            self.state = migration.state_of(prov)  # an import ends "incoming"
+        imported = prov.get("imported") or {}
         return admin.InstanceStatus(
             state=self.state,
-            reason=self.reason,
+            reason=self.reason or migration.reason_of(prov),
             mrenclave=identity.mrenclave.hex(),
             mrsigner=identity.mrsigner.hex(),
             version=self.store.file.version,
+            imported=int(imported.get("version", 0)),
+            origin=str(imported.get("origin", "")),
         )
+
+    def migration_request(
+        self,
+        request: admin.ProvisionIncoming | admin.SetBlobKey | admin.MarkMigrated
+        | admin.CancelMigration | admin.ExportState | admin.ImportState,
+    ) -> admin.InstanceStatus | admin.PortableState | Refused:
+        """The fleet's requests (enclaves/migration.py): incoming, blob key, migrated,
+        a cold move's export and import."""
+        try:
+            if isinstance(request, admin.ExportState) and self.core is not None:
+                return migration.export_state(self.core, self.store.bundle.provisioning)
+            if isinstance(request, admin.ImportState) and self.core is not None:
+                migration.import_state(self.core, self.store, request.blobs)
+        except migration.MigrationError as exc:
+            return Refused(str(exc))
+        if isinstance(request, admin.ProvisionIncoming):
+            if self.state != "unprovisioned":
+                return Refused(f"instance is {self.state}, not unprovisioned")
+            self.store.create(migration.incoming_provisioning(
+                self.instance_id, self.manager_spki, request
+            ))
+            self.vm_spki = request.vm_spki_sha256
+            self.core = self._new_core()
+        elif self.core is None:
+            return Refused(f"instance is {self.state}: no VM state")
+        elif not isinstance(request, admin.ExportState | admin.ImportState):
+            migration.apply(self.store, request)
+        self.state = migration.state_of(self.store.bundle.provisioning)
+        log.log("instance.migration", instance=self.instance_id, op=request.OP, state=self.state)
+        return self.status()
 
     def provision(self, request: admin.Provision) -> admin.Provisioned | Refused:
         """Step 1 of manufacturing: bind the VM, start a fresh TPM, create the EKs.

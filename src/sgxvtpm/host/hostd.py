@@ -30,6 +30,7 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -37,7 +38,7 @@ from cryptography import x509
 from sgxvtpm.enclaves.specs import instance_spec, manager_spec
 from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.host.statedir import StateDir
-from sgxvtpm.host.switch import Connection, Relay
+from sgxvtpm.host.switch import FLEET_IN, FLEET_OUT, Connection, Relay
 from sgxvtpm.platform import DEFAULT_PLATFORM, open_platform
 from sgxvtpm.platform.base import EnclaveHandle, EnclaveSpec, PlatformError
 from sgxvtpm.util import log
@@ -121,8 +122,14 @@ class Hostd:
         *,
         platform: str = DEFAULT_PLATFORM,
         reset_manager: bool = False,
+        sim_root: Path | None = None,
+        fleet_listen: tuple[str, int] | None = None,
     ) -> None:
         self.state = state
+        self.fleet_listen = fleet_listen
+        self._fleet_server: asyncio.Server | None = None
+        self._fleet_dialled = 0
+        self._fleet_tasks: set[asyncio.Task[None]] = set()
         self.reset_manager = reset_manager
         state.ensure()
         self._lock_fd = os.open(state.lock, os.O_RDWR | os.O_CREAT, 0o600)
@@ -137,7 +144,7 @@ class Hostd:
         # installed code (platform/sim/cpu.py).
         try:
             self.platform = open_platform(
-                platform, state.platform, preload=PRELOAD, release=RELEASE
+                platform, state.platform, preload=PRELOAD, release=RELEASE, sim_root=sim_root
             )
         except PlatformError as exc:
             os.close(self._lock_fd)
@@ -174,11 +181,17 @@ class Hostd:
         self._server = await asyncio.start_unix_server(self._client, path=str(self.state.socket))
         os.chmod(self.state.socket, 0o660)
         log.log("hostd.listening", socket=str(self.state.socket))
+        if self.fleet_listen is not None:
+            host, port = self.fleet_listen
+            self._fleet_server = await asyncio.start_server(self._fleet_client, host, port)
+            log.log("hostd.fleet_listening", host=host, port=port)
 
     async def stop(self) -> None:
         self.stopping = True
         if self._server is not None:
             self._server.close()
+        if self._fleet_server is not None:
+            self._fleet_server.close()
         # Instances first, the manager last; each saves its state on SIGTERM.
         order = [e for n, e in self.enclaves.items() if n != "manager"]
         order += [e for n, e in self.enclaves.items() if n == "manager"]
@@ -212,6 +225,30 @@ class Hostd:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self.relay.serve(reader, writer, kind="client")
+
+    async def _fleet_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Another host's manager, through its hostd: sessions to our manager only."""
+        await self.relay.serve(reader, writer, kind=FLEET_IN)
+
+    async def _fleet_dial(self, host: str, port: int) -> control.FleetTarget | Refused:
+        """A relay connection to another hostd's fleet port, as a target for our manager."""
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+        except (OSError, TimeoutError) as exc:
+            return Refused(f"cannot reach the fleet port {host}:{port}: {exc or 'timeout'}")
+        self._fleet_dialled += 1
+        name = f"fleet-{self._fleet_dialled}"
+        task = asyncio.create_task(
+            self.relay.serve(reader, writer, kind=FLEET_OUT, name=name, close_when_idle=True)
+        )
+        self._fleet_tasks.add(task)
+        task.add_done_callback(self._fleet_tasks.discard)
+        while name not in self.relay.targets and not task.done():
+            await asyncio.sleep(0)
+        log.log("hostd.fleet_dialled", host=host, port=port, target=name)
+        return control.FleetTarget(name)
 
     # -- launching ------------------------------------------------------------
     async def _launch(self, enclave: Enclave) -> EnclaveHandle:
@@ -297,6 +334,8 @@ class Hostd:
             return self._manager_refused(request.reason)
         if isinstance(request, control.LaunchInstance):
             return await self._launch_instance(request.instance_id, request.manager_cert_pem)
+        if isinstance(request, control.FleetDial):
+            return await self._fleet_dial(request.host, request.port)
         if isinstance(request, control.StopInstance):
             return await self._stop_instance(request.instance_id, request.erase)
         if isinstance(request, control.QueryInstance):
@@ -435,6 +474,8 @@ async def serve(
     platform: str = DEFAULT_PLATFORM,
     run_as: RunAs | None = None,
     reset_manager: bool = False,
+    sim_root: Path | None = None,
+    fleet_listen: tuple[str, int] | None = None,
 ) -> None:
     """Run hostd on the platform backend ``platform`` until SIGTERM/SIGINT.
 
@@ -450,7 +491,14 @@ async def serve(
         )
     operator_cert_pem = operator_cert()
     _raise_fd_limit()
-    hostd = Hostd(state, operator_cert_pem, platform=platform, reset_manager=reset_manager)
+    hostd = Hostd(
+        state,
+        operator_cert_pem,
+        platform=platform,
+        reset_manager=reset_manager,
+        sim_root=sim_root,
+        fleet_listen=fleet_listen,
+    )
     if run_as is not None:
         drop_privileges(state, run_as)
     elif os.geteuid() == 0:

@@ -18,6 +18,13 @@ connection creates a session between the two:
   sent back as CONTROL; a request's ``"id"`` is echoed in the reply.
 A malformed frame ends the offending connection only.
 
+Fleet connections (docs/ARCHITECTURE.md, "Many hosts") are TCP streams to
+another hostd. One accepted on ``hostd --fleet-listen`` (kind ``fleet``) may
+only OPEN sessions, always to "manager" whatever it names, with any session
+id (the other hostd's switch assigned it); one hostd dialled for its manager
+(kind ``fleet-out``, a registered target) may only answer. Neither may send
+CONTROL; a ``fleet-out`` connection is closed once its last session ends.
+
 Anyone who can connect may send frames, so nothing a client does may hold
 up another connection (the bounds are in :mod:`sgxvtpm.mux.limits`): frames
 for a connection are queued, never waited for, and a client that lets its
@@ -66,6 +73,10 @@ _NO_TARGET = b"no such target"
 _PEER_GONE = b"peer gone"
 _BUSY = b"busy"
 
+FLEET_IN = "fleet"  # accepted on hostd --fleet-listen
+FLEET_OUT = "fleet-out"  # dialled by hostd for its manager
+_FLEET_KINDS = (FLEET_IN, FLEET_OUT)
+
 
 class Connection:
     """One stream attached to the relay: a client's socket, or an enclave's stream."""
@@ -79,6 +90,7 @@ class Connection:
         self.name: str | None = None
         self.closed = False
         self.accepts_handoff = False  # an enclave that takes sessions' connections
+        self.close_when_idle = False  # a dialled fleet connection: ends with its last session
         # local session id -> (other connection, its session id)
         self.sessions: dict[int, tuple[Connection, int]] = {}
         # As a target: its session ids whose OPEN it has not answered yet.
@@ -169,10 +181,12 @@ class Relay:
         kind: str = "client",
         name: str | None = None,
         accepts_handoff: bool = False,
+        close_when_idle: bool = False,
     ) -> None:
         """Run one connection until it ends; then close all its sessions."""
         conn = Connection(reader, writer, kind)
         conn.accepts_handoff = accepts_handoff
+        conn.close_when_idle = close_when_idle
         # drain() waits only past the limit (clients sending to an enclave).
         writer.transport.set_write_buffer_limits(high=SWITCH_OUT_MAX)
         self._connections.add(conn)
@@ -215,6 +229,8 @@ class Relay:
         elif ftype is FrameType.HANDOFF:
             raise RelayProtocolError("HANDOFF is the relay's to send")
         else:
+            if conn.kind in _FLEET_KINDS:
+                raise RelayProtocolError("CONTROL from a fleet connection")
             request = frame.control_object()
             if request.get("op") == "handoff":
                 return await self._handoff(conn, request)
@@ -288,7 +304,11 @@ class Relay:
                     return False
 
     def _open(self, conn: Connection, sid: int, target_name: str) -> None:
-        if sid >= RELAY_ASSIGNED:
+        if conn.kind == FLEET_OUT:
+            raise RelayProtocolError("OPEN from a dialled fleet connection")
+        if conn.kind == FLEET_IN:
+            target_name = "manager"  # all a fleet peer may reach
+        elif sid >= RELAY_ASSIGNED:
             raise RelayProtocolError(f"OPEN with relay-assigned session id {sid:#x}")
         if sid in conn.sessions:
             raise RelayProtocolError(f"OPEN of session {sid} which is open")
@@ -319,6 +339,9 @@ class Relay:
         peer.sessions.pop(peer_sid, None)
         peer.unanswered.discard(peer_sid)
         self._send(peer, FrameType.CLOSE, peer_sid, reason)
+        for end in (conn, peer):
+            if end.close_when_idle and not end.sessions:
+                self._drop(end)
 
     def _control(self, conn: Connection, request: dict[str, Any]) -> None:
         """Queue a CONTROL request; they are answered one at a time, in order."""
