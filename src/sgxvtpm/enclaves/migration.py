@@ -18,13 +18,14 @@ from typing import Any
 
 from sgxvtpm.enclaves.state import SealedStateStore
 from sgxvtpm.enclaves.vtpm_core import BlobCipherError, VtpmCore
+from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.tpm.engine import EngineError, StateType
 from sgxvtpm.util import log
 from sgxvtpm.wire import admin
 from sgxvtpm.wire.vtpm import TpmResult, VtpmResponse, encode_response
 
 
-class MigrationError(ValueError):
+class MigrationError(SgxvtpmError, ValueError):
     """A cold move's export or import refused; the message goes back to the manager."""
 
 #: The states in which the VM's key may open a session to its instance.

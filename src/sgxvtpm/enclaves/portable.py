@@ -25,11 +25,13 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from sgxvtpm.errors import SgxvtpmError
+
 MAGIC = b"SGXVTPM-PORTABLE"  # 16 bytes
 _NONCE = 12
 
 
-class PortableBlobError(ValueError):
+class PortableBlobError(SgxvtpmError, ValueError):
     """The blob is not a portable blob of this VM and key, or it was altered."""
 
 

@@ -20,18 +20,18 @@ from sgxvtpm.wire import k1
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fleet = sub.add_parser("fleet", help="a fleet of managers on several hosts (VM migration)")
-    fsub = fleet.add_subparsers(dest="fleet_command", required=True)
+    fsub = fleet.add_subparsers(dest="fleet_command", required=True, help="what to do")
     invite = fsub.add_parser("invite", help="print a one-time token for one host to join")
     invite.add_argument("--address", default="", metavar="HOST:PORT",
                         help="this host's fleet address (hostd --fleet-listen), for the list")
-    invite.add_argument("--json", action="store_true")
+    invite.add_argument("--json", action="store_true", help="print the token as JSON")
     join = fsub.add_parser("join", help="join the fleet of the host at HOST:PORT")
     join.add_argument("peer", metavar="HOST:PORT", help="a member's hostd --fleet-listen address")
     join.add_argument("--token", required=True, help="the token `fleet invite` printed there")
     join.add_argument("--address", default="", metavar="HOST:PORT",
                       help="this host's own fleet address, for the member list")
     show = fsub.add_parser("show", help="list the fleet's members")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("--json", action="store_true", help="print JSON instead of text")
     fsub.add_parser("leave", help="forget the fleet (its key too) on this host")
     remove = fsub.add_parser("remove", help="remove a member from this host's list")
     remove.add_argument("member", help="the member's platform id (fleet show)")
