@@ -113,8 +113,15 @@ class QemuEndpoint:
         frame_timeout: float = FRAME_TIMEOUT,
         exit_on_shutdown: bool = False,
         access: SocketAccess = OWNER_ONLY,
+        listener: socket.socket | None = None,
+        terminate: bool = False,
     ) -> None:
+        """``listener``: serve this socket, already bound to ``ctrl_path`` and listening,
+        instead of binding one (the libvirt executable binds before its imports).
+        ``terminate``: stop when a control connection ends (swtpm's ``--terminate``)."""
         self.tpm = VmTpm(backend)
+        self.terminate = terminate
+        self._listener = listener
         self.ctrl_path = Path(ctrl_path)
         self.access = access
         self.frame_timeout = frame_timeout
@@ -130,7 +137,10 @@ class QemuEndpoint:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self._listeners.unix(self.ctrl_path, self._serve_ctrl, backlog=4, access=self.access)
+        if self._listener is not None:
+            self._listeners.adopt(self._listener, self._serve_ctrl, self.ctrl_path)
+        else:
+            self._listeners.unix(self.ctrl_path, self._serve_ctrl, backlog=4, access=self.access)
         self._started = True
         log.log("endpoint.qemu_listening", ctrl=str(self.ctrl_path))
 
@@ -156,6 +166,8 @@ class QemuEndpoint:
             if owned is not None:
                 self._stop_data(owned)
             conn.close_fds()
+            if self.terminate:
+                self.stopped.set()
 
     def _ctrl_loop(self, conn: _FdStream) -> socket.socket | None:
         """Serve control requests; the data channel this connection set, if any."""

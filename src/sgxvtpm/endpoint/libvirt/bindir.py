@@ -1,0 +1,74 @@
+"""The directory of executables to put first on libvirtd's PATH (``sgxvtpm libvirt path``).
+
+libvirt looks up ``swtpm``, ``swtpm_setup`` and ``swtpm_ioctl`` on its PATH
+(all three must exist). The first two are two-line scripts that run this
+interpreter in isolated mode (``-I``: neither libvirt's cwd nor PYTHONPATH
+is imported from) on :mod:`.swtpm` and :mod:`.setup`; ``swtpm_ioctl`` is a
+symbolic link to the system's (``swtpm_ioctl -s`` is all libvirt runs, and
+the endpoint answers it as swtpm does). The directory is made, or brought up
+to date, by every call: by default ``PREFIX/libexec/sgxvtpm-libvirt`` of
+this interpreter's prefix (the virtual environment sgxvtpm is installed in).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from sgxvtpm.util.durable import atomic_write
+
+SCRIPTS = {
+    "swtpm": "sgxvtpm.endpoint.libvirt.swtpm",
+    "swtpm_setup": "sgxvtpm.endpoint.libvirt.setup",
+}
+IOCTL = "swtpm_ioctl"
+
+
+class BinDirError(OSError):
+    """The directory cannot be made: the message says what is missing."""
+
+
+def default_dir() -> Path:
+    return Path(sys.prefix) / "libexec" / "sgxvtpm-libvirt"
+
+
+def script(module: str, interpreter: str | None = None) -> str:
+    return (f"#!{interpreter or sys.executable} -I\n"
+            f"import sys\nfrom {module} import main\nsys.exit(main())\n")
+
+
+def system_ioctl(exclude: Path) -> str | None:
+    """The system's swtpm_ioctl, not one in ``exclude``."""
+    dirs = [d for d in os.environ.get("PATH", os.defpath).split(os.pathsep)
+            if d and Path(d).resolve() != exclude.resolve()]
+    for candidate in ("/usr/bin", "/usr/local/bin"):
+        if candidate not in dirs:
+            dirs.append(candidate)
+    return shutil.which(IOCTL, path=os.pathsep.join(dirs))
+
+
+def ensure(directory: Path | None = None) -> Path:
+    """Make (or update) the directory; its path."""
+    directory = (directory or default_dir()).absolute()
+    directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    for name, module in SCRIPTS.items():
+        path = directory / name
+        text = script(module).encode()
+        try:
+            same = path.read_bytes() == text and os.access(path, os.X_OK)
+        except OSError:
+            same = False
+        if not same:
+            atomic_write(path, text, 0o755)
+    ioctl = system_ioctl(directory)
+    if ioctl is None:
+        raise BinDirError(f"no {IOCTL} on PATH: install Debian's swtpm-tools")
+    link = directory / IOCTL
+    if not link.is_symlink() or os.readlink(link) != ioctl:
+        tmp = directory / f".{IOCTL}.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(ioctl)
+        tmp.replace(link)
+    return directory

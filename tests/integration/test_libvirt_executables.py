@@ -1,0 +1,250 @@
+"""The libvirt executables (``sgxvtpm libvirt path``) as real processes against a real hostd.
+
+Each is run with the argument lists libvirt 9.0 builds (src/qemu/qemu_tpm.c)
+and the environment libvirtd gives it (SGXVTPM_STATE_DIR / SGXVTPM_CONFIG_DIR
+naming hostd and the operator): ``swtpm_setup`` makes a VM whose binding is
+all the TPM state directory holds; ``swtpm socket`` serves QEMU's control
+and data channels from it over K2; ``swtpm_ioctl -s`` ends it; ``vm gc``
+destroys the VM once libvirt removed the directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from tests.helpers.endpoint import CtrlClient
+from tests.helpers.hostd import Hostd, running_hostd
+
+from sgxvtpm.endpoint.libvirt import bindir
+from sgxvtpm.endpoint.libvirt.config import MARKER
+from sgxvtpm.tpm import wire
+from sgxvtpm.tpm.constants import TPM2_SU
+from sgxvtpm.wire.swtpm_ctrl import CtrlCmd, CtrlRequest, CtrlResponse
+
+SOCKET_TIMEOUT = 1.0  # libvirt 9.0 waits this long for the control socket
+
+
+@pytest.fixture(scope="module")
+def hostd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostd]:
+    base = tmp_path_factory.mktemp("lv")
+    with running_hostd(base / "state", credentials=base / "operator") as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def bin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return bindir.ensure(tmp_path_factory.mktemp("bin") / "libvirt")
+
+
+def _env(hostd: Hostd) -> dict[str, str]:
+    return {**os.environ, "SGXVTPM_STATE_DIR": str(hostd.state.root),
+            "SGXVTPM_CONFIG_DIR": str(hostd.credentials.root),
+            "SGXVTPM_CONF": os.devnull}
+
+
+def _setup(bin_dir: Path, hostd: Hostd, tpm_state: Path, log: Path, *extra: str,
+           vmid: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    argv = [str(bin_dir / "swtpm_setup"), "--tpm2", "--tpm-state", str(tpm_state),
+            "--logfile", str(log), "--createek", "--create-ek-cert",
+            "--create-platform-cert", "--lock-nvram", *extra]
+    if vmid:
+        argv += ["--vmid", vmid]
+    return subprocess.run(argv, env=env or _env(hostd), capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def _new_domain(tmp_path: Path) -> tuple[str, Path]:
+    dom_uuid = str(uuid.uuid4())
+    tpm_state = tmp_path / "swtpm" / dom_uuid / "tpm2"
+    tpm_state.mkdir(parents=True, mode=0o700)
+    return dom_uuid, tpm_state
+
+
+def _names(hostd: Hostd) -> set[str]:
+    return {i.name for i in asyncio.run(hostd.vmm().list())}
+
+
+def _start_swtpm(bin_dir: Path, hostd: Hostd, ctrl: Path, tpm_state: Path, log: Path,
+                 *extra: str) -> tuple[subprocess.Popen[bytes], float]:
+    t0 = time.monotonic()
+    with open(log.with_suffix(".stderr"), "ab") as stderr:  # before --log takes over
+        proc = subprocess.Popen(
+            [str(bin_dir / "swtpm"), "socket", "--ctrl", f"type=unixio,path={ctrl},mode=0600",
+             "--tpmstate", f"dir={tpm_state},mode=0600", "--log", f"file={log}", "--tpm2",
+             *extra],
+            env=_env(hostd), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )  # fmt: skip
+    while not ctrl.exists():
+        assert time.monotonic() - t0 < 10, "no control socket after 10 s"
+        time.sleep(0.005)
+    return proc, time.monotonic() - t0
+
+
+def _use_tpm(ctrl: Path) -> CtrlClient:
+    client = CtrlClient(ctrl, short_errors=False)
+    client.attach_data()
+    init = client.request(CtrlRequest(CtrlCmd.INIT))
+    assert isinstance(init, CtrlResponse) and init.result == 0
+    client.transact(wire.startup(TPM2_SU.CLEAR))
+    rsp = client.transact(wire.get_random(16))
+    assert wire.response_code(rsp) == 0 and len(rsp) == 10 + 2 + 16
+    return client
+
+
+def test_setup_makes_a_vm_whose_binding_is_all_the_state_dir_holds(
+    bin_dir: Path, hostd: Hostd, tmp_path: Path
+) -> None:
+    dom_uuid, tpm_state = _new_domain(tmp_path)
+    log = tmp_path / "swtpm.log"
+    done = _setup(bin_dir, hostd, tpm_state, log, "--not-overwrite", vmid=f"my dom:{dom_uuid}")
+    assert done.returncode == 0, log.read_text()
+    name = f"my_dom-{dom_uuid}"
+    assert name in _names(hostd)
+    assert f"Created sgxvtpm VM {name}" in log.read_text()
+
+    files = sorted(str(p.relative_to(tpm_state)) for p in tpm_state.rglob("*") if p.is_file())
+    host = next((tpm_state / "hosts").iterdir()).name
+    assert files == sorted([
+        MARKER, f"hosts/{host}/.lock", f"hosts/{host}/root_ca.pem", f"hosts/{host}/state_dir",
+        f"hosts/{host}/vms/{name}/ca.crt", f"hosts/{host}/vms/{name}/instance.json",
+        f"hosts/{host}/vms/{name}/vm.crt", f"hosts/{host}/vms/{name}/vm.key",
+    ])  # fmt: skip
+    for path in (tpm_state, tpm_state / MARKER, tpm_state / f"hosts/{host}/vms/{name}/vm.key"):
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+
+    info = asyncio.run(hostd.vmm().show(name))
+    ca = asyncio.run(hostd.vmm().ca_certificate())
+    assert set(info.ek_certificates) == {"rsa2048"}  # what swtpm_setup makes by default
+    for der in info.ek_certificates.values():
+        x509.load_der_x509_certificate(bytes.fromhex(der)).verify_directly_issued_by(ca)
+
+    # libvirt's next start of the domain: --not-overwrite keeps the VM.
+    again = _setup(bin_dir, hostd, tpm_state, log, "--not-overwrite", vmid=f"my dom:{dom_uuid}")
+    assert again.returncode == 0
+    assert asyncio.run(hostd.vmm().show(name)).instance_id == info.instance_id
+    # Neither flag: refused, as swtpm_setup does, with the reason in the log.
+    refused = _setup(bin_dir, hostd, tpm_state, log, vmid=f"my dom:{dom_uuid}")
+    assert refused.returncode == 1 and "--overwrite" in log.read_text().splitlines()[-1]
+
+
+def test_setup_failure_is_a_nonzero_exit_with_the_reason_in_the_log(
+    bin_dir: Path, hostd: Hostd, tmp_path: Path
+) -> None:
+    dom_uuid, tpm_state = _new_domain(tmp_path)
+    log = tmp_path / "swtpm.log"
+    env = {**_env(hostd), "SGXVTPM_STATE_DIR": str(tmp_path / "no-hostd")}
+    done = _setup(bin_dir, hostd, tpm_state, log, vmid=f"d:{dom_uuid}", env=env)
+    assert done.returncode == 1
+    assert "swtpm_setup: error: cannot reach hostd" in log.read_text()
+    assert list(tpm_state.iterdir()) == [] or MARKER not in os.listdir(tpm_state)
+
+
+def test_swtpm_socket_serves_qemus_channels_and_ends_on_swtpm_ioctl_s(
+    bin_dir: Path, hostd: Hostd, tmp_path: Path
+) -> None:
+    dom_uuid, tpm_state = _new_domain(tmp_path)
+    log = tmp_path / "swtpm.log"
+    assert _setup(bin_dir, hostd, tpm_state, log, vmid=f"io:{dom_uuid}").returncode == 0
+    ctrl = tmp_path / "io-swtpm.sock"
+    proc, took = _start_swtpm(bin_dir, hostd, ctrl, tpm_state, log, "--terminate")
+    try:
+        assert took < SOCKET_TIMEOUT, f"control socket after {took:.3f} s"
+        assert stat.S_IMODE(ctrl.stat().st_mode) == 0o600
+        client = _use_tpm(ctrl)
+        stop = subprocess.run([str(bin_dir / "swtpm_ioctl"), "--unix", str(ctrl), "-s"],
+                              capture_output=True, text=True, timeout=30, check=False)
+        assert stop.returncode == 0, stop.stderr
+        assert proc.wait(15) == 0
+        client.close()
+        assert '"libvirt.swtpm_serving"' in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_terminate_ends_with_the_control_connection(
+    bin_dir: Path, hostd: Hostd, tmp_path: Path
+) -> None:
+    dom_uuid, tpm_state = _new_domain(tmp_path)
+    log = tmp_path / "swtpm.log"
+    assert _setup(bin_dir, hostd, tpm_state, log, vmid=f"t:{dom_uuid}").returncode == 0
+    ctrl = tmp_path / "t-swtpm.sock"
+    proc, _ = _start_swtpm(bin_dir, hostd, ctrl, tpm_state, log, "--terminate")
+    try:
+        _use_tpm(ctrl).close()  # QEMU went away
+        assert proc.wait(15) == 0
+        assert not ctrl.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_older_libvirt_daemon_and_pid_file(bin_dir: Path, hostd: Hostd, tmp_path: Path) -> None:
+    dom_uuid, tpm_state = _new_domain(tmp_path)
+    log = tmp_path / "swtpm.log"
+    assert _setup(bin_dir, hostd, tpm_state, log, vmid=f"old:{dom_uuid}").returncode == 0
+    ctrl, pid_file = tmp_path / "old-swtpm.sock", tmp_path / "old-swtpm.pid"
+    parent, _ = _start_swtpm(bin_dir, hostd, ctrl, tpm_state, log, "--daemon",
+                             "--pid", f"file={pid_file}")
+    assert parent.wait(10) == 0  # the foreground process leaves; the daemon serves
+    pid = int(pid_file.read_text())
+    try:
+        assert pid != parent.pid
+        _use_tpm(ctrl).close()
+        os.kill(pid, signal.SIGTERM)  # what libvirt sends after swtpm_ioctl -s
+        deadline = time.monotonic() + 15
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{pid}")
+    finally:
+        if os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_swtpm_without_a_binding_fails_in_its_log_and_removes_the_socket(
+    bin_dir: Path, hostd: Hostd, tmp_path: Path
+) -> None:
+    _, tpm_state = _new_domain(tmp_path)
+    log, ctrl = tmp_path / "swtpm.log", tmp_path / "none.sock"
+    proc, _ = _start_swtpm(bin_dir, hostd, ctrl, tpm_state, log)
+    assert proc.wait(30) == 1
+    assert "holds no sgxvtpm binding" in log.read_text()
+    assert not ctrl.exists()
+
+
+def test_gc_destroys_the_vm_of_an_undefined_domain_only(
+    bin_dir: Path, hostd: Hostd, tmp_path: Path
+) -> None:
+    kept_uuid, kept = _new_domain(tmp_path)
+    gone_uuid, gone = _new_domain(tmp_path)
+    log = tmp_path / "swtpm.log"
+    for dom_uuid, state in ((kept_uuid, kept), (gone_uuid, gone)):
+        assert _setup(bin_dir, hostd, state, log, vmid=f"gc:{dom_uuid}").returncode == 0
+    asyncio.run(hostd.vmm().create("plain-gc-bystander"))
+    shutil.rmtree(gone.parent)  # virsh undefine
+    gc = subprocess.run([sys.executable, "-m", "sgxvtpm.cli", "vm", "gc"], env=_env(hostd),
+                        capture_output=True, text=True, timeout=120, check=False)
+    assert gc.returncode == 0, gc.stderr
+    assert f"destroyed gc-{gone_uuid}" in gc.stdout
+    names = _names(hostd)
+    assert f"gc-{gone_uuid}" not in names
+    assert {f"gc-{kept_uuid}", "plain-gc-bystander"} <= names
+    # A second collection finds nothing more.
+    again = subprocess.run([sys.executable, "-m", "sgxvtpm.cli", "vm", "gc"], env=_env(hostd),
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert again.returncode == 0 and again.stdout == ""
