@@ -248,3 +248,19 @@ def test_gc_destroys_the_vm_of_an_undefined_domain_only(
     again = subprocess.run([sys.executable, "-m", "sgxvtpm.cli", "vm", "gc"], env=_env(hostd),
                            capture_output=True, text=True, timeout=120, check=False)
     assert again.returncode == 0 and again.stdout == ""
+
+
+def test_libvirt_path_makes_the_three_executables_libvirt_looks_up(tmp_path: Path) -> None:
+    target = tmp_path / "lv-bin"
+    for _ in range(2):  # idempotent
+        done = subprocess.run([sys.executable, "-m", "sgxvtpm.cli", "libvirt", "path", "--dir",
+                               str(target)], capture_output=True, text=True, timeout=60,
+                              check=False)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == str(target)
+    for name in ("swtpm", "swtpm_setup", "swtpm_ioctl"):
+        assert os.access(target / name, os.X_OK), name
+    caps = subprocess.run([str(target / "swtpm"), "socket", "--print-capabilities"],
+                          capture_output=True, text=True, timeout=30, check=True)
+    assert '"tpm-2.0"' in caps.stdout
+    assert os.readlink(target / "swtpm_ioctl") == shutil.which("swtpm_ioctl")
