@@ -12,7 +12,8 @@ runs swtpm's. For this first version libvirt runs them as root
 Checked: the guest's PCR 0-7 equal the replay of its event log and the
 golden run's; the VM is in ``vm list``; ``virsh save``/``restore`` keep the
 PCR values; after ``virsh undefine`` (which removes libvirt's TPM state
-directory), ``sgxvtpm vm gc`` destroys the instance, and not before.
+directory), ``sgxvtpm vm gc`` destroys the instance, and not before; and
+``<backend type='external'>`` on a ``vm attach`` the test starts boots the same.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tests.helpers.libvirt import PrivateLibvirtd, missing
 
 from sgxvtpm._demo.guest import BootResult, init_script, replay_event_log
 from sgxvtpm.endpoint.libvirt import bindir
+from sgxvtpm.vmm.credentials import Credentials
 
 pytestmark = pytest.mark.e2e
 BOOT_TIMEOUT = 120.0
@@ -59,11 +61,14 @@ DOMAIN = """\
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <serial type='file'><source path='{console}' append='on'/><target port='0'/></serial>
-    <tpm model='tpm-tis'><backend type='emulator' version='2.0'/></tpm>
+    {tpm}
     <memballoon model='none'/>
   </devices>
 </domain>
 """
+EMULATOR = "<tpm model='tpm-tis'><backend type='emulator' version='2.0'/></tpm>"
+EXTERNAL = ("<tpm model='tpm-tis'><backend type='external'>"
+            "<source type='unix' mode='connect' path='{path}'/></backend></tpm>")
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +97,14 @@ class Domain:
     """One domain of a private libvirtd, its console read from the file."""
 
     def __init__(self, daemon: PrivateLibvirtd, workdir: Path, initrd: Path, name: str,
-                 dom_uuid: str) -> None:
+                 dom_uuid: str, tpm: str = EMULATOR) -> None:
         self.daemon = daemon
         self.name = name
         self.uuid = dom_uuid
         self.console = workdir / f"{name}.console"
         xml = workdir / f"{name}.xml"
         xml.write_text(DOMAIN.format(name=name, uuid=self.uuid, kernel=kernel_path(),
-                                     initrd=initrd, console=self.console))
+                                     initrd=initrd, console=self.console, tpm=tpm))
         daemon.virsh("define", str(xml))
 
     def text(self) -> str:
@@ -210,3 +215,39 @@ def test_libvirt_emulator_backend_on_sgxvtpm(
         assert vm not in {i.name for i in asyncio.run(lv_hostd.vmm().list())}
     finally:
         daemon.stop()
+
+
+def test_libvirt_external_backend_on_vm_attach(
+    lv_initrd: Path, lv_hostd: Hostd, golden: BootResult, tmp_path: Path
+) -> None:
+    """``<backend type='external'>``: the operator starts ``vm attach`` with the owner
+    QEMU runs as (root in the test's qemu.conf); libvirt only points QEMU at it."""
+    vm = "lv-external"
+    creds = tmp_path / "vm-credentials"
+    asyncio.run(lv_hostd.vmm().create(vm, export=Credentials.at(creds)))
+    ctrl = tmp_path / "external.sock"
+    with open(tmp_path / "attach.log", "ab") as log:
+        attach = subprocess.Popen(
+            [sys.executable, "-m", "sgxvtpm.cli", "vm", "attach", vm, "--ctrl", str(ctrl),
+             "--owner", "root", "--mode", "0600", "--state-dir", str(lv_hostd.state.root),
+             "--credentials", str(creds)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+        )  # fmt: skip
+    daemon = _daemon(tmp_path / "daemon", [], {})
+    try:
+        deadline = time.monotonic() + 30
+        while not ctrl.exists():
+            assert attach.poll() is None and time.monotonic() < deadline, (
+                (tmp_path / "attach.log").read_text())
+            time.sleep(0.05)
+        dom = Domain(daemon, tmp_path, lv_initrd, NAME, UUID, EXTERNAL.format(path=ctrl))
+        daemon.virsh("start", dom.name)
+        boot = dom.boot()
+        _check_replay(boot)
+        assert boot.pcrs == golden.pcrs
+        daemon.virsh("destroy", dom.name)
+        assert attach.poll() is None, "vm attach serves the VM's next QEMU"
+    finally:
+        daemon.stop()
+        attach.terminate()
+        attach.wait(30)
