@@ -11,6 +11,7 @@ destroys the VM once libvirt removed the directory.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import signal
@@ -264,3 +265,126 @@ def test_libvirt_path_makes_the_three_executables_libvirt_looks_up(tmp_path: Pat
                           capture_output=True, text=True, timeout=30, check=True)
     assert '"tpm-2.0"' in caps.stdout
     assert os.readlink(target / "swtpm_ioctl") == shutil.which("swtpm_ioctl")
+
+
+def _save(ctrl: Path) -> tuple[dict[int, bytes], bytes]:
+    """QEMU's savevm of a running TPM: PCR 16 extended, GET_STATEBLOB x3; the blobs and
+    PCR 16's value."""
+    client = _use_tpm(ctrl)
+    try:
+        digest = hashlib.sha256(b"saved by libvirt").digest()
+        assert wire.response_code(client.transact(wire.pcr_extend(16, digest))) == 0
+        pcr = client.transact(wire.pcr_read([16]))
+        blobs = {}
+        for kind in (1, 2, 3):
+            r = client.request(CtrlRequest(CtrlCmd.GET_STATEBLOB, flags=1, blob_type=kind))
+            assert isinstance(r, CtrlResponse) and r.result == 0
+            blobs[kind] = r.data
+        return blobs, pcr
+    finally:
+        client.close()
+
+
+def _restore(ctrl: Path, blobs: dict[int, bytes]) -> tuple[list[int], CtrlClient]:
+    """QEMU's restore into a new swtpm: STOP, SET_STATEBLOB x3, INIT; the results."""
+    client = CtrlClient(ctrl, short_errors=False)
+    client.attach_data()
+    client.request(CtrlRequest(CtrlCmd.STOP))
+    results = []
+    for kind, data in blobs.items():
+        r = client.request(CtrlRequest(CtrlCmd.SET_STATEBLOB, blob_type=kind, data=data))
+        assert isinstance(r, CtrlResponse)
+        results.append(r.result)
+    return results, client
+
+
+def _incoming_setup(bin_dir: Path, hostd: Hostd,
+                    tpm_state: Path) -> subprocess.CompletedProcess[str]:
+    """libvirt's swtpm_setup for an incoming domain whose TPM state dir it just made."""
+    return subprocess.run([str(bin_dir / "swtpm_setup"), "--tpm2", "--tpm-state", str(tpm_state),
+                           "--overwrite"], env=_env(hostd), capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def _stop(bin_dir: Path, ctrl: Path, proc: subprocess.Popen[bytes]) -> None:
+    subprocess.run([str(bin_dir / "swtpm_ioctl"), "--unix", str(ctrl), "-s"],
+                   capture_output=True, timeout=30, check=False)
+    if proc.wait(15) is None:
+        proc.kill()
+
+
+def test_restore_after_libvirt_recreated_the_state_dir_rebinds_the_same_instance(
+    bin_dir: Path, hostd: Hostd, tmp_path: Path
+) -> None:
+    """virsh save; the TPM state dir removed; virsh restore: libvirt makes the dir anew and
+    runs ``swtpm_setup --overwrite``, which binds it to the VM it held (not a new one),
+    so the saved blobs, sealed to that instance, load."""
+    dom_uuid, tpm_state = _new_domain(tmp_path)
+    log, ctrl = tmp_path / "swtpm.log", tmp_path / "rs.sock"
+    assert _setup(bin_dir, hostd, tpm_state, log, "--not-overwrite",
+                  vmid=f"rs:{dom_uuid}").returncode == 0
+    name = f"rs-{dom_uuid}"
+    instance = asyncio.run(hostd.vmm().show(name)).instance_id
+    proc, _ = _start_swtpm(bin_dir, hostd, ctrl, tpm_state, log)
+    try:
+        blobs, pcr = _save(ctrl)
+    finally:
+        _stop(bin_dir, ctrl, proc)
+
+    shutil.rmtree(tpm_state)
+    tpm_state.mkdir(mode=0o700)
+    done = _incoming_setup(bin_dir, hostd, tpm_state)
+    assert done.returncode == 0, done.stderr
+    assert f"Bound {tpm_state} again to sgxvtpm VM {name}" in done.stderr
+    assert asyncio.run(hostd.vmm().show(name)).instance_id == instance
+    assert {i.name for i in asyncio.run(hostd.vmm().list())} & {f"libvirt-{dom_uuid}"} == set()
+
+    proc, _ = _start_swtpm(bin_dir, hostd, ctrl, tpm_state, log)
+    try:
+        results, client = _restore(ctrl, blobs)
+        assert results == [0, 0, 0]
+        assert client.request(CtrlRequest(CtrlCmd.INIT, flags=1)).result == 0  # type: ignore[attr-defined]
+        assert client.transact(wire.pcr_read([16])) == pcr
+        client.close()
+    finally:
+        _stop(bin_dir, ctrl, proc)
+    # The record still names the directory: vm gc keeps the VM.
+    gc = subprocess.run([sys.executable, "-m", "sgxvtpm.cli", "vm", "gc"], env=_env(hostd),
+                        capture_output=True, text=True, timeout=120, check=False)
+    assert gc.returncode == 0 and name not in gc.stdout, gc.stderr
+    assert name in _names(hostd)
+
+
+def test_restore_into_a_new_instance_is_refused_with_the_reason_in_the_swtpm_log(
+    bin_dir: Path, hostd: Hostd, tmp_path: Path
+) -> None:
+    """The VM of the directory is gone (vm gc ran after libvirt removed it): swtpm_setup
+    makes a new VM, the saved blobs cannot load into it, and libvirt's swtpm log says why
+    (QEMU reports only "a parameter is bad")."""
+    dom_uuid, tpm_state = _new_domain(tmp_path)
+    log, ctrl = tmp_path / "swtpm.log", tmp_path / "gone.sock"
+    assert _setup(bin_dir, hostd, tpm_state, log, vmid=f"gone:{dom_uuid}").returncode == 0
+    proc, _ = _start_swtpm(bin_dir, hostd, ctrl, tpm_state, log)
+    try:
+        blobs, _ = _save(ctrl)
+    finally:
+        _stop(bin_dir, ctrl, proc)
+    shutil.rmtree(tpm_state)
+    gc = subprocess.run([sys.executable, "-m", "sgxvtpm.cli", "vm", "gc"], env=_env(hostd),
+                        capture_output=True, text=True, timeout=120, check=False)
+    assert f"destroyed gone-{dom_uuid}" in gc.stdout, gc.stderr
+
+    tpm_state.mkdir(mode=0o700)
+    done = _incoming_setup(bin_dir, hostd, tpm_state)
+    assert done.returncode == 0, done.stderr
+    assert f"libvirt-{dom_uuid}" in _names(hostd)
+    proc, _ = _start_swtpm(bin_dir, hostd, ctrl, tpm_state, log)
+    try:
+        results, client = _restore(ctrl, blobs)
+        client.close()
+        assert results[0] == 0x03  # TPM_BAD_PARAMETER, as QEMU reported it
+    finally:
+        _stop(bin_dir, ctrl, proc)
+    refused = [line for line in log.read_text().splitlines()
+               if '"libvirt.swtpm_state_refused"' in line]
+    assert refused and "made new for this incoming domain" in refused[0], log.read_text()

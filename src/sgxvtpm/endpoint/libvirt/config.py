@@ -88,9 +88,15 @@ class Marker:
 
     vm: str
     state_dir: str
+    #: swtpm_setup made this VM new for an incoming domain (``--overwrite`` on a
+    #: directory of no VM of this host): state saved elsewhere cannot load into it.
+    incoming_new: bool = False
 
     def dumps(self) -> str:
-        return json.dumps({"vm": self.vm, "state_dir": self.state_dir}, indent=2) + "\n"
+        obj: dict[str, object] = {"vm": self.vm, "state_dir": self.state_dir}
+        if self.incoming_new:
+            obj["incoming_new"] = True
+        return json.dumps(obj, indent=2) + "\n"
 
     @classmethod
     def read(cls, tpm_state: str | Path) -> Marker | None:
@@ -105,4 +111,4 @@ class Marker:
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in
                                                 ("vm", "state_dir")):
             raise ConfigError(f"{path}: not an sgxvtpm binding marker")
-        return cls(obj["vm"], obj["state_dir"])
+        return cls(obj["vm"], obj["state_dir"], obj.get("incoming_new") is True)

@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+from sgxvtpm.endpoint.backend import VmTpm
+from sgxvtpm.endpoint.ctrl import CtrlHandler
 from sgxvtpm.endpoint.k2 import K2Busy, K2Client, VmBinding
 from sgxvtpm.endpoint.libvirt.config import ConfigError, Marker
 from sgxvtpm.endpoint.libvirt.options import SwtpmSocketArgs
@@ -28,6 +30,8 @@ from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.util import log
 from sgxvtpm.vmm.credentials import Credentials
+from sgxvtpm.wire.swtpm_ctrl import CtrlCmd, CtrlRequest, CtrlResponse
+from sgxvtpm.wire.vtpm import BlobType
 
 #: A swtpm of the same VM that libvirt is stopping may still hold the VM's
 #: TPM (the instance serves one endpoint): wait this long for it to let go.
@@ -52,7 +56,7 @@ def _drain(fds: tuple[int, ...]) -> None:
         threading.Thread(target=run, args=(fd,), daemon=True).start()
 
 
-def _attach(args: SwtpmSocketArgs, label: str) -> tuple[str, K2Client]:
+def _attach(args: SwtpmSocketArgs, label: str) -> tuple[Marker, K2Client]:
     marker = Marker.read(args.tpmstate_dir)
     if marker is None:
         raise ConfigError(f"{args.tpmstate_dir} holds no sgxvtpm binding: run sgxvtpm's "
@@ -64,11 +68,43 @@ def _attach(args: SwtpmSocketArgs, label: str) -> tuple[str, K2Client]:
         client = K2Client(binding, label=label)
         try:
             client.connect()
-            return marker.vm, client
+            return marker, client
         except K2Busy:
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.1)
+
+
+def refused_reason(marker: Marker, blob_type: int) -> str:
+    """Why the VM's instance refused a state blob, for libvirt's swtpm log."""
+    try:
+        kind = BlobType(blob_type).name.lower()
+    except ValueError:
+        kind = f"type {blob_type}"
+    if marker.incoming_new:
+        return (f"the {kind} state blob was refused: VM {marker.vm} was made new for this "
+                "incoming domain (swtpm_setup --overwrite found no VM of this TPM state "
+                "directory on this host), and state saved by another instance (another host, "
+                "or a VM destroyed since) is sealed to that instance")
+    return (f"the {kind} state blob was refused by VM {marker.vm}'s instance: it takes back "
+            "only its own latest export, unused since (not an older save, not one the guest "
+            "ran on after, not another instance's); hostd's log (vtpm.state_refused) says which")
+
+
+class _LoggingCtrlHandler(CtrlHandler):
+    """The endpoint's control handler, logging why a SET_STATEBLOB failed (QEMU only
+    reports "a parameter is bad")."""
+
+    def __init__(self, tpm: VmTpm, marker: Marker) -> None:
+        super().__init__(tpm)
+        self.marker = marker
+
+    def handle(self, req: CtrlRequest) -> CtrlResponse:
+        rsp = super().handle(req)
+        if req.code == CtrlCmd.SET_STATEBLOB and rsp.result != 0:
+            log.log("libvirt.swtpm_state_refused", vm=self.marker.vm, result=rsp.result,
+                    reason=refused_reason(self.marker, req.blob_type))
+        return rsp
 
 
 def serve(args: SwtpmSocketArgs, listener: socket.socket) -> int:
@@ -77,7 +113,7 @@ def serve(args: SwtpmSocketArgs, listener: socket.socket) -> int:
     path = args.ctrl_path or str(listener.getsockname())
     _drain(args.password_fds)
     try:
-        vm, client = _attach(args, f"libvirt swtpm --ctrl {path}")
+        marker, client = _attach(args, f"libvirt swtpm --ctrl {path}")
     except (SgxvtpmError, ConfigError, OSError) as exc:
         reason = str(exc) or type(exc).__name__
         log.log("libvirt.swtpm_failed", tpmstate=args.tpmstate_dir, reason=reason)
@@ -88,6 +124,8 @@ def serve(args: SwtpmSocketArgs, listener: socket.socket) -> int:
         return 1
     endpoint = QemuEndpoint(client, Path(path), listener=listener, exit_on_shutdown=True,
                             terminate=args.terminate)
+    endpoint._handler = _LoggingCtrlHandler(endpoint.tpm, marker)  # same handler, logging
+    vm = marker.vm
     try:
         endpoint.start()
         log.log("libvirt.swtpm_serving", vm=vm, ctrl=path, pid=os.getpid())
