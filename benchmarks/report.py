@@ -386,6 +386,11 @@ def _creation(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _startup_cell(entry: dict[str, Any]) -> str:
+    p90 = f"p90 {entry['p90_ms']:.0f}, " if "p90_ms" in entry else ""
+    return f"{entry['median_ms']:.0f} ms ({p90}max {entry['max_ms']:.0f})"
+
+
 def _startup(results: dict[str, Any]) -> list[str]:
     section = results.get("startup")
     if not isinstance(section, dict):
@@ -400,8 +405,7 @@ def _startup(results: dict[str, Any]) -> list[str]:
         if not _ok(entry):
             rows.append([label, entry.get("reason", "no result"), ""])
             continue
-        rows.append([label] + [f"{entry[load]['median_ms']:.0f} ms (max "
-                               f"{entry[load]['max_ms']:.0f})" for load in ("idle", "loaded")])
+        rows.append([label] + [_startup_cell(entry[load]) for load in ("idle", "loaded")])
     runs = next((section[k]["idle"]["runs"] for k in ("swtpm", "sgxvtpm")
                  if _ok(section.get(k, {}))), "?")
     lines.append(f"Exec until the socket exists, median of {runs} starts; loaded: every CPU "

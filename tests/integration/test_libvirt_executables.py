@@ -388,3 +388,27 @@ def test_restore_into_a_new_instance_is_refused_with_the_reason_in_the_swtpm_log
     refused = [line for line in log.read_text().splitlines()
                if '"libvirt.swtpm_state_refused"' in line]
     assert refused and "made new for this incoming domain" in refused[0], log.read_text()
+
+
+#: What the swtpm script must not import before its control socket is up: each
+#: costs milliseconds (tens on a loaded host; libvirt waits one second in all).
+HEAVY_BEFORE_BIND = ("argparse", "dataclasses", "typing", "socket", "signal", "contextlib",
+                     "json", "re", "enum", "site", "sgxvtpm.endpoint.libvirt.run")
+
+
+def test_swtpm_script_imports_only_the_bare_interpreter_before_binding(bin_dir: Path) -> None:
+    """The script runs Python with -I -S (no site-packages scan, no .pth files) and
+    swtpm.py, up to bind_ctrl, loads nothing heavy and nothing from site-packages."""
+    text = (bin_dir / "swtpm").read_text()
+    shebang, *lines = text.splitlines()
+    assert shebang.split()[1:] == ["-IS"]
+    head = lines[:next(i for i, line in enumerate(lines) if line.startswith("from "))]
+    probe = "\n".join([*head, "import sgxvtpm.endpoint.libvirt.swtpm",
+                       "print('\\n'.join(f'{n} {getattr(m, \"__file__\", None)}' "
+                       "for n, m in sys.modules.items()))"])
+    done = subprocess.run([shebang[2:].split()[0], "-IS", "-c", probe], capture_output=True,
+                          text=True, timeout=60, check=True)
+    loaded = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert "sgxvtpm.endpoint.libvirt.swtpm" in loaded
+    assert [m for m in HEAVY_BEFORE_BIND if m in loaded] == []
+    assert [n for n, f in loaded.items() if "site-packages" in f] == []

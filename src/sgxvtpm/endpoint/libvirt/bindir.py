@@ -1,9 +1,12 @@
 """The directory of executables to put first on libvirtd's PATH (``sgxvtpm libvirt path``).
 
 libvirt looks up ``swtpm``, ``swtpm_setup`` and ``swtpm_ioctl`` on its PATH
-(all three must exist). The first two are two-line scripts that run this
+(all three must exist). The first two are short scripts that run this
 interpreter in isolated mode (``-I``: neither libvirt's cwd nor PYTHONPATH
-is imported from) on :mod:`.swtpm` and :mod:`.setup`; ``swtpm_ioctl`` is a
+is imported from) on :mod:`.swtpm` and :mod:`.setup`. ``swtpm`` also runs
+without ``site`` (``-S``: no site-packages scan, no ``.pth`` files) and finds
+the sgxvtpm package at the path written into it; it runs ``site.main()``
+itself once its control socket is up (swtpm.py). ``swtpm_ioctl`` is a
 symbolic link to the system's (``swtpm_ioctl -s`` is all libvirt runs, and
 the endpoint answers it as swtpm does). The directory is made, or brought up
 to date, by every call: by default ``PREFIX/libexec/sgxvtpm-libvirt`` of
@@ -23,6 +26,8 @@ SCRIPTS = {
     "swtpm": "sgxvtpm.endpoint.libvirt.swtpm",
     "swtpm_setup": "sgxvtpm.endpoint.libvirt.setup",
 }
+#: Started without site (-S): libvirt waits one second for its control socket.
+FAST = ("swtpm",)
 IOCTL = "swtpm_ioctl"
 
 
@@ -34,9 +39,20 @@ def default_dir() -> Path:
     return Path(sys.prefix) / "libexec" / "sgxvtpm-libvirt"
 
 
-def script(module: str, interpreter: str | None = None) -> str:
-    return (f"#!{interpreter or sys.executable} -I\n"
-            f"import sys\nfrom {module} import main\nsys.exit(main())\n")
+def package_root() -> str:
+    """The directory holding the ``sgxvtpm`` package (sys.path entry)."""
+    import sgxvtpm
+
+    return str(Path(sgxvtpm.__file__).resolve().parent.parent)
+
+
+def script(module: str, interpreter: str | None = None, *, fast: bool = False) -> str:
+    if not fast:
+        return (f"#!{interpreter or sys.executable} -I\n"
+                f"import sys\nfrom {module} import main\nsys.exit(main())\n")
+    return (f"#!{interpreter or sys.executable} -IS\n"
+            f"import sys\nsys.path.append({package_root()!r})\n"
+            f"from {module} import main\nsys.exit(main())\n")
 
 
 def system_ioctl(exclude: Path) -> str | None:
@@ -55,7 +71,7 @@ def ensure(directory: Path | None = None) -> Path:
     directory.mkdir(mode=0o755, parents=True, exist_ok=True)
     for name, module in SCRIPTS.items():
         path = directory / name
-        text = script(module).encode()
+        text = script(module, fast=name in FAST).encode()
         try:
             same = path.read_bytes() == text and os.access(path, os.X_OK)
         except OSError:

@@ -14,18 +14,20 @@ libvirt 9.0 (src/qemu/qemu_tpm.c, src/util/virtpm.c) runs::
         [--pcr-banks sha256,... [--reconfigure]]
 
 This module only turns such argument lists into values (and says, in one
-line, what is wrong with one it cannot take). It imports nothing but the
-standard library: ``swtpm socket`` parses its arguments before it binds its
-control socket, and libvirt gives it one second to appear.
+line, what is wrong with one it cannot take). ``swtpm socket`` parses its
+arguments before it binds its control socket, and libvirt gives it one
+second to appear: importing this module costs next to nothing (no argparse,
+dataclasses, json or re at import time; the records are plain classes, the
+swtpm socket line is parsed by hand; swtpm_setup, not in a hurry, uses
+argparse, imported when it runs).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (13 ms loaded)
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
 
 VERSION = "0.7.1"  # the swtpm whose behaviour these executables follow
 
@@ -37,7 +39,7 @@ SWTPM_FEATURES = ("tpm-2.0", "cmdarg-key-fd", "cmdarg-pwd-fd")
 SETUP_FEATURES = ("tpm-2.0", "cmdarg-pwdfile-fd")
 
 VM_NAME_MAX = 61  # enclaves/registry.py: one path component that fits the certificate
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 
 
 class OptionError(ValueError):
@@ -46,6 +48,8 @@ class OptionError(ValueError):
 
 def capabilities(kind: str, features: Sequence[str]) -> str:
     """The ``--print-capabilities`` JSON object (``{"type", "features", "version"}``)."""
+    import json
+
     return json.dumps({"type": kind, "features": list(features), "version": VERSION})
 
 
@@ -83,81 +87,158 @@ def parse_fd(option: str, text: str) -> int:
     return int(text)
 
 
-class _Parser(argparse.ArgumentParser):
+def _parser(prog: str) -> argparse.ArgumentParser:
     """argparse that raises OptionError instead of printing usage and exiting."""
+    import argparse
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise OptionError(message)
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> None:  # type: ignore[override]
+            raise OptionError(message)
+
+    return Parser(prog=prog, add_help=False)
+
+
+class _Frozen:
+    """Keyword fields set once (``__slots__``), compared and shown by value: what a frozen
+    dataclass gives, without importing dataclasses (25 ms of a loaded start)."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _set(self, **values: object) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(
+            getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    def __hash__(self) -> int:
+        return hash(tuple(getattr(self, n) for n in self.__slots__))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
 
 
 # ---------------------------------------------------------------- swtpm socket
 
 
-@dataclass(frozen=True)
-class SwtpmSocketArgs:
+class SwtpmSocketArgs(_Frozen):
     """What ``swtpm socket`` was asked to do."""
 
-    print_capabilities: bool = False
-    version: bool = False
-    ctrl_path: str = ""
-    ctrl_mode: int = 0o600
-    ctrl_uid: int = -1
-    ctrl_gid: int = -1
-    ctrl_fd: int | None = None  # --ctrl type=unixio,fd=N: a listening socket given to us
-    tpmstate_dir: str = ""
-    log_file: str | None = None
-    log_fd: int | None = None
-    log_level: int = 0
-    pid_file: str | None = None
-    pid_fd: int | None = None
-    daemon: bool = False
-    terminate: bool = False
-    password_fds: tuple[int, ...] = field(default=())
+    __slots__ = (
+        "ctrl_fd",
+        "ctrl_gid",
+        "ctrl_mode",
+        "ctrl_path",
+        "ctrl_uid",
+        "daemon",
+        "log_fd",
+        "log_file",
+        "log_level",
+        "password_fds",
+        "pid_fd",
+        "pid_file",
+        "print_capabilities",
+        "terminate",
+        "tpmstate_dir",
+        "version",
+    )
+    print_capabilities: bool
+    version: bool
+    ctrl_path: str
+    ctrl_mode: int
+    ctrl_uid: int
+    ctrl_gid: int
+    ctrl_fd: int | None  # --ctrl type=unixio,fd=N: a listening socket given to us
+    tpmstate_dir: str
+    log_file: str | None
+    log_fd: int | None
+    log_level: int
+    pid_file: str | None
+    pid_fd: int | None
+    daemon: bool
+    terminate: bool
+    password_fds: tuple[int, ...]
+
+    def __init__(self, *, print_capabilities: bool = False, version: bool = False,
+                 ctrl_path: str = "", ctrl_mode: int = 0o600, ctrl_uid: int = -1,
+                 ctrl_gid: int = -1, ctrl_fd: int | None = None, tpmstate_dir: str = "",
+                 log_file: str | None = None, log_fd: int | None = None, log_level: int = 0,
+                 pid_file: str | None = None, pid_fd: int | None = None, daemon: bool = False,
+                 terminate: bool = False, password_fds: tuple[int, ...] = ()) -> None:
+        self._set(print_capabilities=print_capabilities, version=version, ctrl_path=ctrl_path,
+                  ctrl_mode=ctrl_mode, ctrl_uid=ctrl_uid, ctrl_gid=ctrl_gid, ctrl_fd=ctrl_fd,
+                  tpmstate_dir=tpmstate_dir, log_file=log_file, log_fd=log_fd,
+                  log_level=log_level, pid_file=pid_file, pid_fd=pid_fd, daemon=daemon,
+                  terminate=terminate, password_fds=password_fds)
 
 
-def _swtpm_parser() -> _Parser:
-    p = _Parser(prog="swtpm socket", add_help=False)
-    p.add_argument("--print-capabilities", action="store_true")
-    p.add_argument("--version", action="store_true")
-    p.add_argument("--ctrl")
-    p.add_argument("--tpmstate")
-    p.add_argument("--log")
-    p.add_argument("--pid")
-    p.add_argument("--key")
-    p.add_argument("--migration-key")
-    p.add_argument("--daemon", action="store_true")
-    p.add_argument("--terminate", action="store_true")
-    p.add_argument("--tpm2", action="store_true")
-    # Accepted and without effect here: the TPM's flags are the instance's
-    # (it is never reset by its endpoint), and no code runs with the
-    # endpoint's seccomp or runas choices that would need them.
-    p.add_argument("--flags")
-    p.add_argument("--seccomp")
-    p.add_argument("--runas")
-    p.add_argument("--server")
-    return p
+#: swtpm socket's options this parser takes: those with a value, and flags.
+#: --flags, --seccomp and --runas are accepted without effect: the TPM's flags
+#: are the instance's (it is never reset by its endpoint), and no code runs with
+#: the endpoint's seccomp or runas choices that would need them.
+_SWTPM_VALUED = ("--ctrl", "--tpmstate", "--log", "--pid", "--key", "--migration-key",
+                 "--flags", "--seccomp", "--runas", "--server")
+_SWTPM_FLAGS = ("--print-capabilities", "--version", "--daemon", "--terminate", "--tpm2")
+
+
+def _scan(argv: Sequence[str], valued: Sequence[str],
+          flags: Sequence[str]) -> dict[str, str | bool]:
+    """GNU-style long options (``--opt VALUE``, ``--opt=VALUE``, flags), the last one
+    of a name winning, as getopt_long does; anything else is an error naming it."""
+    found: dict[str, str | bool] = {}
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        if name in valued:
+            if not eq:
+                i += 1
+                if i >= len(args):
+                    raise OptionError(f"argument {name}: expected one argument")
+                value = args[i]
+            found[name] = value
+        elif name in flags and not eq:
+            found[name] = True
+        else:
+            raise OptionError(f"unrecognized arguments: {arg}")
+        i += 1
+    return found
 
 
 def parse_swtpm(argv: Sequence[str]) -> SwtpmSocketArgs:
     """``swtpm socket ARGS`` (argv without the ``socket`` word)."""
-    a = _swtpm_parser().parse_args(list(argv))
-    if a.print_capabilities or a.version:
-        return SwtpmSocketArgs(print_capabilities=a.print_capabilities, version=a.version)
-    if not a.tpm2:
+    found = _scan(argv, _SWTPM_VALUED, _SWTPM_FLAGS)
+
+    def text(name: str) -> str | None:
+        value = found.get(name)
+        return value if isinstance(value, str) else None
+
+    if found.get("--print-capabilities") or found.get("--version"):
+        return SwtpmSocketArgs(print_capabilities=bool(found.get("--print-capabilities")),
+                               version=bool(found.get("--version")))
+    if not found.get("--tpm2"):
         raise OptionError("--tpm2 is required: sgxvtpm serves TPM 2.0 only")
-    if a.server is not None:
+    if "--server" in found:
         raise OptionError("--server: no data socket; QEMU passes its data channel over --ctrl")
-    if a.ctrl is None:
+    ctrl_text, tpmstate = text("--ctrl"), text("--tpmstate")
+    if ctrl_text is None:
         raise OptionError("--ctrl type=unixio,path=PATH is required")
-    ctrl = parse_opts("--ctrl", a.ctrl, ("type", "path", "mode", "uid", "gid", "fd", "terminate"))
+    ctrl = parse_opts("--ctrl", ctrl_text,
+                      ("type", "path", "mode", "uid", "gid", "fd", "terminate"))
     if ctrl.get("type", "unixio") != "unixio":
         raise OptionError(f"--ctrl: only type=unixio is served, got type={ctrl['type']}")
     ctrl_fd = parse_fd("--ctrl fd", ctrl["fd"]) if "fd" in ctrl else None
     if ctrl_fd is None and not ctrl.get("path"):
         raise OptionError("--ctrl: give path=PATH (or fd=N)")
-    if a.tpmstate is None:
+    if tpmstate is None:
         raise OptionError("--tpmstate dir=DIR is required (the VM's binding lives there)")
-    state = parse_opts("--tpmstate", a.tpmstate, ("dir", "mode", "backend-uri", "lock"))
+    state = parse_opts("--tpmstate", tpmstate, ("dir", "mode", "backend-uri", "lock"))
     state_dir = state.get("dir", "")
     if not state_dir and state.get("backend-uri", "").startswith("dir://"):
         state_dir = state["backend-uri"][len("dir://"):]
@@ -165,22 +246,24 @@ def parse_swtpm(argv: Sequence[str]) -> SwtpmSocketArgs:
         raise OptionError("--tpmstate: give dir=DIR")
     log_file = log_fd = None
     level = 0
-    if a.log is not None:
-        log = parse_opts("--log", a.log, ("file", "fd", "level", "prefix", "truncate"))
+    log_text, pid_text = text("--log"), text("--pid")
+    if log_text is not None:
+        log = parse_opts("--log", log_text, ("file", "fd", "level", "prefix", "truncate"))
         log_file = log.get("file") or None
         log_fd = parse_fd("--log fd", log["fd"]) if "fd" in log else None
         if log.get("level"):
             level = parse_fd("--log level", log["level"])
     pid_file = pid_fd = None
-    if a.pid is not None:
-        pid = parse_opts("--pid", a.pid, ("file", "fd"))
+    if pid_text is not None:
+        pid = parse_opts("--pid", pid_text, ("file", "fd"))
         pid_file = pid.get("file") or None
         pid_fd = parse_fd("--pid fd", pid["fd"]) if "fd" in pid else None
     fds: list[int] = []
-    for option, text in (("--key", a.key), ("--migration-key", a.migration_key)):
-        if text is None:
+    for option in ("--key", "--migration-key"):
+        key_text = text(option)
+        if key_text is None:
             continue
-        key = parse_opts(option, text, ("pwdfd", "fd", "file", "pwdfile", "mode", "format",
+        key = parse_opts(option, key_text, ("pwdfd", "fd", "file", "pwdfile", "mode", "format",
                                         "remove", "kdf"))
         for name in ("pwdfd", "fd"):
             if name in key:
@@ -197,8 +280,8 @@ def parse_swtpm(argv: Sequence[str]) -> SwtpmSocketArgs:
         log_level=level,
         pid_file=pid_file,
         pid_fd=pid_fd,
-        daemon=a.daemon,
-        terminate=a.terminate or "terminate" in ctrl,
+        daemon=bool(found.get("--daemon")),
+        terminate=bool(found.get("--terminate")) or "terminate" in ctrl,
         password_fds=tuple(fds),
     )
 
@@ -214,25 +297,47 @@ def _id(option: str, text: str | None) -> int:
 # ---------------------------------------------------------------- swtpm_setup
 
 
-@dataclass(frozen=True)
-class SetupArgs:
+class SetupArgs(_Frozen):
     """What ``swtpm_setup`` was asked to do."""
 
-    print_capabilities: bool = False
-    version: bool = False
-    tpm_state: str = ""
-    vmid: str = ""
-    logfile: str | None = None
-    overwrite: bool = False
-    not_overwrite: bool = False
-    pcr_banks: tuple[str, ...] = ()
-    reconfigure: bool = False
-    ek: str = "rsa2048"
-    password_fds: tuple[int, ...] = ()
+    __slots__ = (
+        "ek",
+        "logfile",
+        "not_overwrite",
+        "overwrite",
+        "password_fds",
+        "pcr_banks",
+        "print_capabilities",
+        "reconfigure",
+        "tpm_state",
+        "version",
+        "vmid",
+    )
+    print_capabilities: bool
+    version: bool
+    tpm_state: str
+    vmid: str
+    logfile: str | None
+    overwrite: bool
+    not_overwrite: bool
+    pcr_banks: tuple[str, ...]
+    reconfigure: bool
+    ek: str
+    password_fds: tuple[int, ...]
+
+    def __init__(self, *, print_capabilities: bool = False, version: bool = False,
+                 tpm_state: str = "", vmid: str = "", logfile: str | None = None,
+                 overwrite: bool = False, not_overwrite: bool = False,
+                 pcr_banks: tuple[str, ...] = (), reconfigure: bool = False, ek: str = "rsa2048",
+                 password_fds: tuple[int, ...] = ()) -> None:
+        self._set(print_capabilities=print_capabilities, version=version, tpm_state=tpm_state,
+                  vmid=vmid, logfile=logfile, overwrite=overwrite, not_overwrite=not_overwrite,
+                  pcr_banks=pcr_banks, reconfigure=reconfigure, ek=ek,
+                  password_fds=password_fds)
 
 
-def _setup_parser() -> _Parser:
-    p = _Parser(prog="swtpm_setup", add_help=False)
+def _setup_parser() -> argparse.ArgumentParser:
+    p = _parser("swtpm_setup")
     p.add_argument("--print-capabilities", action="store_true")
     p.add_argument("--version", action="store_true")
     p.add_argument("--tpm2", action="store_true")
@@ -300,12 +405,14 @@ def vm_name(vmid: str, tpm_state: str) -> str:
     One VM name (1-61 of ``[A-Za-z0-9._-]``, not starting with ``.`` or ``-``):
     the domain name, other characters as ``_``, cut so that ``-UUID`` fits.
     """
+    import re
+
     name, _, uuid = vmid.rpartition(":")
-    if not _UUID.fullmatch(uuid):
+    if not re.fullmatch(_UUID, uuid):
         name, uuid = vmid, ""
     if not uuid:
         parts = [p for p in tpm_state.rstrip("/").split("/") if p]
-        found = [p for p in parts if _UUID.fullmatch(p)]
+        found = [p for p in parts if re.fullmatch(_UUID, p)]
         uuid = found[-1] if found else ""
     clean = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".-")
     uuid = uuid.lower()

@@ -14,17 +14,22 @@ inherited descriptors open); after the socket is up, stdout and stderr go to
 ``--log file=`` (libvirt stops reading them); ``--daemon`` forks into the
 background once the socket exists; ``--pid file=`` gets the serving
 process's pid.
+
+What runs before the socket exists is kept to the bare interpreter: the
+script ``sgxvtpm libvirt path`` writes runs Python with ``-I -S`` (no
+site-packages scan, no ``.pth`` files, no sitecustomize) and this module
+imports only ``os``, ``stat``, ``sys``, ``_socket`` and options.py (no
+``socket``, ``signal``, ``contextlib``, ``typing``: each costs milliseconds,
+tens of them on a loaded host). Once the socket listens, :func:`main` runs
+``site.main()`` (the site-packages the heavy part needs) and imports the rest.
 """
 
 from __future__ import annotations
 
-import contextlib
+import _socket
 import os
-import signal
-import socket
 import stat
 import sys
-from collections.abc import Sequence
 
 from sgxvtpm.endpoint.libvirt.options import (
     SWTPM_FEATURES,
@@ -35,11 +40,32 @@ from sgxvtpm.endpoint.libvirt.options import (
     parse_swtpm,
 )
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 MAX_SOCKET_PATH = 107  # sun_path less its NUL (unix(7))
 BACKLOG = 16  # QEMU and swtpm_ioctl may both wait here while the heavy imports run
 
 
-def bind_ctrl(args: SwtpmSocketArgs) -> socket.socket:
+def _exists(path: str) -> bool:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    return True
+
+
+def _unlink(path: str) -> None:
+    try:  # noqa: SIM105 - contextlib is one import more before the socket is up
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def bind_ctrl(args: SwtpmSocketArgs) -> _socket.socket:
     """The listening control socket, with the mode, owner and group asked for.
 
     Created under a umask that leaves exactly ``mode`` (no thread runs yet,
@@ -51,18 +77,16 @@ def bind_ctrl(args: SwtpmSocketArgs) -> socket.socket:
     an error.
     """
     if args.ctrl_fd is not None:
-        return socket.socket(fileno=args.ctrl_fd)
+        return _socket.socket(fileno=args.ctrl_fd)
     path = args.ctrl_path
-    with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise FileExistsError(f"{path} exists and is not a socket")
+    _exists(path)
     head, tail = os.path.split(path)
     tmp = os.path.join(head, f".{tail}.{os.getpid()}")
     if len(os.fsencode(tmp)) > MAX_SOCKET_PATH:
         tmp = path  # no room for a temporary name: bind in place
-        with contextlib.suppress(FileNotFoundError):
+        if _exists(path):
             os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         old = os.umask(0o777 & ~args.ctrl_mode)
         try:
@@ -76,9 +100,8 @@ def bind_ctrl(args: SwtpmSocketArgs) -> socket.socket:
             os.rename(tmp, path)
     except OSError:
         sock.close()
-        with contextlib.suppress(OSError):
-            if tmp != path:
-                os.unlink(tmp)
+        if tmp != path:
+            _unlink(tmp)
         raise
     return sock
 
@@ -122,6 +145,8 @@ def _daemonize(args: SwtpmSocketArgs) -> None:
             _write_pid(args, child)
         except OSError as exc:
             print(f"swtpm: --pid: {exc}", file=sys.stderr)
+            import signal
+
             os.kill(child, signal.SIGTERM)
             code = 1
         os._exit(code)
@@ -163,9 +188,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"swtpm: {exc}", file=sys.stderr)
         return 1
     # Only now the heavy part: connections queue in the backlog meanwhile.
+    if sys.flags.no_site:
+        import site
+
+        site.main()  # the site-packages -S left out (cryptography, ...)
+    import socket
+
     from sgxvtpm.endpoint.libvirt.run import serve
 
-    return serve(args, listener)
+    return serve(args, socket.socket(fileno=listener.detach()))
 
 
 if __name__ == "__main__":
