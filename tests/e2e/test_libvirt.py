@@ -1,27 +1,37 @@
 """A real libvirtd (Debian's 9.0) drives sgxvtpm unchanged, and Debian's swtpm as the golden peer.
 
-Each run starts its own libvirtd in a private mount namespace
-(tests/helpers/libvirt.py), the directory ``sgxvtpm libvirt path`` makes first
-on its PATH (or not, for the golden run), and defines the same TCG domain:
-direct kernel boot of the test guest, a serial console file, and
-``<tpm model='tpm-tis'><backend type='emulator' version='2.0'/></tpm>``.
-libvirt then runs our ``swtpm_setup`` and ``swtpm socket`` exactly as it
-runs swtpm's. For this first version libvirt runs them as root
-(``swtpm_user = "root"`` in the test's qemu.conf); see README "With libvirt".
+Each daemon runs in a private mount namespace (tests/helpers/libvirt.py) and
+defines the same TCG domain: direct kernel boot of the test guest, a serial
+console file, and ``<tpm model='tpm-tis'><backend type='emulator'
+version='2.0'/></tpm>``. Two daemons for the module:
+
+- the golden one, on Debian's swtpm;
+- sgxvtpm's, on the system layout ``make install-system`` makes
+  (endpoint/libvirt/system.py), installed into a temporary tree (its own
+  /opt, /var/lib, /etc and users files, which the namespace sees as the
+  machine's passwd and group): libvirt runs our ``swtpm_setup`` and ``swtpm
+  socket`` as its default ``swtpm_user``, ``tss``, a member of the group
+  ``sgxvtpm``; hostd runs from the installed code with the unit's command
+  line, as the user ``sgxvtpm``.
 
 Checked: the guest's PCR 0-7 equal the replay of its event log and the
-golden run's; the VM is in ``vm list``; ``virsh save``/``restore`` keep the
-PCR values; after ``virsh undefine`` (which removes libvirt's TPM state
-directory), ``sgxvtpm vm gc`` destroys the instance, and not before; and
-``<backend type='external'>`` on a ``vm attach`` the test starts boots the same.
+golden run's; swtpm runs as tss; the VM is in ``vm list``; ``virsh
+save``/``restore`` keep the PCR values, also when the domain's TPM state
+directory was removed in between (libvirt recreates it, ``swtpm_setup
+--overwrite`` binds it to the same instance); after ``virsh undefine``,
+``sgxvtpm vm gc`` (as tss) destroys the instance, and not before; and
+``<backend type='external'>`` on a ``vm attach`` the test starts boots the
+same, on the same daemon.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,12 +39,10 @@ from pathlib import Path
 
 import pytest
 from tests.helpers.guest import build_initramfs, kernel_path, missing_tools, parse_console
-from tests.helpers.hostd import Hostd, running_hostd
 from tests.helpers.libvirt import PrivateLibvirtd, missing
 
 from sgxvtpm._demo.guest import BootResult, init_script, replay_event_log
-from sgxvtpm.endpoint.libvirt import bindir
-from sgxvtpm.vmm.credentials import Credentials
+from sgxvtpm.endpoint.libvirt.system import Layout, ids
 
 pytestmark = pytest.mark.e2e
 BOOT_TIMEOUT = 120.0
@@ -84,13 +92,6 @@ def libvirt_ready() -> None:
 @pytest.fixture(scope="module")
 def lv_initrd(libvirt_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_initramfs(tmp_path_factory.mktemp("lv-initramfs"), init_script(REPEAT))
-
-
-@pytest.fixture(scope="module")
-def lv_hostd(libvirt_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostd]:
-    base = tmp_path_factory.mktemp("lv-sgx")
-    with running_hostd(base / "state", credentials=base / "operator") as h:
-        yield h
 
 
 class Domain:
@@ -146,8 +147,9 @@ def _check_replay(boot: BootResult) -> None:
     assert {n: replayed.get(n, bytes(32)).hex() for n in range(8)} == boot.pcrs
 
 
-def _daemon(root: Path, path_dirs: list[Path], env: dict[str, str]) -> PrivateLibvirtd:
-    daemon = PrivateLibvirtd(root, path_dirs, env)
+def _daemon(root: Path, path_dirs: list[Path], env: dict[str, str],
+            **kwargs: object) -> PrivateLibvirtd:
+    daemon = PrivateLibvirtd(root, path_dirs, env, **kwargs)  # type: ignore[arg-type]
     daemon.start()
     return daemon
 
@@ -168,72 +170,186 @@ def golden(lv_initrd: Path, tmp_path_factory: pytest.TempPathFactory) -> BootRes
         daemon.stop()
 
 
-def _in_namespace(daemon: PrivateLibvirtd, env: dict[str, str],
-                  *argv: str) -> subprocess.CompletedProcess[str]:
-    """``argv`` inside libvirtd's mount namespace (where libvirt's paths are)."""
-    assert daemon.proc is not None
-    return subprocess.run(["nsenter", "-t", str(daemon.proc.pid), "-m", "--", *argv],
-                          env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=120, check=False)
+def _install(layout: Layout) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sgxvtpm.endpoint.libvirt.system", "--prefix",
+         str(layout.prefix), "--state-dir", str(layout.state_dir), "--credentials",
+         str(layout.credentials), "--conf-dir", str(layout.conf_dir), "--unit-dir",
+         str(layout.unit_dir), "--users-prefix", str(layout.users_prefix)],
+        capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.fixture(scope="module")
+def system(libvirt_ready: None) -> Iterator[Layout]:
+    """``make install-system`` into a temporary tree (tss must be able to reach it:
+    not under pytest's 0700 directories), with copies of the users' files."""
+    top = Path(tempfile.mkdtemp(prefix="sgxvtpm-system-"))
+    try:
+        top.chmod(0o755)
+        etc = top / "users" / "etc"
+        etc.mkdir(parents=True)
+        for name in ("passwd", "group", "shadow", "gshadow"):
+            if Path("/etc", name).exists():
+                shutil.copy2(Path("/etc", name), etc / name)
+        layout = Layout(prefix=top / "opt" / "sgxvtpm", state_dir=top / "var" / "sgxvtpm",
+                        credentials=top / "var" / "sgxvtpm-libvirt",
+                        conf_dir=top / "etc" / "sgxvtpm", unit_dir=top / "systemd",
+                        users_prefix=top / "users")
+        first = _install(layout)
+        assert first.returncode == 0, first.stderr
+        again = _install(layout)  # idempotent
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.strip() == "install-system: nothing to do, the layout is in place"
+        yield layout
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+class SystemDaemon:
+    """libvirtd with the installed layout first on its PATH, swtpm_user tss, and hostd
+    started in its namespace with the command line of the installed unit."""
+
+    def __init__(self, layout: Layout, root: Path) -> None:
+        self.layout = layout
+        # The test's own SGXVTPM_ variables emptied: only the installed sgxvtpm.conf counts.
+        self.env = {"SGXVTPM_CONF": str(layout.conf), "SGXVTPM_STATE_DIR": "",
+                    "SGXVTPM_CONFIG_DIR": ""}
+        self.daemon = _daemon(root / "daemon", [layout.libexec], self.env, swtpm_user="tss",
+                              swtpm_group="tss", users=layout.users_prefix)
+        try:
+            self._start_hostd(root)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_hostd(self, root: Path) -> None:
+        unit = (self.layout.unit_dir / "sgxvtpm-hostd.service").read_text()
+        exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+        self.hostd_log = root / "hostd.log"
+        with open(self.hostd_log, "ab") as log:
+            self.hostd: subprocess.Popen[bytes] | None = subprocess.Popen(
+                self.ns(exec_start.split("=", 1)[1].split()), stdin=subprocess.DEVNULL,
+                stdout=log, stderr=log)
+        deadline = time.monotonic() + 120
+        while (listed := self.tss("vm", "list", "--json", check=False)).returncode != 0:
+            assert self.hostd.poll() is None and time.monotonic() < deadline, (
+                f"{listed.stderr}\n{self.hostd_log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        assert (self.layout.state_dir / "hostd.sock").stat().st_mode & 0o777 == 0o660
+
+    def ns(self, argv: list[str], user: str | None = None) -> list[str]:
+        assert self.daemon.proc is not None
+        runas = ([] if user is None else
+                 ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--"])
+        return ["nsenter", "-t", str(self.daemon.proc.pid), "-m", "--", *runas, *argv]
+
+    def tss(self, *args: str, check: bool = True,
+            operator: bool = True) -> subprocess.CompletedProcess[str]:
+        """``sgxvtpm ARGS`` of the installed code, as tss, in the daemon's namespace;
+        ``operator``: with the installed hostd and operator credentials in the
+        environment (else only sgxvtpm.conf names them: ``vm gc`` reads it)."""
+        env = {**os.environ, **self.env}
+        if operator:
+            env.update(SGXVTPM_STATE_DIR=str(self.layout.state_dir),
+                       SGXVTPM_CONFIG_DIR=str(self.layout.credentials))
+        done = subprocess.run(self.ns([str(self.layout.prefix / "bin" / "sgxvtpm"), *args],
+                                       "tss"), env=env,
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert not check or done.returncode == 0, done.stderr
+        return done
+
+    def vms(self) -> dict[str, str]:
+        """VM name -> instance id, from ``vm list`` as tss."""
+        listed = json.loads(self.tss("vm", "list", "--json").stdout)
+        return {i["name"]: i["instance_id"] for i in listed}
+
+    def stop(self) -> None:
+        self.daemon.stop()  # hostd is in its namespace: ended with it
+        hostd = getattr(self, "hostd", None)
+        if hostd is not None:
+            if hostd.poll() is None:
+                hostd.kill()
+            hostd.wait(30)
+
+
+@pytest.fixture(scope="module")
+def sgx_daemon(system: Layout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SystemDaemon]:
+    daemon = SystemDaemon(system, tmp_path_factory.mktemp("lv-system"))
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def _swtpm_uids(daemon: PrivateLibvirtd) -> set[int]:
+    """The real uids of the sgxvtpm swtpm processes libvirt started."""
+    uids = set()
+    for pid in daemon.namespace_pids():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        if any(arg.endswith(b"sgxvtpm-libvirt/swtpm") for arg in cmdline):
+            uids.add(int(next(line for line in status.splitlines()
+                              if line.startswith("Uid:")).split()[1]))
+    return uids
 
 
 def test_golden_swtpm_domain_replays_its_event_log(golden: BootResult) -> None:
     _check_replay(golden)
 
 
-def test_libvirt_emulator_backend_on_sgxvtpm(
-    lv_initrd: Path, lv_hostd: Hostd, golden: BootResult, tmp_path: Path
+def test_libvirt_emulator_backend_on_the_system_layout_as_tss(
+    lv_initrd: Path, sgx_daemon: SystemDaemon, golden: BootResult, tmp_path: Path
 ) -> None:
-    bin_dir = bindir.ensure(tmp_path / "bin")
-    env = {"SGXVTPM_STATE_DIR": str(lv_hostd.state.root),
-           "SGXVTPM_CONFIG_DIR": str(lv_hostd.credentials.root), "SGXVTPM_CONF": os.devnull}
-    daemon = _daemon(tmp_path / "daemon", [bin_dir], env)
-    try:
-        dom = Domain(daemon, tmp_path, lv_initrd, NAME, UUID)
-        daemon.virsh("start", dom.name)
-        boot = dom.boot()
-        _check_replay(boot)
-        assert boot.pcrs == golden.pcrs
-        vm = f"{NAME}-{UUID}"
-        assert vm in {i.name for i in asyncio.run(lv_hostd.vmm().list())}
-        assert '"libvirt.swtpm_serving"' in daemon.swtpm_log(dom.name)
+    daemon = sgx_daemon.daemon
+    dom = Domain(daemon, tmp_path, lv_initrd, NAME, UUID)
+    daemon.virsh("start", dom.name)
+    boot = dom.boot()
+    _check_replay(boot)
+    assert boot.pcrs == golden.pcrs
+    vm = f"{NAME}-{UUID}"
+    instance = sgx_daemon.vms()[vm]
+    assert '"libvirt.swtpm_serving"' in daemon.swtpm_log(dom.name)
+    assert _swtpm_uids(daemon) == {ids(sgx_daemon.layout, "tss")[0]}
 
-        saved = tmp_path / "lv-dom.save"
-        daemon.virsh("save", dom.name, str(saved))
-        offset = len(dom.text())
-        daemon.virsh("restore", str(saved))
-        assert dom.pcrs_after(offset) == boot.pcrs
+    # virsh save; the TPM state directory removed; virsh restore: libvirt makes the
+    # directory anew, swtpm_setup --overwrite binds it to the same instance.
+    saved = tmp_path / "lv-dom.save"
+    daemon.virsh("save", dom.name, str(saved))
+    shutil.rmtree(daemon.var / "lib" / "libvirt" / "swtpm" / UUID)
+    offset = len(dom.text())
+    daemon.virsh("restore", str(saved))
+    assert dom.pcrs_after(offset) == boot.pcrs
+    assert sgx_daemon.vms()[vm] == instance
 
-        gc = [sys.executable, "-m", "sgxvtpm.cli", "vm", "gc"]
-        kept = _in_namespace(daemon, env, *gc)
-        assert kept.returncode == 0 and kept.stdout == "", kept.stderr
-        daemon.virsh("destroy", dom.name)
-        daemon.virsh("undefine", dom.name)  # removes /var/lib/libvirt/swtpm/UUID
-        collected = _in_namespace(daemon, env, *gc)
-        assert collected.returncode == 0, collected.stderr
-        assert f"destroyed {vm}" in collected.stdout
-        assert vm not in {i.name for i in asyncio.run(lv_hostd.vmm().list())}
-    finally:
-        daemon.stop()
+    kept = sgx_daemon.tss("vm", "gc", operator=False)
+    assert kept.stdout == ""
+    daemon.virsh("destroy", dom.name)
+    daemon.virsh("undefine", dom.name)  # removes /var/lib/libvirt/swtpm/UUID
+    collected = sgx_daemon.tss("vm", "gc", operator=False)
+    assert f"destroyed {vm}" in collected.stdout
+    assert vm not in sgx_daemon.vms()
 
 
 def test_libvirt_external_backend_on_vm_attach(
-    lv_initrd: Path, lv_hostd: Hostd, golden: BootResult, tmp_path: Path
+    lv_initrd: Path, sgx_daemon: SystemDaemon, golden: BootResult, tmp_path: Path
 ) -> None:
     """``<backend type='external'>``: the operator starts ``vm attach`` with the owner
     QEMU runs as (root in the test's qemu.conf); libvirt only points QEMU at it."""
-    vm = "lv-external"
-    creds = tmp_path / "vm-credentials"
-    asyncio.run(lv_hostd.vmm().create(vm, export=Credentials.at(creds)))
+    vm, layout = "lv-external", sgx_daemon.layout
+    sgx_daemon.tss("vm", "create", vm)  # its binding goes to the operator's credentials
     ctrl = tmp_path / "external.sock"
     with open(tmp_path / "attach.log", "ab") as log:
         attach = subprocess.Popen(
-            [sys.executable, "-m", "sgxvtpm.cli", "vm", "attach", vm, "--ctrl", str(ctrl),
-             "--owner", "root", "--mode", "0600", "--state-dir", str(lv_hostd.state.root),
-             "--credentials", str(creds)],
+            sgx_daemon.ns([str(layout.prefix / "bin" / "sgxvtpm"), "vm", "attach", vm,
+                            "--ctrl", str(ctrl), "--owner", "root", "--mode", "0600",
+                            "--state-dir", str(layout.state_dir), "--credentials",
+                            str(layout.credentials)]),
             stdin=subprocess.DEVNULL, stdout=log, stderr=log,
         )  # fmt: skip
-    daemon = _daemon(tmp_path / "daemon", [], {})
+    daemon = sgx_daemon.daemon
     try:
         deadline = time.monotonic() + 30
         while not ctrl.exists():
@@ -246,8 +362,8 @@ def test_libvirt_external_backend_on_vm_attach(
         _check_replay(boot)
         assert boot.pcrs == golden.pcrs
         daemon.virsh("destroy", dom.name)
+        daemon.virsh("undefine", dom.name)
         assert attach.poll() is None, "vm attach serves the VM's next QEMU"
     finally:
-        daemon.stop()
         attach.terminate()
         attach.wait(30)

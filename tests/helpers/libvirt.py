@@ -57,7 +57,10 @@ class PrivateLibvirtd:
     """libvirtd in a mount namespace of its own, over directories under ``root``."""
 
     def __init__(self, root: Path, path_dirs: list[Path], env: dict[str, str],
-                 swtpm_user: str = "root", swtpm_group: str = "root") -> None:
+                 swtpm_user: str = "root", swtpm_group: str = "root",
+                 users: Path | None = None) -> None:
+        """``users``: a directory whose etc/passwd and etc/group the namespace sees
+        (install-system's --users-prefix), instead of the machine's."""
         self.root = root
         self.etc = root / "etc-libvirt"
         self.var = root / "var"
@@ -79,7 +82,8 @@ class PrivateLibvirtd:
         # made by libvirt-daemon-system) before it reads qemu.conf: the namespace
         # sees a passwd and group file that have it, the machine's stay as they are.
         self.passwd, self.group = root / "passwd", root / "group"
-        passwd, group = Path("/etc/passwd").read_text(), Path("/etc/group").read_text()
+        etc = (users or Path("/")) / "etc"
+        passwd, group = (etc / "passwd").read_text(), (etc / "group").read_text()
         if "\nlibvirt-qemu:" not in "\n" + passwd:
             passwd += "libvirt-qemu:x:64055:64055:Libvirt Qemu:/var/lib/libvirt:/bin/false\n"
         for name, gid in (("libvirt-qemu", 64055), ("kvm", 64056)):

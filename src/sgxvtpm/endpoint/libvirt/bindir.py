@@ -46,12 +46,15 @@ def package_root() -> str:
     return str(Path(sgxvtpm.__file__).resolve().parent.parent)
 
 
-def script(module: str, interpreter: str | None = None, *, fast: bool = False) -> str:
+def script(module: str, interpreter: str | None = None, *, fast: bool = False,
+           root: str | None = None) -> str:
+    """The script running ``module``'s main() with ``interpreter``; ``fast``: without
+    site, the sgxvtpm package found in ``root`` (default: where it is now)."""
     if not fast:
         return (f"#!{interpreter or sys.executable} -I\n"
                 f"import sys\nfrom {module} import main\nsys.exit(main())\n")
     return (f"#!{interpreter or sys.executable} -IS\n"
-            f"import sys\nsys.path.append({package_root()!r})\n"
+            f"import sys\nsys.path.append({root or package_root()!r})\n"
             f"from {module} import main\nsys.exit(main())\n")
 
 
@@ -65,13 +68,15 @@ def system_ioctl(exclude: Path) -> str | None:
     return shutil.which(IOCTL, path=os.pathsep.join(dirs))
 
 
-def ensure(directory: Path | None = None) -> Path:
-    """Make (or update) the directory; its path."""
+def ensure(directory: Path | None = None, *, interpreter: str | None = None,
+           root: str | None = None) -> Path:
+    """Make (or update) the directory; its path. ``interpreter`` and ``root`` (the
+    directory holding the sgxvtpm package): another installation's (install-system)."""
     directory = (directory or default_dir()).absolute()
     directory.mkdir(mode=0o755, parents=True, exist_ok=True)
     for name, module in SCRIPTS.items():
         path = directory / name
-        text = script(module, fast=name in FAST).encode()
+        text = script(module, interpreter, fast=name in FAST, root=root).encode()
         try:
             same = path.read_bytes() == text and os.access(path, os.X_OK)
         except OSError:
