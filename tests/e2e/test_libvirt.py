@@ -26,7 +26,7 @@ same, on the same daemon.
 
 from __future__ import annotations
 
-import json
+import asyncio
 import os
 import shutil
 import subprocess
@@ -43,10 +43,13 @@ from tests.helpers.libvirt import PrivateLibvirtd, missing
 
 from sgxvtpm._demo.guest import BootResult, init_script, replay_event_log
 from sgxvtpm.endpoint.libvirt.system import Layout, ids
+from sgxvtpm.host.statedir import StateDir
+from sgxvtpm.vmm.client import VmmClient
+from sgxvtpm.vmm.credentials import Credentials
 
 pytestmark = pytest.mark.e2e
 BOOT_TIMEOUT = 120.0
-REPEAT = 2  # seconds between the guest's AGAIN lines
+REPEAT = 1  # seconds between the guest's AGAIN lines
 # The same name and UUID in both runs: SeaBIOS measures the SMBIOS tables (which
 # carry the UUID) into PCR 1.
 NAME = "lv-dom"
@@ -147,6 +150,17 @@ def _check_replay(boot: BootResult) -> None:
     assert {n: replayed.get(n, bytes(32)).hex() for n in range(8)} == boot.pcrs
 
 
+@pytest.fixture(scope="module")
+def caps_cache(request: pytest.FixtureRequest,
+               tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """QEMU's capabilities as a libvirtd probed them, for the next daemons (each probe
+    costs a start ~7 s), kept in pytest's cache directory between runs."""
+    cache = getattr(request.config, "cache", None)
+    if cache is not None:
+        return Path(cache.mkdir("libvirt-qemu-capabilities"))
+    return tmp_path_factory.mktemp("libvirt-qemu-capabilities")
+
+
 def _daemon(root: Path, path_dirs: list[Path], env: dict[str, str],
             **kwargs: object) -> PrivateLibvirtd:
     daemon = PrivateLibvirtd(root, path_dirs, env, **kwargs)  # type: ignore[arg-type]
@@ -155,10 +169,12 @@ def _daemon(root: Path, path_dirs: list[Path], env: dict[str, str],
 
 
 @pytest.fixture(scope="module")
-def golden(lv_initrd: Path, tmp_path_factory: pytest.TempPathFactory) -> BootResult:
-    """The same domain on Debian's swtpm, started by libvirt the usual way."""
+def golden(lv_initrd: Path, caps_cache: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> BootResult:
+    """The same domain on Debian's swtpm, started by libvirt the usual way. (Booting it
+    while sgxvtpm's daemon boots its own was slower here: two TCG guests on 2 cores.)"""
     root = tmp_path_factory.mktemp("lv-golden")
-    daemon = _daemon(root / "daemon", [], {})
+    daemon = _daemon(root / "daemon", [], {}, caps_cache=caps_cache)
     try:
         dom = Domain(daemon, root, lv_initrd, NAME, UUID)
         daemon.virsh("start", dom.name)
@@ -209,13 +225,14 @@ class SystemDaemon:
     """libvirtd with the installed layout first on its PATH, swtpm_user tss, and hostd
     started in its namespace with the command line of the installed unit."""
 
-    def __init__(self, layout: Layout, root: Path) -> None:
+    def __init__(self, layout: Layout, root: Path, caps_cache: Path) -> None:
         self.layout = layout
         # The test's own SGXVTPM_ variables emptied: only the installed sgxvtpm.conf counts.
         self.env = {"SGXVTPM_CONF": str(layout.conf), "SGXVTPM_STATE_DIR": "",
                     "SGXVTPM_CONFIG_DIR": ""}
         self.daemon = _daemon(root / "daemon", [layout.libexec], self.env, swtpm_user="tss",
-                              swtpm_group="tss", users=layout.users_prefix)
+                              swtpm_group="tss", users=layout.users_prefix,
+                              caps_cache=caps_cache)
         try:
             self._start_hostd(root)
         except BaseException:
@@ -231,6 +248,11 @@ class SystemDaemon:
                 self.ns(exec_start.split("=", 1)[1].split()), stdin=subprocess.DEVNULL,
                 stdout=log, stderr=log)
         deadline = time.monotonic() + 120
+        while not (self.layout.state_dir / "hostd.sock").exists():
+            assert self.hostd.poll() is None and time.monotonic() < deadline, (
+                self.hostd_log.read_text()[-3000:])
+            time.sleep(0.05)
+        # tss's first contact pins the platform root in its credentials.
         while (listed := self.tss("vm", "list", "--json", check=False)).returncode != 0:
             assert self.hostd.poll() is None and time.monotonic() < deadline, (
                 f"{listed.stderr}\n{self.hostd_log.read_text()[-3000:]}")
@@ -259,9 +281,11 @@ class SystemDaemon:
         return done
 
     def vms(self) -> dict[str, str]:
-        """VM name -> instance id, from ``vm list`` as tss."""
-        listed = json.loads(self.tss("vm", "list", "--json").stdout)
-        return {i["name"]: i["instance_id"] for i in listed}
+        """VM name -> instance id, listed over K1 with the installed operator
+        credentials (in this process: a CLI start costs a second here)."""
+        client = VmmClient(StateDir.at(self.layout.state_dir),
+                           credentials=Credentials.at(self.layout.credentials))
+        return {i.name: i.instance_id for i in asyncio.run(client.list())}
 
     def stop(self) -> None:
         self.daemon.stop()  # hostd is in its namespace: ended with it
@@ -273,8 +297,9 @@ class SystemDaemon:
 
 
 @pytest.fixture(scope="module")
-def sgx_daemon(system: Layout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SystemDaemon]:
-    daemon = SystemDaemon(system, tmp_path_factory.mktemp("lv-system"))
+def sgx_daemon(system: Layout, caps_cache: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[SystemDaemon]:
+    daemon = SystemDaemon(system, tmp_path_factory.mktemp("lv-system"), caps_cache)
     try:
         yield daemon
     finally:
@@ -301,7 +326,7 @@ def test_golden_swtpm_domain_replays_its_event_log(golden: BootResult) -> None:
 
 
 def test_libvirt_emulator_backend_on_the_system_layout_as_tss(
-    lv_initrd: Path, sgx_daemon: SystemDaemon, golden: BootResult, tmp_path: Path
+    lv_initrd: Path, golden: BootResult, sgx_daemon: SystemDaemon, tmp_path: Path
 ) -> None:
     daemon = sgx_daemon.daemon
     dom = Domain(daemon, tmp_path, lv_initrd, NAME, UUID)

@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 LIBVIRTD = "/usr/sbin/libvirtd"
+#: Emulators the test domains do not use, hidden in the namespace (/dev/null over
+#: them): libvirtd probes every emulator it finds when it starts, seconds each.
+HIDDEN_EMULATORS = ("/usr/bin/qemu-system-i386",)
 START_TIMEOUT = 30.0
 
 QEMU_CONF = """\
@@ -58,9 +61,12 @@ class PrivateLibvirtd:
 
     def __init__(self, root: Path, path_dirs: list[Path], env: dict[str, str],
                  swtpm_user: str = "root", swtpm_group: str = "root",
-                 users: Path | None = None) -> None:
+                 users: Path | None = None, caps_cache: Path | None = None) -> None:
         """``users``: a directory whose etc/passwd and etc/group the namespace sees
-        (install-system's --users-prefix), instead of the machine's."""
+        (install-system's --users-prefix), instead of the machine's. ``caps_cache``:
+        where QEMU's capabilities, as libvirtd probed them, are kept between daemons
+        (probing them costs a daemon start seconds; libvirt re-probes a stale entry)."""
+        self.caps_cache = caps_cache
         self.root = root
         self.etc = root / "etc-libvirt"
         self.var = root / "var"
@@ -105,11 +111,26 @@ class PrivateLibvirtd:
         path = self.var / "log" / "swtpm" / "libvirt" / "qemu" / f"{domain}-swtpm.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    @property
+    def caps_dir(self) -> Path:
+        return self.var / "cache" / "libvirt" / "qemu" / "capabilities"
+
+    def _copy_caps(self, source: Path, target: Path) -> None:
+        target.mkdir(parents=True, exist_ok=True)
+        for entry in source.glob("*.xml"):
+            with contextlib.suppress(OSError):
+                shutil.copy2(entry, target / entry.name)
+
     def start(self) -> None:
+        if self.caps_cache is not None:
+            self._copy_caps(self.caps_cache, self.caps_dir)
         script = (f"mount --bind {self.etc} /etc/libvirt && mount --bind {self.var} /var && "
                   f"mount --bind {self.passwd} /etc/passwd && "
                   f"mount --bind {self.group} /etc/group && "
-                  f"mount --bind {self.run} /run && exec {LIBVIRTD}")
+                  f"mount --bind {self.run} /run && "
+                  + "".join(f"mount --bind /dev/null {e} && " for e in HIDDEN_EMULATORS
+                            if os.path.exists(e))
+                  + f"exec {LIBVIRTD}")
         with open(self.root / "libvirtd.stderr", "ab") as err:
             self.proc = subprocess.Popen(
                 ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
@@ -122,6 +143,8 @@ class PrivateLibvirtd:
                 raise RuntimeError(f"libvirtd exited ({self.proc.returncode}): "
                                    f"{self.diagnostics()}")
             if self.virsh("version", check=False).returncode == 0:
+                if self.caps_cache is not None:
+                    self._copy_caps(self.caps_dir, self.caps_cache)
                 return
             if time.monotonic() > deadline:
                 self.stop()
