@@ -97,4 +97,9 @@ def test_install_system_twice_and_what_tss_gets(layout: Layout) -> None:
     done = _as_tss(layout, str(layout.interpreter), "-I", "-c",
                    "import cryptography.hazmat.primitives.asymmetric.ec, sgxvtpm.cli")
     assert done.returncode == 0, done.stderr
+    # Compiled: tss cannot write __pycache__, and libvirt waits one second for swtpm.
+    tag = sys.implementation.cache_tag
+    for module in ("swtpm", "options"):
+        assert (layout.site_packages / "sgxvtpm/endpoint/libvirt/__pycache__" /
+                f"{module}.{tag}.pyc").exists(), module
     assert "state_dir = " in layout.conf.read_text()

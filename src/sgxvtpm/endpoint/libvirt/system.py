@@ -244,9 +244,11 @@ def ensure_code(layout: Layout, say: Say) -> None:
     if not _same_tree(package, site / PACKAGE):
         _copy_tree(package, site / PACKAGE)
         changed = True
+    # Always (cheap when up to date): an install cut short before it would leave tss,
+    # which cannot write __pycache__, compiling every module at every start.
+    subprocess.run([str(layout.interpreter), "-m", "compileall", "-q", "-j0", str(site)],
+                   check=True, stdout=subprocess.DEVNULL)
     if changed:
-        subprocess.run([str(layout.interpreter), "-m", "compileall", "-q", "-j0", str(site)],
-                       check=True, stdout=subprocess.DEVNULL)
         say(f"{site}: sgxvtpm {importlib.metadata.version(PACKAGE)} and its dependencies")
     cli = layout.prefix / "bin" / "sgxvtpm"
     text = bindir.script("sgxvtpm.cli", str(layout.interpreter))
