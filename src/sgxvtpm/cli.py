@@ -239,6 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (attach, serve):
         _add_credentials(p, _CREDENTIALS_HELP)
 
+    gc = vm_sub.add_parser("gc", help="destroy the VMs whose libvirt TPM state directory is gone")
+    _add_state_dir(gc)
+    _add_credentials(gc, "the operator credentials libvirt's swtpm_setup used "
+                         "(default: /etc/sgxvtpm/sgxvtpm.conf's, else yours)")
+    libvirt = sub.add_parser("libvirt", help="the swtpm-compatible executables for libvirt")
+    libvirt_sub = libvirt.add_subparsers(dest="libvirt_command", required=True,
+                                         help="what to do")
+    libvirt_path = libvirt_sub.add_parser(
+        "path", help="make and print the directory of swtpm, swtpm_setup and swtpm_ioctl "
+                     "to put first on libvirtd's PATH")
+    libvirt_path.add_argument("--dir", type=Path, help="make it here (default: in this "
+                              "installation's prefix, libexec/sgxvtpm-libvirt)")
+
     ca = sub.add_parser("ca", help="the manager's EK CA")
     ca_sub = ca.add_subparsers(dest="ca_command", required=True, help="what to do")
     ca_show = ca_sub.add_parser("show", help="print the CA certificate")
@@ -319,6 +332,9 @@ EXAMPLES: dict[str, str] = {
     "fleet remove": "sgxvtpm fleet remove PLATFORM_ID",
     "vm migrate": "sgxvtpm vm migrate web1 --to 10.0.0.2:7474",
     "vm migrate-cancel": "sgxvtpm vm migrate-cancel web1",
+    "vm gc": "sgxvtpm vm gc --credentials /var/lib/sgxvtpm-libvirt",
+    "libvirt": "sgxvtpm libvirt path",
+    "libvirt path": "sgxvtpm libvirt path --dir /usr/local/libexec/sgxvtpm-libvirt",
     "demo": "sgxvtpm demo",
     "bench": "sgxvtpm bench --quick",
 }
@@ -415,8 +431,10 @@ async def _vm(args: argparse.Namespace) -> int:
 
     from sgxvtpm.vmm.client import VmmClient
 
-    client = VmmClient(_state(args))
     cmd = args.vm_command
+    if cmd == "gc":
+        return await _vm_gc(args)
+    client = VmmClient(_state(args))
     if cmd == "create":
         from sgxvtpm.tpm.ek import check_pcr_banks
 
@@ -459,6 +477,19 @@ async def _vm(args: argparse.Namespace) -> int:
         from sgxvtpm.wire import k1
 
         _print((await client.request(k1.MigrateCancel(args.name))).instance, False)
+    return 0
+
+
+async def _vm_gc(args: argparse.Namespace) -> int:
+    from sgxvtpm.endpoint.libvirt.config import locate
+    from sgxvtpm.endpoint.libvirt.gc import collect
+    from sgxvtpm.vmm.client import VmmClient
+
+    where = locate()
+    state = StateDir.at(args.state_dir or where.state_dir)
+    creds = Credentials.at(args.credentials or where.credentials)
+    for name in await collect(VmmClient(state, credentials=creds)):
+        print(f"destroyed {name}: its libvirt TPM state directory is gone")
     return 0
 
 
@@ -608,6 +639,11 @@ def _run(args: argparse.Namespace) -> int:
         if args.vm_command in ("attach", "serve"):
             return _vm_endpoint(args)
         return asyncio.run(_vm(args))
+    if args.command == "libvirt":
+        from sgxvtpm.endpoint.libvirt.bindir import ensure
+
+        print(ensure(args.dir))
+        return 0
     if args.command == "ca":
         return asyncio.run(_ca(args))
     if args.command == "gramine":
