@@ -20,6 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.util.durable import atomic_write
 
 SCRIPTS = {
@@ -31,7 +32,7 @@ FAST = ("swtpm",)
 IOCTL = "swtpm_ioctl"
 
 
-class BinDirError(OSError):
+class BinDirError(SgxvtpmError, OSError):
     """The directory cannot be made: the message says what is missing."""
 
 

@@ -28,6 +28,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from sgxvtpm.errors import SgxvtpmError
+
 CONF_ENV = "SGXVTPM_CONF"
 SYSTEM_CONF = "/etc/sgxvtpm/sgxvtpm.conf"
 STATE_ENV = "SGXVTPM_STATE_DIR"  # host/statedir.py: ENV
@@ -36,7 +38,7 @@ MARKER = "sgxvtpm.json"
 _KEYS = ("state_dir", "credentials")
 
 
-class ConfigError(ValueError):
+class ConfigError(SgxvtpmError, ValueError):
     """The configuration file or the marker cannot be used; the message names the file."""
 
 

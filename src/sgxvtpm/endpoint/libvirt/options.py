@@ -24,6 +24,8 @@ argparse, imported when it runs).
 
 from __future__ import annotations
 
+from sgxvtpm.errors import SgxvtpmError
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (13 ms loaded)
 if TYPE_CHECKING:
     import argparse
@@ -42,7 +44,7 @@ VM_NAME_MAX = 61  # enclaves/registry.py: one path component that fits the certi
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 
 
-class OptionError(ValueError):
+class OptionError(SgxvtpmError, ValueError):
     """A command line these executables cannot take; the message names the option."""
 
 

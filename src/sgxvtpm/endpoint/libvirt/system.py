@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sgxvtpm.endpoint.libvirt import bindir
+from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.vmm.credentials import Credentials
 
 PACKAGE = "sgxvtpm"
@@ -57,7 +58,7 @@ DROP_IN = "sgxvtpm.conf"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-class InstallError(RuntimeError):
+class InstallError(SgxvtpmError, RuntimeError):
     """A step cannot be done; the message says which and why (one line)."""
 
 
