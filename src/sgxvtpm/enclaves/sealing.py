@@ -49,6 +49,8 @@ class SealKind(enum.IntEnum):
     STATE_BLOB_PERMANENT = 3
     STATE_BLOB_VOLATILE = 4
     STATE_BLOB_SAVESTATE = 5
+    # An instance's resume records (resume.py), in its slot files.
+    RESUME_RECORD = 6
 
 
 class SealError(SgxvtpmError):

@@ -34,15 +34,19 @@ _ABSENT = 0xFFFFFFFF
 
 @dataclass
 class Bundle:
-    """u32 len + provisioning JSON | per blob: u32 len (or absent) + bytes | [u64 exported].
+    """u32 len + provisioning JSON | per blob: u32 len (or absent) + bytes
+    | [u64 exported [| u32 len + resume record]].
 
-    ``exported`` is written only when set, so bundles of older versions,
-    which end after the blobs, read as "no export".
+    ``exported`` is written only when set or when a resume record follows,
+    so bundles of older versions, which end after the blobs, read as "no
+    export". ``resume`` is the encoded resume record (resume.py) of the
+    request whose NV change this version commits.
     """
 
     provisioning: dict[str, Any] = field(default_factory=dict)
     blobs: dict[str, bytes] = field(default_factory=dict)
     exported: int = 0
+    resume: bytes = b""
 
     def encode(self) -> bytes:
         meta = json.dumps(self.provisioning, sort_keys=True).encode()
@@ -53,8 +57,10 @@ class Bundle:
                 parts.append(struct.pack(">I", _ABSENT))
             else:
                 parts += [struct.pack(">I", len(blob)), blob]
-        if self.exported:
+        if self.exported or self.resume:
             parts.append(struct.pack(">Q", self.exported))
+        if self.resume:
+            parts += [struct.pack(">I", len(self.resume)), self.resume]
         return b"".join(parts)
 
     @classmethod
@@ -73,16 +79,22 @@ class Bundle:
                     raise ValueError("short blob")
                 blobs[name] = data[offset : offset + length]
                 offset += length
-            exported = 0
+            exported, resume = 0, b""
             if offset != len(data):
                 (exported,) = struct.unpack_from(">Q", data, offset)
-                if offset + 8 != len(data) or not exported:
+                offset += 8
+                if offset != len(data):
+                    (length,) = struct.unpack_from(">I", data, offset)
+                    resume = data[offset + 4 : offset + 4 + length]
+                    if offset + 4 + length != len(data) or not length:
+                        raise ValueError("trailing bytes")
+                elif not exported:
                     raise ValueError("trailing bytes")
         except (struct.error, ValueError, RecursionError) as exc:
             raise SealError("sealed state content is malformed") from exc
         if not isinstance(provisioning, dict):
             raise SealError("sealed state content is malformed")
-        return cls(provisioning, blobs, exported)
+        return cls(provisioning, blobs, exported, bytes(resume))
 
 
 class DirectoryBusyError(SgxvtpmError):
@@ -185,6 +197,11 @@ class SealedStateStore:
     def __init__(self, platform: EnclavePlatform, instance_id: str, path: Path) -> None:
         self.file = SealedFile(platform, SealKind.INSTANCE_STATE, instance_id, path)
         self.bundle = Bundle()
+        #: Deferred: a change (libtpms' store, an export) only marks the bundle
+        #: dirty; the instance commits it once, after the request, with the
+        #: request's resume record (:meth:`flush`), before the response leaves.
+        self.deferred = False
+        self.dirty = False
 
     def exists(self) -> bool:
         return self.file.exists()
@@ -198,7 +215,16 @@ class SealedStateStore:
         self.file.create(self.bundle.encode(), self._vm_id())
 
     def commit(self) -> None:
+        if self.deferred:
+            self.dirty = True
+            return
         self.file.commit(self.bundle.encode(), self._vm_id())
+
+    def flush(self, resume: bytes) -> None:
+        """Commit the pending changes with ``resume`` (durable, counted) in one write."""
+        self.bundle.resume = resume
+        self.file.commit(self.bundle.encode(), self._vm_id())
+        self.dirty = False
 
     def erase(self) -> None:
         self.file.erase()
@@ -212,6 +238,9 @@ class SealedStateStore:
     def store_blob(self, name: str, data: bytes) -> None:
         previous = self.bundle.blobs.get(name)
         self.bundle.blobs[name] = bytes(data)
+        if self.deferred:  # committed after the request; a failed commit ends the process
+            self.dirty = True
+            return
         try:
             self.commit()
         except BaseException:
