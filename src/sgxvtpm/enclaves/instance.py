@@ -354,6 +354,9 @@ class InstanceEnclave:
             mrenclave=identity.mrenclave.hex(),
             mrsigner=identity.mrsigner.hex(),
             version=self.store.file.version,
+            endpoint_pid=self.seat.about.get("pid"),
+            endpoint=str(self.seat.about.get("endpoint", "")),
+            endpoint_since=float(self.seat.about.get("since", 0.0)),
         )
 
     def provision(self, request: admin.Provision) -> admin.Provisioned | Refused:

@@ -115,6 +115,11 @@ class K2Busy(K2Error):
         return K2Busy(self.vm, self.holder, hint)
 
 
+def describe_holder(holder: dict[str, Any]) -> str:
+    """An endpoint as the instance describes it: "pid N, 'what it serves', since T"."""
+    return _about(holder)
+
+
 def _about(holder: dict[str, Any]) -> str:
     parts = []
     if isinstance(holder.get("pid"), int):

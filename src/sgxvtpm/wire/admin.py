@@ -89,6 +89,11 @@ class InstanceStatus(Reply):
     mrenclave: str
     mrsigner: str
     version: int
+    #: The endpoint that holds the VM's seat, in its own words (pid, what it
+    #: serves) and since when (the enclave's clock); empty when none is connected.
+    endpoint_pid: int | None = None
+    endpoint: str = ""
+    endpoint_since: float = 0.0
 
 
 @dataclass(frozen=True)
