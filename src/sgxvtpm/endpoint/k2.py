@@ -210,7 +210,10 @@ class K2Client(MessageBackend):
         # number of its requests answered in it (sgxvtpm/wire/resume.py).
         self._epoch: str | None = None
         self._seq = 0
+        self._token: ResumeToken | None = None
         self._close_reason = ""
+        #: Sessions resumed after a break (the instance or hostd restarted under them).
+        self.resumes = 0
         self.timeout = timeout
         self.handoff = handoff
         self.takeover = takeover
@@ -282,7 +285,8 @@ class K2Client(MessageBackend):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
         self._idle = select.poll()
         self._idle.register(sock, select.POLLIN)
-        return self._attach(token)
+        self._token = token
+        return self._attach()
 
     def _hand_off(self, relay: RelayConnection) -> None:
         """Ask hostd to hand this connection to the instance and wait for its
@@ -299,11 +303,12 @@ class K2Client(MessageBackend):
             self._take_in(data)
             self._flush()
 
-    def _attach(self, token: ResumeToken | None) -> AttachReply | None:
+    def _attach(self) -> AttachReply | None:
+        """ATTACH, with the resume token of :meth:`_open_session` if there is one."""
         about: dict[str, Any] = {"pid": os.getpid(),
                                  "endpoint": self.label[: MAX_ATTACH_INFO // 8]}
-        if token is not None:
-            about["resume"] = token.to_json()
+        if self._token is not None:
+            about["resume"] = self._token.to_json()
         flags = ATTACH_FLAG_TAKEOVER if self.takeover else 0
         request = VtpmRequest.attach(flags, json.dumps(about).encode())
         try:
@@ -387,6 +392,7 @@ class K2Client(MessageBackend):
                 raise K2Error(f"the instance of {name} restarted and could not resume its TPM "
                               f"({why}); the request in flight may not have run")
             return None
+        self.resumes += 1
         log.log("k2.resumed", vm=name, attempts=attempt, seq=reply.seq,
                 replayed=reply.response is not None)
         return reply.response
