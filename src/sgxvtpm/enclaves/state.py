@@ -1,11 +1,15 @@
 """An instance's sealed state: its provisioning and libtpms' three blobs in one file.
 
-One file, one version: every libtpms store (permall after an NV write, the
-savestate at Shutdown(STATE)) rewrites the whole bundle with version + 1,
-then advances the platform counter (sealing.py explains the order). The
-libtpms store callback returns only after both are durable, so a TPM response
-is released only after the change it reports is durable (SECURITY.md
-property 16).
+One file, one version: every commit rewrites the whole bundle with version +
+1, then advances the platform counter (sealing.py explains the order). While
+provisioning, each libtpms store (permall after an NV write, the savestate at
+Shutdown(STATE)) commits before the callback returns. A VM's running TPM
+stores in *deferred* mode: the store only marks the bundle dirty, and the
+instance commits it once per request, after the command and before its
+response leaves, together with that request's resume record (resume.py), so
+an NV change and the volatile state that goes with it are one commit and a
+response is released only after the change it reports is durable
+(SECURITY.md property 16); a commit that fails ends the instance unanswered.
 
 The bundle also records the version of the latest export of state blobs to
 the host (``exported``, 0 when the TPM has changed since); blobcipher.py
