@@ -45,7 +45,7 @@ from sgxvtpm.enclaves.vtpm_core import VtpmCore
 from sgxvtpm.platform.base import EnclaveIdentity, EnclavePlatform, QuoteVerifier
 from sgxvtpm.tpm import ek as ekmod
 from sgxvtpm.tpm import wire as tpmwire
-from sgxvtpm.tpm.constants import TPM2_SU
+from sgxvtpm.tpm.constants import TPM2_RC, TPM2_SU
 from sgxvtpm.tpm.engine import EngineError, EngineMisuseError, LibtpmsEngine
 from sgxvtpm.tpm.nv import execute
 from sgxvtpm.util import log
@@ -61,11 +61,13 @@ from sgxvtpm.wire.vtpm import (
     VtpmResponse,
     decode_request,
     encode_response,
+    encode_tpm_response,
+    tpm_command_of,
 )
 
 _ABOUT_TEXT = 120  # characters kept of an endpoint's description of itself
-#: Exit status of an instance that could not commit a request's state: it
-#: must not answer (fail-stop); its relaunch resumes from the previous record.
+#: Exit status of an instance interrupted while committing a request's state
+#: (not an I/O error: those answer a TPM failure): it must not answer.
 EXIT_COMMIT_FAILED = 75
 
 
@@ -246,14 +248,26 @@ class InstanceEnclave:
         response = self.core.handle_message(data)
         live = self._live
         assert live is not None  # set by every ATTACH that gives the seat
+        if self._record(live.epoch, live.seq + 1, response):
+            return response
+        # Its change could not be made durable: an error answer, recorded as such.
+        if tpm_command_of(data) is not None:
+            response = encode_tpm_response(tpmwire.error_response(TPM2_RC.FAILURE))
+        else:
+            response = encode_response(VtpmResponse.error(TpmResult.IOERROR))
         self._record(live.epoch, live.seq + 1, response)
         return response
 
     # -- resume (sgxvtpm/enclaves/resume.py) ----------------------------------
-    def _record(self, epoch: str, seq: int, response: bytes) -> None:
+    def _record(self, epoch: str, seq: int, response: bytes) -> bool:
         """Record the core after request ``seq`` before its response leaves: with the
-        NV commit if the request changed NV, else in a slot file. A commit that
-        fails ends the process without answering (fail-stop)."""
+        NV commit if the request changed NV, else in a slot file.
+
+        False if the commit failed (a full or failing disk): the bundle is rolled
+        back, the TPM is in failure mode (:meth:`VtpmCore.fail`) and ``response``
+        must not leave; record the error answer instead. Failing stop here
+        instead would turn a full disk into a crash loop of resends.
+        """
         assert self.core is not None
         running, volatile, last_code = self.core.snapshot()
         store = self.store
@@ -263,15 +277,20 @@ class InstanceEnclave:
         if store.dirty:
             try:
                 store.flush(record.encode())
-            except BaseException as exc:
+            except Exception as exc:
                 log.log("instance.commit_failed", instance=self.instance_id, reason=str(exc))
+                store.rollback()
+                self.core.fail()
+                return False
+            except BaseException:  # never answer for a change that is not durable
                 os._exit(EXIT_COMMIT_FAILED)
-            return
+            return True
         try:
             self.slots.write(record)
         except OSError as exc:  # only a later resume suffers: it will be refused
             log.log("instance.resume_record_failed", instance=self.instance_id,
                     reason=str(exc))
+        return True
 
     def _attached(self, request: VtpmRequest) -> VtpmResponse:
         """The ATTACH reply for the new seat holder: a new epoch, or the resumed one."""

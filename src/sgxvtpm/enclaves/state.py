@@ -9,7 +9,8 @@ instance commits it once per request, after the command and before its
 response leaves, together with that request's resume record (resume.py), so
 an NV change and the volatile state that goes with it are one commit and a
 response is released only after the change it reports is durable
-(SECURITY.md property 16); a commit that fails ends the instance unanswered.
+(SECURITY.md property 16); a commit that fails is rolled back and answered
+with TPM_RC_FAILURE (instance.py).
 
 The bundle also records the version of the latest export of state blobs to
 the host (``exported``, 0 when the TPM has changed since); blobcipher.py
@@ -206,12 +207,14 @@ class SealedStateStore:
         #: request's resume record (:meth:`flush`), before the response leaves.
         self.deferred = False
         self.dirty = False
+        self._committed: tuple[dict[str, bytes], int] = ({}, 0)  # blobs, exported
 
     def exists(self) -> bool:
         return self.file.exists()
 
     def load(self) -> Bundle:
         self.bundle = Bundle.decode(self.file.load())
+        self._committed = (dict(self.bundle.blobs), self.bundle.exported)
         return self.bundle
 
     def create(self, provisioning: dict[str, Any]) -> None:
@@ -228,6 +231,13 @@ class SealedStateStore:
         """Commit the pending changes with ``resume`` (durable, counted) in one write."""
         self.bundle.resume = resume
         self.file.commit(self.bundle.encode(), self._vm_id())
+        self.dirty = False
+        self._committed = (dict(self.bundle.blobs), self.bundle.exported)
+
+    def rollback(self) -> None:
+        """Forget the changes since the last commit (it failed): the bundle is the durable one."""
+        blobs, exported = self._committed
+        self.bundle.blobs, self.bundle.exported = dict(blobs), exported
         self.dirty = False
 
     def erase(self) -> None:

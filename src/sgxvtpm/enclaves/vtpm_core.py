@@ -222,6 +222,15 @@ class VtpmCore:
             engine.stop()
             raise EngineError(f"TPM2_StirRandom after resume answered {rc:#x}")
 
+    def fail(self) -> None:
+        """The state a command changed could not be made durable: stop libtpms without a
+        Shutdown, so every command answers TPM_RC_FAILURE until the VM's platform
+        powers the TPM on again (INIT restarts it from the durable state), as a TPM
+        in failure mode needs _TPM_Init (Part 1, 12.3)."""
+        if self.running:
+            self.engine.stop()
+        self._last_code = None
+
     def close(self) -> None:
         """Shut the TPM down in order and stop it (the enclave is ending)."""
         if self.running:
