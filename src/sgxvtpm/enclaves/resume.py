@@ -34,6 +34,7 @@ _MAGIC = b"SVR1"
 _RUNNING, _HAS_LAST = 1, 2
 _U32 = struct.Struct(">I")
 SLOT_NAMES = ("resume.0", "resume.1")
+_AAD = b"sgxvtpm resume record v1"
 
 
 @dataclass(frozen=True)
@@ -124,16 +125,15 @@ class ResumeSlots:
         return self._fds
 
     def seal(self, record: ResumeRecord) -> bytes:
-        return self._sealer.seal(record.encode(), record.seq, "")
+        return self._sealer.seal_bare(record.encode(), _AAD)
 
     def unseal(self, blob: bytes) -> ResumeRecord:
-        _, plaintext = self._sealer.unseal(blob)
-        return ResumeRecord.decode(plaintext)
+        return ResumeRecord.decode(self._sealer.unseal_bare(blob, _AAD))
 
     def write(self, record: ResumeRecord) -> None:
-        """Into slot ``seq % 2``: one pwrite of length + sealed record (no fsync)."""
+        """Into slot ``seq % 2``: one pwritev of length + sealed record (no fsync)."""
         blob = self.seal(record)
-        os.pwrite(self._open()[record.seq % 2], _U32.pack(len(blob)) + blob, 0)
+        os.pwritev(self._open()[record.seq % 2], (_U32.pack(len(blob)), blob), 0)
 
     def read(self) -> list[ResumeRecord]:
         """The records that unseal; torn, tampered and foreign slots are skipped."""
