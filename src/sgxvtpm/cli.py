@@ -465,7 +465,10 @@ async def _vm(args: argparse.Namespace) -> int:
     elif cmd == "show":
         _print(await client.show(args.name), args.json)
     elif cmd == "destroy":
+        connected = await _connected_endpoint(client, args.name)
         await client.destroy(args.name, export=_credentials(args))
+        if connected:
+            print(f"{args.name} had a connected endpoint ({connected}); it exits")
         print(f"destroyed {args.name}")
     elif cmd == "migrate":
         from sgxvtpm.vmm.fleetcmd import address
@@ -491,6 +494,22 @@ async def _vm_gc(args: argparse.Namespace) -> int:
     for name in await collect(VmmClient(state, credentials=creds)):
         print(f"destroyed {name}: its libvirt TPM state directory is gone")
     return 0
+
+
+async def _connected_endpoint(client: Any, name: str) -> str:
+    """Who holds VM ``name``'s seat, as its instance says ("" if no one, or unknown)."""
+    from sgxvtpm.endpoint.k2 import describe_holder
+    from sgxvtpm.errors import SgxvtpmError
+    try:
+        info = await client.show(name)
+    except SgxvtpmError:
+        return ""  # destroy says why, if the VM is not there
+    if info.endpoint_pid is None and not info.endpoint:
+        return ""
+    holder: dict[str, Any] = {"pid": info.endpoint_pid, "endpoint": info.endpoint}
+    if info.endpoint_since:
+        holder["since"] = info.endpoint_since
+    return describe_holder(holder)
 
 
 def _vm_endpoint(args: argparse.Namespace) -> int:

@@ -14,7 +14,9 @@ stays up in the ``error`` state: it tells the manager why and serves no VM.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -35,6 +37,7 @@ from sgxvtpm.channel import (
 from sgxvtpm.enclaves import migration
 from sgxvtpm.enclaves.blobcipher import SealedBlobCipher
 from sgxvtpm.enclaves.loop import InstanceLoop, Session
+from sgxvtpm.enclaves.resume import ResumeRecord, ResumeSlots, decide, new_epoch
 from sgxvtpm.enclaves.runtime import platform_verifier
 from sgxvtpm.enclaves.sealing import SealError
 from sgxvtpm.enclaves.specs import peer_policy
@@ -43,12 +46,13 @@ from sgxvtpm.enclaves.vtpm_core import VtpmCore
 from sgxvtpm.platform.base import EnclaveIdentity, EnclavePlatform, QuoteVerifier
 from sgxvtpm.tpm import ek as ekmod
 from sgxvtpm.tpm import wire as tpmwire
-from sgxvtpm.tpm.constants import TPM2_SU
-from sgxvtpm.tpm.engine import LibtpmsEngine
+from sgxvtpm.tpm.constants import TPM2_RC, TPM2_SU
+from sgxvtpm.tpm.engine import EngineError, EngineMisuseError, LibtpmsEngine
 from sgxvtpm.tpm.nv import execute
 from sgxvtpm.util import log
 from sgxvtpm.wire import admin
 from sgxvtpm.wire.jsonmsg import Refused, Reply
+from sgxvtpm.wire.resume import AttachReply, ResumeToken, encode_attach_reply, token_of
 from sgxvtpm.wire.vtpm import (
     ATTACH_FLAG_TAKEOVER,
     TpmResult,
@@ -58,9 +62,14 @@ from sgxvtpm.wire.vtpm import (
     VtpmResponse,
     decode_request,
     encode_response,
+    encode_tpm_response,
+    tpm_command_of,
 )
 
 _ABOUT_TEXT = 120  # characters kept of an endpoint's description of itself
+#: Exit status of an instance interrupted while committing a request's state
+#: (not an I/O error: those answer a TPM failure): it must not answer.
+EXIT_COMMIT_FAILED = 75
 
 
 class EndpointSeat:
@@ -156,6 +165,10 @@ class InstanceEnclave:
         self.core: VtpmCore | None = None
         self.seat = EndpointSeat()
         self._manufacturing: LibtpmsEngine | None = None
+        self.slots = ResumeSlots(platform, self.instance_id, state_dir)
+        #: The record of the seat holder's last request (None: none since this
+        #: process started; then a resume reads the sealed ones).
+        self._live: ResumeRecord | None = None
         if self.store.exists():
             self._restore()
         else:
@@ -201,6 +214,7 @@ class InstanceEnclave:
 
     def _new_core(self) -> VtpmCore:
         adapter = EngineStoreAdapter(self.store)
+        self.store.deferred = True  # one commit per request, with its resume record
         return VtpmCore(
             lambda: LibtpmsEngine(adapter),
             SealedBlobCipher(self.platform, self.instance_id, self.store),
@@ -233,8 +247,96 @@ class InstanceEnclave:
         if session is not self.seat.holder:
             return encode_response(self._not_attached(session, data))
         if self.state == "migrated":
-            return migration.refuse(self.store.bundle.provisioning)
-        return self.core.handle_message(data)
+            response = migration.refuse(self.store.bundle.provisioning)
+        else:
+            response = self.core.handle_message(data)
+        live = self._live
+        assert live is not None  # set by every ATTACH that gives the seat
+        if self._record(live.epoch, live.seq + 1, response):
+            return response
+        # Its change could not be made durable: an error answer, recorded as such.
+        if tpm_command_of(data) is not None:
+            response = encode_tpm_response(tpmwire.error_response(TPM2_RC.FAILURE))
+        else:
+            response = encode_response(VtpmResponse.error(TpmResult.IOERROR))
+        self._record(live.epoch, live.seq + 1, response)
+        return response
+
+    # -- resume (sgxvtpm/enclaves/resume.py) ----------------------------------
+    def _record(self, epoch: str, seq: int, response: bytes) -> bool:
+        """Record the core after request ``seq`` before its response leaves: with the
+        NV commit if the request changed NV, else in a slot file.
+
+        False if the commit failed (a full or failing disk): the bundle is rolled
+        back, the TPM is in failure mode (:meth:`VtpmCore.fail`) and ``response``
+        must not leave; record the error answer instead. Failing stop here
+        instead would turn a full disk into a crash loop of resends.
+        """
+        assert self.core is not None
+        running, volatile, last_code = self.core.snapshot()
+        store = self.store
+        version = store.file.version + (1 if store.dirty else 0)
+        record = ResumeRecord(epoch, seq, version, running, volatile, last_code, response)
+        self._live = record
+        if store.dirty:
+            try:
+                store.flush(record.encode())
+            except Exception as exc:
+                log.log("instance.commit_failed", instance=self.instance_id, reason=str(exc))
+                store.rollback()
+                self.core.fail()
+                return False
+            except BaseException:  # never answer for a change that is not durable
+                os._exit(EXIT_COMMIT_FAILED)
+            return True
+        try:
+            self.slots.write(record)
+        except OSError as exc:  # only a later resume suffers: it will be refused
+            log.log("instance.resume_record_failed", instance=self.instance_id,
+                    reason=str(exc))
+        return True
+
+    def _attached(self, request: VtpmRequest) -> VtpmResponse:
+        """The ATTACH reply for the new seat holder: a new epoch, or the resumed one."""
+        reason = ""
+        try:
+            token = token_of(request.data)
+        except VtpmProtocolError as exc:
+            token, reason = None, f"invalid resume token: {exc}"
+        if token is not None:
+            found = self._resume(token)
+            if isinstance(found, ResumeRecord):
+                replay = found.response if found.seq == token.seq + 1 else None
+                log.log("instance.resumed", instance=self.instance_id, seq=found.seq,
+                        replayed=replay is not None, running=found.running)
+                self._record(found.epoch, found.seq, found.response)
+                return VtpmResponse.ok(encode_attach_reply(
+                    AttachReply(found.epoch, found.seq, True, response=replay)))
+            reason = found
+            log.log("instance.resume_refused", instance=self.instance_id, reason=reason)
+        epoch = new_epoch()
+        self._record(epoch, 0, b"")
+        return VtpmResponse.ok(encode_attach_reply(AttachReply(epoch, 0, False, reason)))
+
+    def _resume(self, token: ResumeToken) -> ResumeRecord | str:
+        """The record ``token`` resumes from, with the core brought back to it; or why not."""
+        assert self.core is not None
+        if self._live is not None:  # this process served the endpoint: nothing to load
+            return decide(token, self._live.state_version, [self._live])
+        if self.core.running:
+            return "the TPM was started since this process began"
+        records = self.slots.read()
+        if self.store.bundle.resume:
+            with contextlib.suppress(SealError):
+                records.append(ResumeRecord.decode(self.store.bundle.resume))
+        found = decide(token, self.store.file.version, records)
+        if isinstance(found, str):
+            return found
+        try:
+            self.core.resume(found.running, found.volatile, found.last_code)
+        except (EngineError, EngineMisuseError) as exc:
+            return f"libtpms refused the resume record: {exc}"
+        return found
 
     def _not_attached(self, session: Session, data: bytes) -> VtpmResponse:
         """ATTACH, or a refusal: nothing reaches the TPM from a session that is not its
@@ -244,7 +346,10 @@ class InstanceEnclave:
         except VtpmProtocolError:
             return VtpmResponse.error(TpmResult.BAD_PARAMETER)
         if request.op is VtpmOp.ATTACH:
-            return self.seat.attach(session, request)
+            answer = self.seat.attach(session, request)
+            if answer.success:
+                return self._attached(request)
+            return answer
         return self.seat.refusal()
 
     def answer_manager(self, data: bytes) -> Reply | Refused:
@@ -280,6 +385,9 @@ class InstanceEnclave:
             version=self.store.file.version,
             imported=int(imported.get("version", 0)),
             origin=str(imported.get("origin", "")),
+            endpoint_pid=self.seat.about.get("pid"),
+            endpoint=str(self.seat.about.get("endpoint", "")),
+            endpoint_since=float(self.seat.about.get("since", 0.0)),
         )
 
     def migration_request(
@@ -371,6 +479,8 @@ class InstanceEnclave:
             self.core.close()
             self.core = None
         self.store.erase()
+        self.slots.erase()
+        self._live = None
         self.state = "destroyed"
         log.log("instance.destroyed", instance=self.instance_id)
         return admin.Done()
@@ -393,7 +503,9 @@ def main(platform: EnclavePlatform, stream: socket.socket, args: Mapping[str, An
     """Entry point (base.EnclaveEntry): serve sessions until the host closes the stream."""
     log.configure(f"instance-{str(args.get('instance_id', ''))[:8]}")
     enclave = InstanceEnclave(platform, args)
-    try:
-        enclave.serve(stream)
-    finally:
-        enclave.close()
+    # hostd went away (stopped, crashed) or stopped this enclave: exit without
+    # touching the TPM. A Shutdown here would make the state newer than the
+    # last resume record, and the VM's endpoint could not resume it
+    # (SECURITY.md property 19). Orderly shutdowns stay with the VM's
+    # platform (INIT, STOP, SHUTDOWN) and with destroy.
+    enclave.serve(stream)

@@ -564,6 +564,7 @@ class ManagerEnclave:
         host = await self._control(control.QueryInstance(record.instance_id))
         if isinstance(host, Refused):
             host = control.InstanceProcess(alive=False, pid=None, reason=host.error)
+        status: admin.InstanceStatus | None = None
         if host.alive:
             try:
                 status = await self._call(record.instance_id, admin.GetStatus())
@@ -585,6 +586,9 @@ class ManagerEnclave:
             pid=host.pid,
             alive=host.alive,
             reason=reason,
+            endpoint_pid=status.endpoint_pid if status is not None else None,
+            endpoint=status.endpoint if status is not None else "",
+            endpoint_since=status.endpoint_since if status is not None else 0.0,
         )
 
     # -- helpers ------------------------------------------------------------

@@ -22,6 +22,7 @@ import fcntl
 import grp
 import os
 import pwd
+import re
 import resource
 import shutil
 import signal
@@ -44,9 +45,12 @@ from sgxvtpm.platform.base import EnclaveHandle, EnclaveSpec, PlatformError
 from sgxvtpm.util import log
 from sgxvtpm.wire import control
 from sgxvtpm.wire.control import Refused
+from sgxvtpm.wire.relay import DESTROYED
 
 PRELOAD = ("sgxvtpm.enclaves.manager", "sgxvtpm.enclaves.instance")
 RELEASE = "sgxvtpm.enclaves.specs:release"
+_INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+
 # An enclave that dies is relaunched; one that keeps dying right after launch
 # (within CRASH_UPTIME) is relaunched with exponential backoff, up to
 # MAX_BACKOFF seconds, and `vm show` says it is crash-looping.
@@ -152,6 +156,7 @@ class Hostd:
         self.manager_spec = self.platform.signed(manager_spec(self.platform))
         self.instance_spec = self.platform.signed(instance_spec(self.platform))
         self.relay = Relay(self.on_control)
+        self.relay.why_absent = self._why_absent
         self.enclaves: dict[str, Enclave] = {}
         self.manager_ready = asyncio.Event()
         self.manager_ever_ready = False
@@ -393,6 +398,13 @@ class Hostd:
         if erase:
             shutil.rmtree(self.state.instance(instance_id), ignore_errors=True)
         return control.Done()
+
+    def _why_absent(self, name: str) -> bytes:
+        """OPEN's CLOSE reason for an absent target: an instance whose directory is
+        gone was destroyed (its endpoints exit); else it is (re)starting."""
+        if _INSTANCE_NAME.fullmatch(name) and not self.state.instance(name).exists():
+            return DESTROYED
+        return b"no such target"
 
     def _instance_info(self, instance_id: str) -> control.InstanceProcess:
         enclave = self.enclaves.get(instance_id)

@@ -155,6 +155,9 @@ class Relay:
     ) -> None:
         self._on_control = on_control
         self._observer = observer
+        #: Why a target is absent, for OPEN's CLOSE reason (default "no such target"):
+        #: hostd tells a destroyed instance from one not (yet) running.
+        self.why_absent: Callable[[str], bytes] = lambda name: _NO_TARGET
         self._targets: dict[str, Connection] = {}
         self._connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -318,7 +321,7 @@ class Relay:
             raise _OverLimit(f"more than {CLIENT_SESSIONS_MAX} sessions on one connection")
         target = self._targets.get(target_name)
         if target is None or target.closed or target is conn:
-            self._send(conn, FrameType.CLOSE, sid, _NO_TARGET)
+            self._send(conn, FrameType.CLOSE, sid, self.why_absent(target_name))
             return
         if len(target.unanswered) >= PENDING_OPENS_MAX:
             self._send(conn, FrameType.CLOSE, sid, _BUSY)

@@ -111,6 +111,11 @@ class InstanceStatus(Reply):
     version: int
     imported: int = 0
     origin: str = ""
+    #: The endpoint that holds the VM's seat, in its own words (pid, what it
+    #: serves) and since when (the enclave's clock); empty when none is connected.
+    endpoint_pid: int | None = None
+    endpoint: str = ""
+    endpoint_since: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,10 @@ class InstanceInfo(Message):
     pid: int | None = None
     alive: bool = False
     reason: str = ""
+    #: The VM's connected endpoint, as its instance knows it (see admin.InstanceStatus).
+    endpoint_pid: int | None = None
+    endpoint: str = ""
+    endpoint_since: float = 0.0
 
     def to_json(self) -> JsonObject:
         """The JSON object of this description (what ``vm show --json`` prints)."""
