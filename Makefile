@@ -1,10 +1,16 @@
 # The README's two commands: `make demo` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: install demo test lint coverage bench stress man clean
+.PHONY: install install-system demo test lint coverage bench stress man clean
 
 install:
 	@scripts/install.sh
+
+# The system layout libvirt's swtpm_user (tss) runs sgxvtpm in (README "With
+# libvirt"): as root, through sudo otherwise. ARGS: e.g. --prefix DIR.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+install-system: install
+	$(SUDO) $(PY) -m sgxvtpm.endpoint.libvirt.system $(ARGS)
 
 demo: install
 	$(PY) -m sgxvtpm.cli demo

@@ -18,6 +18,7 @@ class Config:
     cpu_commands: int = 3000  # GetRandoms timed for the CPU-per-process breakdown
     latency_passes: int = 3  # targets forwards, backwards, forwards (drift evens out)
     sgxvtpm: bool = True  # measure sgxvtpm at all (c, d, and its other figures)
+    startup_runs: int = 10  # control socket up after exec, per system and load (startup.py)
 
     def with_overrides(self, **changes: object) -> Config:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
@@ -45,4 +46,5 @@ QUICK = Config(
     channel_iterations=50,
     latency_passes=1,
     cpu_commands=300,
+    startup_runs=3,
 )

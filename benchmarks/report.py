@@ -386,6 +386,67 @@ def _creation(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _migration(results: dict[str, Any]) -> list[str]:
+    section = results.get("migration")
+    if section is None:
+        return []
+    sw, sg = section.get("swtpm", {}), section.get("sgxvtpm", {})
+    lines = ["## Moving a VM's TPM state to another host", ""]
+    for name, entry, what in (
+        ("swtpm", sw, "CMD_GET_STATEBLOB x3, CMD_STOP + CMD_SET_STATEBLOB x3 + CMD_INIT "
+                      "on a second swtpm; the host reads the state"),
+        ("sgxvtpm", sg, "the same over K2 between two hostds of one fleet; portable "
+                        "blobs under the VM's fleet key"),
+    ):  # fmt: skip
+        if _ok(entry):
+            lines.append(
+                f"- {name} ({what}): export {entry['export_ms']:.1f} ms + transfer (file) "
+                f"{entry['transfer_ms']:.2f} ms + import {entry['import_ms']:.1f} ms = "
+                f"**{entry['median_ms']:.1f} ms** (median of {entry['runs']}; "
+                f"{entry['bytes']:.0f} bytes of blobs)"
+            )
+        else:
+            lines.append(f"- {name}: {entry.get('reason', 'no result')}")
+    if _ok(sg) and "report_ms" in sg:
+        lines.append(
+            f"- sgxvtpm, after the import: first TPM command on the destination until the "
+            f"source refuses the VM {sg['report_ms']:.0f} ms (the destination's manager polls "
+            "every 0.5 s)"
+        )
+    value = ratio(sg.get("median_ms"), sw.get("median_ms")) if _ok(sw) and _ok(sg) else None
+    lines += [f"- ratio sgxvtpm / swtpm: {fmt_ratio(value)}", ""]
+    return lines
+
+
+def _startup_cell(entry: dict[str, Any]) -> str:
+    p90 = f"p90 {entry['p90_ms']:.0f}, " if "p90_ms" in entry else ""
+    return f"{entry['median_ms']:.0f} ms ({p90}max {entry['max_ms']:.0f})"
+
+
+def _startup(results: dict[str, Any]) -> list[str]:
+    section = results.get("startup")
+    if not isinstance(section, dict):
+        return []
+    lines = ["## Control socket up after exec (libvirt waits 1000 ms)", ""]
+    if not _ok(section):
+        return [*lines, f"- {section.get('reason', 'no result')}", ""]
+    rows = []
+    for kind, label in (("swtpm", "swtpm socket"),
+                        ("sgxvtpm", "sgxvtpm's swtpm (endpoint/libvirt)")):
+        entry = section.get(kind, {})
+        if not _ok(entry):
+            rows.append([label, entry.get("reason", "no result"), ""])
+            continue
+        rows.append([label] + [_startup_cell(entry[load]) for load in ("idle", "loaded")])
+    runs = next((section[k]["idle"]["runs"] for k in ("swtpm", "sgxvtpm")
+                 if _ok(section.get(k, {}))), "?")
+    lines.append(f"Exec until the socket exists, median of {runs} starts; loaded: every CPU "
+                 f"busy with a spinning process. sgxvtpm's target: "
+                 f"{section.get('target_ms', 300):.0f} ms under load.")
+    lines.append("")
+    return [*lines, *_table(["executable", "idle", "loaded"], rows), ""]
+
+
 def _memory(results: dict[str, Any]) -> list[str]:
     memory = results.get("memory", {})
     sw, sg = memory.get("swtpm", {}), memory.get("sgxvtpm", {})
@@ -578,6 +639,8 @@ def render(results: dict[str, Any], analysis: str = "") -> str:
         *_latency(results),
         *_placement(results),
         *_creation(results),
+        *_migration(results),
+        *_startup(results),
         *_memory(results),
         *_load(results),
         *_scale(results),

@@ -7,9 +7,11 @@
     python -m benchmarks.run --from-json benchmarks/results.json   (re-render only)
 
 Sections, in order (each in its own worker processes where it matters):
-latency on the four targets, instance creation, idle memory, aggregate
-throughput, scale, channel overhead. A section that cannot run says why in
-its place in the report; the others still run.
+latency on the four targets, instance creation, the control socket up after
+exec (libvirt's one-second wait), idle memory, aggregate throughput, scale,
+moving a VM's TPM state to another host (migration), channel overhead. A
+section that cannot run says why in its place in the report; the others
+still run.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import affinity, creation, load, memory, scale, targets
+from benchmarks import affinity, creation, load, memory, migration, scale, startup, targets
 from benchmarks.config import FULL, QUICK, Config
 from benchmarks.context import Context
 from benchmarks.machine import describe, load_average
@@ -39,9 +41,11 @@ SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "latency": targets.run,
     "placement": affinity.run,
     "creation": creation.run,
+    "startup": startup.run,
     "memory": memory.run,
     "load": load.run,
     "scale": scale.run,
+    "migration": migration.run,
 }
 ANALYSIS = Path(__file__).with_name("ANALYSIS.md")
 DEFAULT_JSON = Path(__file__).with_name("results.json")

@@ -147,6 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
         " never be opened again). Refused while the registry is intact",
     )
 
+    hostd.add_argument(
+        "--sim-root", type=Path, metavar="DIR",
+        help="sim only: provision this host's platform under the simulated provisioning "
+             "authority DIR (sgxvtpm sim-root init), so hosts under one root attest each other",
+    )
+    hostd.add_argument(
+        "--fleet-listen", metavar="HOST:PORT",
+        help="relay manager-to-manager sessions (the fleet) on this TCP address",
+    )
+    sim_root = sub.add_parser("sim-root", help="a simulated provisioning authority (sim only)")
+    sim_root_sub = sim_root.add_subparsers(dest="sim_root_command", required=True,
+                                           help="what to do")
+    sim_root_init = sim_root_sub.add_parser(
+        "init", help="create a root key and certificate and the vendor's enclave signing key"
+    )
+    sim_root_init.add_argument("dir", type=Path, help="a new directory for the authority")
+
+    from sgxvtpm.vmm import fleetcmd
+
+    fleetcmd.add_parser(sub)
+
     vm = sub.add_parser("vm", help="manage vTPM instances (the VMM, over K1)")
     vm_sub = vm.add_subparsers(dest="vm_command", required=True, help="what to do")
     create = vm_sub.add_parser("create", help="create a vTPM instance for a VM")
@@ -155,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--ek", default="", help="EK algorithms (rsa2048,ecc-p256,...)")
     create.add_argument(
         "--vm-pubkey", type=Path, help="PEM public key of the VM (default: a new key)"
+    )
+    create.add_argument(
+        "--incoming", action="store_true",
+        help="no TPM yet: it waits for the VM's state migrated from another fleet member "
+             "(vm attach serves QEMU's -incoming)",
     )
     for name, helptext in (("list", "list instances"), ("show", "show one instance")):
         p = vm_sub.add_parser(name, help=helptext)
@@ -176,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_credentials(tpm, _CREDENTIALS_HELP)
     destroy = vm_sub.add_parser("destroy", help="destroy an instance and erase its sealed state")
     destroy.add_argument("name", help="the VM's name")
+    cancel = vm_sub.add_parser(
+        "migrate-cancel", help="run a VM's TPM here again after it migrated to another host"
+    )
+    cancel.add_argument("name", help="the VM's name")
+    move = vm_sub.add_parser(
+        "migrate", help="move a stopped VM's TPM to another fleet member (cold move)"
+    )
+    move.add_argument("name", help="the VM's name")
+    move.add_argument("--to", required=True, metavar="HOST:PORT",
+                      help="the destination's fleet address (its hostd --fleet-listen); "
+                           "`vm create NAME --incoming` there first")
     attach = vm_sub.add_parser("attach", help="serve a swtpm-compatible control socket for QEMU")
     attach.add_argument("name", help="the VM's name")
     attach.add_argument("--ctrl", type=Path, required=True, help="unix socket path for QEMU")
@@ -212,6 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_credentials(destroy, "also remove the VM's binding from this credentials directory")
     for p in (attach, serve):
         _add_credentials(p, _CREDENTIALS_HELP)
+
+    gc = vm_sub.add_parser("gc", help="destroy the VMs whose libvirt TPM state directory is gone")
+    _add_state_dir(gc)
+    _add_credentials(gc, "the operator credentials libvirt's swtpm_setup used "
+                         "(default: /etc/sgxvtpm/sgxvtpm.conf's, else yours)")
+    libvirt = sub.add_parser("libvirt", help="the swtpm-compatible executables for libvirt")
+    libvirt_sub = libvirt.add_subparsers(dest="libvirt_command", required=True,
+                                         help="what to do")
+    libvirt_path = libvirt_sub.add_parser(
+        "path", help="make and print the directory of swtpm, swtpm_setup and swtpm_ioctl "
+                     "to put first on libvirtd's PATH")
+    libvirt_path.add_argument("--dir", type=Path, help="make it here (default: in this "
+                              "installation's prefix, libexec/sgxvtpm-libvirt)")
 
     ca = sub.add_parser("ca", help="the manager's EK CA")
     ca_sub = ca.add_subparsers(dest="ca_command", required=True, help="what to do")
@@ -283,6 +333,19 @@ EXAMPLES: dict[str, str] = {
     "attest quote": "sgxvtpm attest quote quote.bin --collateral collateral.json --json",
     "gramine": "sgxvtpm gramine manifest --role instance > instance.manifest.toml",
     "gramine manifest": "sgxvtpm gramine manifest --role instance > instance.manifest.toml",
+    "sim-root": "sgxvtpm sim-root init /srv/sim-root",
+    "sim-root init": "sgxvtpm sim-root init /srv/sim-root",
+    "fleet": "sgxvtpm fleet join 10.0.0.1:7474 --token TOKEN --address 10.0.0.2:7474",
+    "fleet invite": "sgxvtpm fleet invite --address 10.0.0.1:7474",
+    "fleet join": "sgxvtpm fleet join 10.0.0.1:7474 --token TOKEN --address 10.0.0.2:7474",
+    "fleet show": "sgxvtpm fleet show --json",
+    "fleet leave": "sgxvtpm fleet leave",
+    "fleet remove": "sgxvtpm fleet remove PLATFORM_ID",
+    "vm migrate": "sgxvtpm vm migrate web1 --to 10.0.0.2:7474",
+    "vm migrate-cancel": "sgxvtpm vm migrate-cancel web1",
+    "vm gc": "sgxvtpm vm gc --credentials /var/lib/sgxvtpm-libvirt",
+    "libvirt": "sgxvtpm libvirt path",
+    "libvirt path": "sgxvtpm libvirt path --dir /usr/local/libexec/sgxvtpm-libvirt",
     "demo": "sgxvtpm demo",
     "bench": "sgxvtpm bench --quick",
 }
@@ -379,8 +442,10 @@ async def _vm(args: argparse.Namespace) -> int:
 
     from sgxvtpm.vmm.client import VmmClient
 
-    client = VmmClient(_state(args))
     cmd = args.vm_command
+    if cmd == "gc":
+        return await _vm_gc(args)
+    client = VmmClient(_state(args))
     if cmd == "create":
         from sgxvtpm.tpm.ek import check_pcr_banks
 
@@ -403,6 +468,7 @@ async def _vm(args: argparse.Namespace) -> int:
                 ek=[e for e in args.ek.split(",") if e],
                 vm_public_key=pub,
                 export=_credentials(args),
+                incoming=args.incoming,
             )
         _print(info, False)
     elif cmd == "list":
@@ -410,9 +476,51 @@ async def _vm(args: argparse.Namespace) -> int:
     elif cmd == "show":
         _print(await client.show(args.name), args.json)
     elif cmd == "destroy":
+        connected = await _connected_endpoint(client, args.name)
         await client.destroy(args.name, export=_credentials(args))
+        if connected:
+            print(f"{args.name} had a connected endpoint ({connected}); it exits")
         print(f"destroyed {args.name}")
+    elif cmd == "migrate":
+        from sgxvtpm.vmm.fleetcmd import address
+        from sgxvtpm.wire import k1
+
+        host, port = address(args.to)
+        _print((await client.request(k1.MigrateVm(args.name, host, port))).instance, False)
+    elif cmd == "migrate-cancel":
+        from sgxvtpm.wire import k1
+
+        _print((await client.request(k1.MigrateCancel(args.name))).instance, False)
     return 0
+
+
+async def _vm_gc(args: argparse.Namespace) -> int:
+    from sgxvtpm.endpoint.libvirt.config import locate
+    from sgxvtpm.endpoint.libvirt.gc import collect
+    from sgxvtpm.vmm.client import VmmClient
+
+    where = locate()
+    state = StateDir.at(args.state_dir or where.state_dir)
+    creds = Credentials.at(args.credentials or where.credentials)
+    for name in await collect(VmmClient(state, credentials=creds)):
+        print(f"destroyed {name}: its libvirt TPM state directory is gone")
+    return 0
+
+
+async def _connected_endpoint(client: Any, name: str) -> str:
+    """Who holds VM ``name``'s seat, as its instance says ("" if no one, or unknown)."""
+    from sgxvtpm.endpoint.k2 import describe_holder
+    from sgxvtpm.errors import SgxvtpmError
+    try:
+        info = await client.show(name)
+    except SgxvtpmError:
+        return ""  # destroy says why, if the VM is not there
+    if info.endpoint_pid is None and not info.endpoint:
+        return ""
+    holder: dict[str, Any] = {"pid": info.endpoint_pid, "endpoint": info.endpoint}
+    if info.endpoint_since:
+        holder["since"] = info.endpoint_since
+    return describe_holder(holder)
 
 
 def _vm_endpoint(args: argparse.Namespace) -> int:
@@ -526,6 +634,7 @@ def _run(args: argparse.Namespace) -> int:
         check_vm_name(args.name)
     if args.command == "hostd":
         from sgxvtpm.host.hostd import RESET_EFFECT, RunAs, serve
+        from sgxvtpm.vmm import fleetcmd
         from sgxvtpm.vmm.credentials import hostd_operator_certificate
 
         if args.reset_manager:
@@ -541,8 +650,20 @@ def _run(args: argparse.Namespace) -> int:
                 reset_manager=args.reset_manager,
                 counters=args.counters,
                 counters_key=args.counters_key,
+                sim_root=args.sim_root,
+                fleet_listen=fleetcmd.address(args.fleet_listen) if args.fleet_listen else None,
             )
         )
+        return 0
+    if args.command == "fleet":
+        from sgxvtpm.vmm import fleetcmd
+
+        return asyncio.run(fleetcmd.run(args, _state(args)))
+    if args.command == "sim-root":
+        from sgxvtpm.platform import init_sim_root
+
+        digest = init_sim_root(args.dir)
+        print(f"sim root created in {args.dir} (root certificate SHA-256 {digest})")
         return 0
     if args.command == "vm":
         if args.vm_command == "tpm":
@@ -550,6 +671,11 @@ def _run(args: argparse.Namespace) -> int:
         if args.vm_command in ("attach", "serve"):
             return _vm_endpoint(args)
         return asyncio.run(_vm(args))
+    if args.command == "libvirt":
+        from sgxvtpm.endpoint.libvirt.bindir import ensure
+
+        print(ensure(args.dir))
+        return 0
     if args.command == "ca":
         return asyncio.run(_ca(args))
     if args.command == "gramine":

@@ -210,3 +210,21 @@ def test_scale_points_continue_from_what_exists() -> None:
     assert _grow_points((1, 10, 50), 0) == [1, 10, 50]
     assert _grow_points((1, 10, 50), 32) == [32, 50]
     assert _grow_points((1, 10), 40) == [40]
+
+
+def test_render_migration_section_figures_and_reasons() -> None:
+    data = results()
+    assert "Moving a VM's TPM state" not in render(data)  # not measured: no section
+    data["migration"] = {
+        "swtpm": {"ok": True, "runs": 3, "export_ms": 1.0, "transfer_ms": 0.5,
+                  "import_ms": 1.5, "median_ms": 3.0, "bytes": 10000},
+        "sgxvtpm": {"ok": False, "reason": "not available: no hostd"},
+    }  # fmt: skip
+    text = render(data)
+    assert "= **3.0 ms** (median of 3; 10000 bytes of blobs)" in text
+    assert "- sgxvtpm: not available: no hostd" in text
+    data["migration"]["sgxvtpm"] = {**data["migration"]["swtpm"], "median_ms": 12.0,
+                                    "report_ms": 250.0}  # fmt: skip
+    text = render(data)
+    assert "source refuses the VM 250 ms" in text
+    assert "ratio sgxvtpm / swtpm: 4.00x" in text

@@ -17,17 +17,20 @@ from hypothesis import strategies as st
 
 from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
 from sgxvtpm.wire import admin, control, k1
+from sgxvtpm.wire import fleet as fleetwire
 from sgxvtpm.wire.jsonmsg import Message, Refused, Reply, Request
 
 CODECS: dict[str, tuple[ModuleType, type[RemoteProtocolError], type[LocalProtocolError]]] = {
     "k1": (k1, k1.K1ProtocolError, k1.K1UsageError),
     "control": (control, control.ControlProtocolError, control.ControlUsageError),
     "admin": (admin, admin.AdminProtocolError, admin.AdminUsageError),
+    "fleet": (fleetwire, fleetwire.FleetProtocolError, fleetwire.FleetUsageError),
 }
 REQUESTS: dict[str, tuple[type[Request[Any]], ...]] = {
     "k1": typing.get_args(k1.K1Request),
     "control": typing.get_args(control.ControlRequest),
     "admin": typing.get_args(admin.AdminRequest),
+    "fleet": typing.get_args(fleetwire.FleetRequest),
 }
 codec_names = pytest.mark.parametrize("name", sorted(CODECS))
 
@@ -35,6 +38,9 @@ codec_names = pytest.mark.parametrize("name", sorted(CODECS))
 _CHECKED: dict[str, st.SearchStrategy[Any]] = {
     "instance_id": st.text("0123456789abcdef", min_size=32, max_size=32),
     "vm_spki_sha256": st.binary(min_size=32, max_size=32),
+    "key": st.binary(min_size=32, max_size=32),
+    "token": st.binary(min_size=32, max_size=32),
+    "evidence": st.binary(min_size=1, max_size=40),
 }
 
 
@@ -275,7 +281,7 @@ def test_the_wire_keeps_the_json_field_names() -> None:
     """Same objects as the dicts these protocols were before they were typed."""
     assert json.loads(k1.encode_request(k1.CreateVm("vm1", b"\x30\x59", ("sha256",), ("rsa2048",)))
                       ) == {"op": "create", "name": "vm1", "vm_spki_der": "3059",
-                            "pcr_banks": ["sha256"], "ek": ["rsa2048"]}
+                            "pcr_banks": ["sha256"], "ek": ["rsa2048"], "incoming": False}
     assert control.request_to_json(control.StopInstance("a" * 32, erase=True)) == {
         "op": "stop_instance", "instance_id": "a" * 32, "erase": True}
     assert control.request_to_json(control.Handoff(1)) == {"op": "handoff", "session": 1}

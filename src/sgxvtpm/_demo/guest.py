@@ -53,6 +53,24 @@ while true; do sleep 60; done
 """.replace("@MARKER@", MARKER)
 
 
+_REPEAT = """while true; do
+  sleep @EVERY@
+  for n in 0 1 2 3 4 5 6 7; do
+    echo "AGAIN $n $(cat /sys/class/tpm/tpm0/pcr-sha256/$n 2>/dev/null)"
+  done
+done
+"""
+
+
+def init_script(repeat_pcrs: int = 0) -> str:
+    """The guest's /init; with ``repeat_pcrs`` (seconds), after the marker it prints
+    PCR 0-7 again that often as ``AGAIN N VALUE`` lines (to read them after a restore)."""
+    if not repeat_pcrs:
+        return _INIT
+    head, _, _ = _INIT.rpartition("while true;")
+    return head + _REPEAT.replace("@EVERY@", str(int(repeat_pcrs)))
+
+
 def kernel_path() -> Path | None:
     found = sorted(glob.glob("/boot/vmlinuz-*-cloud-amd64")) or sorted(glob.glob("/boot/vmlinuz-*"))
     return Path(found[-1]) if found else None
@@ -69,8 +87,8 @@ def missing_tools() -> list[str]:
     return missing
 
 
-def build_initramfs(workdir: Path) -> Path:
-    """A gzip'd newc cpio with busybox and /init; returns its path."""
+def build_initramfs(workdir: Path, init: str | None = None) -> Path:
+    """A gzip'd newc cpio with busybox and /init (``init``: another script); its path."""
     root = workdir / "initramfs-root"
     for sub in ("bin", "proc", "sys", "dev"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -78,9 +96,9 @@ def build_initramfs(workdir: Path) -> Path:
     if busybox is None:
         raise FileNotFoundError("busybox (Debian: busybox-static) is not installed")
     shutil.copy(busybox, root / "bin" / "busybox")
-    init = root / "init"
-    init.write_text(_INIT)
-    init.chmod(0o755)
+    script = root / "init"
+    script.write_text(_INIT if init is None else init)
+    script.chmod(0o755)
     out = workdir / "initramfs.cpio.gz"
     files = subprocess.run(["find", "."], cwd=root, check=True, capture_output=True).stdout
     cpio = subprocess.run(

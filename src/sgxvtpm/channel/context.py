@@ -79,15 +79,18 @@ def server_context(
 ) -> ssl.SSLContext:
     """Server side: present the RA-TLS certificate, require a client certificate
     chaining to ``trust``'s anchors (pins are checked after the handshake)."""
-    cache_key = ("server", cert.fingerprint(_SHA256), trust.cadata)
+    cache_key = ("server", cert.fingerprint(_SHA256), trust.cadata, trust.in_band)
     ctx = _cached(cache_key)
     if ctx is not None:
         return ctx
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _tls13_only(ctx)
     ctx.num_tickets = 0
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cadata=trust.cadata)
+    if trust.in_band:
+        ctx.verify_mode = ssl.CERT_NONE  # the client proves itself inside the session
+    else:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cadata=trust.cadata)
     _load_identity(ctx, key, cert)
     _store(cache_key, ctx)
     return ctx

@@ -75,12 +75,21 @@ class ClientTrust:
     ``cadata``); a self-signed client certificate may be its own anchor.
     ``pinned_spki_sha256``: if not None, the client's leaf key must also be one
     of these SHA-256(SPKI) values. An empty pin set accepts nobody.
+    ``in_band``: no client certificate is asked for; the client is anonymous
+    to TLS and must prove who it is inside the session (a fleet join carries
+    the joiner's attested certificate, sgxvtpm/wire/fleet.py). The session's
+    peer then has an empty certificate and SPKI digest.
     """
 
     anchors_pem: list[bytes]
     pinned_spki_sha256: frozenset[bytes] | None = None
+    in_band: bool = False
 
     def __post_init__(self) -> None:
+        if self.in_band:
+            if self.anchors_pem or self.pinned_spki_sha256 is not None:
+                raise ChannelUsageError("an in-band ClientTrust has no anchors and no pins")
+            return
         if not self.anchors_pem:
             raise ChannelUsageError("ClientTrust needs at least one trust anchor")
         for pem in self.anchors_pem:

@@ -36,13 +36,24 @@ So reverting a VM to an older snapshot on the same instance is refused by
 design, as rolling its TPM back would be. What is not closed: after an
 instance crash, its latest export can replace TPM changes the crash lost
 anyway (only volatile ones: every NV change is committed and forgets the
-export). Moving state to another host is not done with these blobs (their
-seal key is this platform's), but by an attested instance-to-instance
-transfer, not built yet (docs/ARCHITECTURE.md, "Where new work goes").
+export).
+
+Many hosts (docs/ARCHITECTURE.md). Once the manager gave the instance its
+VM's fleet key (``provisioning["fleet"]``), exports are portable blobs
+(enclaves/portable.py) that the VM's instance on another member platform
+can open. Such an instance, created ``--incoming``, takes a portable blob of
+its VM whose version is at least the highest it ever accepted
+(``provisioning["accepted"]``, sealed), and only while it is incoming: the
+first TPM command after the import ends that (the VM runs here now), and
+from then on only its own latest export comes back, as above. Its own
+exports are numbered above what it accepted.
 """
 
 from __future__ import annotations
 
+import contextlib
+
+from sgxvtpm.enclaves import portable
 from sgxvtpm.enclaves.sealing import Sealer, SealError, SealKind
 from sgxvtpm.enclaves.state import SealedStateStore
 from sgxvtpm.enclaves.vtpm_core import BlobCipherError
@@ -66,21 +77,73 @@ class SealedBlobCipher:
         self._store = store
 
     def state_changed(self) -> None:
-        # Called for every TPM command: an attribute store, nothing durable.
+        # Called for every TPM command: an attribute store, nothing durable,
+        # but once after a migration's import (the VM now runs here).
         self._store.bundle.exported = 0
+        prov = self._store.bundle.provisioning
+        if prov.get("import_pending"):
+            prov["imported"] = prov.pop("import_pending")
+            prov["incoming"] = False
+            # If this fails, it stays in the bundle: the next commit writes it.
+            with contextlib.suppress(OSError, SealError, PlatformError):
+                self._store.commit()
 
     def encrypt(self, kind: StateType, blob: bytes) -> bytes:
         bundle = self._store.bundle
         if not bundle.exported:
-            bundle.exported = self._store.file.version + 1
+            floor = int(bundle.provisioning.get("accepted", 0))
+            bundle.exported = max(self._store.file.version, floor) + 1
             try:
                 self._store.commit()
             except (OSError, SealError, PlatformError) as exc:
                 bundle.exported = 0
                 raise BlobCipherError(f"cannot record the export: {exc}") from None
+        fleet = bundle.provisioning.get("fleet")
+        if fleet:
+            header = portable.PortableHeader(
+                int(kind), bundle.exported, str(fleet["origin"]), str(fleet["vm"])
+            )
+            return portable.seal(bytes.fromhex(fleet["key"]), header, blob)
         return self._sealers[kind].seal(blob, bundle.exported, "")
 
+    def _decrypt_portable(self, kind: StateType, blob: bytes) -> bytes:
+        bundle = self._store.bundle
+        prov = bundle.provisioning
+        fleet = prov.get("fleet")
+        if not fleet:
+            raise BlobCipherError("a portable state blob, but this instance has no fleet key")
+        try:
+            header, plaintext = portable.unseal(
+                bytes.fromhex(fleet["key"]), blob, kind=int(kind), vm=str(fleet["vm"])
+            )
+        except portable.PortableBlobError as exc:
+            raise BlobCipherError(str(exc)) from None
+        if bundle.exported and header.version == bundle.exported:
+            return plaintext  # our own latest export, unused since
+        floor = int(prov.get("accepted", 0))
+        if not prov.get("incoming"):
+            raise BlobCipherError(
+                f"state blob is from export version {header.version} of {header.origin}, but"
+                " this instance is not waiting for a migration and made no such export:"
+                " rollback refused"
+            )
+        if header.version < floor:
+            raise BlobCipherError(
+                f"state blob is from export version {header.version}, below version {floor}"
+                " accepted for this VM: rollback refused"
+            )
+        if header.version > floor or "import_pending" not in prov:
+            prov["accepted"] = header.version
+            prov["import_pending"] = {"version": header.version, "origin": header.origin}
+            try:
+                self._store.commit()
+            except (OSError, SealError, PlatformError) as exc:
+                raise BlobCipherError(f"cannot record the import: {exc}") from None
+        return plaintext
+
     def decrypt(self, kind: StateType, blob: bytes) -> bytes:
+        if portable.is_portable(blob):
+            return self._decrypt_portable(kind, blob)
         try:
             header, plaintext = self._sealers[kind].unseal(blob)
         except SealError as exc:

@@ -14,7 +14,9 @@ stays up in the ``error`` state: it tells the manager why and serves no VM.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -32,8 +34,10 @@ from sgxvtpm.channel import (
     verify_enclave_certificate,
     warmup,
 )
+from sgxvtpm.enclaves import migration
 from sgxvtpm.enclaves.blobcipher import SealedBlobCipher
 from sgxvtpm.enclaves.loop import InstanceLoop, Session
+from sgxvtpm.enclaves.resume import ResumeRecord, ResumeSlots, decide, new_epoch
 from sgxvtpm.enclaves.runtime import platform_verifier
 from sgxvtpm.enclaves.sealing import SealError
 from sgxvtpm.enclaves.specs import peer_policy
@@ -43,12 +47,13 @@ from sgxvtpm.platform.base import EnclaveIdentity, EnclavePlatform, QuoteVerifie
 from sgxvtpm.platform.tpm_counters import open_host_counters
 from sgxvtpm.tpm import ek as ekmod
 from sgxvtpm.tpm import wire as tpmwire
-from sgxvtpm.tpm.constants import TPM2_SU
-from sgxvtpm.tpm.engine import LibtpmsEngine
+from sgxvtpm.tpm.constants import TPM2_RC, TPM2_SU
+from sgxvtpm.tpm.engine import EngineError, EngineMisuseError, LibtpmsEngine
 from sgxvtpm.tpm.nv import execute
 from sgxvtpm.util import log
 from sgxvtpm.wire import admin
 from sgxvtpm.wire.jsonmsg import Refused, Reply
+from sgxvtpm.wire.resume import AttachReply, ResumeToken, encode_attach_reply, token_of
 from sgxvtpm.wire.vtpm import (
     ATTACH_FLAG_TAKEOVER,
     TpmResult,
@@ -58,9 +63,14 @@ from sgxvtpm.wire.vtpm import (
     VtpmResponse,
     decode_request,
     encode_response,
+    encode_tpm_response,
+    tpm_command_of,
 )
 
 _ABOUT_TEXT = 120  # characters kept of an endpoint's description of itself
+#: Exit status of an instance interrupted while committing a request's state
+#: (not an I/O error: those answer a TPM failure): it must not answer.
+EXIT_COMMIT_FAILED = 75
 
 
 class EndpointSeat:
@@ -156,6 +166,10 @@ class InstanceEnclave:
         self.core: VtpmCore | None = None
         self.seat = EndpointSeat()
         self._manufacturing: LibtpmsEngine | None = None
+        self.slots = ResumeSlots(platform, self.instance_id, state_dir)
+        #: The record of the seat holder's last request (None: none since this
+        #: process started; then a resume reads the sealed ones).
+        self._live: ResumeRecord | None = None
         if self.store.exists():
             self._restore()
         else:
@@ -196,11 +210,12 @@ class InstanceEnclave:
             return
         self.vm_spki = bytes.fromhex(prov["vm_spki_sha256"])
         self.core = self._new_core()
-        self.state = "running"
+        self.state = migration.state_of(prov)
         log.log("instance.restored", instance=self.instance_id, version=self.store.file.version)
 
     def _new_core(self) -> VtpmCore:
         adapter = EngineStoreAdapter(self.store)
+        self.store.deferred = True  # one commit per request, with its resume record
         return VtpmCore(
             lambda: LibtpmsEngine(adapter),
             SealedBlobCipher(self.platform, self.instance_id, self.store),
@@ -208,7 +223,7 @@ class InstanceEnclave:
 
     def trust(self) -> ClientTrust:
         pins = {self.manager_spki}
-        if self.vm_spki is not None and self.state == "running":
+        if self.vm_spki is not None and self.state in migration.VM_STATES:
             pins.add(self.vm_spki)
         return ClientTrust(anchors_pem=[self.manager_cert_pem], pinned_spki_sha256=frozenset(pins))
 
@@ -232,7 +247,97 @@ class InstanceEnclave:
             raise PermissionError("not the bound VM")
         if session is not self.seat.holder:
             return encode_response(self._not_attached(session, data))
-        return self.core.handle_message(data)
+        if self.state == "migrated":
+            response = migration.refuse(self.store.bundle.provisioning)
+        else:
+            response = self.core.handle_message(data)
+        live = self._live
+        assert live is not None  # set by every ATTACH that gives the seat
+        if self._record(live.epoch, live.seq + 1, response):
+            return response
+        # Its change could not be made durable: an error answer, recorded as such.
+        if tpm_command_of(data) is not None:
+            response = encode_tpm_response(tpmwire.error_response(TPM2_RC.FAILURE))
+        else:
+            response = encode_response(VtpmResponse.error(TpmResult.IOERROR))
+        self._record(live.epoch, live.seq + 1, response)
+        return response
+
+    # -- resume (sgxvtpm/enclaves/resume.py) ----------------------------------
+    def _record(self, epoch: str, seq: int, response: bytes) -> bool:
+        """Record the core after request ``seq`` before its response leaves: with the
+        NV commit if the request changed NV, else in a slot file.
+
+        False if the commit failed (a full or failing disk): the bundle is rolled
+        back, the TPM is in failure mode (:meth:`VtpmCore.fail`) and ``response``
+        must not leave; record the error answer instead. Failing stop here
+        instead would turn a full disk into a crash loop of resends.
+        """
+        assert self.core is not None
+        running, volatile, last_code = self.core.snapshot()
+        store = self.store
+        version = store.file.version + (1 if store.dirty else 0)
+        record = ResumeRecord(epoch, seq, version, running, volatile, last_code, response)
+        self._live = record
+        if store.dirty:
+            try:
+                store.flush(record.encode())
+            except Exception as exc:
+                log.log("instance.commit_failed", instance=self.instance_id, reason=str(exc))
+                store.rollback()
+                self.core.fail()
+                return False
+            except BaseException:  # never answer for a change that is not durable
+                os._exit(EXIT_COMMIT_FAILED)
+            return True
+        try:
+            self.slots.write(record)
+        except OSError as exc:  # only a later resume suffers: it will be refused
+            log.log("instance.resume_record_failed", instance=self.instance_id,
+                    reason=str(exc))
+        return True
+
+    def _attached(self, request: VtpmRequest) -> VtpmResponse:
+        """The ATTACH reply for the new seat holder: a new epoch, or the resumed one."""
+        reason = ""
+        try:
+            token = token_of(request.data)
+        except VtpmProtocolError as exc:
+            token, reason = None, f"invalid resume token: {exc}"
+        if token is not None:
+            found = self._resume(token)
+            if isinstance(found, ResumeRecord):
+                replay = found.response if found.seq == token.seq + 1 else None
+                log.log("instance.resumed", instance=self.instance_id, seq=found.seq,
+                        replayed=replay is not None, running=found.running)
+                self._record(found.epoch, found.seq, found.response)
+                return VtpmResponse.ok(encode_attach_reply(
+                    AttachReply(found.epoch, found.seq, True, response=replay)))
+            reason = found
+            log.log("instance.resume_refused", instance=self.instance_id, reason=reason)
+        epoch = new_epoch()
+        self._record(epoch, 0, b"")
+        return VtpmResponse.ok(encode_attach_reply(AttachReply(epoch, 0, False, reason)))
+
+    def _resume(self, token: ResumeToken) -> ResumeRecord | str:
+        """The record ``token`` resumes from, with the core brought back to it; or why not."""
+        assert self.core is not None
+        if self._live is not None:  # this process served the endpoint: nothing to load
+            return decide(token, self._live.state_version, [self._live])
+        if self.core.running:
+            return "the TPM was started since this process began"
+        records = self.slots.read()
+        if self.store.bundle.resume:
+            with contextlib.suppress(SealError):
+                records.append(ResumeRecord.decode(self.store.bundle.resume))
+        found = decide(token, self.store.file.version, records)
+        if isinstance(found, str):
+            return found
+        try:
+            self.core.resume(found.running, found.volatile, found.last_code)
+        except (EngineError, EngineMisuseError) as exc:
+            return f"libtpms refused the resume record: {exc}"
+        return found
 
     def _not_attached(self, session: Session, data: bytes) -> VtpmResponse:
         """ATTACH, or a refusal: nothing reaches the TPM from a session that is not its
@@ -242,7 +347,10 @@ class InstanceEnclave:
         except VtpmProtocolError:
             return VtpmResponse.error(TpmResult.BAD_PARAMETER)
         if request.op is VtpmOp.ATTACH:
-            return self.seat.attach(session, request)
+            answer = self.seat.attach(session, request)
+            if answer.success:
+                return self._attached(request)
+            return answer
         return self.seat.refusal()
 
     def answer_manager(self, data: bytes) -> Reply | Refused:
@@ -257,20 +365,61 @@ class InstanceEnclave:
                 return self.provision(request)
             if isinstance(request, admin.Certify):
                 return self.certify(request)
-            return self.destroy()
+            if isinstance(request, admin.Destroy):
+                return self.destroy()
+            return self.migration_request(request)
         except (SealError, OSError, ValueError, admin.AdminProtocolError) as exc:
             log.log("instance.admin_failed", instance=self.instance_id, op=op, reason=str(exc))
             return Refused(str(exc))
 
     def status(self) -> admin.InstanceStatus:
         identity = self.platform.identity
+        prov = self.store.bundle.provisioning
+        if self.state in migration.VM_STATES:
+            self.state = migration.state_of(prov)  # an import ends "incoming"
+        imported = prov.get("imported") or {}
         return admin.InstanceStatus(
             state=self.state,
-            reason=self.reason,
+            reason=self.reason or migration.reason_of(prov),
             mrenclave=identity.mrenclave.hex(),
             mrsigner=identity.mrsigner.hex(),
             version=self.store.file.version,
+            imported=int(imported.get("version", 0)),
+            origin=str(imported.get("origin", "")),
+            endpoint_pid=self.seat.about.get("pid"),
+            endpoint=str(self.seat.about.get("endpoint", "")),
+            endpoint_since=float(self.seat.about.get("since", 0.0)),
         )
+
+    def migration_request(
+        self,
+        request: admin.ProvisionIncoming | admin.SetBlobKey | admin.MarkMigrated
+        | admin.CancelMigration | admin.ExportState | admin.ImportState,
+    ) -> admin.InstanceStatus | admin.PortableState | Refused:
+        """The fleet's requests (enclaves/migration.py): incoming, blob key, migrated,
+        a cold move's export and import."""
+        try:
+            if isinstance(request, admin.ExportState) and self.core is not None:
+                return migration.export_state(self.core, self.store.bundle.provisioning)
+            if isinstance(request, admin.ImportState) and self.core is not None:
+                migration.import_state(self.core, self.store, request.blobs)
+        except migration.MigrationError as exc:
+            return Refused(str(exc))
+        if isinstance(request, admin.ProvisionIncoming):
+            if self.state != "unprovisioned":
+                return Refused(f"instance is {self.state}, not unprovisioned")
+            self.store.create(migration.incoming_provisioning(
+                self.instance_id, self.manager_spki, request
+            ))
+            self.vm_spki = request.vm_spki_sha256
+            self.core = self._new_core()
+        elif self.core is None:
+            return Refused(f"instance is {self.state}: no VM state")
+        elif not isinstance(request, admin.ExportState | admin.ImportState):
+            migration.apply(self.store, request)
+        self.state = migration.state_of(self.store.bundle.provisioning)
+        log.log("instance.migration", instance=self.instance_id, op=request.OP, state=self.state)
+        return self.status()
 
     def provision(self, request: admin.Provision) -> admin.Provisioned | Refused:
         """Step 1 of manufacturing: bind the VM, start a fresh TPM, create the EKs.
@@ -331,6 +480,8 @@ class InstanceEnclave:
             self.core.close()
             self.core = None
         self.store.erase()
+        self.slots.erase()
+        self._live = None
         self.state = "destroyed"
         log.log("instance.destroyed", instance=self.instance_id)
         return admin.Done()
@@ -357,10 +508,12 @@ def main(platform: EnclavePlatform, stream: socket.socket, args: Mapping[str, An
     platform, stream, tap = open_host_counters(platform, stream, args)
     try:
         enclave = InstanceEnclave(platform, args)
-        try:
-            enclave.serve(stream)
-        finally:
-            enclave.close()
+        # hostd went away (stopped, crashed) or stopped this enclave: exit without
+        # touching the TPM. A Shutdown here would make the state newer than the
+        # last resume record, and the VM's endpoint could not resume it
+        # (SECURITY.md property 19). Orderly shutdowns stay with the VM's
+        # platform (INIT, STOP, SHUTDOWN) and with destroy.
+        enclave.serve(stream)
     finally:
         if tap is not None:
             tap.close()

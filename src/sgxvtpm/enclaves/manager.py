@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import hmac
 import os
 import socket
 import time
@@ -42,6 +43,7 @@ from sgxvtpm.channel import (
     ServerSession,
     spki_sha256,
 )
+from sgxvtpm.enclaves import portable
 from sgxvtpm.enclaves.ekcert import (
     DEFAULT_MANUFACTURER,
     DEFAULT_MODEL,
@@ -50,6 +52,8 @@ from sgxvtpm.enclaves.ekcert import (
     issue_ek_certificate,
     issue_platform_certificate,
 )
+from sgxvtpm.enclaves.fleet import FleetError, FleetState, accepted_peer
+from sgxvtpm.enclaves.migration import VM_STATES as migration_states
 from sgxvtpm.enclaves.registry import VM_CN_PREFIX, InstanceRecord, RegistryStore, check_vm_name
 from sgxvtpm.enclaves.runtime import EnclaveRuntime, platform_verifier
 from sgxvtpm.enclaves.sealing import SealError
@@ -57,17 +61,21 @@ from sgxvtpm.enclaves.specs import peer_policy
 from sgxvtpm.enclaves.state import DirectoryBusyError, lock_directory
 from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.mux.aio import RelayMux
-from sgxvtpm.platform.base import EnclavePlatform, QuoteVerifier
+from sgxvtpm.platform.base import EnclavePlatform, QuoteVerifier, VerifiedQuote
 from sgxvtpm.platform.tpm_counters import CountersRefused, open_host_counters
 from sgxvtpm.tpm.ek import public_key_from_tpmt
 from sgxvtpm.util import log
 from sgxvtpm.wire import admin, control, k1
-from sgxvtpm.wire.jsonmsg import Refused, Reply, Request
+from sgxvtpm.wire import fleet as fleetwire
+from sgxvtpm.wire.jsonmsg import Done, Refused, Reply, Request
 
 CA_COMMON_NAME = "sgxvtpm manager CA"
+FLEET_IN = "fleet"  # hostd's label of a session from its fleet port (host/switch.py)
 # An instance answers in milliseconds; RSA EK generation at create takes well
 # under a second. A dead or wedged instance must not hold the manager longer.
 CALL_TIMEOUT = 20.0
+# How often the manager looks whether an incoming VM runs here yet (to tell its source).
+MIGRATION_POLL = 0.5
 
 
 class ManagerError(SgxvtpmError):
@@ -110,9 +118,22 @@ class ManagerEnclave:
         )
         self.mux: RelayMux | None = None
         self.lock = asyncio.Lock()
+        try:
+            self.fleet = FleetState.from_json(self.registry.fleet)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SealError(f"manager registry holds a malformed fleet: {exc}") from None
+        self._platform_id = ""
+        # VM name -> (monotonic time of the next report attempt, last delay).
+        self._report_due: dict[str, tuple[float, float]] = {}
 
     # -- sessions ------------------------------------------------------------
-    def new_session(self) -> ServerSession:
+    def new_session(self, source: str = "") -> ServerSession:
+        if source == FLEET_IN:
+            # Another manager, through hostd --fleet-listen: anonymous to TLS, it
+            # proves itself in its Join (enclaves/fleet.py). The label is the
+            # host's word only: a session of either kind gets nothing without
+            # its own proof (operator key, or token and attested evidence).
+            return ServerSession(self.credential, ClientTrust([], in_band=True))
         trust = ClientTrust(
             anchors_pem=[self.registry.operator_cert_pem.encode()],
             pinned_spki_sha256=frozenset({self.operator_spki}),
@@ -120,6 +141,8 @@ class ManagerEnclave:
         return ServerSession(self.credential, trust)
 
     async def handle(self, peer: PeerCertificate, data: bytes) -> bytes:
+        if peer.spki_sha256 == b"" and peer.cert_der == b"":
+            return await self.handle_fleet(data)
         if peer.spki_sha256 != self.operator_spki:
             raise PermissionError("not the operator")
         reply: Reply | Refused
@@ -140,7 +163,260 @@ class ManagerEnclave:
             return k1.Instances(tuple([await self.describe(r) for r in self._records()]))
         if isinstance(request, k1.ShowVm):
             return k1.Shown(await self.describe(self._record(request.name)))
-        return k1.CaCertificate(self.credential.cert_pem.decode())
+        if isinstance(request, k1.GetCaCertificate):
+            return k1.CaCertificate(self.credential.cert_pem.decode())
+        if isinstance(request, k1.MigrateVm):
+            return await self.migrate(request)
+        if isinstance(request, k1.MigrateCancel):
+            record = self._record(request.name)
+            await self._call(record.instance_id, admin.CancelMigration())
+            log.log("manager.migration_cancelled", vm=record.name, was=record.migration)
+            record.migration = {}
+            self.store.save(self.registry)
+            return k1.Shown(await self.describe(record))
+        return await self.dispatch_fleet(request)
+
+    # -- the fleet (docs/ARCHITECTURE.md, "Many hosts"; enclaves/fleet.py) -----
+    @property
+    def platform_id(self) -> str:
+        """This platform's id, as our own quote shows it (what other members call us)."""
+        if not self._platform_id:
+            quote = self.platform.quote(bytes(64))
+            self._platform_id = self.verifier.verify(quote).platform_id.hex()
+        return self._platform_id
+
+    def _save_fleet(self) -> None:
+        self.registry.fleet = self.fleet.to_json() if self.fleet.member else {}
+        self.store.save(self.registry)
+
+    async def dispatch_fleet(self, request: k1.K1Request) -> Reply:
+        try:
+            if isinstance(request, k1.FleetInvite):
+                token, expires = self.fleet.invite(
+                    self.platform_id, self.platform.identity, request.address, time.time()
+                )
+                self._save_fleet()
+                log.log("manager.fleet_invited", fleet=self.fleet.fleet_id, expires=expires)
+                return k1.FleetInvitation(token=token, expires=expires)
+            if isinstance(request, k1.FleetJoin):
+                await self._join(request)
+            elif isinstance(request, k1.FleetLeave):
+                log.log("manager.fleet_left", fleet=self.fleet.fleet_id)
+                self.fleet.leave()
+                self._save_fleet()
+            elif isinstance(request, k1.FleetRemove):
+                self.fleet.remove(request.member, self.platform_id)
+                self._save_fleet()
+                log.log("manager.fleet_removed", member=request.member)
+        except FleetError as exc:
+            raise ManagerError(str(exc)) from None
+        return k1.FleetStatus(self.fleet.info(self.platform_id))
+
+    async def _fleet_call(self, host: str, port: int, request: Request[_R]) -> _R | Refused:
+        """One request to the manager behind the fleet port ``host``:``port``, after
+        checking its quote (our root, signer, manager product, our MRENCLAVE)."""
+        dialled = await self._control(control.FleetDial(host, port))
+        if isinstance(dialled, Refused):
+            raise FleetError(dialled.error)
+        assert self.mux is not None
+        client = ClientSession(
+            peer_policy(self.platform.identity.mrsigner, "manager"),
+            self.verifier,
+            self.as_client,
+            expected_cn=CA_COMMON_NAME,
+        )
+        try:
+            session = await asyncio.wait_for(self.mux.open(dialled.target, client), CALL_TIMEOUT)
+        except (ChannelError, ConnectionError, TimeoutError, EOFError) as exc:
+            raise FleetError(f"the fleet member at {host}:{port} "
+                             f"is refused or unreachable: {exc}") from None
+        try:
+            peer = session.peer
+            if not isinstance(peer, VerifiedQuote):
+                raise FleetError("the fleet member is not attested")
+            why = accepted_peer(self.platform.identity, peer.identity)
+            if why is not None:
+                raise FleetError(f"the fleet member is refused: {why}")
+            await session.send(fleetwire.encode_request(request))
+            return fleetwire.decode_reply(
+                request, await asyncio.wait_for(session.recv(), CALL_TIMEOUT)
+            )
+        except (ChannelError, ConnectionError, TimeoutError, EOFError) as exc:
+            raise FleetError(f"the fleet member closed the session: {exc}") from None
+        except fleetwire.FleetProtocolError as exc:
+            raise FleetError(f"the fleet member answered nonsense: {exc}") from None
+        finally:
+            await session.close()
+
+    async def _join(self, request: k1.FleetJoin) -> None:
+        if self.fleet.member:
+            raise FleetError(
+                f"this manager is in fleet {self.fleet.fleet_id} already: fleet leave first"
+            )
+        evidence = self.credential.certificate.public_bytes(serialization.Encoding.DER)
+        join = fleetwire.Join(token=request.token, evidence=evidence, address=request.address)
+        reply = await self._fleet_call(request.host, request.port, join)
+        if isinstance(reply, Refused):
+            raise FleetError(f"the fleet member refused the join: {reply.error}")
+        self.fleet.joined(request.token, reply, self.ca_key)
+        if reply.member_id != self.platform_id:
+            self.fleet.leave()
+            raise FleetError("the fleet member recorded another platform id for this host")
+        self._save_fleet()
+        log.log("manager.fleet_joined", fleet=self.fleet.fleet_id,
+                members=len(self.fleet.members))
+        for record in self._records():
+            try:
+                await self._push_blob_key(record)
+            except _UNREACHABLE as exc:
+                # Its next start (manager restore) gives it the key again.
+                log.log("manager.blob_key_failed", vm=record.name, reason=str(exc))
+
+    async def _push_blob_key(self, record: InstanceRecord) -> admin.InstanceStatus | None:
+        """Give the VM's instance its per-VM fleet key (portable state blobs)."""
+        if not self.fleet.member:
+            return None
+        return await self._call(
+            record.instance_id,
+            admin.SetBlobKey(
+                key=self.fleet.vm_key(record.name), vm=record.name, origin=self.platform_id
+            ),
+            failed="the instance did not take its fleet key",
+        )
+
+    # -- migrations: the destination tells the source (docs/ARCHITECTURE.md) -----
+    async def watch_migrations(self) -> None:
+        """Until the enclave ends: tell each incoming VM's source once it runs here."""
+        while True:
+            await asyncio.sleep(MIGRATION_POLL)
+            if not any(r.migration.get("phase") == "incoming" for r in self._records()):
+                continue
+            async with self.lock:
+                for record in self._records():
+                    due = self._report_due.get(record.name, (0.0, 0.0))
+                    if record.migration.get("phase") != "incoming" or time.monotonic() < due[0]:
+                        continue
+                    try:
+                        await self._check_incoming(record)
+                    except (*_UNREACHABLE, FleetError, SealError, OSError, ValueError) as exc:
+                        # Back off (up to a minute): an unreachable source must not
+                        # hold the manager's lock every poll; and a failure here
+                        # never ends the manager (it serves the operator meanwhile).
+                        delay = min(60.0, max(1.0, due[1] * 2))
+                        self._report_due[record.name] = (time.monotonic() + delay, delay)
+                        log.log("manager.migration_report_failed", vm=record.name,
+                                reason=str(exc), retry_in=delay)
+                    else:
+                        self._report_due.pop(record.name, None)
+
+    async def _check_incoming(self, record: InstanceRecord) -> None:
+        status = await self._call(record.instance_id, admin.GetStatus())
+        if not status.imported:
+            return
+        member = self.fleet.members.get(status.origin, {})
+        address = str(member.get("address", ""))
+        moved = fleetwire.Moved(
+            vm=record.name,
+            version=status.imported,
+            to=self.platform_id,
+            proof=self.fleet.moved_proof(record.name, status.imported, self.platform_id),
+        )
+        if status.origin != self.platform_id:
+            if not address:
+                raise FleetError(f"the source platform {status.origin} has no fleet address")
+            host, _, port = address.rpartition(":")
+            reply = await self._fleet_call(host.strip("[]"), int(port), moved)
+            if isinstance(reply, Refused):
+                raise FleetError(f"the source refused: {reply.error}")
+        record.migration = {"phase": "in", "from": status.origin, "version": status.imported}
+        record.state = status.state
+        self.store.save(self.registry)
+        log.log("manager.migration_completed", vm=record.name, source=status.origin,
+                version=status.imported)
+
+    async def migrate(self, request: k1.MigrateVm) -> k1.Shown:
+        """A cold move: the stopped TPM's portable blobs to the member at host:port."""
+        record = self._record(request.name)
+        if not self.fleet.member:
+            raise ManagerError("this host is not in a fleet (sgxvtpm fleet join)")
+        exported = await self._call(record.instance_id, admin.ExportState(),
+                                    failed="the instance did not export its state")
+        move = fleetwire.Move(
+            vm=record.name,
+            origin=self.platform_id,
+            blobs=exported.blobs,
+            proof=self.fleet.move_proof(record.name, self.platform_id, exported.blobs),
+        )
+        try:
+            reply = await self._fleet_call(request.host, request.port, move)
+        except FleetError as exc:
+            raise ManagerError(str(exc)) from None
+        if isinstance(reply, Refused):
+            raise ManagerError(f"the destination refused the VM: {reply.error}")
+        version = portable_version(exported.blobs)
+        await self._call(record.instance_id, admin.MarkMigrated(version, reply.to))
+        record.migration = {"phase": "out", "to": reply.to, "version": version}
+        self.store.save(self.registry)
+        log.log("manager.migrated_out", vm=record.name, to=reply.to, version=version)
+        return k1.Shown(await self.describe(record))
+
+    async def _move_in(self, request: fleetwire.Move) -> Reply:
+        record = self.registry.instances.get(request.vm)
+        if record is None or record.migration.get("phase") != "incoming":
+            raise FleetError(
+                f"no incoming VM named {request.vm!r} here (vm create {request.vm} --incoming)"
+            )
+        expected = self.fleet.move_proof(request.vm, request.origin, request.blobs)
+        if not hmac.compare_digest(expected, request.proof):
+            raise FleetError("the move is not from a member of this fleet")
+        status = await self._call(record.instance_id, admin.ImportState(request.blobs),
+                                  failed="the VM's instance refused the state")
+        record.migration = {"phase": "in", "from": request.origin, "version": status.imported}
+        record.state = status.state
+        log.log("manager.migration_completed", vm=record.name, source=request.origin,
+                version=status.imported)
+        return fleetwire.MovedIn(to=self.platform_id)
+
+    async def _moved(self, request: fleetwire.Moved) -> Reply:
+        record = self.registry.instances.get(request.vm)
+        if record is None:
+            raise FleetError(f"no VM named {request.vm!r} here")
+        expected = self.fleet.moved_proof(request.vm, request.version, request.to)
+        if not hmac.compare_digest(expected, request.proof):
+            raise FleetError("the migration report is not from a member of this fleet")
+        try:
+            await self._call(record.instance_id, admin.MarkMigrated(request.version, request.to))
+        except _UNREACHABLE as exc:
+            raise FleetError(f"the VM's instance did not take it: {exc}") from None
+        record.migration = {"phase": "out", "to": request.to, "version": request.version}
+        log.log("manager.migrated_out", vm=record.name, to=request.to, version=request.version)
+        return Done()
+
+    async def handle_fleet(self, data: bytes) -> bytes:
+        """A request of another manager on a fleet session (wire/fleet.py)."""
+        reply: Reply | Refused
+        try:
+            request = fleetwire.decode_request(data)
+        except fleetwire.FleetProtocolError as exc:
+            return fleetwire.encode_reply(Refused(str(exc)))
+        async with self.lock:
+            try:
+                if isinstance(request, fleetwire.Moved):
+                    reply = await self._moved(request)
+                elif isinstance(request, fleetwire.Move):
+                    reply = await self._move_in(request)
+                else:
+                    reply = self.fleet.admit(
+                        request, self.platform.identity, self.verifier, time.time()
+                    )
+                    log.log("manager.fleet_admitted", member=reply.member_id)
+            except (FleetError, ManagerError) as exc:
+                log.log("manager.fleet_request_refused", op=request.OP, reason=str(exc))
+                reply = Refused(str(exc))
+            # A join's token is burnt whatever the outcome; a move is recorded:
+            # sealed before the answer leaves.
+            self._save_fleet()
+        return fleetwire.encode_reply(reply)
 
     # -- the flows of docs/ARCHITECTURE.md, "Flows" ----------------------------
     async def restore(self) -> None:
@@ -149,6 +425,8 @@ class ManagerEnclave:
             try:
                 await self._launch(record.instance_id)
                 record.state = (await self._call(record.instance_id, admin.GetStatus())).state
+                if record.state in migration_states:
+                    await self._push_blob_key(record)
             except _UNREACHABLE as exc:
                 record.state = "error"
                 log.log("manager.restore_failed", vm=record.name, reason=str(exc))
@@ -173,12 +451,31 @@ class ManagerEnclave:
             ek=list(request.ek),
             created=time.time(),
         )
+        if request.incoming and not self.fleet.member:
+            raise ManagerError(
+                "an incoming VM needs this host in a fleet (sgxvtpm fleet join): its state"
+                " comes from another member"
+            )
         launched = await self._launch(record.instance_id)
         # All or nothing: whatever fails after the launch (provisioning, certification,
         # the registry's save, the VM's certificate) stops and erases the instance and
         # leaves no registration, so the name is free again.
         try:
-            status = await self._manufacture(record)
+            if request.incoming:
+                status = await self._call(
+                    record.instance_id,
+                    admin.ProvisionIncoming(
+                        vm_id=name,
+                        vm_spki_sha256=bytes.fromhex(record.vm_spki_sha256),
+                        pcr_banks=tuple(record.pcr_banks),
+                    ),
+                    failed="provisioning failed",
+                )
+                record.ek = []
+                record.migration = {"phase": "incoming"}
+            else:
+                status = await self._manufacture(record)
+            status = await self._push_blob_key(record) or status
             record.state = status.state
             record.mrenclave = status.mrenclave
             record.mrsigner = status.mrsigner
@@ -268,6 +565,7 @@ class ManagerEnclave:
         host = await self._control(control.QueryInstance(record.instance_id))
         if isinstance(host, Refused):
             host = control.InstanceProcess(alive=False, pid=None, reason=host.error)
+        status: admin.InstanceStatus | None = None
         if host.alive:
             try:
                 status = await self._call(record.instance_id, admin.GetStatus())
@@ -289,6 +587,9 @@ class ManagerEnclave:
             pid=host.pid,
             alive=host.alive,
             reason=reason,
+            endpoint_pid=status.endpoint_pid if status is not None else None,
+            endpoint=status.endpoint if status is not None else "",
+            endpoint_since=status.endpoint_since if status is not None else 0.0,
         )
 
     # -- helpers ------------------------------------------------------------
@@ -366,6 +667,14 @@ class ManagerEnclave:
             )
             .sign(self.ca_key, hashes.SHA256())
         )
+
+
+def portable_version(blobs: Mapping[str, bytes]) -> int:
+    """The export version of a set of portable blobs (all of one export)."""
+    versions = {portable.parse_header(blob)[0].version for blob in blobs.values()}
+    if len(versions) != 1:
+        raise ManagerError(f"the exported blobs are of several versions {sorted(versions)}")
+    return versions.pop()
 
 
 def _spki_sha256_of(key: ec.EllipticCurvePublicKey) -> bytes:
@@ -449,5 +758,6 @@ def _serve(platform: EnclavePlatform, stream: socket.socket, args: Mapping[str, 
         async with manager.lock:
             await manager.restore()
         await control_call(mux, control.ManagerReady())
+        await manager.watch_migrations()
 
     asyncio.run(runtime.run(after_start))

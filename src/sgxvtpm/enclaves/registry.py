@@ -61,6 +61,8 @@ class InstanceRecord:
     mrenclave: str = ""
     mrsigner: str = ""
     ek_certificates: dict[str, str] = field(default_factory=dict)
+    # Many hosts: {"phase": "incoming"|"in"|"out", ...} (enclaves/manager.py).
+    migration: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -68,6 +70,8 @@ class Registry:
     operator_cert_pem: str
     ca_key_pem: str
     instances: dict[str, InstanceRecord] = field(default_factory=dict)
+    # The fleet (enclaves/fleet.py: FleetState.to_json); empty: not in one.
+    fleet: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         data = {
@@ -75,6 +79,8 @@ class Registry:
             "ca_key_pem": self.ca_key_pem,
             "instances": {name: asdict(rec) for name, rec in self.instances.items()},
         }
+        if self.fleet:
+            data["fleet"] = self.fleet
         return json.dumps(data, sort_keys=True).encode()
 
     @classmethod
@@ -84,7 +90,10 @@ class Registry:
             instances = {
                 name: InstanceRecord(**rec) for name, rec in raw.get("instances", {}).items()
             }
-            return cls(raw["operator_cert_pem"], raw["ca_key_pem"], instances)
+            fleet = raw.get("fleet", {})
+            if not isinstance(fleet, dict):
+                raise TypeError("fleet is not an object")
+            return cls(raw["operator_cert_pem"], raw["ca_key_pem"], instances, fleet)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise SealError("manager registry content is malformed") from exc
 

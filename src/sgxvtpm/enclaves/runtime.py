@@ -2,7 +2,8 @@
 
 The stream is the enclave's only way in or out (the loader's socketpair);
 over it the relay frames carry TLS records (sgxvtpm.mux.aio.RelayMux).
-The enclave provides a session factory (its credential and whom it trusts)
+The enclave provides a session factory (its credential and whom it trusts,
+given the relay's label of the opener: only a hint, from the host)
 and a request handler; the runtime answers each authenticated request
 message with one reply message, in order within a session. Sessions are
 served concurrently (asyncio); the manager serialises its requests itself.
@@ -41,7 +42,7 @@ class EnclaveRuntime:
     def __init__(
         self,
         stream: socket.socket,
-        session_factory: Callable[[], ServerSession],
+        session_factory: Callable[[str], ServerSession],
         handler: RequestHandler,
     ) -> None:
         self._stream = stream
@@ -83,7 +84,7 @@ class EnclaveRuntime:
 
     def _new(self, source: str) -> ServerSession | None:
         try:
-            return self._factory()
+            return self._factory(source)
         except Exception as exc:  # a broken enclave state must not kill the loop
             log.log("enclave.session_refused", source=source, reason=str(exc))
             return None

@@ -1,11 +1,16 @@
 """An instance's sealed state: its provisioning and libtpms' three blobs in one file.
 
-One file, one version: every libtpms store (permall after an NV write, the
-savestate at Shutdown(STATE)) rewrites the whole bundle with version + 1,
-then advances the platform counter (sealing.py explains the order). The
-libtpms store callback returns only after both are durable, so a TPM response
-is released only after the change it reports is durable (SECURITY.md
-property 16).
+One file, one version: every commit rewrites the whole bundle with version +
+1, then advances the platform counter (sealing.py explains the order). While
+provisioning, each libtpms store (permall after an NV write, the savestate at
+Shutdown(STATE)) commits before the callback returns. A VM's running TPM
+stores in *deferred* mode: the store only marks the bundle dirty, and the
+instance commits it once per request, after the command and before its
+response leaves, together with that request's resume record (resume.py), so
+an NV change and the volatile state that goes with it are one commit and a
+response is released only after the change it reports is durable
+(SECURITY.md property 16); a commit that fails is rolled back and answered
+with TPM_RC_FAILURE (instance.py).
 
 The bundle also records the version of the latest export of state blobs to
 the host (``exported``, 0 when the TPM has changed since); blobcipher.py
@@ -34,15 +39,19 @@ _ABSENT = 0xFFFFFFFF
 
 @dataclass
 class Bundle:
-    """u32 len + provisioning JSON | per blob: u32 len (or absent) + bytes | [u64 exported].
+    """u32 len + provisioning JSON | per blob: u32 len (or absent) + bytes
+    | [u64 exported [| u32 len + resume record]].
 
-    ``exported`` is written only when set, so bundles of older versions,
-    which end after the blobs, read as "no export".
+    ``exported`` is written only when set or when a resume record follows,
+    so bundles of older versions, which end after the blobs, read as "no
+    export". ``resume`` is the encoded resume record (resume.py) of the
+    request whose NV change this version commits.
     """
 
     provisioning: dict[str, Any] = field(default_factory=dict)
     blobs: dict[str, bytes] = field(default_factory=dict)
     exported: int = 0
+    resume: bytes = b""
 
     def encode(self) -> bytes:
         meta = json.dumps(self.provisioning, sort_keys=True).encode()
@@ -53,8 +62,10 @@ class Bundle:
                 parts.append(struct.pack(">I", _ABSENT))
             else:
                 parts += [struct.pack(">I", len(blob)), blob]
-        if self.exported:
+        if self.exported or self.resume:
             parts.append(struct.pack(">Q", self.exported))
+        if self.resume:
+            parts += [struct.pack(">I", len(self.resume)), self.resume]
         return b"".join(parts)
 
     @classmethod
@@ -73,16 +84,22 @@ class Bundle:
                     raise ValueError("short blob")
                 blobs[name] = data[offset : offset + length]
                 offset += length
-            exported = 0
+            exported, resume = 0, b""
             if offset != len(data):
                 (exported,) = struct.unpack_from(">Q", data, offset)
-                if offset + 8 != len(data) or not exported:
+                offset += 8
+                if offset != len(data):
+                    (length,) = struct.unpack_from(">I", data, offset)
+                    resume = data[offset + 4 : offset + 4 + length]
+                    if offset + 4 + length != len(data) or not length:
+                        raise ValueError("trailing bytes")
+                elif not exported:
                     raise ValueError("trailing bytes")
         except (struct.error, ValueError, RecursionError) as exc:
             raise SealError("sealed state content is malformed") from exc
         if not isinstance(provisioning, dict):
             raise SealError("sealed state content is malformed")
-        return cls(provisioning, blobs, exported)
+        return cls(provisioning, blobs, exported, bytes(resume))
 
 
 class DirectoryBusyError(SgxvtpmError):
@@ -185,12 +202,19 @@ class SealedStateStore:
     def __init__(self, platform: EnclavePlatform, instance_id: str, path: Path) -> None:
         self.file = SealedFile(platform, SealKind.INSTANCE_STATE, instance_id, path)
         self.bundle = Bundle()
+        #: Deferred: a change (libtpms' store, an export) only marks the bundle
+        #: dirty; the instance commits it once, after the request, with the
+        #: request's resume record (:meth:`flush`), before the response leaves.
+        self.deferred = False
+        self.dirty = False
+        self._committed: tuple[dict[str, bytes], int] = ({}, 0)  # blobs, exported
 
     def exists(self) -> bool:
         return self.file.exists()
 
     def load(self) -> Bundle:
         self.bundle = Bundle.decode(self.file.load())
+        self._committed = (dict(self.bundle.blobs), self.bundle.exported)
         return self.bundle
 
     def create(self, provisioning: dict[str, Any]) -> None:
@@ -198,7 +222,23 @@ class SealedStateStore:
         self.file.create(self.bundle.encode(), self._vm_id())
 
     def commit(self) -> None:
+        if self.deferred:
+            self.dirty = True
+            return
         self.file.commit(self.bundle.encode(), self._vm_id())
+
+    def flush(self, resume: bytes) -> None:
+        """Commit the pending changes with ``resume`` (durable, counted) in one write."""
+        self.bundle.resume = resume
+        self.file.commit(self.bundle.encode(), self._vm_id())
+        self.dirty = False
+        self._committed = (dict(self.bundle.blobs), self.bundle.exported)
+
+    def rollback(self) -> None:
+        """Forget the changes since the last commit (it failed): the bundle is the durable one."""
+        blobs, exported = self._committed
+        self.bundle.blobs, self.bundle.exported = dict(blobs), exported
+        self.dirty = False
 
     def erase(self) -> None:
         self.file.erase()
@@ -212,6 +252,9 @@ class SealedStateStore:
     def store_blob(self, name: str, data: bytes) -> None:
         previous = self.bundle.blobs.get(name)
         self.bundle.blobs[name] = bytes(data)
+        if self.deferred:  # committed after the request; a failed commit ends the process
+            self.dirty = True
+            return
         try:
             self.commit()
         except BaseException:

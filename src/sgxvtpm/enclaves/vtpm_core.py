@@ -30,6 +30,7 @@ engine once, on first use, from ``engine_factory``.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable
 from typing import ClassVar, Protocol
@@ -37,7 +38,7 @@ from typing import ClassVar, Protocol
 from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.tpm.constants import HEADER_SIZE, TPM2_CC, TPM2_RC, TPM2_SU
 from sgxvtpm.tpm.engine import EngineError, EngineMisuseError, StateType
-from sgxvtpm.tpm.wire import error_response, shutdown
+from sgxvtpm.tpm.wire import error_response, shutdown, stir_random
 from sgxvtpm.util import log
 from sgxvtpm.wire.vtpm import (
     INIT_FLAG_DELETE_VOLATILE,
@@ -198,6 +199,43 @@ class VtpmCore:
             return VtpmResponse.error(exc.result or TpmResult.FAIL)
         log.log("vtpm.engine_misuse", op=op.name, reason=str(exc))
         return VtpmResponse.error(TpmResult.FAIL)
+
+    def snapshot(self) -> tuple[bool, bytes, int | None]:
+        """(running, libtpms VOLATILE state if running, last command code): what a
+        resume record keeps of this core (sgxvtpm/enclaves/resume.py)."""
+        if not self.running:
+            return False, b"", self._last_code
+        return True, self.engine.get_state(StateType.VOLATILE), self._last_code
+
+    def resume(self, running: bool, volatile: bytes, last_code: int | None) -> None:
+        """Come back as :meth:`snapshot` saw the core, in a fresh process.
+
+        The TPM restarts from ``volatile`` without TPM2_Startup (as after an
+        orderly Shutdown(STATE) and Startup(STATE), but with no DA penalty and
+        nothing lost), then its DRBG is stirred so no random output repeats.
+        EngineError if libtpms refuses the state.
+        """
+        if self.running:
+            raise EngineMisuseError("resume() on a running TPM")
+        self._last_code = last_code
+        if not running:
+            return
+        engine = self.engine
+        engine.set_state(StateType.VOLATILE, volatile)
+        engine.start()
+        rc = _rc(engine.process(stir_random(os.urandom(32))))
+        if rc != TPM2_RC.SUCCESS:
+            engine.stop()
+            raise EngineError(f"TPM2_StirRandom after resume answered {rc:#x}")
+
+    def fail(self) -> None:
+        """The state a command changed could not be made durable: stop libtpms without a
+        Shutdown, so every command answers TPM_RC_FAILURE until the VM's platform
+        powers the TPM on again (INIT restarts it from the durable state), as a TPM
+        in failure mode needs _TPM_Init (Part 1, 12.3)."""
+        if self.running:
+            self.engine.stop()
+        self._last_code = None
 
     def close(self) -> None:
         """Shut the TPM down in order and stop it (the enclave is ending)."""

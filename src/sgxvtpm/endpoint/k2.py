@@ -7,12 +7,16 @@ VM key the manager bound to the instance (SECURITY.md properties 13 and 14).
 
 :class:`K2Client` is blocking: the in-process TCTI uses it, and it is the
 ``VtpmBackend`` the QEMU and TSS endpoints forward to (they serialise
-their calls). After a session breaks (the instance or hostd restarted) the
-request in flight fails with :class:`K2Error` and is not resent, since it
-may have run and nothing may run twice; the next request opens a new
-session. A session the instance ended while it was idle (a restart, another
-endpoint's takeover) is noticed before the next request is sent, which then
-opens a new session at once: nothing had been sent on the old one.
+their calls). After a session breaks (the instance was killed and hostd
+relaunched it, hostd was restarted or killed) the client reconnects by
+itself, with bounded retries and exponential backoff, each attempt logged,
+and ATTACHes with its resume token (sgxvtpm/wire/resume.py): the instance
+comes back with the TPM as it was, and a request that was in flight is
+answered exactly once (its stored response, or it is sent again if it never
+ran). If the instance cannot resume (no record of this client's epoch and
+count: SECURITY.md property 19) the request in flight fails with
+:class:`K2Error` and the TPM is not running, as after a power loss; the
+client logs why. A VM that was destroyed raises :class:`K2Destroyed`.
 
 Every session first attaches to the VM's TPM (sgxvtpm.wire.vtpm, ATTACH):
 the instance serves one endpoint per VM at a time and refuses another with
@@ -29,6 +33,7 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,8 +60,10 @@ from sgxvtpm.mux.connection import (
     SessionClosed,
 )
 from sgxvtpm.platform.base import MeasurementPolicy, QuoteVerifier
+from sgxvtpm.util import log
 from sgxvtpm.vmm.credentials import Credentials, CredentialsError
-from sgxvtpm.wire.relay import RelayProtocolError, RelayUsageError
+from sgxvtpm.wire.relay import DESTROYED, RelayProtocolError, RelayUsageError
+from sgxvtpm.wire.resume import AttachReply, ResumeToken, decode_attach_reply
 from sgxvtpm.wire.vtpm import (
     ATTACH_FLAG_TAKEOVER,
     MAX_ATTACH_INFO,
@@ -70,6 +77,10 @@ from sgxvtpm.wire.vtpm import (
 CONNECT_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 300.0  # an RSA key generation on a loaded host can take seconds
 _READ = 17 * 1024  # one TLS record (16 KiB + overhead)
+#: Reconnecting after a session broke: first delay, its cap, and when to give up.
+RETRY_FIRST = 0.05
+RETRY_MAX = 2.0
+RECONNECT_TIMEOUT = 60.0
 
 
 class K2Error(SgxvtpmError):
@@ -77,6 +88,17 @@ class K2Error(SgxvtpmError):
 
     Check that hostd runs and that the VM exists (``sgxvtpm vm show NAME``), then reconnect.
     """
+
+
+class K2Destroyed(K2Error):
+    """The VM's instance was destroyed (``sgxvtpm vm destroy``): its TPM is gone for good.
+
+    An endpoint of that VM has nothing left to serve and exits.
+    """
+
+    def __init__(self, vm: str) -> None:
+        self.vm = vm
+        super().__init__(f"VM {vm} was destroyed; this endpoint exits")
 
 
 class K2Busy(K2Error):
@@ -91,6 +113,11 @@ class K2Busy(K2Error):
     def with_hint(self, hint: str) -> K2Busy:
         """The same refusal, telling the user how to take over in their own terms."""
         return K2Busy(self.vm, self.holder, hint)
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    """An endpoint as the instance describes it: "pid N, 'what it serves', since T"."""
+    return _about(holder)
 
 
 def _about(holder: dict[str, Any]) -> str:
@@ -172,8 +199,21 @@ class K2Client(MessageBackend):
         handoff: bool = True,
         takeover: bool = False,
         label: str = "K2Client",
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
+        on_destroyed: Callable[[K2Destroyed], None] | None = None,
     ) -> None:
         self.binding = binding
+        self.reconnect_timeout = reconnect_timeout
+        #: Called (then K2Destroyed is raised) when the VM turns out to be destroyed.
+        self.on_destroyed = on_destroyed
+        # The resume token: the epoch the instance gave this client and the
+        # number of its requests answered in it (sgxvtpm/wire/resume.py).
+        self._epoch: str | None = None
+        self._seq = 0
+        self._token: ResumeToken | None = None
+        self._close_reason = ""
+        #: Sessions resumed after a break (the instance or hostd restarted under them).
+        self.resumes = 0
         self.timeout = timeout
         self.handoff = handoff
         self.takeover = takeover
@@ -192,8 +232,31 @@ class K2Client(MessageBackend):
         return self._tls is not None and self._relay is None
 
     def connect(self) -> None:
-        """Open a session and attach to the VM's TPM; K2Busy if another endpoint holds it."""
+        """Open a session and attach to the VM's TPM; K2Busy if another endpoint holds it.
+
+        A new epoch: a session broken before is not resumed (:meth:`request` does that).
+        """
+        self._open(None)
+
+    def _open(self, token: ResumeToken | None) -> AttachReply | None:
         self.close()
+        self._close_reason = ""
+        try:
+            return self._open_session(token)
+        except (K2Error, ChannelError):
+            if self._close_reason == DESTROYED.decode():
+                self._destroyed()
+            raise
+
+    def _destroyed(self) -> None:
+        self.close()
+        exc = K2Destroyed(self.binding.name or self.binding.instance_id)
+        log.log("k2.vm_destroyed", vm=exc.vm)
+        if self.on_destroyed is not None:
+            self.on_destroyed(exc)
+        raise exc
+
+    def _open_session(self, token: ResumeToken | None) -> AttachReply | None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(CONNECT_TIMEOUT)
         try:
@@ -222,7 +285,8 @@ class K2Client(MessageBackend):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
         self._idle = select.poll()
         self._idle.register(sock, select.POLLIN)
-        self._attach()
+        self._token = token
+        return self._attach()
 
     def _hand_off(self, relay: RelayConnection) -> None:
         """Ask hostd to hand this connection to the instance and wait for its
@@ -239,8 +303,12 @@ class K2Client(MessageBackend):
             self._take_in(data)
             self._flush()
 
-    def _attach(self) -> None:
-        about = {"pid": os.getpid(), "endpoint": self.label[: MAX_ATTACH_INFO // 8]}
+    def _attach(self) -> AttachReply | None:
+        """ATTACH, with the resume token of :meth:`_open_session` if there is one."""
+        about: dict[str, Any] = {"pid": os.getpid(),
+                                 "endpoint": self.label[: MAX_ATTACH_INFO // 8]}
+        if self._token is not None:
+            about["resume"] = self._token.to_json()
         flags = ATTACH_FLAG_TAKEOVER if self.takeover else 0
         request = VtpmRequest.attach(flags, json.dumps(about).encode())
         try:
@@ -250,7 +318,16 @@ class K2Client(MessageBackend):
             raise K2Error(f"the instance answered ATTACH with garbage: {exc}") from None
         if response.success:
             self.takeover = False  # a later reconnect must not take the VM back
-            return
+            try:
+                reply = decode_attach_reply(response.payload)
+            except VtpmProtocolError as exc:
+                self.close()
+                raise K2Error(f"the instance answered ATTACH with garbage: {exc}") from None
+            if reply is None:  # an instance that knows no epochs: nothing to resume
+                self._epoch, self._seq = None, 0
+            else:
+                self._epoch, self._seq = reply.epoch, reply.seq
+            return reply
         self.close()
         name = self.binding.name or self.binding.instance_id
         if response.result == TpmResult.RESOURCES:
@@ -262,9 +339,63 @@ class K2Client(MessageBackend):
         raise K2Error(f"the instance of {name} refused the session (result {response.result:#x})")
 
     def request(self, payload: bytes) -> bytes:
+        """Send one request, its answer back, exactly once across crashes behind the session."""
         if self._tls is None or self._ended_while_idle():
-            self.connect()
-        return self._send(payload)
+            if self._epoch is None:
+                self.connect()
+            else:
+                self._reconnect(in_flight=False)
+        while True:
+            try:
+                answer = self._send(payload)
+            except (K2Error, ChannelError) as exc:
+                if self._epoch is None:
+                    raise
+                replay = self._reconnect(in_flight=True, cause=exc)
+                if replay is not None:
+                    return replay
+                continue  # it never ran (or its effects were not committed): send it again
+            self._seq += 1
+            return answer
+
+    def _reconnect(self, in_flight: bool, cause: BaseException | None = None) -> bytes | None:
+        """Reconnect and resume this client's epoch; the in-flight request's stored
+        answer if the instance had run it, else None. Retries with backoff until
+        ``reconnect_timeout``; K2Error if the instance cannot resume (logged)."""
+        assert self._epoch is not None
+        name = self.binding.name or self.binding.instance_id
+        token = ResumeToken(self._epoch, self._seq, in_flight)
+        deadline = time.monotonic() + self.reconnect_timeout
+        delay, attempt = RETRY_FIRST, 0
+        reason = str(cause) if cause is not None else "the instance ended the session"
+        while True:
+            attempt += 1
+            log.log("k2.reconnect", vm=name, attempt=attempt, in_flight=in_flight,
+                    seq=token.seq, reason=reason)
+            try:
+                reply = self._open(token)
+                break
+            except (K2Busy, K2Destroyed):
+                raise
+            except (K2Error, ChannelError, OSError) as exc:
+                reason = str(exc) or type(exc).__name__
+                if time.monotonic() + delay > deadline:
+                    log.log("k2.reconnect_gave_up", vm=name, attempts=attempt, reason=reason)
+                    raise K2Error(f"could not reconnect to the instance of {name} within "
+                                  f"{self.reconnect_timeout:g} s: {reason}") from None
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+        if reply is None or not reply.resumed:
+            why = reply.reason if reply is not None else "the instance does not resume"
+            log.log("k2.resume_refused", vm=name, attempts=attempt, reason=why)
+            if in_flight:
+                raise K2Error(f"the instance of {name} restarted and could not resume its TPM "
+                              f"({why}); the request in flight may not have run")
+            return None
+        self.resumes += 1
+        log.log("k2.resumed", vm=name, attempts=attempt, seq=reply.seq,
+                replayed=reply.response is not None)
+        return reply.response
 
     def _ended_while_idle(self) -> bool:
         """True if the instance closed the session since the last answer.
@@ -363,6 +494,8 @@ class K2Client(MessageBackend):
             if isinstance(event, DataReceived):
                 self._tls.receive_data(event.data)
             elif isinstance(event, SessionClosed | ConnectionEnded):
+                if isinstance(event, SessionClosed):
+                    self._close_reason = event.reason
                 if not self._eof:
                     self._eof = True
                     self._tls.receive_data(b"")

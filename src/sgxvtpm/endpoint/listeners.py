@@ -156,6 +156,14 @@ class Listeners:
         self._paths.append((path, (made.st_dev, made.st_ino)))
         self._listen(sock, handler)
 
+    def adopt(self, sock: socket.socket, handler: Handler, path: Path | None = None) -> None:
+        """Serve ``sock``, a unix socket already bound and listening (its permissions set
+        by whoever bound it); ``path``, its file, is removed by :meth:`close`."""
+        if path is not None:
+            made = os.lstat(path)
+            self._paths.append((path, (made.st_dev, made.st_ino)))
+        self._listen(sock, handler)
+
     def tcp(self, host: str, port: int, handler: Handler) -> int:
         """Listen on loopback ``host:port`` (0: any free port); the port bound."""
         address = loopback_host(host)

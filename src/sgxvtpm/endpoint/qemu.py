@@ -114,8 +114,15 @@ class QemuEndpoint:
         frame_timeout: float = FRAME_TIMEOUT,
         exit_on_shutdown: bool = False,
         access: SocketAccess = OWNER_ONLY,
+        listener: socket.socket | None = None,
+        terminate: bool = False,
     ) -> None:
+        """``listener``: serve this socket, already bound to ``ctrl_path`` and listening,
+        instead of binding one (the libvirt executable binds before its imports).
+        ``terminate``: stop when a control connection ends (swtpm's ``--terminate``)."""
         self.tpm = VmTpm(backend)
+        self.terminate = terminate
+        self._listener = listener
         self.ctrl_path = Path(ctrl_path)
         self.access = access
         self.frame_timeout = frame_timeout
@@ -131,7 +138,10 @@ class QemuEndpoint:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self._listeners.unix(self.ctrl_path, self._serve_ctrl, backlog=4, access=self.access)
+        if self._listener is not None:
+            self._listeners.adopt(self._listener, self._serve_ctrl, self.ctrl_path)
+        else:
+            self._listeners.unix(self.ctrl_path, self._serve_ctrl, backlog=4, access=self.access)
         self._started = True
         log.log("endpoint.qemu_listening", ctrl=str(self.ctrl_path))
 
@@ -154,6 +164,8 @@ class QemuEndpoint:
             self._ctrl_loop(conn)
         finally:
             conn.close_fds()
+            if self.terminate:
+                self.stopped.set()
 
     def _ctrl_loop(self, conn: _FdStream) -> None:
         """Serve control requests until the client closes or sends SHUTDOWN.

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sgxvtpm.endpoint.k2 import K2Busy, K2Client, VmBinding
-from sgxvtpm.endpoint.lifecycle import run_until_signal
+from sgxvtpm.endpoint.k2 import K2Busy, K2Client, K2Destroyed, VmBinding
+from sgxvtpm.endpoint.lifecycle import StopFlag, run_until_signal
 from sgxvtpm.endpoint.listeners import OWNER_ONLY, SocketAccess, loopback_host
 from sgxvtpm.endpoint.qemu import QemuEndpoint
 from sgxvtpm.endpoint.tss import EndpointError, MssimEndpoint, SwtpmTssEndpoint
@@ -39,12 +39,31 @@ def _host_port(option: str, text: str) -> tuple[str, int]:
         raise ValueError(f"{option}: {exc}") from None
 
 
+class _Ending:
+    """Ends the endpoint once its VM turns out to be destroyed (K2Destroyed)."""
+
+    def __init__(self) -> None:
+        self.stopped: StopFlag | None = None
+        self.destroyed: K2Destroyed | None = None
+
+    def __call__(self, exc: K2Destroyed) -> None:
+        self.destroyed = exc
+        if self.stopped is not None:
+            self.stopped.set()
+
+    def check(self) -> None:
+        """Raise the VM's destruction, if that is why the endpoint ended (one line, status 1)."""
+        if self.destroyed is not None:
+            raise self.destroyed
+
+
 def _attached(
-    state: StateDir, name: str, label: str, takeover: bool, credentials: Credentials | None
+    state: StateDir, name: str, label: str, takeover: bool, credentials: Credentials | None,
+    ending: _Ending,
 ) -> K2Client:
     """A K2 client of VM ``name`` that holds its TPM (the instance refuses a second one)."""
     binding = VmBinding.load(state, name, credentials=credentials)
-    client = K2Client(binding, takeover=takeover, label=label)
+    client = K2Client(binding, takeover=takeover, label=label, on_destroyed=ending)
     try:
         client.connect()
     except K2Busy as exc:
@@ -64,8 +83,10 @@ def attach(
 ) -> None:
     """Serve VM ``name``'s vTPM to QEMU on the swtpm control socket ``ctrl``;
     with ``terminate``, only until CMD_SHUTDOWN (as swtpm)."""
-    backend = _attached(state, name, f"vm attach --ctrl {ctrl}", takeover, credentials)
+    ending = _Ending()
+    backend = _attached(state, name, f"vm attach --ctrl {ctrl}", takeover, credentials, ending)
     endpoint = QemuEndpoint(backend, ctrl, access=access, exit_on_shutdown=terminate)
+    ending.stopped = endpoint.stopped
     try:
         endpoint.start()
         print(f"attached {name}: -chardev socket,id=chrtpm,path={ctrl} "
@@ -75,6 +96,7 @@ def attach(
     finally:
         endpoint.close()
         endpoint.tpm.close()
+    ending.check()
 
 
 def serve_tss(
@@ -112,7 +134,8 @@ def serve_tss(
                 f"{tcp[0]} lets every local user use {name}'s TPM (TCP has no permissions); "
                 f"add {ANY_LOCAL_USER_FLAG} to accept that, or serve --swtpm PATH")
     label = f"vm serve {tcp[0]} {tcp[1]}" if tcp is not None else f"vm serve --swtpm {swtpm}"
-    backend = _attached(state, name, label, takeover, credentials)
+    ending = _Ending()
+    backend = _attached(state, name, label, takeover, credentials, ending)
     endpoint: SwtpmTssEndpoint | MssimEndpoint
     if swtpm is not None:
         endpoint = SwtpmTssEndpoint(backend, path=swtpm, access=access or OWNER_ONLY)
@@ -123,6 +146,7 @@ def serve_tss(
     else:
         assert address is not None
         endpoint = MssimEndpoint(backend, host=address[0], port=address[1])
+    ending.stopped = endpoint.stopped
     try:
         endpoint.start()
         if not isinstance(endpoint, SwtpmTssEndpoint) or endpoint.path is None:
@@ -134,6 +158,7 @@ def serve_tss(
     finally:
         endpoint.close()
         endpoint.tpm.close()
+    ending.check()
 
 
 def tpm_command(

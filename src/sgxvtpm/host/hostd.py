@@ -22,6 +22,7 @@ import fcntl
 import grp
 import os
 import pwd
+import re
 import resource
 import shutil
 import signal
@@ -30,6 +31,7 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -38,15 +40,18 @@ from sgxvtpm.enclaves.specs import instance_spec, manager_spec
 from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.host.host_tpm import HostTpm, HostTpmError
 from sgxvtpm.host.statedir import StateDir
-from sgxvtpm.host.switch import Connection, Relay
+from sgxvtpm.host.switch import FLEET_IN, FLEET_OUT, Connection, Relay
 from sgxvtpm.platform import DEFAULT_PLATFORM, open_platform
 from sgxvtpm.platform.base import EnclaveHandle, EnclaveSpec, PlatformError
 from sgxvtpm.util import log
 from sgxvtpm.wire import control
 from sgxvtpm.wire.control import Refused
+from sgxvtpm.wire.relay import DESTROYED
 
 PRELOAD = ("sgxvtpm.enclaves.manager", "sgxvtpm.enclaves.instance")
 RELEASE = "sgxvtpm.enclaves.specs:release"
+_INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+
 # An enclave that dies is relaunched; one that keeps dying right after launch
 # (within CRASH_UPTIME) is relaunched with exponential backoff, up to
 # MAX_BACKOFF seconds, and `vm show` says it is crash-looping.
@@ -127,8 +132,14 @@ class Hostd:
         reset_manager: bool = False,
         counters: str = "sim",
         counters_key: int = DEFAULT_COUNTERS_KEY,
+        sim_root: Path | None = None,
+        fleet_listen: tuple[str, int] | None = None,
     ) -> None:
         self.state = state
+        self.fleet_listen = fleet_listen
+        self._fleet_server: asyncio.Server | None = None
+        self._fleet_dialled = 0
+        self._fleet_tasks: set[asyncio.Task[None]] = set()
         self.reset_manager = reset_manager
         state.ensure()
         self._lock_fd = os.open(state.lock, os.O_RDWR | os.O_CREAT, 0o600)
@@ -159,7 +170,7 @@ class Hostd:
         # installed code (platform/sim/cpu.py).
         try:
             self.platform = open_platform(
-                platform, state.platform, preload=PRELOAD, release=RELEASE
+                platform, state.platform, preload=PRELOAD, release=RELEASE, sim_root=sim_root
             )
         except PlatformError as exc:
             os.close(self._lock_fd)
@@ -169,6 +180,7 @@ class Hostd:
         self.relay = Relay(
             self.on_control, on_tpm=self._host_tpm if self.host_tpm is not None else None
         )
+        self.relay.why_absent = self._why_absent
         self.enclaves: dict[str, Enclave] = {}
         self.manager_ready = asyncio.Event()
         self.manager_ever_ready = False
@@ -199,11 +211,17 @@ class Hostd:
         self._server = await asyncio.start_unix_server(self._client, path=str(self.state.socket))
         os.chmod(self.state.socket, 0o660)
         log.log("hostd.listening", socket=str(self.state.socket))
+        if self.fleet_listen is not None:
+            host, port = self.fleet_listen
+            self._fleet_server = await asyncio.start_server(self._fleet_client, host, port)
+            log.log("hostd.fleet_listening", host=host, port=port)
 
     async def stop(self) -> None:
         self.stopping = True
         if self._server is not None:
             self._server.close()
+        if self._fleet_server is not None:
+            self._fleet_server.close()
         # Instances first, the manager last; each saves its state on SIGTERM.
         order = [e for n, e in self.enclaves.items() if n != "manager"]
         order += [e for n, e in self.enclaves.items() if n == "manager"]
@@ -248,6 +266,29 @@ class Hostd:
     async def _host_tpm(self, command: bytes) -> bytes:
         assert self.host_tpm is not None
         return await asyncio.to_thread(self.host_tpm.transact, command)
+    async def _fleet_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Another host's manager, through its hostd: sessions to our manager only."""
+        await self.relay.serve(reader, writer, kind=FLEET_IN)
+
+    async def _fleet_dial(self, host: str, port: int) -> control.FleetTarget | Refused:
+        """A relay connection to another hostd's fleet port, as a target for our manager."""
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+        except (OSError, TimeoutError) as exc:
+            return Refused(f"cannot reach the fleet port {host}:{port}: {exc or 'timeout'}")
+        self._fleet_dialled += 1
+        name = f"fleet-{self._fleet_dialled}"
+        task = asyncio.create_task(
+            self.relay.serve(reader, writer, kind=FLEET_OUT, name=name, close_when_idle=True)
+        )
+        self._fleet_tasks.add(task)
+        task.add_done_callback(self._fleet_tasks.discard)
+        while name not in self.relay.targets and not task.done():
+            await asyncio.sleep(0)
+        log.log("hostd.fleet_dialled", host=host, port=port, target=name)
+        return control.FleetTarget(name)
 
     # -- launching ------------------------------------------------------------
     async def _launch(self, enclave: Enclave) -> EnclaveHandle:
@@ -333,6 +374,8 @@ class Hostd:
             return self._manager_refused(request.reason)
         if isinstance(request, control.LaunchInstance):
             return await self._launch_instance(request.instance_id, request.manager_cert_pem)
+        if isinstance(request, control.FleetDial):
+            return await self._fleet_dial(request.host, request.port)
         if isinstance(request, control.StopInstance):
             return await self._stop_instance(request.instance_id, request.erase)
         if isinstance(request, control.QueryInstance):
@@ -391,6 +434,13 @@ class Hostd:
         if erase:
             shutil.rmtree(self.state.instance(instance_id), ignore_errors=True)
         return control.Done()
+
+    def _why_absent(self, name: str) -> bytes:
+        """OPEN's CLOSE reason for an absent target: an instance whose directory is
+        gone was destroyed (its endpoints exit); else it is (re)starting."""
+        if _INSTANCE_NAME.fullmatch(name) and not self.state.instance(name).exists():
+            return DESTROYED
+        return b"no such target"
 
     def _instance_info(self, instance_id: str) -> control.InstanceProcess:
         enclave = self.enclaves.get(instance_id)
@@ -474,6 +524,8 @@ async def serve(
     reset_manager: bool = False,
     counters: str = "sim",
     counters_key: int | None = None,
+    sim_root: Path | None = None,
+    fleet_listen: tuple[str, int] | None = None,
 ) -> None:
     """Run hostd on the platform backend ``platform`` until SIGTERM/SIGINT.
 
@@ -496,6 +548,8 @@ async def serve(
         reset_manager=reset_manager,
         counters=counters,
         counters_key=DEFAULT_COUNTERS_KEY if counters_key is None else counters_key,
+        sim_root=sim_root,
+        fleet_listen=fleet_listen,
     )
     if run_as is not None:
         drop_privileges(state, run_as)

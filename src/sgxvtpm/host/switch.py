@@ -21,6 +21,13 @@ connection creates a session between the two:
   empty one without a host TPM. Only enclaves may send them.
 A malformed frame ends the offending connection only.
 
+Fleet connections (docs/ARCHITECTURE.md, "Many hosts") are TCP streams to
+another hostd. One accepted on ``hostd --fleet-listen`` (kind ``fleet``) may
+only OPEN sessions, always to "manager" whatever it names, with any session
+id (the other hostd's switch assigned it); one hostd dialled for its manager
+(kind ``fleet-out``, a registered target) may only answer. Neither may send
+CONTROL; a ``fleet-out`` connection is closed once its last session ends.
+
 Anyone who can connect may send frames, so nothing a client does may hold
 up another connection (the bounds are in :mod:`sgxvtpm.mux.limits`): frames
 for a connection are queued, never waited for, and a client that lets its
@@ -73,6 +80,10 @@ _BUSY = b"busy"
 #: more are tolerated, not an unbounded queue.
 TPM_PENDING_MAX = 4
 
+FLEET_IN = "fleet"  # accepted on hostd --fleet-listen
+FLEET_OUT = "fleet-out"  # dialled by hostd for its manager
+_FLEET_KINDS = (FLEET_IN, FLEET_OUT)
+
 
 class Connection:
     """One stream attached to the relay: a client's socket, or an enclave's stream."""
@@ -86,6 +97,7 @@ class Connection:
         self.name: str | None = None
         self.closed = False
         self.accepts_handoff = False  # an enclave that takes sessions' connections
+        self.close_when_idle = False  # a dialled fleet connection: ends with its last session
         # local session id -> (other connection, its session id)
         self.sessions: dict[int, tuple[Connection, int]] = {}
         # As a target: its session ids whose OPEN it has not answered yet.
@@ -157,6 +169,9 @@ class Relay:
         self._on_tpm = on_tpm
         self._tpm_lock = asyncio.Lock()  # the host has one TPM
         self._observer = observer
+        #: Why a target is absent, for OPEN's CLOSE reason (default "no such target"):
+        #: hostd tells a destroyed instance from one not (yet) running.
+        self.why_absent: Callable[[str], bytes] = lambda name: _NO_TARGET
         self._targets: dict[str, Connection] = {}
         self._connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -183,10 +198,12 @@ class Relay:
         kind: str = "client",
         name: str | None = None,
         accepts_handoff: bool = False,
+        close_when_idle: bool = False,
     ) -> None:
         """Run one connection until it ends; then close all its sessions."""
         conn = Connection(reader, writer, kind)
         conn.accepts_handoff = accepts_handoff
+        conn.close_when_idle = close_when_idle
         # drain() waits only past the limit (clients sending to an enclave).
         writer.transport.set_write_buffer_limits(high=SWITCH_OUT_MAX)
         self._connections.add(conn)
@@ -238,6 +255,8 @@ class Relay:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
+            if conn.kind in _FLEET_KINDS:
+                raise RelayProtocolError("CONTROL from a fleet connection")
             request = frame.control_object()
             if request.get("op") == "handoff":
                 return await self._handoff(conn, request)
@@ -325,7 +344,11 @@ class Relay:
                     return False
 
     def _open(self, conn: Connection, sid: int, target_name: str) -> None:
-        if sid >= RELAY_ASSIGNED:
+        if conn.kind == FLEET_OUT:
+            raise RelayProtocolError("OPEN from a dialled fleet connection")
+        if conn.kind == FLEET_IN:
+            target_name = "manager"  # all a fleet peer may reach
+        elif sid >= RELAY_ASSIGNED:
             raise RelayProtocolError(f"OPEN with relay-assigned session id {sid:#x}")
         if sid in conn.sessions:
             raise RelayProtocolError(f"OPEN of session {sid} which is open")
@@ -335,7 +358,7 @@ class Relay:
             raise _OverLimit(f"more than {CLIENT_SESSIONS_MAX} sessions on one connection")
         target = self._targets.get(target_name)
         if target is None or target.closed or target is conn:
-            self._send(conn, FrameType.CLOSE, sid, _NO_TARGET)
+            self._send(conn, FrameType.CLOSE, sid, self.why_absent(target_name))
             return
         if len(target.unanswered) >= PENDING_OPENS_MAX:
             self._send(conn, FrameType.CLOSE, sid, _BUSY)
@@ -356,6 +379,9 @@ class Relay:
         peer.sessions.pop(peer_sid, None)
         peer.unanswered.discard(peer_sid)
         self._send(peer, FrameType.CLOSE, peer_sid, reason)
+        for end in (conn, peer):
+            if end.close_when_idle and not end.sessions:
+                self._drop(end)
 
     def _control(self, conn: Connection, request: dict[str, Any]) -> None:
         """Queue a CONTROL request; they are answered one at a time, in order."""

@@ -64,6 +64,7 @@ __all__ = [
     "ReportBody",
     "TargetInfo",
     "VerifiedQuote",
+    "init_sim_root",
     "open_platform",
     "platform_kind",
 ]
@@ -93,7 +94,12 @@ def platform_kind(name: str = DEFAULT_PLATFORM) -> PlatformKind:
 
 
 def open_platform(
-    name: str, path: Path, *, preload: Sequence[str] = (), release: str = ""
+    name: str,
+    path: Path,
+    *,
+    preload: Sequence[str] = (),
+    release: str = "",
+    sim_root: Path | None = None,
 ) -> PlatformBackend:
     """Open (or, on first use, provision) the platform ``name`` with its state in ``path``.
 
@@ -101,6 +107,8 @@ def open_platform(
     starts (the sim zygote's). ``release`` ("module:function", called with the
     platform's :class:`PlatformKind`): the unsigned enclave specs the
     platform's signer signs, from the code installed for the platform itself.
+    ``sim_root`` (sim only): the simulated provisioning authority a new
+    platform is provisioned under (:func:`init_sim_root`).
     ``"sim"`` starts the sim CPU process; ``"gramine"`` needs SGX hardware,
     Gramine's tools and DCAP collateral (PlatformError naming what is missing),
     then signs the release with gramine-sgx-sign and runs one gramine-sgx per
@@ -109,11 +117,14 @@ def open_platform(
     if name == "sim":
         from sgxvtpm.platform.sim.backend import SimBackend
 
-        return SimBackend.open(Path(path), preload=preload, release=release)
+        return SimBackend.open(Path(path), preload=preload, release=release, sim_root=sim_root)
     if name == "gramine-sim":
         from sgxvtpm.platform.sim.backend import GramineSimBackend
 
-        return GramineSimBackend.open(Path(path), preload=preload, release=release)
+        return GramineSimBackend.open(Path(path), preload=preload, release=release,
+                                      sim_root=sim_root)
+    if sim_root is not None:
+        raise PlatformError("--sim-root is for the sim platforms only")
     if name == "gramine":
         # Refuses with one line naming what is missing: the SGX device, Gramine's
         # tools, the DCAP collateral (platform/gramine/launcher.py).
@@ -121,6 +132,15 @@ def open_platform(
 
         return GramineBackend.open(Path(path), release=release)
     raise _unavailable(name)
+
+
+def init_sim_root(path: Path) -> str:
+    """Create a simulated provisioning authority in ``path`` (``sgxvtpm sim-root init``):
+    a root key and certificate, and the vendor's enclave signing key. Returns the root
+    certificate's SHA-256 (hex). PlatformError if ``path`` is not empty."""
+    from sgxvtpm.platform.sim.authority import SimAuthority
+
+    return SimAuthority.init(Path(path)).root_sha256
 
 
 def _unavailable(name: str) -> Exception:

@@ -241,6 +241,11 @@ def get_random(count: int) -> bytes:
     return build_command(TPM2_CC.GetRandom, u16(count))
 
 
+def stir_random(entropy: bytes) -> bytes:
+    """TPM2_StirRandom (Part 3, 16.2): ``entropy`` (at most 128 bytes) into the DRBG."""
+    return build_command(TPM2_CC.StirRandom, tpm2b(entropy))
+
+
 def read_clock() -> bytes:
     """TPM2_ReadClock (Part 3, 29.1)."""
     return build_command(TPM2_CC.ReadClock)

@@ -134,6 +134,7 @@ class VmmClient:
         ek: list[str] | None = None,
         vm_public_key: ec.EllipticCurvePublicKey | None = None,
         export: Credentials | None = None,
+        incoming: bool = False,
     ) -> k1.InstanceInfo:
         """Create VM ``name``; its binding goes to this client's credentials directory,
         or to ``export`` (for whoever runs the VM's endpoint) with this host's pinned root."""
@@ -161,6 +162,7 @@ class VmmClient:
                 spki,
                 pcr_banks=tuple(pcr_banks or k1.DEFAULT_PCR_BANKS),
                 ek=tuple(ek or ()),
+                incoming=incoming,
             )
         )
         try:

@@ -17,7 +17,20 @@ provision   vm_id, vm_spki_sha256 (hex), pcr_banks,         eks (alg, public_are
 certify     ek_certificates (alg: DER hex),                 as status
             platform_certificate (DER hex, may be empty)
 destroy     -                                               -
+incoming    vm_id, vm_spki_sha256 (hex), pcr_banks          as status (``incoming``)
+blob_key    key (hex), vm (VM identity), origin              as status
+            (this platform's id)
+migrated    version, to (the destination's platform id)     as status (``migrated``)
+cancel_     -                                               as status
+migration
+export      -                                               blobs (type: portable blob hex)
+import      blobs (type: portable blob hex)                 as status (``running``)
 ==========  ==============================================  ===============================
+
+``status`` also says what an incoming instance imported (``imported``: the
+export version, ``origin``: the source's platform id; 0 and empty until then,
+and ``imported`` stays 0 while the instance still waits for its first TPM
+command after the import). docs/ARCHITECTURE.md, "Many hosts".
 """
 
 from __future__ import annotations
@@ -40,15 +53,22 @@ __all__ = [
     "AdminProtocolError",
     "AdminRequest",
     "AdminUsageError",
+    "CancelMigration",
     "Certify",
     "Destroy",
     "Done",
     "EkPublicArea",
+    "ExportState",
     "GetStatus",
+    "ImportState",
     "InstanceStatus",
+    "MarkMigrated",
+    "PortableState",
     "Provision",
+    "ProvisionIncoming",
     "Provisioned",
     "Refused",
+    "SetBlobKey",
     "TpmSpec",
     "decode_reply",
     "decode_request",
@@ -89,6 +109,13 @@ class InstanceStatus(Reply):
     mrenclave: str
     mrsigner: str
     version: int
+    imported: int = 0
+    origin: str = ""
+    #: The endpoint that holds the VM's seat, in its own words (pid, what it
+    #: serves) and since when (the enclave's clock); empty when none is connected.
+    endpoint_pid: int | None = None
+    endpoint: str = ""
+    endpoint_since: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -157,11 +184,84 @@ class Destroy(Request[Done]):
     REPLY = Done
 
 
-AdminRequest: TypeAlias = GetStatus | Provision | Certify | Destroy
+def _check_key(value: bytes) -> None:
+    if len(value) != SHA256_SIZE:
+        raise ValueError(f"{len(value)} bytes, not a 32-byte key")
+
+
+@dataclass(frozen=True)
+class ProvisionIncoming(Request[InstanceStatus]):
+    """Bind VM ``vm_id`` with no TPM yet: its state comes in by SET_STATEBLOB (migration)."""
+
+    OP = "incoming"
+    REPLY = InstanceStatus
+    vm_id: str
+    vm_spki_sha256: bytes = field(metadata=check_with(_check_sha256))
+    pcr_banks: tuple[str, ...] = ("sha256",)
+
+
+@dataclass(frozen=True)
+class SetBlobKey(Request[InstanceStatus]):
+    """The per-VM key of the fleet: QEMU's state blobs are sealed under it from now on."""
+
+    OP = "blob_key"
+    REPLY = InstanceStatus
+    key: bytes = field(metadata=check_with(_check_key))
+    vm: str = ""
+    origin: str = ""
+
+
+@dataclass(frozen=True)
+class MarkMigrated(Request[InstanceStatus]):
+    """The VM runs on platform ``to`` from export ``version``: refuse to run it here."""
+
+    OP = "migrated"
+    REPLY = InstanceStatus
+    version: int
+    to: str
+
+
+@dataclass(frozen=True)
+class CancelMigration(Request[InstanceStatus]):
+    """The operator's override: run the VM's state here again."""
+
+    OP = "cancel_migration"
+    REPLY = InstanceStatus
+
+
+@dataclass(frozen=True)
+class PortableState(Reply):
+    """A stopped TPM's state blobs, portable (by type: "1", "2", "3"; absent ones left out)."""
+
+    blobs: dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class ExportState(Request[PortableState]):
+    """A cold move: the stopped TPM's blobs under the VM's fleet key (a recorded export)."""
+
+    OP = "export"
+    REPLY = PortableState
+
+
+@dataclass(frozen=True)
+class ImportState(Request[InstanceStatus]):
+    """A cold move's other end: an incoming instance takes ``blobs`` and becomes the VM's TPM."""
+
+    OP = "import"
+    REPLY = InstanceStatus
+    blobs: dict[str, bytes]
+
+
+AdminRequest: TypeAlias = (
+    GetStatus | Provision | Certify | Destroy
+    | ProvisionIncoming | SetBlobKey | MarkMigrated | CancelMigration | ExportState | ImportState
+)
 
 _CODEC: Codec[AdminRequest] = Codec(
     "admin",
-    (GetStatus, Provision, Certify, Destroy),
+    (GetStatus, Provision, Certify, Destroy,
+     ProvisionIncoming, SetBlobKey, MarkMigrated, CancelMigration, ExportState, ImportState),
     AdminProtocolError,
     AdminUsageError,
 )

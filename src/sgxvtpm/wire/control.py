@@ -204,6 +204,23 @@ class Handoff(Request[Done]):
     session: int
 
 
+@dataclass(frozen=True)
+class FleetTarget(Reply):
+    """The relay target name of a fleet connection hostd opened (``fleet-N``)."""
+
+    target: str
+
+
+@dataclass(frozen=True)
+class FleetDial(Request[FleetTarget]):
+    """Connect to the ``hostd --fleet-listen`` at ``host``:``port`` (the manager only)."""
+
+    OP = "fleet_dial"
+    REPLY = FleetTarget
+    host: str
+    port: int
+
+
 ControlRequest: TypeAlias = (
     Ping
     | WaitReady
@@ -214,6 +231,7 @@ ControlRequest: TypeAlias = (
     | StopInstance
     | QueryInstance
     | Handoff
+    | FleetDial
 )
 #: What hostd answers on any connection; the rest only on the manager's.
 PUBLIC: tuple[type[ControlRequest], ...] = (Ping, WaitReady, GetPlatformRoot)
@@ -221,7 +239,7 @@ PUBLIC: tuple[type[ControlRequest], ...] = (Ping, WaitReady, GetPlatformRoot)
 _CODEC: Codec[ControlRequest] = Codec(
     "CONTROL",
     (Ping, WaitReady, GetPlatformRoot, ManagerReady, ManagerRefused, LaunchInstance,
-     StopInstance, QueryInstance, Handoff),
+     StopInstance, QueryInstance, Handoff, FleetDial),
     ControlProtocolError,
     ControlUsageError,
 )

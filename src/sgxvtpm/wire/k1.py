@@ -8,11 +8,24 @@ K1 delivers whole messages: each is one JSON object in the form of
 op         request fields                         reply (``ok``)
 =========  =====================================  ===========================================
 create     name, vm_spki_der (hex), pcr_banks,    instance, vm_cert_pem (for the VM key,
-           ek (EK algorithms)                     issued by the manager's CA), ca_cert_pem
+           ek (EK algorithms), incoming           issued by the manager's CA), ca_cert_pem
 destroy    name                                   -
 list       -                                      instances (sorted by name)
 show       name                                   instance
 ca         -                                      ca_cert_pem
+fleet_     -                                      token (hex, shown once), expires (epoch s)
+invite
+fleet_     host, port, token (hex)                fleet (FleetInfo)
+join
+fleet_     -                                      fleet
+show
+fleet_     -                                      fleet (empty: no longer a member)
+leave
+fleet_     member (platform id hex)               fleet
+remove
+migrate_   name                                   instance
+cancel
+migrate    name, host, port (a member's fleet port)  instance (``migrated``)
 =========  =====================================  ===========================================
 
 ``instance`` is an :class:`InstanceInfo`: the manager's record of the VM and
@@ -44,6 +57,15 @@ __all__ = [
     "Created",
     "DestroyVm",
     "Done",
+    "FleetInfo",
+    "FleetInvitation",
+    "FleetInvite",
+    "FleetJoin",
+    "FleetLeave",
+    "FleetMember",
+    "FleetRemove",
+    "FleetShow",
+    "FleetStatus",
     "GetCaCertificate",
     "InstanceInfo",
     "Instances",
@@ -51,6 +73,8 @@ __all__ = [
     "K1Request",
     "K1UsageError",
     "ListVms",
+    "MigrateCancel",
+    "MigrateVm",
     "Refused",
     "ShowVm",
     "Shown",
@@ -97,6 +121,10 @@ class InstanceInfo(Message):
     pid: int | None = None
     alive: bool = False
     reason: str = ""
+    #: The VM's connected endpoint, as its instance knows it (see admin.InstanceStatus).
+    endpoint_pid: int | None = None
+    endpoint: str = ""
+    endpoint_since: float = 0.0
 
     def to_json(self) -> JsonObject:
         """The JSON object of this description (what ``vm show --json`` prints)."""
@@ -146,6 +174,7 @@ class CreateVm(Request[Created]):
     vm_spki_der: bytes
     pcr_banks: tuple[str, ...] = DEFAULT_PCR_BANKS
     ek: tuple[str, ...] = ()
+    incoming: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,11 +203,108 @@ class GetCaCertificate(Request[CaCertificate]):
     REPLY = CaCertificate
 
 
-K1Request: TypeAlias = CreateVm | DestroyVm | ListVms | ShowVm | GetCaCertificate
+@dataclass(frozen=True)
+class FleetMember(Message):
+    """One manager of the fleet: its platform, its fleet address, when it joined."""
+
+    platform_id: str
+    address: str
+    joined: float
+    mrenclave: str = ""
+
+
+@dataclass(frozen=True)
+class FleetInfo(Message):
+    """This manager's view of its fleet (``fleet_id`` empty: not in a fleet)."""
+
+    fleet_id: str
+    self_id: str
+    members: tuple[FleetMember, ...] = ()
+
+    def to_json(self) -> JsonObject:
+        return to_json(self, K1UsageError)
+
+
+@dataclass(frozen=True)
+class FleetInvitation(Reply):
+    token: bytes
+    expires: float
+
+
+@dataclass(frozen=True)
+class FleetStatus(Reply):
+    fleet: FleetInfo
+
+
+@dataclass(frozen=True)
+class FleetInvite(Request[FleetInvitation]):
+    """A one-time token for one host to join this manager's fleet (made if there is none)."""
+
+    OP = "fleet_invite"
+    REPLY = FleetInvitation
+    address: str = ""
+
+
+@dataclass(frozen=True)
+class FleetJoin(Request[FleetStatus]):
+    """Join the fleet of the manager behind the fleet port ``host``:``port``."""
+
+    OP = "fleet_join"
+    REPLY = FleetStatus
+    host: str
+    port: int
+    token: bytes
+    address: str = ""
+
+
+@dataclass(frozen=True)
+class FleetShow(Request[FleetStatus]):
+    OP = "fleet_show"
+    REPLY = FleetStatus
+
+
+@dataclass(frozen=True)
+class FleetLeave(Request[FleetStatus]):
+    OP = "fleet_leave"
+    REPLY = FleetStatus
+
+
+@dataclass(frozen=True)
+class FleetRemove(Request[FleetStatus]):
+    OP = "fleet_remove"
+    REPLY = FleetStatus
+    member: str
+
+
+@dataclass(frozen=True)
+class MigrateCancel(Request[Shown]):
+    """Run VM ``name`` here again although it migrated to another host (the operator's call)."""
+
+    OP = "migrate_cancel"
+    REPLY = Shown
+    name: str
+
+
+@dataclass(frozen=True)
+class MigrateVm(Request[Shown]):
+    """Move VM ``name``'s stopped TPM to the member at the fleet port ``host``:``port``."""
+
+    OP = "migrate"
+    REPLY = Shown
+    name: str
+    host: str
+    port: int
+
+
+K1Request: TypeAlias = (
+    CreateVm | DestroyVm | ListVms | ShowVm | GetCaCertificate
+    | FleetInvite | FleetJoin | FleetShow | FleetLeave | FleetRemove | MigrateCancel | MigrateVm
+)
 
 _CODEC: Codec[K1Request] = Codec(
     "K1",
-    (CreateVm, DestroyVm, ListVms, ShowVm, GetCaCertificate),
+    (CreateVm, DestroyVm, ListVms, ShowVm, GetCaCertificate,
+     FleetInvite, FleetJoin, FleetShow, FleetLeave, FleetRemove, MigrateCancel, MigrateVm),
     K1ProtocolError,
     K1UsageError,
 )

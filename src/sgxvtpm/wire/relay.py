@@ -51,6 +51,10 @@ MAX_PAYLOAD = 256 * 1024
 MAX_NAME = 255  # bytes of an OPEN target name
 CONTROL_SESSION = 0
 RELAY_ASSIGNED = 0x8000_0000
+#: CLOSE reason hostd gives an OPEN to an instance that was destroyed (its
+#: directory is gone), so its endpoint stops retrying; hostd is untrusted, so
+#: this only ever ends an endpoint, which hostd could do anyway.
+DESTROYED = b"destroyed"
 
 
 class RelayProtocolError(RemoteProtocolError):

@@ -50,9 +50,14 @@ class SimBackend(SimKind):
 
     @classmethod
     def open(
-        cls, path: Path, *, preload: Sequence[str] = (), release: str = ""
+        cls,
+        path: Path,
+        *,
+        preload: Sequence[str] = (),
+        release: str = "",
+        sim_root: Path | None = None,
     ) -> SimBackend:
-        return cls(SimLoader(Path(path), preload=preload, release=release))
+        return cls(SimLoader(Path(path), preload=preload, release=release, sim_root=sim_root))
 
     @property
     def loader(self) -> SimLoader:
@@ -78,10 +83,15 @@ class GramineSimBackend(GramineSimKind):
 
     @classmethod
     def open(
-        cls, path: Path, *, preload: Sequence[str] = (), release: str = ""
+        cls,
+        path: Path,
+        *,
+        preload: Sequence[str] = (),
+        release: str = "",
+        sim_root: Path | None = None,
     ) -> GramineSimBackend:
         del preload  # no zygote: every enclave is a fresh process
-        return cls(SimLoader(Path(path), release=release, gramine_sim=True))
+        return cls(SimLoader(Path(path), release=release, gramine_sim=True, sim_root=sim_root))
 
     @property
     def loader(self) -> SimLoader:

@@ -55,6 +55,7 @@ from sgxvtpm.platform.base import (
     TargetInfo,
 )
 from sgxvtpm.platform.sim import sigstruct
+from sgxvtpm.platform.sim.authority import SimAuthority
 from sgxvtpm.platform.sim.backend import SIM
 from sgxvtpm.platform.sim.enclave import SimEnclavePlatform
 from sgxvtpm.platform.sim.gramine_sim import GRAMINE_SIM, start_stand_in
@@ -83,12 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--release", default="", help="module:function giving the specs to sign")
     p.add_argument("--gramine-sim", action="store_true",
                    help="one stand-in process per enclave over /dev/attestation (gramine_sim.py)")
+    p.add_argument("--sim-root", default="", help="the sim provisioning authority (sim-root)")
     opts = p.parse_args(argv)
     log.configure("sim-cpu")
     ctl = socket.socket(fileno=opts.control_fd)
     os.set_inheritable(ctl.fileno(), False)
     try:
-        platform = SimPlatformDir.open_or_create(Path(opts.platform_dir))
+        authority = SimAuthority.open(Path(opts.sim_root)) if opts.sim_root else None
+        platform = SimPlatformDir.open_or_create(Path(opts.platform_dir), authority=authority)
     except PlatformError as exc:
         send_message(ctl, {"ready": False, "error": str(exc)})
         return 2

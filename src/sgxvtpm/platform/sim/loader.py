@@ -113,6 +113,7 @@ class SimLoader:
         python: str = sys.executable,
         release: str = "",
         gramine_sim: bool = False,
+        sim_root: Path | None = None,
     ) -> None:
         self._dir = Path(platform_dir)
         self._lock = threading.Lock()
@@ -125,6 +126,8 @@ class SimLoader:
             args += ["--release", release]
         if gramine_sim:
             args += ["--gramine-sim"]
+        if sim_root is not None:
+            args += ["--sim-root", str(Path(sim_root).resolve())]
         self.gramine_sim = gramine_sim
         try:
             self._proc = subprocess.Popen(

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sgxvtpm.platform.base import EnclaveIdentity, EnclaveSpec, PlatformError
 from sgxvtpm.platform.sim import egetkey, keywrap, provision
+from sgxvtpm.platform.sim.authority import SimAuthority
 from sgxvtpm.platform.sim.counters import CounterStore, derive_counter_key
 from sgxvtpm.platform.sim.enclave import SimEnclavePlatform
 from sgxvtpm.platform.sim.quote import QuotingEnclave, SimQuoteVerifier
@@ -87,11 +88,15 @@ class SimPlatformDir:
         keys: provision.PlatformKeys | None = None,
         platform_id: bytes | None = None,
         now: datetime.datetime | None = None,
+        authority: SimAuthority | None = None,
     ) -> SimPlatformDir:
         """Open the platform at ``path``, provisioning a new one if there is none.
 
-        The keyword arguments fix the randomness and time of provisioning, for
-        known-answer tests; leave them out otherwise.
+        ``authority`` (hostd --sim-root): a new platform's PCK is issued by that
+        authority's root and its signer is the authority's vendor key; an
+        existing platform must already be under that root (PlatformError else).
+        The other keyword arguments fix the randomness and time of provisioning,
+        for known-answer tests; leave them out otherwise.
         """
         path = Path(path)
         # A platform that lost a file is not a new platform: provisioning over
@@ -104,17 +109,33 @@ class SimPlatformDir:
         if not (path / PLATFORM_JSON).exists():
             if path.exists() and any(path.iterdir()):
                 raise PlatformError(damaged.format(f"no {PLATFORM_JSON}"))
+            if keys is None:
+                keys = (
+                    authority.platform_keys()
+                    if authority is not None
+                    else provision.PlatformKeys.generate()
+                )
             _provision(
                 path,
                 root_secret if root_secret is not None else os.urandom(32),
-                keys if keys is not None else provision.PlatformKeys.generate(),
+                keys,
                 platform_id if platform_id is not None else os.urandom(16),
                 now if now is not None else datetime.datetime.now(datetime.UTC),
+                root_pem=authority.root_pem if authority is not None else None,
             )
         try:
-            return cls(path)
+            platform = cls(path)
         except PlatformError as exc:
             raise PlatformError(damaged.format(exc)) from None
+        if authority is not None and (
+            platform.root_certificate_pem != authority.root_pem
+            or platform.signer_public_key != authority.signer_public_der()
+        ):
+            raise PlatformError(
+                f"the sim platform at {path} was provisioned under another root than the sim "
+                f"root {authority.path}: use another state directory for this host"
+            )
+        return platform
 
     @property
     def root_certificate_pem(self) -> bytes:
@@ -216,6 +237,7 @@ def _provision(
     keys: provision.PlatformKeys,
     platform_id: bytes,
     now: datetime.datetime,
+    root_pem: bytes | None = None,
 ) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.chmod(0o700)
@@ -223,7 +245,7 @@ def _provision(
     wrap_key = keywrap.derive_wrap_key(root_secret)
     wrapped = {n: keywrap.wrap_private_key(wrap_key, n, k).hex() for n, k in keys.by_name().items()}
     atomic_write(path / KEYS, json.dumps(wrapped, indent=1).encode(), 0o600)
-    cert = provision.certify(keys, platform_id, now)
+    cert = provision.certify(keys, platform_id, now, root_pem)
     atomic_write(path / ROOT_PEM, cert.root_pem, 0o644)
     atomic_write(path / PCK_PEM, cert.pck_pem, 0o644)
     collateral = provision.collateral(keys.root_ca, cert.root_pem, now)

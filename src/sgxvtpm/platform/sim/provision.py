@@ -192,9 +192,19 @@ def qe_report_body(attestation_public: bytes, auth_data: bytes = QE_AUTH_DATA) -
     )
 
 
-def certify(keys: PlatformKeys, platform_id: bytes, now: datetime.datetime) -> Certification:
-    """Run provisioning: issue the root and PCK certificates, certify the attestation key."""
-    root = root_certificate(keys.root_ca, now)
+def certify(
+    keys: PlatformKeys, platform_id: bytes, now: datetime.datetime, root_pem: bytes | None = None
+) -> Certification:
+    """Run provisioning: issue the root and PCK certificates, certify the attestation key.
+
+    ``root_pem``: the root certificate of a shared authority (sim-root), whose
+    key is ``keys.root_ca``; without it the platform's root is issued here.
+    """
+    root = (
+        x509.load_pem_x509_certificate(root_pem)
+        if root_pem is not None
+        else root_certificate(keys.root_ca, now)
+    )
     pck = pck_certificate(keys.root_ca, root, keys.pck.public_key(), platform_id, now)
     body = qe_report_body(raw_public_key(keys.attestation.public_key()))
     return Certification(

@@ -1,0 +1,158 @@
+"""Resume records: what an instance needs to come back after a crash as it was.
+
+After every request of its endpoint the instance records, sealed, what
+TPM2_Shutdown(STATE) would have saved (libtpms' VOLATILE state: PCRs, loaded
+objects, sessions, the DA state) with the request's sequence number and its
+encoded response (:class:`ResumeRecord`). A request that changed NV carries
+its record inside the sealed state bundle's one atomic, counted commit
+(state.py); the others write it in place (``pwrite``, no fsync: a power loss
+ends the VM too) into one of two slot files, alternately, so a torn write
+leaves the other slot whole (:class:`ResumeSlots`).
+
+Freshness comes from the endpoint, which counts its requests and holds the
+epoch (sgxvtpm/wire/resume.py): :func:`decide` accepts only a record of the
+token's epoch at its count (or count + 1 with a request in flight) whose
+state version is the sealed bundle's. An older slot file put back by the
+host names an older count and is refused; a slot older than an NV commit
+names an older state version and is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sgxvtpm.enclaves.sealing import Sealer, SealError, SealKind
+from sgxvtpm.platform.base import EnclavePlatform
+from sgxvtpm.wire.resume import EPOCH_BYTES, ResumeToken
+
+_HEAD = struct.Struct(">4s16sQQBI")  # magic, epoch, seq, state version, flags, last code
+_MAGIC = b"SVR1"
+_RUNNING, _HAS_LAST = 1, 2
+_U32 = struct.Struct(">I")
+SLOT_NAMES = ("resume.0", "resume.1")
+_AAD = b"sgxvtpm resume record v1"
+
+
+@dataclass(frozen=True)
+class ResumeRecord:
+    """The instance after request ``seq`` of ``epoch`` (0: right after ATTACH)."""
+
+    epoch: str
+    seq: int
+    state_version: int
+    running: bool
+    volatile: bytes = b""
+    last_code: int | None = None
+    response: bytes = b""
+
+    def encode(self) -> bytes:
+        flags = (_RUNNING if self.running else 0) | (_HAS_LAST if self.last_code is not None else 0)
+        head = _HEAD.pack(_MAGIC, bytes.fromhex(self.epoch), self.seq, self.state_version,
+                          flags, self.last_code or 0)
+        return b"".join((head, _U32.pack(len(self.volatile)), self.volatile,
+                         _U32.pack(len(self.response)), self.response))
+
+    @classmethod
+    def decode(cls, data: bytes) -> ResumeRecord:
+        """The record; SealError if ``data`` is not one (never another exception)."""
+        try:
+            magic, epoch, seq, version, flags, last = _HEAD.unpack_from(data)
+            offset = _HEAD.size
+            parts = []
+            for _ in range(2):
+                (size,) = _U32.unpack_from(data, offset)
+                offset += 4
+                if offset + size > len(data):
+                    raise ValueError("short")
+                parts.append(bytes(data[offset : offset + size]))
+                offset += size
+        except (struct.error, ValueError):
+            raise SealError("resume record is malformed") from None
+        if magic != _MAGIC or offset != len(data) or flags & ~(_RUNNING | _HAS_LAST):
+            raise SealError("resume record is malformed")
+        return cls(epoch.hex(), seq, version, bool(flags & _RUNNING), parts[0],
+                   last if flags & _HAS_LAST else None, parts[1])
+
+
+def new_epoch() -> str:
+    return os.urandom(EPOCH_BYTES).hex()
+
+
+def decide(
+    token: ResumeToken, state_version: int, records: Iterable[ResumeRecord]
+) -> ResumeRecord | str:
+    """The record to resume from for ``token``, or why there is none.
+
+    Only records of the sealed state's version count (a record older than
+    the last NV commit describes a TPM that no longer exists). Among them,
+    one of the token's epoch at ``seq + 1`` when a request was in flight (it
+    ran: its response is replayed), else at ``seq`` (it never ran, or its
+    effects were never committed: the endpoint resends it).
+    """
+    current = [r for r in records if r.state_version == state_version]
+    ours = {r.seq: r for r in current if r.epoch == token.epoch}
+    if token.in_flight and token.seq + 1 in ours:
+        return ours[token.seq + 1]
+    if token.seq in ours:
+        return ours[token.seq]
+    if not current:
+        return f"no resume record of the sealed state's version {state_version}"
+    if not ours:
+        return "the resume records are of another epoch (another endpoint attached since)"
+    newest = max(ours)
+    if newest < token.seq:
+        return (f"the newest resume record is at request {newest}, the endpoint is at"
+                f" {token.seq}: an older record (rollback refused)")
+    return f"the resume records are at request {newest}, ahead of the endpoint's {token.seq}"
+
+
+class ResumeSlots:
+    """Two slot files in the instance's directory, sealed records written in place."""
+
+    def __init__(self, platform: EnclavePlatform, instance_id: str, directory: Path) -> None:
+        self._sealer = Sealer(platform, SealKind.RESUME_RECORD, instance_id)
+        self._paths = [directory / name for name in SLOT_NAMES]
+        self._fds: list[int] = []
+
+    def _open(self) -> list[int]:
+        if not self._fds:
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+            self._fds = [os.open(path, flags, 0o600) for path in self._paths]
+        return self._fds
+
+    def seal(self, record: ResumeRecord) -> bytes:
+        return self._sealer.seal_bare(record.encode(), _AAD)
+
+    def unseal(self, blob: bytes) -> ResumeRecord:
+        return ResumeRecord.decode(self._sealer.unseal_bare(blob, _AAD))
+
+    def write(self, record: ResumeRecord) -> None:
+        """Into slot ``seq % 2``: one pwritev of length + sealed record (no fsync)."""
+        blob = self.seal(record)
+        os.pwritev(self._open()[record.seq % 2], (_U32.pack(len(blob)), blob), 0)
+
+    def read(self) -> list[ResumeRecord]:
+        """The records that unseal; torn, tampered and foreign slots are skipped."""
+        records = []
+        for path in self._paths:
+            try:
+                data = path.read_bytes()
+                (size,) = _U32.unpack_from(data)
+                records.append(self.unseal(data[4 : 4 + size]))
+            except (OSError, struct.error, SealError, ValueError):
+                continue
+        return records
+
+    def erase(self) -> None:
+        self.close()
+        for path in self._paths:
+            path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []

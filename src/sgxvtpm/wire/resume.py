@@ -1,0 +1,138 @@
+"""Resuming a VM's TPM after a crash: what ATTACH carries and what it answers.
+
+An endpoint holds its VM's resume token, so the host cannot roll the TPM
+back by putting older files back (SECURITY.md property 19). Every ATTACH
+reply starts an *epoch* or continues one, and says where:
+
+- ATTACH without a token starts a new epoch (random, chosen by the instance)
+  at sequence 0. The endpoint counts the requests it sends after ATTACH.
+- After its session breaks, the endpoint ATTACHes with
+  :class:`ResumeToken` (epoch, the count of requests answered, whether one
+  was in flight). The instance resumes only from its record of that epoch at
+  that count, or at count + 1 when a request was in flight; then the reply
+  carries the in-flight request's response, which the endpoint returns
+  instead of sending it again. Anything else is refused with a reason, and
+  the session starts a new epoch on a TPM that is not running.
+
+Both live in ATTACH's JSON (request: the ``"resume"`` member of the
+endpoint's description; reply: the payload, see :func:`encode_attach_reply`).
+Endpoints of earlier versions send no token and ignore the payload.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from sgxvtpm.wire.vtpm import MAX_MESSAGE, VtpmProtocolError
+
+EPOCH_BYTES = 16
+_EPOCH = re.compile(r"[0-9a-f]{32}")
+_U32 = struct.Struct(">I")
+_MAX_SEQ = 2**63 - 1
+#: The reply's JSON part stays small; the response after it is raw bytes.
+_MAX_REPLY_JSON = 4096
+
+
+def _seq(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_SEQ:
+        raise VtpmProtocolError(f"resume sequence {value!r} is not a count")
+    return value
+
+
+def _epoch(value: object) -> str:
+    if not isinstance(value, str) or not _EPOCH.fullmatch(value):
+        raise VtpmProtocolError("resume epoch is not 32 hex digits")
+    return value
+
+
+@dataclass(frozen=True)
+class ResumeToken:
+    """The endpoint's word: requests of ``epoch`` answered so far, one maybe in flight."""
+
+    epoch: str
+    seq: int
+    in_flight: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "seq": self.seq, "in_flight": self.in_flight}
+
+    @classmethod
+    def from_json(cls, obj: object) -> ResumeToken:
+        if not isinstance(obj, dict):
+            raise VtpmProtocolError("resume token is not an object")
+        in_flight = obj.get("in_flight", False)
+        if not isinstance(in_flight, bool):
+            raise VtpmProtocolError("resume in_flight is not a boolean")
+        return cls(_epoch(obj.get("epoch")), _seq(obj.get("seq")), in_flight)
+
+
+def token_of(info: bytes) -> ResumeToken | None:
+    """The token in an ATTACH description (None: a fresh attach); VtpmProtocolError if invalid."""
+    try:
+        claimed = json.loads(info.decode("utf-8")) if info else {}
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(claimed, dict) or "resume" not in claimed:
+        return None
+    return ResumeToken.from_json(claimed["resume"])
+
+
+@dataclass(frozen=True)
+class AttachReply:
+    """Where the session stands after ATTACH.
+
+    ``resumed``: the token was honoured (``seq`` is where; ``response`` is
+    the in-flight request's answer when ``seq`` is the token's + 1).
+    Otherwise ``reason`` says why not (empty for a fresh attach) and
+    ``seq`` is 0 of the new ``epoch``.
+    """
+
+    epoch: str
+    seq: int
+    resumed: bool = False
+    reason: str = ""
+    response: bytes | None = None
+
+
+def encode_attach_reply(reply: AttachReply) -> bytes:
+    """u32 length + JSON {epoch, seq, resumed, reason, replay} + the replayed response."""
+    obj: dict[str, Any] = {"epoch": _epoch(reply.epoch), "seq": _seq(reply.seq),
+                           "resumed": reply.resumed, "replay": reply.response is not None}
+    if reply.reason:
+        obj["reason"] = reply.reason[:512]
+    head = json.dumps(obj).encode()
+    body = reply.response or b""
+    if 4 + len(head) + len(body) > MAX_MESSAGE - 4:
+        raise VtpmProtocolError("ATTACH reply too large")
+    return _U32.pack(len(head)) + head + body
+
+
+def decode_attach_reply(payload: bytes) -> AttachReply | None:
+    """The reply; None for an empty payload (an instance that knows no epochs)."""
+    if not payload:
+        return None
+    if len(payload) < 4:
+        raise VtpmProtocolError("ATTACH reply is truncated")
+    (size,) = _U32.unpack_from(payload)
+    if size > _MAX_REPLY_JSON or 4 + size > len(payload):
+        raise VtpmProtocolError("ATTACH reply length is out of range")
+    try:
+        obj = json.loads(payload[4 : 4 + size].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise VtpmProtocolError("ATTACH reply is not JSON") from None
+    if not isinstance(obj, dict):
+        raise VtpmProtocolError("ATTACH reply is not an object")
+    resumed, replay, reason = obj.get("resumed"), obj.get("replay"), obj.get("reason", "")
+    if not isinstance(resumed, bool) or not isinstance(replay, bool) or not isinstance(
+        reason, str
+    ):
+        raise VtpmProtocolError("ATTACH reply has fields of the wrong type")
+    rest = payload[4 + size :]
+    if rest and not replay:
+        raise VtpmProtocolError("ATTACH reply has trailing bytes")
+    return AttachReply(_epoch(obj.get("epoch")), _seq(obj.get("seq")), resumed, reason,
+                       bytes(rest) if replay else None)

@@ -1,0 +1,301 @@
+"""Resume records, the resume decision, the ATTACH token codec and the endpoint's
+resend-or-replay choice (SECURITY.md property 19), without processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sgxvtpm.enclaves.resume import ResumeRecord, ResumeSlots, decide, new_epoch
+from sgxvtpm.enclaves.sealing import SealError
+from sgxvtpm.enclaves.state import Bundle
+from sgxvtpm.enclaves.vtpm_core import VtpmCore
+from sgxvtpm.endpoint.k2 import K2Client, K2Error
+from sgxvtpm.platform.base import EnclaveIdentity
+from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
+from sgxvtpm.tpm import wire
+from sgxvtpm.tpm.constants import TPM2_CAP, TPM2_PT, TPM2_SU, TPMA_NV
+from sgxvtpm.tpm.engine import LibtpmsEngine, MemoryStateStore
+from sgxvtpm.tpm.nv import execute
+from sgxvtpm.wire.resume import (
+    AttachReply,
+    ResumeToken,
+    decode_attach_reply,
+    encode_attach_reply,
+    token_of,
+)
+from sgxvtpm.wire.vtpm import VtpmProtocolError, VtpmRequest, encode_tpm_command
+
+E1, E2 = "11" * 16, "22" * 16
+
+records = st.builds(
+    ResumeRecord,
+    epoch=st.binary(min_size=16, max_size=16).map(bytes.hex),
+    seq=st.integers(0, 2**63 - 1),
+    state_version=st.integers(0, 2**64 - 1),
+    running=st.booleans(),
+    volatile=st.binary(max_size=64),
+    last_code=st.none() | st.integers(0, 2**32 - 1),
+    response=st.binary(max_size=64),
+)
+
+
+@given(records)
+def test_record_round_trip(record: ResumeRecord) -> None:
+    assert ResumeRecord.decode(record.encode()) == record
+
+
+@given(st.binary(max_size=200))
+def test_any_bytes_decode_to_a_record_or_seal_error(data: bytes) -> None:
+    try:
+        record = ResumeRecord.decode(data)
+    except SealError:
+        return
+    assert record.encode() == data
+
+
+def rec(seq: int, epoch: str = E1, version: int = 7, response: bytes = b"") -> ResumeRecord:
+    return ResumeRecord(epoch, seq, version, True, b"vol%d" % seq, 0x17E, response)
+
+
+def test_in_flight_request_that_ran_is_replayed() -> None:
+    found = decide(ResumeToken(E1, 4, True), 7, [rec(4), rec(5, response=b"R5")])
+    assert isinstance(found, ResumeRecord) and found.seq == 5 and found.response == b"R5"
+
+
+def test_in_flight_request_that_never_ran_is_resent() -> None:
+    found = decide(ResumeToken(E1, 4, True), 7, [rec(3), rec(4)])
+    assert isinstance(found, ResumeRecord) and found.seq == 4
+
+
+def test_idle_session_resumes_at_its_count_only() -> None:
+    found = decide(ResumeToken(E1, 4, False), 7, [rec(4), rec(5)])
+    assert isinstance(found, ResumeRecord) and found.seq == 4
+
+
+def test_older_record_is_a_rollback() -> None:
+    found = decide(ResumeToken(E1, 9, True), 7, [rec(3), rec(4)])
+    assert isinstance(found, str) and "rollback refused" in found
+
+
+def test_other_epoch_is_refused() -> None:
+    found = decide(ResumeToken(E1, 4, False), 7, [rec(4, E2)])
+    assert isinstance(found, str) and "another epoch" in found
+
+
+def test_record_older_than_the_nv_commit_is_refused() -> None:
+    # Slot 4 was written before request 5 committed NV (version 8): it describes
+    # a TPM that no longer exists, even though the endpoint is at 4 (5 in flight).
+    found = decide(ResumeToken(E1, 4, True), 8, [rec(4, version=7)])
+    assert isinstance(found, str) and "version 8" in found
+
+
+@settings(max_examples=300)
+@given(st.lists(records, max_size=4), st.integers(0, 8), st.booleans(), st.integers(0, 3))
+def test_decide_only_ever_returns_a_record_the_token_allows(
+    candidates: list[ResumeRecord], seq: int, in_flight: bool, version: int
+) -> None:
+    epoch = candidates[0].epoch if candidates else E1
+    found = decide(ResumeToken(epoch, seq, in_flight), version, candidates)
+    if isinstance(found, ResumeRecord):
+        assert found in candidates
+        assert found.epoch == epoch and found.state_version == version
+        assert found.seq == seq or (in_flight and found.seq == seq + 1)
+
+
+def test_new_epochs_differ() -> None:
+    assert len({new_epoch() for _ in range(100)}) == 100
+
+
+# ---------------------------------------------------------------- slot files
+
+
+def slots(pd: SimPlatformDir, directory: Path, owner: str = "a" * 32) -> ResumeSlots:
+    platform = pd.enclave_platform(EnclaveIdentity(b"\x01" * 32, bytes(range(32)), 2, 1))
+    return ResumeSlots(platform, owner, directory)
+
+
+def test_slots_round_trip_alternate_and_hold_no_plaintext(
+    sim_platform: SimPlatformDir, tmp_path: Path
+) -> None:
+    s = slots(sim_platform, tmp_path)
+    for seq in range(5):
+        s.write(rec(seq, response=b"SECRET-RESPONSE-%d" % seq))
+    assert sorted(r.seq for r in s.read()) == [3, 4]
+    for path in tmp_path.glob("resume.*"):
+        assert b"SECRET" not in path.read_bytes() and b"vol" not in path.read_bytes()
+
+
+def test_torn_and_tampered_slots_are_skipped(sim_platform: SimPlatformDir, tmp_path: Path) -> None:
+    s = slots(sim_platform, tmp_path)
+    s.write(rec(6))
+    s.write(rec(7))
+    torn = tmp_path / "resume.1"
+    torn.write_bytes(torn.read_bytes()[:-10])
+    assert [r.seq for r in s.read()] == [6]
+    data = bytearray((tmp_path / "resume.0").read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "resume.0").write_bytes(bytes(data))
+    assert s.read() == []
+
+
+def test_another_instances_slot_is_skipped(sim_platform: SimPlatformDir, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    slots(sim_platform, other, "b" * 32).write(rec(2))
+    ours = slots(sim_platform, tmp_path)
+    (tmp_path / "resume.0").write_bytes((other / "resume.0").read_bytes())
+    assert ours.read() == []
+
+
+def test_bundle_carries_its_resume_record_and_reads_older_bundles() -> None:
+    record = rec(3).encode()
+    for exported in (0, 5):
+        bundle = Bundle({"instance_id": "x"}, {"permall": b"P"}, exported, record)
+        assert Bundle.decode(bundle.encode()) == bundle
+    old = Bundle({"instance_id": "x"}, {"permall": b"P"}, 5)
+    assert Bundle.decode(old.encode()).resume == b""
+
+
+# ---------------------------------------------------------------- ATTACH codec
+
+
+@given(st.binary(min_size=16, max_size=16), st.integers(0, 2**63 - 1), st.booleans(),
+       st.none() | st.binary(max_size=100), st.text(max_size=40))
+def test_attach_reply_round_trip(
+    epoch: bytes, seq: int, resumed: bool, response: bytes | None, reason: str
+) -> None:
+    reply = AttachReply(epoch.hex(), seq, resumed, reason, response)
+    assert decode_attach_reply(encode_attach_reply(reply)) == reply
+
+
+@given(st.binary(max_size=120))
+def test_any_attach_payload_decodes_or_raises_the_protocol_error(data: bytes) -> None:
+    try:
+        reply = decode_attach_reply(data)
+    except VtpmProtocolError:
+        return
+    assert (reply is None) == (data == b"")
+    if reply is not None:  # what decodes is a reply this side could have sent
+        assert decode_attach_reply(encode_attach_reply(reply)) == reply
+
+
+@pytest.mark.parametrize("token", [
+    {"epoch": "xyz", "seq": 1}, {"epoch": E1, "seq": -1}, {"epoch": E1, "seq": True},
+    {"epoch": E1, "seq": 1, "in_flight": "yes"}, [E1, 1],
+])
+def test_invalid_tokens_are_protocol_errors(token: Any) -> None:
+    with pytest.raises(VtpmProtocolError):
+        token_of(json.dumps({"pid": 1, "resume": token}).encode())
+
+
+def test_descriptions_without_a_token_are_fresh_attaches() -> None:
+    assert token_of(b"") is None and token_of(b'{"pid": 3}') is None and token_of(b"\xff") is None
+    token = ResumeToken(E1, 3, True)
+    assert token_of(json.dumps({"resume": token.to_json()}).encode()) == token
+
+
+# ---------------------------------------------------------------- the core
+
+
+def test_core_resumes_pcrs_and_da_without_startup_and_stirs_its_drbg() -> None:
+    store = MemoryStateStore()
+    core = VtpmCore(lambda: LibtpmsEngine(store))
+    core.handle(VtpmRequest.init())
+    run = core.engine.process
+    execute(run, wire.startup(TPM2_SU.CLEAR))
+    attrs = TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHWRITE | TPMA_NV.AUTHREAD
+    execute(run, wire.nv_define_space(0x01500040, 4, attrs, auth=b"pw"))
+    execute(run, wire.pcr_extend(16, hashlib.sha256(b"m").digest()))
+    pcr = wire.parse_pcr_read(execute(run, wire.pcr_read([16]))).digests
+    snapshot = core.snapshot()
+    assert snapshot[0] and snapshot[1]
+    randoms = []
+    for _ in range(2):  # two crashes resumed from the same record
+        core.engine.stop()  # the process died: no Shutdown
+        core = VtpmCore(lambda: LibtpmsEngine(store))
+        core.resume(*snapshot)
+        run = core.engine.process
+        assert wire.parse_pcr_read(execute(run, wire.pcr_read([16]))).digests == pcr
+        execute(run, wire.nv_write(0x01500040, b"abcd", auth_handle=0x01500040, auth=b"pw"))
+        props = wire.parse_tpm_properties(execute(
+            run, wire.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.LOCKOUT_COUNTER, 1)))[1]
+        assert props[TPM2_PT.LOCKOUT_COUNTER] == 0
+        randoms.append(wire.parse_get_random(execute(run, wire.get_random(16))))
+    assert randoms[0] != randoms[1]  # the same DRBG state, stirred differently
+    core.engine.stop()
+
+
+# ---------------------------------------------------------------- the endpoint
+
+
+class ScriptedClient(K2Client):
+    """K2Client's request logic over a script of session outcomes (no sockets)."""
+
+    def __init__(self, sends: list[bytes | Exception], opens: list[AttachReply | Exception]):
+        self._script_sends, self._script_opens = sends, opens
+        self.sent: list[bytes] = []
+        self.tokens: list[ResumeToken | None] = []
+        super().__init__(None, reconnect_timeout=5)  # type: ignore[arg-type]
+        self.binding = type("B", (), {"name": "vm1", "instance_id": "i"})()  # type: ignore[assignment]
+        self._epoch, self._seq = E1, 4
+        self._tls = object()  # type: ignore[assignment]
+
+    def _ended_while_idle(self) -> bool:
+        return False
+
+    def _send(self, payload: bytes) -> bytes:
+        self.sent.append(payload)
+        outcome = self._script_sends.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def _open(self, token: ResumeToken | None) -> AttachReply | None:
+        self.tokens.append(token)
+        outcome = self._script_opens.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        self._epoch, self._seq = outcome.epoch, outcome.seq
+        return outcome
+
+
+CMD = encode_tpm_command(wire.get_random(8))
+
+
+def test_endpoint_takes_the_replayed_answer_instead_of_resending() -> None:
+    client = ScriptedClient([K2Error("lost")], [AttachReply(E1, 5, True, response=b"ANSWER")])
+    assert client.request(CMD) == b"ANSWER"
+    assert client.sent == [CMD] and client.tokens == [ResumeToken(E1, 4, True)]
+    assert client._seq == 5
+
+
+def test_endpoint_resends_what_never_ran_after_retries() -> None:
+    client = ScriptedClient(
+        [K2Error("lost"), b"OK"],
+        [K2Error("hostd is not reachable"), K2Error("no such target"), AttachReply(E1, 4, True)],
+    )
+    assert client.request(CMD) == b"OK"
+    assert client.sent == [CMD, CMD] and len(client.tokens) == 3 and client._seq == 5
+
+
+def test_endpoint_reports_a_refused_resume_and_does_not_resend() -> None:
+    client = ScriptedClient([K2Error("lost")], [AttachReply(E2, 0, False, "rollback refused")])
+    with pytest.raises(K2Error, match="could not resume"):
+        client.request(CMD)
+    assert client.sent == [CMD] and client._epoch == E2 and client._seq == 0
+
+
+def test_endpoint_gives_up_after_its_timeout() -> None:
+    client = ScriptedClient([K2Error("lost")], [K2Error("refused")] * 100)
+    client.reconnect_timeout = 0.3
+    with pytest.raises(K2Error, match="within"):
+        client.request(CMD)
+    assert 2 <= len(client.tokens) < 10
+
