@@ -50,6 +50,7 @@ from sgxvtpm.mux.connection import (
 )
 from sgxvtpm.mux.limits import CONTROL_QUEUE_MAX, Admission
 from sgxvtpm.wire.relay import (
+    CONTROL_SESSION,
     HEADER_SIZE,
     MAX_NAME,
     MAX_PAYLOAD,
@@ -695,3 +696,18 @@ def test_control_requests_are_bounded_and_answered_by_id() -> None:
     conn.receive_data(encode(Frame.control({"ok": True, "id": ids[2]})))
     assert drain(conn) == [ControlReply(ids[2], {"ok": True, "id": ids[2]})]
     assert conn.pending_requests == CONTROL_QUEUE_MAX - 1
+
+
+def test_a_tpm_frame_or_a_second_open_of_a_session_breaks_the_connection() -> None:
+    """Host-TPM frames stop at an enclave's tap (platform/host_tpm.py), never at a
+    relay connection; and a session id is opened once."""
+    enclave = RelayConnection(Role.ENCLAVE)
+    enclave.receive_data(encode(Frame(FrameType.TPM, CONTROL_SESSION, b"\x80\x01")))
+    with pytest.raises(RelayRemoteError, match="TPM frame"):
+        enclave.next_event()
+
+    enclave = RelayConnection(Role.ENCLAVE)
+    sid = RELAY_ASSIGNED + 1
+    enclave.receive_data(encode(Frame.open(sid, "client")) * 2)
+    with pytest.raises(RelayRemoteError, match="which is open"):
+        drain(enclave)
