@@ -5,7 +5,7 @@ The VM is the one ``swtpm_setup`` made for this libvirt TPM state directory
 key and certificates, is in the same directory). Serving is ``vm attach``'s
 :class:`~sgxvtpm.endpoint.qemu.QemuEndpoint` on the socket swtpm.py already
 listens on; like swtpm, it ends on CMD_SHUTDOWN, on SIGTERM, and with
-``--terminate`` when a control connection ends. Failures go to the log
+``--terminate`` when the data channel's peer (QEMU) goes. Failures go to the log
 (libvirt's ``--log file=``) as one line, and the socket is removed so that
 QEMU fails at once instead of waiting.
 """
