@@ -193,7 +193,9 @@ class QemuEndpoint:
                 else:
                     resp = self._handler.handle(req)
                 conn.sock.sendall(encode_response(resp))
-                if req.code == CtrlCmd.SHUTDOWN and resp.result == 0:
+                # With exit_on_shutdown, as swtpm, the process ends on SHUTDOWN even if
+                # the VM's instance refused it (a VM migrated away: libvirt's stop).
+                if req.code == CtrlCmd.SHUTDOWN and (resp.result == 0 or self.exit_on_shutdown):
                     self._stop_data()
                     if self.exit_on_shutdown:
                         self.stopped.set()
