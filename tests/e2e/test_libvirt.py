@@ -22,6 +22,10 @@ directory was removed in between (libvirt recreates it, ``swtpm_setup
 ``sgxvtpm vm gc`` (as tss) destroys the instance, and not before; and
 ``<backend type='external'>`` on a ``vm attach`` the test starts boots the
 same, on the same daemon.
+
+Two more daemons for many hosts: each on ``sgxvtpm libvirt path`` with a hostd
+of its own (two under one sim root, in one fleet); a domain saved on the
+first is restored on the second (README, "Many hosts").
 """
 
 from __future__ import annotations
@@ -35,13 +39,17 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from tests.helpers.fleet import fleet_of, vm_state, wait_vm_state
 from tests.helpers.guest import build_initramfs, kernel_path, missing_tools, parse_console
+from tests.helpers.hostd import Hostd
 from tests.helpers.libvirt import PrivateLibvirtd, missing
 
 from sgxvtpm._demo.guest import BootResult, init_script, replay_event_log
+from sgxvtpm.endpoint.libvirt import bindir
 from sgxvtpm.endpoint.libvirt.system import Layout, ids
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.vmm.client import VmmClient
@@ -392,3 +400,56 @@ def test_libvirt_external_backend_on_vm_attach(
     finally:
         attach.terminate()
         attach.wait(30)
+
+
+Host = tuple[Hostd, PrivateLibvirtd]
+
+
+@pytest.fixture(scope="module")
+def fleet_daemons(libvirt_ready: None, caps_cache: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Host, Host]]:
+    """Two hosts: each a hostd (two under one sim root, in one fleet) and a private
+    libvirtd with ``sgxvtpm libvirt path`` first on its PATH and that hostd (its own
+    state directory) in its environment."""
+    base = tmp_path_factory.mktemp("lv-fleet")
+    bin_dir = bindir.ensure(base / "bin")
+    with fleet_of(base / "hosts", 2) as hosts, ExitStack() as stack:
+        pairs = []
+        for i, host in enumerate(hosts):
+            env = {"SGXVTPM_STATE_DIR": str(host.state.root),
+                   "SGXVTPM_CONFIG_DIR": str(host.credentials.root), "SGXVTPM_CONF": os.devnull}
+            daemon = _daemon(base / f"daemon{i}", [bin_dir], env, caps_cache=caps_cache)
+            stack.callback(daemon.stop)
+            pairs.append((host, daemon))
+        yield pairs[0], pairs[1]
+
+
+def test_libvirt_save_on_one_host_restores_on_another_of_its_fleet(
+    lv_initrd: Path, fleet_daemons: tuple[Host, Host], tmp_path: Path
+) -> None:
+    """``virsh save`` on host A's libvirtd, ``virsh restore`` of the file on host B's:
+    B's libvirt runs ``swtpm_setup --overwrite`` (no --vmid) and ``swtpm socket``,
+    which make the incoming VM under A's name; the guest resumes on B with the PCR 0-7
+    it booted with on A; A's instance is then ``migrated`` and a restore on A fails."""
+    (a, daemon_a), (b, daemon_b) = fleet_daemons
+    name, dom_uuid = "lv-mover", str(uuid.uuid4())
+    vm = f"{name}-{dom_uuid}"
+    dom = Domain(daemon_a, tmp_path, lv_initrd, name, dom_uuid)
+    daemon_a.virsh("start", dom.name)
+    boot = dom.boot()
+    _check_replay(boot)
+    saved = tmp_path / "mover.save"
+    daemon_a.virsh("save", dom.name, str(saved))
+
+    offset = len(dom.text())  # the console file: B's QEMU appends to it
+    daemon_b.virsh("restore", str(saved))
+    assert dom.pcrs_after(offset) == boot.pcrs
+    assert '"libvirt.incoming_created"' in daemon_b.swtpm_log(name)
+    assert vm_state(b, vm) == "running"
+
+    wait_vm_state(a, vm, "migrated")
+    again = daemon_a.virsh("restore", str(saved), check=False)
+    assert again.returncode != 0, again.stdout
+    assert "tpm-emulator: TPM result for CMD_STOP: 0x9 operation failed" in again.stderr
+    daemon_b.virsh("destroy", name)
+    daemon_a.virsh("undefine", name)

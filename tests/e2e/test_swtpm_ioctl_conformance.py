@@ -1,8 +1,19 @@
-"""``sgxvtpm vm attach`` against swtpm 0.7.1, side by side, as swtpm's own tools see them.
+"""sgxvtpm's swtpm control channels against swtpm 0.7.1, side by side, as swtpm's own tools
+see them.
 
-Each test starts a real ``swtpm socket --tpm2`` (the golden peer) and a real
-``sgxvtpm vm attach`` (K2 to an instance enclave of a real hostd) and sends
-both the same thing:
+Each test runs twice (the ``peers`` fixture), once for each of sgxvtpm's
+control channels, each beside a real ``swtpm socket --tpm2`` (the golden peer)
+started the same way:
+
+- ``attach``: ``sgxvtpm vm attach --ctrl`` (K2 to an instance enclave of a
+  real hostd), beside ``swtpm socket --tpm2 --ctrl type=unixio,path=S``;
+- ``libvirt``: the ``swtpm`` of ``sgxvtpm libvirt path`` on a TPM state
+  directory our ``swtpm_setup`` bound (as libvirt runs both), and swtpm,
+  both started with libvirt's arguments: ``socket --ctrl
+  type=unixio,path=S,mode=0600 --tpmstate dir=D,mode=0600 --log file=L
+  --terminate --tpm2``.
+
+Both get the same thing:
 
 - every ``swtpm_ioctl`` 0.7.1 option (``swtpm_ioctl --help``), compared on
   exit status, stdout and stderr. The only normalisation is the socket path
@@ -16,28 +27,37 @@ both the same thing:
 
 What differs by design (README, "Differences from swtpm") is asserted as
 such: state blobs are sealed (``--save`` files differ; each peer loads its
-own), ``vm attach`` keeps serving after CMD_SHUTDOWN unless started with
-``--terminate``.
+own), ``vm attach`` keeps serving after CMD_SHUTDOWN (libvirt's swtpm ends,
+as swtpm does). With ``--terminate`` both end when the data channel's peer
+goes, not when a control connection ends (swtpm_ioctl's come and go).
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
 import pytest
-from tests.helpers.endpoint import EndpointProcess, start_swtpm_ctrl, start_vm_endpoint
+from tests.helpers.endpoint import (
+    EndpointProcess,
+    start_libvirt_swtpm,
+    start_swtpm_ctrl,
+    start_vm_endpoint,
+)
 from tests.helpers.hostd import Hostd
 from tests.helpers.sockets import recv_exact, recv_tpm_response
 from tests.helpers.swtpm import swtpm_available
 from tests.helpers.vmtools import create_vm
 
+from sgxvtpm.endpoint.libvirt import bindir
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_SU
 
@@ -54,6 +74,8 @@ QUIET = 0.15
 class Peer:
     name: str
     proc: EndpointProcess
+    #: Started with ``--terminate``: ends when its data channel's peer goes.
+    terminate: bool = False
 
     @property
     def ctrl(self) -> str:
@@ -114,14 +136,50 @@ def transact(data: socket.socket, command: bytes) -> bytes:
     return recv_tpm_response(data)
 
 
-@pytest.fixture
-def peers(sgx_hostd: Hostd, tmp_path: Path) -> Iterator[tuple[Peer, Peer]]:
-    """A fresh swtpm and a fresh VM behind ``vm attach``, both with the TPM not started."""
-    name = f"ioctl-vm{next(_names)}"
-    create_vm(sgx_hostd, name)
-    swtpm = Peer("swtpm", start_swtpm_ctrl(tmp_path / "swtpm", tmp_path / "swtpm.ctrl"))
-    ours = Peer("attach", start_vm_endpoint(sgx_hostd.state, name, "--ctrl",
-                                             str(tmp_path / "attach.ctrl"), log_dir=tmp_path))
+@pytest.fixture(scope="module")
+def libvirt_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``sgxvtpm libvirt path``'s directory: swtpm, swtpm_setup, the system's swtpm_ioctl."""
+    return bindir.ensure(tmp_path_factory.mktemp("libvirt-bin") / "libvirt")
+
+
+def _libvirt_setup(libvirt_bin: Path, hostd: Hostd, tpm_state: Path, log: Path) -> dict[str, str]:
+    """Our ``swtpm_setup`` with libvirt 9.0's arguments for a new domain; the
+    environment libvirtd would give swtpm (hostd and the operator)."""
+    env = {**os.environ, "SGXVTPM_STATE_DIR": str(hostd.state.root),
+           "SGXVTPM_CONFIG_DIR": str(hostd.credentials.root), "SGXVTPM_CONF": os.devnull}
+    tpm_state.mkdir(mode=0o700)
+    done = subprocess.run(
+        [str(libvirt_bin / "swtpm_setup"), "--tpm2", "--tpm-state", str(tpm_state),
+         "--vmid", f"ioctl{next(_names)}:{uuid.uuid4()}", "--logfile", str(log),
+         "--createek", "--create-ek-cert", "--create-platform-cert", "--lock-nvram",
+         "--not-overwrite"],
+        env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, log.read_text() if log.exists() else done.stderr
+    return env
+
+
+@pytest.fixture(params=["attach", "libvirt"])
+def peers(request: pytest.FixtureRequest, sgx_hostd: Hostd,
+          tmp_path: Path) -> Iterator[tuple[Peer, Peer]]:
+    """A fresh swtpm and a fresh sgxvtpm VM behind one of our control channels, both
+    started the same way, with the TPM not started."""
+    if request.param == "attach":
+        name = f"ioctl-vm{next(_names)}"
+        create_vm(sgx_hostd, name)
+        swtpm = Peer("swtpm", start_swtpm_ctrl(tmp_path / "swtpm", tmp_path / "swtpm.ctrl"))
+        ours = Peer("attach", start_vm_endpoint(sgx_hostd.state, name, "--ctrl",
+                                                 str(tmp_path / "attach.ctrl"),
+                                                 log_dir=tmp_path))
+    else:
+        libvirt_bin = request.getfixturevalue("libvirt_bin")
+        env = _libvirt_setup(libvirt_bin, sgx_hostd, tmp_path / "tpm2", tmp_path / "setup.log")
+        (tmp_path / "swtpm").mkdir()
+        swtpm = Peer("swtpm", start_libvirt_swtpm(
+            "swtpm", tmp_path / "swtpm", tmp_path / "swtpm.ctrl", tmp_path / "swtpm.log"),
+            terminate=True)
+        ours = Peer("libvirt", start_libvirt_swtpm(
+            str(libvirt_bin / "swtpm"), tmp_path / "tpm2", tmp_path / "libvirt.ctrl",
+            tmp_path / "libvirt.log", env=env), terminate=True)
     yield swtpm, ours
     for p in (swtpm, ours):
         p.proc.stop()
@@ -129,7 +187,7 @@ def peers(sgx_hostd: Hostd, tmp_path: Path) -> Iterator[tuple[Peer, Peer]]:
 
 def same(pair: tuple[Peer, Peer], *args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
     swtpm, ours = (p.ioctl(*args, stdin=stdin) for p in pair)
-    assert ours == swtpm, f"swtpm_ioctl {' '.join(args)}: swtpm {swtpm} attach {ours}"
+    assert ours == swtpm, f"swtpm_ioctl {' '.join(args)}: swtpm {swtpm} {pair[1].name} {ours}"
     return swtpm
 
 
@@ -178,7 +236,8 @@ def test_swtpm_ioctl_options_match_swtpm(peers: tuple[Peer, Peer]) -> None:
                         (("-e",), None)]:
         swtpm, ours = (p.ioctl(*args, stdin=stdin) for p in peers)
         if ours != swtpm:
-            differences.append(f"swtpm_ioctl {' '.join(args)}: swtpm {swtpm} attach {ours}")
+            differences.append(
+                f"swtpm_ioctl {' '.join(args)}: swtpm {swtpm} {peers[1].name} {ours}")
     assert not differences, "\n".join(differences)
     assert peers[1].ioctl("-e") == (0, "tpmEstablished is 1\n", "")
     # What the hash sequences measured (before TPM2_Startup: the H-CRTM), as the TPM
@@ -209,8 +268,8 @@ def test_save_and_load_state_blobs(peers: tuple[Peer, Peer], tmp_path: Path) -> 
             assert peer.ioctl("--save", kind, str(path)) == (0, "", "")
             sizes[peer.name][kind] = path.stat().st_size
     for kind in ("permanent", "volatile"):  # present in both; savestate only after a suspend
-        assert sizes["swtpm"][kind] > 0 and sizes["attach"][kind] > 0, sizes
-    assert sizes["swtpm"]["savestate"] == sizes["attach"]["savestate"] == 0
+        assert sizes["swtpm"][kind] > 0 and sizes[peers[1].name][kind] > 0, sizes
+    assert sizes["swtpm"]["savestate"] == sizes[peers[1].name]["savestate"] == 0
     same(peers, "--save", "bogus", str(tmp_path / "x"))  # Unknown TPM state type
     same(peers, "--load", "permanent", str(tmp_path / "absent"))  # Could not open file
     same(peers, "--stop")
@@ -222,12 +281,16 @@ def test_save_and_load_state_blobs(peers: tuple[Peer, Peer], tmp_path: Path) -> 
 
 
 def test_shutdown_swtpm_exits_attach_serves_on(peers: tuple[Peer, Peer]) -> None:
-    """CMD_SHUTDOWN: the same answer; swtpm exits, ``vm attach`` (without
-    ``--terminate``) keeps serving the VM's next QEMU (README: deliberate)."""
+    """CMD_SHUTDOWN: the same answer; swtpm exits, and so does libvirt's swtpm (libvirt
+    stops it so); ``vm attach`` (without ``--terminate``) keeps serving the VM's next
+    QEMU (README: deliberate)."""
     swtpm, ours = peers
     same(peers, "-i")
     same(peers, "-s")
     assert swtpm.proc.proc.wait(timeout=10) == 0
+    if ours.name == "libvirt":
+        assert ours.proc.proc.wait(timeout=15) == 0
+        return
     assert ours.ioctl("-c") == (0, "ptm capability is 0xffff\n", "")
     assert ours.proc.alive()
 
@@ -252,12 +315,12 @@ def test_raw_control_commands_match_swtpm_bytes(peers: tuple[Peer, Peer]) -> Non
 
     def both(message: bytes) -> bytes:
         a, b = (raw(s, message) for s in socks)
-        assert a == b, f"{message.hex()}: swtpm {a.hex()} attach {b.hex()}"
+        assert a == b, f"{message.hex()}: swtpm {a.hex()} {peers[1].name} {b.hex()}"
         return a
 
     def tpm(command: bytes) -> bytes:
         a, b = (transact(d, command) for d in datas)
-        assert a == b, f"swtpm {a.hex()} attach {b.hex()}"
+        assert a == b, f"swtpm {a.hex()} {peers[1].name} {b.hex()}"
         return a
 
     try:
@@ -319,14 +382,16 @@ def test_send_command_header_framing_matches_swtpm(peers: tuple[Peer, Peer]) -> 
 
 def both_raw(socks: list[socket.socket], message: bytes) -> bytes:
     a, b = (raw(s, message) for s in socks)
-    assert a == b, f"{message.hex()}: swtpm {a.hex()} attach {b.hex()}"
+    assert a == b, f"{message.hex()}: swtpm {a.hex()} ours {b.hex()}"
     return a
 
 
 def test_data_channel_after_its_control_connection_closed(peers: tuple[Peer, Peer]) -> None:
     """swtpm 0.7.1 keeps serving a SET_DATAFD data channel after the control
     connection that passed it closed, and refuses another SET_DATAFD while it
-    lives (TPM_IOERROR); once its peer closes it, a new one is accepted."""
+    lives (TPM_IOERROR); once its peer closes it, a new one is accepted, or, with
+    ``--terminate`` (libvirt's), the process ends: only the data channel's peer
+    going ends it, not a control connection (swtpm_ioctl's come and go)."""
     for peer in peers:
         ctrl = peer.connect()
         data = attach_data(ctrl)
@@ -339,8 +404,14 @@ def test_data_channel_after_its_control_connection_closed(peers: tuple[Peer, Pee
         assert raw(ctrl, cmd(16), [theirs.fileno()]) == struct.pack(">I", 0x1F), peer.name
         theirs.close()
         mine.close()
+        ctrl.close()
+        assert peer.ioctl("-c") == (0, "ptm capability is 0xffff\n", ""), peer.name
         data.close()
+        if peer.terminate:
+            assert peer.proc.proc.wait(timeout=15) == 0, peer.name
+            continue
         time.sleep(0.3)
+        ctrl = peer.connect()
         data = attach_data(ctrl)
         assert wire.response_code(transact(data, wire.get_random(8))) == 0, peer.name
         data.close()

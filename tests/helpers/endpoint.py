@@ -161,6 +161,30 @@ def start_swtpm_ctrl(state_dir: Path, ctrl: Path) -> EndpointProcess:
     return EndpointProcess(proc, str(ctrl))
 
 
+def start_libvirt_swtpm(executable: str, tpm_state: Path, ctrl: Path, log: Path, *,
+                        env: dict[str, str] | None = None) -> EndpointProcess:
+    """``EXECUTABLE socket`` with the arguments libvirt 9.0 gives swtpm for a TPM 2.0
+    domain (less ``--daemon``/``--pid``: the test keeps the process as its child).
+    Debian's swtpm, or the ``swtpm`` of ``sgxvtpm libvirt path``."""
+    with contextlib.suppress(FileNotFoundError):
+        ctrl.unlink()
+    proc = subprocess.Popen(
+        [executable, "socket", "--ctrl", f"type=unixio,path={ctrl},mode=0600",
+         "--tpmstate", f"dir={tpm_state},mode=0600", "--log", f"file={log}",
+         "--terminate", "--tpm2"],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not ctrl.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"{executable} did not create its control socket")
+        time.sleep(0.01)
+    return EndpointProcess(proc, str(ctrl))
+
+
 class CtrlClient:
     """A blocking swtpm control-channel client built on the sans-IO codec (tests only)."""
 

@@ -26,10 +26,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from tests.helpers.endpoint import CtrlClient
+from tests.helpers.fleet import fleet_of, vm_state, wait_vm_state
 from tests.helpers.hostd import Hostd, running_hostd
 
 from sgxvtpm.endpoint.libvirt import bindir
-from sgxvtpm.endpoint.libvirt.config import MARKER
+from sgxvtpm.endpoint.libvirt.config import MARKER, Marker
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_SU
 from sgxvtpm.wire.swtpm_ctrl import CtrlCmd, CtrlRequest, CtrlResponse
@@ -177,9 +178,9 @@ def test_swtpm_socket_serves_qemus_channels_and_ends_on_swtpm_ioctl_s(
             proc.wait()
 
 
-def test_terminate_ends_with_the_control_connection(
-    bin_dir: Path, hostd: Hostd, tmp_path: Path
-) -> None:
+def test_terminate_ends_when_qemu_goes(bin_dir: Path, hostd: Hostd, tmp_path: Path) -> None:
+    """``--terminate``: the process ends when QEMU's data channel closes (as swtpm 0.7.1;
+    a control connection alone ending does not: tests/e2e/test_swtpm_ioctl_conformance.py)."""
     dom_uuid, tpm_state = _new_domain(tmp_path)
     log = tmp_path / "swtpm.log"
     assert _setup(bin_dir, hostd, tpm_state, log, vmid=f"t:{dom_uuid}").returncode == 0
@@ -388,6 +389,67 @@ def test_restore_into_a_new_instance_is_refused_with_the_reason_in_the_swtpm_log
     refused = [line for line in log.read_text().splitlines()
                if '"libvirt.swtpm_state_refused"' in line]
     assert refused and "made new for this incoming domain" in refused[0], log.read_text()
+
+
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Hostd, Hostd]]:
+    """Two hostds under one sim root, in one fleet (tests/helpers/fleet.py)."""
+    with fleet_of(tmp_path_factory.mktemp("lv-fleet"), 2) as (a, b):
+        yield a, b
+
+
+def test_a_save_on_one_host_restores_on_another_member_of_its_fleet(
+    bin_dir: Path, two_hosts: tuple[Hostd, Hostd], tmp_path: Path
+) -> None:
+    """``virsh save`` on host A, ``virsh restore`` on host B, as libvirt runs the
+    executables on each: B's ``swtpm_setup --overwrite`` (no --vmid) finds no VM of the
+    directory and B in a fleet, and leaves it pending; B's ``swtpm socket`` makes the
+    incoming VM under A's name (the domain's, from libvirt's ``--log file=``), which
+    takes A's blobs; A's instance then refuses the VM."""
+    a, b = two_hosts
+    dom_uuid, name = str(uuid.uuid4()), "mover"
+    vm = f"{name}-{dom_uuid}"
+    state_a, state_b = (tmp_path / host / "swtpm" / dom_uuid / "tpm2" for host in "ab")
+    log_a, log_b = (tmp_path / host / f"{name}-swtpm.log" for host in "ab")  # libvirt's names
+    state_a.mkdir(parents=True, mode=0o700)
+    assert _setup(bin_dir, a, state_a, log_a, vmid=f"{name}:{dom_uuid}").returncode == 0
+    ctrl_a, ctrl_b = tmp_path / "a.sock", tmp_path / "b.sock"
+    proc, _ = _start_swtpm(bin_dir, a, ctrl_a, state_a, log_a)
+    try:
+        blobs, pcr = _save(ctrl_a)
+    finally:
+        _stop(bin_dir, ctrl_a, proc)
+
+    state_b.mkdir(parents=True, mode=0o700)  # libvirt on B makes the directory
+    done = _incoming_setup(bin_dir, b, state_b)
+    assert done.returncode == 0, done.stderr
+    assert "an incoming domain from another member" in done.stderr
+    marker = Marker.read(state_b)
+    assert marker is not None and marker.pending_incoming and vm not in _names(b)
+    proc, _ = _start_swtpm(bin_dir, b, ctrl_b, state_b, log_b)
+    try:
+        results, client = _restore(ctrl_b, blobs)
+        assert results == [0, 0, 0], log_b.read_text()
+        assert client.request(CtrlRequest(CtrlCmd.INIT, flags=1)).result == 0  # type: ignore[attr-defined]
+        assert client.transact(wire.pcr_read([16])) == pcr
+        client.close()
+    finally:
+        _stop(bin_dir, ctrl_b, proc)
+    assert '"libvirt.incoming_created"' in log_b.read_text()
+    marker = Marker.read(state_b)
+    assert marker is not None and marker.vm == vm and not marker.pending_incoming
+    assert vm_state(b, vm) == "running"
+
+    # B's manager told A's: A's swtpm cannot start the VM's TPM any more.
+    wait_vm_state(a, vm, "migrated")
+    proc, _ = _start_swtpm(bin_dir, a, ctrl_a, state_a, log_a)
+    try:
+        client = CtrlClient(ctrl_a, short_errors=False)
+        client.attach_data()
+        assert client.request(CtrlRequest(CtrlCmd.INIT)).result != 0  # type: ignore[attr-defined]
+        client.close()
+    finally:
+        _stop(bin_dir, ctrl_a, proc)
 
 
 #: What the swtpm script must not import before its control socket is up: each

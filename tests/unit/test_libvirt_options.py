@@ -25,6 +25,7 @@ from sgxvtpm.endpoint.libvirt.options import (
     parse_swtpm,
     vm_name,
 )
+from sgxvtpm.endpoint.libvirt.setup import SetupError, libvirt_domain
 
 UUID = "9a3c1a8e-52a4-4a8e-bd0e-6f6d1f1c2b3a"
 LIBVIRT9_SOCKET = [
@@ -184,3 +185,28 @@ def test_marker_round_trip_and_garbage(tmp_path: Path) -> None:
     (tmp_path / "sgxvtpm.json").write_text("[1]")
     with pytest.raises(ConfigError):
         Marker.read(tmp_path)
+
+
+def test_marker_flags_round_trip(tmp_path: Path) -> None:
+    for marker in (Marker("", "/s", pending_incoming=True), Marker("vm1", "/s", incoming_new=True),
+                   Marker("vm1", "/s", fleet_incoming=True)):
+        (tmp_path / "sgxvtpm.json").write_text(marker.dumps())
+        assert Marker.read(tmp_path) == marker
+
+
+@given(st.text(min_size=1, max_size=80).filter(lambda n: "/" not in n and "\0" not in n),
+       st.uuids())
+def test_the_incoming_vm_is_named_as_on_the_source(domain: str, uuid: object) -> None:
+    """B's swtpm socket names the VM from libvirt's log path and the UUID of its TPM
+    state directory; A's swtpm_setup named it from --vmid NAME:UUID: the same name
+    (the VM's fleet key and its blobs are bound to it)."""
+    tpm_state = f"/var/lib/libvirt/swtpm/{uuid}/tpm2"
+    on_a = vm_name(f"{domain}:{uuid}", tpm_state)
+    on_b = vm_name(libvirt_domain(f"/var/log/swtpm/libvirt/qemu/{domain}-swtpm.log"), tpm_state)
+    assert on_b == on_a
+
+
+@pytest.mark.parametrize("log_file", [None, "/var/log/swtpm.log", "/x/-swtpm.log", "/x/dom.log"])
+def test_an_incoming_domain_without_libvirts_log_name_is_refused(log_file: str | None) -> None:
+    with pytest.raises(SetupError, match=r"DOMAIN-swtpm\.log"):
+        libvirt_domain(log_file)

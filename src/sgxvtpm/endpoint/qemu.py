@@ -119,7 +119,9 @@ class QemuEndpoint:
     ) -> None:
         """``listener``: serve this socket, already bound to ``ctrl_path`` and listening,
         instead of binding one (the libvirt executable binds before its imports).
-        ``terminate``: stop when a control connection ends (swtpm's ``--terminate``)."""
+        ``terminate``: stop when the data channel's peer (QEMU) closes it, as swtpm
+        0.7.1's ``--terminate`` does; a control connection ending (swtpm_ioctl's, or
+        QEMU's while its data channel lives) does not stop it."""
         self.tpm = VmTpm(backend)
         self.terminate = terminate
         self._listener = listener
@@ -164,8 +166,6 @@ class QemuEndpoint:
             self._ctrl_loop(conn)
         finally:
             conn.close_fds()
-            if self.terminate:
-                self.stopped.set()
 
     def _ctrl_loop(self, conn: _FdStream) -> None:
         """Serve control requests until the client closes or sends SHUTDOWN.
@@ -193,7 +193,9 @@ class QemuEndpoint:
                 else:
                     resp = self._handler.handle(req)
                 conn.sock.sendall(encode_response(resp))
-                if req.code == CtrlCmd.SHUTDOWN and resp.result == 0:
+                # With exit_on_shutdown, as swtpm, the process ends on SHUTDOWN even if
+                # the VM's instance refused it (a VM migrated away: libvirt's stop).
+                if req.code == CtrlCmd.SHUTDOWN and (resp.result == 0 or self.exit_on_shutdown):
                     self._stop_data()
                     if self.exit_on_shutdown:
                         self.stopped.set()
@@ -227,6 +229,13 @@ class QemuEndpoint:
     # ------------------------------------------------------------ data channel
 
     def _serve_data(self, sock: socket.socket) -> None:
+        try:
+            self._data_loop(sock)
+        finally:
+            if self.terminate:
+                self.stopped.set()
+
+    def _data_loop(self, sock: socket.socket) -> None:
         # The per-command path: one recv, the framer, the vTPM, one sendall.
         stream = Stream(sock)
         framer = CommandFramer()

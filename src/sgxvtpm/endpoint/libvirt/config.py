@@ -93,11 +93,18 @@ class Marker:
     #: swtpm_setup made this VM new for an incoming domain (``--overwrite`` on a
     #: directory of no VM of this host): state saved elsewhere cannot load into it.
     incoming_new: bool = False
+    #: No VM yet (``vm`` is empty): an incoming domain from another member of this
+    #: host's fleet. ``swtpm socket`` makes the incoming VM (setup.make_incoming).
+    pending_incoming: bool = False
+    #: The VM was made incoming on a fleet member: it takes the state of its
+    #: namesake on another member (the newest export, once).
+    fleet_incoming: bool = False
 
     def dumps(self) -> str:
         obj: dict[str, object] = {"vm": self.vm, "state_dir": self.state_dir}
-        if self.incoming_new:
-            obj["incoming_new"] = True
+        for flag in ("incoming_new", "pending_incoming", "fleet_incoming"):
+            if getattr(self, flag):
+                obj[flag] = True
         return json.dumps(obj, indent=2) + "\n"
 
     @classmethod
@@ -113,4 +120,5 @@ class Marker:
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in
                                                 ("vm", "state_dir")):
             raise ConfigError(f"{path}: not an sgxvtpm binding marker")
-        return cls(obj["vm"], obj["state_dir"], obj.get("incoming_new") is True)
+        return cls(obj["vm"], obj["state_dir"], obj.get("incoming_new") is True,
+                   obj.get("pending_incoming") is True, obj.get("fleet_incoming") is True)

@@ -5,7 +5,7 @@ The VM is the one ``swtpm_setup`` made for this libvirt TPM state directory
 key and certificates, is in the same directory). Serving is ``vm attach``'s
 :class:`~sgxvtpm.endpoint.qemu.QemuEndpoint` on the socket swtpm.py already
 listens on; like swtpm, it ends on CMD_SHUTDOWN, on SIGTERM, and with
-``--terminate`` when a control connection ends. Failures go to the log
+``--terminate`` when the data channel's peer (QEMU) goes. Failures go to the log
 (libvirt's ``--log file=``) as one line, and the socket is removed so that
 QEMU fails at once instead of waiting.
 """
@@ -61,6 +61,13 @@ def _attach(args: SwtpmSocketArgs, label: str) -> tuple[Marker, K2Client]:
     if marker is None:
         raise ConfigError(f"{args.tpmstate_dir} holds no sgxvtpm binding: run sgxvtpm's "
                           "swtpm_setup first (libvirt does when it creates the directory)")
+    if marker.pending_incoming:  # an incoming domain from another fleet member
+        import asyncio
+
+        from sgxvtpm.endpoint.libvirt.setup import libvirt_domain, make_incoming
+
+        marker = asyncio.run(make_incoming(Path(args.tpmstate_dir),
+                                           libvirt_domain(args.log_file)))
     state = StateDir.at(marker.state_dir)
     binding = VmBinding.load(state, marker.vm, credentials=Credentials.at(args.tpmstate_dir))
     deadline = time.monotonic() + BUSY_WAIT
@@ -81,6 +88,10 @@ def refused_reason(marker: Marker, blob_type: int) -> str:
         kind = BlobType(blob_type).name.lower()
     except ValueError:
         kind = f"type {blob_type}"
+    if marker.fleet_incoming:
+        return (f"the {kind} state blob was refused by VM {marker.vm}'s incoming instance: "
+                "it takes this VM's newest export from another fleet member, once, and "
+                "nothing older, nor another VM's; hostd's log (vtpm.state_refused) says why")
     if marker.incoming_new:
         return (f"the {kind} state blob was refused: VM {marker.vm} was made new for this "
                 "incoming domain (swtpm_setup --overwrite found no VM of this TPM state "

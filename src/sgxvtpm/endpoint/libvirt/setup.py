@@ -17,9 +17,19 @@ nothing else. It keeps a copy of the binding too (``hosts/HOST/vms/NAME``):
 ``--overwrite`` on a directory without a binding is libvirt recreating it for
 an incoming domain (a restore after the directory was removed), and the
 directory is then bound again to the VM its record names, if that VM is still
-on this host: the saved state blobs are sealed to its instance. Otherwise a
-new VM is made, marked ``incoming_new`` so that ``swtpm socket``'s log says
-why the blobs are refused.
+on this host: the saved state blobs are sealed to its instance.
+
+Otherwise the domain comes from elsewhere. If this host is in a fleet, it is
+an incoming domain from another member (a ``virsh save`` there restored here,
+or a migration): its VM must be made ``--incoming`` under the name it has on
+the source, ``DOMAIN-UUID``, because that name is what the VM's fleet key and
+its state blobs are bound to. libvirt gives this call the directory only (no
+``--vmid``), and the domain's name is not in it, so swtpm_setup leaves a
+``pending_incoming`` marker and makes no VM; ``swtpm socket``, which libvirt
+starts next with ``--log file=.../DOMAIN-swtpm.log``, makes the incoming VM
+(:func:`make_incoming`) before it serves QEMU's ``-incoming`` state. Outside a
+fleet, a new VM is made, marked ``incoming_new`` so that ``swtpm socket``'s
+log says why the blobs are refused.
 
 Exit status 0 on success; otherwise 1, and the reason in ``--logfile``.
 """
@@ -56,6 +66,7 @@ from sgxvtpm.vmm.credentials import (
     HostCredentials,
     private_directory,
 )
+from sgxvtpm.wire import k1
 
 
 class SetupError(SgxvtpmError):
@@ -75,7 +86,7 @@ def _drop_passwords(fds: tuple[int, ...]) -> None:
 def bound(tpm_state: Path) -> Marker | None:
     """The marker of ``tpm_state`` if the binding it names is there too."""
     marker = Marker.read(tpm_state)
-    if marker is None:
+    if marker is None or marker.pending_incoming:
         return None
     host = Credentials.at(tpm_state).host(StateDir.at(marker.state_dir))
     return marker if (host.vm(marker.vm) / "instance.json").exists() else None
@@ -158,6 +169,15 @@ async def _setup(args: SetupArgs, say: IO[str]) -> None:
     elif args.overwrite:
         if await _rebind(client, tpm_state, say) is not None:
             return
+        if (await client.request(k1.FleetShow())).fleet.fleet_id:
+            atomic_write(tpm_state / MARKER, Marker("", str(state.root.resolve()),
+                                                    pending_incoming=True).dumps().encode(),
+                         0o600)
+            log.log("libvirt.setup_incoming_pending", tpm_state=str(tpm_state))
+            print(f"No VM of {tpm_state} on this host, which is in a fleet: an incoming "
+                  "domain from another member; swtpm socket makes its incoming VM, named "
+                  "after the domain", file=say)
+            return
         incoming = True
     name = vm_name(args.vmid, args.tpm_state)
     # An instance of that name whose libvirt directory is gone (undefined, not yet
@@ -176,6 +196,40 @@ async def _setup(args: SetupArgs, say: IO[str]) -> None:
             tpm_state=str(tpm_state), vmid=args.vmid, incoming=incoming)
     print(f"Created sgxvtpm VM {name} (instance {info.instance_id}, EK {args.ek}, "
           f"certificates by the manager CA) for {args.vmid or tpm_state}", file=say)
+
+
+def libvirt_domain(log_file: str | None) -> str:
+    """The domain's name in libvirt's swtpm log path, ``DIR/DOMAIN-swtpm.log`` (libvirt
+    9.0's qemu_tpm.c names it so; ``swtpm socket`` is given it, swtpm_setup is not on
+    an incoming domain)."""
+    suffix = "-swtpm.log"
+    base = os.path.basename(log_file or "")
+    if not base.endswith(suffix) or base == suffix:
+        raise SetupError(f"an incoming domain from another fleet member: its VM is named "
+                         f"after the domain, which libvirt's --log file=DIR/DOMAIN{suffix} "
+                         f"gives, but the log is {log_file or 'not a file'}")
+    return base[: -len(suffix)]
+
+
+async def make_incoming(tpm_state: Path, domain: str) -> Marker:
+    """Make the incoming VM of a directory swtpm_setup left ``pending_incoming``: named
+    as on the source (``DOMAIN-UUID``, options.vm_name), recorded and bound as
+    swtpm_setup binds a VM. Its marker."""
+    where = locate()
+    state = StateDir.at(where.state_dir)
+    client = VmmClient(state, credentials=Credentials.at(where.credentials))
+    name = vm_name(domain, str(tpm_state))
+    await collect_one(client, name)  # an undefined namesake, not yet collected
+    info = await client.create(name, incoming=True)
+    record = record_path(client.host, name)
+    record.parent.mkdir(mode=0o700, exist_ok=True)
+    atomic_write(record, f"{tpm_state.resolve()}\n".encode(), 0o600)
+    await install_binding(client, name, tpm_state)
+    marker = Marker(name, str(state.root.resolve()), fleet_incoming=True)
+    atomic_write(tpm_state / MARKER, marker.dumps().encode(), 0o600)
+    log.log("libvirt.incoming_created", vm=name, instance=info.instance_id,
+            tpm_state=str(tpm_state))
+    return marker
 
 
 def main(argv: Sequence[str] | None = None) -> int:
