@@ -10,6 +10,7 @@ DEBS=(
     tpm2-tools libtss2-dev pkg-config    # TSS clients; headers to build tpm2-pytss
     qemu-system-x86 linux-image-cloud-amd64 busybox-static cpio   # a real guest for e2e
     python3-venv gcc python3-dev
+    strace                               # tests/e2e/test_fleet_migration_strace.py
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients   # a real libvirtd for e2e
 )
 

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -48,14 +48,20 @@ def wait_vm_state(h: Hostd, name: str, wanted: str, timeout: float = 30.0) -> No
 
 
 @contextmanager
-def fleet_of(base: Path, count: int) -> Iterator[list[Hostd]]:
-    """``count`` hostds under one new sim root; the first invites, the others join."""
+def fleet_of(
+    base: Path, count: int, launcher: Callable[[int], Sequence[str]] | None = None
+) -> Iterator[list[Hostd]]:
+    """``count`` hostds under one new sim root; the first invites, the others join.
+
+    ``launcher(i)``: the command host ``i``'s hostd runs under (HostdProcess), if any.
+    """
     init_sim_root(base / "root")
     ports = [free_port() for _ in range(count)]
     with ExitStack() as stack:
         hosts = [
             stack.enter_context(running_hostd(base / f"host{i}", args=[
-                "--sim-root", str(base / "root"), "--fleet-listen", f"127.0.0.1:{port}"]))
+                "--sim-root", str(base / "root"), "--fleet-listen", f"127.0.0.1:{port}"],
+                launcher=launcher(i) if launcher else ()))
             for i, port in enumerate(ports)
         ]  # fmt: skip
         address = f"127.0.0.1:{ports[0]}"

@@ -24,13 +24,19 @@ __all__ = ["Hostd", "running_hostd", "wait_ready"]
 
 class Hostd(HostdProcess):
     def __init__(
-        self, state_dir: Path, *, credentials: Path | None = None, args: Sequence[str] = ()
+        self,
+        state_dir: Path,
+        *,
+        credentials: Path | None = None,
+        args: Sequence[str] = (),
+        launcher: Sequence[str] = (),
     ) -> None:
         super().__init__(
             StateDir(state_dir),
             credentials=Credentials.at(credentials),
             log_path=state_dir.parent / f"{state_dir.name}-hostd.log",
             args=args,
+            launcher=launcher,
         )
 
     def vmm(self) -> VmmClient:
@@ -46,9 +52,13 @@ class Hostd(HostdProcess):
 
 @contextmanager
 def running_hostd(
-    state_dir: Path, *, credentials: Path | None = None, args: Sequence[str] = ()
+    state_dir: Path,
+    *,
+    credentials: Path | None = None,
+    args: Sequence[str] = (),
+    launcher: Sequence[str] = (),
 ) -> Iterator[Hostd]:
-    hostd = Hostd(state_dir, credentials=credentials, args=args)
+    hostd = Hostd(state_dir, credentials=credentials, args=args, launcher=launcher)
     hostd.start()
     try:
         yield hostd

@@ -74,7 +74,11 @@ class HostdProcess:
 
     Its operator identity is in ``credentials`` (the hostd gets it as
     SGXVTPM_CONFIG_DIR), stdout and stderr go to ``log_path``; ``args`` are
-    more ``hostd`` options, ``env`` more environment variables.
+    more ``hostd`` options, ``env`` more environment variables. ``launcher``
+    prefixes hostd's command line with a program that runs hostd as its only
+    child (a tracer: ``strace -f -o FILE``, tests/helpers/strace.py); ``pid``
+    and the signals of :meth:`stop` are then hostd's, and the launcher ends
+    when hostd and its children have.
     """
 
     def __init__(
@@ -85,19 +89,35 @@ class HostdProcess:
         log_path: Path,
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        launcher: Sequence[str] = (),
     ) -> None:
         self.state = state
         self.credentials = credentials
         self.log_path = log_path
         self.args = list(args)
         self.env = dict(env or {})
+        self.launcher = list(launcher)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def pid(self) -> int:
         if self.proc is None:
             raise RuntimeError("hostd was not started")
-        return self.proc.pid
+        if not self.launcher:
+            return self.proc.pid
+        return self._launched_pid(self.proc.pid)
+
+    @staticmethod
+    def _launched_pid(launcher: int, timeout: float = 10.0) -> int:
+        """The launcher's child (it forks hostd before it execs it: wait for it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+            if children:
+                return int(children[0])
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the launcher ({launcher}) started no hostd")
+            time.sleep(0.01)
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -112,7 +132,7 @@ class HostdProcess:
         t0 = time.perf_counter()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sgxvtpm.cli", "hostd", "--state-dir",
+                [*self.launcher, sys.executable, "-m", "sgxvtpm.cli", "hostd", "--state-dir",
                  str(self.state.root), *self.args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -132,6 +152,10 @@ class HostdProcess:
         whole session after ``timeout`` seconds; the exit status."""
         if self.proc is None:
             raise RuntimeError("hostd was not started")
+        if self.launcher and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, RuntimeError, FileNotFoundError):
+                os.kill(self.pid, sig)
+            return terminate(self.proc, sig=None, group=True, timeout=timeout)
         return terminate(self.proc, sig=sig, group=True, timeout=timeout)
 
     def kill(self) -> None:
