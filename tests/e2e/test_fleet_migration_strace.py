@@ -30,6 +30,11 @@ state and fleet-sealed blobs only.
 Not seen by a system-call trace: stores to shared memory mappings, and
 io_uring; the file scan at the end covers what stays on disk. Calls that copy
 between descriptors (sendfile, splice, ...) are traced and refused here.
+
+Slow (``make stress``): strace dumps some 30 MB per host (mostly the measured
+code the sim CPU hands each enclave), and the test takes 19-26 s on 2 busy
+cores against about 10 s untraced. tests/integration/test_strace_sees_writes.py,
+in ``make test``, checks the harness itself.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from sgxvtpm.wire.swtpm_ctrl import CtrlCmd
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.slow,
     pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (scripts/install.sh)"),
 ]
 
