@@ -270,8 +270,14 @@ class PlatformKind(Protocol):
         """The MRENCLAVE an enclave built from ``spec`` has on this kind of platform."""
         ...
 
-    def quote_verifier(self, root_pem: bytes) -> QuoteVerifier:
-        """A verifier of this kind's quotes under ``root_pem``; PlatformError if not a root."""
+    def quote_verifier(self, root_pem: bytes, collateral: str | None = None) -> QuoteVerifier:
+        """A verifier of this kind's quotes under ``root_pem``; PlatformError if not a root.
+
+        With ``collateral`` (dcap-qvl QuoteCollateralV3 JSON, untrusted: signed under
+        ``root_pem``) the DCAP verifier every handshake uses (platform/dcap.py);
+        without, the sim kinds' plain chain check (platform/sim/quote.py), kept for
+        library callers that hold only a root; the gramine kind needs collateral.
+        """
         ...
 
 

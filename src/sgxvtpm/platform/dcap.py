@@ -16,10 +16,13 @@ secrets are readable by its host, so nothing is lost.
 Collateral is dcap-qvl's ``QuoteCollateralV3`` JSON (what ``dcap_qvl.get_collateral``
 returns from a PCCS, and what tests/vectors/dcap holds); this module does no I/O.
 
-Used on the verifier's side (``sgxvtpm attest quote``). The enclaves keep
-the sim verifier (``platform/sim/quote.py``) for their peers: their verifier
-must get its root and collateral from the platform, never from the host, and
-the sim platform does not hand collateral to enclaves.
+Used in every attested handshake, sim and real (:func:`pinned_verifier`): by
+the clients (the VMM, VM endpoints, ``sgxvtpm attest``) under the root they
+pinned, and by the enclaves under the root their platform gives them
+(``sgxvtpm attest quote`` takes a root on its command line). The collateral
+itself may come from anywhere, the untrusted host included: every part of it
+is signed under the pinned root and checked against it at each verification,
+so a host that swaps, drops or ages it only gets quotes refused.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 
 import dcap_qvl
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from sgxvtpm.platform.base import (
@@ -39,6 +43,7 @@ from sgxvtpm.platform.base import (
     SGX_FLAGS_DEBUG,
     AttestationError,
     EnclaveIdentity,
+    PlatformError,
     ReportBody,
     VerifiedQuote,
 )
@@ -114,6 +119,26 @@ def intel_root(collateral: dcap_qvl.QuoteCollateralV3) -> bytes:
     if hashlib.sha256(der).hexdigest() != INTEL_SGX_ROOT_CA_SHA256:
         raise CollateralError("the collateral's root is not Intel's SGX Root CA (pinned SHA-256)")
     return der
+
+
+def pinned_verifier(root_pem: bytes, collateral_json: str) -> DcapQuoteVerifier:
+    """The handshake verifier: quotes under ``root_pem`` (pinned by the caller), checked
+    with ``collateral_json`` (untrusted bytes: signed under that root, checked at each
+    verification). PlatformError if ``root_pem`` is not a self-signed root
+    certificate; CollateralError if the collateral does not parse or its chain ends in
+    another root than the pinned one.
+    """
+    try:
+        root = x509.load_pem_x509_certificate(root_pem)
+        root.verify_directly_issued_by(root)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise PlatformError(f"not a self-signed root certificate: {exc}") from None
+    root_der = root.public_bytes(serialization.Encoding.DER)
+    collateral = load_collateral(collateral_json)
+    if root_from_collateral(collateral) != root_der:
+        raise CollateralError("the collateral's issuer chain ends in another root than the "
+                              "pinned attestation root")
+    return DcapQuoteVerifier(collateral, root_der)
 
 
 def parse_sgx_body(raw: bytes) -> ReportBody:
@@ -215,4 +240,12 @@ class DcapQuoteVerifier:
             raise AttestationError(report.refusal)
         if report.body is None:
             raise AttestationError("not an SGX enclave quote")
-        return VerifiedQuote(body=report.body)
+        return VerifiedQuote(body=report.body, platform_id=_ppid(quote))
+
+
+def _ppid(quote: bytes) -> bytes:
+    """The PPID in the verified quote's PCK certificate: the platform's identity."""
+    try:
+        return bytes(dcap_qvl.parse_quote(quote).pck_extension().ppid)
+    except (ValueError, TypeError, RuntimeError, AttributeError) as exc:
+        raise AttestationError(f"quote's PCK certificate has no PPID: {exc}") from None

@@ -54,6 +54,11 @@ from sgxvtpm.wire.control import (
 from sgxvtpm.wire.k1 import InstanceInfo
 
 ENV = "SGXVTPM_CONFIG_DIR"
+COLLATERAL_ENV = "SGXVTPM_COLLATERAL"
+# In hostd's platform directory: the sim platform's, and the one a Gramine host
+# hands its enclaves (platform/gramine/launcher.py).
+COLLATERAL_FILE = "collateral.json"
+GRAMINE_COLLATERAL_FILE = "dcap-collateral.json"
 OPERATOR_CN = "sgxvtpm operator"
 ROOT_QUERY_TIMEOUT = 10.0
 BINDING_FILES = ("vm.key", "vm.crt", "ca.crt", "instance.json")
@@ -209,6 +214,27 @@ class HostCredentials:
     def verifier(self) -> QuoteVerifier:
         return verifier_for(self, self.attestation_root())
 
+    def collateral(self) -> str:
+        """The DCAP collateral the host's quotes are checked with (platform/dcap.py).
+
+        ``$SGXVTPM_COLLATERAL`` (a file) if set, else the copy in hostd's
+        platform directory (the sim's ``collateral.json``, a Gramine host's
+        ``dcap-collateral.json``). Untrusted bytes, from
+        the host or anywhere: every part is signed under the pinned root and
+        checked against it at each verification (SECURITY.md).
+        """
+        env = os.environ.get(COLLATERAL_ENV)
+        path = Path(env) if env else self.state.platform / COLLATERAL_FILE
+        if not env and not path.exists():
+            path = self.state.platform / GRAMINE_COLLATERAL_FILE
+        try:
+            return path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CredentialsError(
+                f"no DCAP collateral for the hostd of {self.state.root}: "
+                f"{_reason(exc)} (set ${COLLATERAL_ENV} to a QuoteCollateralV3 JSON file)"
+            ) from None
+
     def pin(self, pem: bytes) -> None:
         """Pin ``pem`` as this host's attestation root; a different existing pin is an error."""
         self.ensure()
@@ -254,10 +280,12 @@ class HostCredentials:
 
 
 def verifier_for(host: HostCredentials, pem: bytes) -> QuoteVerifier:
-    """A quote verifier holding ``pem`` (``host``'s pinned root) in memory: never re-read."""
+    """The DCAP verifier of ``host``'s quotes under ``pem`` (its pinned root), with the
+    host's collateral, both held in memory: never re-read."""
+    collateral = host.collateral()
     try:
-        return host.platform.quote_verifier(pem)
-    except PlatformError as exc:
+        return host.platform.quote_verifier(pem, collateral)
+    except PlatformError as exc:  # AttestationError (the collateral) is one
         raise CredentialsError(f"{host.root_ca}: {exc}") from None
 
 

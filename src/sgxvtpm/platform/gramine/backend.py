@@ -26,11 +26,18 @@ class GramineKind:
             "the build host (docs/REAL-SGX.md); pin that value"
         )
 
-    def quote_verifier(self, root_pem: bytes) -> QuoteVerifier:
-        raise PlatformError(
-            "Gramine quotes are DCAP quotes: verify them with collateral "
-            "(sgxvtpm attest quote FILE --collateral FILE --root intel)"
-        )
+    def quote_verifier(self, root_pem: bytes, collateral: str | None = None) -> QuoteVerifier:
+        """DCAP under ``root_pem``, which must be Intel's SGX Root CA (pinned by hash)."""
+        from sgxvtpm.platform import dcap
+
+        if collateral is None:
+            raise PlatformError(
+                "Gramine quotes are DCAP quotes: verify them with collateral "
+                "(sgxvtpm attest quote FILE --collateral FILE --root intel)"
+            )
+        verifier = dcap.pinned_verifier(root_pem, collateral)
+        dcap.intel_root(dcap.load_collateral(collateral))  # the pinned root is Intel's
+        return verifier
 
 
 GRAMINE = GramineKind()

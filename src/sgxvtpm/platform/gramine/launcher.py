@@ -298,11 +298,10 @@ class GramineBackend:
             return GRAMINE.measure(spec)  # raises, saying where the value comes from
         return signed.sig.mrenclave
 
-    def quote_verifier(self, root_pem: bytes) -> QuoteVerifier:
-        root_der = x509.load_pem_x509_certificate(root_pem).public_bytes(
-            serialization.Encoding.DER
+    def quote_verifier(self, root_pem: bytes, collateral: str | None = None) -> QuoteVerifier:
+        return dcap.pinned_verifier(
+            root_pem, self._collateral if collateral is None else collateral
         )
-        return dcap.DcapQuoteVerifier(dcap.load_collateral(self._collateral), root_der)
 
     def close(self) -> None:
         self._loader.close()

@@ -29,8 +29,12 @@ class SimKind:
     def measure(self, spec: EnclaveSpec) -> bytes:
         return measure_mrenclave(spec)
 
-    def quote_verifier(self, root_pem: bytes) -> QuoteVerifier:
-        return SimQuoteVerifier(root_pem)
+    def quote_verifier(self, root_pem: bytes, collateral: str | None = None) -> QuoteVerifier:
+        if collateral is None:
+            return SimQuoteVerifier(root_pem)
+        from sgxvtpm.platform import dcap
+
+        return dcap.pinned_verifier(root_pem, collateral)
 
 
 SIM = SimKind()

@@ -401,7 +401,8 @@ def _enclu(
     ok: dict[str, Any] = {"ok": True}
     if op == "hello":
         body = pack_report_body(ReportBody(identity=enclave.identity, report_data=bytes(64)))
-        return {**ok, "root_pem": enclave.attestation_root_pem.hex()}, body
+        return {**ok, "root_pem": enclave.attestation_root_pem.hex(),
+                "collateral": enclave.collateral}, body
     if op == "get_key":
         request = KeyRequest(
             key_name=KeyName(int(header["key_name"])),

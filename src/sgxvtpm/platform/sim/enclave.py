@@ -16,9 +16,24 @@ from sgxvtpm.platform.base import (
 )
 from sgxvtpm.platform.sim import egetkey
 from sgxvtpm.platform.sim.counters import CounterStore
-from sgxvtpm.platform.sim.quote import QuotingEnclave, SimQuoteVerifier
+from sgxvtpm.platform.sim.quote import QuotingEnclave
 from sgxvtpm.platform.sim.report import pack_report_body, parse_report_body, split_report
 from sgxvtpm.util import log
+
+
+def dcap_verifier(root_pem: bytes, collateral: str) -> QuoteVerifier:
+    """What a sim enclave checks its peers with: DCAP (platform/dcap.py), as on SGX.
+
+    Both come from the platform (the sim CPU), never from the host's launch
+    arguments; the root is the one the enclave trusts, the collateral is checked
+    against it. A platform provisioned before it had collateral cannot attest.
+    """
+    from sgxvtpm.platform import dcap
+
+    if not collateral:
+        raise PlatformError("this sim platform has no DCAP collateral (provisioned by an older "
+                            "sgxvtpm): provision a new platform directory")
+    return dcap.pinned_verifier(root_pem, collateral)
 
 
 class SimEnclavePlatform:
@@ -27,6 +42,8 @@ class SimEnclavePlatform:
     ``report_key_id`` plays CR_REPORT_KEYID, which SGX randomises at boot and
     EREPORT copies into every REPORT's KEYID. ``config`` is the enclave's
     measured configuration (sim-only convenience; not in base.EnclavePlatform).
+    ``collateral`` is the platform's DCAP collateral (public, signed under its
+    root): peers' quotes are checked with it through platform/dcap.py.
     """
 
     def __init__(
@@ -39,6 +56,7 @@ class SimEnclavePlatform:
         report_key_id: bytes,
         cpu_svn: bytes = bytes(16),
         config: bytes = b"",
+        collateral: str = "",
     ) -> None:
         self._identity = identity
         self._base_key = base_key
@@ -47,6 +65,7 @@ class SimEnclavePlatform:
         self._report_key_id = report_key_id
         self._cpu_svn = cpu_svn
         self.config = config
+        self.collateral = collateral
 
     @property
     def identity(self) -> EnclaveIdentity:
@@ -63,7 +82,7 @@ class SimEnclavePlatform:
         return self._qe.certification.root_pem
 
     def quote_verifier(self) -> QuoteVerifier:
-        return SimQuoteVerifier(self.attestation_root_pem)
+        return dcap_verifier(self.attestation_root_pem, self.collateral)
 
     def get_key(self, request: KeyRequest) -> bytes:
         return egetkey.egetkey(self._base_key, self._identity, request, self._cpu_svn)

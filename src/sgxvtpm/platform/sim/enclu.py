@@ -27,7 +27,7 @@ from sgxvtpm.platform.base import (
     ReportBody,
     TargetInfo,
 )
-from sgxvtpm.platform.sim.quote import SimQuoteVerifier
+from sgxvtpm.platform.sim.enclave import dcap_verifier
 from sgxvtpm.platform.sim.report import parse_report_body
 from sgxvtpm.platform.sim.zygote_proto import ZygoteGone, recv_message, send_message
 
@@ -42,6 +42,7 @@ class SimEnclaveClient:
         hello, body = self._call({"op": "hello"})
         self._identity = parse_report_body(bytes(body)).identity
         self._root_pem = bytes.fromhex(hello["root_pem"])
+        self._collateral = str(hello.get("collateral", ""))
 
     @property
     def identity(self) -> EnclaveIdentity:
@@ -53,7 +54,7 @@ class SimEnclaveClient:
         return self._root_pem
 
     def quote_verifier(self) -> QuoteVerifier:
-        return SimQuoteVerifier(self._root_pem)
+        return dcap_verifier(self._root_pem, self._collateral)
 
     def get_key(self, request: KeyRequest) -> bytes:
         _, key = self._call(

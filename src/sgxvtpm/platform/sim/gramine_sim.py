@@ -90,10 +90,14 @@ class GramineSimKind:
     def measure(self, spec: EnclaveSpec) -> bytes:
         return measure_mrenclave(spec)
 
-    def quote_verifier(self, root_pem: bytes) -> QuoteVerifier:
-        from sgxvtpm.platform.sim.quote import SimQuoteVerifier
+    def quote_verifier(self, root_pem: bytes, collateral: str | None = None) -> QuoteVerifier:
+        if collateral is None:
+            from sgxvtpm.platform.sim.quote import SimQuoteVerifier
 
-        return SimQuoteVerifier(root_pem)
+            return SimQuoteVerifier(root_pem)
+        from sgxvtpm.platform import dcap
+
+        return dcap.pinned_verifier(root_pem, collateral)
 
 
 GRAMINE_SIM = GramineSimKind()

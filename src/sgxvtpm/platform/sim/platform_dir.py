@@ -187,7 +187,14 @@ class SimPlatformDir:
             counters=self.counters,
             report_key_id=self._report_key_id,
             config=config,
+            collateral=self._collateral_or_none(),
         )
+
+    def _collateral_or_none(self) -> str:
+        try:
+            return self.dcap_collateral()
+        except PlatformError:
+            return ""
 
     def signer_private_key(self) -> ec.EllipticCurvePrivateKey:
         """The operator's enclave signing key (unwrapped on demand)."""

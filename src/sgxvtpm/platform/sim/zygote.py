@@ -97,12 +97,14 @@ def _throwaway_platform() -> tuple[Callable[[EnclaveIdentity], EnclavePlatform],
 
     from sgxvtpm.platform.sim import egetkey, provision
     from sgxvtpm.platform.sim.counters import CounterStore
-    from sgxvtpm.platform.sim.enclave import SimEnclavePlatform
-    from sgxvtpm.platform.sim.quote import QuotingEnclave, SimQuoteVerifier
+    from sgxvtpm.platform.sim.enclave import SimEnclavePlatform, dcap_verifier
+    from sgxvtpm.platform.sim.quote import QuotingEnclave
 
     keys = provision.PlatformKeys.generate()
     platform_id = os.urandom(16)
-    certification = provision.certify(keys, platform_id, datetime.datetime.now(datetime.UTC))
+    now = datetime.datetime.now(datetime.UTC)
+    certification = provision.certify(keys, platform_id, now)
+    collateral = provision.collateral(keys.root_ca, certification.root_pem, now)
     base_key = egetkey.derive_base_key(os.urandom(32))
     qe = QuotingEnclave(base_key, keys.attestation, certification, platform_id)
     counters = CounterStore(Path("/nonexistent"), bytes(32))  # never used by the warm-up
@@ -115,9 +117,10 @@ def _throwaway_platform() -> tuple[Callable[[EnclaveIdentity], EnclavePlatform],
             quoting_enclave=qe,
             counters=counters,
             report_key_id=report_key_id,
+            collateral=collateral,
         )
 
-    return platform_for, SimQuoteVerifier(certification.root_pem)
+    return platform_for, dcap_verifier(certification.root_pem, collateral)
 
 
 def _set_dumpable(on: bool) -> None:
