@@ -36,7 +36,28 @@ class SimKind:
 SIM = SimKind()
 
 
-class SimBackend(SimKind):
+class _LoaderBackend:
+    """The part of a base.PlatformBackend that the sim CPU's loader answers."""
+
+    def __init__(self, loader: SimLoader) -> None:
+        self._loader = loader
+
+    @property
+    def loader(self) -> SimLoader:
+        return self._loader
+
+    @property
+    def attestation_root_pem(self) -> bytes:
+        return self._loader.attestation_root_pem
+
+    def signed(self, spec: EnclaveSpec) -> EnclaveSpec:
+        return self._loader.signed(spec)
+
+    def close(self) -> None:
+        self._loader.close()
+
+
+class SimBackend(_LoaderBackend, SimKind):
     """base.PlatformBackend: a sim platform opened through its CPU process.
 
     The loader starts the sim CPU (:mod:`.cpu`) on the platform directory;
@@ -44,9 +65,6 @@ class SimBackend(SimKind):
     by ``release`` ("module:function", called with :data:`SIM`) from its own
     installed code.
     """
-
-    def __init__(self, loader: SimLoader) -> None:
-        self._loader = loader
 
     @classmethod
     def open(
@@ -59,27 +77,10 @@ class SimBackend(SimKind):
     ) -> SimBackend:
         return cls(SimLoader(Path(path), preload=preload, release=release, sim_root=sim_root))
 
-    @property
-    def loader(self) -> SimLoader:
-        return self._loader
 
-    @property
-    def attestation_root_pem(self) -> bytes:
-        return self._loader.attestation_root_pem
-
-    def signed(self, spec: EnclaveSpec) -> EnclaveSpec:
-        return self._loader.signed(spec)
-
-    def close(self) -> None:
-        self._loader.close()
-
-
-class GramineSimBackend(GramineSimKind):
+class GramineSimBackend(_LoaderBackend, GramineSimKind):
     """base.PlatformBackend of gramine-sim (platform/sim/gramine_sim.py): the sim CPU
     launches one stand-in process per enclave, which runs the Gramine code path."""
-
-    def __init__(self, loader: SimLoader) -> None:
-        self._loader = loader
 
     @classmethod
     def open(
@@ -92,17 +93,3 @@ class GramineSimBackend(GramineSimKind):
     ) -> GramineSimBackend:
         del preload  # no zygote: every enclave is a fresh process
         return cls(SimLoader(Path(path), release=release, gramine_sim=True, sim_root=sim_root))
-
-    @property
-    def loader(self) -> SimLoader:
-        return self._loader
-
-    @property
-    def attestation_root_pem(self) -> bytes:
-        return self._loader.attestation_root_pem
-
-    def signed(self, spec: EnclaveSpec) -> EnclaveSpec:
-        return self._loader.signed(spec)
-
-    def close(self) -> None:
-        self._loader.close()
