@@ -29,6 +29,7 @@ from cryptography.x509.oid import NameOID
 
 from sgxvtpm.platform.base import EnclaveIdentity, ReportBody
 from sgxvtpm.platform.sim.report import pack_report_body
+from sgxvtpm.util import der
 from sgxvtpm.util.x509 import key_usage
 
 # The simulated quoting enclave's identity (what a verifier's "QE identity"
@@ -231,47 +232,22 @@ SGX_TYPE_STANDARD = 0
 TCB_EVALUATION_DATA_NUMBER = 1
 
 
-def _der(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        return bytes([tag, n]) + content
-    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(size)]) + size + content
-
-
-def _der_oid(dotted: str) -> bytes:
-    arcs = [int(a) for a in dotted.split(".")]
-    out = bytearray([40 * arcs[0] + arcs[1]])
-    for arc in arcs[2:]:
-        chunk = [arc & 0x7F]
-        arc >>= 7
-        while arc:
-            chunk.append(0x80 | (arc & 0x7F))
-            arc >>= 7
-        out += bytes(reversed(chunk))
-    return _der(0x06, bytes(out))
-
-
-def _der_uint(value: int) -> bytes:
-    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
-
-
 def _entry(suffix: str, value: bytes) -> bytes:
-    return _der(0x30, _der_oid(f"{SGX_EXTENSIONS_OID}.{suffix}") + value)
+    return der.tlv(0x30, der.oid(f"{SGX_EXTENSIONS_OID}.{suffix}") + value)
 
 
 def sgx_extensions(ppid: bytes, cpu_svn: bytes, pce_svn: int) -> bytes:
     """DER of the PCK SGX Extensions: PPID, TCB (16 components from CPUSVN, PCESVN,
     CPUSVN), PCE-ID, FMSPC, SGX Type."""
-    tcb = b"".join(_entry(f"2.{i + 1}", _der_uint(svn)) for i, svn in enumerate(cpu_svn))
-    tcb += _entry("2.17", _der_uint(pce_svn)) + _entry("2.18", _der(0x04, cpu_svn))
-    return _der(
+    tcb = b"".join(_entry(f"2.{i + 1}", der.uint(svn)) for i, svn in enumerate(cpu_svn))
+    tcb += _entry("2.17", der.uint(pce_svn)) + _entry("2.18", der.tlv(0x04, cpu_svn))
+    return der.tlv(
         0x30,
-        _entry("1", _der(0x04, ppid))
-        + _entry("2", _der(0x30, tcb))
-        + _entry("3", _der(0x04, SIM_PCEID))
-        + _entry("4", _der(0x04, SIM_FMSPC))
-        + _entry("5", _der(0x0A, bytes([SGX_TYPE_STANDARD]))),
+        _entry("1", der.tlv(0x04, ppid))
+        + _entry("2", der.tlv(0x30, tcb))
+        + _entry("3", der.tlv(0x04, SIM_PCEID))
+        + _entry("4", der.tlv(0x04, SIM_FMSPC))
+        + _entry("5", der.tlv(0x0A, bytes([SGX_TYPE_STANDARD]))),
     )
 
 
