@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Self
 
 from sgxvtpm.platform.base import EnclaveSpec, QuoteVerifier
 from sgxvtpm.platform.sim.gramine_sim import GramineSimKind
@@ -39,8 +40,27 @@ SIM = SimKind()
 class _LoaderBackend:
     """The part of a base.PlatformBackend that the sim CPU's loader answers."""
 
+    _gramine_sim = False
+
     def __init__(self, loader: SimLoader) -> None:
         self._loader = loader
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        preload: Sequence[str] = (),
+        release: str = "",
+        sim_root: Path | None = None,
+    ) -> Self:
+        if cls._gramine_sim:
+            preload = ()
+        loader = SimLoader(
+            Path(path), preload=preload, release=release, gramine_sim=cls._gramine_sim,
+            sim_root=sim_root,
+        )  # fmt: skip
+        return cls(loader)
 
     @property
     def loader(self) -> SimLoader:
@@ -66,30 +86,9 @@ class SimBackend(_LoaderBackend, SimKind):
     installed code.
     """
 
-    @classmethod
-    def open(
-        cls,
-        path: Path,
-        *,
-        preload: Sequence[str] = (),
-        release: str = "",
-        sim_root: Path | None = None,
-    ) -> SimBackend:
-        return cls(SimLoader(Path(path), preload=preload, release=release, sim_root=sim_root))
-
 
 class GramineSimBackend(_LoaderBackend, GramineSimKind):
     """base.PlatformBackend of gramine-sim (platform/sim/gramine_sim.py): the sim CPU
     launches one stand-in process per enclave, which runs the Gramine code path."""
 
-    @classmethod
-    def open(
-        cls,
-        path: Path,
-        *,
-        preload: Sequence[str] = (),
-        release: str = "",
-        sim_root: Path | None = None,
-    ) -> GramineSimBackend:
-        del preload  # no zygote: every enclave is a fresh process
-        return cls(SimLoader(Path(path), release=release, gramine_sim=True, sim_root=sim_root))
+    _gramine_sim = True  # no zygote: every enclave is a fresh process

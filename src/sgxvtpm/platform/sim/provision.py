@@ -150,12 +150,26 @@ def pck_certificate(
     sgx = x509.UnrecognizedExtension(
         x509.ObjectIdentifier(SGX_EXTENSIONS_OID), sgx_extensions(platform_id, cpu_svn, PCE_SVN)
     )
-    return (
+    subject = _name("sgxvtpm-sim SGX PCK Certificate", platform_id.hex())
+    return _leaf_certificate(root_key, root, subject, pck_key, now, sgx)
+
+
+def _leaf_certificate(
+    root_key: ec.EllipticCurvePrivateKey,
+    root: x509.Certificate,
+    subject: x509.Name,
+    key: ec.EllipticCurvePublicKey,
+    now: datetime.datetime,
+    *extensions: x509.ExtensionType,
+) -> x509.Certificate:
+    """An end entity under the root (no CA, signatures only), with ``extensions``
+    (not critical) after the common ones; signed deterministically."""
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(_name("sgxvtpm-sim SGX PCK Certificate", platform_id.hex()))
+        .subject_name(subject)
         .issuer_name(root.subject)
-        .public_key(pck_key)
-        .serial_number(_serial(pck_key))
+        .public_key(key)
+        .serial_number(_serial(key))
         .not_valid_before(now)
         .not_valid_after(now + _VALIDITY)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -164,9 +178,10 @@ def pck_certificate(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
             critical=False,
         )
-        .add_extension(sgx, critical=False)
-        .sign(root_key, hashes.SHA256(), ecdsa_deterministic=True)
     )
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
+    return builder.sign(root_key, hashes.SHA256(), ecdsa_deterministic=True)
 
 
 def _ca_usage() -> x509.KeyUsage:
@@ -291,22 +306,7 @@ def tcb_signing_certificate(
     """The certificate of the key that signs TCB Info and QE Identity (as Intel's
     "SGX TCB Signing" certificate: an end entity under the root)."""
     key = tcb_signing_key(root_key).public_key()
-    return (
-        x509.CertificateBuilder()
-        .subject_name(_name("sgxvtpm-sim SGX TCB Signing"))
-        .issuer_name(root.subject)
-        .public_key(key)
-        .serial_number(_serial(key))
-        .not_valid_before(now)
-        .not_valid_after(now + _VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_leaf_usage(), critical=True)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
-            critical=False,
-        )
-        .sign(root_key, hashes.SHA256(), ecdsa_deterministic=True)
-    )
+    return _leaf_certificate(root_key, root, _name("sgxvtpm-sim SGX TCB Signing"), key, now)
 
 
 def tcb_info(cpu_svn: bytes, pce_svn: int, now: datetime.datetime) -> str:
