@@ -30,12 +30,11 @@ from sgxvtpm.platform.sim.report import parse_report_body
 from sgxvtpm.platform.sim.spawn import CLEAN_ENV, end_child, isolated_command
 from sgxvtpm.platform.sim.zygote_proto import (
     ZygoteGone,
+    first_message,
     recv_message,
     send_message,
     wait_readable,
 )
-
-_READY_TIMEOUT = 60.0
 
 
 class SimEnclaveHandle(LaunchedEnclave):
@@ -124,14 +123,7 @@ class SimLoader:
         finally:
             child.close()
         self._ctl: socket.socket | None = parent
-        if not wait_readable(parent.fileno(), _READY_TIMEOUT):
-            self.close()
-            raise PlatformError("the sim CPU did not start in time")
-        try:
-            ready, _, _ = recv_message(parent)
-        except ZygoteGone as exc:
-            self.close()
-            raise PlatformError("the sim CPU failed to start (see its stderr)") from exc
+        ready = first_message(parent, "the sim CPU", self.close)
         if not ready.get("ready"):
             self.close()
             raise PlatformError(f"the sim platform cannot start: {ready.get('error')}")
