@@ -22,8 +22,18 @@ from tests.helpers.hostd import Hostd
 
 from sgxvtpm.endpoint.k2 import K2Client, K2Error
 from sgxvtpm.tpm import wire
-from sgxvtpm.tpm.constants import TPM2_CAP, TPM2_PT, TPM2_RC, TPM2_SU, TPMA_NV
+from sgxvtpm.tpm.constants import (
+    TPM2_ALG,
+    TPM2_CAP,
+    TPM2_CC,
+    TPM2_PT,
+    TPM2_RC,
+    TPM2_RH,
+    TPM2_SU,
+    TPMA_NV,
+)
 from sgxvtpm.tpm.nv import execute
+from sgxvtpm.tpm.session import digest as session_digest
 from sgxvtpm.util import log
 
 pytestmark = pytest.mark.integration
@@ -221,3 +231,55 @@ def _instance_dir(h: Hostd) -> Path:
     dirs = [p for p in (h.state.root / "instances").iterdir() if p.is_dir()]
     assert len(dirs) == 1
     return dirs[0]
+
+
+def _audit_digest(client: K2Client) -> tuple[int, bytes]:
+    """TPM2_GetCommandAuditDigest, unsigned (signHandle TPM_RH_NULL): the audit
+    hash algorithm and digest."""
+    command = wire.build_command(
+        TPM2_CC.GetCommandAuditDigest,
+        wire.tpm2b(b"") + wire.u16(TPM2_ALG.NULL),
+        [TPM2_RH.ENDORSEMENT, TPM2_RH.NULL],
+        [wire.password_session(), wire.password_session()],
+    )
+    _, reader = wire.response_parameters(execute(client.transact, command))
+    attest = wire.Reader(reader.tpm2b())
+    attest.u32(), attest.u16(), attest.tpm2b(), attest.tpm2b()  # magic, type, signer, extra
+    attest.u64(), attest.u32(), attest.u32(), attest.u8(), attest.u64()  # clock, firmware
+    attest.u64()  # auditCounter
+    return attest.u16(), attest.tpm2b()
+
+
+def test_an_audited_quiet_command_stays_in_the_audit_digest_across_a_kill(
+    hostd: Hostd,
+) -> None:
+    """A GetRandom needs no fresh VOLATILE state in its resume record (resume.QuietCommands)
+    unless it is audited: then its extension of the command audit digest must
+    survive a kill -9 of the instance right after its answer."""
+    create(hostd, "vm1")
+    client = K2Client(hostd.binding("vm1"), label="test_crash_resume")
+    client.reconnect_timeout = 90
+    client.power_on()
+    execute(client.transact, wire.startup(TPM2_SU.CLEAR))
+    set_audit = wire.build_command(
+        TPM2_CC.SetCommandCodeAuditStatus,
+        wire.u16(TPM2_ALG.NULL) + wire.u32(1) + wire.u32(TPM2_CC.GetRandom) + wire.u32(0),
+        [TPM2_RH.OWNER],
+        [wire.password_session()],
+    )
+    execute(client.transact, set_audit)
+    alg, before = _audit_digest(client)
+    answers = [execute(client.transact, wire.get_random(8)) for _ in range(3)]
+    kill_instance(hostd)
+    assert _audit_digest(client) == (alg, _extended(alg, before, answers))
+    client.close()
+
+
+def _extended(alg: int, value: bytes, answers: list[bytes]) -> bytes:
+    """The command audit digest ``value`` after GetRandom(8)s answered ``answers``
+    (each one: H(digest || cpHash || rpHash), Part 1, 33.3)."""
+    cp_hash = session_digest(alg, wire.u32(TPM2_CC.GetRandom) + wire.u16(8))
+    for answer in answers:
+        rp_hash = session_digest(alg, wire.u32(0) + wire.u32(TPM2_CC.GetRandom) + answer[10:])
+        value = session_digest(alg, value + cp_hash + rp_hash)
+    return value

@@ -17,7 +17,6 @@ from sgxvtpm.enclaves.ekcert import (
     TCG_KP_EK_CERTIFICATE,
     TCG_KP_PLATFORM_CERTIFICATE,
     TpmSpecification,
-    _der_oid,
     issue_ek_certificate,
     issue_platform_certificate,
     tpm_attributes,
@@ -130,18 +129,6 @@ def test_platform_certificate(ca: ManagerCa, rsa_ek: rsa.RSAPublicKey) -> None:
         ("2.23.133.5.1.5", "1.0"),
     ]
     assert tpm_attributes(cert) == {}
-
-
-@pytest.mark.parametrize(
-    ("oid", "der"),
-    [
-        ("2.23.133.2.16", "06056781050210"),  # from swtpm_cert's certificate
-        ("1.2.840.113741.1.13.1", "06092a864886f84d010d01"),
-        ("2.5.29.32.0", "0604551d2000"),
-    ],
-)
-def test_der_oid(oid: str, der: str) -> None:
-    assert _der_oid(x509.ObjectIdentifier(oid)).hex() == der
 
 
 def test_rejects_non_key(ca: ManagerCa, tmp_path: Path) -> None:

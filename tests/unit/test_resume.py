@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sgxvtpm.enclaves.resume import ResumeRecord, ResumeSlots, decide, new_epoch
+from sgxvtpm.enclaves.resume import (
+    QuietCommands,
+    ResumeRecord,
+    ResumeSlots,
+    decide,
+    new_epoch,
+    quiet_command,
+)
 from sgxvtpm.enclaves.sealing import SealError
 from sgxvtpm.enclaves.state import Bundle
 from sgxvtpm.enclaves.vtpm_core import VtpmCore
@@ -20,9 +28,20 @@ from sgxvtpm.endpoint.k2 import K2Client, K2Error
 from sgxvtpm.platform.base import EnclaveIdentity
 from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
 from sgxvtpm.tpm import wire
-from sgxvtpm.tpm.constants import TPM2_CAP, TPM2_PT, TPM2_SU, TPMA_NV
+from sgxvtpm.tpm.constants import (
+    TPM2_ALG,
+    TPM2_CAP,
+    TPM2_CC,
+    TPM2_PT,
+    TPM2_RC,
+    TPM2_RH,
+    TPM2_SU,
+    TPMA_NV,
+    TPMA_SESSION,
+)
 from sgxvtpm.tpm.engine import LibtpmsEngine, MemoryStateStore
 from sgxvtpm.tpm.nv import execute
+from sgxvtpm.tpm.session import parse_start_auth_session, start_auth_session
 from sgxvtpm.wire.resume import (
     AttachReply,
     ResumeToken,
@@ -299,3 +318,89 @@ def test_endpoint_gives_up_after_its_timeout() -> None:
         client.request(CMD)
     assert 2 <= len(client.tokens) < 10
 
+
+
+# ---------------------------------------------------------------- quiet runs
+
+
+def _answered(command: bytes, rc: int = 0) -> tuple[bytes, bytes]:
+    return command, struct.pack(">HII", 0x8001, 10, rc)
+
+
+AUDIT_ON_GET_RANDOM = wire.build_command(
+    TPM2_CC.SetCommandCodeAuditStatus,
+    wire.u16(TPM2_ALG.NULL) + wire.u32(1) + wire.u32(TPM2_CC.GetRandom) + wire.u32(0),
+    [TPM2_RH.OWNER],
+    [wire.password_session()],
+)
+
+
+def test_quiet_commands_are_read_only_commands_without_sessions_that_succeeded() -> None:
+    assert quiet_command(*_answered(wire.get_random(8)))
+    assert quiet_command(*_answered(wire.pcr_read([16])))
+    assert not quiet_command(*_answered(wire.get_random(8), rc=TPM2_RC.FAILURE))
+    assert not quiet_command(*_answered(wire.read_clock()))  # the clock must not go back
+    assert not quiet_command(*_answered(wire.pcr_extend(16, bytes(32))))
+    with_session = wire.build_command(TPM2_CC.GetRandom, wire.u16(8), [], [wire.password_session()])
+    assert not quiet_command(*_answered(with_session))
+    assert not quiet_command(b"\x80\x01", b"")
+
+
+def test_a_changed_command_audit_list_ends_all_reuse() -> None:
+    run = QuietCommands(command_audit_default=True)
+    quiet = _answered(wire.get_random(8))
+    assert run.unchanged(*quiet)
+    assert not run.unchanged(*_answered(wire.pcr_extend(16, bytes(32))))
+    assert not run.unchanged(None, None)  # a control request (INIT, locality, ...)
+    assert run.command_audit_default
+    assert not run.unchanged(AUDIT_ON_GET_RANDOM, None)  # the TPM failed while running it
+    assert not run.command_audit_default
+    assert [run.unchanged(*quiet) for _ in range(3)] == [False] * 3
+    unknown = QuietCommands(command_audit_default=False)  # no mark in the sealed state
+    assert [unknown.unchanged(*quiet) for _ in range(3)] == [False] * 3
+    refused = QuietCommands(command_audit_default=True)
+    assert not refused.unchanged(*_answered(AUDIT_ON_GET_RANDOM, rc=TPM2_RC.BAD_AUTH))
+    assert not refused.unchanged(*quiet)  # whatever the answer: never again
+
+
+@given(st.binary(min_size=10, max_size=40), st.binary(min_size=10, max_size=40))
+def test_a_command_with_sessions_never_reuses_the_record(command: bytes, response: bytes) -> None:
+    command = struct.pack(">H", 0x8002) + command[2:]
+    assert not QuietCommands(command_audit_default=True).unchanged(command, response)
+
+
+def _exclusive_after_audited_get_random(core: VtpmCore, session: int) -> bool:
+    """Send GetRandom with ``session`` as its audit session: is it the exclusive one?"""
+    area = wire.u32(session) + wire.tpm2b(bytes(16)) + wire.u8(
+        TPMA_SESSION.CONTINUESESSION | TPMA_SESSION.AUDIT) + wire.tpm2b(b"")
+    response = execute(core.engine.process,
+                       wire.build_command(TPM2_CC.GetRandom, wire.u16(8), [], [area]))
+    # ... nonceTPM, sessionAttributes, hmac (empty: an unbound, unsalted session)
+    assert response[-2:] == b"\0\0"
+    return bool(response[-3] & TPMA_SESSION.AUDITEXCLUSIVE)
+
+
+def test_no_resume_brings_an_exclusive_audit_session_back() -> None:
+    """Why QuietCommands may reuse the record from before a quiet command, which ends an
+    exclusive audit session: on libtpms, a resume from a record taken while the
+    session was exclusive answers as after the quiet command (not exclusive)."""
+    store = MemoryStateStore()
+    core = VtpmCore(lambda: LibtpmsEngine(store))
+    core.handle(VtpmRequest.init())
+    execute(core.engine.process, wire.startup(TPM2_SU.CLEAR))
+    start = start_auth_session(TPM2_RH.NULL, bytes(16), b"", symmetric=wire.u16(TPM2_ALG.NULL))
+    session, _ = parse_start_auth_session(execute(core.engine.process, start))
+    assert _exclusive_after_audited_get_random(core, session)
+    exclusive = core.snapshot()
+    assert _exclusive_after_audited_get_random(core, session)  # nothing ran in between
+    execute(core.engine.process, wire.get_random(8))  # a quiet command ends it
+    assert not _exclusive_after_audited_get_random(core, session)
+    after = core.snapshot()
+    answers = []
+    for snapshot in (exclusive, after):
+        core.engine.stop()  # the process died
+        core = VtpmCore(lambda: LibtpmsEngine(store))
+        core.resume(*snapshot)
+        answers.append(_exclusive_after_audited_get_random(core, session))
+    assert answers == [False, False]
+    core.engine.stop()

@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtensionOID, ObjectIdentifier
 
 from sgxvtpm.tpm.ek import EkPublic, EkPublicKey
+from sgxvtpm.util import der
 from sgxvtpm.util.x509 import key_usage
 
 # TCG OIDs (TCG EK Credential Profile 2.x, section 5 / TCG OID registry).
@@ -85,52 +86,20 @@ class TpmSpecification:
     revision: int = 164  # libtpms 0.9: TPM 2.0 library spec revision 1.64
 
 
-# ---------------------------------------------------------------- minimal DER
-# Only what subjectDirectoryAttributes needs; cryptography has no type for it.
-
-
-def _der(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        length = bytes([n])
-    else:
-        raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-        length = bytes([0x80 | len(raw)]) + raw
-    return bytes([tag]) + length + content
-
-
-def _der_int(value: int) -> bytes:
-    if value < 0:
-        raise ValueError("negative INTEGER not needed here")
-    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
-
-
-def _der_oid(oid: ObjectIdentifier) -> bytes:
-    arcs = [int(a) for a in oid.dotted_string.split(".")]
-    body = bytearray([40 * arcs[0] + arcs[1]])
-    for arc in arcs[2:]:
-        chunk = [arc & 0x7F]
-        arc >>= 7
-        while arc:
-            chunk.append(0x80 | (arc & 0x7F))
-            arc >>= 7
-        body += bytes(reversed(chunk))
-    return _der(0x06, bytes(body))
-
-
 def tpm_specification_extension(spec: TpmSpecification) -> x509.UnrecognizedExtension:
     """subjectDirectoryAttributes (RFC 5280 4.2.1.8) holding tcg-at-tpmSpecification.
 
     SEQUENCE OF Attribute { type OID, values SET OF TPMSpecification }, as
     swtpm_cert writes it (EK Credential Profile 3.2.12).
     """
-    value = _der(
+    value = der.tlv(
         0x30,
-        _der(0x0C, spec.family.encode()) + _der_int(spec.level) + _der_int(spec.revision),
+        der.tlv(0x0C, spec.family.encode()) + der.uint(spec.level) + der.uint(spec.revision),
     )
-    attribute = _der(0x30, _der_oid(TCG_AT_TPM_SPECIFICATION) + _der(0x31, value))
+    spec_oid = der.oid(TCG_AT_TPM_SPECIFICATION.dotted_string)
+    attribute = der.tlv(0x30, spec_oid + der.tlv(0x31, value))
     return x509.UnrecognizedExtension(
-        ExtensionOID.SUBJECT_DIRECTORY_ATTRIBUTES, _der(0x30, attribute)
+        ExtensionOID.SUBJECT_DIRECTORY_ATTRIBUTES, der.tlv(0x30, attribute)
     )
 
 

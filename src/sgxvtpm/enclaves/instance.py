@@ -37,7 +37,14 @@ from sgxvtpm.channel import (
 from sgxvtpm.enclaves import migration
 from sgxvtpm.enclaves.blobcipher import SealedBlobCipher
 from sgxvtpm.enclaves.loop import InstanceLoop, Session
-from sgxvtpm.enclaves.resume import ResumeRecord, ResumeSlots, decide, new_epoch
+from sgxvtpm.enclaves.resume import (
+    COMMAND_AUDIT_DEFAULT,
+    QuietCommands,
+    ResumeRecord,
+    ResumeSlots,
+    decide,
+    new_epoch,
+)
 from sgxvtpm.enclaves.runtime import platform_verifier
 from sgxvtpm.enclaves.sealing import SealError
 from sgxvtpm.enclaves.specs import peer_policy
@@ -65,6 +72,7 @@ from sgxvtpm.wire.vtpm import (
     encode_response,
     encode_tpm_response,
     tpm_command_of,
+    tpm_response_of,
 )
 
 _ABOUT_TEXT = 120  # characters kept of an endpoint's description of itself
@@ -170,6 +178,7 @@ class InstanceEnclave:
         #: The record of the seat holder's last request (None: none since this
         #: process started; then a resume reads the sealed ones).
         self._live: ResumeRecord | None = None
+        self._quiet = QuietCommands(command_audit_default=False)  # set by _new_core
         if self.store.exists():
             self._restore()
         else:
@@ -216,6 +225,8 @@ class InstanceEnclave:
     def _new_core(self) -> VtpmCore:
         adapter = EngineStoreAdapter(self.store)
         self.store.deferred = True  # one commit per request, with its resume record
+        audit = self.store.bundle.provisioning.get("command_audit")
+        self._quiet = QuietCommands(command_audit_default=audit == COMMAND_AUDIT_DEFAULT)
         return VtpmCore(
             lambda: LibtpmsEngine(adapter),
             SealedBlobCipher(self.platform, self.instance_id, self.store),
@@ -253,10 +264,16 @@ class InstanceEnclave:
             response = self.core.handle_message(data)
         live = self._live
         assert live is not None  # set by every ATTACH that gives the seat
-        if self._record(live.epoch, live.seq + 1, response):
+        command = tpm_command_of(data)
+        unchanged = self._quiet.unchanged(
+            command[0] if command is not None else None, tpm_response_of(response)
+        )
+        if not self._quiet.command_audit_default:
+            self.store.bundle.provisioning.pop("command_audit", None)  # with the next commit
+        if self._record(live.epoch, live.seq + 1, response, unchanged):
             return response
         # Its change could not be made durable: an error answer, recorded as such.
-        if tpm_command_of(data) is not None:
+        if command is not None:
             response = encode_tpm_response(tpmwire.error_response(TPM2_RC.FAILURE))
         else:
             response = encode_response(VtpmResponse.error(TpmResult.IOERROR))
@@ -264,7 +281,7 @@ class InstanceEnclave:
         return response
 
     # -- resume (sgxvtpm/enclaves/resume.py) ----------------------------------
-    def _record(self, epoch: str, seq: int, response: bytes) -> bool:
+    def _record(self, epoch: str, seq: int, response: bytes, unchanged: bool = False) -> bool:
         """Record the core after request ``seq`` before its response leaves: with the
         NV commit if the request changed NV, else in a slot file.
 
@@ -272,10 +289,20 @@ class InstanceEnclave:
         back, the TPM is in failure mode (:meth:`VtpmCore.fail`) and ``response``
         must not leave; record the error answer instead. Failing stop here
         instead would turn a full disk into a crash loop of resends.
+
+        ``unchanged``: the TPM's VOLATILE state is the last record's
+        (resume.QuietCommands), which is not read again.
         """
         assert self.core is not None
-        running, volatile, last_code = self.core.snapshot()
         store = self.store
+        previous = self._live
+        if (
+            unchanged and previous is not None and previous.running and not store.dirty
+            and (previous.epoch, previous.seq) == (epoch, seq - 1)
+        ):  # fmt: skip
+            running, volatile, last_code = self.core.snapshot(previous.volatile)
+        else:
+            running, volatile, last_code = self.core.snapshot()
         version = store.file.version + (1 if store.dirty else 0)
         record = ResumeRecord(epoch, seq, version, running, volatile, last_code, response)
         self._live = record
@@ -434,6 +461,7 @@ class InstanceEnclave:
             ekmod.profile(alg)  # unknown names are refused before anything is written
         self.store.create(
             {
+                "command_audit": COMMAND_AUDIT_DEFAULT,  # a fresh TPM's (resume.py)
                 "instance_id": self.instance_id,
                 "vm_id": request.vm_id,
                 "vm_spki_sha256": request.vm_spki_sha256.hex(),

@@ -219,12 +219,7 @@ class ManagerEnclave:
         if isinstance(dialled, Refused):
             raise FleetError(dialled.error)
         assert self.mux is not None
-        client = ClientSession(
-            peer_policy(self.platform.identity.mrsigner, "manager"),
-            self.verifier,
-            self.as_client,
-            expected_cn=CA_COMMON_NAME,
-        )
+        client = self._client_to("manager", CA_COMMON_NAME)
         try:
             session = await asyncio.wait_for(self.mux.open(dialled.target, client), CALL_TIMEOUT)
         except (ChannelError, ConnectionError, TimeoutError, EOFError) as exc:
@@ -617,18 +612,22 @@ class ManagerEnclave:
     async def _stop(self, instance_id: str, erase: bool = False) -> None:
         await self._control(control.StopInstance(instance_id, erase=erase))
 
+    def _client_to(self, role: str, common_name: str) -> ClientSession:
+        """A client session to an enclave of this release in ``role``, named ``common_name``."""
+        return ClientSession(
+            peer_policy(self.platform.identity.mrsigner, role),
+            self.verifier,
+            self.as_client,
+            expected_cn=common_name,
+        )
+
     async def _call(
         self, instance_id: str, request: Request[_R], failed: str = "the instance refused"
     ) -> _R:
         """One request over an attested session to an instance enclave (both quotes checked);
         ManagerError(``failed``: why) if the instance refuses it or answers nonsense."""
         assert self.mux is not None
-        client = ClientSession(
-            peer_policy(self.platform.identity.mrsigner, "instance"),
-            self.verifier,
-            self.as_client,
-            expected_cn=instance_id,
-        )
+        client = self._client_to("instance", instance_id)
         session = await asyncio.wait_for(self.mux.open(instance_id, client), CALL_TIMEOUT)
         try:
             await session.send(admin.encode_request(request))

@@ -200,12 +200,18 @@ class VtpmCore:
         log.log("vtpm.engine_misuse", op=op.name, reason=str(exc))
         return VtpmResponse.error(TpmResult.FAIL)
 
-    def snapshot(self) -> tuple[bool, bytes, int | None]:
+    def snapshot(self, volatile: bytes | None = None) -> tuple[bool, bytes, int | None]:
         """(running, libtpms VOLATILE state if running, last command code): what a
-        resume record keeps of this core (sgxvtpm/enclaves/resume.py)."""
+        resume record keeps of this core (sgxvtpm/enclaves/resume.py).
+
+        ``volatile``: the caller knows the VOLATILE state is still this
+        (resume.QuietCommands), which is then not read again.
+        """
         if not self.running:
             return False, b"", self._last_code
-        return True, self.engine.get_state(StateType.VOLATILE), self._last_code
+        if volatile is None:
+            volatile = self.engine.get_state(StateType.VOLATILE)
+        return True, volatile, self._last_code
 
     def resume(self, running: bool, volatile: bytes, last_code: int | None) -> None:
         """Come back as :meth:`snapshot` saw the core, in a fresh process.

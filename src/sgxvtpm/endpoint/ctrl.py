@@ -8,12 +8,18 @@ goes to the vTPM as a :mod:`sgxvtpm.wire.vtpm` request.
 
 from __future__ import annotations
 
+import socket
+
 from sgxvtpm.endpoint.backend import VmTpm
+from sgxvtpm.endpoint.streams import FrameTimeout, Stream, next_message
 from sgxvtpm.tpm.constants import TPM2_RC
 from sgxvtpm.tpm.wire import error_response
+from sgxvtpm.util import log
 from sgxvtpm.wire.swtpm_ctrl import (
     GETINFO_CHUNK,
+    CommandFramer,
     CtrlCmd,
+    CtrlProtocolError,
     CtrlRequest,
     CtrlResponse,
     DataCommand,
@@ -153,3 +159,45 @@ def answer_data_command(tpm: VmTpm, command: DataCommand) -> bytes:
             return command.frame_response(error_response(TPM2_RC.LOCALITY))
         tpm.locality = command.locality
     return command.frame_response(tpm.transact(command.command))
+
+
+def serve_data_commands(
+    sock: socket.socket,
+    tpm: VmTpm,
+    *,
+    frame_timeout: float,
+    idle_timeout: float | None = None,
+    resync: bool,
+) -> None:
+    """A data channel's per-command path until its end: one recv, the framer,
+    the vTPM, one sendall.
+
+    A malformed or stalled frame gets libtpms' answer to a bad size (or the
+    framer's code). With ``resync`` (swtpm's data channel, which hands
+    whatever one read() gave it to libtpms and goes on) the connection then
+    carries on with a fresh framer; without it (the TSS ports) a stalled frame
+    gets no answer and the connection ends.
+    """
+    stream = Stream(sock)
+    framer = CommandFramer()
+    while True:
+        try:
+            command = next_message(
+                stream.read, framer, framer.next_data_command,
+                frame_timeout=frame_timeout, idle_timeout=idle_timeout,
+            )  # fmt: skip
+        except (CtrlProtocolError, FrameTimeout) as exc:
+            quiet = isinstance(exc, FrameTimeout) and not resync
+            event = "endpoint.data_timeout" if quiet else "endpoint.data_bad_frame"
+            log.log(event, reason=str(exc))
+            if stream.eof or quiet:
+                return
+            rc = exc.rc if isinstance(exc, CtrlProtocolError) else TPM2_RC.COMMAND_SIZE
+            sock.sendall(error_response(rc))
+            if not resync:
+                return
+            framer = CommandFramer()
+            continue
+        if command is None:
+            return
+        sock.sendall(answer_data_command(tpm, command))

@@ -30,7 +30,7 @@ import threading
 from pathlib import Path
 
 from sgxvtpm.endpoint.backend import VmTpm, VtpmBackend
-from sgxvtpm.endpoint.ctrl import BAD_CTRL_INPUT, CtrlHandler, answer_data_command
+from sgxvtpm.endpoint.ctrl import BAD_CTRL_INPUT, CtrlHandler, serve_data_commands
 from sgxvtpm.endpoint.lifecycle import StopFlag
 from sgxvtpm.endpoint.listeners import OWNER_ONLY, Listeners, SocketAccess
 from sgxvtpm.endpoint.streams import (
@@ -41,12 +41,9 @@ from sgxvtpm.endpoint.streams import (
     next_message,
     timeval,
 )
-from sgxvtpm.tpm.constants import TPM2_RC
-from sgxvtpm.tpm.wire import error_response
 from sgxvtpm.util import log
 from sgxvtpm.wire.swtpm_ctrl import (
     LOCALITY_AS_READ,
-    CommandFramer,
     CtrlCmd,
     CtrlProtocolError,
     CtrlRequest,
@@ -236,25 +233,4 @@ class QemuEndpoint:
                 self.stopped.set()
 
     def _data_loop(self, sock: socket.socket) -> None:
-        # The per-command path: one recv, the framer, the vTPM, one sendall.
-        stream = Stream(sock)
-        framer = CommandFramer()
-        tpm = self.tpm
-        while True:
-            try:
-                command = next_message(
-                    stream.read, framer, framer.next_data_command, frame_timeout=self.frame_timeout
-                )
-            except (CtrlProtocolError, FrameTimeout) as exc:
-                # swtpm hands whatever one read() gave it to libtpms, which
-                # answers TPM_RC_COMMAND_SIZE; answer the same and go on.
-                log.log("endpoint.data_bad_frame", reason=str(exc))
-                if stream.eof:
-                    return
-                rc = exc.rc if isinstance(exc, CtrlProtocolError) else TPM2_RC.COMMAND_SIZE
-                sock.sendall(error_response(rc))
-                framer = CommandFramer()
-                continue
-            if command is None:
-                return
-            sock.sendall(answer_data_command(tpm, command))
+        serve_data_commands(sock, self.tpm, frame_timeout=self.frame_timeout, resync=True)

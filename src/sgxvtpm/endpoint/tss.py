@@ -33,16 +33,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sgxvtpm.endpoint.backend import VmTpm, VtpmBackend
-from sgxvtpm.endpoint.ctrl import BAD_CTRL_INPUT, SUPPORTED_CAPS, CtrlHandler, answer_data_command
+from sgxvtpm.endpoint.ctrl import BAD_CTRL_INPUT, SUPPORTED_CAPS, CtrlHandler, serve_data_commands
 from sgxvtpm.endpoint.lifecycle import StopFlag
 from sgxvtpm.endpoint.listeners import OWNER_ONLY, Listeners, SocketAccess
 from sgxvtpm.endpoint.streams import FRAME_TIMEOUT, FrameTimeout, Stream, next_message
 from sgxvtpm.errors import SgxvtpmError
-from sgxvtpm.tpm.wire import error_response
 from sgxvtpm.util import log
 from sgxvtpm.wire import mssim
 from sgxvtpm.wire.swtpm_ctrl import (
-    CommandFramer,
     CtrlCmd,
     CtrlProtocolError,
     CtrlRequestDecoder,
@@ -127,27 +125,10 @@ class SwtpmTssEndpoint(_TssBase):
             log.log("endpoint.swtpm_listening", host=self.host, port=self.port)
 
     def _serve_data(self, sock: socket.socket) -> None:
-        # The per-command path: one recv, the framer, the vTPM, one sendall.
-        stream = Stream(sock)
-        framer = CommandFramer()
-        tpm = self.tpm
-        while True:
-            try:
-                command = next_message(
-                    stream.read, framer, framer.next_data_command,
-                    frame_timeout=self.frame_timeout, idle_timeout=self.idle_timeout,
-                )
-            except CtrlProtocolError as exc:
-                log.log("endpoint.data_bad_frame", reason=str(exc))
-                if not stream.eof:
-                    sock.sendall(error_response(exc.rc))
-                return
-            except FrameTimeout as exc:
-                log.log("endpoint.data_timeout", reason=str(exc))
-                return
-            if command is None:
-                return
-            sock.sendall(answer_data_command(tpm, command))
+        serve_data_commands(
+            sock, self.tpm, frame_timeout=self.frame_timeout, idle_timeout=self.idle_timeout,
+            resync=False,
+        )  # fmt: skip
 
     def _serve_ctrl(self, sock: socket.socket) -> None:
         stream = Stream(sock)

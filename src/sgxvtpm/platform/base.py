@@ -228,6 +228,33 @@ class EnclaveHandle(Protocol):
     def stop(self, timeout: float = 5.0) -> None: ...
 
 
+class LaunchedEnclave:
+    """What every loader's :class:`EnclaveHandle` holds alike: the enclave's name,
+    identity, process id and stream. A loader's handle adds ``wait`` and ``stop``."""
+
+    def __init__(
+        self, name: str, identity: EnclaveIdentity, pid: int, stream: socket.socket
+    ) -> None:
+        self._name, self._identity, self._pid, self._stream = name, identity, pid, stream
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def identity(self) -> EnclaveIdentity:
+        return self._identity
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    @property
+    def stream(self) -> socket.socket:
+        """The host end of the enclave's byte stream."""
+        return self._stream
+
+
 class Loader(Protocol):
     """The untrusted half of the SGX module: create and stop enclaves."""
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from sgxvtpm.errors import SgxvtpmError
@@ -175,40 +176,28 @@ class HostTpmCounters:
     def create(self, name: str) -> int:
         """Define the counter if it does not exist, initialize it; its value."""
         index = self.index(name)
-        session = self._start()
-        try:
+        with self._session() as session:
             if self._written(index) is None:
                 self._define(session, index, name)
             if not self._written(index):
                 self._increment(session, index, name, written=False)
             return self._read(session, index, name, last=True)
-        except BaseException:
-            self._flush(session)
-            raise
 
     def increment(self, name: str) -> int:
         """Add one; the new value, once the pinned TPM said it is done."""
         index = self.index(name)
         written = self._require(index, name)
-        session = self._start()
-        try:
+        with self._session() as session:
             self._increment(session, index, name, written=written)
             return self._read(session, index, name, last=True)
-        except BaseException:
-            self._flush(session)
-            raise
 
     def read(self, name: str) -> int:
         """The counter's value, as the pinned TPM answered this read."""
         index = self.index(name)
         if not self._require(index, name):
             raise CounterError(f"TPM counter {name!r} was defined but never initialized")
-        session = self._start()
-        try:
+        with self._session() as session:
             return self._read(session, index, name, last=True)
-        except BaseException:
-            self._flush(session)
-            raise
 
     # ------------------------------------------------------------ steps
 
@@ -222,6 +211,17 @@ class HostTpmCounters:
                 )
             self._public = public
         return self._public
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[HmacSession]:
+        """A session for one operation, flushed if the operation fails (its last
+        command, without continueSession, ends it when it succeeds)."""
+        session = self._start()
+        try:
+            yield session
+        except BaseException:
+            self._flush(session)
+            raise
 
     def _start(self) -> HmacSession:
         salt, encrypted = encrypt_salt(self._key_public(), self.rng)

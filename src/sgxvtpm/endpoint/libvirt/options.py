@@ -55,6 +55,17 @@ def capabilities(kind: str, features: Sequence[str]) -> str:
     return json.dumps({"type": kind, "features": list(features), "version": VERSION})
 
 
+def info_text(
+    args: SwtpmSocketArgs | SetupArgs, kind: str, features: Sequence[str], version_line: str
+) -> str | None:
+    """What ``--print-capabilities`` or ``--version`` prints (then the tool exits 0), or None."""
+    if args.print_capabilities:
+        return capabilities(kind, features)
+    if args.version:
+        return version_line
+    return None
+
+
 def parse_opts(option: str, text: str, keys: Sequence[str]) -> dict[str, str]:
     """swtpm's ``key=value,key=value`` option text, only ``keys`` allowed.
 

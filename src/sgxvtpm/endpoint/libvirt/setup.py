@@ -51,7 +51,7 @@ from sgxvtpm.endpoint.libvirt.options import (
     VERSION,
     OptionError,
     SetupArgs,
-    capabilities,
+    info_text,
     parse_setup,
     vm_name,
 )
@@ -239,11 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OptionError as exc:
         print(f"swtpm_setup: {exc}", file=sys.stderr)
         return 1
-    if args.print_capabilities:
-        print(capabilities("swtpm_setup", SETUP_FEATURES))
-        return 0
-    if args.version:
-        print(f"TPM emulator setup tool version {VERSION} (sgxvtpm)")
+    version_line = f"TPM emulator setup tool version {VERSION} (sgxvtpm)"
+    info = info_text(args, "swtpm_setup", SETUP_FEATURES, version_line)
+    if info is not None:
+        print(info)
         return 0
     _drop_passwords(args.password_fds)
     out: IO[str] = sys.stderr

@@ -36,7 +36,7 @@ from sgxvtpm.endpoint.libvirt.options import (
     VERSION,
     OptionError,
     SwtpmSocketArgs,
-    capabilities,
+    info_text,
     parse_swtpm,
 )
 
@@ -167,11 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OptionError as exc:
         print(f"swtpm: {exc}", file=sys.stderr)
         return 1
-    if args.print_capabilities:
-        print(capabilities("swtpm", SWTPM_FEATURES))
-        return 0
-    if args.version:
-        print(f"TPM emulator version {VERSION} (sgxvtpm)")
+    info = info_text(args, "swtpm", SWTPM_FEATURES, f"TPM emulator version {VERSION} (sgxvtpm)")
+    if info is not None:
+        print(info)
         return 0
     try:
         listener = bind_ctrl(args)

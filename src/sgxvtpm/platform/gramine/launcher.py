@@ -56,6 +56,7 @@ from sgxvtpm.platform import dcap
 from sgxvtpm.platform.base import (
     EnclaveIdentity,
     EnclaveSpec,
+    LaunchedEnclave,
     PlatformError,
     PlatformKind,
     QuoteVerifier,
@@ -155,30 +156,15 @@ def build(spec: EnclaveSpec, build_dir: Path, state_dir: Path) -> SignedEnclave:
     return SignedEnclave(role, sigstruct.parse(data))
 
 
-class GramineHandle:
+class GramineHandle(LaunchedEnclave):
     """base.EnclaveHandle of one ``gramine-sgx`` process."""
 
     def __init__(
         self, name: str, identity: EnclaveIdentity, proc: subprocess.Popen[bytes],
         stream: socket.socket,
     ) -> None:  # fmt: skip
-        self._name, self._identity, self._proc, self._stream = name, identity, proc, stream
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def identity(self) -> EnclaveIdentity:
-        return self._identity
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
-    @property
-    def stream(self) -> socket.socket:
-        return self._stream
+        super().__init__(name, identity, proc.pid, stream)
+        self._proc = proc
 
     def wait(self, timeout: float) -> bool:
         try:

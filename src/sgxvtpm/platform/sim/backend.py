@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Self
 
 from sgxvtpm.platform.base import EnclaveSpec, QuoteVerifier
 from sgxvtpm.platform.sim.gramine_sim import GramineSimKind
@@ -40,7 +41,47 @@ class SimKind:
 SIM = SimKind()
 
 
-class SimBackend(SimKind):
+class _LoaderBackend:
+    """The part of a base.PlatformBackend that the sim CPU's loader answers."""
+
+    _gramine_sim = False
+
+    def __init__(self, loader: SimLoader) -> None:
+        self._loader = loader
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        preload: Sequence[str] = (),
+        release: str = "",
+        sim_root: Path | None = None,
+    ) -> Self:
+        if cls._gramine_sim:
+            preload = ()
+        loader = SimLoader(
+            Path(path), preload=preload, release=release, gramine_sim=cls._gramine_sim,
+            sim_root=sim_root,
+        )  # fmt: skip
+        return cls(loader)
+
+    @property
+    def loader(self) -> SimLoader:
+        return self._loader
+
+    @property
+    def attestation_root_pem(self) -> bytes:
+        return self._loader.attestation_root_pem
+
+    def signed(self, spec: EnclaveSpec) -> EnclaveSpec:
+        return self._loader.signed(spec)
+
+    def close(self) -> None:
+        self._loader.close()
+
+
+class SimBackend(_LoaderBackend, SimKind):
     """base.PlatformBackend: a sim platform opened through its CPU process.
 
     The loader starts the sim CPU (:mod:`.cpu`) on the platform directory;
@@ -49,64 +90,9 @@ class SimBackend(SimKind):
     installed code.
     """
 
-    def __init__(self, loader: SimLoader) -> None:
-        self._loader = loader
 
-    @classmethod
-    def open(
-        cls,
-        path: Path,
-        *,
-        preload: Sequence[str] = (),
-        release: str = "",
-        sim_root: Path | None = None,
-    ) -> SimBackend:
-        return cls(SimLoader(Path(path), preload=preload, release=release, sim_root=sim_root))
-
-    @property
-    def loader(self) -> SimLoader:
-        return self._loader
-
-    @property
-    def attestation_root_pem(self) -> bytes:
-        return self._loader.attestation_root_pem
-
-    def signed(self, spec: EnclaveSpec) -> EnclaveSpec:
-        return self._loader.signed(spec)
-
-    def close(self) -> None:
-        self._loader.close()
-
-
-class GramineSimBackend(GramineSimKind):
+class GramineSimBackend(_LoaderBackend, GramineSimKind):
     """base.PlatformBackend of gramine-sim (platform/sim/gramine_sim.py): the sim CPU
     launches one stand-in process per enclave, which runs the Gramine code path."""
 
-    def __init__(self, loader: SimLoader) -> None:
-        self._loader = loader
-
-    @classmethod
-    def open(
-        cls,
-        path: Path,
-        *,
-        preload: Sequence[str] = (),
-        release: str = "",
-        sim_root: Path | None = None,
-    ) -> GramineSimBackend:
-        del preload  # no zygote: every enclave is a fresh process
-        return cls(SimLoader(Path(path), release=release, gramine_sim=True, sim_root=sim_root))
-
-    @property
-    def loader(self) -> SimLoader:
-        return self._loader
-
-    @property
-    def attestation_root_pem(self) -> bytes:
-        return self._loader.attestation_root_pem
-
-    def signed(self, spec: EnclaveSpec) -> EnclaveSpec:
-        return self._loader.signed(spec)
-
-    def close(self) -> None:
-        self._loader.close()
+    _gramine_sim = True  # no zygote: every enclave is a fresh process

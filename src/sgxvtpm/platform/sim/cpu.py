@@ -66,14 +66,12 @@ from sgxvtpm.platform.sim.spawn import CLEAN_ENV, end_child, isolated_command
 from sgxvtpm.platform.sim.zygote_proto import (
     ENCLU_MAX,
     ZygoteGone,
+    first_message,
     recv_message,
     send_message,
     unpack_code,
-    wait_readable,
 )
 from sgxvtpm.util import log
-
-_READY_TIMEOUT = 60.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,14 +296,7 @@ class Cpu:
         finally:
             child.close()
         self._zctl = parent
-        if not wait_readable(parent.fileno(), _READY_TIMEOUT):
-            self.stop_zygote()
-            raise PlatformError("the enclave zygote did not start in time")
-        try:
-            reply, _, _ = recv_message(parent)
-        except ZygoteGone as exc:
-            self.stop_zygote()
-            raise PlatformError("the enclave zygote failed to start (see its stderr)") from exc
+        reply = first_message(parent, "the enclave zygote", self.stop_zygote)
         self.zygote_pid = int(reply["pid"])
 
     def wait_enclaves(self) -> None:

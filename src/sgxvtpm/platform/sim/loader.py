@@ -23,48 +23,28 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sgxvtpm.platform.base import EnclaveIdentity, EnclaveSpec, PlatformError
+from sgxvtpm.platform.base import EnclaveIdentity, EnclaveSpec, LaunchedEnclave, PlatformError
 from sgxvtpm.platform.gramine.bootstrap import encode_launch_args
 from sgxvtpm.platform.sim.measure import CodeFile, read_code
 from sgxvtpm.platform.sim.report import parse_report_body
 from sgxvtpm.platform.sim.spawn import CLEAN_ENV, end_child, isolated_command
 from sgxvtpm.platform.sim.zygote_proto import (
     ZygoteGone,
+    first_message,
     recv_message,
     send_message,
     wait_readable,
 )
 
-_READY_TIMEOUT = 60.0
 
-
-class SimEnclaveHandle:
+class SimEnclaveHandle(LaunchedEnclave):
     """base.EnclaveHandle for one enclave process, held through a pidfd."""
 
     def __init__(
         self, name: str, identity: EnclaveIdentity, pid: int, pidfd: int, stream: socket.socket
     ) -> None:
-        self._name = name
-        self._identity = identity
-        self._pid = pid
+        super().__init__(name, identity, pid, stream)
         self._pidfd = pidfd
-        self._stream = stream
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def identity(self) -> EnclaveIdentity:
-        return self._identity
-
-    @property
-    def pid(self) -> int:
-        return self._pid
-
-    @property
-    def stream(self) -> socket.socket:
-        return self._stream
 
     def running(self) -> bool:
         return self._pidfd >= 0 and not self.wait(0)
@@ -143,14 +123,7 @@ class SimLoader:
         finally:
             child.close()
         self._ctl: socket.socket | None = parent
-        if not wait_readable(parent.fileno(), _READY_TIMEOUT):
-            self.close()
-            raise PlatformError("the sim CPU did not start in time")
-        try:
-            ready, _, _ = recv_message(parent)
-        except ZygoteGone as exc:
-            self.close()
-            raise PlatformError("the sim CPU failed to start (see its stderr)") from exc
+        ready = first_message(parent, "the sim CPU", self.close)
         if not ready.get("ready"):
             self.close()
             raise PlatformError(f"the sim platform cannot start: {ready.get('error')}")

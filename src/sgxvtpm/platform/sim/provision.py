@@ -29,6 +29,7 @@ from cryptography.x509.oid import NameOID
 
 from sgxvtpm.platform.base import EnclaveIdentity, ReportBody
 from sgxvtpm.platform.sim.report import pack_report_body
+from sgxvtpm.util import der
 from sgxvtpm.util.x509 import key_usage
 
 # The simulated quoting enclave's identity (what a verifier's "QE identity"
@@ -149,12 +150,26 @@ def pck_certificate(
     sgx = x509.UnrecognizedExtension(
         x509.ObjectIdentifier(SGX_EXTENSIONS_OID), sgx_extensions(platform_id, cpu_svn, PCE_SVN)
     )
-    return (
+    subject = _name("sgxvtpm-sim SGX PCK Certificate", platform_id.hex())
+    return _leaf_certificate(root_key, root, subject, pck_key, now, sgx)
+
+
+def _leaf_certificate(
+    root_key: ec.EllipticCurvePrivateKey,
+    root: x509.Certificate,
+    subject: x509.Name,
+    key: ec.EllipticCurvePublicKey,
+    now: datetime.datetime,
+    *extensions: x509.ExtensionType,
+) -> x509.Certificate:
+    """An end entity under the root (no CA, signatures only), with ``extensions``
+    (not critical) after the common ones; signed deterministically."""
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(_name("sgxvtpm-sim SGX PCK Certificate", platform_id.hex()))
+        .subject_name(subject)
         .issuer_name(root.subject)
-        .public_key(pck_key)
-        .serial_number(_serial(pck_key))
+        .public_key(key)
+        .serial_number(_serial(key))
         .not_valid_before(now)
         .not_valid_after(now + _VALIDITY)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -163,9 +178,10 @@ def pck_certificate(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
             critical=False,
         )
-        .add_extension(sgx, critical=False)
-        .sign(root_key, hashes.SHA256(), ecdsa_deterministic=True)
     )
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
+    return builder.sign(root_key, hashes.SHA256(), ecdsa_deterministic=True)
 
 
 def _ca_usage() -> x509.KeyUsage:
@@ -231,47 +247,22 @@ SGX_TYPE_STANDARD = 0
 TCB_EVALUATION_DATA_NUMBER = 1
 
 
-def _der(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        return bytes([tag, n]) + content
-    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(size)]) + size + content
-
-
-def _der_oid(dotted: str) -> bytes:
-    arcs = [int(a) for a in dotted.split(".")]
-    out = bytearray([40 * arcs[0] + arcs[1]])
-    for arc in arcs[2:]:
-        chunk = [arc & 0x7F]
-        arc >>= 7
-        while arc:
-            chunk.append(0x80 | (arc & 0x7F))
-            arc >>= 7
-        out += bytes(reversed(chunk))
-    return _der(0x06, bytes(out))
-
-
-def _der_uint(value: int) -> bytes:
-    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
-
-
 def _entry(suffix: str, value: bytes) -> bytes:
-    return _der(0x30, _der_oid(f"{SGX_EXTENSIONS_OID}.{suffix}") + value)
+    return der.tlv(0x30, der.oid(f"{SGX_EXTENSIONS_OID}.{suffix}") + value)
 
 
 def sgx_extensions(ppid: bytes, cpu_svn: bytes, pce_svn: int) -> bytes:
     """DER of the PCK SGX Extensions: PPID, TCB (16 components from CPUSVN, PCESVN,
     CPUSVN), PCE-ID, FMSPC, SGX Type."""
-    tcb = b"".join(_entry(f"2.{i + 1}", _der_uint(svn)) for i, svn in enumerate(cpu_svn))
-    tcb += _entry("2.17", _der_uint(pce_svn)) + _entry("2.18", _der(0x04, cpu_svn))
-    return _der(
+    tcb = b"".join(_entry(f"2.{i + 1}", der.uint(svn)) for i, svn in enumerate(cpu_svn))
+    tcb += _entry("2.17", der.uint(pce_svn)) + _entry("2.18", der.tlv(0x04, cpu_svn))
+    return der.tlv(
         0x30,
-        _entry("1", _der(0x04, ppid))
-        + _entry("2", _der(0x30, tcb))
-        + _entry("3", _der(0x04, SIM_PCEID))
-        + _entry("4", _der(0x04, SIM_FMSPC))
-        + _entry("5", _der(0x0A, bytes([SGX_TYPE_STANDARD]))),
+        _entry("1", der.tlv(0x04, ppid))
+        + _entry("2", der.tlv(0x30, tcb))
+        + _entry("3", der.tlv(0x04, SIM_PCEID))
+        + _entry("4", der.tlv(0x04, SIM_FMSPC))
+        + _entry("5", der.tlv(0x0A, bytes([SGX_TYPE_STANDARD]))),
     )
 
 
@@ -315,22 +306,7 @@ def tcb_signing_certificate(
     """The certificate of the key that signs TCB Info and QE Identity (as Intel's
     "SGX TCB Signing" certificate: an end entity under the root)."""
     key = tcb_signing_key(root_key).public_key()
-    return (
-        x509.CertificateBuilder()
-        .subject_name(_name("sgxvtpm-sim SGX TCB Signing"))
-        .issuer_name(root.subject)
-        .public_key(key)
-        .serial_number(_serial(key))
-        .not_valid_before(now)
-        .not_valid_after(now + _VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_leaf_usage(), critical=True)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
-            critical=False,
-        )
-        .sign(root_key, hashes.SHA256(), ecdsa_deterministic=True)
-    )
+    return _leaf_certificate(root_key, root, _name("sgxvtpm-sim SGX TCB Signing"), key, now)
 
 
 def tcb_info(cpu_svn: bytes, pce_svn: int, now: datetime.datetime) -> str:

@@ -50,7 +50,7 @@ from sgxvtpm.platform.base import (
 )
 from sgxvtpm.platform.sim import egetkey, provision
 from sgxvtpm.platform.sim.report import parse_report_body, split_report
-from sgxvtpm.util import log
+from sgxvtpm.util import der, log
 
 QUOTE_VERSION = 3
 ATT_KEY_TYPE_ECDSA_P256 = 2
@@ -232,14 +232,6 @@ class SimQuoteVerifier:
 _ECDSA_SHA256_ALG_ID = bytes.fromhex("300a06082a8648ce3d040302")
 
 
-def _der_tlv(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        return bytes([tag, n]) + content
-    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(size)]) + size + content
-
-
 def _reencode_ecdsa_cert(cert: x509.Certificate) -> bytes:
     """The DER an ecdsa-with-SHA256 certificate must have, from its signed parts.
 
@@ -249,8 +241,8 @@ def _reencode_ecdsa_cert(cert: x509.Certificate) -> bytes:
     (RFC 5280 4.1: Certificate ::= SEQUENCE { tbsCertificate,
     signatureAlgorithm, signatureValue BIT STRING }).
     """
-    bit_string = _der_tlv(0x03, b"\x00" + cert.signature)
-    return _der_tlv(0x30, cert.tbs_certificate_bytes + _ECDSA_SHA256_ALG_ID + bit_string)
+    bit_string = der.tlv(0x03, b"\x00" + cert.signature)
+    return der.tlv(0x30, cert.tbs_certificate_bytes + _ECDSA_SHA256_ALG_ID + bit_string)
 
 
 def _parse_tail(tail: bytes) -> tuple[bytes, int, bytes]:

@@ -12,11 +12,12 @@ import os
 import select
 import socket
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from sgxvtpm.errors import SgxvtpmError
+from sgxvtpm.platform.base import PlatformError
 from sgxvtpm.platform.sim.measure import CodeFile
 
 _PREFIX = struct.Struct(">II")
@@ -118,6 +119,24 @@ def wait_readable(fd: int, timeout: float) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(max(0, int(timeout * 1000))))
+
+
+#: How long a started helper process (the sim CPU, the zygote) has to say it is ready.
+READY_TIMEOUT = 60.0
+
+
+def first_message(sock: socket.socket, what: str, cleanup: Callable[[], None]) -> dict[str, Any]:
+    """The header of the first message a process just started sends on ``sock``;
+    PlatformError naming ``what``, after ``cleanup()``, if none comes in time."""
+    if not wait_readable(sock.fileno(), READY_TIMEOUT):
+        cleanup()
+        raise PlatformError(f"{what} did not start in time")
+    try:
+        header, _, _ = recv_message(sock)
+    except ZygoteGone as exc:
+        cleanup()
+        raise PlatformError(f"{what} failed to start (see its stderr)") from exc
+    return header
 
 
 def unpack_code(header: Mapping[str, Any], blob: bytes | bytearray) -> tuple[list[CodeFile], bytes]:
