@@ -304,6 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     gm.add_argument("--role", required=True, choices=("manager", "instance"),
                     help="which enclave's manifest")
     _add_state_dir(gm)
+    gp = gramine_sub.add_parser("pins", help="the clients' pins (vmm/pins.py) from a trusted "
+                                "build's manager.sig and instance.sig")
+    gp.add_argument("manager_sig", metavar="MANAGER.sig", type=Path,
+                    help="the manager's SIGSTRUCT, as gramine-sgx-sign wrote it")
+    gp.add_argument("instance_sig", metavar="INSTANCE.sig", type=Path,
+                    help="the instance's SIGSTRUCT, same build, same key")
+    gp.add_argument("--root", default="intel", metavar="intel|PEM",
+                    help="the DCAP root the clients trust: Intel's (default) or a PEM file")
 
     demo = sub.add_parser("demo", help="start hostd, create a VM's vTPM, use it")
     _add_state_dir(demo)
@@ -333,6 +341,8 @@ EXAMPLES: dict[str, str] = {
     "attest quote": "sgxvtpm attest quote quote.bin --collateral collateral.json --json",
     "gramine": "sgxvtpm gramine manifest --role instance > instance.manifest.toml",
     "gramine manifest": "sgxvtpm gramine manifest --role instance > instance.manifest.toml",
+    "gramine pins": "sgxvtpm gramine pins manager.sig instance.sig "
+                    "> ~/.config/sgxvtpm/gramine.json",
     "sim-root": "sgxvtpm sim-root init /srv/sim-root",
     "sim-root init": "sgxvtpm sim-root init /srv/sim-root",
     "fleet": "sgxvtpm fleet join 10.0.0.1:7474 --token TOKEN --address 10.0.0.2:7474",
@@ -678,6 +688,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "ca":
         return asyncio.run(_ca(args))
+    if args.command == "gramine" and args.gramine_command == "pins":
+        from sgxvtpm.vmm.pins import pins_from_sigs
+
+        print(pins_from_sigs(args.manager_sig, args.instance_sig, args.root), end="")
+        return 0
     if args.command == "gramine":
         from sgxvtpm.enclaves.specs import PACKAGE_ROOT, instance_spec, manager_spec
         from sgxvtpm.platform.gramine.backend import GRAMINE

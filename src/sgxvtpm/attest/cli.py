@@ -34,7 +34,6 @@ from cryptography.hazmat.primitives import serialization
 
 from sgxvtpm.attest.report import AttestReport
 from sgxvtpm.attest.verify import verify_ek_chain
-from sgxvtpm.enclaves.specs import expected_policy
 from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.platform.base import MeasurementPolicy, QuoteVerifier
@@ -259,7 +258,11 @@ def verify_vm(
     transport = _tcti_transport(tcti) if tcti else _k2_transport(state, name, credentials)
     with transport as (transact, power_on):
         evidence = read_evidence(transact, algs, power_on=power_on)
-    policy = policy or expected_policy("manager", credentials.host(state).platform)
+    if policy is None:
+        try:
+            policy = credentials.host(state).policy("manager")
+        except CredentialsError as exc:
+            raise AttestError(str(exc)) from None
     return combine(evidence, ca_der, policy=policy, verifier=verifier)
 
 

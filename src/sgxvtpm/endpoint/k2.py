@@ -46,7 +46,6 @@ from sgxvtpm.channel import (
     HandshakeComplete,
     Message,
 )
-from sgxvtpm.enclaves.specs import expected_policy
 from sgxvtpm.endpoint.backend import MessageBackend
 from sgxvtpm.endpoint.streams import timeval
 from sgxvtpm.errors import SgxvtpmError
@@ -155,6 +154,7 @@ class VmBinding:
             info = json.loads((vm_dir / "instance.json").read_text())
             credential = ClientCredential.load(vm_dir / "vm.key", vm_dir / "vm.crt")
             verifier = host.verifier()
+            policy = host.policy("instance")
         except (OSError, ValueError) as exc:
             raise K2Error(f"VM {name!r} has no usable binding in {host.root}: {exc}") from None
         except CredentialsError as exc:
@@ -164,7 +164,7 @@ class VmBinding:
             instance_id=str(info["instance_id"]),
             credential=credential,
             verifier=verifier,
-            policy=expected_policy("instance", host.platform),
+            policy=policy,
             name=name,
         )
 

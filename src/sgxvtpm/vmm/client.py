@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sgxvtpm.channel import ClientCredential, ClientSession
 from sgxvtpm.enclaves.manager import CA_COMMON_NAME
-from sgxvtpm.enclaves.specs import expected_policy
 from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.mux.aio import open_client_session
@@ -95,8 +94,12 @@ class VmmClient:
 
     async def request(self, request: Request[_R]) -> _R:
         """One K1 request (sgxvtpm/wire/k1.py) to the manager; VmmError if it is refused."""
+        try:
+            policy = self._policy or self.host.policy("manager")
+        except CredentialsError as exc:
+            raise VmmError(str(exc)) from None
         session = ClientSession(
-            self._policy or expected_policy("manager", self.host.platform),
+            policy,
             await self.verifier(),
             self._credential(),
             expected_cn=CA_COMMON_NAME,

@@ -37,12 +37,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sgxvtpm.channel import ClientCredential
+from sgxvtpm.enclaves.specs import expected_policy
 from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.host.statedir import Entry, StateDir
-from sgxvtpm.platform import DEFAULT_PLATFORM, platform_kind
-from sgxvtpm.platform.base import PlatformError, PlatformKind, QuoteVerifier
+from sgxvtpm.platform import DEFAULT_PLATFORM, dcap, platform_kind
+from sgxvtpm.platform.base import MeasurementPolicy, PlatformError, PlatformKind, QuoteVerifier
 from sgxvtpm.util.durable import atomic_write
 from sgxvtpm.util.keyfile import write_private_key
+from sgxvtpm.vmm.pins import INTEL as INTEL_ROOT
+from sgxvtpm.vmm.pins import GraminePins, PinsError
+from sgxvtpm.vmm.pins import load as load_pins
 from sgxvtpm.wire import relay as frames
 from sgxvtpm.wire.control import (
     ControlProtocolError,
@@ -184,6 +188,8 @@ class HostCredentials:
         is only compared with them, so that a changed platform is refused with
         a clear error rather than a failed handshake.
         """
+        if self.platform.name == "gramine":
+            return self._gramine_root()
         presented = presented_root(self.state.socket)
         pinned = _read_pin(self.root_ca)
         if pinned is None and presented is None:
@@ -206,13 +212,49 @@ class HostCredentials:
         checked and which MRENCLAVE to expect (enclaves/specs.py, expected_policy).
 
         The verifier's own choice, never the host's claim: ``$SGXVTPM_PLATFORM``
-        (``sim``, ``gramine-sim``; the kind hostd runs with ``--platform``),
+        (``sim``, ``gramine-sim``, ``gramine``: the kind hostd runs with ``--platform``;
+        ``gramine`` takes its policy and root from the operator's pins, vmm/pins.py),
         else the default, ``sim``.
         """
         return platform_kind(os.environ.get("SGXVTPM_PLATFORM") or DEFAULT_PLATFORM)
 
     def verifier(self) -> QuoteVerifier:
         return verifier_for(self, self.attestation_root())
+
+    def pins(self) -> GraminePins:
+        """The operator's pins for a Gramine host (vmm/pins.py): never read from hostd."""
+        try:
+            return load_pins(self.root.parent.parent)
+        except PinsError as exc:
+            raise CredentialsError(str(exc)) from None
+
+    def policy(self, role: str) -> MeasurementPolicy:
+        """Which ``role`` ("manager" or "instance") enclaves this client accepts: the
+        MRENCLAVE of the code installed here on the sim kinds; on ``gramine``, the
+        operator's pins (MRENCLAVE and MRSIGNER of a trusted build, vmm/pins.py)."""
+        if self.platform.name == "gramine":
+            return self.pins().policy(role)
+        return expected_policy(role, self.platform)
+
+    def _gramine_root(self) -> bytes:
+        """A Gramine host's root comes from the operator's pins, never from hostd:
+        Intel's SGX Root CA (taken from the collateral, checked against its pinned
+        SHA-256) or the PEM certificate the pins name."""
+        root = self.pins().root
+        if root != INTEL_ROOT:
+            return root.encode()
+        try:
+            der = dcap.intel_root(dcap.load_collateral(self.collateral()))
+        except PlatformError as exc:
+            raise CredentialsError(f"{self.collateral_source()}: {exc}") from None
+        return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+
+    def collateral_source(self) -> Path:
+        env = os.environ.get(COLLATERAL_ENV)
+        path = Path(env) if env else self.state.platform / COLLATERAL_FILE
+        if not env and not path.exists():
+            path = self.state.platform / GRAMINE_COLLATERAL_FILE
+        return path
 
     def collateral(self) -> str:
         """The DCAP collateral the host's quotes are checked with (platform/dcap.py).
@@ -223,10 +265,7 @@ class HostCredentials:
         the host or anywhere: every part is signed under the pinned root and
         checked against it at each verification (SECURITY.md).
         """
-        env = os.environ.get(COLLATERAL_ENV)
-        path = Path(env) if env else self.state.platform / COLLATERAL_FILE
-        if not env and not path.exists():
-            path = self.state.platform / GRAMINE_COLLATERAL_FILE
+        path = self.collateral_source()
         try:
             return path.read_text()
         except (OSError, UnicodeDecodeError) as exc:
@@ -284,6 +323,9 @@ def verifier_for(host: HostCredentials, pem: bytes) -> QuoteVerifier:
     host's collateral, both held in memory: never re-read."""
     collateral = host.collateral()
     try:
+        if host.platform.name == "gramine" and host.pins().root != INTEL_ROOT:
+            # The operator pinned another DCAP root than Intel's (vmm/pins.py).
+            return dcap.pinned_verifier(pem, collateral)
         return host.platform.quote_verifier(pem, collateral)
     except PlatformError as exc:  # AttestationError (the collateral) is one
         raise CredentialsError(f"{host.root_ca}: {exc}") from None
