@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     aq.add_argument("quote_file", metavar="FILE", type=Path, help="the raw quote (binary)")
     aq.add_argument("--collateral", type=Path, metavar="FILE",
                     help="QuoteCollateralV3 JSON (a PCCS's, or a sim platform's collateral.json)")
+    aq.add_argument("--pccs", metavar="URL",
+                    help="fetch the collateral from this PCCS instead (cached until nextUpdate)")
     aq.add_argument("--root", default="intel", metavar="intel|PEM",
                     help="trusted root: Intel's SGX Root CA (pinned; default) or a PEM file")
     aq.add_argument("--at", metavar="TIME", help="verify at this time (epoch seconds or ISO 8601)")
@@ -708,6 +710,7 @@ def _run(args: argparse.Namespace) -> int:
         from sgxvtpm.attest.quote import run as quote_run
 
         return quote_run(args.quote_file, collateral_file=args.collateral, root=args.root,
+                         pccs=args.pccs,
                          at=args.at, as_json=args.json, accept=["UpToDate", *args.accept])
     if args.command == "attest":
         from sgxvtpm.attest.cli import run as attest_run

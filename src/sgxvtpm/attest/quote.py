@@ -4,7 +4,9 @@ The quote is checked with :class:`sgxvtpm.platform.dcap.DcapQuoteVerifier`
 against collateral from a file (dcap-qvl QuoteCollateralV3 JSON: what a PCCS
 serves, or a sim platform's ``collateral.json``) and one root: ``intel`` (Intel's
 SGX Root CA, pinned by its SHA-256, taken from the collateral's chain) or a PEM
-file (a sim platform's ``root_ca.pem``). No network access.
+file (a sim platform's ``root_ca.pem``). With ``--pccs URL`` instead of a file, the
+collateral is fetched from that PCCS (or its on-disk cache, vmm/pccs.py): untrusted
+all the same, checked under the same root.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.platform import dcap
 from sgxvtpm.platform.base import AttestationError
+from sgxvtpm.vmm import pccs as pccs_client
 
 ROOT_INTEL = "intel"
 
@@ -100,21 +103,29 @@ def run(
     *,
     collateral_file: Path | None,
     root: str,
+    pccs: str | None = None,
     at: str | None,
     as_json: bool,
     accept: Sequence[str],
 ) -> int:
     """The CLI command: 0 if the quote verifies and the policy accepts it, 1 otherwise."""
-    if collateral_file is None:
+    if collateral_file is not None and pccs:
+        raise QuoteCheckError("--collateral FILE and --pccs URL: give one of them")
+    if collateral_file is None and not pccs:
         raise QuoteCheckError(
-            "--collateral FILE is needed (dcap-qvl QuoteCollateralV3 JSON from a PCCS, "
-            "or a sim platform's collateral.json); nothing is fetched from the network"
+            "--collateral FILE (dcap-qvl QuoteCollateralV3 JSON from a PCCS, or a sim "
+            "platform's collateral.json) or --pccs URL (fetched, then cached) is needed"
         )
     quote = _read(quote_file, "quote")
-    collateral = _read(collateral_file, "collateral").decode("utf-8", "replace")
+    when = parse_time(at) if at else None
+    if collateral_file is not None:
+        collateral = _read(collateral_file, "collateral").decode("utf-8", "replace")
+    else:
+        assert pccs
+        collateral = pccs_client.fetch_collateral(pccs, quote, now=when)
     try:
         report = check_quote(
-            quote, collateral, root=root, at=parse_time(at) if at else None,
+            quote, collateral, root=root, at=when,
             accept=accept,
         )  # fmt: skip
     except AttestationError as exc:

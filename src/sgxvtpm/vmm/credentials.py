@@ -44,6 +44,7 @@ from sgxvtpm.platform import DEFAULT_PLATFORM, dcap, platform_kind
 from sgxvtpm.platform.base import MeasurementPolicy, PlatformError, PlatformKind, QuoteVerifier
 from sgxvtpm.util.durable import atomic_write
 from sgxvtpm.util.keyfile import write_private_key
+from sgxvtpm.vmm import pccs
 from sgxvtpm.vmm.pins import INTEL as INTEL_ROOT
 from sgxvtpm.vmm.pins import GraminePins, PinsError
 from sgxvtpm.vmm.pins import load as load_pins
@@ -243,6 +244,12 @@ class HostCredentials:
         root = self.pins().root
         if root != INTEL_ROOT:
             return root.encode()
+        url = self.pccs_url()
+        if url:
+            try:
+                return pccs.intel_root_pem(url)
+            except pccs.PccsError as exc:
+                raise CredentialsError(str(exc)) from None
         try:
             der = dcap.intel_root(dcap.load_collateral(self.collateral()))
         except PlatformError as exc:
@@ -255,6 +262,16 @@ class HostCredentials:
         if not env and not path.exists():
             path = self.state.platform / GRAMINE_COLLATERAL_FILE
         return path
+
+    def pccs_url(self) -> str:
+        """The PCCS to fetch collateral from when no collateral file is given ("" if none):
+        ``$SGXVTPM_PCCS_URL``, else a Gramine host's pins' ``pccs`` (vmm/pins.py)."""
+        if os.environ.get(COLLATERAL_ENV) or self.collateral_source().exists():
+            return ""
+        url = os.environ.get(pccs.ENV, "")
+        if not url and self.platform.name == "gramine":
+            url = self.pins().pccs
+        return url
 
     def collateral(self) -> str:
         """The DCAP collateral the host's quotes are checked with (platform/dcap.py).
@@ -321,14 +338,20 @@ class HostCredentials:
 def verifier_for(host: HostCredentials, pem: bytes) -> QuoteVerifier:
     """The DCAP verifier of ``host``'s quotes under ``pem`` (its pinned root), with the
     host's collateral, both held in memory: never re-read."""
-    collateral = host.collateral()
+    url = host.pccs_url()
+    if url:  # no collateral file: each quote's from the PCCS, fetched then cached
+        return pccs.PccsVerifier(url, lambda collateral: _dcap_verifier(host, pem, collateral))
     try:
-        if host.platform.name == "gramine" and host.pins().root != INTEL_ROOT:
-            # The operator pinned another DCAP root than Intel's (vmm/pins.py).
-            return dcap.pinned_verifier(pem, collateral)
-        return host.platform.quote_verifier(pem, collateral)
+        return _dcap_verifier(host, pem, host.collateral())
     except PlatformError as exc:  # AttestationError (the collateral) is one
         raise CredentialsError(f"{host.root_ca}: {exc}") from None
+
+
+def _dcap_verifier(host: HostCredentials, pem: bytes, collateral: str) -> QuoteVerifier:
+    if host.platform.name == "gramine" and host.pins().root != INTEL_ROOT:
+        # The operator pinned another DCAP root than Intel's (vmm/pins.py).
+        return dcap.pinned_verifier(pem, collateral)
+    return host.platform.quote_verifier(pem, collateral)
 
 
 def hostd_operator_certificate(state: StateDir, cert_file: Path | None) -> bytes:

@@ -10,7 +10,8 @@ values from that build's SIGSTRUCTs) into a JSON file::
     {
       "mrenclave": {"manager": "<64 hex>", "instance": "<64 hex>"},
       "mrsigner": "<64 hex>",
-      "root": "intel"
+      "root": "intel",
+      "pccs": "https://pccs.example:8081"
     }
 
 ``root``: ``intel`` (the default: Intel's SGX Root CA, pinned by its
@@ -20,6 +21,9 @@ SHA-256 in platform/dcap.py) or the path of a PEM root certificate
 directory (vmm/credentials.py). Clients whose platform kind is ``gramine``
 (``SGXVTPM_PLATFORM=gramine``) accept an enclave only if its MRENCLAVE is
 the pinned one for its role AND its MRSIGNER is the pinned signer.
+``pccs`` (optional; ``$SGXVTPM_PCCS_URL`` overrides it): the PCCS the clients
+fetch DCAP collateral from when no collateral file is given (vmm/pccs.py: on the
+first quote, then cached until its nextUpdate).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class GraminePins:
     mrsigner: bytes
     root: str  # "intel" or the PEM certificate's bytes, decoded
     source: Path
+    pccs: str = ""  # a PCCS URL, or "" for none
 
     def policy(self, role: str) -> PinnedPolicy:
         return PinnedPolicy(
@@ -70,7 +75,7 @@ class GraminePins:
                 "mrenclave": {role: self.mrenclave[role].hex() for role in ROLES},
                 "mrsigner": self.mrsigner.hex(),
                 "root": self.root,
-            },
+            } | ({"pccs": self.pccs} if self.pccs else {}),
             indent=2,
         ) + "\n"
 
@@ -103,6 +108,9 @@ def parse(text: str, path: Path) -> GraminePins:
         root = data.get("root", INTEL)
         if not isinstance(root, str) or not root:
             raise ValueError("root must be 'intel' or the path of a PEM certificate")
+        pccs = data.get("pccs", "")
+        if not isinstance(pccs, str) or (pccs and not pccs.startswith(("https://", "http://"))):
+            raise ValueError("pccs must be an http(s) URL")
     except (ValueError, KeyError, TypeError) as exc:
         raise PinsError(f"{path}: not Gramine measurement pins ({_what(exc)})") from None
     if root != INTEL:
@@ -111,7 +119,7 @@ def parse(text: str, path: Path) -> GraminePins:
             root = pem_path.read_text()
         except (OSError, UnicodeDecodeError) as exc:
             raise PinsError(f"{path}: root {pem_path}: {_what(exc)}") from None
-    return GraminePins(mrenclave, mrsigner, root, path)
+    return GraminePins(mrenclave, mrsigner, root, path, pccs)
 
 
 def _hash(value: object, name: str) -> bytes:
