@@ -80,6 +80,7 @@ class RecordingProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._listener.getsockname()[1])
         self._threads: list[threading.Thread] = []
+        self._sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -89,6 +90,7 @@ class RecordingProxy:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target))
+            self._sockets += [client, upstream]
             for src, dst in ((client, upstream), (upstream, client)):
                 t = threading.Thread(target=self._pump, args=(src, dst), daemon=True)
                 t.start()
@@ -103,9 +105,16 @@ class RecordingProxy:
             dst.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
+        """Stop accepting, end every forwarded connection and its pumps, close the sockets
+        (none is left for the garbage collector to find in another test's thread)."""
         self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         for t in self._threads:
             t.join(5)
+        for sock in self._sockets:
+            sock.close()
 
 
 class Fleet:
