@@ -44,6 +44,7 @@ from sgxvtpm.host.switch import FLEET_IN, FLEET_OUT, Connection, Relay
 from sgxvtpm.platform import DEFAULT_PLATFORM, open_platform
 from sgxvtpm.platform.base import EnclaveHandle, EnclaveSpec, PlatformError
 from sgxvtpm.util import log
+from sgxvtpm.util.durable import atomic_write
 from sgxvtpm.wire import control
 from sgxvtpm.wire.control import Refused
 from sgxvtpm.wire.relay import DESTROYED
@@ -175,6 +176,7 @@ class Hostd:
         except PlatformError as exc:
             os.close(self._lock_fd)
             raise HostdError(str(exc)) from None
+        publish_collateral(state)
         self.manager_spec = self.platform.signed(manager_spec(self.platform))
         self.instance_spec = self.platform.signed(instance_spec(self.platform))
         self.relay = Relay(
@@ -457,6 +459,19 @@ def _raise_fd_limit() -> None:
     if target > soft:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def publish_collateral(state: StateDir) -> None:
+    """Copy the platform's DCAP collateral out of platform/ (root's, 0700) to a 0644
+    file every client can read: the bytes are public and signed under the root
+    the clients pinned, so hostd (untrusted) may hold them (SECURITY.md)."""
+    for name in StateDir.PLATFORM_COLLATERAL:
+        try:
+            data = (state.platform / name).read_bytes()
+        except FileNotFoundError:
+            continue
+        atomic_write(state.collateral, data, 0o644)
+        return
 
 
 def drop_privileges(state: StateDir, run_as: RunAs) -> None:

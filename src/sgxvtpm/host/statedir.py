@@ -65,6 +65,14 @@ class StateDir:
 
     platform = Entry("platform")
 
+    #: hostd's public copy of its platform's DCAP collateral (0644): clients of
+    #: other users (libvirt's swtpm as tss) cannot read platform/ (root, 0700).
+    collateral = Entry("collateral.json")
+
+    #: Where a platform keeps its collateral, in platform/: the sim's own, a
+    #: Gramine host's from the operator's PCCS (platform/gramine/launcher.py).
+    PLATFORM_COLLATERAL = ("collateral.json", "dcap-collateral.json")
+
     manager = Entry("manager")
 
     def instance(self, instance_id: str) -> Path:

@@ -258,10 +258,13 @@ class HostCredentials:
 
     def collateral_source(self) -> Path:
         env = os.environ.get(COLLATERAL_ENV)
-        path = Path(env) if env else self.state.platform / COLLATERAL_FILE
-        if not env and not path.exists():
-            path = self.state.platform / GRAMINE_COLLATERAL_FILE
-        return path
+        if env:
+            return Path(env)
+        # hostd's public copy first (platform/ is root's alone when hostd runs --user)
+        for path in (self.state.collateral, self.state.platform / COLLATERAL_FILE):
+            if path.exists():
+                return path
+        return self.state.platform / GRAMINE_COLLATERAL_FILE
 
     def pccs_url(self) -> str:
         """The PCCS to fetch collateral from when no collateral file is given ("" if none):
@@ -276,7 +279,8 @@ class HostCredentials:
     def collateral(self) -> str:
         """The DCAP collateral the host's quotes are checked with (platform/dcap.py).
 
-        ``$SGXVTPM_COLLATERAL`` (a file) if set, else the copy in hostd's
+        ``$SGXVTPM_COLLATERAL`` (a file) if set, else hostd's public copy
+        (``collateral.json`` in its state directory), else the file in its
         platform directory (the sim's ``collateral.json``, a Gramine host's
         ``dcap-collateral.json``). Untrusted bytes, from
         the host or anywhere: every part is signed under the pinned root and
