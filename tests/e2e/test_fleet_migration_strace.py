@@ -46,18 +46,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tests.e2e.test_fleet_migration import (
-    MARKER_ATTRS,
-    assert_no_plaintext,
-    ctrl,
-    loadvm,
-    new_qemu,
-    savevm,
-    tpm_ok,
-)
+from tests.e2e.test_fleet_migration import assert_no_plaintext
 from tests.helpers.endpoint import start_vm_endpoint
 from tests.helpers.fleet import cli, fleet_of, ok, wait_vm_state
+from tests.helpers.qemu_ctrl import ctrl, loadvm, new_qemu, savevm, tpm_ok
 from tests.helpers.strace import launcher, process_tree, written
+from tests.helpers.vmtools import NV_ATTRS
 
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_SU
@@ -108,9 +102,8 @@ def test_no_host_process_writes_the_tpm_in_the_clear(tmp_path: Path) -> None:
                                  log_dir=tmp_path)  # fmt: skip
         try:
             q = new_qemu(ep_a.address)
-            assert ctrl(q, CtrlCmd.INIT).result == 0
             tpm_ok(q, wire.startup(TPM2_SU.CLEAR))
-            tpm_ok(q, wire.nv_define_space(INDEX, len(marker), MARKER_ATTRS))
+            tpm_ok(q, wire.nv_define_space(INDEX, len(marker), NV_ATTRS))
             tpm_ok(q, wire.nv_write(INDEX, marker))
             tpm_ok(q, wire.pcr_extend(PCR, digest))
             # Every process and thread of both trees is traced (the sim CPU,
@@ -125,7 +118,6 @@ def test_no_host_process_writes_the_tpm_in_the_clear(tmp_path: Path) -> None:
             q.close()
 
             q = new_qemu(ep_b.address)
-            assert ctrl(q, CtrlCmd.INIT).result == 0
             assert loadvm(q, blobs) == [0] * len([d for d in blobs.values() if d])
             assert ctrl(q, CtrlCmd.INIT, flags=1).result == 0
             read = tpm_ok(q, wire.nv_read(INDEX, len(marker)))
