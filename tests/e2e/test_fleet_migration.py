@@ -25,6 +25,7 @@ from tests.helpers.fleet import cli, fleet_of, ok, vm_state, wait_vm_state
 from tests.helpers.guest import Guest, wait_loaded
 from tests.helpers.hostd import Hostd
 from tests.helpers.qemu_ctrl import (
+    attached,
     ctrl,
     loadvm,
     new_qemu,
@@ -84,11 +85,7 @@ def test_a_vm_tpm_moves_to_another_host_and_not_back(
     ok(cli(a, "vm", "create", "mover"))
     ok(cli(b, "vm", "create", "mover", "--incoming"))
     assert vm_state(b, "mover") == "incoming"
-    ep_a = start_vm_endpoint(a.state, "mover", "--ctrl", str(tmp_path / "a.ctrl"),
-                             log_dir=tmp_path)  # fmt: skip
-    ep_b = start_vm_endpoint(b.state, "mover", "--ctrl", str(tmp_path / "b.ctrl"),
-                             log_dir=tmp_path)  # fmt: skip
-    try:
+    with attached(tmp_path, (a.state, "mover"), (b.state, "mover")) as (ep_a, ep_b):
         # On A: the VM boots, measures, counts to 3; QEMU migrates it away.
         q = new_qemu(ep_a.address)
         tpm_ok(q, wire.startup(TPM2_SU.CLEAR))
@@ -139,9 +136,6 @@ def test_a_vm_tpm_moves_to_another_host_and_not_back(
         assert vm_state(a, "mover") == "running"
         back = new_qemu(ep_a.address)
         back.close()
-    finally:
-        ep_a.stop()
-        ep_b.stop()
     assert "rollback refused" in b.log()
     assert '"manager.migrated_out"' in a.log()
 
@@ -152,11 +146,7 @@ def test_incoming_needs_a_fleet_and_blobs_are_bound_to_the_vm(
     a, b = two_hosts
     ok(cli(a, "vm", "create", "one"))
     ok(cli(b, "vm", "create", "two", "--incoming"))
-    ep_a = start_vm_endpoint(a.state, "one", "--ctrl", str(tmp_path / "a.ctrl"),
-                             log_dir=tmp_path)  # fmt: skip
-    ep_b = start_vm_endpoint(b.state, "two", "--ctrl", str(tmp_path / "b.ctrl"),
-                             log_dir=tmp_path)  # fmt: skip
-    try:
+    with attached(tmp_path, (a.state, "one"), (b.state, "two")) as (ep_a, ep_b):
         q = new_qemu(ep_a.address)
         tpm_ok(q, wire.startup(TPM2_SU.CLEAR))
         blobs = savevm(q)
@@ -165,9 +155,6 @@ def test_incoming_needs_a_fleet_and_blobs_are_bound_to_the_vm(
         q = new_qemu(ep_b.address)
         assert loadvm(q, blobs)[0] == TpmResult.BAD_PARAMETER
         q.close()
-    finally:
-        ep_a.stop()
-        ep_b.stop()
     assert vm_state(b, "two") == "incoming"
     assert "not of 'two'" in b.log()
 

@@ -47,9 +47,8 @@ from pathlib import Path
 
 import pytest
 from tests.e2e.test_fleet_migration import assert_no_plaintext
-from tests.helpers.endpoint import start_vm_endpoint
 from tests.helpers.fleet import cli, fleet_of, ok, wait_vm_state
-from tests.helpers.qemu_ctrl import ctrl, loadvm, new_qemu, savevm, tpm_ok
+from tests.helpers.qemu_ctrl import attached, ctrl, loadvm, new_qemu, savevm, tpm_ok
 from tests.helpers.strace import launcher, process_tree, written
 from tests.helpers.vmtools import NV_ATTRS
 
@@ -96,11 +95,7 @@ def test_no_host_process_writes_the_tpm_in_the_clear(tmp_path: Path) -> None:
     with fleet_of(tmp_path / "fleet", 2, launcher=lambda i: launcher(traces[i])) as (a, b):
         ok(cli(a, "vm", "create", "secret"))
         ok(cli(b, "vm", "create", "secret", "--incoming"))
-        ep_a = start_vm_endpoint(a.state, "secret", "--ctrl", str(tmp_path / "a.ctrl"),
-                                 log_dir=tmp_path)  # fmt: skip
-        ep_b = start_vm_endpoint(b.state, "secret", "--ctrl", str(tmp_path / "b.ctrl"),
-                                 log_dir=tmp_path)  # fmt: skip
-        try:
+        with attached(tmp_path, (a.state, "secret"), (b.state, "secret")) as (ep_a, ep_b):
             q = new_qemu(ep_a.address)
             tpm_ok(q, wire.startup(TPM2_SU.CLEAR))
             tpm_ok(q, wire.nv_define_space(INDEX, len(marker), NV_ATTRS))
@@ -126,9 +121,6 @@ def test_no_host_process_writes_the_tpm_in_the_clear(tmp_path: Path) -> None:
             assert pcr == hashlib.sha256(bytes(32) + digest).digest()
             q.close()
             wait_vm_state(a, "secret", "migrated")
-        finally:
-            ep_a.stop()
-            ep_b.stop()
         assert_no_plaintext([a.state.root, b.state.root], blobs)
     # Both hostds stopped: strace has written everything.
     for out, host in zip(traces, "AB", strict=True):

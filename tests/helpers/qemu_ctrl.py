@@ -4,12 +4,32 @@ tests/e2e/test_fleet_migration.py)."""
 
 from __future__ import annotations
 
-from tests.helpers.endpoint import CtrlClient
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.helpers.endpoint import CtrlClient, EndpointProcess, start_vm_endpoint
 from tests.helpers.vmtools import TPM2_RC_INITIALIZE
 
+from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_SU
 from sgxvtpm.wire.swtpm_ctrl import CtrlCmd, CtrlRequest, CtrlResponse
+
+
+@contextlib.contextmanager
+def attached(workdir: Path, *vms: tuple[StateDir, str]) -> Iterator[list[EndpointProcess]]:
+    """``vm attach`` endpoints of (host state, VM) pairs, their control sockets
+    ``a.ctrl``, ``b.ctrl``, ... in ``workdir`` (their logs too); stopped at the end."""
+    started: list[EndpointProcess] = []
+    try:
+        for letter, (state, name) in zip("abcdefgh", vms, strict=False):
+            ctrl_path = str(workdir / f"{letter}.ctrl")
+            started.append(start_vm_endpoint(state, name, "--ctrl", ctrl_path, log_dir=workdir))
+        yield started
+    finally:
+        for endpoint in started:
+            endpoint.stop()
 
 
 def ctrl(c: CtrlClient, code: CtrlCmd, **kw: int | bytes) -> CtrlResponse:
