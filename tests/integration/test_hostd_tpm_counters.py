@@ -255,12 +255,19 @@ def test_pin_is_sealed_at_first_start_and_kept(
     assert (again.key_handle, again.key_name) == (EK_HANDLE, config.key_name)
 
 
-def test_removed_or_damaged_pin_is_refused(
-    tmp_path: Path, host_tpm: Swtpm, enclave_face: EnclavePlatform
-) -> None:
+@pytest.fixture
+def pinned(tmp_path: Path, host_tpm: Swtpm, enclave_face: EnclavePlatform) -> Path:
+    """An enclave's state directory, pinned to the host TPM's key at EK_HANDLE."""
     state_dir = tmp_path / "enclave"
     state_dir.mkdir()
     load_or_pin(enclave_face, host_tpm.transact, state_dir, EK_HANDLE)
+    return state_dir
+
+
+def test_removed_or_damaged_pin_is_refused(
+    host_tpm: Swtpm, enclave_face: EnclavePlatform, pinned: Path
+) -> None:
+    state_dir = pinned
     (state_dir / "state.sealed").write_bytes(b"sealed state")
     pin = state_dir / PIN_FILE
     blob = bytearray(pin.read_bytes())
@@ -275,11 +282,9 @@ def test_removed_or_damaged_pin_is_refused(
 
 
 def test_a_pinned_enclave_refuses_other_counters(
-    tmp_path: Path, host_tpm: Swtpm, enclave_face: EnclavePlatform
+    tmp_path: Path, host_tpm: Swtpm, enclave_face: EnclavePlatform, pinned: Path
 ) -> None:
-    state_dir = tmp_path / "enclave"
-    state_dir.mkdir()
-    load_or_pin(enclave_face, host_tpm.transact, state_dir, EK_HANDLE)
+    state_dir = pinned
     a, b = socket.socketpair()
     with a, b, pytest.raises(CountersRefused, match="--counters tpm"):
         open_host_counters(enclave_face, a, {"state_dir": str(state_dir)})
