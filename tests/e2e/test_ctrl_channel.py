@@ -19,6 +19,7 @@ from tests.helpers.endpoint import (
     start_local,
     start_swtpm_ctrl,
 )
+from tests.helpers.qemu_ctrl import savevm
 from tests.helpers.swtpm import swtpm_available
 
 from sgxvtpm.tpm import wire
@@ -133,12 +134,7 @@ def test_migration_blobs_roundtrip(tmp_path: Path) -> None:
         digest = hashlib.sha256(b"migrate me").digest()
         assert wire.response_code(src.transact(wire.pcr_extend(16, digest))) == 0
         pcr = src.transact(wire.pcr_read([16]))
-        blobs = {}
-        for kind in (1, 2, 3):
-            r = src.request(CtrlRequest(CtrlCmd.GET_STATEBLOB, flags=1, blob_type=kind))
-            assert isinstance(r, CtrlResponse) and r.result == 0
-            blobs[kind] = r.data
-        assert blobs[1] and blobs[2]  # permanent and volatile exist
+        blobs = savevm(src)  # permanent and volatile exist
         dst.request(CtrlRequest(CtrlCmd.STOP))
         for kind, data in blobs.items():
             r = dst.request(CtrlRequest(CtrlCmd.SET_STATEBLOB, blob_type=kind, data=data))

@@ -16,36 +16,38 @@ into B later is refused.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from tests.helpers.endpoint import CtrlClient, start_vm_endpoint
 from tests.helpers.fleet import cli, fleet_of, ok, vm_state, wait_vm_state
-from tests.helpers.guest import Guest
+from tests.helpers.guest import Guest, wait_loaded
 from tests.helpers.hostd import Hostd
+from tests.helpers.qemu_ctrl import (
+    attached,
+    ctrl,
+    loadvm,
+    new_qemu,
+    nv_counter,
+    savevm,
+    startup_state,
+    tpm_ok,
+)
+from tests.helpers.vmtools import COUNTER_ATTRS, NV_ATTRS
 
 from sgxvtpm.endpoint.k2 import K2Client, VmBinding
 from sgxvtpm.tpm import ek, wire
-from sgxvtpm.tpm.constants import TPM2_SU, TPMA_NV
+from sgxvtpm.tpm.constants import TPM2_SU
 from sgxvtpm.tpm.nv import execute
-from sgxvtpm.wire.swtpm_ctrl import CtrlCmd, CtrlRequest, CtrlResponse
+from sgxvtpm.wire.swtpm_ctrl import CtrlCmd
 from sgxvtpm.wire.vtpm import TpmResult
 
 pytestmark = pytest.mark.e2e
 
 COUNTER = 0x01500041
-COUNTER_ATTRS = (
-    TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHWRITE | TPMA_NV.AUTHREAD
-    | TPMA_NV.NO_DA | TPMA_NV.TPM_NT_COUNTER
-)
-RC_INITIALIZE = 0x100
 MARKER_INDEX = 0x01500042
 MARKER = b"FLEET-PLAINTEXT-MARKER-7c1e9a2f"
-MARKER_ATTRS = (
-    TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHWRITE | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA
-)
 # The first bytes of libtpms' serialized state (as tests/integration/test_flow.py).
 LIBTPMS_MAGICS = (bytes.fromhex("0003ab364723"), bytes.fromhex("000445637889"))
 
@@ -62,48 +64,12 @@ def assert_no_plaintext(where: list[Path], blobs: dict[int, bytes]) -> None:
                 assert not any(m in data for m in LIBTPMS_MAGICS), path
 
 
-def ctrl(c: CtrlClient, code: CtrlCmd, **kw: int | bytes) -> CtrlResponse:
-    response = c.request(CtrlRequest(code, **kw))  # type: ignore[arg-type]
-    assert isinstance(response, CtrlResponse)
-    return response
-
-
-def tpm_ok(c: CtrlClient, command: bytes) -> bytes:
-    response = c.transact(command)
-    assert wire.response_code(response) == 0, response.hex()
-    return response
-
-
 def counter(c: CtrlClient) -> int:
-    return int.from_bytes(wire.parse_nv_read(tpm_ok(c, wire.nv_read(COUNTER, 8))), "big")
+    return nv_counter(c, COUNTER)
 
 
 def pcrs(c: CtrlClient) -> list[bytes]:
     return list(wire.parse_pcr_read(tpm_ok(c, wire.pcr_read(range(8)))).digests)
-
-
-def new_qemu(address: str) -> CtrlClient:
-    c = CtrlClient(address, short_errors=False)
-    c.attach_data()
-    return c
-
-
-def savevm(c: CtrlClient) -> dict[int, bytes]:
-    blobs = {}
-    for kind in (1, 2, 3):
-        response = ctrl(c, CtrlCmd.GET_STATEBLOB, flags=1, blob_type=kind)
-        assert response.result == 0, response
-        blobs[kind] = response.data
-    return blobs
-
-
-def loadvm(c: CtrlClient, blobs: dict[int, bytes]) -> list[int]:
-    assert ctrl(c, CtrlCmd.STOP).result == 0
-    return [
-        ctrl(c, CtrlCmd.SET_STATEBLOB, blob_type=kind, data=data).result
-        for kind, data in blobs.items()
-        if data
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -119,21 +85,16 @@ def test_a_vm_tpm_moves_to_another_host_and_not_back(
     ok(cli(a, "vm", "create", "mover"))
     ok(cli(b, "vm", "create", "mover", "--incoming"))
     assert vm_state(b, "mover") == "incoming"
-    ep_a = start_vm_endpoint(a.state, "mover", "--ctrl", str(tmp_path / "a.ctrl"),
-                             log_dir=tmp_path)  # fmt: skip
-    ep_b = start_vm_endpoint(b.state, "mover", "--ctrl", str(tmp_path / "b.ctrl"),
-                             log_dir=tmp_path)  # fmt: skip
-    try:
+    with attached(tmp_path, (a.state, "mover"), (b.state, "mover")) as (ep_a, ep_b):
         # On A: the VM boots, measures, counts to 3; QEMU migrates it away.
         q = new_qemu(ep_a.address)
-        assert ctrl(q, CtrlCmd.INIT).result == 0
         tpm_ok(q, wire.startup(TPM2_SU.CLEAR))
         for pcr in range(8):
             tpm_ok(q, wire.pcr_extend(pcr, bytes([pcr + 1]) * 32))
         tpm_ok(q, wire.nv_define_space(COUNTER, 8, COUNTER_ATTRS))
         for _ in range(3):
             tpm_ok(q, wire.nv_increment(COUNTER))
-        tpm_ok(q, wire.nv_define_space(MARKER_INDEX, len(MARKER), MARKER_ATTRS))
+        tpm_ok(q, wire.nv_define_space(MARKER_INDEX, len(MARKER), NV_ATTRS))
         tpm_ok(q, wire.nv_write(MARKER_INDEX, MARKER))
         before = pcrs(q)
         ek_before = ek.read_ek_certificate(q.transact, "rsa2048")
@@ -142,7 +103,6 @@ def test_a_vm_tpm_moves_to_another_host_and_not_back(
 
         # On B: QEMU -incoming loads the stream and the VM resumes.
         q = new_qemu(ep_b.address)
-        assert ctrl(q, CtrlCmd.INIT).result == 0  # machine reset of the new QEMU
         assert loadvm(q, blobs) == [0] * len([d for d in blobs.values() if d])
         assert ctrl(q, CtrlCmd.INIT, flags=1).result == 0
         assert pcrs(q) == before
@@ -158,17 +118,16 @@ def test_a_vm_tpm_moves_to_another_host_and_not_back(
         # B's manager tells A's: A refuses to run the VM (no two live copies).
         wait_vm_state(a, "mover", "migrated")
         wait_vm_state(b, "mover", "running")
-        old = new_qemu(ep_a.address)
+        old = new_qemu(ep_a.address, init=False)
         assert ctrl(old, CtrlCmd.INIT).result == TpmResult.FAIL
         assert old.transact(wire.get_random(8))[6:10] != bytes(4)
         old.close()
 
         # A blob captured from the stream, replayed on B later: refused (B ran on).
-        replay = new_qemu(ep_b.address)
+        replay = new_qemu(ep_b.address, init=False)
         assert loadvm(replay, blobs)[0] == TpmResult.BAD_PARAMETER
         assert ctrl(replay, CtrlCmd.INIT).result == 0
-        assert wire.response_code(replay.transact(wire.startup(TPM2_SU.STATE))) in (
-            0, RC_INITIALIZE)  # fmt: skip
+        startup_state(replay)
         assert counter(replay) == 4
         replay.close()
 
@@ -176,11 +135,7 @@ def test_a_vm_tpm_moves_to_another_host_and_not_back(
         ok(cli(a, "vm", "migrate-cancel", "mover"))
         assert vm_state(a, "mover") == "running"
         back = new_qemu(ep_a.address)
-        assert ctrl(back, CtrlCmd.INIT).result == 0
         back.close()
-    finally:
-        ep_a.stop()
-        ep_b.stop()
     assert "rollback refused" in b.log()
     assert '"manager.migrated_out"' in a.log()
 
@@ -191,38 +146,17 @@ def test_incoming_needs_a_fleet_and_blobs_are_bound_to_the_vm(
     a, b = two_hosts
     ok(cli(a, "vm", "create", "one"))
     ok(cli(b, "vm", "create", "two", "--incoming"))
-    ep_a = start_vm_endpoint(a.state, "one", "--ctrl", str(tmp_path / "a.ctrl"),
-                             log_dir=tmp_path)  # fmt: skip
-    ep_b = start_vm_endpoint(b.state, "two", "--ctrl", str(tmp_path / "b.ctrl"),
-                             log_dir=tmp_path)  # fmt: skip
-    try:
+    with attached(tmp_path, (a.state, "one"), (b.state, "two")) as (ep_a, ep_b):
         q = new_qemu(ep_a.address)
-        assert ctrl(q, CtrlCmd.INIT).result == 0
         tpm_ok(q, wire.startup(TPM2_SU.CLEAR))
         blobs = savevm(q)
         q.close()
         # Another VM's state: refused, and "two" still waits.
         q = new_qemu(ep_b.address)
-        assert ctrl(q, CtrlCmd.INIT).result == 0
         assert loadvm(q, blobs)[0] == TpmResult.BAD_PARAMETER
         q.close()
-    finally:
-        ep_a.stop()
-        ep_b.stop()
     assert vm_state(b, "two") == "incoming"
     assert "not of 'two'" in b.log()
-
-
-def wait_loaded(guest: Guest, timeout: float = 60.0) -> None:
-    """Until QEMU has loaded its incoming state (it then waits paused)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = guest.monitor("info status")
-        if "VM status: paused" in status and "inmigrate" not in status:
-            return
-        assert guest.proc.poll() is None, guest.console()[-2000:]
-        assert time.monotonic() < deadline, "the incoming state did not load"
-        time.sleep(0.2)
 
 
 def test_a_qemu_guest_migrates_with_its_tpm(
@@ -287,7 +221,6 @@ def test_a_qemu_guest_migrates_with_its_tpm(
     assert "rollback refused" in b.log()
 
 
-
 def fleet_address(of: Hostd, member: Hostd) -> str:
     """``member``'s fleet address, as ``of``'s manager lists it."""
     mine = json.loads(ok(cli(member, "fleet", "show", "--json")))["self_id"]
@@ -308,7 +241,6 @@ def test_a_stopped_vm_moves_cold_without_qemu(
                             log_dir=tmp_path)  # fmt: skip
     try:
         q = new_qemu(ep.address)
-        assert ctrl(q, CtrlCmd.INIT).result == 0
         tpm_ok(q, wire.startup(TPM2_SU.CLEAR))
         tpm_ok(q, wire.nv_define_space(COUNTER, 8, COUNTER_ATTRS))
         for _ in range(5):
@@ -318,7 +250,6 @@ def test_a_stopped_vm_moves_cold_without_qemu(
         q.close()
         # A running TPM is not moved cold.
         h = new_qemu(hot.address)
-        assert ctrl(h, CtrlCmd.INIT).result == 0
         refused = cli(a, "vm", "migrate", "hot", "--to", to_b)
         assert refused.returncode == 1 and "the VM's TPM is running" in refused.stderr
         h.close()
@@ -340,8 +271,7 @@ def test_a_stopped_vm_moves_cold_without_qemu(
     ep = start_vm_endpoint(b.state, "cold", "--ctrl", str(tmp_path / "b.ctrl"), log_dir=tmp_path)
     try:
         q = new_qemu(ep.address)
-        assert ctrl(q, CtrlCmd.INIT).result == 0
-        assert wire.response_code(q.transact(wire.startup(TPM2_SU.STATE))) in (0, RC_INITIALIZE)
+        startup_state(q)
         assert counter(q) == 5
         assert ek.read_ek_certificate(q.transact, "rsa2048") == ek_before
         q.close()

@@ -46,18 +46,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tests.e2e.test_fleet_migration import (
-    MARKER_ATTRS,
-    assert_no_plaintext,
-    ctrl,
-    loadvm,
-    new_qemu,
-    savevm,
-    tpm_ok,
-)
-from tests.helpers.endpoint import start_vm_endpoint
+from tests.e2e.test_fleet_migration import assert_no_plaintext
 from tests.helpers.fleet import cli, fleet_of, ok, wait_vm_state
+from tests.helpers.qemu_ctrl import attached, ctrl, loadvm, new_qemu, savevm, tpm_ok
 from tests.helpers.strace import launcher, process_tree, written
+from tests.helpers.vmtools import NV_ATTRS
 
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_SU
@@ -102,15 +95,10 @@ def test_no_host_process_writes_the_tpm_in_the_clear(tmp_path: Path) -> None:
     with fleet_of(tmp_path / "fleet", 2, launcher=lambda i: launcher(traces[i])) as (a, b):
         ok(cli(a, "vm", "create", "secret"))
         ok(cli(b, "vm", "create", "secret", "--incoming"))
-        ep_a = start_vm_endpoint(a.state, "secret", "--ctrl", str(tmp_path / "a.ctrl"),
-                                 log_dir=tmp_path)  # fmt: skip
-        ep_b = start_vm_endpoint(b.state, "secret", "--ctrl", str(tmp_path / "b.ctrl"),
-                                 log_dir=tmp_path)  # fmt: skip
-        try:
+        with attached(tmp_path, (a.state, "secret"), (b.state, "secret")) as (ep_a, ep_b):
             q = new_qemu(ep_a.address)
-            assert ctrl(q, CtrlCmd.INIT).result == 0
             tpm_ok(q, wire.startup(TPM2_SU.CLEAR))
-            tpm_ok(q, wire.nv_define_space(INDEX, len(marker), MARKER_ATTRS))
+            tpm_ok(q, wire.nv_define_space(INDEX, len(marker), NV_ATTRS))
             tpm_ok(q, wire.nv_write(INDEX, marker))
             tpm_ok(q, wire.pcr_extend(PCR, digest))
             # Every process and thread of both trees is traced (the sim CPU,
@@ -125,7 +113,6 @@ def test_no_host_process_writes_the_tpm_in_the_clear(tmp_path: Path) -> None:
             q.close()
 
             q = new_qemu(ep_b.address)
-            assert ctrl(q, CtrlCmd.INIT).result == 0
             assert loadvm(q, blobs) == [0] * len([d for d in blobs.values() if d])
             assert ctrl(q, CtrlCmd.INIT, flags=1).result == 0
             read = tpm_ok(q, wire.nv_read(INDEX, len(marker)))
@@ -134,9 +121,6 @@ def test_no_host_process_writes_the_tpm_in_the_clear(tmp_path: Path) -> None:
             assert pcr == hashlib.sha256(bytes(32) + digest).digest()
             q.close()
             wait_vm_state(a, "secret", "migrated")
-        finally:
-            ep_a.stop()
-            ep_b.stop()
         assert_no_plaintext([a.state.root, b.state.root], blobs)
     # Both hostds stopped: strace has written everything.
     for out, host in zip(traces, "AB", strict=True):

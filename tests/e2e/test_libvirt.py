@@ -34,8 +34,6 @@ import asyncio
 import os
 import shutil
 import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -46,7 +44,7 @@ import pytest
 from tests.helpers.fleet import fleet_of, vm_state, wait_vm_state
 from tests.helpers.guest import build_initramfs, kernel_path, missing_tools, parse_console
 from tests.helpers.hostd import Hostd
-from tests.helpers.libvirt import PrivateLibvirtd, missing
+from tests.helpers.libvirt import PrivateLibvirtd, install_system, missing, system_tree
 
 from sgxvtpm._demo.guest import BootResult, init_script, replay_event_log
 from sgxvtpm.endpoint.libvirt import bindir
@@ -194,39 +192,21 @@ def golden(lv_initrd: Path, caps_cache: Path,
         daemon.stop()
 
 
-def _install(layout: Layout) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sgxvtpm.endpoint.libvirt.system", "--prefix",
-         str(layout.prefix), "--state-dir", str(layout.state_dir), "--credentials",
-         str(layout.credentials), "--conf-dir", str(layout.conf_dir), "--unit-dir",
-         str(layout.unit_dir), "--users-prefix", str(layout.users_prefix)],
-        capture_output=True, text=True, timeout=300, check=False)
-
-
 @pytest.fixture(scope="module")
 def system(libvirt_ready: None) -> Iterator[Layout]:
     """``make install-system`` into a temporary tree (tss must be able to reach it:
     not under pytest's 0700 directories), with copies of the users' files."""
-    top = Path(tempfile.mkdtemp(prefix="sgxvtpm-system-"))
-    try:
-        top.chmod(0o755)
-        etc = top / "users" / "etc"
-        etc.mkdir(parents=True)
-        for name in ("passwd", "group", "shadow", "gshadow"):
-            if Path("/etc", name).exists():
-                shutil.copy2(Path("/etc", name), etc / name)
+    with system_tree("sgxvtpm-system-") as top:
         layout = Layout(prefix=top / "opt" / "sgxvtpm", state_dir=top / "var" / "sgxvtpm",
                         credentials=top / "var" / "sgxvtpm-libvirt",
                         conf_dir=top / "etc" / "sgxvtpm", unit_dir=top / "systemd",
                         users_prefix=top / "users")
-        first = _install(layout)
+        first = install_system(layout)
         assert first.returncode == 0, first.stderr
-        again = _install(layout)  # idempotent
+        again = install_system(layout)  # idempotent
         assert again.returncode == 0, again.stderr
         assert again.stdout.strip() == "install-system: nothing to do, the layout is in place"
         yield layout
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
 
 
 class SystemDaemon:

@@ -8,28 +8,15 @@ checks the same through the control channel directly, with an NV counter.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 from tests.helpers.endpoint import start_vm_endpoint
-from tests.helpers.guest import Guest
+from tests.helpers.guest import Guest, wait_loaded
 from tests.helpers.hostd import Hostd
 from tests.helpers.vmtools import create_vm
 
 pytestmark = pytest.mark.e2e
-
-
-def wait_loaded(guest: Guest, timeout: float = 60.0) -> None:
-    """Until QEMU has loaded its incoming state (it then waits paused)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = guest.monitor("info status")
-        if "VM status: paused" in status and "inmigrate" not in status:
-            return
-        assert guest.proc.poll() is None, guest.console()[-2000:]
-        assert time.monotonic() < deadline, "the incoming state did not load"
-        time.sleep(0.2)
 
 
 def test_newest_save_restores_an_older_one_is_refused(

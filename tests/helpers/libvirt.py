@@ -17,10 +17,16 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+from sgxvtpm.endpoint.libvirt.system import Layout
+
 LIBVIRTD = "/usr/sbin/libvirtd"
+USER_FILES = ("passwd", "group", "shadow", "gshadow")
 #: Emulators the test domains do not use, hidden in the namespace (/dev/null over
 #: them): libvirtd probes every emulator it finds when it starts, seconds each.
 HIDDEN_EMULATORS = ("/usr/bin/qemu-system-i386",)
@@ -204,3 +210,31 @@ class PrivateLibvirtd:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
         self.proc = None
+
+
+def install_system(layout: Layout) -> subprocess.CompletedProcess[str]:
+    """``make install-system`` (``sgxvtpm.endpoint.libvirt.system``) into ``layout``."""
+    return subprocess.run(
+        [sys.executable, "-m", "sgxvtpm.endpoint.libvirt.system", "--prefix",
+         str(layout.prefix), "--state-dir", str(layout.state_dir), "--credentials",
+         str(layout.credentials), "--conf-dir", str(layout.conf_dir), "--unit-dir",
+         str(layout.unit_dir), "--users-prefix", str(layout.users_prefix)],
+        capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+
+
+@contextlib.contextmanager
+def system_tree(prefix: str) -> Iterator[Path]:
+    """A temporary tree to install the system layout into, removed afterwards: 0755 and
+    not under pytest's 0700 directories (tss must be able to reach it), with copies of
+    the machine's users' files in ``users/etc`` (``--users-prefix TREE/users``)."""
+    top = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        top.chmod(0o755)
+        etc = top / "users" / "etc"
+        etc.mkdir(parents=True)
+        for name in USER_FILES:
+            if Path("/etc", name).exists():
+                shutil.copy2(Path("/etc", name), etc / name)
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

@@ -24,6 +24,7 @@ from tests.helpers.sockets import recv_tpm_response
 
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_RC, TPM2_SU
+from sgxvtpm.tpm.nv import execute
 from sgxvtpm.wire.swtpm_ctrl import CtrlCmd
 
 
@@ -101,6 +102,14 @@ class Swtpm:
         rc = wire.response_code(self.transact(wire.startup(TPM2_SU.CLEAR)))
         if rc not in (TPM2_RC.SUCCESS, TPM2_RC.INITIALIZE):  # startup-clear may have done it
             raise RuntimeError(f"TPM2_Startup failed: {rc:#x}")
+
+    def persistent_primary(self, template: bytes, hierarchy: int, handle: int) -> int:
+        """A primary key made persistent at ``handle`` (as an EK at 0x81010001 is)."""
+        command = wire.create_primary(template, hierarchy)
+        transient = wire.parse_create_primary(execute(self.transact, command)).handle
+        execute(self.transact, wire.evict_control(transient, handle))
+        execute(self.transact, wire.flush_context(transient))
+        return handle
 
     def close(self) -> None:
         stop_process(self.proc, timeout=5)

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
+from tests.helpers.fleet import cli, free_port, ok
 from tests.helpers.hostd import Hostd, running_hostd
 
 from sgxvtpm.channel import ClientCredential, ClientSession, EnclaveCredential
@@ -38,31 +38,14 @@ from sgxvtpm.wire.jsonmsg import Refused
 pytestmark = pytest.mark.integration
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cli(h: Hostd, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sgxvtpm.cli", "--state-dir", str(h.state.root), *args],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-
-
 def invite(h: Hostd) -> str:
-    done = cli(h, "fleet", "invite", "--json")
-    assert done.returncode == 0, done.stderr
-    token = json.loads(done.stdout)["token"]
+    token = json.loads(ok(cli(h, "fleet", "invite", "--json")))["token"]
     assert isinstance(token, str) and len(token) == 64
     return token
 
 
 def show(h: Hostd) -> dict[str, object]:
-    done = cli(h, "fleet", "show", "--json")
-    assert done.returncode == 0, done.stderr
-    shown = json.loads(done.stdout)
+    shown = json.loads(ok(cli(h, "fleet", "show", "--json")))
     assert isinstance(shown, dict)
     return shown
 

@@ -13,6 +13,7 @@ restarted) is refused as a missing counter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from pathlib import Path
 import pytest
 from tests.helpers.hostd import Hostd, running_hostd
 from tests.helpers.swtpm import Swtpm
+from tests.helpers.vmtools import NV_ATTRS
 
 from sgxvtpm.enclaves.sealing import Sealer, SealError, SealKind
 from sgxvtpm.enclaves.specs import INSTANCE_PROD_ID, ISV_SVN
@@ -51,7 +53,7 @@ from sgxvtpm.platform.tpm_counters import (
     open_host_counters,
 )
 from sgxvtpm.tpm import wire
-from sgxvtpm.tpm.constants import TPM2_RH, TPM2_SU, TPMA_NV
+from sgxvtpm.tpm.constants import TPM2_RH, TPM2_SU
 from sgxvtpm.tpm.nv import execute
 from sgxvtpm.tpm.nvcounter import HostTpmCounters, pin_key
 
@@ -62,9 +64,6 @@ pytestmark = [
 
 EK_HANDLE = 0x81010001
 VM_INDEX = 0x01500002
-VM_NV_ATTRS = (
-    TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHWRITE | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA
-)
 
 
 def _host_tpm(directory: Path, state: Path) -> Swtpm:
@@ -75,11 +74,7 @@ def _host_tpm(directory: Path, state: Path) -> Swtpm:
 @pytest.fixture
 def host_tpm(tmp_path: Path) -> Iterator[Swtpm]:
     tpm = _host_tpm(tmp_path / "host-tpm", tmp_path / "host-tpm-state")
-    transient = wire.parse_create_primary(
-        execute(tpm.transact, wire.create_primary(wire.rsa2048_template(), TPM2_RH.ENDORSEMENT))
-    ).handle
-    execute(tpm.transact, wire.evict_control(transient, EK_HANDLE))
-    execute(tpm.transact, wire.flush_context(transient))
+    tpm.persistent_primary(wire.rsa2048_template(), TPM2_RH.ENDORSEMENT, EK_HANDLE)
     yield tpm
     tpm.close()
 
@@ -95,7 +90,7 @@ def _write_nv(h: Hostd, data: bytes, define: bool = False) -> None:
         response = t.transact(wire.startup(TPM2_SU.CLEAR))
         assert wire.response_code(response) in (0, 0x100)  # started, or already
         if define:
-            execute(t.transact, wire.nv_define_space(VM_INDEX, 8, VM_NV_ATTRS))
+            execute(t.transact, wire.nv_define_space(VM_INDEX, 8, NV_ATTRS))
         execute(t.transact, wire.nv_write(VM_INDEX, data))
 
 
@@ -162,14 +157,23 @@ def _refused(h: Hostd, reason: str) -> str:
 PLATFORMS = ["sim", "gramine-sim"]
 
 
-@pytest.mark.parametrize("platform", PLATFORMS)
-def test_hostd_counters_in_a_host_tpm(
+@contextlib.contextmanager
+def _hostd_with_vm1(
     tmp_path: Path, host_tpm: Swtpm, platform: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> Iterator[Hostd]:
+    """hostd on ``platform`` with its counters in ``host_tpm``, and a VM ``vm1`` created."""
     monkeypatch.setenv("SGXVTPM_PLATFORM", platform)
     args = ["--platform", platform, "--counters", f"tpm:{host_tpm.tcti}"]
     with running_hostd(tmp_path / "state", args=args) as h:
         asyncio.run(h.vmm().create("vm1"))
+        yield h
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_hostd_counters_in_a_host_tpm(
+    tmp_path: Path, host_tpm: Swtpm, platform: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with _hostd_with_vm1(tmp_path, host_tpm, platform, monkeypatch) as h:
         state_dir = h.state.instance(_vm_info(h, "vm1")["instance_id"])
         assert (state_dir / PIN_FILE).exists()  # pinned at first start, sealed
         ek_name = pin_key(host_tpm.transact, EK_HANDLE)
@@ -196,10 +200,7 @@ def test_hostd_counters_in_a_host_tpm(
 def test_undefined_host_counter_is_refused_as_missing(
     tmp_path: Path, host_tpm: Swtpm, platform: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("SGXVTPM_PLATFORM", platform)
-    args = ["--platform", platform, "--counters", f"tpm:{host_tpm.tcti}"]
-    with running_hostd(tmp_path / "state", args=args) as h:
-        asyncio.run(h.vmm().create("vm1"))
+    with _hostd_with_vm1(tmp_path, host_tpm, platform, monkeypatch) as h:
         _write_nv(h, b"data....", define=True)
         info = asyncio.run(h.vmm().show("vm1"))
         # The host's owner undefines the instance's counter index, then its TPM restarts.
@@ -254,12 +255,19 @@ def test_pin_is_sealed_at_first_start_and_kept(
     assert (again.key_handle, again.key_name) == (EK_HANDLE, config.key_name)
 
 
-def test_removed_or_damaged_pin_is_refused(
-    tmp_path: Path, host_tpm: Swtpm, enclave_face: EnclavePlatform
-) -> None:
+@pytest.fixture
+def pinned(tmp_path: Path, host_tpm: Swtpm, enclave_face: EnclavePlatform) -> Path:
+    """An enclave's state directory, pinned to the host TPM's key at EK_HANDLE."""
     state_dir = tmp_path / "enclave"
     state_dir.mkdir()
     load_or_pin(enclave_face, host_tpm.transact, state_dir, EK_HANDLE)
+    return state_dir
+
+
+def test_removed_or_damaged_pin_is_refused(
+    host_tpm: Swtpm, enclave_face: EnclavePlatform, pinned: Path
+) -> None:
+    state_dir = pinned
     (state_dir / "state.sealed").write_bytes(b"sealed state")
     pin = state_dir / PIN_FILE
     blob = bytearray(pin.read_bytes())
@@ -274,11 +282,9 @@ def test_removed_or_damaged_pin_is_refused(
 
 
 def test_a_pinned_enclave_refuses_other_counters(
-    tmp_path: Path, host_tpm: Swtpm, enclave_face: EnclavePlatform
+    tmp_path: Path, host_tpm: Swtpm, enclave_face: EnclavePlatform, pinned: Path
 ) -> None:
-    state_dir = tmp_path / "enclave"
-    state_dir.mkdir()
-    load_or_pin(enclave_face, host_tpm.transact, state_dir, EK_HANDLE)
+    state_dir = pinned
     a, b = socket.socketpair()
     with a, b, pytest.raises(CountersRefused, match="--counters tpm"):
         open_host_counters(enclave_face, a, {"state_dir": str(state_dir)})

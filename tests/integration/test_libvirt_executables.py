@@ -28,6 +28,7 @@ from cryptography import x509
 from tests.helpers.endpoint import CtrlClient
 from tests.helpers.fleet import fleet_of, vm_state, wait_vm_state
 from tests.helpers.hostd import Hostd, running_hostd
+from tests.helpers.qemu_ctrl import savevm
 
 from sgxvtpm.endpoint.libvirt import bindir
 from sgxvtpm.endpoint.libvirt.config import MARKER, Marker
@@ -268,22 +269,22 @@ def test_libvirt_path_makes_the_three_executables_libvirt_looks_up(tmp_path: Pat
     assert os.readlink(target / "swtpm_ioctl") == shutil.which("swtpm_ioctl")
 
 
-def _save(ctrl: Path) -> tuple[dict[int, bytes], bytes]:
-    """QEMU's savevm of a running TPM: PCR 16 extended, GET_STATEBLOB x3; the blobs and
-    PCR 16's value."""
-    client = _use_tpm(ctrl)
+def _save(bin_dir: Path, hostd: Hostd, ctrl: Path, tpm_state: Path,
+          log: Path) -> tuple[dict[int, bytes], bytes]:
+    """QEMU's savevm of a running TPM (libvirt's swtpm, started and stopped here): PCR 16
+    extended, GET_STATEBLOB x3; the blobs and PCR 16's value."""
+    proc, _ = _start_swtpm(bin_dir, hostd, ctrl, tpm_state, log)
     try:
-        digest = hashlib.sha256(b"saved by libvirt").digest()
-        assert wire.response_code(client.transact(wire.pcr_extend(16, digest))) == 0
-        pcr = client.transact(wire.pcr_read([16]))
-        blobs = {}
-        for kind in (1, 2, 3):
-            r = client.request(CtrlRequest(CtrlCmd.GET_STATEBLOB, flags=1, blob_type=kind))
-            assert isinstance(r, CtrlResponse) and r.result == 0
-            blobs[kind] = r.data
-        return blobs, pcr
+        client = _use_tpm(ctrl)
+        try:
+            digest = hashlib.sha256(b"saved by libvirt").digest()
+            assert wire.response_code(client.transact(wire.pcr_extend(16, digest))) == 0
+            pcr = client.transact(wire.pcr_read([16]))
+            return savevm(client), pcr
+        finally:
+            client.close()
     finally:
-        client.close()
+        _stop(bin_dir, ctrl, proc)
 
 
 def _restore(ctrl: Path, blobs: dict[int, bytes]) -> tuple[list[int], CtrlClient]:
@@ -297,6 +298,20 @@ def _restore(ctrl: Path, blobs: dict[int, bytes]) -> tuple[list[int], CtrlClient
         assert isinstance(r, CtrlResponse)
         results.append(r.result)
     return results, client
+
+
+def _restores(bin_dir: Path, hostd: Hostd, ctrl: Path, tpm_state: Path, log: Path,
+              blobs: dict[int, bytes], pcr: bytes) -> None:
+    """A new swtpm of libvirt's takes the saved blobs; the TPM resumes with PCR 16 as saved."""
+    proc, _ = _start_swtpm(bin_dir, hostd, ctrl, tpm_state, log)
+    try:
+        results, client = _restore(ctrl, blobs)
+        assert results == [0, 0, 0], log.read_text()
+        assert client.request(CtrlRequest(CtrlCmd.INIT, flags=1)).result == 0  # type: ignore[attr-defined]
+        assert client.transact(wire.pcr_read([16])) == pcr
+        client.close()
+    finally:
+        _stop(bin_dir, ctrl, proc)
 
 
 def _incoming_setup(bin_dir: Path, hostd: Hostd,
@@ -326,11 +341,7 @@ def test_restore_after_libvirt_recreated_the_state_dir_rebinds_the_same_instance
                   vmid=f"rs:{dom_uuid}").returncode == 0
     name = f"rs-{dom_uuid}"
     instance = asyncio.run(hostd.vmm().show(name)).instance_id
-    proc, _ = _start_swtpm(bin_dir, hostd, ctrl, tpm_state, log)
-    try:
-        blobs, pcr = _save(ctrl)
-    finally:
-        _stop(bin_dir, ctrl, proc)
+    blobs, pcr = _save(bin_dir, hostd, ctrl, tpm_state, log)
 
     shutil.rmtree(tpm_state)
     tpm_state.mkdir(mode=0o700)
@@ -340,15 +351,7 @@ def test_restore_after_libvirt_recreated_the_state_dir_rebinds_the_same_instance
     assert asyncio.run(hostd.vmm().show(name)).instance_id == instance
     assert {i.name for i in asyncio.run(hostd.vmm().list())} & {f"libvirt-{dom_uuid}"} == set()
 
-    proc, _ = _start_swtpm(bin_dir, hostd, ctrl, tpm_state, log)
-    try:
-        results, client = _restore(ctrl, blobs)
-        assert results == [0, 0, 0]
-        assert client.request(CtrlRequest(CtrlCmd.INIT, flags=1)).result == 0  # type: ignore[attr-defined]
-        assert client.transact(wire.pcr_read([16])) == pcr
-        client.close()
-    finally:
-        _stop(bin_dir, ctrl, proc)
+    _restores(bin_dir, hostd, ctrl, tpm_state, log, blobs, pcr)
     # The record still names the directory: vm gc keeps the VM.
     gc = subprocess.run([sys.executable, "-m", "sgxvtpm.cli", "vm", "gc"], env=_env(hostd),
                         capture_output=True, text=True, timeout=120, check=False)
@@ -365,11 +368,7 @@ def test_restore_into_a_new_instance_is_refused_with_the_reason_in_the_swtpm_log
     dom_uuid, tpm_state = _new_domain(tmp_path)
     log, ctrl = tmp_path / "swtpm.log", tmp_path / "gone.sock"
     assert _setup(bin_dir, hostd, tpm_state, log, vmid=f"gone:{dom_uuid}").returncode == 0
-    proc, _ = _start_swtpm(bin_dir, hostd, ctrl, tpm_state, log)
-    try:
-        blobs, _ = _save(ctrl)
-    finally:
-        _stop(bin_dir, ctrl, proc)
+    blobs, _ = _save(bin_dir, hostd, ctrl, tpm_state, log)
     shutil.rmtree(tpm_state)
     gc = subprocess.run([sys.executable, "-m", "sgxvtpm.cli", "vm", "gc"], env=_env(hostd),
                         capture_output=True, text=True, timeout=120, check=False)
@@ -414,11 +413,7 @@ def test_a_save_on_one_host_restores_on_another_member_of_its_fleet(
     state_a.mkdir(parents=True, mode=0o700)
     assert _setup(bin_dir, a, state_a, log_a, vmid=f"{name}:{dom_uuid}").returncode == 0
     ctrl_a, ctrl_b = tmp_path / "a.sock", tmp_path / "b.sock"
-    proc, _ = _start_swtpm(bin_dir, a, ctrl_a, state_a, log_a)
-    try:
-        blobs, pcr = _save(ctrl_a)
-    finally:
-        _stop(bin_dir, ctrl_a, proc)
+    blobs, pcr = _save(bin_dir, a, ctrl_a, state_a, log_a)
 
     state_b.mkdir(parents=True, mode=0o700)  # libvirt on B makes the directory
     done = _incoming_setup(bin_dir, b, state_b)
@@ -426,15 +421,7 @@ def test_a_save_on_one_host_restores_on_another_member_of_its_fleet(
     assert "an incoming domain from another member" in done.stderr
     marker = Marker.read(state_b)
     assert marker is not None and marker.pending_incoming and vm not in _names(b)
-    proc, _ = _start_swtpm(bin_dir, b, ctrl_b, state_b, log_b)
-    try:
-        results, client = _restore(ctrl_b, blobs)
-        assert results == [0, 0, 0], log_b.read_text()
-        assert client.request(CtrlRequest(CtrlCmd.INIT, flags=1)).result == 0  # type: ignore[attr-defined]
-        assert client.transact(wire.pcr_read([16])) == pcr
-        client.close()
-    finally:
-        _stop(bin_dir, ctrl_b, proc)
+    _restores(bin_dir, b, ctrl_b, state_b, log_b, blobs, pcr)
     assert '"libvirt.incoming_created"' in log_b.read_text()
     marker = Marker.read(state_b)
     assert marker is not None and marker.vm == vm and not marker.pending_incoming

@@ -12,11 +12,11 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.helpers.libvirt import install_system, system_tree
 
 from sgxvtpm.endpoint.libvirt.system import Layout, gid, ids
 
@@ -28,31 +28,13 @@ pytestmark = [
 ]
 
 
-def _install(layout: Layout) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sgxvtpm.endpoint.libvirt.system", "--prefix",
-         str(layout.prefix), "--state-dir", str(layout.state_dir), "--credentials",
-         str(layout.credentials), "--conf-dir", str(layout.conf_dir), "--unit-dir",
-         str(layout.unit_dir), "--users-prefix", str(layout.users_prefix)],
-        capture_output=True, text=True, timeout=300, check=False)
-
-
 @pytest.fixture(scope="module")
 def layout() -> Iterator[Layout]:
     if os.geteuid() != 0:
         pytest.skip("install-system runs as root")
-    top = Path(tempfile.mkdtemp(prefix="sgxvtpm-install-"))
-    try:
-        top.chmod(0o755)
-        etc = top / "users" / "etc"
-        etc.mkdir(parents=True)
-        for name in ("passwd", "group", "shadow", "gshadow"):
-            if Path("/etc", name).exists():
-                shutil.copy2(Path("/etc", name), etc / name)
+    with system_tree("sgxvtpm-install-") as top:
         yield Layout(prefix=top / "opt", state_dir=top / "state", credentials=top / "cred",
                      conf_dir=top / "etc", unit_dir=top / "units", users_prefix=top / "users")
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
 
 
 def _as_tss(layout: Layout, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -63,10 +45,10 @@ def _as_tss(layout: Layout, *argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_install_system_twice_and_what_tss_gets(layout: Layout) -> None:
-    first = _install(layout)
+    first = install_system(layout)
     assert first.returncode == 0, first.stderr
     assert "user tss: added to group sgxvtpm" in first.stdout
-    again = _install(layout)
+    again = install_system(layout)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == "install-system: nothing to do, the layout is in place"
 

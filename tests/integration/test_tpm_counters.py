@@ -75,22 +75,14 @@ def _primary(tpm: Swtpm, template: bytes, hierarchy: int = TPM2_RH.ENDORSEMENT) 
     return wire.parse_create_primary(execute(tpm.transact, command)).handle
 
 
-def _persistent(tpm: Swtpm, template: bytes, hierarchy: int, handle: int) -> int:
-    """A primary made persistent at ``handle`` (as an EK at 0x81010001 is)."""
-    transient = _primary(tpm, template, hierarchy)
-    execute(tpm.transact, wire.evict_control(transient, handle))
-    execute(tpm.transact, wire.flush_context(transient))
-    return handle
-
-
 @pytest.fixture(scope="module")
 def keys(swtpm: Swtpm) -> dict[str, int]:
     """Transient primaries: an RSA and an ECC one under the endorsement hierarchy, and
     another RSA key (the owner's) the host might present instead."""
     return {
-        "rsa": _persistent(swtpm, wire.rsa2048_template(), TPM2_RH.ENDORSEMENT, 0x81010001),
-        "ecc": _persistent(swtpm, wire.ecc_p256_template(), TPM2_RH.ENDORSEMENT, 0x81010002),
-        "other-rsa": _persistent(swtpm, wire.rsa2048_template(), TPM2_RH.OWNER, 0x81000001),
+        "rsa": swtpm.persistent_primary(wire.rsa2048_template(), TPM2_RH.ENDORSEMENT, 0x81010001),
+        "ecc": swtpm.persistent_primary(wire.ecc_p256_template(), TPM2_RH.ENDORSEMENT, 0x81010002),
+        "other-rsa": swtpm.persistent_primary(wire.rsa2048_template(), TPM2_RH.OWNER, 0x81000001),
     }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Iterator
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -143,12 +144,20 @@ def test_in_band_client_trust_has_no_anchors_or_pins() -> None:
 # -- the switch ------------------------------------------------------------------
 
 
-_OURS: list[socket.socket] = []  # our ends, closed at the end of each scenario
+@pytest.fixture
+def ends() -> Iterator[list[socket.socket]]:
+    """Our ends of the connections a test attaches to the switch, closed after it."""
+    ours: list[socket.socket] = []
+    yield ours
+    for end in ours:
+        end.close()
 
 
-async def _attach(relay: Relay, kind: str, name: str | None = None, **kw: bool) -> socket.socket:
+async def _attach(
+    ends: list[socket.socket], relay: Relay, kind: str, name: str | None = None, **kw: bool
+) -> socket.socket:
     ours, theirs = socket.socketpair()
-    _OURS.append(ours)
+    ends.append(ours)
     reader, writer = await asyncio.open_unix_connection(sock=theirs)
     asyncio.get_running_loop().create_task(
         relay.serve(reader, writer, kind=kind, name=name, **kw)
@@ -172,13 +181,13 @@ async def _frames(sock: socket.socket, count: int) -> list[Frame | None]:
     return out
 
 
-def test_switch_routes_fleet_connections_to_the_manager_only() -> None:
+def test_switch_routes_fleet_connections_to_the_manager_only(ends: list[socket.socket]) -> None:
     async def scenario() -> None:
         relay = Relay()
         loop = asyncio.get_running_loop()
-        manager = await _attach(relay, "enclave", "manager")
-        await _attach(relay, "enclave", "instance-1")
-        peer = await _attach(relay, FLEET_IN)
+        manager = await _attach(ends, relay, "enclave", "manager")
+        await _attach(ends, relay, "enclave", "instance-1")
+        peer = await _attach(ends, relay, FLEET_IN)
         # Whatever target it names, with the other switch's session id: the manager.
         await loop.sock_sendall(peer, encode(Frame(FrameType.OPEN, RELAY_ASSIGNED + 7,
                                                    b"instance-1")))  # fmt: skip
@@ -194,24 +203,22 @@ def test_switch_routes_fleet_connections_to_the_manager_only() -> None:
         (closed,) = await _frames(manager, 1)
         assert closed is not None and closed.type is FrameType.CLOSE
         # A dialled connection only answers: its OPEN ends it.
-        out = await _attach(relay, FLEET_OUT, "fleet-1", close_when_idle=True)
+        out = await _attach(ends, relay, FLEET_OUT, "fleet-1", close_when_idle=True)
         await loop.sock_sendall(out, encode(Frame(FrameType.OPEN, 1, b"manager")))
         assert await _frames(out, 1) == [None]
         await relay.aclose()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        while _OURS:
-            _OURS.pop().close()
+    asyncio.run(scenario())
 
 
-def test_a_dialled_fleet_connection_closes_with_its_last_session() -> None:
+def test_a_dialled_fleet_connection_closes_with_its_last_session(
+    ends: list[socket.socket],
+) -> None:
     async def scenario() -> None:
         relay = Relay()
         loop = asyncio.get_running_loop()
-        manager = await _attach(relay, "enclave", "manager")
-        out = await _attach(relay, FLEET_OUT, "fleet-1", close_when_idle=True)
+        manager = await _attach(ends, relay, "enclave", "manager")
+        out = await _attach(ends, relay, FLEET_OUT, "fleet-1", close_when_idle=True)
         await loop.sock_sendall(manager, encode(Frame(FrameType.OPEN, 3, b"fleet-1")))
         (opened,) = await _frames(out, 1)
         assert opened is not None and opened.payload == b"manager"
@@ -222,8 +229,4 @@ def test_a_dialled_fleet_connection_closes_with_its_last_session() -> None:
         assert "fleet-1" not in relay.targets
         await relay.aclose()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        while _OURS:
-            _OURS.pop().close()
+    asyncio.run(scenario())

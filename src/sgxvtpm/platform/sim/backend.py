@@ -11,14 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
-from sgxvtpm.platform.base import EnclaveSpec, QuoteVerifier
+from sgxvtpm.platform.base import EnclaveSpec
 from sgxvtpm.platform.sim.gramine_sim import GramineSimKind
 from sgxvtpm.platform.sim.loader import SimLoader
-from sgxvtpm.platform.sim.measure import measure_mrenclave
-from sgxvtpm.platform.sim.quote import SimQuoteVerifier
+from sgxvtpm.platform.sim.measure import SimMeasuredKind
 
 
-class SimKind:
+class SimKind(SimMeasuredKind):
     """base.PlatformKind of the simulated platform."""
 
     name = "sim"
@@ -26,16 +25,6 @@ class SimKind:
     enclave_bootstrap: tuple[str, ...] = ("sgxvtpm.platform.sim.zygote",)
     # hostd may hand an authenticated client's connection to an instance.
     connection_handoff = True
-
-    def measure(self, spec: EnclaveSpec) -> bytes:
-        return measure_mrenclave(spec)
-
-    def quote_verifier(self, root_pem: bytes, collateral: str | None = None) -> QuoteVerifier:
-        if collateral is None:
-            return SimQuoteVerifier(root_pem)
-        from sgxvtpm.platform import dcap
-
-        return dcap.pinned_verifier(root_pem, collateral)
 
 
 SIM = SimKind()

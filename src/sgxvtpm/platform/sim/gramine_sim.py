@@ -57,12 +57,10 @@ from cryptography.hazmat.primitives import serialization
 from sgxvtpm.platform.base import (
     REPORT_BODY_SIZE,
     REPORT_DATA_SIZE,
-    EnclaveSpec,
     KeyName,
     KeyPolicy,
     KeyRequest,
     PlatformError,
-    QuoteVerifier,
     TargetInfo,
 )
 from sgxvtpm.platform.gramine import bootstrap
@@ -73,31 +71,19 @@ from sgxvtpm.platform.gramine.structs import (
     parse_target_info,
 )
 from sgxvtpm.platform.sim.enclu import SimEnclaveClient
-from sgxvtpm.platform.sim.measure import measure_mrenclave
+from sgxvtpm.platform.sim.measure import SimMeasuredKind
 from sgxvtpm.platform.sim.report import parse_report_body
 from sgxvtpm.platform.sim.spawn import CLEAN_ENV, isolated_command
 
 STAND_IN = "sgxvtpm.platform.sim.gramine_sim"
 
 
-class GramineSimKind:
+class GramineSimKind(SimMeasuredKind):
     """base.PlatformKind of gramine-sim: sim measurement and quotes, Gramine's enclave side."""
 
     name = "gramine-sim"
     enclave_bootstrap: tuple[str, ...] = (bootstrap.__name__, STAND_IN)
     connection_handoff = False  # descriptors do not cross the stdio bridge
-
-    def measure(self, spec: EnclaveSpec) -> bytes:
-        return measure_mrenclave(spec)
-
-    def quote_verifier(self, root_pem: bytes, collateral: str | None = None) -> QuoteVerifier:
-        if collateral is None:
-            from sgxvtpm.platform.sim.quote import SimQuoteVerifier
-
-            return SimQuoteVerifier(root_pem)
-        from sgxvtpm.platform import dcap
-
-        return dcap.pinned_verifier(root_pem, collateral)
 
 
 GRAMINE_SIM = GramineSimKind()

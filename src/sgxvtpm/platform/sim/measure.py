@@ -35,6 +35,7 @@ from sgxvtpm.platform.base import (
     EnclaveIdentity,
     EnclaveSpec,
     PlatformError,
+    QuoteVerifier,
 )
 
 __all__ = [
@@ -180,3 +181,20 @@ def identity_of_spec(spec: EnclaveSpec, signer_public_key: bytes) -> EnclaveIden
         spec.isv_svn,
         spec.debug,
     )
+
+
+class SimMeasuredKind:
+    """What the sim and gramine-sim kinds (base.PlatformKind) share: the sim's
+    measurement, and quotes checked as sim quotes (or with DCAP collateral, when given)."""
+
+    def measure(self, spec: EnclaveSpec) -> bytes:
+        return measure_mrenclave(spec)
+
+    def quote_verifier(self, root_pem: bytes, collateral: str | None = None) -> QuoteVerifier:
+        if collateral is None:
+            from sgxvtpm.platform.sim.quote import SimQuoteVerifier
+
+            return SimQuoteVerifier(root_pem)
+        from sgxvtpm.platform import dcap
+
+        return dcap.pinned_verifier(root_pem, collateral)
