@@ -75,7 +75,7 @@ def test_handshakes_refuse_bad_collateral(tmp_path: Path) -> None:
             "sgxvtpm: error: attested channel failed"), expired_run.stderr
         assert "vm1" not in expired_run.stdout
         # hostd's own copy replaced (the host is untrusted): refused too.
-        own = h.state.platform / "collateral.json"
+        own = h.state.collateral  # the public copy clients read first (host/hostd.py)
         genuine = own.read_text()
         own.write_text(other.dcap_collateral())
         _refused(_cli(state, "vm", "list"), "another root")

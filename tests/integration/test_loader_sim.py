@@ -152,7 +152,12 @@ def test_idle_enclave_memory(
     echo_code: Path,
     record_property: Callable[[str, object], None],
 ) -> None:
-    """PSS of idle enclaves (goal <= 11 MB each); reported with -rA (and -s)."""
+    """PSS of idle enclaves (goal <= 11 MB each); reported with -rA (and -s).
+
+    A lone enclave's PSS carries half of every page it shares with the zygote;
+    since every enclave verifies its peers with dcap-qvl (platform/dcap.py), the
+    zygote preloads that verifier too, and a lone enclave is allowed 12 MiB (with
+    four, each is about 7 MiB: the 11 MiB goal holds)."""
     handles = [sim_loader.launch(_spec(sim_platform, echo_code), {})]
     try:
         assert call(handles[0].stream, b"P") == b"pong"
@@ -171,7 +176,7 @@ def test_idle_enclave_memory(
         )
         record_property("idle_enclave_memory", report)
         print("\n" + report)
-        assert alone <= 11 * 1024
+        assert alone <= 12 * 1024
         assert all(p <= 11 * 1024 for p in pss)
     finally:
         for h in handles:
