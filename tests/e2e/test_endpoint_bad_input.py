@@ -71,7 +71,7 @@ def drain_until_closed(sock: socket.socket, bound: float = BOUND) -> bytes:
             raise AssertionError("endpoint kept sending")
 
 
-def garbage_to(ep: EndpointProcess, path: str, data: bytes) -> None:
+def assert_survives_garbage(ep: EndpointProcess, path: str, data: bytes) -> None:
     """``data`` on a new connection to unix socket ``path``: an answer or a close in
     time (:func:`send_garbage`), and the endpoint lives on."""
     with socket.socket(socket.AF_UNIX) as s:
@@ -128,13 +128,13 @@ def assert_swtpm_serves(ep: EndpointProcess) -> None:
 @FUZZ
 @given(data=tpm_input)
 def test_swtpm_data_socket_fuzz(swtpm_ep: EndpointProcess, data: bytes) -> None:
-    garbage_to(swtpm_ep, swtpm_ep.address, data)
+    assert_survives_garbage(swtpm_ep, swtpm_ep.address, data)
 
 
 @FUZZ
 @given(data=ctrl_input)
 def test_swtpm_ctrl_socket_fuzz(swtpm_ep: EndpointProcess, data: bytes) -> None:
-    garbage_to(swtpm_ep, swtpm_ep.address + ".ctrl", data)
+    assert_survives_garbage(swtpm_ep, swtpm_ep.address + ".ctrl", data)
 
 
 def test_swtpm_serves_after_fuzz_and_bad_frames(swtpm_ep: EndpointProcess) -> None:
@@ -205,7 +205,7 @@ def assert_qemu_serves(ep: EndpointProcess) -> None:
 @FUZZ
 @given(data=ctrl_input)
 def test_qemu_ctrl_socket_fuzz(qemu_ep: EndpointProcess, data: bytes) -> None:
-    garbage_to(qemu_ep, qemu_ep.address, data)
+    assert_survives_garbage(qemu_ep, qemu_ep.address, data)
 
 
 @FUZZ

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -52,8 +50,11 @@ def test_platform_port_roundtrip(reqs: list[MssimRequest], chunk: int) -> None:
 
 @given(st.sampled_from(list(Port)), st.binary(max_size=60), st.integers(1, 9))
 def test_request_decoder_any_bytes(port: Port, data: bytes, chunk: int) -> None:
-    with contextlib.suppress(MssimProtocolError):
-        decode_all(port, data, chunk)
+    try:
+        requests = decode_all(port, data, chunk)
+    except MssimProtocolError:
+        return
+    assert all(isinstance(r, MssimRequest) for r in requests)
 
 
 def test_layout_and_errors() -> None:
@@ -95,8 +96,10 @@ def test_response_decoder_any_bytes(data: bytes) -> None:
     dec = MssimResponseDecoder(Port.COMMAND, max_response=16)
     dec.receive_data(data)
     dec.receive_data(b"")
+    responses = []
     try:
-        while dec.next_response() is not None:
-            pass
+        while (response := dec.next_response()) is not None:
+            responses.append(response)
     except MssimProtocolError:
-        pass
+        return
+    assert all(len(r) <= 16 for r in responses if isinstance(r, bytes))
