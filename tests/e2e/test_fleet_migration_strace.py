@@ -1,5 +1,5 @@
 """No host process writes a VM's TPM secrets in the clear while its TPM moves
-between hosts, not even for a moment (issue 17; SECURITY.md, property 18).
+between hosts, not even for a moment (SECURITY.md, property 18; README "Many hosts").
 
 tests/e2e/test_fleet_migration.py scans QEMU's migration stream and both
 hosts' files at the end; a plaintext that was only in flight (a temporary

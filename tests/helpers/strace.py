@@ -1,5 +1,5 @@
 """Every byte a process tree hands the kernel to write, as ``strace -f`` sees it
-(issue 17: no host process writes a VM's TPM secrets in the clear).
+(SECURITY.md property 18: no host process writes a VM's TPM secrets in the clear).
 
 :func:`launcher` is a command prefix (``HostdProcess(launcher=...)``): strace
 follows every fork and clone of the command from its first instruction, writes

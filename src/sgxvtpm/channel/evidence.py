@@ -1,7 +1,7 @@
 """RA-TLS certificates: an X.509 certificate that carries an SGX quote.
 
-The convention is Gramine's RA-TLS (tools/sgx/ra-tls, v1.9; facts in
-PROTOCOLS.md): the enclave generates an ECDSA key and self-signs a certificate
+The convention is Gramine's RA-TLS (Gramine v1.9, tools/sgx/ra-tls:
+ra_tls_attest.c, ra_tls_verify_common.c; docs/REAL-SGX.md): the enclave generates an ECDSA key and self-signs a certificate
 for it that carries quotes binding that key, in two non-critical extensions,
 as Gramine's ``ra_tls_attest`` writes them:
 
