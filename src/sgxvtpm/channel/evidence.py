@@ -1,9 +1,9 @@
 """RA-TLS certificates: an X.509 certificate that carries an SGX quote.
 
 The convention is Gramine's RA-TLS (Gramine v1.9, tools/sgx/ra-tls:
-ra_tls_attest.c, ra_tls_verify_common.c; docs/REAL-SGX.md): the enclave generates an ECDSA key and self-signs a certificate
-for it that carries quotes binding that key, in two non-critical extensions,
-as Gramine's ``ra_tls_attest`` writes them:
+ra_tls_attest.c, ra_tls_verify_common.c): the enclave generates an ECDSA key
+and self-signs a certificate for it that carries quotes binding that key, in
+two non-critical extensions, as Gramine's ``ra_tls_attest`` writes them:
 
 - the TCG DICE "tagged evidence" extension, OID ``2.23.133.5.4.9`` (Gramine
   v1.8 on): CBOR tag 60000 over ``[quote, claims]`` (both byte strings), where
