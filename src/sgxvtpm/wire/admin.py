@@ -35,7 +35,7 @@ command after the import). docs/ARCHITECTURE.md, "Many hosts".
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TypeAlias
 
 from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
@@ -99,7 +99,6 @@ def _check_sha256(value: bytes) -> None:
 # ------------------------------------------------------------------ replies
 
 
-@dataclass(frozen=True)
 class InstanceStatus(Reply):
     """The instance's state (``unprovisioned``, ``manufacturing``, ``running``,
     ``error``), why if it is ``error``, its identity and its sealed state's version."""
@@ -118,7 +117,6 @@ class InstanceStatus(Reply):
     endpoint_since: float = 0.0
 
 
-@dataclass(frozen=True)
 class EkPublicArea(Message):
     """One EK the instance created: its algorithm name and TPM2B_PUBLIC."""
 
@@ -126,7 +124,6 @@ class EkPublicArea(Message):
     public_area: bytes
 
 
-@dataclass(frozen=True)
 class TpmSpec(Message):
     """The TPM's specification (family, level, revision) and attributes (manufacturer,
     model, version: empty from an older instance), for the EK certificate."""
@@ -139,7 +136,6 @@ class TpmSpec(Message):
     version: str = ""
 
 
-@dataclass(frozen=True)
 class Provisioned(Reply):
     eks: tuple[EkPublicArea, ...]
     tpm_spec: TpmSpec
@@ -148,40 +144,29 @@ class Provisioned(Reply):
 # ------------------------------------------------------------------ requests
 
 
-@dataclass(frozen=True)
-class GetStatus(Request[InstanceStatus]):
-    OP = "status"
-    REPLY = InstanceStatus
+class GetStatus(Request[InstanceStatus], op="status"):
+    """The instance's state, identity and sealed state's version."""
 
 
-@dataclass(frozen=True)
-class Provision(Request[Provisioned]):
+class Provision(Request[Provisioned], op="provision"):
     """Bind VM ``vm_id`` (its key's SPKI SHA-256), start a fresh TPM, create the EKs."""
 
-    OP = "provision"
-    REPLY = Provisioned
     vm_id: str
     vm_spki_sha256: bytes = field(metadata=check_with(_check_sha256))
     pcr_banks: tuple[str, ...] = ("sha256",)
     ek: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class Certify(Request[InstanceStatus]):
+class Certify(Request[InstanceStatus], op="certify"):
     """Store the EK certificates (by algorithm) and the platform certificate, finish the TPM."""
 
-    OP = "certify"
-    REPLY = InstanceStatus
     ek_certificates: dict[str, bytes]
     platform_certificate: bytes = b""
 
 
-@dataclass(frozen=True)
-class Destroy(Request[Done]):
+class Destroy(Request[Done], op="destroy"):
     """Erase the instance's sealed state: the VM's TPM is gone for good."""
 
-    OP = "destroy"
-    REPLY = Done
 
 
 def _check_key(value: bytes) -> None:
@@ -189,67 +174,48 @@ def _check_key(value: bytes) -> None:
         raise ValueError(f"{len(value)} bytes, not a 32-byte key")
 
 
-@dataclass(frozen=True)
-class ProvisionIncoming(Request[InstanceStatus]):
+class ProvisionIncoming(Request[InstanceStatus], op="incoming"):
     """Bind VM ``vm_id`` with no TPM yet: its state comes in by SET_STATEBLOB (migration)."""
 
-    OP = "incoming"
-    REPLY = InstanceStatus
     vm_id: str
     vm_spki_sha256: bytes = field(metadata=check_with(_check_sha256))
     pcr_banks: tuple[str, ...] = ("sha256",)
 
 
-@dataclass(frozen=True)
-class SetBlobKey(Request[InstanceStatus]):
+class SetBlobKey(Request[InstanceStatus], op="blob_key"):
     """The per-VM key of the fleet: QEMU's state blobs are sealed under it from now on."""
 
-    OP = "blob_key"
-    REPLY = InstanceStatus
     key: bytes = field(metadata=check_with(_check_key))
     vm: str = ""
     origin: str = ""
 
 
-@dataclass(frozen=True)
-class MarkMigrated(Request[InstanceStatus]):
+class MarkMigrated(Request[InstanceStatus], op="migrated"):
     """The VM runs on platform ``to`` from export ``version``: refuse to run it here."""
 
-    OP = "migrated"
-    REPLY = InstanceStatus
     version: int
     to: str
 
 
-@dataclass(frozen=True)
-class CancelMigration(Request[InstanceStatus]):
+class CancelMigration(Request[InstanceStatus], op="cancel_migration"):
     """The operator's override: run the VM's state here again."""
 
-    OP = "cancel_migration"
-    REPLY = InstanceStatus
 
 
-@dataclass(frozen=True)
 class PortableState(Reply):
     """A stopped TPM's state blobs, portable (by type: "1", "2", "3"; absent ones left out)."""
 
     blobs: dict[str, bytes]
 
 
-@dataclass(frozen=True)
-class ExportState(Request[PortableState]):
+class ExportState(Request[PortableState], op="export"):
     """A cold move: the stopped TPM's blobs under the VM's fleet key (a recorded export)."""
 
-    OP = "export"
-    REPLY = PortableState
 
 
-@dataclass(frozen=True)
-class ImportState(Request[InstanceStatus]):
+class ImportState(Request[InstanceStatus], op="import"):
     """A cold move's other end: an incoming instance takes ``blobs`` and becomes the VM's TPM."""
 
-    OP = "import"
-    REPLY = InstanceStatus
     blobs: dict[str, bytes]
 
 
@@ -258,13 +224,7 @@ AdminRequest: TypeAlias = (
     | ProvisionIncoming | SetBlobKey | MarkMigrated | CancelMigration | ExportState | ImportState
 )
 
-_CODEC: Codec[AdminRequest] = Codec(
-    "admin",
-    (GetStatus, Provision, Certify, Destroy,
-     ProvisionIncoming, SetBlobKey, MarkMigrated, CancelMigration, ExportState, ImportState),
-    AdminProtocolError,
-    AdminUsageError,
-)
+_CODEC: Codec[AdminRequest] = Codec("admin", AdminRequest, AdminProtocolError, AdminUsageError)
 
 
 encode_request = _CODEC.encode_request

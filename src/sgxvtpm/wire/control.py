@@ -30,7 +30,7 @@ lowercase hex digits (:func:`check_instance_id`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TypeAlias
 
 from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
@@ -102,17 +102,14 @@ def check_instance_id(value: str) -> None:
 # ------------------------------------------------------------------ replies
 
 
-@dataclass(frozen=True)
 class Pong(Reply):
     manager_ready: bool
 
 
-@dataclass(frozen=True)
 class PlatformRoot(Reply):
     root_ca_pem: str
 
 
-@dataclass(frozen=True)
 class Launched(Reply):
     """The instance's process; ``already_running`` if it was (then no mrenclave)."""
 
@@ -121,7 +118,6 @@ class Launched(Reply):
     already_running: bool = False
 
 
-@dataclass(frozen=True)
 class InstanceProcess(Reply):
     """What hostd knows of an instance's process (``pid`` None: never launched)."""
 
@@ -133,90 +129,62 @@ class InstanceProcess(Reply):
 # ------------------------------------------------------------------ requests
 
 
-@dataclass(frozen=True)
-class Ping(Request[Pong]):
-    OP = "ping"
-    REPLY = Pong
+class Ping(Request[Pong], op="ping"):
+    """Whether hostd is up and the manager ready (anyone may ask)."""
 
 
-@dataclass(frozen=True)
-class WaitReady(Request[Done]):
+class WaitReady(Request[Done], op="wait_ready"):
     """Answered once the manager has restored every instance (or times out)."""
 
-    OP = "wait_ready"
-    REPLY = Done
 
 
-@dataclass(frozen=True)
-class GetPlatformRoot(Request[PlatformRoot]):
-    OP = "platform_root"
-    REPLY = PlatformRoot
+class GetPlatformRoot(Request[PlatformRoot], op="platform_root"):
+    """The platform's root CA: a claim, clients pin it on first contact."""
 
 
-@dataclass(frozen=True)
-class ManagerReady(Request[Done]):
-    OP = "manager_ready"
-    REPLY = Done
+class ManagerReady(Request[Done], op="manager_ready"):
+    """The manager has restored every instance: hostd answers ``wait_ready`` now."""
 
 
-@dataclass(frozen=True)
-class ManagerRefused(Request[Done]):
+class ManagerRefused(Request[Done], op="manager_refused"):
     """The manager will not run on its registry, and says why (hostd tells the operator)."""
 
-    OP = "manager_refused"
-    REPLY = Done
     reason: str = ""
 
 
-@dataclass(frozen=True)
-class LaunchInstance(Request[Launched]):
+class LaunchInstance(Request[Launched], op="launch_instance"):
     """The second creation request: launch (or find running) instance ``instance_id``."""
 
-    OP = "launch_instance"
-    REPLY = Launched
     instance_id: str = field(metadata=check_with(check_instance_id))
     manager_cert_pem: str
 
 
-@dataclass(frozen=True)
-class StopInstance(Request[Done]):
+class StopInstance(Request[Done], op="stop_instance"):
     """Stop the instance's process; ``erase`` also removes its directory."""
 
-    OP = "stop_instance"
-    REPLY = Done
     instance_id: str = field(metadata=check_with(check_instance_id))
     erase: bool = False
 
 
-@dataclass(frozen=True)
-class QueryInstance(Request[InstanceProcess]):
-    OP = "instance_info"
-    REPLY = InstanceProcess
+class QueryInstance(Request[InstanceProcess], op="instance_info"):
     instance_id: str = field(metadata=check_with(check_instance_id))
 
 
-@dataclass(frozen=True)
-class Handoff(Request[Done]):
+class Handoff(Request[Done], op="handoff"):
     """Pass this connection to the enclave at the other end of relay session ``session``."""
 
-    OP = "handoff"
-    REPLY = Done
     session: int
 
 
-@dataclass(frozen=True)
 class FleetTarget(Reply):
     """The relay target name of a fleet connection hostd opened (``fleet-N``)."""
 
     target: str
 
 
-@dataclass(frozen=True)
-class FleetDial(Request[FleetTarget]):
+class FleetDial(Request[FleetTarget], op="fleet_dial"):
     """Connect to the ``hostd --fleet-listen`` at ``host``:``port`` (the manager only)."""
 
-    OP = "fleet_dial"
-    REPLY = FleetTarget
     host: str
     port: int
 
@@ -237,11 +205,7 @@ ControlRequest: TypeAlias = (
 PUBLIC: tuple[type[ControlRequest], ...] = (Ping, WaitReady, GetPlatformRoot)
 
 _CODEC: Codec[ControlRequest] = Codec(
-    "CONTROL",
-    (Ping, WaitReady, GetPlatformRoot, ManagerReady, ManagerRefused, LaunchInstance,
-     StopInstance, QueryInstance, Handoff, FleetDial),
-    ControlProtocolError,
-    ControlUsageError,
+    "CONTROL", ControlRequest, ControlProtocolError, ControlUsageError
 )
 
 

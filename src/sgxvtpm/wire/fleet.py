@@ -28,7 +28,7 @@ fleet key (enclaves/fleet.py: ``moved_proof``), so only a member can say it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TypeAlias
 
 from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
@@ -73,7 +73,6 @@ def _check_evidence(value: bytes) -> None:
         raise ValueError(f"evidence of {len(value)} bytes")
 
 
-@dataclass(frozen=True)
 class Joined(Reply):
     fleet_id: str
     member_id: str
@@ -82,37 +81,27 @@ class Joined(Reply):
     members: tuple[FleetMember, ...]
 
 
-@dataclass(frozen=True)
-class Join(Request[Joined]):
+class Join(Request[Joined], op="join"):
     """Make the sender a member: ``token`` from ``fleet invite``, ``evidence`` its
     RA-TLS certificate (DER), ``address`` its own fleet port (may be empty)."""
 
-    OP = "join"
-    REPLY = Joined
     token: bytes = field(metadata=check_with(_check_token))
     evidence: bytes = field(metadata=check_with(_check_evidence))
     address: str = ""
 
 
-@dataclass(frozen=True)
-class Moved(Request[Done]):
-    OP = "moved"
-    REPLY = Done
+class Moved(Request[Done], op="moved"):
     vm: str
     version: int
     to: str
     proof: bytes
 
 
-@dataclass(frozen=True)
 class MovedIn(Reply):
     to: str
 
 
-@dataclass(frozen=True)
-class Move(Request[MovedIn]):
-    OP = "move"
-    REPLY = MovedIn
+class Move(Request[MovedIn], op="move"):
     vm: str
     origin: str
     blobs: dict[str, bytes]
@@ -121,9 +110,7 @@ class Move(Request[MovedIn]):
 
 FleetRequest: TypeAlias = Join | Moved | Move
 
-_CODEC: Codec[FleetRequest] = Codec(
-    "fleet", (Join, Moved, Move), FleetProtocolError, FleetUsageError
-)
+_CODEC: Codec[FleetRequest] = Codec("fleet", FleetRequest, FleetProtocolError, FleetUsageError)
 
 encode_request = _CODEC.encode_request
 decode_request = _CODEC.decode_request

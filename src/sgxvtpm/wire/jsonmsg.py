@@ -7,7 +7,9 @@ JSON object (UTF-8)::
     request   {"op": OP, FIELD: VALUE, ...}
     reply     {"ok": true, FIELD: VALUE, ...}   or   {"ok": false, "error": TEXT}
 
-A message is a frozen dataclass; its fields' annotations say their JSON form:
+A message is a frozen dataclass (a subclass of :class:`Message`; a request
+names its op and its reply as ``class ShowVm(Request[Shown], op="show")``);
+its fields' annotations say their JSON form:
 ``str``, ``int``, ``float`` (finite), ``bool`` as themselves, ``bytes`` as hex,
 ``X | None`` as X or null, ``tuple[X, ...]`` as an array, ``dict[str, X]`` as
 an object, another message dataclass as an object. A field may carry a check
@@ -33,7 +35,7 @@ import math
 import string
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeAlias, TypeVar, Union, cast
 
 from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
@@ -49,8 +51,17 @@ RESERVED = frozenset({"op", "ok", "error", "id"})
 _HEX = frozenset(string.hexdigits)
 
 
+@typing.dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field,))
 class Message:
-    """Base of every message dataclass (a request, a reply, or a part of one)."""
+    """Base of every message (a request, a reply, or a part of one).
+
+    A subclass is a frozen dataclass: its annotated fields are the message's,
+    declared as in ``@dataclass(frozen=True)`` (which it must not add itself).
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        dataclasses.dataclass(frozen=True)(cls)
 
 
 class Reply(Message):
@@ -62,13 +73,30 @@ M = TypeVar("M", bound=Message)
 
 
 class Request(Message, Generic[R]):
-    """Base of the requests. ``OP`` is the wire name; ``REPLY`` what answers it (R)."""
+    """Base of the requests, declared as ``class DestroyVm(Request[Done], op="destroy")``.
+
+    ``OP`` is the wire name (the class keyword ``op``); ``REPLY`` what answers
+    it (R, the class given to ``Request``).
+    """
 
     OP: ClassVar[str]
     REPLY: ClassVar[type[Reply]]
 
+    def __init_subclass__(cls, op: str, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        replies = [
+            reply
+            for base in cls.__dict__.get("__orig_bases__", ())
+            if typing.get_origin(base) is Request
+            for reply in typing.get_args(base)
+            if isinstance(reply, type) and issubclass(reply, Reply)
+        ]
+        if len(replies) != 1:
+            raise TypeError(f"{cls.__name__} must name its reply, as Request[Done]")
+        cls.OP = op
+        (cls.REPLY,) = replies
 
-@dataclasses.dataclass(frozen=True)
+
 class Done(Reply):
     """The reply of a request that has nothing to say but that it was done."""
 
@@ -232,14 +260,16 @@ Q = TypeVar("Q", bound="Request[Any]")
 class Codec(Generic[Q]):
     """One protocol's requests (Q, their union) and its two errors.
 
-    A protocol module publishes the bound methods it offers as its functions
-    (``encode_request = _CODEC.encode_request``, ...).
+    ``requests`` is that union itself (``Codec("fleet", FleetRequest, ...)``
+    with ``FleetRequest: TypeAlias = Join | Moved | Move``), so the protocol
+    lists its requests once. A protocol module publishes the bound methods it
+    offers as its functions (``encode_request = _CODEC.encode_request``, ...).
     """
 
     def __init__(
         self,
         name: str,
-        requests: Iterable[type[Request[Any]]],
+        requests: object,
         error: type[RemoteProtocolError],
         usage_error: type[LocalProtocolError],
     ) -> None:
@@ -247,7 +277,9 @@ class Codec(Generic[Q]):
         self.error = error
         self.usage_error = usage_error
         self.requests: dict[str, type[Request[Any]]] = {}
-        for cls in requests:
+        for cls in typing.get_args(requests) or (requests,):
+            if not (isinstance(cls, type) and issubclass(cls, Request)):
+                raise TypeError(f"{cls!r} is not a request class")
             for part in (cls, cls.REPLY):
                 clash = RESERVED & {f.name for f, _ in _fields(part)}
                 if clash:

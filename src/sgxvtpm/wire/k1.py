@@ -35,7 +35,7 @@ what it knows of its instance now. The manager decides which names it takes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TypeAlias
 
 from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
@@ -100,7 +100,6 @@ class K1UsageError(LocalProtocolError):
     """This program built a K1 message that cannot be sent. Nothing was sent; fix the caller."""
 
 
-@dataclass(frozen=True)
 class InstanceInfo(Message):
     """One VM as the manager describes it (``vm show``, ``instance.json``).
 
@@ -139,24 +138,20 @@ class InstanceInfo(Message):
 # ------------------------------------------------------------------ replies
 
 
-@dataclass(frozen=True)
 class Created(Reply):
     instance: InstanceInfo
     vm_cert_pem: str
     ca_cert_pem: str
 
 
-@dataclass(frozen=True)
 class Instances(Reply):
     instances: tuple[InstanceInfo, ...]
 
 
-@dataclass(frozen=True)
 class Shown(Reply):
     instance: InstanceInfo
 
 
-@dataclass(frozen=True)
 class CaCertificate(Reply):
     ca_cert_pem: str
 
@@ -164,12 +159,9 @@ class CaCertificate(Reply):
 # ------------------------------------------------------------------ requests
 
 
-@dataclass(frozen=True)
-class CreateVm(Request[Created]):
+class CreateVm(Request[Created], op="create"):
     """Create VM ``name`` bound to the VM key ``vm_spki_der`` (a DER SubjectPublicKeyInfo)."""
 
-    OP = "create"
-    REPLY = Created
     name: str
     vm_spki_der: bytes
     pcr_banks: tuple[str, ...] = DEFAULT_PCR_BANKS
@@ -177,33 +169,22 @@ class CreateVm(Request[Created]):
     incoming: bool = False
 
 
-@dataclass(frozen=True)
-class DestroyVm(Request[Done]):
-    OP = "destroy"
-    REPLY = Done
+class DestroyVm(Request[Done], op="destroy"):
     name: str
 
 
-@dataclass(frozen=True)
-class ListVms(Request[Instances]):
-    OP = "list"
-    REPLY = Instances
+class ListVms(Request[Instances], op="list"):
+    """Every VM the manager has (sorted by name)."""
 
 
-@dataclass(frozen=True)
-class ShowVm(Request[Shown]):
-    OP = "show"
-    REPLY = Shown
+class ShowVm(Request[Shown], op="show"):
     name: str
 
 
-@dataclass(frozen=True)
-class GetCaCertificate(Request[CaCertificate]):
-    OP = "ca"
-    REPLY = CaCertificate
+class GetCaCertificate(Request[CaCertificate], op="ca"):
+    """The manager's CA certificate (the issuer of the VM certificates)."""
 
 
-@dataclass(frozen=True)
 class FleetMember(Message):
     """One manager of the fleet: its platform, its fleet address, when it joined."""
 
@@ -213,7 +194,6 @@ class FleetMember(Message):
     mrenclave: str = ""
 
 
-@dataclass(frozen=True)
 class FleetInfo(Message):
     """This manager's view of its fleet (``fleet_id`` empty: not in a fleet)."""
 
@@ -225,72 +205,51 @@ class FleetInfo(Message):
         return to_json(self, K1UsageError)
 
 
-@dataclass(frozen=True)
 class FleetInvitation(Reply):
     token: bytes
     expires: float
 
 
-@dataclass(frozen=True)
 class FleetStatus(Reply):
     fleet: FleetInfo
 
 
-@dataclass(frozen=True)
-class FleetInvite(Request[FleetInvitation]):
+class FleetInvite(Request[FleetInvitation], op="fleet_invite"):
     """A one-time token for one host to join this manager's fleet (made if there is none)."""
 
-    OP = "fleet_invite"
-    REPLY = FleetInvitation
     address: str = ""
 
 
-@dataclass(frozen=True)
-class FleetJoin(Request[FleetStatus]):
+class FleetJoin(Request[FleetStatus], op="fleet_join"):
     """Join the fleet of the manager behind the fleet port ``host``:``port``."""
 
-    OP = "fleet_join"
-    REPLY = FleetStatus
     host: str
     port: int
     token: bytes
     address: str = ""
 
 
-@dataclass(frozen=True)
-class FleetShow(Request[FleetStatus]):
-    OP = "fleet_show"
-    REPLY = FleetStatus
+class FleetShow(Request[FleetStatus], op="fleet_show"):
+    """This manager's view of its fleet."""
 
 
-@dataclass(frozen=True)
-class FleetLeave(Request[FleetStatus]):
-    OP = "fleet_leave"
-    REPLY = FleetStatus
+class FleetLeave(Request[FleetStatus], op="fleet_leave"):
+    """Leave the fleet (the reply's fleet is empty: no longer a member)."""
 
 
-@dataclass(frozen=True)
-class FleetRemove(Request[FleetStatus]):
-    OP = "fleet_remove"
-    REPLY = FleetStatus
+class FleetRemove(Request[FleetStatus], op="fleet_remove"):
     member: str
 
 
-@dataclass(frozen=True)
-class MigrateCancel(Request[Shown]):
+class MigrateCancel(Request[Shown], op="migrate_cancel"):
     """Run VM ``name`` here again although it migrated to another host (the operator's call)."""
 
-    OP = "migrate_cancel"
-    REPLY = Shown
     name: str
 
 
-@dataclass(frozen=True)
-class MigrateVm(Request[Shown]):
+class MigrateVm(Request[Shown], op="migrate"):
     """Move VM ``name``'s stopped TPM to the member at the fleet port ``host``:``port``."""
 
-    OP = "migrate"
-    REPLY = Shown
     name: str
     host: str
     port: int
@@ -301,13 +260,7 @@ K1Request: TypeAlias = (
     | FleetInvite | FleetJoin | FleetShow | FleetLeave | FleetRemove | MigrateCancel | MigrateVm
 )
 
-_CODEC: Codec[K1Request] = Codec(
-    "K1",
-    (CreateVm, DestroyVm, ListVms, ShowVm, GetCaCertificate,
-     FleetInvite, FleetJoin, FleetShow, FleetLeave, FleetRemove, MigrateCancel, MigrateVm),
-    K1ProtocolError,
-    K1UsageError,
-)
+_CODEC: Codec[K1Request] = Codec("K1", K1Request, K1ProtocolError, K1UsageError)
 
 
 encode_request = _CODEC.encode_request
