@@ -304,26 +304,31 @@ def nv_undefine_space(index: int, hierarchy: int = TPM2_RH.OWNER, auth: bytes = 
     return _pw_command(TPM2_CC.NV_UndefineSpace, b"", [hierarchy, index], auth)
 
 
+def _nv_command(
+    code: int, params: bytes, index: int, auth_handle: int | None, auth: bytes
+) -> bytes:
+    """An NV command on ``index``, authorised by ``auth_handle`` (the owner unless told)."""
+    handle = TPM2_RH.OWNER if auth_handle is None else auth_handle
+    return _pw_command(code, params, [handle, index], auth)
+
+
 def nv_write(
     index: int, data: bytes, offset: int = 0, auth_handle: int | None = None, auth: bytes = b""
 ) -> bytes:
     """TPM2_NV_Write (Part 3, 31.7); authorised by the owner unless told."""
-    handle = TPM2_RH.OWNER if auth_handle is None else auth_handle
-    return _pw_command(TPM2_CC.NV_Write, tpm2b(data) + u16(offset), [handle, index], auth)
+    return _nv_command(TPM2_CC.NV_Write, tpm2b(data) + u16(offset), index, auth_handle, auth)
 
 
 def nv_increment(index: int, auth_handle: int | None = None, auth: bytes = b"") -> bytes:
-    """TPM2_NV_Increment (Part 3, 31.8)."""
-    handle = TPM2_RH.OWNER if auth_handle is None else auth_handle
-    return _pw_command(TPM2_CC.NV_Increment, b"", [handle, index], auth)
+    """TPM2_NV_Increment (Part 3, 31.8); authorised by the owner unless told."""
+    return _nv_command(TPM2_CC.NV_Increment, b"", index, auth_handle, auth)
 
 
 def nv_read(
     index: int, size: int, offset: int = 0, auth_handle: int | None = None, auth: bytes = b""
 ) -> bytes:
-    """TPM2_NV_Read (Part 3, 31.13)."""
-    handle = TPM2_RH.OWNER if auth_handle is None else auth_handle
-    return _pw_command(TPM2_CC.NV_Read, u16(size) + u16(offset), [handle, index], auth)
+    """TPM2_NV_Read (Part 3, 31.13); authorised by the owner unless told."""
+    return _nv_command(TPM2_CC.NV_Read, u16(size) + u16(offset), index, auth_handle, auth)
 
 
 def nv_read_public(index: int) -> bytes:
