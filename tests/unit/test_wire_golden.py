@@ -10,12 +10,15 @@ their members and values.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from types import ModuleType
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sgxvtpm.tpm import wire as tpmwire
 from sgxvtpm.tpm.constants import TPMA_NV, TPMA_OBJECT, TPMA_SESSION
@@ -466,20 +469,34 @@ def test_one_message_per_op_encodes_to_the_recorded_bytes(name: str, op: str) ->
     assert module.decode_reply(request, reply_bytes) == reply
 
 
-@pytest.mark.parametrize(
-    ("table", "recorded"),
-    [
-        (CtrlCmd, CtrlCmd_VALUES),
-        (PtmCap, PtmCap_VALUES),
-        (TPMA_NV, TPMA_NV_VALUES),
-        (TPMA_OBJECT, TPMA_OBJECT_VALUES),
-        (TPMA_SESSION, TPMA_SESSION_VALUES),
-    ],
-)
+TABLES = [
+    (CtrlCmd, CtrlCmd_VALUES),
+    (PtmCap, PtmCap_VALUES),
+    (TPMA_NV, TPMA_NV_VALUES),
+    (TPMA_OBJECT, TPMA_OBJECT_VALUES),
+    (TPMA_SESSION, TPMA_SESSION_VALUES),
+]
+
+
+@pytest.mark.parametrize(("table", "recorded"), TABLES)
 def test_constant_tables_keep_their_members_and_values(
     table: type[Any], recorded: dict[str, int]
 ) -> None:
     assert {name: int(member) for name, member in table.__members__.items()} == recorded
+
+
+@pytest.mark.parametrize(("table", "recorded"), TABLES[1:])
+@given(value=st.integers(0, 2**32 - 1), other=st.integers(0, 2**32 - 1))
+def test_flag_tables_declared_by_bit_number_behave_as_flags_declared_by_mask(
+    table: type[enum.IntFlag], recorded: dict[str, int], value: int, other: int
+) -> None:
+    reference = enum.IntFlag(table.__name__, recorded)  # type: ignore[misc]
+    flags, expected = table(value), reference(value)
+    assert int(flags) == int(expected) == value
+    assert str(flags) == str(expected) and repr(flags) == repr(expected)
+    assert [m.name for m in flags] == [m.name for m in expected]
+    assert int(flags & table(other)) == int(expected & reference(other))
+    assert int(~flags) == int(~expected)
 
 
 #: NV commands, with the owner's authorisation and with the index's own (password "pw").

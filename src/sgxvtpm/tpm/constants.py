@@ -12,6 +12,7 @@ value is known) only for messages and logs.
 from __future__ import annotations
 
 import enum
+from typing import Self
 
 
 class TPM2_ST(enum.IntEnum):
@@ -485,66 +486,78 @@ class TPM2_PT(enum.IntEnum):
     NV_WRITE_RECOVERY = 0x212
 
 
-class TPMA_NV(enum.IntFlag):
-    """TPMA_NV bits (Part 2, Table 233); TPM_NT sits in bits 4-7."""
+class BitFlags(enum.IntFlag):
+    """A flag table declared by bit number, as the specifications' tables list the bits:
+    ``NAME = 3`` is the member ``1 << 3``; ``NAME = 4, 7`` sets bits 4 and 7."""
 
-    PPWRITE = 1 << 0
-    OWNERWRITE = 1 << 1
-    AUTHWRITE = 1 << 2
-    POLICYWRITE = 1 << 3
-    TPM_NT_COUNTER = 0x1 << 4
-    TPM_NT_BITS = 0x2 << 4
-    TPM_NT_EXTEND = 0x4 << 4
-    TPM_NT_PIN_FAIL = 0x8 << 4
-    TPM_NT_PIN_PASS = 0x9 << 4
-    POLICY_DELETE = 1 << 10
-    WRITELOCKED = 1 << 11
-    WRITEALL = 1 << 12
-    WRITEDEFINE = 1 << 13
-    WRITE_STCLEAR = 1 << 14
-    GLOBALLOCK = 1 << 15
-    PPREAD = 1 << 16
-    OWNERREAD = 1 << 17
-    AUTHREAD = 1 << 18
-    POLICYREAD = 1 << 19
-    NO_DA = 1 << 25
-    ORDERLY = 1 << 26
-    CLEAR_STCLEAR = 1 << 27
-    READLOCKED = 1 << 28
-    WRITTEN = 1 << 29
-    PLATFORMCREATE = 1 << 30
-    READ_STCLEAR = 1 << 31
+    def __new__(cls, *bits: int) -> Self:
+        value = sum(1 << bit for bit in bits)
+        member = int.__new__(cls, value)
+        member._value_ = value
+        return member
+
+
+class TPMA_NV(BitFlags):
+    """TPMA_NV bits (Part 2, Table 233); TPM_NT sits in bits 4-7 (its values 1, 2, 4, 8
+    set one bit each; PIN_PASS, 9, two)."""
+
+    PPWRITE = 0
+    OWNERWRITE = 1
+    AUTHWRITE = 2
+    POLICYWRITE = 3
+    TPM_NT_COUNTER = 4
+    TPM_NT_BITS = 5
+    TPM_NT_EXTEND = 6
+    TPM_NT_PIN_FAIL = 7
+    TPM_NT_PIN_PASS = 4, 7
+    POLICY_DELETE = 10
+    WRITELOCKED = 11
+    WRITEALL = 12
+    WRITEDEFINE = 13
+    WRITE_STCLEAR = 14
+    GLOBALLOCK = 15
+    PPREAD = 16
+    OWNERREAD = 17
+    AUTHREAD = 18
+    POLICYREAD = 19
+    NO_DA = 25
+    ORDERLY = 26
+    CLEAR_STCLEAR = 27
+    READLOCKED = 28
+    WRITTEN = 29
+    PLATFORMCREATE = 30
+    READ_STCLEAR = 31
 
 
 TPMA_NV_TPM_NT_MASK = 0xF0
 
 
-class TPMA_OBJECT(enum.IntFlag):
+class TPMA_OBJECT(BitFlags):
     """TPMA_OBJECT bits (Part 2, Table 31)."""
 
-    FIXEDTPM = 1 << 1
-    STCLEAR = 1 << 2
-    FIXEDPARENT = 1 << 4
-    SENSITIVEDATAORIGIN = 1 << 5
-    USERWITHAUTH = 1 << 6
-    ADMINWITHPOLICY = 1 << 7
-    NODA = 1 << 10
-    ENCRYPTEDDUPLICATION = 1 << 11
-    RESTRICTED = 1 << 16
-    DECRYPT = 1 << 17
-    SIGN_ENCRYPT = 1 << 18
-    X509SIGN = 1 << 19
+    FIXEDTPM = 1
+    STCLEAR = 2
+    FIXEDPARENT = 4
+    SENSITIVEDATAORIGIN = 5
+    USERWITHAUTH = 6
+    ADMINWITHPOLICY = 7
+    NODA = 10
+    ENCRYPTEDDUPLICATION = 11
+    RESTRICTED = 16
+    DECRYPT = 17
+    SIGN_ENCRYPT = 18
+    X509SIGN = 19
 
 
-class TPMA_SESSION(enum.IntFlag):
+class TPMA_SESSION(BitFlags):
     """TPMA_SESSION bits (Part 2, Table 39)."""
 
-    CONTINUESESSION = 1 << 0
-    AUDITEXCLUSIVE = 1 << 1
-    AUDITRESET = 1 << 2
-    DECRYPT = 1 << 5
-    ENCRYPT = 1 << 6
-    AUDIT = 1 << 7
+    CONTINUESESSION = 0
+    AUDITEXCLUSIVE = 1
+    AUDITRESET = 2
+    DECRYPT = 5
+    ENCRYPT = 6
+    AUDIT = 7
 
 
 #: Smallest command or response: tag (2) + size (4) + code (4), Part 1, 18.

@@ -46,7 +46,7 @@ import struct
 from dataclasses import dataclass, field
 
 from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
-from sgxvtpm.tpm.constants import HEADER_SIZE, LIBTPMS_MAX_BUFFER, TPM2_RC
+from sgxvtpm.tpm.constants import HEADER_SIZE, LIBTPMS_MAX_BUFFER, TPM2_RC, BitFlags
 from sgxvtpm.wire._buffered import BufferedDecoder
 
 #: Largest state blob or hash chunk accepted in one request.
@@ -101,26 +101,26 @@ class CtrlCmd(enum.IntEnum):
     LOCK_STORAGE = 19
 
 
-class PtmCap(enum.IntFlag):
+class PtmCap(BitFlags):
     """PTM_CAP_* bits of the GET_CAPABILITY answer (tpm_ioctl.h)."""
 
-    INIT = 1 << 0
-    SHUTDOWN = 1 << 1
-    GET_TPMESTABLISHED = 1 << 2
-    SET_LOCALITY = 1 << 3
-    HASHING = 1 << 4
-    CANCEL_TPM_CMD = 1 << 5
-    STORE_VOLATILE = 1 << 6
-    RESET_TPMESTABLISHED = 1 << 7
-    GET_STATEBLOB = 1 << 8
-    SET_STATEBLOB = 1 << 9
-    STOP = 1 << 10
-    GET_CONFIG = 1 << 11
-    SET_DATAFD = 1 << 12
-    SET_BUFFERSIZE = 1 << 13
-    GET_INFO = 1 << 14
-    SEND_COMMAND_HEADER = 1 << 15
-    LOCK_STORAGE = 1 << 16
+    INIT = 0
+    SHUTDOWN = 1
+    GET_TPMESTABLISHED = 2
+    SET_LOCALITY = 3
+    HASHING = 4
+    CANCEL_TPM_CMD = 5
+    STORE_VOLATILE = 6
+    RESET_TPMESTABLISHED = 7
+    GET_STATEBLOB = 8
+    SET_STATEBLOB = 9
+    STOP = 10
+    GET_CONFIG = 11
+    SET_DATAFD = 12
+    SET_BUFFERSIZE = 13
+    GET_INFO = 14
+    SEND_COMMAND_HEADER = 15
+    LOCK_STORAGE = 16
 
 
 PTM_INIT_FLAG_DELETE_VOLATILE = 1
