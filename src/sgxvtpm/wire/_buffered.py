@@ -9,7 +9,10 @@ subclass names its usage-error type and builds its own protocol error in
 from __future__ import annotations
 
 import abc
+import struct
 from typing import ClassVar
+
+_U32 = struct.Struct(">I")
 
 
 class BufferedDecoder(abc.ABC):
@@ -36,6 +39,18 @@ class BufferedDecoder(abc.ABC):
     @abc.abstractmethod
     def _fail(self, message: str) -> Exception:
         """Record and return the protocol error (the decoder stays broken)."""
+
+    @abc.abstractmethod
+    def _check(self) -> None:
+        """Raise the protocol error again if an earlier one broke the decoder."""
+
+    def _peek_u32(self) -> int | None:
+        """The big-endian u32 that the next message starts with (still buffered), or
+        None until 4 bytes are here; raises if the decoder is broken."""
+        self._check()
+        if not self._need(4):
+            return None
+        return int(_U32.unpack_from(self._buf)[0])
 
     def _need(self, n: int) -> bool:
         """Whether ``n`` bytes are buffered; raises if the stream ended short."""

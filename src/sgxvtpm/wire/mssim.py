@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
 from sgxvtpm.tpm.constants import HEADER_SIZE, LIBTPMS_MAX_BUFFER
 from sgxvtpm.wire._buffered import BufferedDecoder
+from sgxvtpm.wire._codes import member
 
 _U32 = struct.Struct(">I")
 _SEND_HEADER = struct.Struct(">IBI")
@@ -124,14 +125,10 @@ class MssimRequestDecoder(_Buffered):
         self.max_command = max_command
 
     def next_request(self) -> MssimRequest | None:
-        self._check()
-        if not self._need(4):
+        raw = self._peek_u32()
+        if raw is None:
             return None
-        raw = _U32.unpack_from(self._buf)[0]
-        try:
-            code = MssimCmd(raw)
-        except ValueError:
-            raise self._fail(f"unknown mssim code {raw} on the {self.port.value} port") from None
+        code = member(MssimCmd, raw, self._fail, "mssim code", f" on the {self.port.value} port")
         if code in END_CODES:
             self._take(4)
             return MssimRequest(code)

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
+from sgxvtpm.wire._codes import member
 
 HEADER = struct.Struct(">BII")
 HEADER_SIZE = HEADER.size  # 9
@@ -117,10 +118,7 @@ def parse_header(header: bytes | bytearray | memoryview) -> tuple[FrameType, int
     """Decode and check the 9-byte header at the start of ``header``:
     (type, session id, payload length)."""
     raw_type, session_id, length = HEADER.unpack_from(header, 0)
-    try:
-        ftype = FrameType(raw_type)
-    except ValueError:
-        raise RelayProtocolError(f"unknown frame type {raw_type}") from None
+    ftype = member(FrameType, raw_type, RelayProtocolError, "frame type")
     if length > MAX_PAYLOAD:
         raise RelayProtocolError(f"frame payload of {length} bytes exceeds {MAX_PAYLOAD}")
     if (ftype in (FrameType.CONTROL, FrameType.TPM)) != (session_id == CONTROL_SESSION):

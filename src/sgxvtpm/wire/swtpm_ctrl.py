@@ -149,7 +149,7 @@ _FIXED_BODY: dict[int, int] = {
     CtrlCmd.GET_INFO: 16,
     CtrlCmd.LOCK_STORAGE: 4,
 }
-_VARIABLE_HEADER = {CtrlCmd.HASH_DATA: 4, CtrlCmd.SET_STATEBLOB: 12}
+_VARIABLE_HEADER: dict[int, int] = {CtrlCmd.HASH_DATA: 4, CtrlCmd.SET_STATEBLOB: 12}
 _LOCALITY_CODES = frozenset({CtrlCmd.SET_LOCALITY, CtrlCmd.RESET_TPMESTABLISHED})
 #: QEMU's body size for the locality commands: sizeof(ptm_loc) = sizeof(ptm_reset_est).
 QEMU_LOCALITY_BODY = 4
@@ -287,10 +287,9 @@ class CtrlRequestDecoder(_Buffered):
 
     def next_request(self) -> CtrlRequest | None:
         """The next complete request, or None until more bytes arrive."""
-        self._check()
-        if not self._need(4):
+        code = self._peek_u32()
+        if code is None:
             return None
-        code = _U32.unpack_from(self._buf)[0]
         if code in _VARIABLE_HEADER:
             fixed = _VARIABLE_HEADER[code]
             if not self._need(4 + fixed):

@@ -67,6 +67,7 @@ import struct
 from dataclasses import dataclass
 
 from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
+from sgxvtpm.wire._codes import member
 
 MAX_LOCALITY = 4
 #: Upper bound for one message: state blobs of a TPM with full NV are a few
@@ -280,10 +281,7 @@ def _check_u32(name: str, value: int) -> None:
 
 def encode_request(request: VtpmRequest) -> bytes:
     """The message for ``request``; VtpmUsageError if a field is out of range."""
-    try:
-        op = VtpmOp(request.op)
-    except ValueError:
-        raise VtpmUsageError(f"unknown op {request.op!r}") from None
+    op = member(VtpmOp, request.op, VtpmUsageError, "op")
     if not 0 <= request.locality <= MAX_LOCALITY:
         raise VtpmUsageError(f"locality must be 0..{MAX_LOCALITY}, got {request.locality}")
     head = _REQ_HEADER.pack(op, request.locality, 0)
@@ -333,10 +331,7 @@ def decode_request(message: bytes) -> VtpmRequest:
     """Parse one request message; VtpmProtocolError if it is not one."""
     message = _sized(message, "request", REQUEST_HEADER_SIZE, "header")
     raw_op, locality, reserved = _REQ_HEADER.unpack_from(message)
-    try:
-        op = VtpmOp(raw_op)
-    except ValueError:
-        raise VtpmProtocolError(f"unknown op {raw_op}") from None
+    op = member(VtpmOp, raw_op, VtpmProtocolError, "op")
     if locality > MAX_LOCALITY:
         raise VtpmProtocolError(f"locality {locality} out of range")
     if reserved:
