@@ -67,15 +67,21 @@ def vendor_release(where: Path, name: str) -> tuple[Path, bytes]:
     return out, hashlib.sha256(spki).digest()
 
 
+@pytest.mark.parametrize("sim_root", [False, True], ids=["own-root", "sim-root"])
 def test_presigned_release_runs_on_a_platform_without_the_vendor_key(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vendor: tuple[Path, bytes]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vendor: tuple[Path, bytes], sim_root: bool
 ) -> None:
+    """Also under a sim root (whose own vendor key the CPU then leaves wrapped)."""
     release, mrsigner = vendor
+    args = ["--release", str(release)]
+    if sim_root:
+        assert sgxvtpm("sim-root", "init", str(tmp_path / "root")).returncode == 0
+        args += ["--sim-root", str(tmp_path / "root")]
     manifest = json.loads((release / "release.json").read_text())
     assert manifest["mrsigner"] == mrsigner.hex()
     monkeypatch.setenv(PINS_ENV, str(release / "release.json"))  # the clients' pins
     state = tmp_path / "state"
-    h = Hostd(state, args=["--release", str(release)])
+    h = Hostd(state, args=args)
     h.start()
     try:
         # The platform hostd provisioned holds no vendor key (the wrapped keys are

@@ -92,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     ctl = socket.socket(fileno=opts.control_fd)
     os.set_inheritable(ctl.fileno(), False)
     try:
-        authority = SimAuthority.open(Path(opts.sim_root)) if opts.sim_root else None
+        authority = (
+            SimAuthority.open(Path(opts.sim_root), with_signer=not opts.presigned)
+            if opts.sim_root
+            else None
+        )
         platform = SimPlatformDir.open_or_create(
             Path(opts.platform_dir), authority=authority, vendor_key=not opts.presigned
         )

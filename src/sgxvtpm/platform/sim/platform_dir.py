@@ -134,9 +134,11 @@ class SimPlatformDir:
             platform = cls(path)
         except PlatformError as exc:
             raise PlatformError(damaged.format(exc)) from None
+        signers = (platform.signer_public_key, authority.signer_public_der() if authority else b"")
         if authority is not None and (
             platform.root_certificate_pem != authority.root_pem
-            or platform.signer_public_key not in (b"", authority.signer_public_der())
+            # Both known (neither opened for a pre-signed release): the same vendor.
+            or (all(signers) and signers[0] != signers[1])
         ):
             raise PlatformError(
                 f"the sim platform at {path} was provisioned under another root than the sim "
