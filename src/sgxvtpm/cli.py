@@ -183,7 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"the platform hostd runs (default {DEFAULT_PLATFORM})")
     rsign.add_argument("--out", type=Path, required=True, metavar="DIR",
                        help="where the signed files and release.json (the clients' pins) go")
-    _add_state_dir(rsign)
+    rsign.add_argument(
+        "--state-dir", type=Path, default=argparse.SUPPRESS,
+        help="gramine: the serving hostd's state directory, which the manifests name "
+             f"(env {ENV}, default ~/.local/state/sgxvtpm); sim: unused",
+    )
     sim_root = sub.add_parser("sim-root", help="a simulated provisioning authority (sim only)")
     sim_root_sub = sim_root.add_subparsers(dest="sim_root_command", required=True,
                                            help="what to do")
