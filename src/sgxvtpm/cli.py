@@ -156,6 +156,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--fleet-listen", metavar="HOST:PORT",
         help="relay manager-to-manager sessions (the fleet) on this TCP address",
     )
+    hostd.add_argument(
+        "--release", type=Path, metavar="DIR",
+        help="run the vendor's pre-signed build in DIR (sgxvtpm release sign, on the build "
+             "host) and sign nothing; without it hostd's platform signs the installed code "
+             "at each start (development mode)",
+    )
+    release = sub.add_parser(
+        "release", help="the vendor's build-host step: a signing key and a pre-signed release"
+    )
+    release_sub = release.add_subparsers(dest="release_command", required=True,
+                                         help="what to do")
+    keygen = release_sub.add_parser(
+        "keygen", help="make a vendor signing key (gramine: RSA-3072, e=3; sim: ECDSA P-256)"
+    )
+    keygen.add_argument("key", type=Path, metavar="KEY.pem",
+                        help="a new file for the private key (0600; never overwritten)")
+    keygen.add_argument("--platform", choices=PLATFORMS, default=DEFAULT_PLATFORM,
+                        help=f"the platform the key signs for (default {DEFAULT_PLATFORM})")
+    rsign = release_sub.add_parser(
+        "sign", help="sign the installed enclaves into a release directory for hostd --release"
+    )
+    rsign.add_argument("--key", type=Path, required=True, metavar="KEY.pem",
+                       help="the vendor's signing key (sgxvtpm release keygen)")
+    rsign.add_argument("--platform", choices=PLATFORMS, default=DEFAULT_PLATFORM,
+                       help=f"the platform hostd runs (default {DEFAULT_PLATFORM})")
+    rsign.add_argument("--out", type=Path, required=True, metavar="DIR",
+                       help="where the signed files and release.json (the clients' pins) go")
+    rsign.add_argument(
+        "--state-dir", type=Path, default=argparse.SUPPRESS,
+        help="gramine: the serving hostd's state directory, which the manifests name "
+             f"(env {ENV}, default ~/.local/state/sgxvtpm); sim: unused",
+    )
     sim_root = sub.add_parser("sim-root", help="a simulated provisioning authority (sim only)")
     sim_root_sub = sim_root.add_subparsers(dest="sim_root_command", required=True,
                                            help="what to do")
@@ -345,6 +377,10 @@ EXAMPLES: dict[str, str] = {
     "gramine manifest": "sgxvtpm gramine manifest --role instance > instance.manifest.toml",
     "gramine pins": "sgxvtpm gramine pins manager.sig instance.sig "
                     "> ~/.config/sgxvtpm/gramine.json",
+    "release": "sgxvtpm release sign --key vendor.pem --platform gramine --out release/",
+    "release keygen": "sgxvtpm release keygen --platform gramine vendor.pem",
+    "release sign": "sgxvtpm release sign --key vendor.pem --platform gramine "
+                    "--state-dir /var/lib/sgxvtpm --out release/",
     "sim-root": "sgxvtpm sim-root init /srv/sim-root",
     "sim-root init": "sgxvtpm sim-root init /srv/sim-root",
     "fleet": "sgxvtpm fleet join 10.0.0.1:7474 --token TOKEN --address 10.0.0.2:7474",
@@ -628,6 +664,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _release(args: argparse.Namespace) -> int:
+    from sgxvtpm.platform import generate_vendor_key, sign_release
+
+    if args.release_command == "keygen":
+        mrsigner = generate_vendor_key(args.platform, args.key)
+        print(f"vendor key written to {args.key} (MRSIGNER {mrsigner.hex()})")
+        return 0
+    state_dir = _state(args).root if args.platform == "gramine" else None
+    manifest = sign_release(args.platform, "sgxvtpm.enclaves.specs:release", args.key,
+                            args.out, state_dir=state_dir)
+    print(f"release signed into {args.out} (MRSIGNER {manifest['mrsigner']}); give "
+          f"{args.out / 'release.json'} to the clients as their pins ($SGXVTPM_MEASUREMENTS)")
+    return 0
+
+
 def _pid_file(args: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
     if getattr(args, "pid", None) is None:
         return contextlib.nullcontext()
@@ -664,9 +715,12 @@ def _run(args: argparse.Namespace) -> int:
                 counters_key=args.counters_key,
                 sim_root=args.sim_root,
                 fleet_listen=fleetcmd.address(args.fleet_listen) if args.fleet_listen else None,
+                signed_release=args.release,
             )
         )
         return 0
+    if args.command == "release":
+        return _release(args)
     if args.command == "fleet":
         from sgxvtpm.vmm import fleetcmd
 

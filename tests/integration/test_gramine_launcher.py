@@ -254,3 +254,64 @@ def test_hostd_platform_gramine_end_to_end(
         h.stop()
         if tpm is not None:
             tpm.close()
+
+
+def test_hostd_runs_a_presigned_gramine_release_without_signing(
+    tmp_path: Path, standins: StandIns, environ: pytest.MonkeyPatch
+) -> None:
+    """The vendor signs on the build host (`sgxvtpm release sign --platform gramine --key`);
+    `hostd --platform gramine --release DIR` runs gramine-sgx on the shipped files only,
+    on a host without gramine-manifest or gramine-sgx-sign at all."""
+    import subprocess
+    import sys
+
+    from sgxvtpm.platform import generate_vendor_key
+    from sgxvtpm.vmm.pins import ENV as PINS_ENV
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    _platform_dir(state, standins)
+    key, release = tmp_path / "vendor.pem", tmp_path / "release"
+    mrsigner = generate_vendor_key("gramine", key)  # RSA-3072, e = 3
+    sign = subprocess.run(
+        [sys.executable, "-m", "sgxvtpm.cli", "release", "sign", "--platform", "gramine",
+         "--key", str(key), "--state-dir", str(state), "--out", str(release)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **standins.env()},
+    )  # fmt: skip
+    assert sign.returncode == 0, sign.stderr
+    assert [c["argv"][:3] for c in standins.calls("gramine-sgx-sign")] == [
+        ["gramine-sgx-sign", "--key", str(key)]
+    ] * 2
+    manifest = json.loads((release / "release.json").read_text())
+    assert manifest["mrsigner"] == mrsigner.hex()
+    # The serving host: no signing tools, and nothing recorded from here on.
+    (standins.bin / "gramine-manifest").unlink()
+    (standins.bin / "gramine-sgx-sign").unlink()
+    standins.log.unlink()
+    environ.setenv("SGXVTPM_PLATFORM", "gramine-sim")  # the client checks the stand-in's quotes
+    environ.setenv(PINS_ENV, str(release / "release.json"))  # copied from the vendor
+    h = Hostd(state, args=["--platform", "gramine", "--release", str(release)])
+    h.env.update(standins.env())
+    h.start()
+    try:
+        info = asyncio.run(h.vmm().create("vm1"))
+        assert info.mrenclave == manifest["mrenclave"]["instance"]
+        assert info.mrsigner == mrsigner.hex()
+        with K2Client(h.binding("vm1")) as client:
+            client.power_on()
+            execute(client.transact, wire.startup(TPM2_SU.CLEAR))
+            assert len(wire.parse_get_random(execute(client.transact, wire.get_random(8)))) == 8
+        assert standins.calls("gramine-manifest") == standins.calls("gramine-sgx-sign") == []
+        runs = standins.calls("gramine-sgx")
+        assert [r["argv"] for r in runs] == [["gramine-sgx", "manager"],
+                                             ["gramine-sgx", "instance"]]  # fmt: skip
+        assert {r["cwd"] for r in runs} == {str(release)}
+        assert not (state / "platform" / "gramine").exists()  # nothing built here
+    finally:
+        h.stop()
+    # Signed for another host's state directory (the manifests name it): refused.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    _set(environ, standins.env())
+    with pytest.raises(PlatformError, match="not signed for the state directory"):
+        open_platform("gramine", _platform_dir(elsewhere, standins), signed_release=release)

@@ -76,6 +76,18 @@ def test_signer_key_gives_mrsigner(tmp_path: Path) -> None:
     assert len(mrsigner_of(der)) == 32
 
 
+def test_a_platform_for_a_presigned_release_holds_no_vendor_key(tmp_path: Path) -> None:
+    """hostd --release DIR provisions without a vendor key; reopened, it still has none
+    and refuses to sign (development mode needs a platform that has one)."""
+    SimPlatformDir.open_or_create(tmp_path / "p", vendor_key=False)
+    pdir = SimPlatformDir.open_or_create(tmp_path / "p")
+    assert pdir.signer_public_key == b""
+    assert "signer" not in json.loads((tmp_path / "p" / "keys.json").read_text())
+    with pytest.raises(PlatformError, match=r"holds no vendor signing key.*--release DIR"):
+        pdir.sign(manager_spec(platform_kind("sim")))
+    assert pdir.verifier() is not None  # the rest of the platform works as before
+
+
 def test_world_readable_fuse_key_is_refused(tmp_path: Path) -> None:
     SimPlatformDir.open_or_create(tmp_path / "p")
     (tmp_path / "p" / "fuse.key").chmod(0o644)

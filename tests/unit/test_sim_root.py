@@ -47,6 +47,22 @@ def test_two_platforms_under_one_root_verify_each_other(tmp_path: Path) -> None:
     )
 
 
+def test_a_presigned_release_opens_the_root_without_the_vendor_key(tmp_path: Path) -> None:
+    """hostd --sim-root R --release DIR: the CPU leaves the vendor key wrapped, provisions
+    a platform without one under the root, and reopens a development-mode platform."""
+    init_sim_root(tmp_path / "root")
+    authority = SimAuthority.open(tmp_path / "root", with_signer=False)
+    assert authority.signer is None and authority.signer_public_der() == b""
+    presigned = SimPlatformDir.open_or_create(
+        tmp_path / "a", authority=authority, vendor_key=False
+    )
+    assert presigned.signer_public_key == b""
+    assert presigned.root_certificate_pem == authority.root_pem
+    developed = _platform(tmp_path / "b", SimAuthority.open(tmp_path / "root"))
+    again = SimPlatformDir.open_or_create(developed.path, authority=authority, vendor_key=False)
+    assert again.signer_public_key == developed.signer_public_key != b""
+
+
 def test_platform_under_another_root_is_refused(tmp_path: Path) -> None:
     init_sim_root(tmp_path / "root1")
     init_sim_root(tmp_path / "root2")

@@ -135,6 +135,7 @@ class Hostd:
         counters_key: int = DEFAULT_COUNTERS_KEY,
         sim_root: Path | None = None,
         fleet_listen: tuple[str, int] | None = None,
+        signed_release: Path | None = None,
     ) -> None:
         self.state = state
         self.fleet_listen = fleet_listen
@@ -170,9 +171,11 @@ class Hostd:
         # a platform secret) and signs the release's enclaves from its own
         # installed code (platform/sim/cpu.py).
         try:
+            # --release DIR: the vendor's pre-signed build; nothing is signed here.
             self.platform = open_platform(
-                platform, state.platform, preload=PRELOAD, release=RELEASE, sim_root=sim_root
-            )
+                platform, state.platform, preload=PRELOAD, release=RELEASE, sim_root=sim_root,
+                signed_release=signed_release,
+            )  # fmt: skip
         except PlatformError as exc:
             os.close(self._lock_fd)
             raise HostdError(str(exc)) from None
@@ -541,6 +544,7 @@ async def serve(
     counters_key: int | None = None,
     sim_root: Path | None = None,
     fleet_listen: tuple[str, int] | None = None,
+    signed_release: Path | None = None,
 ) -> None:
     """Run hostd on the platform backend ``platform`` until SIGTERM/SIGINT.
 
@@ -565,6 +569,7 @@ async def serve(
         counters_key=DEFAULT_COUNTERS_KEY if counters_key is None else counters_key,
         sim_root=sim_root,
         fleet_listen=fleet_listen,
+        signed_release=signed_release,
     )
     if run_as is not None:
         drop_privileges(state, run_as)

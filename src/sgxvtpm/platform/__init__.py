@@ -64,9 +64,11 @@ __all__ = [
     "ReportBody",
     "TargetInfo",
     "VerifiedQuote",
+    "generate_vendor_key",
     "init_sim_root",
     "open_platform",
     "platform_kind",
+    "sign_release",
 ]
 
 
@@ -100,6 +102,7 @@ def open_platform(
     preload: Sequence[str] = (),
     release: str = "",
     sim_root: Path | None = None,
+    signed_release: Path | None = None,
 ) -> PlatformBackend:
     """Open (or, on first use, provision) the platform ``name`` with its state in ``path``.
 
@@ -109,6 +112,10 @@ def open_platform(
     platform's signer signs, from the code installed for the platform itself.
     ``sim_root`` (sim only): the simulated provisioning authority a new
     platform is provisioned under (:func:`init_sim_root`).
+    ``signed_release``: a pre-signed release directory (:func:`sign_release`, on
+    the vendor's build host): the platform signs nothing and its loader uses
+    the shipped SIGSTRUCTs (sim: a platform provisioned so holds no vendor key;
+    gramine: no gramine-manifest or gramine-sgx-sign runs).
     ``"sim"`` starts the sim CPU process; ``"gramine"`` needs SGX hardware,
     Gramine's tools and DCAP collateral (PlatformError naming what is missing),
     then signs the release with gramine-sgx-sign and runs one gramine-sgx per
@@ -117,12 +124,13 @@ def open_platform(
     if name == "sim":
         from sgxvtpm.platform.sim.backend import SimBackend
 
-        return SimBackend.open(Path(path), preload=preload, release=release, sim_root=sim_root)
+        return SimBackend.open(Path(path), preload=preload, release=release, sim_root=sim_root,
+                               signed_release=signed_release)
     if name == "gramine-sim":
         from sgxvtpm.platform.sim.backend import GramineSimBackend
 
         return GramineSimBackend.open(Path(path), preload=preload, release=release,
-                                      sim_root=sim_root)
+                                      sim_root=sim_root, signed_release=signed_release)
     if sim_root is not None:
         raise PlatformError("--sim-root is for the sim platforms only")
     if name == "gramine":
@@ -130,8 +138,47 @@ def open_platform(
         # tools, the DCAP collateral (platform/gramine/launcher.py).
         from sgxvtpm.platform.gramine.launcher import GramineBackend
 
-        return GramineBackend.open(Path(path), release=release)
+        return GramineBackend.open(Path(path), release=release, signed_release=signed_release)
     raise _unavailable(name)
+
+
+def sign_release(
+    name: str, release: str, key: Path, out: Path, *, state_dir: Path | None = None
+) -> dict[str, object]:
+    """The vendor's build-host step (``sgxvtpm release sign``): sign the enclaves of
+    ``release`` ("module:function", as :func:`open_platform`'s) for platform ``name``
+    with the vendor's ``key`` into ``out``, with the release manifest
+    (platform/release.py), which is returned. ``state_dir`` (gramine only): the
+    serving host's state directory, which the manifests name. PlatformError (one
+    line) on a bad key or missing tool."""
+    import importlib
+
+    if name == "gramine":
+        from sgxvtpm.platform.gramine.launcher import sign_release as sign_gramine
+
+        if state_dir is None:
+            raise PlatformError("a Gramine release is signed for a state directory")
+        return sign_gramine(release, Path(key), Path(out), Path(state_dir).resolve())
+    kind = platform_kind(name)
+    from sgxvtpm.platform.sim.release import sign
+
+    module, _, function = release.partition(":")
+    specs = getattr(importlib.import_module(module), function)(kind)
+    return sign(specs, Path(key), Path(out), kind)
+
+
+def generate_vendor_key(name: str, path: Path) -> bytes:
+    """A new vendor signing key for platform ``name`` at ``path`` (created 0600, never
+    overwritten); its MRSIGNER. gramine: RSA-3072 with e = 3 (SGX's SIGSTRUCT); the
+    sim kinds: ECDSA P-256 (the sim's SIGSTRUCT, platform/sim/sigstruct.py)."""
+    if name == "gramine":
+        from sgxvtpm.platform.gramine.launcher import generate_key
+
+        return generate_key(Path(path))
+    platform_kind(name)  # ValueError for an unknown name
+    from sgxvtpm.platform.sim.release import generate_key as generate_sim_key
+
+    return generate_sim_key(Path(path))
 
 
 def init_sim_root(path: Path) -> str:

@@ -45,6 +45,7 @@ from sgxvtpm.platform.base import MeasurementPolicy, PlatformError, PlatformKind
 from sgxvtpm.util.durable import atomic_write
 from sgxvtpm.util.keyfile import write_private_key
 from sgxvtpm.vmm import pccs
+from sgxvtpm.vmm.pins import ENV as PINS_ENV
 from sgxvtpm.vmm.pins import INTEL as INTEL_ROOT
 from sgxvtpm.vmm.pins import GraminePins, PinsError
 from sgxvtpm.vmm.pins import load as load_pins
@@ -232,8 +233,10 @@ class HostCredentials:
     def policy(self, role: str) -> MeasurementPolicy:
         """Which ``role`` ("manager" or "instance") enclaves this client accepts: the
         MRENCLAVE of the code installed here on the sim kinds; on ``gramine``, the
-        operator's pins (MRENCLAVE and MRSIGNER of a trusted build, vmm/pins.py)."""
-        if self.platform.name == "gramine":
+        operator's pins (MRENCLAVE and MRSIGNER of a trusted build, vmm/pins.py). On the
+        sim kinds too when ``$SGXVTPM_MEASUREMENTS`` names pins: a pre-signed release's
+        ``release.json``, copied from the vendor (platform/release.py)."""
+        if self.platform.name == "gramine" or os.environ.get(PINS_ENV):
             return self.pins().policy(role)
         return expected_policy(role, self.platform)
 

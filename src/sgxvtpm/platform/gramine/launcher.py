@@ -22,6 +22,13 @@
    identity the enclave's quotes will carry (``measure`` answers it; hostd
    logs it; verifiers pin it).
 
+With a pre-signed release (``hostd --release DIR``, made on the vendor's build
+host by ``sgxvtpm release sign --platform gramine``, :func:`sign_release`),
+steps 2 and 3 are: read ``DIR/ROLE.sig`` and check that ``DIR/ROLE.manifest.sgx``
+exists and was rendered for this host's state directory; neither
+``gramine-manifest`` nor ``gramine-sgx-sign`` runs, nor is needed on PATH,
+and the enclaves run in DIR.
+
 Each launch is ``gramine-sgx ROLE`` in ``PLATFORM_DIR/gramine`` (Gramine
 finds ``ROLE.manifest.sgx`` and ``ROLE.sig`` there), in a session of its
 own, with one end of a socketpair as its stdin and stdout (the enclave's
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib
 import os
 import shutil
@@ -51,6 +59,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sgxvtpm.platform import dcap
 from sgxvtpm.platform.base import (
@@ -65,6 +74,13 @@ from sgxvtpm.platform.gramine import sigstruct
 from sgxvtpm.platform.gramine.backend import GRAMINE
 from sgxvtpm.platform.gramine.bootstrap import encode_launch_args
 from sgxvtpm.platform.gramine.manifest import check, render
+from sgxvtpm.platform.release import (
+    MANIFEST,
+    ReleaseError,
+    read_manifest,
+    write_manifest,
+    write_new_key,
+)
 
 SGX_DEVICE = "/dev/sgx_enclave"
 #: Test-only: the path that stands for /dev/sgx_enclave (see the module doc).
@@ -81,7 +97,7 @@ def sgx_device() -> Path:
     return Path(os.environ.get(DEVICE_ENV) or SGX_DEVICE)
 
 
-def check_host(platform_dir: Path) -> None:
+def check_host(platform_dir: Path, tools: Sequence[str] = TOOLS) -> None:
     """PlatformError naming the first thing this host lacks for platform 'gramine'."""
     device = sgx_device()
     if not device.exists():
@@ -89,7 +105,7 @@ def check_host(platform_dir: Path) -> None:
             f"platform 'gramine' needs SGX hardware, and this machine has none (no {device}): "
             "use 'sim', or 'gramine-sim' for the same enclave code path"
         )
-    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         raise PlatformError(
             f"platform 'gramine' needs Gramine's tools: {', '.join(missing)} not found on PATH "
@@ -134,8 +150,13 @@ class SignedEnclave:
         )
 
 
-def build(spec: EnclaveSpec, build_dir: Path, state_dir: Path) -> SignedEnclave:
-    """Render, check, preprocess and sign ``spec``'s manifest in ``build_dir``; its SIGSTRUCT."""
+def build(
+    spec: EnclaveSpec, build_dir: Path, state_dir: Path, key: Path | None = None
+) -> SignedEnclave:
+    """Render, check, preprocess and sign ``spec``'s manifest in ``build_dir``; its SIGSTRUCT.
+
+    ``key``: the vendor's key for ``gramine-sgx-sign --key`` (else Gramine's default).
+    """
     role = spec.name
     if role not in ROLES:
         raise PlatformError(f"unknown enclave role {role!r}: expected manager or instance")
@@ -145,8 +166,8 @@ def build(spec: EnclaveSpec, build_dir: Path, state_dir: Path) -> SignedEnclave:
     template.write_text(rendered.text)
     _run(["gramine-manifest", template.name, f"{role}.manifest"], build_dir)
     _run(
-        ["gramine-sgx-sign", "--manifest", f"{role}.manifest", "--output",
-         f"{role}.manifest.sgx"],
+        ["gramine-sgx-sign", *(["--key", str(key.resolve())] if key is not None else []),
+         "--manifest", f"{role}.manifest", "--output", f"{role}.manifest.sgx"],
         build_dir,
     )  # fmt: skip
     try:
@@ -154,6 +175,69 @@ def build(spec: EnclaveSpec, build_dir: Path, state_dir: Path) -> SignedEnclave:
     except OSError as exc:
         raise PlatformError(f"gramine-sgx-sign wrote no {role}.sig: {exc.strerror}") from None
     return SignedEnclave(role, sigstruct.parse(data))
+
+
+def sign_release(release: str, key: Path, out: Path, state_dir: Path) -> dict[str, object]:
+    """The vendor's build-host step (``sgxvtpm release sign --platform gramine``): render
+    and check both manifests for a host whose state directory is ``state_dir``, run
+    ``gramine-manifest`` and ``gramine-sgx-sign --key KEY`` in ``out``; the release
+    manifest written there (platform/release.py)."""
+    missing = [tool for tool in TOOLS[:2] if shutil.which(tool) is None]
+    if missing:
+        raise PlatformError(
+            f"signing a Gramine release needs Gramine's tools: {', '.join(missing)} not found "
+            "on PATH (install Gramine v1.9, docs/REAL-SGX.md)"
+        )
+    if not key.is_file():
+        raise PlatformError(f"vendor key {key}: no such file (sgxvtpm release keygen)")
+    out.mkdir(parents=True, exist_ok=True)
+    signed = {spec.name: build(spec, out, state_dir, key) for spec in _release(release)}
+    signers = {s.sig.mrsigner for s in signed.values()}
+    if len(signers) != 1:
+        raise PlatformError("gramine-sgx-sign signed the two enclaves with different keys")
+    return write_manifest(
+        out, GRAMINE.name, {role: s.sig.mrenclave for role, s in signed.items()}, signers.pop()
+    )
+
+
+def generate_key(path: Path) -> bytes:
+    """A new vendor key for gramine-sgx-sign at ``path`` (RSA-3072, e = 3, as SGX requires
+    and gramine-sgx-gen-private-key makes; PEM, 0600); its MRSIGNER."""
+    key = rsa.generate_private_key(public_exponent=sigstruct.EXPONENT, key_size=3072)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    write_new_key(path, pem)
+    modulus = key.public_key().public_numbers().n.to_bytes(sigstruct.KEY_SIZE, "little")
+    return hashlib.sha256(modulus).digest()
+
+
+def load_release(directory: Path, state_dir: Path) -> dict[str, SignedEnclave]:
+    """hostd --release DIR: the shipped SIGSTRUCTs, checked against the release manifest,
+    and the shipped ``.manifest.sgx`` files, which must exist and name ``state_dir``."""
+    mrenclave, mrsigner = read_manifest(directory, GRAMINE.name)
+    signed = {}
+    for role in ROLES:
+        try:
+            sig = sigstruct.parse((directory / f"{role}.sig").read_bytes())
+            text = (directory / f"{role}.manifest.sgx").read_text()
+        except OSError as exc:
+            raise ReleaseError(
+                f"the release in {directory} lacks {Path(str(exc.filename)).name}"
+            ) from None
+        except sigstruct.SigStructError as exc:
+            raise ReleaseError(f"{directory / (role + '.sig')}: {exc}") from None
+        if sig.mrenclave != mrenclave[role] or sig.mrsigner != mrsigner:
+            raise ReleaseError(f"{directory / (role + '.sig')} is not what {MANIFEST} names")
+        if f"file:{state_dir}/" not in text:
+            raise ReleaseError(
+                f"the release in {directory} was not signed for the state directory "
+                f"{state_dir}: sign it with `sgxvtpm release sign --state-dir {state_dir}`"
+            )
+        signed[role] = SignedEnclave(role, sig)
+    return signed
 
 
 class GramineHandle(LaunchedEnclave):
@@ -246,8 +330,11 @@ class GramineBackend:
         self._collateral = collateral
 
     @classmethod
-    def open(cls, platform_dir: Path, *, release: str = "") -> GramineBackend:
-        check_host(platform_dir)
+    def open(
+        cls, platform_dir: Path, *, release: str = "", signed_release: Path | None = None
+    ) -> GramineBackend:
+        # A pre-signed release needs gramine-sgx only: nothing is built or signed here.
+        check_host(platform_dir, TOOLS if signed_release is None else TOOLS[2:])
         collateral = (platform_dir / COLLATERAL_FILE).read_text()
         try:
             root_der = dcap.root_from_collateral(dcap.load_collateral(collateral))
@@ -256,9 +343,13 @@ class GramineBackend:
         root_pem = x509.load_der_x509_certificate(root_der).public_bytes(
             serialization.Encoding.PEM
         )
+        state_dir = platform_dir.resolve().parent
+        if signed_release is not None:
+            build_dir = Path(signed_release).resolve()
+            signed = load_release(build_dir, state_dir)
+            return cls(GramineLoader(build_dir, signed, collateral), signed, root_pem, collateral)
         build_dir = platform_dir / BUILD_DIR
         build_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        state_dir = platform_dir.resolve().parent
         signed = {spec.name: build(spec, build_dir, state_dir) for spec in _release(release)}
         return cls(GramineLoader(build_dir, signed, collateral), signed, root_pem, collateral)
 

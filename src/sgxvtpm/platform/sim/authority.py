@@ -48,7 +48,9 @@ class SimAuthority:
     path: Path
     root_key: ec.EllipticCurvePrivateKey
     root_pem: bytes
-    signer: ec.EllipticCurvePrivateKey
+    # None when opened for a pre-signed release (hostd --release DIR --sim-root):
+    # the vendor signed elsewhere, and the sim CPU need not hold its key.
+    signer: ec.EllipticCurvePrivateKey | None
 
     @property
     def root_sha256(self) -> str:
@@ -82,8 +84,12 @@ class SimAuthority:
         return cls.open(path)
 
     @classmethod
-    def open(cls, path: Path) -> SimAuthority:
-        """Open the authority in ``path``; PlatformError (one line) if it is not one."""
+    def open(cls, path: Path, *, with_signer: bool = True) -> SimAuthority:
+        """Open the authority in ``path``; PlatformError (one line) if it is not one.
+
+        ``with_signer=False``: leave the vendor's signing key wrapped (a pre-signed
+        release needs only the root).
+        """
         path = Path(path)
         try:
             st = (path / SECRET).stat()
@@ -105,7 +111,11 @@ class SimAuthority:
         wrap = keywrap.derive_wrap_key(secret)
         try:
             root_key = keywrap.unwrap_private_key(wrap, "root_ca", wrapped["root_ca"])
-            signer = keywrap.unwrap_private_key(wrap, "signer", wrapped["signer"])
+            signer = (
+                keywrap.unwrap_private_key(wrap, "signer", wrapped["signer"])
+                if with_signer
+                else None
+            )
         except KeyError as exc:
             raise PlatformError(f"{path / KEYS} lacks the key {exc}") from None
         return cls(path=path, root_key=root_key, root_pem=root_pem, signer=signer)
@@ -120,4 +130,5 @@ class SimAuthority:
         )
 
     def signer_public_der(self) -> bytes:
-        return provision.spki_der(self.signer.public_key())
+        """The vendor key's SubjectPublicKeyInfo, b"" if opened without it."""
+        return provision.spki_der(self.signer.public_key()) if self.signer is not None else b""

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Self
 
 from sgxvtpm.platform.base import EnclaveSpec
-from sgxvtpm.platform.sim.gramine_sim import GramineSimKind
+from sgxvtpm.platform.sim.gramine_sim import GRAMINE_SIM, GramineSimKind
 from sgxvtpm.platform.sim.loader import SimLoader
 from sgxvtpm.platform.sim.measure import SimMeasuredKind
+from sgxvtpm.platform.sim.release import load as load_release
 
 
 class SimKind(SimMeasuredKind):
@@ -46,12 +47,16 @@ class _LoaderBackend:
         preload: Sequence[str] = (),
         release: str = "",
         sim_root: Path | None = None,
+        signed_release: Path | None = None,
     ) -> Self:
         if cls._gramine_sim:
             preload = ()
+        kind = GRAMINE_SIM if cls._gramine_sim else SIM
+        # hostd --release DIR: the vendor's SIGSTRUCTs (public files, read here).
+        presigned = load_release(signed_release, kind) if signed_release is not None else None
         loader = SimLoader(
             Path(path), preload=preload, release=release, gramine_sim=cls._gramine_sim,
-            sim_root=sim_root,
+            sim_root=sim_root, presigned=presigned,
         )  # fmt: skip
         return cls(loader)
 

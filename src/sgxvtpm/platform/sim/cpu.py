@@ -14,13 +14,15 @@ process plays both parts for a platform directory:
   the enclave, and binds the measured identity to a socket the enclave gets
   (:mod:`.enclu`): every EGETKEY, EREPORT, quote and counter request on that
   socket is answered for that identity only;
-- the vendor's signing step: at start it signs the enclaves of the release
-  named by ``--release module:function`` (a function of the platform's
-  kind, :data:`.backend.SIM`, returning unsigned EnclaveSpecs), built from
-  the sgxvtpm installed for this interpreter, and nothing else, ever. On
-  hardware the vendor signs at build time; here the vendor key lives with
-  the platform, and this is that build. A loader that sends other code
-  gets no signature for it: EINIT refuses the launch.
+- the vendor's signing step, in development mode only: at start it signs the
+  enclaves of the release named by ``--release module:function`` (a function
+  of the platform's kind, :data:`.backend.SIM`, returning unsigned
+  EnclaveSpecs), built from the sgxvtpm installed for this interpreter, and
+  nothing else, ever. A loader that sends other code gets no signature for
+  it: EINIT refuses the launch. With ``--presigned`` (``hostd --release
+  DIR``: the vendor signed on its build host, :mod:`.release`) it signs
+  nothing and a platform it provisions holds no vendor key: the loader sends
+  the shipped SIGSTRUCTs and EINIT checks them, as on hardware.
 
 Run by :class:`~sgxvtpm.platform.sim.loader.SimLoader` as an isolated
 interpreter (no PYTHONPATH, no cwd on sys.path, a clean environment). When
@@ -83,20 +85,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gramine-sim", action="store_true",
                    help="one stand-in process per enclave over /dev/attestation (gramine_sim.py)")
     p.add_argument("--sim-root", default="", help="the sim provisioning authority (sim-root)")
+    p.add_argument("--presigned", action="store_true",
+                   help="sign nothing; provision a new platform without a vendor key")
     opts = p.parse_args(argv)
     log.configure("sim-cpu")
     ctl = socket.socket(fileno=opts.control_fd)
     os.set_inheritable(ctl.fileno(), False)
     try:
-        authority = SimAuthority.open(Path(opts.sim_root)) if opts.sim_root else None
-        platform = SimPlatformDir.open_or_create(Path(opts.platform_dir), authority=authority)
+        authority = (
+            SimAuthority.open(Path(opts.sim_root), with_signer=not opts.presigned)
+            if opts.sim_root
+            else None
+        )
+        platform = SimPlatformDir.open_or_create(
+            Path(opts.platform_dir), authority=authority, vendor_key=not opts.presigned
+        )
     except PlatformError as exc:
         send_message(ctl, {"ready": False, "error": str(exc)})
         return 2
     cpu = Cpu(platform, opts.preload, gramine_sim=opts.gramine_sim)
     try:
         kind = GRAMINE_SIM if opts.gramine_sim else SIM
-        sigstructs = sign_release(platform, opts.release, kind) if opts.release else {}
+        signing = opts.release and not opts.presigned
+        sigstructs = sign_release(platform, opts.release, kind) if signing else {}
         if not opts.gramine_sim:
             cpu.start_zygote()
     except (PlatformError, ImportError, AttributeError, OSError) as exc:

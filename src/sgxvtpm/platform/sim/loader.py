@@ -83,6 +83,9 @@ class SimLoader:
     ``release`` ("module:function", called with :data:`.backend.SIM`): the
     enclaves the platform's vendor key signs, built by the CPU from its own
     installed code (:func:`signed` hands out their SIGSTRUCTs).
+    ``presigned`` (hostd --release DIR, :mod:`.release`): the vendor's
+    SIGSTRUCTs by enclave name; the CPU then signs nothing and holds no
+    vendor key, and these are what :func:`signed` hands out.
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class SimLoader:
         release: str = "",
         gramine_sim: bool = False,
         sim_root: Path | None = None,
+        presigned: Mapping[str, bytes] | None = None,
     ) -> None:
         self._dir = Path(platform_dir)
         self._lock = threading.Lock()
@@ -102,7 +106,9 @@ class SimLoader:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         args = ["--control-fd", str(child.fileno()), "--platform-dir", str(self._dir)]
         args += ["--preload", ",".join(preload)]
-        if release:
+        if presigned is not None:
+            args += ["--presigned"]
+        elif release:
             args += ["--release", release]
         if gramine_sim:
             args += ["--gramine-sim"]
@@ -132,7 +138,11 @@ class SimLoader:
         self.signer_public_key = bytes.fromhex(ready["signer_public_key"])
         self.attestation_root_pem = bytes.fromhex(ready["root_pem"])
         self.platform_id = bytes.fromhex(ready["platform_id"])
-        self._sigstructs = {k: bytes.fromhex(v) for k, v in ready["sigstructs"].items()}
+        self._sigstructs = (
+            dict(presigned)
+            if presigned is not None
+            else {k: bytes.fromhex(v) for k, v in ready["sigstructs"].items()}
+        )
         self._release_code: dict[tuple[Path, ...], list[CodeFile]] = {}
 
     def signed(self, spec: EnclaveSpec) -> EnclaveSpec:

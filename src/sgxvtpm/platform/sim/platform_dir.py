@@ -3,7 +3,8 @@
 Layout (directory mode 0700):
 
   fuse.key             32-byte root secret, mode 0600 (the only clear secret)
-  keys.json            private keys (root CA, PCK, attestation, signer),
+  keys.json            private keys (root CA, PCK, attestation, and the vendor's
+                       enclave signer unless provisioned by ``hostd --release DIR``),
                        each AES-256-GCM wrapped under a key derived from fuse.key
   root_ca.pem          provisioning root certificate (give this to verifiers)
   pck.pem              this platform's PCK certificate
@@ -73,7 +74,8 @@ class SimPlatformDir:
             self._wrapped = {
                 k: bytes.fromhex(v) for k, v in json.loads((self.path / KEYS).read_text()).items()
             }
-            self.signer_public_key = bytes.fromhex(meta["signer_public_key"])
+            # b"": no vendor key here (provisioned for a pre-signed release).
+            self.signer_public_key = bytes.fromhex(meta.get("signer_public_key", ""))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise PlatformError(f"{self.path} is not a complete sim platform: {exc}") from exc
         # CR_REPORT_KEYID: random per "boot" (per opening of the platform).
@@ -89,12 +91,15 @@ class SimPlatformDir:
         platform_id: bytes | None = None,
         now: datetime.datetime | None = None,
         authority: SimAuthority | None = None,
+        vendor_key: bool = True,
     ) -> SimPlatformDir:
         """Open the platform at ``path``, provisioning a new one if there is none.
 
         ``authority`` (hostd --sim-root): a new platform's PCK is issued by that
         authority's root and its signer is the authority's vendor key; an
         existing platform must already be under that root (PlatformError else).
+        ``vendor_key=False`` (hostd --release DIR): a new platform gets no vendor
+        signing key (the vendor signed the release elsewhere: ``sgxvtpm release sign``).
         The other keyword arguments fix the randomness and time of provisioning,
         for known-answer tests; leave them out otherwise.
         """
@@ -113,8 +118,10 @@ class SimPlatformDir:
                 keys = (
                     authority.platform_keys()
                     if authority is not None
-                    else provision.PlatformKeys.generate()
+                    else provision.PlatformKeys.generate(vendor_key=vendor_key)
                 )
+            if not vendor_key:
+                keys = dataclasses.replace(keys, signer=None)
             _provision(
                 path,
                 root_secret if root_secret is not None else os.urandom(32),
@@ -127,9 +134,11 @@ class SimPlatformDir:
             platform = cls(path)
         except PlatformError as exc:
             raise PlatformError(damaged.format(exc)) from None
+        signers = (platform.signer_public_key, authority.signer_public_der() if authority else b"")
         if authority is not None and (
             platform.root_certificate_pem != authority.root_pem
-            or platform.signer_public_key != authority.signer_public_der()
+            # Both known (neither opened for a pre-signed release): the same vendor.
+            or (all(signers) and signers[0] != signers[1])
         ):
             raise PlatformError(
                 f"the sim platform at {path} was provisioned under another root than the sim "
@@ -197,7 +206,13 @@ class SimPlatformDir:
             return ""
 
     def signer_private_key(self) -> ec.EllipticCurvePrivateKey:
-        """The operator's enclave signing key (unwrapped on demand)."""
+        """The vendor's enclave signing key (unwrapped on demand); PlatformError if
+        this platform was provisioned without one (for a pre-signed release)."""
+        if "signer" not in self._wrapped:
+            raise PlatformError(
+                f"the sim platform at {self.path} holds no vendor signing key (it was "
+                "provisioned for a pre-signed release): start hostd with --release DIR"
+            )
         return self._private_key("signer")
 
     def sign(self, spec: EnclaveSpec) -> EnclaveSpec:
@@ -260,8 +275,9 @@ def _provision(
     meta = {
         "format": _FORMAT,
         "platform_id": platform_id.hex(),
-        "signer_public_key": provision.spki_der(keys.signer.public_key()).hex(),
         "qe_report_body": cert.qe_report_body.hex(),
         "qe_report_signature": cert.qe_report_signature.hex(),
     }
+    if keys.signer is not None:
+        meta["signer_public_key"] = provision.spki_der(keys.signer.public_key()).hex()
     atomic_write(path / PLATFORM_JSON, json.dumps(meta, indent=1).encode(), 0o644)

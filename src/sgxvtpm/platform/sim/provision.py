@@ -54,13 +54,18 @@ class PlatformKeys:
     root_ca: ec.EllipticCurvePrivateKey
     pck: ec.EllipticCurvePrivateKey
     attestation: ec.EllipticCurvePrivateKey
-    signer: ec.EllipticCurvePrivateKey
+    # None: a platform that holds no vendor key (hostd --release DIR: the vendor
+    # signed the release on its build host, sgxvtpm release sign).
+    signer: ec.EllipticCurvePrivateKey | None
 
     NAMES = ("root_ca", "pck", "attestation", "signer")
 
     @classmethod
-    def generate(cls) -> PlatformKeys:
-        return cls(*(ec.generate_private_key(ec.SECP256R1()) for _ in cls.NAMES))
+    def generate(cls, *, vendor_key: bool = True) -> PlatformKeys:
+        def new() -> ec.EllipticCurvePrivateKey:
+            return ec.generate_private_key(ec.SECP256R1())
+
+        return cls(new(), new(), new(), new() if vendor_key else None)
 
     @classmethod
     def from_scalars(cls, scalars: dict[str, int]) -> PlatformKeys:
@@ -68,7 +73,7 @@ class PlatformKeys:
         return cls(*(ec.derive_private_key(scalars[n], ec.SECP256R1()) for n in cls.NAMES))
 
     def by_name(self) -> dict[str, ec.EllipticCurvePrivateKey]:
-        return {n: getattr(self, n) for n in self.NAMES}
+        return {n: getattr(self, n) for n in self.NAMES if getattr(self, n) is not None}
 
 
 @dataclass(frozen=True)
