@@ -95,11 +95,7 @@ class AsyncSession:
         self._mux._conn.authenticated(self._sid)
 
     async def send(self, payload: bytes) -> None:
-        try:
-            self._session.send_message(payload)
-        except ChannelError:
-            raise await self._fail("send on a broken session") from None
-        await self._flush_or_fail()
+        await self._step(self._session.send_message, payload, "send on a broken session")
 
     async def recv(self) -> bytes:
         """The next message; EOFError once the peer closed cleanly."""
@@ -144,11 +140,16 @@ class AsyncSession:
                 data = b""
             else:
                 self._mux._conn.consumed(self._sid, len(data))
-            try:
-                self._session.receive_data(data)
-            except ChannelError:
-                raise await self._fail("channel error") from None
-            await self._flush_or_fail()
+            await self._step(self._session.receive_data, data, "channel error")
+
+    async def _step(self, call: Callable[[bytes], object], data: bytes, reason: str) -> None:
+        """``call(data)`` on the sans-IO session, then send what it made; a
+        ChannelError fails the session with ``reason``."""
+        try:
+            call(data)
+        except ChannelError:
+            raise await self._fail(reason) from None
+        await self._flush_or_fail()
 
     async def _flush_or_fail(self) -> None:
         self._flush()
