@@ -113,6 +113,11 @@ class EnclaveIdentity:
     attributes: bytes = bytes(16)
     misc_select: int = 0
 
+    @property
+    def target_info(self) -> TargetInfo:
+        """The TARGETINFO a REPORT for this enclave is made with (SDM 38.16)."""
+        return TargetInfo(self.mrenclave, self.attributes, self.misc_select)
+
 
 @dataclass(frozen=True)
 class ReportBody:

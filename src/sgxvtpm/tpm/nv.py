@@ -95,7 +95,7 @@ def get_tpm_property(transact: Transact, prop: int) -> int | None:
 def nv_buffer_max(transact: Transact) -> int:
     """The TPM's largest NV_Read/NV_Write chunk (TPM_PT_NV_BUFFER_MAX)."""
     value = get_tpm_property(transact, TPM_PT_NV_BUFFER_MAX)
-    return value if value else DEFAULT_NV_BUFFER
+    return value or DEFAULT_NV_BUFFER
 
 
 @dataclass(frozen=True)
