@@ -55,6 +55,47 @@ def test_older_libvirt_daemon_and_pid_file() -> None:
     assert a.daemon and a.pid_file == "/run/x-swtpm.pid"
 
 
+BASE_SOCKET = [*LIBVIRT9_SOCKET[:4], "--tpm2"]  # --ctrl and --tpmstate, no --log
+
+
+@pytest.mark.parametrize(
+    ("extra", "log", "pid"),
+    [
+        ([], (None, None, 0), (None, None)),
+        (["--log", "fd=5,level=20"], (None, 5, 20), (None, None)),
+        (["--log", "file=/l,level="], ("/l", None, 0), (None, None)),
+        (["--log", "file=,fd=3,prefix=x,truncate"], (None, 3, 0), (None, None)),
+        (["--pid", "fd=7"], (None, None, 0), (None, 7)),
+        (["--pid", "file=/p,fd=8", "--log", "file=/l"], ("/l", None, 0), ("/p", 8)),
+    ],
+)
+def test_log_and_pid_take_a_file_or_a_descriptor(
+    extra: list[str], log: tuple[object, ...], pid: tuple[object, ...]
+) -> None:
+    a = parse_swtpm([*BASE_SOCKET, *extra])
+    assert (a.log_file, a.log_fd, a.log_level) == log
+    assert (a.pid_file, a.pid_fd) == pid
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--log", "fd=x"], "--log fd: expected a file descriptor number, got 'x'"),
+        (["--log", "level=loud"], "--log level: expected a file descriptor number, got 'loud'"),
+        (["--log", "mode=0600"], "--log: unknown parameter 'mode'"),
+        (["--pid", "fd=-1"], "--pid fd: expected a file descriptor number, got '-1'"),
+        (["--pid", "level=1"], "--pid: unknown parameter 'level'"),
+        (["--pid", "bad", "--log", "fd=x,level=y"], "--log fd: "),  # --log is read first
+        (["--log", "level=y", "--key", "pwdfd=z"], "--log level: "),
+        (["--pid", "fd=p", "--key", "pwdfd=z"], "--pid fd: "),
+    ],
+)
+def test_log_and_pid_errors_name_the_option(extra: list[str], says: str) -> None:
+    with pytest.raises(OptionError) as caught:
+        parse_swtpm([*BASE_SOCKET, *extra])
+    assert str(caught.value).startswith(says)
+
+
 def test_password_descriptors_of_key_and_migration_key() -> None:
     a = parse_swtpm([*LIBVIRT9_SOCKET, "--key", "pwdfd=7,mode=aes-256-cbc",
                      "--migration-key", "pwdfd=9,mode=aes-256-cbc"])

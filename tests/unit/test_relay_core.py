@@ -372,6 +372,20 @@ def test_control_requests_reach_the_callback() -> None:
     run(main())
 
 
+def test_a_relay_without_a_control_handler_refuses_every_request() -> None:
+    async def main() -> None:
+        hub = make_hub()
+        r, w = await raw_peer(hub)
+        mux = RelayMux(r, w)
+        mux.start()
+        assert await mux.control({"op": "launch"}) == {"error": "no control handler", "id": 1}
+        assert await mux.control({"op": "ping"}) == {"error": "no control handler", "id": 2}
+        await mux.aclose()
+        await hub.close()
+
+    run(main())
+
+
 def test_register_refuses_a_live_name() -> None:
     async def main() -> None:
         hub = make_hub()

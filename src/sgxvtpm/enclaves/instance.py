@@ -58,7 +58,7 @@ from sgxvtpm.tpm.constants import TPM2_RC, TPM2_SU
 from sgxvtpm.tpm.engine import EngineError, EngineMisuseError, LibtpmsEngine
 from sgxvtpm.tpm.nv import execute
 from sgxvtpm.util import log
-from sgxvtpm.wire import admin
+from sgxvtpm.wire import admin, vtpm
 from sgxvtpm.wire.jsonmsg import Refused, Reply
 from sgxvtpm.wire.resume import AttachReply, ResumeToken, encode_attach_reply, token_of
 from sgxvtpm.wire.vtpm import (
@@ -68,11 +68,6 @@ from sgxvtpm.wire.vtpm import (
     VtpmProtocolError,
     VtpmRequest,
     VtpmResponse,
-    decode_request,
-    encode_response,
-    encode_tpm_response,
-    tpm_command_of,
-    tpm_response_of,
 )
 
 _ABOUT_TEXT = 120  # characters kept of an endpoint's description of itself
@@ -257,16 +252,16 @@ class InstanceEnclave:
         if self.core is None or peer.spki_sha256 != self.vm_spki:
             raise PermissionError("not the bound VM")
         if session is not self.seat.holder:
-            return encode_response(self._not_attached(session, data))
+            return vtpm.encode_response(self._not_attached(session, data))
         if self.state == "migrated":
             response = migration.refuse(self.store.bundle.provisioning)
         else:
             response = self.core.handle_message(data)
         live = self._live
         assert live is not None  # set by every ATTACH that gives the seat
-        command = tpm_command_of(data)
+        command = vtpm.tpm_command_of(data)
         unchanged = self._quiet.unchanged(
-            command[0] if command is not None else None, tpm_response_of(response)
+            command[0] if command is not None else None, vtpm.tpm_response_of(response)
         )
         if not self._quiet.command_audit_default:
             self.store.bundle.provisioning.pop("command_audit", None)  # with the next commit
@@ -274,9 +269,9 @@ class InstanceEnclave:
             return response
         # Its change could not be made durable: an error answer, recorded as such.
         if command is not None:
-            response = encode_tpm_response(tpmwire.error_response(TPM2_RC.FAILURE))
+            response = vtpm.encode_tpm_response(tpmwire.error_response(TPM2_RC.FAILURE))
         else:
-            response = encode_response(VtpmResponse.error(TpmResult.IOERROR))
+            response = vtpm.encode_response(VtpmResponse.error(TpmResult.IOERROR))
         self._record(live.epoch, live.seq + 1, response)
         return response
 
@@ -370,7 +365,7 @@ class InstanceEnclave:
         """ATTACH, or a refusal: nothing reaches the TPM from a session that is not its
         endpoint (a second one could reset it, or read what the VM's endpoint keeps)."""
         try:
-            request = decode_request(data)
+            request = vtpm.decode_request(data)
         except VtpmProtocolError:
             return VtpmResponse.error(TpmResult.BAD_PARAMETER)
         if request.op is VtpmOp.ATTACH:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from sgxvtpm.errors import SgxvtpmError
 
@@ -32,12 +32,17 @@ class StateDirError(SgxvtpmError):
     """The state directory cannot be used; the message names the path and the fix."""
 
 
-def default_state_dir() -> Path:
-    env = os.environ.get(ENV)
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+def user_dir(env: str, xdg: str, home_default: str) -> Path:
+    """``$env``, else sgxvtpm under ``$xdg``, else under ``~/home_default``."""
+    chosen = os.environ.get(env)
+    if chosen:
+        return Path(chosen)
+    base = os.environ.get(xdg) or str(Path.home() / home_default)
     return Path(base) / "sgxvtpm"
+
+
+def default_state_dir() -> Path:
+    return user_dir(ENV, "XDG_STATE_HOME", ".local/state")
 
 
 class Entry:
@@ -52,12 +57,24 @@ class Entry:
 
 
 @dataclass(frozen=True)
-class StateDir:
+class Directory:
+    """A directory at ``root`` whose files are :class:`Entry` attributes;
+    ``at(None)`` is the subclass's ``default()`` one."""
+
     root: Path
 
+    @staticmethod
+    def default() -> Path:
+        raise NotImplementedError
+
     @classmethod
-    def at(cls, path: Path | str | None) -> StateDir:
-        return cls(Path(path) if path is not None else default_state_dir())
+    def at(cls, path: Path | str | None) -> Self:
+        return cls(Path(path) if path is not None else cls.default())
+
+
+@dataclass(frozen=True)
+class StateDir(Directory):
+    default = staticmethod(default_state_dir)
 
     socket = Entry("hostd.sock")
 

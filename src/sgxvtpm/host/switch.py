@@ -155,6 +155,11 @@ class _OverLimit(RelayProtocolError):
     """A client went past one of the limits of :mod:`sgxvtpm.mux.limits`."""
 
 
+async def _no_control(conn: Connection, request: dict[str, Any]) -> dict[str, Any]:
+    """The CONTROL handler of a relay given none: every request is refused."""
+    return {"error": "no control handler"}
+
+
 class Relay:
     """Moves frames between attached connections; see the module docstring."""
 
@@ -165,7 +170,7 @@ class Relay:
         observer: Observer | None = None,
         on_tpm: TpmHandler | None = None,
     ) -> None:
-        self._on_control = on_control
+        self._on_control = on_control if on_control is not None else _no_control
         self._on_tpm = on_tpm
         self._tpm_lock = asyncio.Lock()  # the host has one TPM
         self._observer = observer
@@ -396,14 +401,11 @@ class Relay:
     async def _answer(self, conn: Connection) -> None:
         while conn.controls and not conn.closed:
             request = conn.controls[0]
-            if self._on_control is None:
-                reply: dict[str, Any] = {"error": "no control handler"}
-            else:
-                try:
-                    reply = dict(await self._on_control(conn, request))
-                except Exception:
-                    log.exception("relay: control handler failed")
-                    reply = {"error": "internal error"}
+            try:
+                reply = dict(await self._on_control(conn, request))
+            except Exception:
+                log.exception("relay: control handler failed")
+                reply = {"error": "internal error"}
             if conn.closed:
                 return  # dropped meanwhile; its queue is gone
             if "id" in request:

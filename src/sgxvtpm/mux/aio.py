@@ -95,11 +95,7 @@ class AsyncSession:
         self._mux._conn.authenticated(self._sid)
 
     async def send(self, payload: bytes) -> None:
-        try:
-            self._session.send_message(payload)
-        except ChannelError:
-            raise await self._fail("send on a broken session") from None
-        await self._flush_or_fail()
+        await self._step(self._session.send_message, payload, "send on a broken session")
 
     async def recv(self) -> bytes:
         """The next message; EOFError once the peer closed cleanly."""
@@ -144,11 +140,16 @@ class AsyncSession:
                 data = b""
             else:
                 self._mux._conn.consumed(self._sid, len(data))
-            try:
-                self._session.receive_data(data)
-            except ChannelError:
-                raise await self._fail("channel error") from None
-            await self._flush_or_fail()
+            await self._step(self._session.receive_data, data, "channel error")
+
+    async def _step(self, call: Callable[[bytes], object], data: bytes, reason: str) -> None:
+        """``call(data)`` on the sans-IO session, then send what it made; a
+        ChannelError fails the session with ``reason``."""
+        try:
+            call(data)
+        except ChannelError:
+            raise await self._fail(reason) from None
+        await self._flush_or_fail()
 
     async def _flush_or_fail(self) -> None:
         self._flush()
@@ -208,11 +209,12 @@ class RelayMux:
     ) -> None:
         self._reader = reader
         self._writer = writer
-        self._factory = session_factory
-        self._handler = handler
-        serving = session_factory is not None and handler is not None
+        #: Given both, this end serves incoming sessions (an enclave's end).
+        self._serving: tuple[SessionFactory, SessionHandler] | None = None
+        if session_factory is not None and handler is not None:
+            self._serving = (session_factory, handler)
         self._conn = RelayConnection(
-            Role.ENCLAVE if serving else Role.CLIENT,
+            Role.ENCLAVE if self._serving is not None else Role.CLIENT,
             admission=admission,
             out_limit=STREAM_OUT_MAX,
             inbox_limit=SESSION_INBOX_MAX,
@@ -284,22 +286,23 @@ class RelayMux:
         self._arm()
 
     def _incoming(self, sid: int, source: str) -> None:
-        assert self._factory is not None and self._handler is not None
-        server = self._factory(source)
+        assert self._serving is not None  # the core takes OPENs on an enclave's end only
+        factory, handler = self._serving
+        server = factory(source)
         if server is None:
             self._conn.close(sid, NOT_ACCEPTED)
             return
         session = AsyncSession(self, sid, server)
         self._sessions[sid] = session
-        task = asyncio.get_running_loop().create_task(self._serve_one(session))
+        task = asyncio.get_running_loop().create_task(self._serve_one(session, handler))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve_one(self, session: AsyncSession) -> None:
-        assert self._handler is not None
+    @staticmethod
+    async def _serve_one(session: AsyncSession, handler: SessionHandler) -> None:
         try:
             await session.handshake()
-            await self._handler(session)
+            await handler(session)
         except ChannelError:
             log.info("mux: session %d rejected or broken", session.session_id)
         except EOFError:

@@ -113,6 +113,11 @@ class EnclaveIdentity:
     attributes: bytes = bytes(16)
     misc_select: int = 0
 
+    @property
+    def target_info(self) -> TargetInfo:
+        """The TARGETINFO a REPORT for this enclave is made with (SDM 38.16)."""
+        return TargetInfo(self.mrenclave, self.attributes, self.misc_select)
+
 
 @dataclass(frozen=True)
 class ReportBody:
@@ -202,6 +207,38 @@ class EnclavePlatform(Protocol):
         itself. Never from the host's launch arguments.
         """
         ...
+
+
+def check_report_data(report_data: bytes, what: str = "EREPORT") -> None:
+    """PlatformError unless ``report_data`` is REPORTDATA's 64 bytes (``what``: the call)."""
+    if len(report_data) != REPORT_DATA_SIZE:
+        raise PlatformError(f"{what}: report data must be {REPORT_DATA_SIZE} bytes")
+
+
+class CounterBackend(Protocol):
+    """Monotonic counters kept apart from the platform (EnclavePlatform's three calls)."""
+
+    def counter_create(self, name: str) -> int: ...
+
+    def counter_increment(self, name: str) -> int: ...
+
+    def counter_read(self, name: str) -> int: ...
+
+
+class CountersFrom:
+    """EnclavePlatform's counter calls, answered by the object's ``_counters``
+    (a platform without counters of its own: Gramine, or one over a host TPM)."""
+
+    _counters: CounterBackend
+
+    def counter_create(self, name: str) -> int:
+        return self._counters.counter_create(name)
+
+    def counter_increment(self, name: str) -> int:
+        return self._counters.counter_increment(name)
+
+    def counter_read(self, name: str) -> int:
+        return self._counters.counter_read(name)
 
 
 class EnclaveHandle(Protocol):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sgxvtpm.platform.base import (
+    CountersFrom,
     EnclaveIdentity,
     EnclavePlatform,
     KeyName,
@@ -99,7 +100,7 @@ def provision(transact: Transact, key_handle: int, owner_auth: bytes = b"") -> T
 
 
 class TpmCounters:
-    """The counter face of a platform (create, increment, read), over a host TPM.
+    """A platform's counter calls (base.CounterBackend), over a host TPM.
 
     Each call raises PlatformError, as the sim counters do, when the counter
     is missing or the host's answer does not authenticate.
@@ -122,26 +123,24 @@ class TpmCounters:
             )
         )
 
-    def create(self, name: str) -> int:
+    def counter_create(self, name: str) -> int:
+        return self._checked(self._counters.create, name)
+
+    def counter_increment(self, name: str) -> int:
+        return self._checked(self._counters.increment, name)
+
+    def counter_read(self, name: str) -> int:
+        return self._checked(self._counters.read, name)
+
+    @staticmethod
+    def _checked(call: Callable[[str], int], name: str) -> int:
         try:
-            return self._counters.create(name)
+            return call(name)
         except (CounterError, ValueError) as exc:
             raise PlatformError(f"host TPM counter {name!r}: {exc}") from None
 
-    def increment(self, name: str) -> int:
-        try:
-            return self._counters.increment(name)
-        except (CounterError, ValueError) as exc:
-            raise PlatformError(f"host TPM counter {name!r}: {exc}") from None
 
-    def read(self, name: str) -> int:
-        try:
-            return self._counters.read(name)
-        except (CounterError, ValueError) as exc:
-            raise PlatformError(f"host TPM counter {name!r}: {exc}") from None
-
-
-class TpmCountedPlatform:
+class TpmCountedPlatform(CountersFrom):
     """An EnclavePlatform whose monotonic counters live in the host TPM.
 
     ``bind``: the pinned key's Name. When given, every SEAL key is derived
@@ -181,15 +180,6 @@ class TpmCountedPlatform:
 
     def quote_verifier(self) -> QuoteVerifier:
         return self._inner.quote_verifier()
-
-    def counter_create(self, name: str) -> int:
-        return self._counters.create(name)
-
-    def counter_increment(self, name: str) -> int:
-        return self._counters.increment(name)
-
-    def counter_read(self, name: str) -> int:
-        return self._counters.read(name)
 
 
 # ---------------------------------------------------------------- the pin

@@ -95,7 +95,7 @@ def get_tpm_property(transact: Transact, prop: int) -> int | None:
 def nv_buffer_max(transact: Transact) -> int:
     """The TPM's largest NV_Read/NV_Write chunk (TPM_PT_NV_BUFFER_MAX)."""
     value = get_tpm_property(transact, TPM_PT_NV_BUFFER_MAX)
-    return value if value else DEFAULT_NV_BUFFER
+    return value or DEFAULT_NV_BUFFER
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,6 @@ def define_and_write(
     index: int,
     data: bytes,
     *,
-    attributes: int = EK_CERT_NV_ATTRIBUTES,
     lock: bool = True,
     platform_auth: bytes = b"",
 ) -> None:
@@ -145,7 +144,11 @@ def define_and_write(
     execute(
         transact,
         nv_define_space(
-            index, len(data), attributes, hierarchy=TPM2_RH.PLATFORM, hierarchy_auth=platform_auth
+            index,
+            len(data),
+            EK_CERT_NV_ATTRIBUTES,
+            hierarchy=TPM2_RH.PLATFORM,
+            hierarchy_auth=platform_auth,
         ),
     )
     chunk = nv_buffer_max(transact)

@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sgxvtpm.channel import ClientCredential
 from sgxvtpm.enclaves.specs import expected_policy
 from sgxvtpm.errors import SgxvtpmError
-from sgxvtpm.host.statedir import Entry, StateDir
+from sgxvtpm.host.statedir import Directory, Entry, StateDir, user_dir
 from sgxvtpm.platform import DEFAULT_PLATFORM, dcap, platform_kind
 from sgxvtpm.platform.base import MeasurementPolicy, PlatformError, PlatformKind, QuoteVerifier
 from sgxvtpm.util.durable import atomic_write
@@ -79,11 +79,7 @@ class CredentialsError(SgxvtpmError):
 
 
 def default_credentials_dir() -> Path:
-    env = os.environ.get(ENV)
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "sgxvtpm"
+    return user_dir(ENV, "XDG_CONFIG_HOME", ".config")
 
 
 def private_directory(path: Path) -> None:
@@ -100,14 +96,10 @@ def private_directory(path: Path) -> None:
 
 
 @dataclass(frozen=True)
-class Credentials:
+class Credentials(Directory):
     """One user's credentials directory (see the module doc)."""
 
-    root: Path
-
-    @classmethod
-    def at(cls, path: Path | str | None) -> Credentials:
-        return cls(Path(path) if path is not None else default_credentials_dir())
+    default = staticmethod(default_credentials_dir)
 
     operator_key = Entry("operator.key")
 

@@ -224,6 +224,18 @@ def _scan(argv: Sequence[str], valued: Sequence[str],
     return found
 
 
+class _FileOrFd:
+    """An option of swtpm's that names a file as ``file=PATH`` or ``fd=N`` (``--log``,
+    ``--pid``), with ``more`` keys; an absent option has neither."""
+
+    __slots__ = ("fd", "file", "values")
+
+    def __init__(self, option: str, text: str | None, more: Sequence[str] = ()) -> None:
+        self.values = parse_opts(option, text, ("file", "fd", *more)) if text is not None else {}
+        self.file = self.values.get("file") or None
+        self.fd = parse_fd(f"{option} fd", self.values["fd"]) if "fd" in self.values else None
+
+
 def parse_swtpm(argv: Sequence[str]) -> SwtpmSocketArgs:
     """``swtpm socket ARGS`` (argv without the ``socket`` word)."""
     found = _scan(argv, _SWTPM_VALUED, _SWTPM_FLAGS)
@@ -257,20 +269,9 @@ def parse_swtpm(argv: Sequence[str]) -> SwtpmSocketArgs:
         state_dir = state["backend-uri"][len("dir://"):]
     if not state_dir:
         raise OptionError("--tpmstate: give dir=DIR")
-    log_file = log_fd = None
-    level = 0
-    log_text, pid_text = text("--log"), text("--pid")
-    if log_text is not None:
-        log = parse_opts("--log", log_text, ("file", "fd", "level", "prefix", "truncate"))
-        log_file = log.get("file") or None
-        log_fd = parse_fd("--log fd", log["fd"]) if "fd" in log else None
-        if log.get("level"):
-            level = parse_fd("--log level", log["level"])
-    pid_file = pid_fd = None
-    if pid_text is not None:
-        pid = parse_opts("--pid", pid_text, ("file", "fd"))
-        pid_file = pid.get("file") or None
-        pid_fd = parse_fd("--pid fd", pid["fd"]) if "fd" in pid else None
+    log = _FileOrFd("--log", text("--log"), ("level", "prefix", "truncate"))
+    level = parse_fd("--log level", log.values["level"]) if log.values.get("level") else 0
+    pid = _FileOrFd("--pid", text("--pid"))
     fds: list[int] = []
     for option in ("--key", "--migration-key"):
         key_text = text(option)
@@ -288,11 +289,11 @@ def parse_swtpm(argv: Sequence[str]) -> SwtpmSocketArgs:
         ctrl_gid=_id("--ctrl gid", ctrl.get("gid")),
         ctrl_fd=ctrl_fd,
         tpmstate_dir=state_dir,
-        log_file=log_file,
-        log_fd=log_fd,
+        log_file=log.file,
+        log_fd=log.fd,
         log_level=level,
-        pid_file=pid_file,
-        pid_fd=pid_fd,
+        pid_file=pid.file,
+        pid_fd=pid.fd,
         daemon=bool(found.get("--daemon")),
         terminate=bool(found.get("--terminate")) or "terminate" in ctrl,
         password_fds=tuple(fds),

@@ -18,7 +18,7 @@ identity comes from a REPORT it makes for itself. What the pseudo-files do
 not give, EGETKEY of other keys (the REPORT key that local attestation
 needs, SEAL keys of an older ISVSVN or CPUSVN), goes to a small trusted
 helper (:class:`EgetkeyHelper`: one KEYREQUEST in, one key out). Gramine
-has no monotonic counters, so they come from a :class:`CounterBackend`.
+has no monotonic counters, so they come from a base.CounterBackend.
 
 Every multi-file exchange (write, then read) holds one lock: the
 pseudo-files are per process, and two threads interleaving would get a
@@ -36,20 +36,7 @@ from typing import Protocol
 from cryptography.hazmat.primitives import cmac
 from cryptography.hazmat.primitives.ciphers import algorithms
 
-from sgxvtpm.platform.base import (
-    REPORT_BODY_SIZE,
-    REPORT_DATA_SIZE,
-    REPORT_SIZE,
-    AttestationError,
-    EnclaveIdentity,
-    KeyName,
-    KeyPolicy,
-    KeyRequest,
-    PlatformError,
-    QuoteVerifier,
-    ReportBody,
-    TargetInfo,
-)
+from sgxvtpm.platform import base
 from sgxvtpm.platform.dcap import parse_sgx_body
 from sgxvtpm.platform.gramine.structs import (
     TARGET_INFO_SIZE,
@@ -61,7 +48,10 @@ from sgxvtpm.util import log
 ATTESTATION_ROOT = Path("/dev/attestation")
 KEY_SIZE = 16
 _READ_MAX = 64 * 1024  # a DCAP quote with its PCK chain is ~5 KiB
-_SEAL_KEY_FILES = {KeyPolicy.MRENCLAVE: "_sgx_mrenclave", KeyPolicy.MRSIGNER: "_sgx_mrsigner"}
+_SEAL_KEY_FILES = {
+    base.KeyPolicy.MRENCLAVE: "_sgx_mrenclave",
+    base.KeyPolicy.MRSIGNER: "_sgx_mrsigner",
+}
 
 
 class EgetkeyHelper(Protocol):
@@ -76,21 +66,11 @@ class EgetkeyHelper(Protocol):
     def egetkey(self, key_request: bytes) -> bytes: ...
 
 
-class CounterBackend(Protocol):
-    """Monotonic counters, which Gramine does not have (base.EnclavePlatform's three calls)."""
-
-    def counter_create(self, name: str) -> int: ...
-
-    def counter_increment(self, name: str) -> int: ...
-
-    def counter_read(self, name: str) -> int: ...
-
-
 class NoCounters:
     """The counter backend of a Gramine enclave with none configured: every call refuses."""
 
     def _refuse(self, name: str) -> int:
-        raise PlatformError(
+        raise base.PlatformError(
             f"counter {name!r}: Gramine has no monotonic counters and no counter backend "
             "is configured (docs/REAL-SGX.md, 'Rollback counters')"
         )
@@ -119,7 +99,7 @@ class AttestationFiles:
         fd = os.open(self.root / name, os.O_WRONLY | os.O_CLOEXEC)
         try:
             if os.write(fd, data) != len(data):
-                raise PlatformError(f"/dev/attestation/{name}: short write")
+                raise base.PlatformError(f"/dev/attestation/{name}: short write")
         finally:
             os.close(fd)
 
@@ -133,25 +113,25 @@ class AttestationFiles:
         with self._lock:
             self._write("user_report_data", report_data)
             self._write("target_info", target_info)
-            return self._checked("report", self._read("report"), REPORT_SIZE)
+            return self._checked("report", self._read("report"), base.REPORT_SIZE)
 
     def quote(self, report_data: bytes) -> bytes:
         with self._lock:
             self._write("user_report_data", report_data)
             return self._read("quote")
 
-    def seal_key(self, policy: KeyPolicy) -> bytes:
+    def seal_key(self, policy: base.KeyPolicy) -> bytes:
         name = _SEAL_KEY_FILES[policy]
         return self._checked(f"keys/{name}", self._read(f"keys/{name}"), KEY_SIZE)
 
     @staticmethod
     def _checked(name: str, data: bytes, size: int) -> bytes:
         if len(data) != size:
-            raise PlatformError(f"/dev/attestation/{name} gave {len(data)} bytes, not {size}")
+            raise base.PlatformError(f"/dev/attestation/{name} gave {len(data)} bytes, not {size}")
         return data
 
 
-class GramineEnclavePlatform:
+class GramineEnclavePlatform(base.CountersFrom):
     """base.EnclavePlatform of a Gramine SGX enclave, over its /dev/attestation files.
 
     ``verifier``: how this enclave checks its peers' quotes (DCAP under a
@@ -165,95 +145,85 @@ class GramineEnclavePlatform:
         self,
         files: AttestationFiles,
         *,
-        verifier: QuoteVerifier,
+        verifier: base.QuoteVerifier,
         egetkey: EgetkeyHelper | None = None,
-        counters: CounterBackend | None = None,
+        counters: base.CounterBackend | None = None,
     ) -> None:
         self._files = files
         self._verifier = verifier
         self._egetkey = egetkey
-        self._counters: CounterBackend = counters if counters is not None else NoCounters()
+        self._counters: base.CounterBackend = counters if counters is not None else NoCounters()
         kind = files.attestation_type()
         if kind != "dcap":
-            raise PlatformError(
+            raise base.PlatformError(
                 f"/dev/attestation/attestation_type is {kind!r}: the manifest needs "
                 'sgx.remote_attestation = "dcap"'
             )
         # Our identity, from a REPORT we make for ourselves.
         me = files.my_target_info()
-        body = parse_sgx_body(files.report(me, bytes(REPORT_DATA_SIZE))[:REPORT_BODY_SIZE])
+        report = files.report(me, bytes(base.REPORT_DATA_SIZE))
+        body = parse_sgx_body(report[:base.REPORT_BODY_SIZE])
         self._identity = body.identity
         self._cpu_svn = body.cpu_svn
 
     @property
-    def identity(self) -> EnclaveIdentity:
+    def identity(self) -> base.EnclaveIdentity:
         return self._identity
 
-    def quote_verifier(self) -> QuoteVerifier:
+    def quote_verifier(self) -> base.QuoteVerifier:
         return self._verifier
 
-    def get_key(self, request: KeyRequest) -> bytes:
+    def get_key(self, request: base.KeyRequest) -> bytes:
         """A SEAL key as Gramine derives it comes from keys/; any other from the helper."""
         policy = self._gramine_seal_policy(request)
         if policy is not None:
             return self._files.seal_key(policy)
         if self._egetkey is None:
-            raise PlatformError(
+            raise base.PlatformError(
                 f"EGETKEY {request.key_name.name}: /dev/attestation/keys has no such key and "
                 "this enclave has no EGETKEY helper"
             )
         key = self._egetkey.egetkey(pack_key_request(request))
         if len(key) != KEY_SIZE:
-            raise PlatformError("the EGETKEY helper answered a key of the wrong size")
+            raise base.PlatformError("the EGETKEY helper answered a key of the wrong size")
         return key
 
-    def _gramine_seal_policy(self, request: KeyRequest) -> KeyPolicy | None:
+    def _gramine_seal_policy(self, request: base.KeyRequest) -> base.KeyPolicy | None:
         """The policy, if ``request`` is exactly the KEYREQUEST behind a keys/ file."""
         if (
-            request.key_name is KeyName.SEAL
+            request.key_name is base.KeyName.SEAL
             and request.key_policy in _SEAL_KEY_FILES
             and request.isv_svn == self._identity.isv_svn
             and request.cpu_svn == self._cpu_svn
             and request.config_svn == 0
             and request.key_id == bytes(32)
         ):
-            return KeyPolicy(request.key_policy)
+            return base.KeyPolicy(request.key_policy)
         return None
 
-    def report(self, target: TargetInfo, report_data: bytes) -> bytes:
-        if len(report_data) != REPORT_DATA_SIZE:
-            raise PlatformError(f"EREPORT: report data must be {REPORT_DATA_SIZE} bytes")
+    def report(self, target: base.TargetInfo, report_data: bytes) -> bytes:
+        base.check_report_data(report_data)
         return self._files.report(pack_target_info(target), report_data)
 
-    def verify_report(self, report: bytes) -> ReportBody:
+    def verify_report(self, report: bytes) -> base.ReportBody:
         """Local attestation: the REPORT key (EGETKEY via the helper) must verify the MAC."""
         report = bytes(report)
-        if len(report) != REPORT_SIZE:
-            raise AttestationError("report verification failed")
-        body, key_id, mac = report[:REPORT_BODY_SIZE], report[384:416], report[416:]
+        if len(report) != base.REPORT_SIZE:
+            raise base.AttestationError("report verification failed")
+        body, key_id, mac = report[:base.REPORT_BODY_SIZE], report[384:416], report[416:]
         key = self.get_key(
-            KeyRequest(key_name=KeyName.REPORT, cpu_svn=self._cpu_svn, key_id=key_id)
+            base.KeyRequest(key_name=base.KeyName.REPORT, cpu_svn=self._cpu_svn, key_id=key_id)
         )
         c = cmac.CMAC(algorithms.AES(key))
         c.update(body)
         if not hmac.compare_digest(c.finalize(), mac):
             log.log("platform.report_rejected", reason="REPORT MAC does not verify")
-            raise AttestationError("report verification failed")
+            raise base.AttestationError("report verification failed")
         return parse_sgx_body(body)
 
     def quote(self, report_data: bytes) -> bytes:
-        if len(report_data) != REPORT_DATA_SIZE:
-            raise PlatformError(f"quote: report data must be {REPORT_DATA_SIZE} bytes")
+        base.check_report_data(report_data, "quote")
         quote = self._files.quote(report_data)
         if not quote:
-            raise PlatformError("/dev/attestation/quote gave no quote")
+            raise base.PlatformError("/dev/attestation/quote gave no quote")
         return quote
-
-    def counter_create(self, name: str) -> int:
-        return self._counters.counter_create(name)
-
-    def counter_increment(self, name: str) -> int:
-        return self._counters.counter_increment(name)
-
-    def counter_read(self, name: str) -> int:
-        return self._counters.counter_read(name)

@@ -64,7 +64,12 @@ from sgxvtpm.platform.sim.gramine_sim import GRAMINE_SIM, start_stand_in
 from sgxvtpm.platform.sim.measure import attributes_of, identity_of, mrenclave_of, read_code
 from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
 from sgxvtpm.platform.sim.report import pack_report_body
-from sgxvtpm.platform.sim.spawn import CLEAN_ENV, end_child, isolated_command
+from sgxvtpm.platform.sim.spawn import (
+    CLEAN_ENV,
+    end_child,
+    isolated_command,
+    launch_over_pair,
+)
 from sgxvtpm.platform.sim.zygote_proto import (
     ENCLU_MAX,
     ZygoteGone,
@@ -190,21 +195,14 @@ class Cpu:
         sigstruct.einit_check(sig, identity)
         if self.gramine_sim:
             return self._launch_stand_in(header, blob, stream_fd, identity, config)
-        cpu_end, enclave_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            request = {k: header[k] for k in ("name", "entry", "config_len", "files", "args")}
-            request["op"] = "launch"
-            reply, pidfds = self._to_zygote(request, blob, [stream_fd, enclave_end.fileno()])
-        except BaseException:
-            cpu_end.close()
-            raise
-        finally:
-            enclave_end.close()
-        if not reply.get("ok") or len(pidfds) != 1:
-            cpu_end.close()
-            for fd in pidfds:
-                os.close(fd)
+        request = {k: header[k] for k in ("name", "entry", "config_len", "files", "args")}
+        request["op"] = "launch"
+        reply, launched = launch_over_pair(
+            lambda enclave_end: self._to_zygote(request, blob, [stream_fd, enclave_end])
+        )
+        if launched is None:
             return {"ok": False, "error": reply.get("error", "launch failed")}, []
+        cpu_end, pidfd = launched
         enclave = self.platform.enclave_platform(identity, config=config)
         thread = threading.Thread(
             target=serve_enclu,
@@ -222,7 +220,7 @@ class Cpu:
             "pid": reply["pid"],
             "zygote_pid": self.zygote_pid,
             "identity": body.hex(),
-        }, pidfds
+        }, [pidfd]
 
     def _launch_stand_in(
         self,

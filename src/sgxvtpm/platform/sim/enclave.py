@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 
 from sgxvtpm.platform.base import (
-    REPORT_DATA_SIZE,
     AttestationError,
     EnclaveIdentity,
     KeyRequest,
@@ -13,6 +12,7 @@ from sgxvtpm.platform.base import (
     QuoteVerifier,
     ReportBody,
     TargetInfo,
+    check_report_data,
 )
 from sgxvtpm.platform.sim import egetkey
 from sgxvtpm.platform.sim.counters import CounterStore
@@ -36,7 +36,26 @@ def dcap_verifier(root_pem: bytes, collateral: str) -> QuoteVerifier:
     return dcap.pinned_verifier(root_pem, collateral)
 
 
-class SimEnclavePlatform:
+class SimEnclaveFace:
+    """What both sides of a sim enclave's EnclavePlatform answer alike: its identity,
+    and peers' quotes checked under its platform's root and collateral."""
+
+    _identity: EnclaveIdentity
+    collateral: str
+
+    @property
+    def identity(self) -> EnclaveIdentity:
+        return self._identity
+
+    @property
+    def attestation_root_pem(self) -> bytes:
+        raise NotImplementedError
+
+    def quote_verifier(self) -> QuoteVerifier:
+        return dcap_verifier(self.attestation_root_pem, self.collateral)
+
+
+class SimEnclavePlatform(SimEnclaveFace):
     """base.EnclavePlatform for one enclave identity on one simulated platform.
 
     ``report_key_id`` plays CR_REPORT_KEYID, which SGX randomises at boot and
@@ -68,10 +87,6 @@ class SimEnclavePlatform:
         self.collateral = collateral
 
     @property
-    def identity(self) -> EnclaveIdentity:
-        return self._identity
-
-    @property
     def attestation_root_pem(self) -> bytes:
         """The root a verifier inside this enclave trusts.
 
@@ -81,16 +96,12 @@ class SimEnclavePlatform:
         """
         return self._qe.certification.root_pem
 
-    def quote_verifier(self) -> QuoteVerifier:
-        return dcap_verifier(self.attestation_root_pem, self.collateral)
-
     def get_key(self, request: KeyRequest) -> bytes:
         return egetkey.egetkey(self._base_key, self._identity, request, self._cpu_svn)
 
     def report(self, target: TargetInfo, report_data: bytes) -> bytes:
         """EREPORT: our REPORT body, MAC'd with the *target's* REPORT key."""
-        if len(report_data) != REPORT_DATA_SIZE:
-            raise PlatformError(f"EREPORT: report data must be {REPORT_DATA_SIZE} bytes")
+        check_report_data(report_data)
         body = pack_report_body(
             ReportBody(identity=self._identity, report_data=report_data, cpu_svn=self._cpu_svn)
         )

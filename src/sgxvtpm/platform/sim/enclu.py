@@ -18,21 +18,19 @@ import threading
 from typing import Any
 
 from sgxvtpm.platform.base import (
-    REPORT_DATA_SIZE,
     AttestationError,
-    EnclaveIdentity,
     KeyRequest,
     PlatformError,
-    QuoteVerifier,
     ReportBody,
     TargetInfo,
+    check_report_data,
 )
-from sgxvtpm.platform.sim.enclave import dcap_verifier
+from sgxvtpm.platform.sim.enclave import SimEnclaveFace
 from sgxvtpm.platform.sim.report import parse_report_body
 from sgxvtpm.platform.sim.zygote_proto import ZygoteGone, recv_message, send_message
 
 
-class SimEnclaveClient:
+class SimEnclaveClient(SimEnclaveFace):
     """base.EnclavePlatform for the enclave that owns ``sock``'s other end in the CPU."""
 
     def __init__(self, sock: socket.socket, *, config: bytes = b"") -> None:
@@ -42,19 +40,12 @@ class SimEnclaveClient:
         hello, body = self._call({"op": "hello"})
         self._identity = parse_report_body(bytes(body)).identity
         self._root_pem = bytes.fromhex(hello["root_pem"])
-        self._collateral = str(hello.get("collateral", ""))
-
-    @property
-    def identity(self) -> EnclaveIdentity:
-        return self._identity
+        self.collateral = str(hello.get("collateral", ""))
 
     @property
     def attestation_root_pem(self) -> bytes:
         """The root a verifier inside this enclave trusts (from the CPU, not the host)."""
         return self._root_pem
-
-    def quote_verifier(self) -> QuoteVerifier:
-        return dcap_verifier(self._root_pem, self._collateral)
 
     def get_key(self, request: KeyRequest) -> bytes:
         _, key = self._call(
@@ -71,8 +62,7 @@ class SimEnclaveClient:
         return bytes(key)
 
     def report(self, target: TargetInfo, report_data: bytes) -> bytes:
-        if len(report_data) != REPORT_DATA_SIZE:
-            raise PlatformError(f"EREPORT: report data must be {REPORT_DATA_SIZE} bytes")
+        check_report_data(report_data)
         _, report = self._call(
             {
                 "op": "report",
@@ -89,8 +79,7 @@ class SimEnclaveClient:
         return parse_report_body(bytes(body))
 
     def quote(self, report_data: bytes) -> bytes:
-        if len(report_data) != REPORT_DATA_SIZE:
-            raise PlatformError(f"EREPORT: report data must be {REPORT_DATA_SIZE} bytes")
+        check_report_data(report_data)
         _, quote = self._call({"op": "quote"}, report_data)
         return bytes(quote)
 

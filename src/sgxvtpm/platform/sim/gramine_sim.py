@@ -61,7 +61,6 @@ from sgxvtpm.platform.base import (
     KeyPolicy,
     KeyRequest,
     PlatformError,
-    TargetInfo,
 )
 from sgxvtpm.platform.gramine import bootstrap
 from sgxvtpm.platform.gramine.structs import (
@@ -126,9 +125,7 @@ class AttestationTree:
 
     def __init__(self, client: SimEnclaveClient, parent: Path | None = None) -> None:
         self._client = client
-        ident = client.identity
-        own = client.report(TargetInfo(ident.mrenclave, ident.attributes, ident.misc_select),
-                            bytes(REPORT_DATA_SIZE))
+        own = client.report(client.identity.target_info, bytes(REPORT_DATA_SIZE))
         self._cpu_svn = parse_report_body(own[:REPORT_BODY_SIZE]).cpu_svn
         self._base = Path(tempfile.mkdtemp(prefix="gramine-sim-", dir=parent))
         self.root = self._base / "attestation"
@@ -201,10 +198,7 @@ class AttestationTree:
             _wait_unopened(inode)
 
     def _my_target_info(self) -> bytes:
-        ident = self._client.identity
-        return pack_target_info(
-            TargetInfo(ident.mrenclave, attributes=ident.attributes, misc_select=ident.misc_select)
-        )
+        return pack_target_info(self._client.identity.target_info)
 
     def _report(self) -> bytes:
         target = parse_target_info(self._values["target_info"])

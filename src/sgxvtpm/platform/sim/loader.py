@@ -27,7 +27,12 @@ from sgxvtpm.platform.base import EnclaveIdentity, EnclaveSpec, LaunchedEnclave,
 from sgxvtpm.platform.gramine.bootstrap import encode_launch_args
 from sgxvtpm.platform.sim.measure import CodeFile, read_code
 from sgxvtpm.platform.sim.report import parse_report_body
-from sgxvtpm.platform.sim.spawn import CLEAN_ENV, end_child, isolated_command
+from sgxvtpm.platform.sim.spawn import (
+    CLEAN_ENV,
+    end_child,
+    isolated_command,
+    launch_over_pair,
+)
 from sgxvtpm.platform.sim.zygote_proto import (
     ZygoteGone,
     first_message,
@@ -176,30 +181,26 @@ class SimLoader:
             "args": dict(args),
         }
         blob = spec.config + b"".join(f.data for f in code)
-        host_end, enclave_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            reply, _, fds = self._request(header, blob, [enclave_end.fileno()])
-        except BaseException:
-            host_end.close()
-            raise
-        finally:
-            enclave_end.close()
-        if not reply.get("ok") or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            host_end.close()
+
+        def send(enclave_end: int) -> tuple[dict[str, Any], list[int]]:
+            reply, _, fds = self._request(header, blob, [enclave_end])
+            return reply, fds
+
+        reply, launched = launch_over_pair(send)
+        if launched is None:
             raise PlatformError(f"enclave launch failed: {reply.get('error')}")
+        host_end, pidfd = launched
         identity = parse_report_body(bytes.fromhex(reply["identity"])).identity
         if self.gramine_sim:
             # The Gramine bootstrap reads its launch arguments as the first stdin frame.
             try:
                 host_end.sendall(encode_launch_args(args))
             except OSError as exc:
-                os.close(fds[0])
+                os.close(pidfd)
                 host_end.close()
                 raise PlatformError(f"enclave launch failed: {exc}") from None
         self.zygote_pid = int(reply["zygote_pid"])
-        handle = SimEnclaveHandle(spec.name, identity, int(reply["pid"]), fds[0], host_end)
+        handle = SimEnclaveHandle(spec.name, identity, int(reply["pid"]), pidfd, host_end)
         with self._lock:
             alive = []
             for old in self._handles:

@@ -125,15 +125,7 @@ def root_certificate(key: ec.EllipticCurvePrivateKey, now: datetime.datetime) ->
     name = _name("sgxvtpm-sim SGX Root CA")
     pub = key.public_key()
     return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(pub)
-        .serial_number(_serial(pub))
-        .not_valid_before(now)
-        .not_valid_after(now + _VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(_ca_usage(), critical=True)
+        _builder(name, name, pub, now, ca=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
         .sign(key, hashes.SHA256(), ecdsa_deterministic=True)
     )
@@ -170,15 +162,7 @@ def _leaf_certificate(
     """An end entity under the root (no CA, signatures only), with ``extensions``
     (not critical) after the common ones; signed deterministically."""
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(root.subject)
-        .public_key(key)
-        .serial_number(_serial(key))
-        .not_valid_before(now)
-        .not_valid_after(now + _VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_leaf_usage(), critical=True)
+        _builder(subject, root.subject, key, now, ca=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
             critical=False,
@@ -189,12 +173,32 @@ def _leaf_certificate(
     return builder.sign(root_key, hashes.SHA256(), ecdsa_deterministic=True)
 
 
-def _ca_usage() -> x509.KeyUsage:
-    return key_usage(key_cert_sign=True, crl_sign=True)
-
-
-def _leaf_usage() -> x509.KeyUsage:
-    return key_usage(digital_signature=True, content_commitment=True)
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    key: ec.EllipticCurvePublicKey,
+    now: datetime.datetime,
+    *,
+    ca: bool,
+) -> x509.CertificateBuilder:
+    """What every certificate of the platform has first: a serial from its key, a
+    validity from ``now``, basic constraints and key usage (critical): a CA signs
+    certificates and CRLs, an end entity signs data."""
+    if ca:
+        usage = key_usage(key_cert_sign=True, crl_sign=True)
+    else:
+        usage = key_usage(digital_signature=True, content_commitment=True)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key)
+        .serial_number(_serial(key))
+        .not_valid_before(now)
+        .not_valid_after(now + _VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(usage, critical=True)
+    )
 
 
 def qe_report_body(attestation_public: bytes, auth_data: bytes = QE_AUTH_DATA) -> bytes:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 # What an isolated interpreter of ours inherits: nothing from the caller's
 # environment (no PYTHON*, no LD_PRELOAD/LD_LIBRARY_PATH, no locale tricks).
@@ -34,3 +36,30 @@ def end_child(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def launch_over_pair(
+    send: Callable[[int], tuple[dict[str, Any], list[int]]],
+) -> tuple[dict[str, Any], tuple[socket.socket, int] | None]:
+    """Make a socket pair, ``send`` a launch request that passes one end (its
+    descriptor, closed here once sent), and keep the other end.
+
+    Returns the reply and, when it is ok with exactly one descriptor (the
+    enclave's pidfd), (the kept end, that descriptor); else None, the kept end
+    and every descriptor received closed. If ``send`` raises, the kept end is
+    closed too.
+    """
+    kept, passed = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        reply, fds = send(passed.fileno())
+    except BaseException:
+        kept.close()
+        raise
+    finally:
+        passed.close()
+    if not reply.get("ok") or len(fds) != 1:
+        kept.close()
+        for fd in fds:
+            os.close(fd)
+        return reply, None
+    return reply, (kept, fds[0])

@@ -1,0 +1,64 @@
+"""platform/sim/spawn.py's launch_over_pair: which descriptors it keeps and which it closes."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from sgxvtpm.platform.sim.spawn import launch_over_pair
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_an_accepted_launch_keeps_our_end_and_the_pidfd() -> None:
+    passed: list[int] = []
+    pidfd_r, pidfd_w = os.pipe()
+
+    def send(fd: int) -> tuple[dict[str, Any], list[int]]:
+        passed.append(os.dup(fd))  # what the receiver holds after SCM_RIGHTS
+        return {"ok": True}, [pidfd_r]
+
+    reply, launched = launch_over_pair(send)
+    assert reply == {"ok": True} and launched is not None
+    kept, pidfd = launched
+    try:
+        assert pidfd == pidfd_r and _is_open(pidfd)
+        os.write(passed[0], b"hello")  # the passed end reaches the kept end
+        assert kept.recv(5) == b"hello"
+    finally:
+        kept.close()
+        for fd in (passed[0], pidfd_r, pidfd_w):
+            os.close(fd)
+
+
+@pytest.mark.parametrize("reply", [{"ok": False, "error": "no"}, {"ok": True}])
+@pytest.mark.parametrize("count", [0, 2])
+def test_a_refused_or_odd_launch_closes_everything(reply: dict[str, Any], count: int) -> None:
+    pipes = [os.pipe() for _ in range(count)]
+    received = [r for r, _ in pipes]
+    before = set(os.listdir("/proc/self/fd"))
+    answer, launched = launch_over_pair(lambda fd: (reply, list(received)))
+    assert answer == reply and launched is None
+    assert not any(_is_open(fd) for fd in received)
+    assert set(os.listdir("/proc/self/fd")) <= before  # neither end of the pair is left open
+    for _, w in pipes:
+        os.close(w)
+
+
+def test_a_failing_send_closes_both_ends() -> None:
+    before = set(os.listdir("/proc/self/fd"))
+
+    def send(fd: int) -> tuple[dict[str, Any], list[int]]:
+        raise ConnectionError("the zygote is gone")
+
+    with pytest.raises(ConnectionError):
+        launch_over_pair(send)
+    assert set(os.listdir("/proc/self/fd")) <= before
