@@ -159,6 +159,11 @@ class Cpu:
             if len(fds) != 1:
                 return {"ok": False, "error": "launch needs the enclave's stream"}, []
             return self._launch(header, blob, fds[0])
+        if op == "probe_quote":  # hostd --pccs (host/collateral.py)
+            return {"ok": True, "quote": self.platform.probe_quote(bytes(blob)).hex()}, []
+        if op == "replace_collateral":
+            self.platform.replace_collateral(bytes(blob).decode())
+            return {"ok": True}, []
         return {"ok": False, "error": f"unknown op {op!r}"}, []
 
     def _launch(
