@@ -1,0 +1,142 @@
+"""``hostd --pccs``: hostd fetches and refreshes its platform's collateral (real hostd, sim).
+
+The stand-in PCCS (tests/helpers/pccs.py, Intel's PCCS v4 paths) serves
+collateral issued by the sim platform's own root; hostd starts with an expired
+copy, takes the PCCS's, and every handshake (the VMM's with the manager, the
+manager's with the instance, the K2 client's with the instance) verifies with
+it through dcap-qvl. The PCCS then serves a newer copy, which hostd publishes
+without a restart (``--pccs-refresh 1``), then one under another root, which
+hostd refuses, keeping the copy it has. A PCCS that is down at start, with no
+usable local copy, stops hostd with one error line.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tests.helpers.hostd import running_hostd
+from tests.helpers.pccs import FakePccs
+from tests.helpers.vmtools import sgxvtpm_cli
+
+from sgxvtpm.endpoint.k2 import K2Client
+from sgxvtpm.host.statedir import StateDir
+from sgxvtpm.platform.sim import provision
+from sgxvtpm.platform.sim.platform_dir import COLLATERAL_JSON, SimPlatformDir
+from sgxvtpm.tpm import wire
+
+pytestmark = pytest.mark.integration
+
+LONG_AGO = datetime.timedelta(days=365 * 31)  # the sim collateral's validity is 30 years
+
+
+def _issued(platform: SimPlatformDir, at: datetime.datetime) -> str:
+    return provision.collateral(platform._private_key("root_ca"), platform.root_certificate_pem,
+                                at)
+
+
+def _expired_platform(state: Path) -> SimPlatformDir:
+    """A provisioned sim platform whose collateral expired long ago (hostd's copy too)."""
+    platform = SimPlatformDir.open_or_create(state / "platform")
+    expired = _issued(platform, datetime.datetime.now(datetime.UTC) - LONG_AGO)
+    (platform.path / COLLATERAL_JSON).write_text(expired)
+    return platform
+
+
+def _same(got: str, issued: str) -> bool:
+    """``got`` (dcap-qvl's JSON of what it fetched) holds the ``issued`` collateral."""
+    want = json.loads(issued)
+    return {k: v for k, v in json.loads(got).items() if k in want} == want
+
+
+def _wait_for(check: object, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout:g} s: {what}")
+
+
+def _events(log: str, name: str) -> list[dict[str, object]]:
+    found = []
+    for line in log.splitlines():
+        if name in line:
+            with_json = line[line.index("{"):]
+            record = json.loads(with_json)
+            if record.get("event") == name:
+                found.append(record)
+    return found
+
+
+def test_hostd_fetches_refreshes_and_refuses_collateral_from_its_pccs(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    platform = _expired_platform(state)
+    first = _issued(platform, datetime.datetime.now(datetime.UTC))
+    with FakePccs(first).running() as server, running_hostd(
+        state, args=["--pccs", server.url, "--pccs-refresh", "1"]
+    ) as h:
+        # At start, before any enclave: the PCCS's copy, for the enclaves and the clients.
+        assert _same(h.state.collateral.read_text(), first)
+        assert platform.dcap_collateral() == h.state.collateral.read_text()
+        assert any("fmspc=00906ED50000" in r for r in server.requests)
+        created = sgxvtpm_cli(h.state, "vm", "create", "vm1")
+        assert created.returncode == 0, created.stderr
+        with K2Client(h.binding("vm1")) as client:
+            client.power_on_if_stopped()
+            assert wire.response_code(client.transact(wire.startup())) == 0
+            answer = client.transact(wire.get_random(8))
+        assert wire.response_code(answer) == 0 and len(answer) == 10 + 2 + 8
+
+        # A newer copy on the PCCS: published without a restart.
+        time.sleep(1.1)  # a later issue date (whole seconds), so a later nextUpdate
+        newer = _issued(platform, datetime.datetime.now(datetime.UTC))
+        assert newer != first
+        server.collateral = json.loads(newer)
+        _wait_for(lambda: _same(h.state.collateral.read_text(), newer),
+                  "the newer copy published")
+        published = h.state.collateral.read_text()
+        assert platform.dcap_collateral() == published
+        created = sgxvtpm_cli(h.state, "vm", "create", "vm2")  # an instance launched with it
+        assert created.returncode == 0, created.stderr
+
+        # Collateral under another root: refused at each attempt, the copy kept.
+        other = SimPlatformDir.open_or_create(tmp_path / "other-platform")
+        server.collateral = json.loads(other.dcap_collateral())
+        _wait_for(lambda: any("another root" in str(e["reason"]) for e in
+                              _events(h.log(), "hostd.collateral_refresh_failed")),
+                  "a refused attempt logged")
+        assert h.state.collateral.read_text() == published
+        assert platform.dcap_collateral() == published
+        listed = sgxvtpm_cli(h.state, "vm", "list")
+        assert listed.returncode == 0 and "vm1" in listed.stdout and "vm2" in listed.stdout
+    refreshed = _events(h.log(), "hostd.collateral_refreshed")
+    assert len(refreshed) >= 2  # at start, then the newer copy (identical copies again after)
+
+
+@pytest.mark.parametrize("local", ["expired", "missing"])
+def test_pccs_down_at_start_without_a_usable_copy_is_one_error_line(
+    tmp_path: Path, local: str
+) -> None:
+    state = tmp_path / "state"
+    platform = _expired_platform(state)
+    if local == "missing":
+        (platform.path / COLLATERAL_JSON).unlink()
+    done = subprocess.run(
+        [sys.executable, "-m", "sgxvtpm.cli", "hostd", "--state-dir", str(state),
+         "--pccs", "http://user:s3cret@127.0.0.1:9", "--log", f"file={tmp_path / 'hostd.log'}"],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ),
+    )  # fmt: skip
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("sgxvtpm: error: PCCS http://127.0.0.1:9 gave no collateral")
+    assert {"expired": "does not verify", "missing": "no local copy"}[local] in lines[0]
+    assert "s3cret" not in done.stderr + (tmp_path / "hostd.log").read_text()
+    assert not StateDir(state).socket.exists()
