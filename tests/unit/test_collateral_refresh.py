@@ -21,6 +21,7 @@ from tests.helpers.pccs import FakePccs
 
 from sgxvtpm.host import collateral as hc
 from sgxvtpm.platform import pccs
+from sgxvtpm.platform.base import PlatformError
 from sgxvtpm.platform.sim import provision
 from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
 from sgxvtpm.util import log
@@ -236,3 +237,16 @@ def test_an_expired_copy_is_withdrawn_while_the_pccs_stays_down(
     names = [e["event"] for e in events if e["event"].startswith("hostd.collateral_")]
     assert names[:2] == ["hostd.collateral_next_refresh", "hostd.collateral_expired"]
     assert "hostd.collateral_refresh_failed" in names
+
+
+def test_a_platform_without_a_quote_for_the_host_is_refused_at_start(tmp_path: Path) -> None:
+    class NoQuote:  # what GramineBackend answers (platform/gramine/launcher.py)
+        attestation_root_pem = b""
+
+        def platform_quote(self, report_data: bytes) -> bytes:
+            raise PlatformError("platform 'gramine' gives hostd no quote of its own")
+
+    refresher = hc.CollateralRefresher("http://127.0.0.1:9", NoQuote(),  # type: ignore[arg-type]
+                                       tmp_path / "collateral.json")
+    with pytest.raises(hc.CollateralUnavailable, match=r"^--pccs: platform 'gramine' gives"):
+        refresher.start()

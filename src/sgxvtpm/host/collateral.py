@@ -173,7 +173,12 @@ class CollateralRefresher:
 
     def start(self) -> None:
         """At hostd's start: fetch once; keep a local copy that still verifies if the PCCS
-        gives nothing good; CollateralUnavailable (one line) if neither."""
+        gives nothing good; CollateralUnavailable (one line) if neither, or if the
+        platform gives hostd no quote to fetch with (gramine)."""
+        try:
+            self._quote()
+        except PlatformError as exc:
+            raise CollateralUnavailable(f"--pccs: {self._message(exc)}") from None
         if self.refresh():
             return
         try:
@@ -200,7 +205,13 @@ class CollateralRefresher:
             await asyncio.sleep(delay)
             if self.expires is not None and self.clock() >= self.expires:
                 self._expired()
-            await asyncio.to_thread(self.refresh)
+            try:
+                await asyncio.to_thread(self.refresh)
+            except Exception as exc:  # refresh() logs what it expects; keep the task alive
+                self.failures += 1
+                log.log("hostd.collateral_refresh_failed", level="error", pccs=self.shown_url,
+                        reason=self._message(exc), failures=self.failures,
+                        serving_until=_iso(self.expires))
 
     def _expired(self) -> None:
         with contextlib.suppress(FileNotFoundError):
