@@ -6,7 +6,9 @@ copy, takes the PCCS's, and every handshake (the VMM's with the manager, the
 manager's with the instance, the K2 client's with the instance) verifies with
 it through dcap-qvl. The PCCS then serves a newer copy, which hostd publishes
 without a restart (``--pccs-refresh 1``), then one under another root, which
-hostd refuses, keeping the copy it has. A PCCS that is down at start, with no
+hostd refuses, keeping the copy it has. The first copy is short-lived: once it
+expires, the manager (launched with it) checks the next instance's quote with
+the platform's newer copy. A PCCS that is down at start, with no
 usable local copy, stops hostd with one error line.
 """
 
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.helpers.hostd import running_hostd
+from tests.helpers.hostd import Hostd, running_hostd
 from tests.helpers.pccs import FakePccs
 from tests.helpers.vmtools import sgxvtpm_cli
 
@@ -34,11 +36,14 @@ from sgxvtpm.tpm import wire
 pytestmark = pytest.mark.integration
 
 LONG_AGO = datetime.timedelta(days=365 * 31)  # the sim collateral's validity is 30 years
+SHORT = 12  # seconds: the first copy's validity (hostd starts and serves vm1 within it)
 
 
-def _issued(platform: SimPlatformDir, at: datetime.datetime) -> str:
+def _issued(
+    platform: SimPlatformDir, at: datetime.datetime, validity: float = 30 * 365 * 86400
+) -> str:
     return provision.collateral(platform._private_key("root_ca"), platform.root_certificate_pem,
-                                at)
+                                at, validity=datetime.timedelta(seconds=validity))
 
 
 def _expired_platform(state: Path) -> SimPlatformDir:
@@ -53,6 +58,18 @@ def _same(got: str, issued: str) -> bool:
     """``got`` (dcap-qvl's JSON of what it fetched) holds the ``issued`` collateral."""
     want = json.loads(issued)
     return {k: v for k, v in json.loads(got).items() if k in want} == want
+
+
+def _create_and_use(h: Hostd, name: str) -> None:
+    """``vm create NAME`` (the VMM, the manager and the new instance attest each other),
+    then TPM2_Startup and GetRandom over K2 (the client attests the instance)."""
+    created = sgxvtpm_cli(h.state, "vm", "create", name)
+    assert created.returncode == 0, created.stderr
+    with K2Client(h.binding(name)) as client:
+        client.power_on_if_stopped()
+        assert wire.response_code(client.transact(wire.startup())) == 0
+        answer = client.transact(wire.get_random(8))
+    assert wire.response_code(answer) == 0 and len(answer) == 10 + 2 + 8
 
 
 def _wait_for(check: object, what: str, timeout: float = 20.0) -> None:
@@ -78,7 +95,10 @@ def _events(log: str, name: str) -> list[dict[str, object]]:
 def test_hostd_fetches_refreshes_and_refuses_collateral_from_its_pccs(tmp_path: Path) -> None:
     state = tmp_path / "state"
     platform = _expired_platform(state)
-    first = _issued(platform, datetime.datetime.now(datetime.UTC))
+    # The first copy is short-lived: the manager is launched with it and must follow
+    # the platform's newer copy once it expires.
+    issued = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    first = _issued(platform, issued, validity=SHORT)
     with FakePccs(first).running() as server, running_hostd(
         state, args=["--pccs", server.url, "--pccs-refresh", "1"]
     ) as h:
@@ -86,16 +106,9 @@ def test_hostd_fetches_refreshes_and_refuses_collateral_from_its_pccs(tmp_path: 
         assert _same(h.state.collateral.read_text(), first)
         assert platform.dcap_collateral() == h.state.collateral.read_text()
         assert any("fmspc=00906ED50000" in r for r in server.requests)
-        created = sgxvtpm_cli(h.state, "vm", "create", "vm1")
-        assert created.returncode == 0, created.stderr
-        with K2Client(h.binding("vm1")) as client:
-            client.power_on_if_stopped()
-            assert wire.response_code(client.transact(wire.startup())) == 0
-            answer = client.transact(wire.get_random(8))
-        assert wire.response_code(answer) == 0 and len(answer) == 10 + 2 + 8
+        manager_launched = len(_events(h.log(), "hostd.enclave_launched"))
 
         # A newer copy on the PCCS: published without a restart.
-        time.sleep(1.1)  # a later issue date (whole seconds), so a later nextUpdate
         newer = _issued(platform, datetime.datetime.now(datetime.UTC))
         assert newer != first
         server.collateral = json.loads(newer)
@@ -103,8 +116,12 @@ def test_hostd_fetches_refreshes_and_refuses_collateral_from_its_pccs(tmp_path: 
                   "the newer copy published")
         published = h.state.collateral.read_text()
         assert platform.dcap_collateral() == published
-        created = sgxvtpm_cli(h.state, "vm", "create", "vm2")  # an instance launched with it
-        assert created.returncode == 0, created.stderr
+        _create_and_use(h, "vm1")
+
+        # The manager's launch copy expires; the manager follows the platform's.
+        time.sleep(max(0.0, (issued.timestamp() + SHORT + 1) - time.time()))
+        _create_and_use(h, "vm2")
+        assert len(_events(h.log(), "hostd.enclave_launched")) == manager_launched + 2
 
         # Collateral under another root: refused at each attempt, the copy kept.
         other = SimPlatformDir.open_or_create(tmp_path / "other-platform")

@@ -12,6 +12,7 @@ import asyncio
 import datetime
 import json
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,10 @@ from hypothesis import strategies as st
 from tests.helpers.pccs import FakePccs
 
 from sgxvtpm.host import collateral as hc
-from sgxvtpm.platform import pccs
-from sgxvtpm.platform.base import PlatformError
+from sgxvtpm.platform import dcap, pccs
+from sgxvtpm.platform.base import AttestationError, PlatformError
 from sgxvtpm.platform.sim import provision
-from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
+from sgxvtpm.platform.sim.platform_dir import COLLATERAL_JSON, PROBE, SimPlatformDir
 from sgxvtpm.util import log
 
 DAY = 86400.0
@@ -250,3 +251,44 @@ def test_a_platform_without_a_quote_for_the_host_is_refused_at_start(tmp_path: P
                                        tmp_path / "collateral.json")
     with pytest.raises(hc.CollateralUnavailable, match=r"^--pccs: platform 'gramine' gives"):
         refresher.start()
+
+
+# -- enclaves follow the platform's newer copy ------------------------------------------
+def test_an_enclaves_verifier_takes_the_platforms_newer_collateral(
+    platform: SimPlatformDir, tmp_path: Path
+) -> None:
+    quote = platform.probe_quote(bytes(64))
+    long_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=365 * 31)
+    expired = _issued(platform, long_ago)
+    current = platform.dcap_collateral()
+    asked: list[str] = []
+
+    def latest(answer: str) -> Callable[[], str]:
+        def give() -> str:
+            asked.append(answer)
+            return answer
+        return give
+
+    # The copy the enclave was launched with expired; the platform's is current.
+    verifier = dcap.RefreshingVerifier(platform.root_certificate_pem, expired, latest(current))
+    assert verifier.verify(quote).identity.mrsigner == bytes(32)
+    assert verifier.verify(quote).identity.mrsigner == bytes(32)
+    assert asked == [current]  # adopted: asked once
+    # The platform has nothing newer, or something under another root: the first
+    # failure stands.
+    for other in (expired, "", SimPlatformDir.open_or_create(tmp_path / "o").dcap_collateral()):
+        stale = dcap.RefreshingVerifier(platform.root_certificate_pem, expired, latest(other))
+        with pytest.raises(AttestationError, match="does not verify"):
+            stale.verify(quote)
+
+    def gone() -> str:
+        raise PlatformError("the sim CPU process is gone")
+
+    stale = dcap.RefreshingVerifier(platform.root_certificate_pem, expired, gone)
+    with pytest.raises(AttestationError, match="does not verify"):
+        stale.verify(quote)
+    # A sim enclave's platform face gives this verifier, over the CPU's current copy.
+    face = platform.enclave_platform(PROBE)
+    face.collateral = expired  # as launched before the platform's copy was refreshed
+    assert (platform.path / COLLATERAL_JSON).read_text() == current
+    assert face.quote_verifier().verify(quote).identity == PROBE

@@ -54,7 +54,11 @@ class SimEnclaveClient:
         return self._root_pem
 
     def quote_verifier(self) -> QuoteVerifier:
-        return dcap_verifier(self._root_pem, self._collateral)
+        return dcap_verifier(self._root_pem, self._collateral, self._current_collateral)
+
+    def _current_collateral(self) -> str:
+        """The CPU's collateral now (``hostd --pccs`` refreshes it while we run)."""
+        return str(self._call({"op": "collateral"})[0].get("collateral", ""))
 
     def get_key(self, request: KeyRequest) -> bytes:
         _, key = self._call(

@@ -224,6 +224,7 @@ class SimPlatformDir:
             report_key_id=self._report_key_id,
             config=config,
             collateral=self._collateral_or_none(),
+            collateral_source=self._collateral_or_none,
         )
 
     def _collateral_or_none(self) -> str:
