@@ -62,6 +62,22 @@ def _pid_option(text: str) -> Path:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _http_url(text: str) -> str:
+    if not text.startswith(("https://", "http://")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL")
+    return text
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return seconds
+
+
 def _add_run_files(parser: argparse.ArgumentParser) -> None:
     """swtpm's ``--log`` and ``--pid`` (sgxvtpm/util/runfiles.py)."""
     parser.add_argument(
@@ -161,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the vendor's pre-signed build in DIR (sgxvtpm release sign, on the build "
              "host) and sign nothing; without it hostd's platform signs the installed code "
              "at each start (development mode)",
+    )
+    hostd.add_argument(
+        "--pccs", metavar="URL", type=_http_url,
+        help="fetch this platform's DCAP collateral from the PCCS at URL at start and "
+             "refresh it before its nextUpdate (sim and gramine-sim; docs/REAL-SGX.md)",
+    )
+    hostd.add_argument(
+        "--pccs-refresh", metavar="SECONDS", type=_positive_seconds,
+        help="with --pccs: fetch at least this often (default: at 3/4 of the validity left)",
     )
     release = sub.add_parser(
         "release", help="the vendor's build-host step: a signing key and a pre-signed release"
@@ -716,6 +741,8 @@ def _run(args: argparse.Namespace) -> int:
                 sim_root=args.sim_root,
                 fleet_listen=fleetcmd.address(args.fleet_listen) if args.fleet_listen else None,
                 signed_release=args.release,
+                pccs=args.pccs,
+                pccs_refresh=args.pccs_refresh,
             )
         )
         return 0

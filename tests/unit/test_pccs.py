@@ -1,4 +1,4 @@
-"""DCAP collateral from a PCCS (vmm/pccs.py, ``sgxvtpm attest quote --pccs``).
+"""DCAP collateral from a PCCS (platform/pccs.py, ``sgxvtpm attest quote --pccs``).
 
 Against a local stand-in PCCS (tests/helpers/pccs.py: http.server on 127.0.0.1
 serving the vector collateral on Intel's PCCS v4 paths and headers) through
@@ -19,9 +19,9 @@ from tests.helpers.pccs import FakePccs
 
 from sgxvtpm import cli
 from sgxvtpm.host.statedir import StateDir
+from sgxvtpm.platform import pccs
 from sgxvtpm.platform.base import AttestationError, EnclaveIdentity
 from sgxvtpm.platform.sim import SimPlatformDir
-from sgxvtpm.vmm import pccs
 from sgxvtpm.vmm.credentials import Credentials, CredentialsError, HostCredentials
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors" / "dcap"

@@ -5,7 +5,7 @@ against collateral from a file (dcap-qvl QuoteCollateralV3 JSON: what a PCCS
 serves, or a sim platform's ``collateral.json``) and one root: ``intel`` (Intel's
 SGX Root CA, pinned by its SHA-256, taken from the collateral's chain) or a PEM
 file (a sim platform's ``root_ca.pem``). With ``--pccs URL`` instead of a file, the
-collateral is fetched from that PCCS (or its on-disk cache, vmm/pccs.py): untrusted
+collateral is fetched from that PCCS (or its on-disk cache, platform/pccs.py): untrusted
 all the same, checked under the same root.
 """
 
@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives import serialization
 
 from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.platform import dcap
+from sgxvtpm.platform import pccs as pccs_client
 from sgxvtpm.platform.base import AttestationError
-from sgxvtpm.vmm import pccs as pccs_client
 
 ROOT_INTEL = "intel"
 

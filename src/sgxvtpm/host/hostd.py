@@ -38,6 +38,7 @@ from cryptography import x509
 
 from sgxvtpm.enclaves.specs import instance_spec, manager_spec
 from sgxvtpm.errors import SgxvtpmError
+from sgxvtpm.host.collateral import CollateralRefresher, CollateralUnavailable
 from sgxvtpm.host.host_tpm import HostTpm, HostTpmError
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.host.switch import FLEET_IN, FLEET_OUT, Connection, Relay
@@ -136,6 +137,8 @@ class Hostd:
         sim_root: Path | None = None,
         fleet_listen: tuple[str, int] | None = None,
         signed_release: Path | None = None,
+        pccs: str | None = None,
+        pccs_refresh: float | None = None,
     ) -> None:
         self.state = state
         self.fleet_listen = fleet_listen
@@ -180,6 +183,20 @@ class Hostd:
             os.close(self._lock_fd)
             raise HostdError(str(exc)) from None
         publish_collateral(state)
+        # --pccs: the platform's collateral from the PCCS, before any enclave
+        # starts, then kept fresh by a background task (host/collateral.py).
+        self.collateral: CollateralRefresher | None = None
+        self._collateral_task: asyncio.Task[None] | None = None
+        if pccs:
+            self.collateral = CollateralRefresher(
+                pccs, self.platform, state.collateral, max_interval=pccs_refresh
+            )
+            try:
+                self.collateral.start()
+            except CollateralUnavailable as exc:
+                self.platform.close()
+                os.close(self._lock_fd)
+                raise HostdError(str(exc)) from None
         self.manager_spec = self.platform.signed(manager_spec(self.platform))
         self.instance_spec = self.platform.signed(instance_spec(self.platform))
         self.relay = Relay(
@@ -211,6 +228,8 @@ class Hostd:
         manager = Enclave("manager", self.manager_spec, args)
         self.enclaves["manager"] = manager
         await self._launch(manager)
+        if self.collateral is not None:
+            self._collateral_task = asyncio.create_task(self.collateral.run())
         with contextlib.suppress(FileNotFoundError):
             self.state.socket.unlink()
         self._server = await asyncio.start_unix_server(self._client, path=str(self.state.socket))
@@ -223,6 +242,10 @@ class Hostd:
 
     async def stop(self) -> None:
         self.stopping = True
+        if self._collateral_task is not None:
+            self._collateral_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._collateral_task
         if self._server is not None:
             self._server.close()
         if self._fleet_server is not None:
@@ -545,13 +568,17 @@ async def serve(
     sim_root: Path | None = None,
     fleet_listen: tuple[str, int] | None = None,
     signed_release: Path | None = None,
+    pccs: str | None = None,
+    pccs_refresh: float | None = None,
 ) -> None:
     """Run hostd on the platform backend ``platform`` until SIGTERM/SIGINT.
 
     ``operator_cert`` gives the operator's certificate for the manager to pin
     (the command line's: sgxvtpm/vmm/credentials.py, hostd_operator_certificate);
     it is called once the privilege checks passed, before the platform opens,
-    as the invoking user. HostdError if the manager refuses to start.
+    as the invoking user. HostdError if the manager refuses to start. ``pccs``: fetch
+    and refresh the platform's collateral from that PCCS (host/collateral.py), at
+    most every ``pccs_refresh`` seconds if given.
     """
     state.check()  # before anything starts: StateDirError names the path and the fix
     if run_as is not None and os.geteuid() != 0:
@@ -570,6 +597,8 @@ async def serve(
         sim_root=sim_root,
         fleet_listen=fleet_listen,
         signed_release=signed_release,
+        pccs=pccs,
+        pccs_refresh=pccs_refresh,
     )
     if run_as is not None:
         drop_privileges(state, run_as)

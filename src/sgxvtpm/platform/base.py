@@ -376,6 +376,18 @@ class PlatformBackend(PlatformKind, Protocol):
         """
         ...
 
+    def platform_quote(self, report_data: bytes) -> bytes:
+        """A quote by this platform of an identity no enclave has, over ``report_data``:
+        it names the platform's FMSPC and PCK CA, and checks collateral for it
+        (``hostd --pccs``, host/collateral.py). PlatformError where the platform
+        cannot make one for the host (gramine)."""
+        ...
+
+    def replace_collateral(self, collateral: str) -> None:
+        """The collateral the platform gives the enclaves it launches from now on, taken
+        only if it verifies the platform's own quote under its root (PlatformError)."""
+        ...
+
     def close(self) -> None:
         """Stop every enclave the loader launched, then the platform's processes."""
         ...

@@ -30,7 +30,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import dcap_qvl
@@ -139,6 +139,38 @@ def pinned_verifier(root_pem: bytes, collateral_json: str) -> DcapQuoteVerifier:
         raise CollateralError("the collateral's issuer chain ends in another root than the "
                               "pinned attestation root")
     return DcapQuoteVerifier(collateral, root_der)
+
+
+class RefreshingVerifier:
+    """A QuoteVerifier over the platform's collateral as it changes (``hostd --pccs``
+    hands the platform newer copies while its enclaves run).
+
+    A quote that fails with the copy in hand is tried once more with ``latest()``,
+    the platform's current copy, if that one differs; the newer copy is kept when a
+    quote verifies with it. Every copy is checked under the same pinned root, so
+    whatever ``latest`` answers can only make quotes fail, never pass a bad one.
+    """
+
+    def __init__(self, root_pem: bytes, collateral: str, latest: Callable[[], str]) -> None:
+        self._root_pem = root_pem
+        self._collateral = collateral
+        self._verifier = pinned_verifier(root_pem, collateral)
+        self._latest = latest
+
+    def verify(self, quote: bytes) -> VerifiedQuote:
+        try:
+            return self._verifier.verify(quote)
+        except AttestationError:
+            try:
+                latest = self._latest()
+                verifier = pinned_verifier(self._root_pem, latest) if latest else None
+            except (PlatformError, OSError, ValueError):
+                verifier = None
+            if verifier is None or latest == self._collateral:
+                raise
+        verified = verifier.verify(quote)
+        self._verifier, self._collateral = verifier, latest
+        return verified
 
 
 def parse_sgx_body(raw: bytes) -> ReportBody:

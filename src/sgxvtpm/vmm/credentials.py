@@ -40,11 +40,10 @@ from sgxvtpm.channel import ClientCredential
 from sgxvtpm.enclaves.specs import expected_policy
 from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.host.statedir import Directory, Entry, StateDir, user_dir
-from sgxvtpm.platform import DEFAULT_PLATFORM, dcap, platform_kind
+from sgxvtpm.platform import DEFAULT_PLATFORM, dcap, pccs, platform_kind
 from sgxvtpm.platform.base import MeasurementPolicy, PlatformError, PlatformKind, QuoteVerifier
 from sgxvtpm.util.durable import atomic_write
 from sgxvtpm.util.keyfile import write_private_key
-from sgxvtpm.vmm import pccs
 from sgxvtpm.vmm.pins import ENV as PINS_ENV
 from sgxvtpm.vmm.pins import INTEL as INTEL_ROOT
 from sgxvtpm.vmm.pins import GraminePins, PinsError

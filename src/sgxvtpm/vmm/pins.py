@@ -22,7 +22,7 @@ directory (vmm/credentials.py). Clients whose platform kind is ``gramine``
 (``SGXVTPM_PLATFORM=gramine``) accept an enclave only if its MRENCLAVE is
 the pinned one for its role AND its MRSIGNER is the pinned signer.
 ``pccs`` (optional; ``$SGXVTPM_PCCS_URL`` overrides it): the PCCS the clients
-fetch DCAP collateral from when no collateral file is given (vmm/pccs.py: on the
+fetch DCAP collateral from when no collateral file is given (platform/pccs.py: on the
 first quote, then cached until its nextUpdate).
 """
 

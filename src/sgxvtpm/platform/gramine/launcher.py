@@ -375,6 +375,15 @@ class GramineBackend:
             return GRAMINE.measure(spec)  # raises, saying where the value comes from
         return signed.sig.mrenclave
 
+    def platform_quote(self, report_data: bytes) -> bytes:
+        raise PlatformError(
+            "platform 'gramine' gives hostd no quote of its own to fetch collateral with "
+            f"(hostd --pccs): keep {COLLATERAL_FILE} fresh from your PCCS (docs/REAL-SGX.md)"
+        )
+
+    def replace_collateral(self, collateral: str) -> None:
+        raise PlatformError(f"platform 'gramine' takes its collateral from {COLLATERAL_FILE}")
+
     def quote_verifier(self, root_pem: bytes, collateral: str | None = None) -> QuoteVerifier:
         return dcap.pinned_verifier(
             root_pem, self._collateral if collateral is None else collateral

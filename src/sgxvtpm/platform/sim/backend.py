@@ -71,6 +71,12 @@ class _LoaderBackend:
     def signed(self, spec: EnclaveSpec) -> EnclaveSpec:
         return self._loader.signed(spec)
 
+    def platform_quote(self, report_data: bytes) -> bytes:
+        return self._loader.probe_quote(report_data)
+
+    def replace_collateral(self, collateral: str) -> None:
+        self._loader.replace_collateral(collateral)
+
     def close(self) -> None:
         self._loader.close()
 

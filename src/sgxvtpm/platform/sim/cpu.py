@@ -175,6 +175,11 @@ class Cpu:
             if len(fds) != 1:
                 return {"ok": False, "error": "launch needs the enclave's stream"}, []
             return self._launch(header, blob, fds[0])
+        if op == "probe_quote":  # hostd --pccs (host/collateral.py)
+            return {"ok": True, "quote": self.platform.probe_quote(bytes(blob)).hex()}, []
+        if op == "replace_collateral":
+            self.platform.replace_collateral(bytes(blob).decode())
+            return {"ok": True}, []
         return {"ok": False, "error": f"unknown op {op!r}"}, []
 
     def _launch(
@@ -424,6 +429,8 @@ def _enclu(
         return ok, pack_report_body(enclave.verify_report(blob))
     if op == "quote":
         return ok, enclave.quote(blob)
+    if op == "collateral":  # the platform's current copy (hostd --pccs refreshes it)
+        return {**ok, "collateral": enclave.current_collateral()}, b""
     counters: dict[str, Callable[[str], int]] = {
         "counter_create": enclave.counter_create,
         "counter_increment": enclave.counter_increment,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 from sgxvtpm.platform.base import (
     AttestationError,
@@ -21,18 +22,25 @@ from sgxvtpm.platform.sim.report import pack_report_body, parse_report_body, spl
 from sgxvtpm.util import log
 
 
-def dcap_verifier(root_pem: bytes, collateral: str) -> QuoteVerifier:
+def dcap_verifier(
+    root_pem: bytes, collateral: str, latest: Callable[[], str] | None = None
+) -> QuoteVerifier:
     """What a sim enclave checks its peers with: DCAP (platform/dcap.py), as on SGX.
 
     Both come from the platform (the sim CPU), never from the host's launch
     arguments; the root is the one the enclave trusts, the collateral is checked
     against it. A platform provisioned before it had collateral cannot attest.
+    ``latest`` gives the platform's current collateral (the CPU's copy, which
+    ``hostd --pccs`` refreshes): a quote that fails with ``collateral`` is tried
+    with it (dcap.RefreshingVerifier).
     """
     from sgxvtpm.platform import dcap
 
     if not collateral:
         raise PlatformError("this sim platform has no DCAP collateral (provisioned by an older "
                             "sgxvtpm): provision a new platform directory")
+    if latest is not None:
+        return dcap.RefreshingVerifier(root_pem, collateral, latest)
     return dcap.pinned_verifier(root_pem, collateral)
 
 
@@ -51,8 +59,13 @@ class SimEnclaveFace:
     def attestation_root_pem(self) -> bytes:
         raise NotImplementedError
 
+    def current_collateral(self) -> str:
+        """The platform's collateral now (``hostd --pccs`` may have refreshed the
+        launch's copy)."""
+        return self.collateral
+
     def quote_verifier(self) -> QuoteVerifier:
-        return dcap_verifier(self.attestation_root_pem, self.collateral)
+        return dcap_verifier(self.attestation_root_pem, self.collateral, self.current_collateral)
 
 
 class SimEnclavePlatform(SimEnclaveFace):
@@ -76,6 +89,7 @@ class SimEnclavePlatform(SimEnclaveFace):
         cpu_svn: bytes = bytes(16),
         config: bytes = b"",
         collateral: str = "",
+        collateral_source: Callable[[], str] | None = None,
     ) -> None:
         self._identity = identity
         self._base_key = base_key
@@ -85,6 +99,7 @@ class SimEnclavePlatform(SimEnclaveFace):
         self._cpu_svn = cpu_svn
         self.config = config
         self.collateral = collateral
+        self._collateral_source = collateral_source
 
     @property
     def attestation_root_pem(self) -> bytes:
@@ -95,6 +110,12 @@ class SimEnclavePlatform(SimEnclaveFace):
         itself and never from the host's launch arguments.
         """
         return self._qe.certification.root_pem
+
+    def current_collateral(self) -> str:
+        """The platform's collateral now (the CPU's copy may be newer than the launch's)."""
+        if self._collateral_source is None:
+            return self.collateral
+        return self._collateral_source()
 
     def get_key(self, request: KeyRequest) -> bytes:
         return egetkey.egetkey(self._base_key, self._identity, request, self._cpu_svn)

@@ -47,6 +47,10 @@ class SimEnclaveClient(SimEnclaveFace):
         """The root a verifier inside this enclave trusts (from the CPU, not the host)."""
         return self._root_pem
 
+    def current_collateral(self) -> str:
+        """The CPU's collateral now (``hostd --pccs`` refreshes it while we run)."""
+        return str(self._call({"op": "collateral"})[0].get("collateral", ""))
+
     def get_key(self, request: KeyRequest) -> bytes:
         _, key = self._call(
             {

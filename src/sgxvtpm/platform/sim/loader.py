@@ -211,6 +211,20 @@ class SimLoader:
             self._handles = [*alive, handle]
         return handle
 
+    def probe_quote(self, report_data: bytes) -> bytes:
+        """The CPU's quote of the platform's probe identity (SimPlatformDir.probe_quote)."""
+        reply, _, _ = self._request({"op": "probe_quote"}, report_data)
+        if not reply.get("ok"):
+            raise PlatformError(f"the platform gives no quote: {reply.get('error')}")
+        return bytes.fromhex(reply["quote"])
+
+    def replace_collateral(self, collateral: str) -> None:
+        """Hand the platform new collateral for the enclaves it launches from now on;
+        PlatformError if it does not verify the platform's quote under its root."""
+        reply, _, _ = self._request({"op": "replace_collateral"}, collateral.encode())
+        if not reply.get("ok"):
+            raise PlatformError(f"the platform refused the collateral: {reply.get('error')}")
+
     def _request(
         self, header: dict[str, Any], blob: bytes = b"", fds: list[int] | None = None
     ) -> tuple[dict[str, Any], bytearray, list[int]]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import stat
@@ -47,6 +48,15 @@ PCK_PEM = "pck.pem"
 PLATFORM_JSON = "platform.json"
 # DCAP collateral (public, dcap-qvl QuoteCollateralV3 JSON), written at provisioning.
 COLLATERAL_JSON = "collateral.json"
+
+#: The identity the platform quotes for hostd's collateral checks (probe_quote): not
+#: an enclave (no code has it; no SIGSTRUCT key hashes to an MRSIGNER of zeros).
+PROBE = EnclaveIdentity(
+    mrenclave=hashlib.sha256(b"sgxvtpm platform probe: not an enclave").digest(),
+    mrsigner=bytes(32),
+    isv_prod_id=0xFFFF,
+    isv_svn=0,
+)
 COUNTERS = "counters"
 _FORMAT = 1
 
@@ -185,6 +195,32 @@ class SimPlatformDir:
         except OSError as exc:
             raise PlatformError(f"{self.path} has no DCAP collateral: {exc}") from None
 
+    def probe_quote(self, report_data: bytes) -> bytes:
+        """A quote of :data:`PROBE` (no enclave: no policy accepts its MRSIGNER of
+        zeros) over ``report_data``: what hostd fetches and checks this platform's
+        collateral with (``hostd --pccs``, host/collateral.py)."""
+        return self.enclave_platform(PROBE).quote(report_data)
+
+    def replace_collateral(self, collateral: str) -> None:
+        """Store ``collateral`` as the collateral every enclave launched from now on
+        gets, if it verifies this platform's own quote under its root at the current
+        time and expires no earlier than the copy it has, if that one still verifies
+        (PlatformError if not): hostd asks it of the platform, which does not take
+        the host's word for it, nor an older copy that would hide a newer TCB status."""
+        from sgxvtpm.platform import dcap, pccs
+
+        quote = self.probe_quote(bytes(64))
+        dcap.pinned_verifier(self.root_certificate_pem, collateral).check(quote)
+        try:
+            current = self.dcap_collateral()
+            dcap.pinned_verifier(self.root_certificate_pem, current).check(quote)
+            older = pccs.expiry(collateral) < pccs.expiry(current)
+        except (PlatformError, pccs.PccsError):
+            older = False  # no copy, or one that no longer verifies: any good one replaces it
+        if older:
+            raise PlatformError("the collateral expires before the platform's current copy")
+        atomic_write(self.path / COLLATERAL_JSON, collateral.encode(), 0o644)
+
     def enclave_platform(
         self, identity: EnclaveIdentity, *, config: bytes = b""
     ) -> SimEnclavePlatform:
@@ -197,6 +233,7 @@ class SimPlatformDir:
             report_key_id=self._report_key_id,
             config=config,
             collateral=self._collateral_or_none(),
+            collateral_source=self._collateral_or_none,
         )
 
     def _collateral_or_none(self) -> str:

@@ -280,13 +280,16 @@ def _dcap_time(t: datetime.datetime) -> str:
 
 
 def _crl(
-    root_key: ec.EllipticCurvePrivateKey, root: x509.Certificate, now: datetime.datetime
+    root_key: ec.EllipticCurvePrivateKey,
+    root: x509.Certificate,
+    now: datetime.datetime,
+    validity: datetime.timedelta = _VALIDITY,
 ) -> str:
     crl = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(root.subject)
         .last_update(now)
-        .next_update(now + _VALIDITY)
+        .next_update(now + validity)
         # Intel's CRLs carry these two; DCAP verifiers (webpki) expect them.
         .add_extension(x509.CRLNumber(1), critical=False)
         .add_extension(
@@ -318,13 +321,16 @@ def tcb_signing_certificate(
     return _leaf_certificate(root_key, root, _name("sgxvtpm-sim SGX TCB Signing"), key, now)
 
 
-def tcb_info(cpu_svn: bytes, pce_svn: int, now: datetime.datetime) -> str:
+def tcb_info(
+    cpu_svn: bytes, pce_svn: int, now: datetime.datetime,
+    validity: datetime.timedelta = _VALIDITY,
+) -> str:
     """TCB Info v3 for the sim FMSPC: one level, this platform's TCB, UpToDate."""
     body = {
         "id": "SGX",
         "version": 3,
         "issueDate": _dcap_time(now),
-        "nextUpdate": _dcap_time(now + _VALIDITY),
+        "nextUpdate": _dcap_time(now + validity),
         "fmspc": SIM_FMSPC.hex().upper(),
         "pceId": SIM_PCEID.hex().upper(),
         "tcbType": 0,
@@ -343,13 +349,13 @@ def tcb_info(cpu_svn: bytes, pce_svn: int, now: datetime.datetime) -> str:
     return json.dumps(body, separators=(",", ":"))
 
 
-def qe_identity(now: datetime.datetime) -> str:
+def qe_identity(now: datetime.datetime, validity: datetime.timedelta = _VALIDITY) -> str:
     """QE Identity v2 for the sim quoting enclave (its MRSIGNER, ISVPRODID, ISVSVN)."""
     body = {
         "id": "QE",
         "version": 2,
         "issueDate": _dcap_time(now),
-        "nextUpdate": _dcap_time(now + _VALIDITY),
+        "nextUpdate": _dcap_time(now + validity),
         "tcbEvaluationDataNumber": TCB_EVALUATION_DATA_NUMBER,
         "miscselect": "00000000",
         "miscselectMask": "FFFFFFFF",
@@ -369,20 +375,22 @@ def collateral(
     root_pem: bytes,
     now: datetime.datetime,
     cpu_svn: bytes = bytes(16),
+    validity: datetime.timedelta = _VALIDITY,
 ) -> str:
-    """The sim platform's DCAP collateral, dcap-qvl QuoteCollateralV3 JSON."""
+    """The sim platform's DCAP collateral, dcap-qvl QuoteCollateralV3 JSON, valid
+    (nextUpdate of its TCB Info, QE Identity and CRLs) for ``validity`` from ``now``."""
     root = x509.load_pem_x509_certificate(root_pem)
     signer = tcb_signing_key(root_key)
     signing_pem = tcb_signing_certificate(root_key, root, now).public_bytes(
         serialization.Encoding.PEM
     )
     chain = (signing_pem + root_pem).decode()
-    tcb, qe = tcb_info(cpu_svn, PCE_SVN, now), qe_identity(now)
+    tcb, qe = tcb_info(cpu_svn, PCE_SVN, now, validity), qe_identity(now, validity)
     return json.dumps(
         {
             "pck_crl_issuer_chain": root_pem.decode(),
-            "root_ca_crl": _crl(root_key, root, now),
-            "pck_crl": _crl(root_key, root, now),
+            "root_ca_crl": _crl(root_key, root, now, validity),
+            "pck_crl": _crl(root_key, root, now, validity),
             "tcb_info_issuer_chain": chain,
             "tcb_info": tcb,
             "tcb_info_signature": sign_raw(signer, tcb.encode()).hex(),

@@ -5,6 +5,9 @@ through dcap-qvl's own fetcher, ``dcap_qvl.get_collateral``: ``pckcrl?ca=``,
 ``tcb?fmspc=``, ``qe/identity``, ``rootcacrl`` under ``/sgx/certification/v4``)
 for the collateral of the quote's FMSPC and PCK CA, and answers it as
 dcap-qvl QuoteCollateralV3 JSON, the same bytes ``--collateral FILE`` gives.
+Clients use it (vmm/credentials.py, ``sgxvtpm attest quote --pccs``), and so
+does hostd for its own platform (``hostd --pccs``, host/collateral.py:
+``fetch_fresh``, no cache).
 
 The PCCS and the cache are untrusted: the collateral is only ever used by the
 pinned-root verifier (platform/dcap.py), which checks every part of it against
@@ -112,15 +115,25 @@ def fetch_collateral(
         entry.unlink(missing_ok=True)  # expired: never served
     except (OSError, UnicodeDecodeError, PccsError):
         pass
+    collateral = fetch_fresh(url, quote, timeout=timeout)
+    if when < expiry(collateral):
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write(entry, collateral.encode(), 0o600)
+    return collateral
+
+
+def fetch_fresh(url: str, quote: bytes, *, timeout: float = FETCH_TIMEOUT) -> str:
+    """QuoteCollateralV3 JSON for ``quote`` from the PCCS at ``url``, never from a cache
+    (hostd's refresher, host/collateral.py). PccsError (one line) if the PCCS cannot be
+    reached or answers something else than collateral with nextUpdate times."""
+    url = url.rstrip("/")
     try:
         collateral = _fetch(url, bytes(quote), timeout)
     except TimeoutError:
         raise PccsError(f"PCCS {url}: no answer within {timeout:g} s") from None
     except (ValueError, RuntimeError, OSError) as exc:
         raise PccsError(f"PCCS {url}: cannot fetch collateral: {_one_line(exc)}") from None
-    if when < expiry(collateral):
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        atomic_write(entry, collateral.encode(), 0o600)
+    expiry(collateral)  # PccsError unless every part has its nextUpdate
     return collateral
 
 
