@@ -721,7 +721,7 @@ def _run(args: argparse.Namespace) -> int:
         # becomes a path under the state directory.
         check_vm_name(args.name)
     if args.command == "hostd":
-        from sgxvtpm.host.hostd import RESET_EFFECT, RunAs, serve
+        from sgxvtpm.host.hostd import RESET_EFFECT, HostdOptions, RunAs, serve
         from sgxvtpm.vmm import fleetcmd
         from sgxvtpm.vmm.credentials import hostd_operator_certificate
 
@@ -733,16 +733,18 @@ def _run(args: argparse.Namespace) -> int:
             serve(
                 state,
                 operator_cert=lambda: hostd_operator_certificate(state, args.operator_cert),
-                platform=args.platform,
+                options=HostdOptions(
+                    platform=args.platform,
+                    reset_manager=args.reset_manager,
+                    counters=args.counters,
+                    counters_key=args.counters_key,
+                    sim_root=args.sim_root,
+                    fleet_listen=fleetcmd.address(args.fleet_listen) if args.fleet_listen else None,
+                    signed_release=args.release,
+                    pccs=args.pccs,
+                    pccs_refresh=args.pccs_refresh,
+                ),
                 run_as=run_as,
-                reset_manager=args.reset_manager,
-                counters=args.counters,
-                counters_key=args.counters_key,
-                sim_root=args.sim_root,
-                fleet_listen=fleetcmd.address(args.fleet_listen) if args.fleet_listen else None,
-                signed_release=args.release,
-                pccs=args.pccs,
-                pccs_refresh=args.pccs_refresh,
             )
         )
         return 0

@@ -124,28 +124,42 @@ class Enclave:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class HostdOptions:
+    """hostd's command line (cli.py): the platform and where its parts come from.
+
+    ``platform``: the backend (sgxvtpm.platform.open_platform). ``reset_manager``:
+    start a new, empty manager registry after it was lost. ``counters``: ``sim``
+    or ``tpm:DEVICE_OR_TCTI``, the host TPM the enclaves keep their counters in,
+    through sessions salted to ``counters_key``. ``sim_root``: the simulated
+    provisioning authority (sim only). ``fleet_listen``: relay fleet sessions on
+    this TCP address. ``signed_release``: the vendor's pre-signed build (nothing
+    is signed here). ``pccs``: fetch and refresh the platform's collateral from
+    that PCCS (host/collateral.py), at most every ``pccs_refresh`` seconds if given.
+    """
+
+    platform: str = DEFAULT_PLATFORM
+    reset_manager: bool = False
+    counters: str = "sim"
+    counters_key: int | None = None
+    sim_root: Path | None = None
+    fleet_listen: tuple[str, int] | None = None
+    signed_release: Path | None = None
+    pccs: str | None = None
+    pccs_refresh: float | None = None
+
+
 class Hostd:
     def __init__(
-        self,
-        state: StateDir,
-        operator_cert_pem: bytes,
-        *,
-        platform: str = DEFAULT_PLATFORM,
-        reset_manager: bool = False,
-        counters: str = "sim",
-        counters_key: int = DEFAULT_COUNTERS_KEY,
-        sim_root: Path | None = None,
-        fleet_listen: tuple[str, int] | None = None,
-        signed_release: Path | None = None,
-        pccs: str | None = None,
-        pccs_refresh: float | None = None,
+        self, state: StateDir, operator_cert_pem: bytes, options: HostdOptions = HostdOptions()
     ) -> None:
         self.state = state
-        self.fleet_listen = fleet_listen
+        self.options = options
+        self.fleet_listen = options.fleet_listen
         self._fleet_server: asyncio.Server | None = None
         self._fleet_dialled = 0
         self._fleet_tasks: set[asyncio.Task[None]] = set()
-        self.reset_manager = reset_manager
+        self.reset_manager = options.reset_manager
         state.ensure()
         self._lock_fd = os.open(state.lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -156,7 +170,10 @@ class Hostd:
         # --counters tpm:SPEC: the enclaves keep their counters in this TPM,
         # through TPM frames hostd relays unread (host/host_tpm.py).
         self.host_tpm: HostTpm | None = None
-        self.counters_key = counters_key
+        self.counters_key = (
+            DEFAULT_COUNTERS_KEY if options.counters_key is None else options.counters_key
+        )
+        counters = options.counters
         if counters != "sim":
             kind, _, spec = counters.partition(":")
             try:
@@ -176,8 +193,8 @@ class Hostd:
         try:
             # --release DIR: the vendor's pre-signed build; nothing is signed here.
             self.platform = open_platform(
-                platform, state.platform, preload=PRELOAD, release=RELEASE, sim_root=sim_root,
-                signed_release=signed_release,
+                options.platform, state.platform, preload=PRELOAD, release=RELEASE,
+                sim_root=options.sim_root, signed_release=options.signed_release,
             )  # fmt: skip
         except PlatformError as exc:
             os.close(self._lock_fd)
@@ -187,9 +204,9 @@ class Hostd:
         # starts, then kept fresh by a background task (host/collateral.py).
         self.collateral: CollateralRefresher | None = None
         self._collateral_task: asyncio.Task[None] | None = None
-        if pccs:
+        if options.pccs:
             self.collateral = CollateralRefresher(
-                pccs, self.platform, state.collateral, max_interval=pccs_refresh
+                options.pccs, self.platform, state.collateral, max_interval=options.pccs_refresh
             )
             try:
                 self.collateral.start()
@@ -560,25 +577,15 @@ async def serve(
     ready: asyncio.Event | None = None,
     *,
     operator_cert: Callable[[], bytes],
-    platform: str = DEFAULT_PLATFORM,
+    options: HostdOptions = HostdOptions(),
     run_as: RunAs | None = None,
-    reset_manager: bool = False,
-    counters: str = "sim",
-    counters_key: int | None = None,
-    sim_root: Path | None = None,
-    fleet_listen: tuple[str, int] | None = None,
-    signed_release: Path | None = None,
-    pccs: str | None = None,
-    pccs_refresh: float | None = None,
 ) -> None:
-    """Run hostd on the platform backend ``platform`` until SIGTERM/SIGINT.
+    """Run hostd as ``options`` say (:class:`HostdOptions`) until SIGTERM/SIGINT.
 
     ``operator_cert`` gives the operator's certificate for the manager to pin
     (the command line's: sgxvtpm/vmm/credentials.py, hostd_operator_certificate);
     it is called once the privilege checks passed, before the platform opens,
-    as the invoking user. HostdError if the manager refuses to start. ``pccs``: fetch
-    and refresh the platform's collateral from that PCCS (host/collateral.py), at
-    most every ``pccs_refresh`` seconds if given.
+    as the invoking user. HostdError if the manager refuses to start.
     """
     state.check()  # before anything starts: StateDirError names the path and the fix
     if run_as is not None and os.geteuid() != 0:
@@ -587,19 +594,7 @@ async def serve(
         )
     operator_cert_pem = operator_cert()
     _raise_fd_limit()
-    hostd = Hostd(
-        state,
-        operator_cert_pem,
-        platform=platform,
-        reset_manager=reset_manager,
-        counters=counters,
-        counters_key=DEFAULT_COUNTERS_KEY if counters_key is None else counters_key,
-        sim_root=sim_root,
-        fleet_listen=fleet_listen,
-        signed_release=signed_release,
-        pccs=pccs,
-        pccs_refresh=pccs_refresh,
-    )
+    hostd = Hostd(state, operator_cert_pem, options)
     if run_as is not None:
         drop_privileges(state, run_as)
     elif os.geteuid() == 0:

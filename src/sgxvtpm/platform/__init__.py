@@ -28,6 +28,7 @@ from sgxvtpm.platform.base import (
     KeyRequest,
     Loader,
     MeasurementPolicy,
+    OpenOptions,
     PlatformBackend,
     PlatformError,
     PlatformKind,
@@ -57,6 +58,7 @@ __all__ = [
     "KeyRequest",
     "Loader",
     "MeasurementPolicy",
+    "OpenOptions",
     "PlatformBackend",
     "PlatformError",
     "PlatformKind",
@@ -121,16 +123,15 @@ def open_platform(
     then signs the release with gramine-sgx-sign and runs one gramine-sgx per
     enclave; anything else raises ValueError.
     """
+    options = OpenOptions(preload, release, sim_root, signed_release)
     if name == "sim":
         from sgxvtpm.platform.sim.backend import SimBackend
 
-        return SimBackend.open(Path(path), preload=preload, release=release, sim_root=sim_root,
-                               signed_release=signed_release)
+        return SimBackend.open(Path(path), options)
     if name == "gramine-sim":
         from sgxvtpm.platform.sim.backend import GramineSimBackend
 
-        return GramineSimBackend.open(Path(path), preload=preload, release=release,
-                                      sim_root=sim_root, signed_release=signed_release)
+        return GramineSimBackend.open(Path(path), options)
     if sim_root is not None:
         raise PlatformError("--sim-root is for the sim platforms only")
     if name == "gramine":

@@ -80,6 +80,17 @@ class KeyPolicy(enum.IntFlag):
 
 
 @dataclass(frozen=True)
+class OpenOptions:
+    """How :func:`sgxvtpm.platform.open_platform` opens a platform; each backend reads
+    what applies to it (the parameters are documented there)."""
+
+    preload: Sequence[str] = ()
+    release: str = ""
+    sim_root: Path | None = None
+    signed_release: Path | None = None
+
+
+@dataclass(frozen=True)
 class EnclaveSpec:
     """What the loader needs to build, measure and start one enclave.
 

@@ -7,11 +7,10 @@ through these two, as ``sgxvtpm.platform.platform_kind("sim")`` and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
-from sgxvtpm.platform.base import EnclaveSpec
+from sgxvtpm.platform.base import EnclaveSpec, OpenOptions
 from sgxvtpm.platform.sim.gramine_sim import GRAMINE_SIM, GramineSimKind
 from sgxvtpm.platform.sim.loader import SimLoader
 from sgxvtpm.platform.sim.measure import SimMeasuredKind
@@ -40,23 +39,14 @@ class _LoaderBackend:
         self._loader = loader
 
     @classmethod
-    def open(
-        cls,
-        path: Path,
-        *,
-        preload: Sequence[str] = (),
-        release: str = "",
-        sim_root: Path | None = None,
-        signed_release: Path | None = None,
-    ) -> Self:
-        if cls._gramine_sim:
-            preload = ()
+    def open(cls, path: Path, options: OpenOptions) -> Self:
         kind = GRAMINE_SIM if cls._gramine_sim else SIM
         # hostd --release DIR: the vendor's SIGSTRUCTs (public files, read here).
-        presigned = load_release(signed_release, kind) if signed_release is not None else None
+        signed = options.signed_release
         loader = SimLoader(
-            Path(path), preload=preload, release=release, gramine_sim=cls._gramine_sim,
-            sim_root=sim_root, presigned=presigned,
+            Path(path), preload=() if cls._gramine_sim else options.preload,
+            release=options.release, gramine_sim=cls._gramine_sim, sim_root=options.sim_root,
+            presigned=None if signed is None else load_release(signed, kind),
         )  # fmt: skip
         return cls(loader)
 
