@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     hostd.add_argument(
         "--pccs", metavar="URL", type=_http_url,
         help="fetch this platform's DCAP collateral from the PCCS at URL at start and "
-             "refresh it before its nextUpdate (sim and gramine-sim; docs/REAL-SGX.md)",
+             "refresh it before its nextUpdate (docs/REAL-SGX.md)",
     )
     hostd.add_argument(
         "--pccs-refresh", metavar="SECONDS", type=_positive_seconds,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -36,13 +37,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from tests.helpers import gramine_standin
 from tests.helpers.hostd import Hostd
+from tests.helpers.pccs import FakePccs
 from tests.helpers.swtpm import Swtpm
 
 from sgxvtpm.endpoint.k2 import K2Client
 from sgxvtpm.platform import MeasurementPolicy, PlatformError, open_platform
 from sgxvtpm.platform.gramine import sigstruct
 from sgxvtpm.platform.gramine.launcher import COLLATERAL_FILE, DEVICE_ENV
-from sgxvtpm.platform.sim import SimPlatformDir
+from sgxvtpm.platform.sim import SimPlatformDir, provision
 from sgxvtpm.platform.tpm_counters import PIN_FILE
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_RH, TPM2_SU, TPMA_NV
@@ -315,3 +317,41 @@ def test_hostd_runs_a_presigned_gramine_release_without_signing(
     _set(environ, standins.env())
     with pytest.raises(PlatformError, match="not signed for the state directory"):
         open_platform("gramine", _platform_dir(elsewhere, standins), signed_release=release)
+
+
+def test_hostd_platform_gramine_fetches_collateral_from_its_pccs_without_a_quote(
+    tmp_path: Path, standins: StandIns, environ: pytest.MonkeyPatch
+) -> None:
+    """hostd --platform gramine --pccs: no quote for the host, so hostd fetches by the
+    FMSPC and CA of the (expired) copy it has, checks the answer under the platform's
+    root, and publishes it before any enclave starts; a VMM client then creates a VM
+    with it. (The stand-in enclaves' platform is the stand-ins' sim platform, whose
+    root the collateral chains to.)"""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    platform_dir = _platform_dir(state, standins)
+    sim = SimPlatformDir.open_or_create(standins.sim_platform)
+    root_key = sim._private_key("root_ca")
+    now = datetime.datetime.now(datetime.UTC)
+    expired = provision.collateral(root_key, sim.root_certificate_pem,
+                                   now - datetime.timedelta(days=365 * 31))
+    fresh = provision.collateral(root_key, sim.root_certificate_pem, now)
+    (platform_dir / COLLATERAL_FILE).write_text(expired)
+    environ.setenv("SGXVTPM_PLATFORM", "gramine-sim")  # the client checks the stand-in's quotes
+    with FakePccs(fresh).running() as server:
+        h = Hostd(state, args=["--platform", "gramine", "--pccs", server.url])
+        h.env.update(standins.env())
+        h.start()
+        try:
+            assert json.loads(h.state.collateral.read_text()) == json.loads(fresh)
+            assert (platform_dir / COLLATERAL_FILE).read_text() == h.state.collateral.read_text()
+            assert "/sgx/certification/v4/tcb?fmspc=00906ED50000" in server.requests
+            keyed = [line for line in h.log().splitlines() if "hostd.collateral_key" in line]
+            assert len(keyed) == 1 and '"ca": "processor"' in keyed[0]
+            build = state / "platform" / "gramine"
+            manager = sigstruct.parse((build / "manager.sig").read_bytes())
+            policy = MeasurementPolicy(mrenclaves=frozenset({manager.mrenclave}))
+            vmm = VmmClient(h.state, credentials=h.credentials, policy=policy)
+            assert asyncio.run(vmm.create("vm1")).state == "running"
+        finally:
+            h.stop()

@@ -1,15 +1,15 @@
 """``hostd --pccs``: hostd fetches and refreshes its platform's collateral (real hostd, sim).
 
-The stand-in PCCS (tests/helpers/pccs.py, Intel's PCCS v4 paths) serves
-collateral issued by the sim platform's own root; hostd starts with an expired
-copy, takes the PCCS's, and every handshake (the VMM's with the manager, the
-manager's with the instance, the K2 client's with the instance) verifies with
-it through dcap-qvl. The PCCS then serves a newer copy, which hostd publishes
-without a restart (``--pccs-refresh 1``), then one under another root, which
-hostd refuses, keeping the copy it has. The first copy is short-lived: once it
-expires, the manager (launched with it) checks the next instance's quote with
-the platform's newer copy. A PCCS that is down at start, with no
-usable local copy, stops hostd with one error line.
+On ``sim`` and ``gramine-sim`` (the Gramine enclave code path). The stand-in PCCS
+(tests/helpers/pccs.py, Intel's PCCS v4 paths) serves collateral issued by the sim
+platform's own root; hostd starts with an expired copy, takes the PCCS's, and every
+handshake (the VMM's with the manager, the manager's with the instance, the K2 client's
+with the instance) verifies with it through dcap-qvl. The PCCS then serves a newer copy,
+which hostd publishes without a restart (``--pccs-refresh 1``), then one under another
+root, which hostd refuses, keeping the copy it has. The first copy is short-lived: once
+it expires, the manager (launched with it) checks the next instance's quote with the
+platform's newer copy. A PCCS that is down at start, with no usable local copy, stops
+hostd with one error line.
 """
 
 from __future__ import annotations
@@ -92,7 +92,14 @@ def _events(log: str, name: str) -> list[dict[str, object]]:
     return found
 
 
-def test_hostd_fetches_refreshes_and_refuses_collateral_from_its_pccs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("platform_name", ["sim", "gramine-sim"])
+def test_hostd_fetches_refreshes_and_refuses_collateral_from_its_pccs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, platform_name: str
+) -> None:
+    """On gramine-sim the enclaves run the Gramine code path: a running manager
+    follows the newer copy by re-reading hostd's public collateral.json
+    (platform/gramine/bootstrap.py, collateral_verifier), as on Gramine."""
+    monkeypatch.setenv("SGXVTPM_PLATFORM", platform_name)  # the clients' platform kind
     state = tmp_path / "state"
     platform = _expired_platform(state)
     # The first copy is short-lived: the manager is launched with it and must follow
@@ -100,7 +107,7 @@ def test_hostd_fetches_refreshes_and_refuses_collateral_from_its_pccs(tmp_path: 
     issued = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     first = _issued(platform, issued, validity=SHORT)
     with FakePccs(first).running() as server, running_hostd(
-        state, args=["--pccs", server.url, "--pccs-refresh", "1"]
+        state, args=["--platform", platform_name, "--pccs", server.url, "--pccs-refresh", "1"]
     ) as h:
         # At start, before any enclave: the PCCS's copy, for the enclaves and the clients.
         assert _same(h.state.collateral.read_text(), first)

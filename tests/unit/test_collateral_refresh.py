@@ -240,7 +240,10 @@ def test_an_expired_copy_is_withdrawn_while_the_pccs_stays_down(
     assert "hostd.collateral_refresh_failed" in names
 
 
-def test_a_platform_without_a_quote_for_the_host_is_refused_at_start(tmp_path: Path) -> None:
+def test_a_platform_without_a_quote_and_without_a_local_copy_is_refused_at_start(
+    tmp_path: Path,
+) -> None:
+    # (With a local copy it fetches by that copy's FMSPC: tests/unit/test_collateral_unquoted.py.)
     class NoQuote:  # what GramineBackend answers (platform/gramine/launcher.py)
         attestation_root_pem = b""
 
@@ -249,8 +252,10 @@ def test_a_platform_without_a_quote_for_the_host_is_refused_at_start(tmp_path: P
 
     refresher = hc.CollateralRefresher("http://127.0.0.1:9", NoQuote(),  # type: ignore[arg-type]
                                        tmp_path / "collateral.json")
-    with pytest.raises(hc.CollateralUnavailable, match=r"^--pccs: platform 'gramine' gives"):
+    with pytest.raises(hc.CollateralUnavailable) as raised:
         refresher.start()
+    assert str(raised.value).startswith("--pccs: platform 'gramine' gives hostd no quote")
+    assert "names the FMSPC and PCK CA to fetch" in str(raised.value)
 
 
 # -- enclaves follow the platform's newer copy ------------------------------------------

@@ -50,7 +50,11 @@ def test_trusted_files_are_the_measured_set_the_sim_measures(role: str, tmp_path
     entry = spec_of(GRAMINE).entry
     assert doc["loader"]["argv"][-2:] == [manifest.BOOTSTRAP, entry]
     assert doc["sgx"]["remote_attestation"] == "dcap" and doc["sgx"]["debug"] is False
-    assert doc["sgx"]["allowed_files"] == [f"file:{tmp_path}/"]
+    # The state directory, and in it hostd's public copy of the collateral by name (a
+    # running enclave re-reads it, hostd --pccs); it is no trusted file.
+    collateral = f"file:{tmp_path}/collateral.json"
+    assert doc["sgx"]["allowed_files"] == [f"file:{tmp_path}/", collateral]
+    assert collateral not in doc["sgx"]["trusted_files"]
     libtpms = [u for u in doc["sgx"]["trusted_files"] if "libtpms" in u]
     assert bool(libtpms) == (role == "instance")
 

@@ -17,6 +17,16 @@ FMSPC and PCK CA) expires at its earliest nextUpdate. With ``--pccs``, hostd:
   (:func:`next_refresh`, pure); a copy that expires meanwhile is removed, so
   nothing expired is served.
 
+A platform that gives hostd no quote (``gramine``: a host process has no enclave
+to quote for it) is refreshed without one: the FMSPC and CA come from the copy
+hostd has (``pccs.collateral_key``; an expired copy will do), the fetch is by
+them (``pccs.fetch_by_key``), and the PCCS's answer is taken only if it chains
+to the platform's root with valid signatures and nothing expired
+(``dcap.check_collateral``), names the same FMSPC and CA, and does not expire
+before the copy served; the platform checks it again before it takes it
+(``replace_collateral``). What only a quote can check is left to the enclaves,
+which verify every quote under their pinned root (Intel's on Gramine).
+
 At start, a PCCS that cannot give good collateral is fine while the local copy
 still verifies the platform's quote; otherwise hostd refuses to start
 (:class:`CollateralUnavailable`, one line). Each attempt is one JSON log
@@ -104,6 +114,9 @@ class CollateralRefresher:
         max_interval: float | None = None,
         clock: Callable[[], float] = time.time,
         fetch: Callable[[str, bytes], str] = lambda url, quote: pccs.fetch_fresh(url, quote),
+        fetch_key: Callable[[str, str, str], str] = (
+            lambda url, fmspc, ca: pccs.fetch_by_key(url, fmspc, ca)
+        ),
     ) -> None:
         self.url = url
         self.shown_url = _shown(url)
@@ -112,6 +125,9 @@ class CollateralRefresher:
         self.max_interval = max_interval
         self.clock = clock
         self._fetch = fetch
+        self._fetch_key = fetch_key
+        #: Without a platform quote: the (FMSPC, CA) fetched for, from the local copy.
+        self.key: tuple[str, str] | None = None
         self.failures = 0
         self.expires: float | None = None  # of the copy served now
         self._current = ""  # the copy this refresher published last
@@ -123,6 +139,15 @@ class CollateralRefresher:
         verifier.check(quote)  # AttestationError: another root, expired, bad signature
         return pccs.expiry(collateral).timestamp()
 
+    def _check_unquoted(self, collateral: str) -> float:
+        """The copy's expiry, if it is good without a quote (see the module doc)."""
+        dcap.check_collateral(self.platform.attestation_root_pem, collateral)
+        key = pccs.collateral_key(collateral)
+        if key != self.key:
+            raise PlatformError(f"the collateral is for FMSPC {key[0]} ({key[1]} CA), not this "
+                                f"platform's {self.key[0] if self.key else '?'}")
+        return pccs.expiry(collateral).timestamp()
+
     def _quote(self) -> bytes:
         return self.platform.platform_quote(os.urandom(64))
 
@@ -132,9 +157,13 @@ class CollateralRefresher:
     def refresh(self) -> bool:
         """One attempt: fetch, check, publish. Logs one event; True if published."""
         try:
-            quote = self._quote()
-            collateral = self._fetch(self.url, quote)
-            expires = self._check(collateral, quote)
+            if self.key is not None:
+                collateral = self._fetch_key(self.url, *self.key)
+                expires = self._check_unquoted(collateral)
+            else:
+                quote = self._quote()
+                collateral = self._fetch(self.url, quote)
+                expires = self._check(collateral, quote)
             if self.expires is not None and expires < self.expires and self.clock() < self.expires:
                 raise PlatformError(
                     "the PCCS's collateral expires before the copy served now (an older one)"
@@ -166,6 +195,8 @@ class CollateralRefresher:
             raise CollateralUnavailable(f"no local copy ({exc.__class__.__name__}: "
                                         f"{self.public_copy})") from None
         try:
+            if self.key is not None:
+                return self._check_unquoted(collateral)
             return self._check(collateral, self._quote())
         except (pccs.PccsError, PlatformError, ValueError) as exc:
             raise CollateralUnavailable(f"the local copy {self.public_copy} does not verify "
@@ -174,11 +205,11 @@ class CollateralRefresher:
     def start(self) -> None:
         """At hostd's start: fetch once; keep a local copy that still verifies if the PCCS
         gives nothing good; CollateralUnavailable (one line) if neither, or if the
-        platform gives hostd no quote to fetch with (gramine)."""
+        platform gives hostd no quote and no copy names what to fetch."""
         try:
             self._quote()
         except PlatformError as exc:
-            raise CollateralUnavailable(f"--pccs: {self._message(exc)}") from None
+            self._without_quote(exc)
         if self.refresh():
             return
         try:
@@ -189,6 +220,19 @@ class CollateralRefresher:
             ) from None
         log.log("hostd.collateral_kept", level="warning", expires=_iso(self.expires),
                 reason="the PCCS gave nothing usable; serving the local copy until it expires")
+
+    def _without_quote(self, why: PlatformError) -> None:
+        """Fetch by the FMSPC and CA of the local copy from now on (gramine)."""
+        try:
+            self.key = pccs.collateral_key(self.public_copy.read_text())
+        except (OSError, UnicodeDecodeError, pccs.PccsError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise CollateralUnavailable(
+                f"--pccs: {self._message(why)}, and no local copy {self.public_copy} names "
+                f"the FMSPC and PCK CA to fetch: {reason}"
+            ) from None
+        log.log("hostd.collateral_key", fmspc=self.key[0], ca=self.key[1],
+                source=str(self.public_copy), reason="the platform gives hostd no quote")
 
     # -- the background task -------------------------------------------------------
     def delay(self) -> float:

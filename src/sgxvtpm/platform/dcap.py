@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ from dataclasses import dataclass
 import dcap_qvl
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from sgxvtpm.platform.base import (
     REPORT_BODY_SIZE,
@@ -139,6 +141,81 @@ def pinned_verifier(root_pem: bytes, collateral_json: str) -> DcapQuoteVerifier:
         raise CollateralError("the collateral's issuer chain ends in another root than the "
                               "pinned attestation root")
     return DcapQuoteVerifier(collateral, root_der)
+
+
+def check_collateral(
+    root_pem: bytes, collateral_json: str, *, now: datetime.datetime | None = None
+) -> None:
+    """Check collateral without a quote (hostd on a platform that gives it none,
+    host/collateral.py): its TCB Info and QE Identity are signed by the leaf of their
+    issuer chains, its PCK CRL by the first certificate of its chain and its root CA
+    CRL by the root, every chain ends in ``root_pem`` with each certificate issued by
+    the next, and nothing (certificate, CRL, TCB Info, QE Identity) is expired at
+    ``now`` (default: the clock). CollateralError naming the first failure; what
+    only a quote can check (its FMSPC, PCK certificate, TCB level) is left to the
+    verifiers that have one."""
+    when = now or datetime.datetime.now(datetime.UTC)
+    try:
+        root = x509.load_pem_x509_certificate(root_pem)
+        data = json.loads(collateral_json)
+        for name, chain_key, body_key, sig_key in (
+            ("TCB Info", "tcb_info_issuer_chain", "tcb_info", "tcb_info_signature"),
+            ("QE Identity", "qe_identity_issuer_chain", "qe_identity", "qe_identity_signature"),
+        ):
+            chain = _chain_to(root, data[chain_key], name, when)
+            raw = bytes.fromhex(data[sig_key])
+            if len(raw) != 64:
+                raise CollateralError(f"the {name} signature is not 64 bytes (r || s)")
+            signature = utils.encode_dss_signature(
+                int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
+            )
+            key = chain[0].public_key()
+            if not isinstance(key, ec.EllipticCurvePublicKey):
+                raise CollateralError(f"the {name} signing key is not an EC key")
+            key.verify(signature, data[body_key].encode(), ec.ECDSA(hashes.SHA256()))
+            next_update = json.loads(data[body_key])["nextUpdate"]
+            if _iso_time(next_update) <= when:
+                raise CollateralError(f"the {name} expired at {next_update}")
+        for name, crl_key, issuer in (
+            ("PCK CRL", "pck_crl", _chain_to(root, data["pck_crl_issuer_chain"], "PCK CRL",
+                                             when)[0]),
+            ("root CA CRL", "root_ca_crl", root),
+        ):
+            crl = x509.load_der_x509_crl(bytes.fromhex(data[crl_key]))
+            key = issuer.public_key()
+            if not isinstance(key, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(key):
+                raise CollateralError(f"the {name} is not signed by its issuer")
+            if crl.next_update_utc is None or crl.next_update_utc <= when:
+                raise CollateralError(f"the {name} expired at {crl.next_update_utc}")
+    except InvalidSignature:
+        raise CollateralError("a collateral signature does not verify under the pinned root") \
+            from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CollateralError(f"collateral does not parse: {exc}") from None
+
+
+def _chain_to(
+    root: x509.Certificate, chain_pem: str, name: str, when: datetime.datetime
+) -> list[x509.Certificate]:
+    """The certificates of ``chain_pem`` (leaf first), each issued by the next and the
+    last being ``root``, all valid at ``when``. InvalidSignature, CollateralError."""
+    chain = x509.load_pem_x509_certificates(chain_pem.encode())
+    if chain[-1] != root:
+        raise CollateralError(f"the {name} issuer chain ends in another root than the "
+                              "pinned attestation root")
+    for cert, issuer in zip(chain, [*chain[1:], root], strict=True):
+        cert.verify_directly_issued_by(issuer)
+        if when > cert.not_valid_after_utc:
+            raise CollateralError(f"a certificate of the {name} issuer chain expired at "
+                                  f"{cert.not_valid_after_utc.isoformat()}")
+        if when < cert.not_valid_before_utc:
+            raise CollateralError(f"a certificate of the {name} issuer chain is not valid yet")
+    return chain
+
+
+def _iso_time(text: str) -> datetime.datetime:
+    t = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return t if t.tzinfo else t.replace(tzinfo=datetime.UTC)
 
 
 class RefreshingVerifier:

@@ -29,8 +29,9 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import dcap_qvl
 from cryptography import x509
@@ -80,6 +81,29 @@ def expiry(collateral_json: str) -> datetime.datetime:
     except (ValueError, KeyError, TypeError) as exc:
         raise PccsError(f"not QuoteCollateralV3 JSON with nextUpdate times: {exc}") from None
     return min(times)
+
+
+CAS = ("processor", "platform")
+
+
+def collateral_key(collateral_json: str) -> tuple[str, str]:
+    """The FMSPC (hex, upper case) and PCK CA (``processor`` or ``platform``) a copy of
+    collateral is for, read from the collateral itself (an expired copy will do): the
+    FMSPC from its TCB Info, the CA from its PCK CRL's issuer (Intel's "Intel SGX PCK
+    Platform CA" or "... Processor CA"; another issuer, such as the sim root, counts as
+    ``processor``, as dcap-qvl names a quote whose PCK issuer is neither). What hostd
+    fetches with on a platform that gives it no quote (gramine, host/collateral.py)."""
+    try:
+        data = json.loads(collateral_json)
+        fmspc = str(json.loads(data["tcb_info"])["fmspc"]).upper()
+        issuer = x509.load_der_x509_crl(bytes.fromhex(data["pck_crl"])).issuer
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PccsError(f"the collateral names no FMSPC/PCK CA: {exc}") from None
+    if len(fmspc) != 12 or any(c not in "0123456789ABCDEF" for c in fmspc):
+        raise PccsError(f"the collateral's FMSPC {fmspc!r} is not 6 bytes of hex")
+    names = issuer.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    common = str(names[0].value) if names else ""
+    return fmspc, "platform" if "Platform" in common else "processor"
 
 
 def _iso(text: str) -> datetime.datetime:
@@ -135,6 +159,114 @@ def fetch_fresh(url: str, quote: bytes, *, timeout: float = FETCH_TIMEOUT) -> st
         raise PccsError(f"PCCS {url}: cannot fetch collateral: {_one_line(exc)}") from None
     expiry(collateral)  # PccsError unless every part has its nextUpdate
     return collateral
+
+
+def fetch_by_key(url: str, fmspc: str, ca: str, *, timeout: float = FETCH_TIMEOUT) -> str:
+    """QuoteCollateralV3 JSON for ``fmspc`` and ``ca`` from the PCCS at ``url``, without a
+    quote and without a cache: the four PCCS v4 requests dcap-qvl's fetcher makes
+    (``pckcrl?ca=CA&encoding=der``, ``tcb?fmspc=FMSPC``, ``qe/identity``, ``rootcacrl``;
+    issuer chains in URL-encoded PEM headers). The signed TCB Info and QE Identity are
+    kept byte for byte as served (their signatures are over those bytes). PccsError (one
+    line) if the PCCS cannot be reached or answers something else."""
+    url = url.rstrip("/")
+    fmspc = fmspc.upper()
+    if ca not in CAS:
+        raise PccsError(f"PCK CA {ca!r} is not one of {', '.join(CAS)}")
+    if len(fmspc) != 12 or any(c not in "0123456789ABCDEF" for c in fmspc):
+        raise PccsError(f"FMSPC {fmspc!r} is not 6 bytes of hex")
+    base = f"{url}/sgx/certification/v4"
+    try:
+        crl, crl_headers = _get(f"{base}/pckcrl?ca={ca}&encoding=der", timeout)
+        tcb, tcb_headers = _get(f"{base}/tcb?fmspc={fmspc}", timeout)
+        qe, qe_headers = _get(f"{base}/qe/identity", timeout)
+        root_crl, _ = _get(f"{base}/rootcacrl", timeout)
+    except TimeoutError:
+        raise PccsError(f"PCCS {url}: no answer within {timeout:g} s") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise PccsError(f"PCCS {url}: cannot fetch collateral: {_one_line(exc)}") from None
+    try:
+        tcb_info, tcb_signature = _signed_member(tcb, "tcbInfo")
+        qe_identity, qe_signature = _signed_member(qe, "enclaveIdentity")
+        collateral = json.dumps({
+            "pck_crl_issuer_chain": _chain(crl_headers, "SGX-PCK-CRL-Issuer-Chain"),
+            "root_ca_crl": _der_hex(root_crl),
+            "pck_crl": _der_hex(crl),
+            "tcb_info_issuer_chain": _chain(tcb_headers, "TCB-Info-Issuer-Chain",
+                                            "SGX-TCB-Info-Issuer-Chain"),
+            "tcb_info": tcb_info,
+            "tcb_info_signature": tcb_signature,
+            "qe_identity_issuer_chain": _chain(qe_headers, "SGX-Enclave-Identity-Issuer-Chain"),
+            "qe_identity": qe_identity,
+            "qe_identity_signature": qe_signature,
+        })  # fmt: skip
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise PccsError(f"PCCS {url}: its answer is not collateral: {_one_line(exc)}") from None
+    expiry(collateral)  # PccsError unless every part has its nextUpdate
+    return collateral
+
+
+def _get(where: str, timeout: float) -> tuple[bytes, Mapping[str, str]]:
+    with urllib.request.urlopen(where, timeout=timeout) as answer:
+        return answer.read(), answer.headers
+
+
+def _chain(headers: Mapping[str, str], *names: str) -> str:
+    for name in names:
+        value = headers.get(name)
+        if value:
+            return urllib.parse.unquote(value)
+    raise ValueError(f"no {names[0]} header")
+
+
+def _der_hex(body: bytes) -> str:
+    """A CRL as the PCCS serves it (DER, or the hex of the DER), as hex of the DER."""
+    text = body.strip()
+    try:
+        der = bytes.fromhex(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        der = body
+    x509.load_der_x509_crl(der)  # ValueError if it is not a CRL
+    return der.hex()
+
+
+def _signed_member(body: bytes, key: str) -> tuple[str, str]:
+    """``{"KEY": {...}, "signature": "hex"}``: the KEY member's text exactly as served,
+    and the signature."""
+    text = body.decode()
+    decoder = json.JSONDecoder()
+    members: dict[str, tuple[int, int]] = {}
+    values: dict[str, Any] = {}
+    i = _skip(text, 0)
+    if text[i : i + 1] != "{":
+        raise ValueError("not a JSON object")
+    i = _skip(text, i + 1)
+    while text[i : i + 1] != "}":
+        name, i = decoder.raw_decode(text, i)
+        i = _skip(text, i)
+        if text[i : i + 1] != ":":
+            raise ValueError("not a JSON object")
+        start = _skip(text, i + 1)
+        values[str(name)], end = decoder.raw_decode(text, start)
+        members[str(name)] = (start, end)
+        i = _skip(text, end)
+        if text[i : i + 1] == ",":
+            i = _skip(text, i + 1)
+        elif text[i : i + 1] != "}":
+            raise ValueError("not a JSON object")
+    if _skip(text, i + 1) != len(text):
+        raise ValueError("text after the JSON object")
+    start, end = members[key]
+    signature = values["signature"]
+    if not isinstance(values[key], dict) or not isinstance(signature, str):
+        raise ValueError(f"no {key} object and signature")
+    bytes.fromhex(signature)
+    return text[start:end], signature
+
+
+def _skip(text: str, i: int) -> int:
+    while text[i : i + 1] in (" ", "\t", "\n", "\r"):
+        i += 1
+    return i
 
 
 def _one_line(exc: BaseException) -> str:

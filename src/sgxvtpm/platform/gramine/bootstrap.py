@@ -32,11 +32,17 @@ import struct
 import sys
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from sgxvtpm.platform.base import EnclaveEntry, EnclavePlatform, PlatformError
+from sgxvtpm.platform.base import EnclaveEntry, EnclavePlatform, PlatformError, QuoteVerifier
 
 ARGS_MAX = 1 << 20
+#: The launch argument naming hostd's public copy of the collateral, and its name in
+#: the state directory (host/statedir.py): public signed data, an allowed file of the
+#: manifest, re-read by a running enclave when a quote fails with its launch copy.
+COLLATERAL_FILE_ARG = "dcap_collateral_file"
+PUBLIC_COLLATERAL = "collateral.json"
 _CHUNK = 64 * 1024
 
 
@@ -137,21 +143,49 @@ def run(
         bridge.close()
 
 
+def collateral_verifier(root_pem: bytes, collateral: str, args: Mapping[str, Any]) -> QuoteVerifier:
+    """DCAP under ``root_pem`` (pinned by the caller) with ``collateral``; with a quote that
+    fails, the copy in the file ``args`` names is tried (dcap.RefreshingVerifier: only a
+    copy under the same root can take the launch copy's place). The file is untrusted:
+    it can only make quotes fail, as the host can anyway."""
+    from sgxvtpm.platform import dcap
+
+    where = args.get(COLLATERAL_FILE_ARG)
+    if not isinstance(where, str) or not where:
+        return dcap.pinned_verifier(root_pem, collateral)
+    path = Path(where)
+
+    def latest() -> str:
+        with open(path, encoding="utf-8") as f:  # an allowed (untrusted) file on Gramine
+            return f.read(ARGS_MAX)
+
+    return dcap.RefreshingVerifier(root_pem, collateral, latest)
+
+
 def hardware_platform(args: Mapping[str, Any]) -> EnclavePlatform:
     """The platform of a real Gramine SGX enclave.
 
     Peers' quotes are checked with DCAP under Intel's SGX Root CA, pinned
     by hash in platform/dcap.py; the collateral (TCB Info, QE Identity,
     CRLs, all signed under that root) may come from the host: it is checked
-    against the pinned root like the quote. The EGETKEY helper is the
-    measured ``libsgxvtpm_egetkey.so`` next to this module if built.
+    against the pinned root like the quote. A quote that fails with the launch
+    copy is tried with the copy in the file the host names
+    (:data:`COLLATERAL_FILE_ARG`, kept fresh by ``hostd --pccs``), kept if the
+    quote verifies with it under the same pinned root (:func:`collateral_verifier`).
+    The EGETKEY helper is the measured ``libsgxvtpm_egetkey.so`` next to this
+    module if built.
     """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     from sgxvtpm.platform import dcap
     from sgxvtpm.platform.gramine.attestation import AttestationFiles, GramineEnclavePlatform
     from sgxvtpm.platform.gramine.egetkey import NativeEgetkey
 
-    collateral = dcap.load_collateral(str(args.get("dcap_collateral", "")))
-    verifier = dcap.DcapQuoteVerifier(collateral, dcap.intel_root(collateral))
+    launch_copy = str(args.get("dcap_collateral", ""))
+    root_der = dcap.intel_root(dcap.load_collateral(launch_copy))  # Intel's, pinned by hash
+    root_pem = x509.load_der_x509_certificate(root_der).public_bytes(serialization.Encoding.PEM)
+    verifier = collateral_verifier(root_pem, launch_copy, args)
     return GramineEnclavePlatform(
         AttestationFiles(), verifier=verifier, egetkey=NativeEgetkey.load_if_built()
     )

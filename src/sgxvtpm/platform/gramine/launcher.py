@@ -35,7 +35,18 @@ own, with one end of a socketpair as its stdin and stdout (the enclave's
 host stream, :mod:`.bootstrap`), stderr to hostd's, and an environment of
 PATH only (Gramine passes no host environment into the enclave unless its
 manifest allows it; ours does not). The launch arguments go first on the
-stream, with the collateral added (``dcap_collateral``).
+stream, with the collateral added (``dcap_collateral``) and the path of
+hostd's public copy (``dcap_collateral_file``, ``STATE/collateral.json``),
+which a running enclave re-reads when a quote fails with its launch copy
+(bootstrap.py, ``hardware_platform``).
+
+``hostd --pccs`` hands the backend newer collateral (:meth:`GramineBackend.replace_collateral`):
+taken only if it chains to the backend's root with valid signatures, nothing
+expired, for the same FMSPC and PCK CA, expiring no earlier than the copy it
+has (platform/dcap.py, ``check_collateral``; a host process has no quote to
+check more); the enclaves launched from then on get it, and it replaces
+``PLATFORM_DIR/dcap-collateral.json`` (temporary file + rename) for hostd's
+next start where hostd may still write there.
 
 :data:`DEVICE_ENV` is a test-only override of the SGX device's path: the
 tests use it to stand for a device, with stand-in executables for Gramine's
@@ -61,7 +72,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from sgxvtpm.platform import dcap
+from sgxvtpm.platform import dcap, pccs
 from sgxvtpm.platform.base import (
     EnclaveIdentity,
     EnclaveSpec,
@@ -72,7 +83,11 @@ from sgxvtpm.platform.base import (
 )
 from sgxvtpm.platform.gramine import sigstruct
 from sgxvtpm.platform.gramine.backend import GRAMINE
-from sgxvtpm.platform.gramine.bootstrap import encode_launch_args
+from sgxvtpm.platform.gramine.bootstrap import (
+    COLLATERAL_FILE_ARG,
+    PUBLIC_COLLATERAL,
+    encode_launch_args,
+)
 from sgxvtpm.platform.gramine.manifest import check, render
 from sgxvtpm.platform.release import (
     MANIFEST,
@@ -81,6 +96,8 @@ from sgxvtpm.platform.release import (
     write_manifest,
     write_new_key,
 )
+from sgxvtpm.util import log
+from sgxvtpm.util.durable import atomic_write
 
 SGX_DEVICE = "/dev/sgx_enclave"
 #: Test-only: the path that stands for /dev/sgx_enclave (see the module doc).
@@ -270,10 +287,14 @@ class GramineHandle(LaunchedEnclave):
 class GramineLoader:
     """base.Loader: one ``gramine-sgx ROLE`` process per enclave."""
 
-    def __init__(self, build_dir: Path, signed: Mapping[str, SignedEnclave], collateral: str):
+    def __init__(
+        self, build_dir: Path, signed: Mapping[str, SignedEnclave], collateral: str,
+        collateral_file: Path | None = None,
+    ) -> None:  # fmt: skip
         self._build_dir = build_dir
         self._signed = signed
-        self._collateral = collateral
+        self.collateral = collateral  # what enclaves launched from now on get
+        self._collateral_file = collateral_file
         self.handles: list[GramineHandle] = []
 
     def launch(self, spec: EnclaveSpec, args: Mapping[str, Any]) -> GramineHandle:
@@ -296,7 +317,10 @@ class GramineLoader:
         finally:
             enclave_end.close()
         try:
-            host_end.sendall(encode_launch_args({**args, "dcap_collateral": self._collateral}))
+            extra: dict[str, str] = {"dcap_collateral": self.collateral}
+            if self._collateral_file is not None:
+                extra[COLLATERAL_FILE_ARG] = str(self._collateral_file)
+            host_end.sendall(encode_launch_args({**args, **extra}))
         except OSError as exc:
             proc.kill()
             proc.wait()
@@ -322,12 +346,13 @@ class GramineBackend:
 
     def __init__(
         self, loader: GramineLoader, signed: Mapping[str, SignedEnclave], root_pem: bytes,
-        collateral: str,
+        collateral: str, platform_dir: Path | None = None,
     ) -> None:  # fmt: skip
         self._loader = loader
         self._signed = dict(signed)
         self._root_pem = root_pem
         self._collateral = collateral
+        self._platform_dir = platform_dir
 
     @classmethod
     def open(
@@ -347,11 +372,12 @@ class GramineBackend:
         if signed_release is not None:
             build_dir = Path(signed_release).resolve()
             signed = load_release(build_dir, state_dir)
-            return cls(GramineLoader(build_dir, signed, collateral), signed, root_pem, collateral)
-        build_dir = platform_dir / BUILD_DIR
-        build_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        signed = {spec.name: build(spec, build_dir, state_dir) for spec in _release(release)}
-        return cls(GramineLoader(build_dir, signed, collateral), signed, root_pem, collateral)
+        else:
+            build_dir = platform_dir / BUILD_DIR
+            build_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            signed = {spec.name: build(spec, build_dir, state_dir) for spec in _release(release)}
+        loader = GramineLoader(build_dir, signed, collateral, state_dir / PUBLIC_COLLATERAL)
+        return cls(loader, signed, root_pem, collateral, platform_dir)
 
     @property
     def loader(self) -> GramineLoader:
@@ -377,12 +403,38 @@ class GramineBackend:
 
     def platform_quote(self, report_data: bytes) -> bytes:
         raise PlatformError(
-            "platform 'gramine' gives hostd no quote of its own to fetch collateral with "
-            f"(hostd --pccs): keep {COLLATERAL_FILE} fresh from your PCCS (docs/REAL-SGX.md)"
+            "platform 'gramine' gives hostd no quote of its own (a host process has no "
+            "enclave to quote for it)"
         )
 
     def replace_collateral(self, collateral: str) -> None:
-        raise PlatformError(f"platform 'gramine' takes its collateral from {COLLATERAL_FILE}")
+        """Take ``collateral`` for the enclaves launched from now on (see the module doc);
+        PlatformError if it is not good without a quote, or older than the current copy."""
+        try:
+            dcap.check_collateral(self._root_pem, collateral)
+            key = pccs.collateral_key(collateral)
+            current_key = pccs.collateral_key(self._collateral)
+        except pccs.PccsError as exc:
+            raise PlatformError(str(exc)) from None
+        if key != current_key:
+            raise PlatformError(f"the collateral is for FMSPC {key[0]} ({key[1]} CA), not "
+                                f"this platform's {current_key[0]} ({current_key[1]} CA)")
+        try:
+            dcap.check_collateral(self._root_pem, self._collateral)
+            older = pccs.expiry(collateral) < pccs.expiry(self._collateral)
+        except (PlatformError, pccs.PccsError):
+            older = False  # the current copy no longer checks: any good one replaces it
+        if older:
+            raise PlatformError("the collateral expires before the platform's current copy")
+        self._collateral = self._loader.collateral = collateral
+        if self._platform_dir is None:
+            return
+        try:
+            atomic_write(self._platform_dir / COLLATERAL_FILE, collateral.encode(), 0o644)
+        except OSError as exc:  # platform/ is root's once hostd runs as --user
+            log.log("platform.collateral_not_persisted", level="warning",
+                    path=str(self._platform_dir / COLLATERAL_FILE), reason=exc.strerror,
+                    effect="hostd's next start uses the copy there, then fetches again")
 
     def quote_verifier(self, root_pem: bytes, collateral: str | None = None) -> QuoteVerifier:
         return dcap.pinned_verifier(

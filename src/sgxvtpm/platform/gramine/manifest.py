@@ -15,7 +15,8 @@ placeholders (``{{ gramine.libos }}``, ``{{ gramine.runtimedir() }}``), then
   enclave imports, the system libraries they load) and the EGETKEY helper;
   no directory entry covers any sgxvtpm file, so with
   ``sgx.file_check_policy = "strict"`` no other sgxvtpm module can load;
-- ``sgx.allowed_files``: the state directory only (justified below).
+- ``sgx.allowed_files``: the state directory only (justified below), and in
+  it hostd's public copy of the DCAP collateral by name (bootstrap.py).
 
 :func:`check` parses the result (tomllib) and checks every key against the
 types of Gramine's manifest schema (manifest-syntax.rst) and the trusted
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from sgxvtpm.platform.base import EnclaveSpec, PlatformError
+from sgxvtpm.platform.gramine.bootstrap import PUBLIC_COLLATERAL
 
 BOOTSTRAP = "sgxvtpm.platform.gramine.bootstrap"
 ARCH_LIBDIR = "/lib/x86_64-linux-gnu"
@@ -160,8 +162,13 @@ def render(spec: EnclaveSpec, role: str, *, state_dir: Path, package_root: Path)
         "# writes. They are sealed by the enclave itself (AES-GCM under its SEAL key, fresh",
         "# by the counter backend), so they need no Gramine encrypted mount, whose rollback",
         "# protection ends when the file is closed.",
+        "# hostd's public copy of the DCAP collateral (signed data, checked under the pinned",
+        "# root at each use): a running enclave re-reads it when a quote fails with its",
+        "# launch copy (hostd --pccs keeps it fresh). Named on its own: it must stay readable",
+        "# should the state directory entry ever narrow.",
         "sgx.allowed_files = [",
         f"  {_q('file:' + str(state_dir) + '/')},",
+        f"  {_q('file:' + str(state_dir / PUBLIC_COLLATERAL))},",
         "]",
         "",
     ]

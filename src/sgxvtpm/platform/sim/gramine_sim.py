@@ -27,7 +27,10 @@ stands in for Gramine and SGX:
 - counters: the sim CPU's (Gramine has none; on hardware a counter backend
   takes their place), reached over the same ENCLU socket;
 - peers' quotes are checked with DCAP (platform/dcap.py) under the sim
-  platform's root and collateral, which the stand-in takes from the CPU.
+  platform's root and collateral, which the stand-in takes from the CPU; as
+  on Gramine, a quote that fails with that copy is tried with the copy in
+  the file the launch arguments name (hostd's public ``collateral.json``,
+  bootstrap.py, ``collateral_verifier``).
 
 Named pipes, not a FUSE mount: nothing to install, no root needed, and the
 files behave as Gramine's do for the one process that uses them.
@@ -50,9 +53,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from sgxvtpm.platform.base import (
     REPORT_BODY_SIZE,
@@ -260,7 +260,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--enclu-fd", type=int, required=True)
     opts = p.parse_args(argv)
     _harden(opts.name)
-    from sgxvtpm.platform import dcap
     from sgxvtpm.platform.gramine.attestation import AttestationFiles, GramineEnclavePlatform
     from sgxvtpm.platform.sim import codeimport
     from sgxvtpm.platform.sim.zygote_proto import recv_message, send_message, unpack_code
@@ -278,17 +277,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     codeimport.install(code)
     del code, blob
-    root_der = x509.load_pem_x509_certificate(client.attestation_root_pem).public_bytes(
-        serialization.Encoding.DER
+    args = bootstrap.read_launch_args(0)
+    # As on Gramine: the launch copy (here the CPU's), then the file the host names.
+    verifier = bootstrap.collateral_verifier(
+        client.attestation_root_pem, str(header["collateral"]), args
     )
-    verifier = dcap.DcapQuoteVerifier(dcap.load_collateral(str(header["collateral"])), root_der)
     tree = AttestationTree(client)
     try:
         platform = GramineEnclavePlatform(
             AttestationFiles(tree.root), verifier=verifier, egetkey=SimEgetkey(client),
             counters=client,
         )
-        args = bootstrap.read_launch_args(0)
         bootstrap.run(opts.entry, platform, args)
     finally:
         tree.close()

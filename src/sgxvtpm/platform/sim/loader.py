@@ -24,7 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from sgxvtpm.platform.base import EnclaveIdentity, EnclaveSpec, LaunchedEnclave, PlatformError
-from sgxvtpm.platform.gramine.bootstrap import encode_launch_args
+from sgxvtpm.platform.gramine.bootstrap import (
+    COLLATERAL_FILE_ARG,
+    PUBLIC_COLLATERAL,
+    encode_launch_args,
+)
 from sgxvtpm.platform.sim.measure import CodeFile, read_code
 from sgxvtpm.platform.sim.report import parse_report_body
 from sgxvtpm.platform.sim.spawn import (
@@ -194,7 +198,8 @@ class SimLoader:
         if self.gramine_sim:
             # The Gramine bootstrap reads its launch arguments as the first stdin frame.
             try:
-                host_end.sendall(encode_launch_args(args))
+                public = self._dir.resolve().parent / PUBLIC_COLLATERAL  # as the launcher's
+                host_end.sendall(encode_launch_args({COLLATERAL_FILE_ARG: str(public), **args}))
             except OSError as exc:
                 os.close(pidfd)
                 host_end.close()
