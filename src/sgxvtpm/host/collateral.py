@@ -43,6 +43,7 @@ import os
 import time
 import urllib.parse
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 from sgxvtpm.errors import SgxvtpmError
@@ -102,35 +103,26 @@ def _shown(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+@dataclass
 class CollateralRefresher:
-    """Fetch, check and publish the platform's collateral from the PCCS at ``url``."""
+    """Fetch, check and publish the platform's collateral from the PCCS at ``url``,
+    at most every ``max_interval`` seconds if given."""
 
-    def __init__(
-        self,
-        url: str,
-        platform: PlatformBackend,
-        public_copy: Path,
-        *,
-        max_interval: float | None = None,
-        clock: Callable[[], float] = time.time,
-        fetch: Callable[[str, bytes], str] = lambda url, quote: pccs.fetch_fresh(url, quote),
-        fetch_key: Callable[[str, str, str], str] = (
-            lambda url, fmspc, ca: pccs.fetch_by_key(url, fmspc, ca)
-        ),
-    ) -> None:
-        self.url = url
-        self.shown_url = _shown(url)
-        self.platform = platform
-        self.public_copy = public_copy
-        self.max_interval = max_interval
-        self.clock = clock
-        self._fetch = fetch
-        self._fetch_key = fetch_key
-        #: Without a platform quote: the (FMSPC, CA) fetched for, from the local copy.
-        self.key: tuple[str, str] | None = None
-        self.failures = 0
-        self.expires: float | None = None  # of the copy served now
-        self._current = ""  # the copy this refresher published last
+    url: str
+    platform: PlatformBackend
+    public_copy: Path
+    _: KW_ONLY
+    max_interval: float | None = None
+    clock: Callable[[], float] = time.time
+    #: Without a platform quote: the (FMSPC, CA) fetched for, from the local copy.
+    key: tuple[str, str] | None = field(default=None, init=False)
+    failures: int = field(default=0, init=False)
+    expires: float | None = field(default=None, init=False)  # of the copy served now
+    _current: str = field(default="", init=False)  # the copy this refresher published last
+
+    @property
+    def shown_url(self) -> str:
+        return _shown(self.url)
 
     # -- one attempt ------------------------------------------------------------
     def _check(self, collateral: str, quote: bytes) -> float:
@@ -158,11 +150,11 @@ class CollateralRefresher:
         """One attempt: fetch, check, publish. Logs one event; True if published."""
         try:
             if self.key is not None:
-                collateral = self._fetch_key(self.url, *self.key)
+                collateral = pccs.fetch_by_key(self.url, *self.key)
                 expires = self._check_unquoted(collateral)
             else:
                 quote = self._quote()
-                collateral = self._fetch(self.url, quote)
+                collateral = pccs.fetch_fresh(self.url, quote)
                 expires = self._check(collateral, quote)
             if self.expires is not None and expires < self.expires and self.clock() < self.expires:
                 raise PlatformError(
