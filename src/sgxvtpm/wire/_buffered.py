@@ -2,25 +2,26 @@
 
 Bytes in with :meth:`receive_data` (``b""`` = the peer closed its side);
 decoders take whole messages with :meth:`_need` and :meth:`_take`. A
-subclass names its usage-error type and builds its own protocol error in
-:meth:`_fail`, which also makes the decoder stay broken.
+subclass names its protocol's two error types; :meth:`_fail` builds the
+protocol error and leaves the decoder broken: every later call raises again.
 """
 
 from __future__ import annotations
 
-import abc
 import struct
 from typing import ClassVar
 
 _U32 = struct.Struct(">I")
 
 
-class BufferedDecoder(abc.ABC):
+class BufferedDecoder:
     usage_error: ClassVar[type[Exception]] = ValueError
+    protocol_error: ClassVar[type[Exception]] = ValueError
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._eof = False
+        self._error = ""  # what broke the decoder
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes; ``b""`` means the peer closed its side."""
@@ -36,13 +37,15 @@ class BufferedDecoder(abc.ABC):
         """Bytes received but not yet part of a complete message."""
         return len(self._buf)
 
-    @abc.abstractmethod
     def _fail(self, message: str) -> Exception:
-        """Record and return the protocol error (the decoder stays broken)."""
+        """The protocol error for ``message``, to raise; the decoder stays broken."""
+        self._error = message
+        return self.protocol_error(message)
 
-    @abc.abstractmethod
     def _check(self) -> None:
         """Raise the protocol error again if an earlier one broke the decoder."""
+        if self._error:
+            raise self.protocol_error(f"decoder is broken after: {self._error}")
 
     def _peek_u32(self) -> int | None:
         """The big-endian u32 that the next message starts with (still buffered), or

@@ -102,18 +102,7 @@ class MssimRequest:
 
 class _Buffered(BufferedDecoder):
     usage_error = MssimUsageError
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._error: MssimProtocolError | None = None
-
-    def _fail(self, message: str) -> MssimProtocolError:
-        self._error = MssimProtocolError(message)
-        return self._error
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise MssimProtocolError(f"decoder is broken after: {self._error}")
+    protocol_error = MssimProtocolError
 
 
 class MssimRequestDecoder(_Buffered):

@@ -257,18 +257,7 @@ class _Buffered(BufferedDecoder):
     """Byte buffer with EOF and a sticky error, shared by the decoders."""
 
     usage_error = CtrlUsageError
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._error: CtrlProtocolError | None = None
-
-    def _fail(self, message: str, rc: int = TPM2_RC.COMMAND_SIZE) -> CtrlProtocolError:
-        self._error = CtrlProtocolError(message, rc)
-        return self._error
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise CtrlProtocolError(f"decoder is broken after: {self._error}", self._error.rc)
+    protocol_error = CtrlProtocolError
 
 
 class CtrlRequestDecoder(_Buffered):
