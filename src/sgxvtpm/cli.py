@@ -140,52 +140,53 @@ def build_parser() -> argparse.ArgumentParser:
              f"(default: operator.crt of your credentials directory, env {CREDENTIALS_ENV})",
     )
     hostd.add_argument(
-        "--platform", choices=PLATFORMS, default=DEFAULT_PLATFORM,
-        help=f"the platform backend the enclaves run on (default {DEFAULT_PLATFORM}; "
-             "gramine needs SGX hardware, Gramine's tools and DCAP collateral: docs/REAL-SGX.md)",
-    )
-    hostd.add_argument(
-        "--counters", default="sim", metavar="sim|tpm:DEVICE_OR_TCTI",
-        help="where the enclaves keep their rollback counters: sim (the sim platform's, "
-             "default) or the host's TPM, e.g. tpm:/dev/tpmrm0 or tpm:swtpm:path=SOCKET "
-             "(hostd relays the commands; SECURITY.md, 'Rollback counters in a host TPM')",
-    )
-    hostd.add_argument(
-        "--counters-key", type=lambda v: int(v, 0), default=None, metavar="HANDLE",
-        help="the host TPM key the enclaves pin and salt their sessions to "
-             "(default 0x81010001, the RSA EK); pinned at each enclave's first start",
-    )
-    hostd.add_argument(
         "--reset-manager",
         action="store_true",
         help="only after the manager registry was lost: start a new, empty registry."
         " EVERY VM REGISTERED ON THIS HOST BECOMES UNRECOVERABLE (its vTPM state can"
         " never be opened again). Refused while the registry is intact",
     )
-
-    hostd.add_argument(
-        "--sim-root", type=Path, metavar="DIR",
-        help="sim only: provision this host's platform under the simulated provisioning "
-             "authority DIR (sgxvtpm sim-root init), so hosts under one root attest each other",
+    platform = hostd.add_argument_group("the platform")
+    platform.add_argument(
+        "--platform", choices=PLATFORMS, default=DEFAULT_PLATFORM,
+        help=f"the platform backend the enclaves run on (default {DEFAULT_PLATFORM}; "
+             "gramine needs SGX hardware, Gramine's tools and DCAP collateral: docs/REAL-SGX.md)",
     )
-    hostd.add_argument(
-        "--fleet-listen", metavar="HOST:PORT",
-        help="relay manager-to-manager sessions (the fleet) on this TCP address",
-    )
-    hostd.add_argument(
+    platform.add_argument(
         "--release", type=Path, metavar="DIR",
         help="run the vendor's pre-signed build in DIR (sgxvtpm release sign, on the build "
              "host) and sign nothing; without it hostd's platform signs the installed code "
              "at each start (development mode)",
     )
-    hostd.add_argument(
+    platform.add_argument(
+        "--sim-root", type=Path, metavar="DIR",
+        help="sim only: provision this host's platform under the simulated provisioning "
+             "authority DIR (sgxvtpm sim-root init), so hosts under one root attest each other",
+    )
+    platform.add_argument(
         "--pccs", metavar="URL", type=_http_url,
         help="fetch this platform's DCAP collateral from the PCCS at URL at start and "
              "refresh it before its nextUpdate (docs/REAL-SGX.md)",
     )
-    hostd.add_argument(
+    platform.add_argument(
         "--pccs-refresh", metavar="SECONDS", type=_positive_seconds,
         help="with --pccs: fetch at least this often (default: at 3/4 of the validity left)",
+    )
+    counters = hostd.add_argument_group("rollback counters")
+    counters.add_argument(
+        "--counters", default="sim", metavar="sim|tpm:DEVICE_OR_TCTI",
+        help="where the enclaves keep their rollback counters: sim (the sim platform's, "
+             "default) or the host's TPM, e.g. tpm:/dev/tpmrm0 or tpm:swtpm:path=SOCKET "
+             "(hostd relays the commands; SECURITY.md, 'Rollback counters in a host TPM')",
+    )
+    counters.add_argument(
+        "--counters-key", type=lambda v: int(v, 0), default=None, metavar="HANDLE",
+        help="the host TPM key the enclaves pin and salt their sessions to "
+             "(default 0x81010001, the RSA EK); pinned at each enclave's first start",
+    )
+    hostd.add_argument(
+        "--fleet-listen", metavar="HOST:PORT",
+        help="relay manager-to-manager sessions (the fleet) on this TCP address",
     )
     release = sub.add_parser(
         "release", help="the vendor's build-host step: a signing key and a pre-signed release"
