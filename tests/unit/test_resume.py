@@ -49,7 +49,13 @@ from sgxvtpm.wire.resume import (
     encode_attach_reply,
     token_of,
 )
-from sgxvtpm.wire.vtpm import VtpmProtocolError, VtpmRequest, encode_tpm_command
+from sgxvtpm.wire.vtpm import (
+    VtpmProtocolError,
+    VtpmRequest,
+    encode_tpm_command,
+    encode_tpm_response,
+    unrecorded,
+)
 
 E1, E2 = "11" * 16, "22" * 16
 
@@ -115,17 +121,51 @@ def test_record_older_than_the_nv_commit_is_refused() -> None:
     assert isinstance(found, str) and "version 8" in found
 
 
+def test_quiet_requests_after_the_last_record_resume_from_it() -> None:
+    # Requests 5..9 were quiet (answered UNRECORDED): the endpoint names record 4.
+    found = decide(ResumeToken(E1, 9, False, recorded=4), 7, [rec(3), rec(4)])
+    assert isinstance(found, ResumeRecord) and found.seq == 4
+    found = decide(ResumeToken(E1, 9, True, recorded=4), 7, [rec(4), rec(10, response=b"R")])
+    assert isinstance(found, ResumeRecord) and found.seq == 10  # request 10 ran: replayed
+
+
+def test_a_record_before_the_last_recorded_request_is_a_rollback() -> None:
+    found = decide(ResumeToken(E1, 9, True, recorded=4), 7, [rec(2), rec(3)])
+    assert isinstance(found, str) and "rollback refused" in found
+    # A record after the one the endpoint names (not its in-flight one) is no match either.
+    found = decide(ResumeToken(E1, 9, False, recorded=4), 7, [rec(5)])
+    assert isinstance(found, str) and "not at the endpoint's" in found
+
+
+def test_a_token_cannot_name_a_record_after_its_count() -> None:
+    with pytest.raises(VtpmProtocolError):
+        ResumeToken(E1, 3, False, recorded=4)
+    with pytest.raises(VtpmProtocolError):
+        token_of(json.dumps({"resume": {"epoch": E1, "seq": 3, "recorded": 4}}).encode())
+
+
+tokens = st.builds(
+    lambda epoch, seq, in_flight, gap: ResumeToken(
+        epoch, seq, in_flight, None if gap is None else max(0, seq - gap)),
+    st.sampled_from([E1, E2]), st.integers(0, 8), st.booleans(), st.none() | st.integers(0, 8),
+)
+
+
 @settings(max_examples=300)
-@given(st.lists(records, max_size=4), st.integers(0, 8), st.booleans(), st.integers(0, 3))
+@given(st.lists(records, max_size=4), tokens, st.integers(0, 3))
 def test_decide_only_ever_returns_a_record_the_token_allows(
-    candidates: list[ResumeRecord], seq: int, in_flight: bool, version: int
+    candidates: list[ResumeRecord], token: ResumeToken, version: int
 ) -> None:
-    epoch = candidates[0].epoch if candidates else E1
-    found = decide(ResumeToken(epoch, seq, in_flight), version, candidates)
+    found = decide(token, version, candidates)
     if isinstance(found, ResumeRecord):
         assert found in candidates
-        assert found.epoch == epoch and found.state_version == version
-        assert found.seq == seq or (in_flight and found.seq == seq + 1)
+        assert found.epoch == token.epoch and found.state_version == version
+        assert found.seq == token.base or (token.in_flight and found.seq == token.seq + 1)
+
+
+@given(tokens)
+def test_tokens_round_trip(token: ResumeToken) -> None:
+    assert token_of(json.dumps({"resume": token.to_json()}).encode()) == token
 
 
 def test_new_epochs_differ() -> None:
@@ -149,6 +189,23 @@ def test_slots_round_trip_alternate_and_hold_no_plaintext(
     assert sorted(r.seq for r in s.read()) == [3, 4]
     for path in tmp_path.glob("resume.*"):
         assert b"SECRET" not in path.read_bytes() and b"vol" not in path.read_bytes()
+
+
+def test_slots_alternate_by_write_not_by_sequence(
+    sim_platform: SimPlatformDir, tmp_path: Path
+) -> None:
+    """Records skip the quiet requests' numbers: two in a row of the same parity
+    still go to both slots, so tearing the newer one leaves the older whole."""
+    s = slots(sim_platform, tmp_path)
+    s.write(rec(2))
+    s.write(rec(4))
+    assert sorted(r.seq for r in s.read()) == [2, 4]
+    # A new process that resumed from 4 writes its next record over 2, not over 4.
+    again = slots(sim_platform, tmp_path)
+    found = next(r for r in again.read() if r.seq == 4)
+    again.resumed_from(found)
+    again.write(rec(8))
+    assert sorted(r.seq for r in again.read()) == [4, 8]
 
 
 def test_torn_and_tampered_slots_are_skipped(sim_platform: SimPlatformDir, tmp_path: Path) -> None:
@@ -263,7 +320,7 @@ class ScriptedClient(K2Client):
         self.tokens: list[ResumeToken | None] = []
         super().__init__(None, reconnect_timeout=5)  # type: ignore[arg-type]
         self.binding = type("B", (), {"name": "vm1", "instance_id": "i"})()  # type: ignore[assignment]
-        self._epoch, self._seq = E1, 4
+        self._epoch, self._seq, self._recorded = E1, 4, 4
         self._tls = object()  # type: ignore[assignment]
 
     def _ended_while_idle(self) -> bool:
@@ -282,6 +339,7 @@ class ScriptedClient(K2Client):
         if isinstance(outcome, Exception):
             raise outcome
         self._epoch, self._seq = outcome.epoch, outcome.seq
+        self._recorded = outcome.seq
         return outcome
 
 
@@ -291,8 +349,23 @@ CMD = encode_tpm_command(wire.get_random(8))
 def test_endpoint_takes_the_replayed_answer_instead_of_resending() -> None:
     client = ScriptedClient([K2Error("lost")], [AttachReply(E1, 5, True, response=b"ANSWER")])
     assert client.request(CMD) == b"ANSWER"
-    assert client.sent == [CMD] and client.tokens == [ResumeToken(E1, 4, True)]
+    assert client.sent == [CMD] and client.tokens == [ResumeToken(E1, 4, True, 4)]
     assert client._seq == 5
+
+
+def test_endpoint_names_the_last_recorded_request_after_unrecorded_answers() -> None:
+    """Answers the instance did not record (a quiet TPM command) reach the caller as
+    plain successes; the token after a break names the last recorded request."""
+    answer = encode_tpm_response(b"\x80\x01" + bytes(8))
+    client = ScriptedClient(
+        [unrecorded(answer), answer, unrecorded(answer), K2Error("lost"), answer],
+        [AttachReply(E1, 7, True)],
+    )
+    assert [client.request(CMD) for _ in range(3)] == [answer] * 3
+    assert client._seq == 7 and client._recorded == 6
+    assert client.request(CMD) == answer  # it never ran: resent after the resume
+    assert client.tokens == [ResumeToken(E1, 7, True, recorded=6)]
+    assert client._seq == client._recorded == 8
 
 
 def test_endpoint_resends_what_never_ran_after_retries() -> None:

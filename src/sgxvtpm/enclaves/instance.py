@@ -54,7 +54,7 @@ from sgxvtpm.platform.base import EnclaveIdentity, EnclavePlatform, QuoteVerifie
 from sgxvtpm.platform.tpm_counters import open_host_counters
 from sgxvtpm.tpm import ek as ekmod
 from sgxvtpm.tpm import wire as tpmwire
-from sgxvtpm.tpm.constants import TPM2_RC, TPM2_SU
+from sgxvtpm.tpm.constants import TPM2_CC, TPM2_RC, TPM2_SU
 from sgxvtpm.tpm.engine import EngineError, EngineMisuseError, LibtpmsEngine
 from sgxvtpm.tpm.nv import execute
 from sgxvtpm.util import log
@@ -73,6 +73,7 @@ from sgxvtpm.wire.vtpm import (
     encode_tpm_response,
     tpm_command_of,
     tpm_response_of,
+    unrecorded,
 )
 
 _ABOUT_TEXT = 120  # characters kept of an endpoint's description of itself
@@ -175,9 +176,11 @@ class InstanceEnclave:
         self.seat = EndpointSeat()
         self._manufacturing: LibtpmsEngine | None = None
         self.slots = ResumeSlots(platform, self.instance_id, state_dir)
-        #: The record of the seat holder's last request (None: none since this
-        #: process started; then a resume reads the sealed ones).
+        #: The record of the seat holder's last recorded request (None: none since
+        #: this process started; then a resume reads the sealed ones). Every
+        #: request after it, up to ``_seq``, was quiet and left it as it is.
         self._live: ResumeRecord | None = None
+        self._seq = 0  # the seat holder's requests answered in its epoch
         self._quiet = QuietCommands(command_audit_default=False)  # set by _new_core
         if self.store.exists():
             self._restore()
@@ -264,21 +267,39 @@ class InstanceEnclave:
             response = self.core.handle_message(data)
         live = self._live
         assert live is not None  # set by every ATTACH that gives the seat
+        self._seq = seq = self._seq + 1
         command = tpm_command_of(data)
         unchanged = self._quiet.unchanged(
             command[0] if command is not None else None, tpm_response_of(response)
         )
         if not self._quiet.command_audit_default:
             self.store.bundle.provisioning.pop("command_audit", None)  # with the next commit
-        if self._record(live.epoch, live.seq + 1, response, unchanged):
+        if unchanged and self._still_recorded(live):
+            return unrecorded(response)
+        if self._record(live.epoch, seq, response, unchanged):
             return response
         # Its change could not be made durable: an error answer, recorded as such.
         if command is not None:
             response = encode_tpm_response(tpmwire.error_response(TPM2_RC.FAILURE))
         else:
             response = encode_response(VtpmResponse.error(TpmResult.IOERROR))
-        self._record(live.epoch, live.seq + 1, response)
+        self._record(live.epoch, seq, response)
         return response
+
+    def _still_recorded(self, live: ResumeRecord) -> bool:
+        """After a quiet request (resume.QuietCommands): True if a resume from ``live``,
+        the last record, brings the TPM back as it is now, so none is written (the
+        answer says so, and the endpoint's token names ``live``'s request).
+
+        Not when NV changed (the commit carries a record), when the TPM was not
+        running, or when the last command code that record keeps matters: None or
+        TPM2_Shutdown decide whether a later INIT sends a Shutdown
+        (VtpmCore._orderly_shutdown); any other code acts as the quiet one's.
+        """
+        return (
+            live.running and not self.store.dirty
+            and live.last_code is not None and live.last_code != TPM2_CC.Shutdown
+        )  # fmt: skip
 
     # -- resume (sgxvtpm/enclaves/resume.py) ----------------------------------
     def _record(self, epoch: str, seq: int, response: bytes, unchanged: bool = False) -> bool:
@@ -298,7 +319,7 @@ class InstanceEnclave:
         previous = self._live
         if (
             unchanged and previous is not None and previous.running and not store.dirty
-            and (previous.epoch, previous.seq) == (epoch, seq - 1)
+            and previous.epoch == epoch  # every request since it was quiet (_still_recorded)
         ):  # fmt: skip
             running, volatile, last_code = self.core.snapshot(previous.volatile)
         else:
@@ -335,14 +356,19 @@ class InstanceEnclave:
             found = self._resume(token)
             if isinstance(found, ResumeRecord):
                 replay = found.response if found.seq == token.seq + 1 else None
-                log.log("instance.resumed", instance=self.instance_id, seq=found.seq,
-                        replayed=replay is not None, running=found.running)
-                self._record(found.epoch, found.seq, found.response)
+                # The endpoint's count: the replayed request's, else the token's
+                # (the requests after the record were quiet).
+                self._seq = found.seq if replay is not None else token.seq
+                log.log("instance.resumed", instance=self.instance_id, seq=self._seq,
+                        recorded=found.seq, replayed=replay is not None,
+                        running=found.running)
+                self._record(found.epoch, self._seq, found.response if replay else b"")
                 return VtpmResponse.ok(encode_attach_reply(
-                    AttachReply(found.epoch, found.seq, True, response=replay)))
+                    AttachReply(found.epoch, self._seq, True, response=replay)))
             reason = found
             log.log("instance.resume_refused", instance=self.instance_id, reason=reason)
         epoch = new_epoch()
+        self._seq = 0
         self._record(epoch, 0, b"")
         return VtpmResponse.ok(encode_attach_reply(AttachReply(epoch, 0, False, reason)))
 
@@ -360,6 +386,7 @@ class InstanceEnclave:
         found = decide(token, self.store.file.version, records)
         if isinstance(found, str):
             return found
+        self.slots.resumed_from(found)
         try:
             self.core.resume(found.running, found.volatile, found.last_code)
         except (EngineError, EngineMisuseError) as exc:
