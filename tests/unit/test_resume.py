@@ -54,6 +54,7 @@ from sgxvtpm.wire.vtpm import (
     VtpmRequest,
     encode_tpm_command,
     encode_tpm_response,
+    tpm_response_of,
     unrecorded,
 )
 
@@ -440,6 +441,31 @@ def test_a_changed_command_audit_list_ends_all_reuse() -> None:
 def test_a_command_with_sessions_never_reuses_the_record(command: bytes, response: bytes) -> None:
     command = struct.pack(">H", 0x8002) + command[2:]
     assert not QuietCommands(command_audit_default=True).unchanged(command, response)
+
+
+_CODES = st.sampled_from([int(c) for c in TPM2_CC][:40] + [int(TPM2_CC.GetRandom)] * 5
+                          + [int(TPM2_CC.SetCommandCodeAuditStatus)])
+_HEADERS = st.builds(
+    lambda tag, code, tail: struct.pack(">HII", tag, 10 + len(tail), code) + tail,
+    st.sampled_from([0x8001, 0x8002, 0]), _CODES, st.binary(max_size=8),
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.none() | _HEADERS | st.binary(max_size=12),
+                          st.binary(max_size=4) | st.just(b"\0" * 4),
+                          st.sampled_from([0, 0x101]) | st.integers(0, 2**32 - 1)), max_size=6))
+def test_the_per_request_check_agrees_with_unchanged(
+    requests: list[tuple[bytes | None, bytes, int]],
+) -> None:
+    """unchanged_message reads the vTPM answer in place; it says what unchanged says
+    of the TPM response inside it, request after request (the audit mark included)."""
+    a, b = QuietCommands(True), QuietCommands(True)
+    for command, head, rc in requests:
+        message = head + struct.pack(">HII", 0x8001, 10, rc)
+        expected = a.unchanged(command, tpm_response_of(message))
+        assert b.unchanged_message(command, message) == expected
+        assert a.command_audit_default == b.command_audit_default
 
 
 def _exclusive_after_audited_get_random(core: VtpmCore, session: int) -> bool:

@@ -72,7 +72,6 @@ from sgxvtpm.wire.vtpm import (
     encode_response,
     encode_tpm_response,
     tpm_command_of,
-    tpm_response_of,
     unrecorded,
 )
 
@@ -261,16 +260,16 @@ class InstanceEnclave:
             raise PermissionError("not the bound VM")
         if session is not self.seat.holder:
             return encode_response(self._not_attached(session, data))
+        command = tpm_command_of(data)
         if self.state == "migrated":
             response = migration.refuse(self.store.bundle.provisioning)
         else:
-            response = self.core.handle_message(data)
+            response = self.core.answer(data, command)
         live = self._live
         assert live is not None  # set by every ATTACH that gives the seat
         self._seq = seq = self._seq + 1
-        command = tpm_command_of(data)
-        unchanged = self._quiet.unchanged(
-            command[0] if command is not None else None, tpm_response_of(response)
+        unchanged = self._quiet.unchanged_message(
+            command[0] if command is not None else None, response
         )
         if not self._quiet.command_audit_default:
             self.store.bundle.provisioning.pop("command_audit", None)  # with the next commit

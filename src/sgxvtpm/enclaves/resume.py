@@ -62,6 +62,7 @@ from sgxvtpm.enclaves.sealing import Sealer, SealError, SealKind
 from sgxvtpm.platform.base import EnclavePlatform
 from sgxvtpm.tpm.constants import TPM2_CC, TPM2_RC, TPM2_ST
 from sgxvtpm.wire.resume import EPOCH_BYTES, ResumeToken
+from sgxvtpm.wire.vtpm import encode_tpm_response
 
 _HEAD = struct.Struct(">4s16sQQBI")  # magic, epoch, seq, state version, flags, last code
 _MAGIC = b"SVR1"
@@ -120,6 +121,8 @@ QUIET_COMMANDS = frozenset({
     TPM2_CC.NV_ReadPublic, TPM2_CC.GetTestResult,
 })  # fmt: skip
 _TPM_HEADER = struct.Struct(">HII")  # tag, size, command or response code
+_OK = encode_tpm_response(b"")  # a successful TPM_COMMAND answer's vTPM header
+_OK_SIZE = len(_OK)
 COMMAND_AUDIT_DEFAULT = "default"
 
 
@@ -157,6 +160,24 @@ class QuietCommands:
         if command is None or response is None:
             return False
         return self.command_audit_default and quiet_command(command, response)
+
+    def unchanged_message(self, command: bytes | None, message: bytes) -> bool:
+        """:meth:`unchanged` with the vTPM answer ``message`` as the instance sends it
+        (sgxvtpm/wire/vtpm.py), read in place: the per-request path."""
+        if command is None or len(command) < _TPM_HEADER.size:
+            return False
+        tag, _, code = _TPM_HEADER.unpack_from(command)
+        if code == TPM2_CC.SetCommandCodeAuditStatus:
+            self.command_audit_default = False
+            return False
+        if (
+            not self.command_audit_default or tag != TPM2_ST.NO_SESSIONS
+            or code not in QUIET_COMMANDS or message[:_OK_SIZE] != _OK
+            or len(message) < _OK_SIZE + _TPM_HEADER.size
+        ):  # fmt: skip
+            return False
+        rc: int = _TPM_HEADER.unpack_from(message, _OK_SIZE)[2]
+        return rc == TPM2_RC.SUCCESS
 
 
 def new_epoch() -> str:
