@@ -7,12 +7,14 @@ import hashlib
 import json
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sgxvtpm.enclaves.instance import InstanceEnclave
 from sgxvtpm.enclaves.resume import (
     QuietCommands,
     ResumeRecord,
@@ -502,4 +504,43 @@ def test_no_resume_brings_an_exclusive_audit_session_back() -> None:
         core.resume(*snapshot)
         answers.append(_exclusive_after_audited_get_random(core, session))
     assert answers == [False, False]
+    core.engine.stop()
+
+
+# ---------------------------------------------------------------- the instance's choice
+
+
+class _FailingSlots:
+    """Slot files whose next ``failures`` writes fail (a full or failing disk)."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.written: list[ResumeRecord] = []
+
+    def write(self, record: ResumeRecord) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(28, "No space left on device")
+        self.written.append(record)
+
+
+def test_quiet_requests_are_recorded_again_after_a_record_that_was_not_written() -> None:
+    """The instance skips a quiet request's record only while its last record is on
+    disk: after a failed slot write the next request, quiet or not, writes one,
+    so a later resume does not depend on the record that was lost."""
+    core = VtpmCore(lambda: LibtpmsEngine(MemoryStateStore()))
+    core.engine.start()
+    execute(core.engine.process, wire.startup(TPM2_SU.CLEAR))
+    core.answer(encode_tpm_command(wire.get_random(8)), (wire.get_random(8), 0))
+    slots = _FailingSlots(failures=1)
+    enclave: Any = SimpleNamespace(
+        core=core, slots=slots, instance_id="x", _live=None, _seq=0, _unsaved=False,
+        store=SimpleNamespace(dirty=False, file=SimpleNamespace(version=3)),
+    )
+    InstanceEnclave._record(enclave, E1, 1, b"R1")
+    assert slots.written == [] and enclave._live.seq == 1
+    assert not InstanceEnclave._still_recorded(enclave, enclave._live)
+    InstanceEnclave._record(enclave, E1, 2, b"R2", unchanged=True)
+    assert [r.seq for r in slots.written] == [2]
+    assert InstanceEnclave._still_recorded(enclave, enclave._live)
     core.engine.stop()

@@ -180,6 +180,7 @@ class InstanceEnclave:
         #: request after it, up to ``_seq``, was quiet and left it as it is.
         self._live: ResumeRecord | None = None
         self._seq = 0  # the seat holder's requests answered in its epoch
+        self._unsaved = False  # the slot write of ``_live`` failed: write the next one
         self._quiet = QuietCommands(command_audit_default=False)  # set by _new_core
         if self.store.exists():
             self._restore()
@@ -291,12 +292,13 @@ class InstanceEnclave:
         answer says so, and the endpoint's token names ``live``'s request).
 
         Not when NV changed (the commit carries a record), when the TPM was not
-        running, or when the last command code that record keeps matters: None or
+        running, when ``live`` never reached its slot file (a failed write), or
+        when the last command code that record keeps matters: None or
         TPM2_Shutdown decide whether a later INIT sends a Shutdown
         (VtpmCore._orderly_shutdown); any other code acts as the quiet one's.
         """
         return (
-            live.running and not self.store.dirty
+            live.running and not self.store.dirty and not self._unsaved
             and live.last_code is not None and live.last_code != TPM2_CC.Shutdown
         )  # fmt: skip
 
@@ -336,12 +338,16 @@ class InstanceEnclave:
                 return False
             except BaseException:  # never answer for a change that is not durable
                 os._exit(EXIT_COMMIT_FAILED)
+            self._unsaved = False
             return True
         try:
             self.slots.write(record)
         except OSError as exc:  # only a later resume suffers: it will be refused
             log.log("instance.resume_record_failed", instance=self.instance_id,
                     reason=str(exc))
+            self._unsaved = True  # until a record is written, none is skipped
+        else:
+            self._unsaved = False
         return True
 
     def _attached(self, request: VtpmRequest) -> VtpmResponse:

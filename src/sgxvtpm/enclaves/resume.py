@@ -24,9 +24,9 @@ writing it the rest (about 15 µs). :class:`QuietCommands` says when the TPM's
 VOLATILE state after a request is the last record's: after a read-only
 command (:data:`QUIET_COMMANDS`, without sessions, answered TPM_RC_SUCCESS)
 while the TPM's command audit list is the manufacturer's. Then no record is
-written at all (instance.py ``_still_recorded``: not while NV is dirty, and
-not when the last record's command code is none or TPM2_Shutdown, which a
-later INIT looks at); the answer carries
+written at all (instance.py ``_still_recorded``: not while NV is dirty,
+not while the last record's slot write has failed, and not when the last
+record's command code is none or TPM2_Shutdown, which a later INIT looks at); the answer carries
 :data:`~sgxvtpm.wire.vtpm.UNRECORDED` instead of success, inside K2, so
 the endpoint keeps naming the last recorded request in its token. A quiet
 request in flight at a crash was never recorded: the endpoint sends it
