@@ -202,6 +202,8 @@ def test_an_older_slot_put_back_is_refused(hostd: Hostd) -> None:
     for i in range(4):
         execute(client.transact, wire.pcr_extend(16, hashlib.sha256(b"later %d" % i).digest()))
     after = pcr16(client)
+    for _ in range(3):  # quiet: the endpoint's token still names the last extend's record
+        execute(client.transact, wire.get_random(8))
     pid = instance_pid(hostd)
     os.kill(pid, signal.SIGSTOP)
     for name, data in saved.items():
@@ -218,6 +220,46 @@ def test_an_older_slot_put_back_is_refused(hostd: Hostd) -> None:
     response = client.transact(wire.pcr_read([16]))
     assert wire.response_code(response) == TPM2_RC.FAILURE
     assert after != b""
+    client.close()
+
+
+def test_quiet_requests_write_no_record_and_a_kill_resumes_from_the_last_one(
+    hostd: Hostd,
+) -> None:
+    """Read-only commands without sessions (resume.QuietCommands) leave the resume
+    records as they are (their answers say so); a kill -9 after them, or with one
+    of them in flight, resumes from the last record: same PCRs, the in-flight one
+    answered, and the TPM goes on recording."""
+    client = prepared(hostd)
+    expected = pcr16(client)
+    instance_dir = _instance_dir(hostd)
+    slots = {p.name: p.read_bytes() for p in instance_dir.glob("resume.*")}
+    for _ in range(5):
+        execute(client.transact, wire.get_random(16))
+        assert pcr16(client) == expected
+    assert {p.name: p.read_bytes() for p in instance_dir.glob("resume.*")} == slots
+    kill_instance(hostd)
+    with log.capture() as events:
+        assert pcr16(client) == expected
+    resumed = [e for e in events if e["event"] == "k2.resumed"]
+    assert len(resumed) == 1 and not resumed[0]["replayed"]
+    # A quiet request in flight at a kill: never recorded, so resent and answered.
+    pid = instance_pid(hostd)
+    os.kill(pid, signal.SIGSTOP)
+    answer: list[bytes] = []
+    sender = threading.Thread(target=lambda: answer.append(
+        execute(client.transact, wire.get_random(16))))
+    sender.start()
+    time.sleep(0.3)
+    os.kill(pid, signal.SIGKILL)
+    sender.join(60)
+    assert answer and len(wire.parse_get_random(answer[0])) == 16
+    execute(client.transact, wire.pcr_extend(16, hashlib.sha256(b"after").digest()))
+    expected = pcr16(client)
+    assert {p.name: p.read_bytes() for p in instance_dir.glob("resume.*")} != slots
+    kill_instance(hostd)
+    assert pcr16(client) == expected
+    assert lockout_counter(client) == 0
     client.close()
 
 

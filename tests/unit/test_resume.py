@@ -7,12 +7,14 @@ import hashlib
 import json
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sgxvtpm.enclaves.instance import InstanceEnclave
 from sgxvtpm.enclaves.resume import (
     QuietCommands,
     ResumeRecord,
@@ -49,7 +51,14 @@ from sgxvtpm.wire.resume import (
     encode_attach_reply,
     token_of,
 )
-from sgxvtpm.wire.vtpm import VtpmProtocolError, VtpmRequest, encode_tpm_command
+from sgxvtpm.wire.vtpm import (
+    VtpmProtocolError,
+    VtpmRequest,
+    encode_tpm_command,
+    encode_tpm_response,
+    tpm_response_of,
+    unrecorded,
+)
 
 E1, E2 = "11" * 16, "22" * 16
 
@@ -115,17 +124,51 @@ def test_record_older_than_the_nv_commit_is_refused() -> None:
     assert isinstance(found, str) and "version 8" in found
 
 
+def test_quiet_requests_after_the_last_record_resume_from_it() -> None:
+    # Requests 5..9 were quiet (answered UNRECORDED): the endpoint names record 4.
+    found = decide(ResumeToken(E1, 9, False, recorded=4), 7, [rec(3), rec(4)])
+    assert isinstance(found, ResumeRecord) and found.seq == 4
+    found = decide(ResumeToken(E1, 9, True, recorded=4), 7, [rec(4), rec(10, response=b"R")])
+    assert isinstance(found, ResumeRecord) and found.seq == 10  # request 10 ran: replayed
+
+
+def test_a_record_before_the_last_recorded_request_is_a_rollback() -> None:
+    found = decide(ResumeToken(E1, 9, True, recorded=4), 7, [rec(2), rec(3)])
+    assert isinstance(found, str) and "rollback refused" in found
+    # A record after the one the endpoint names (not its in-flight one) is no match either.
+    found = decide(ResumeToken(E1, 9, False, recorded=4), 7, [rec(5)])
+    assert isinstance(found, str) and "not at the endpoint's" in found
+
+
+def test_a_token_cannot_name_a_record_after_its_count() -> None:
+    with pytest.raises(VtpmProtocolError):
+        ResumeToken(E1, 3, False, recorded=4)
+    with pytest.raises(VtpmProtocolError):
+        token_of(json.dumps({"resume": {"epoch": E1, "seq": 3, "recorded": 4}}).encode())
+
+
+tokens = st.builds(
+    lambda epoch, seq, in_flight, gap: ResumeToken(
+        epoch, seq, in_flight, None if gap is None else max(0, seq - gap)),
+    st.sampled_from([E1, E2]), st.integers(0, 8), st.booleans(), st.none() | st.integers(0, 8),
+)
+
+
 @settings(max_examples=300)
-@given(st.lists(records, max_size=4), st.integers(0, 8), st.booleans(), st.integers(0, 3))
+@given(st.lists(records, max_size=4), tokens, st.integers(0, 3))
 def test_decide_only_ever_returns_a_record_the_token_allows(
-    candidates: list[ResumeRecord], seq: int, in_flight: bool, version: int
+    candidates: list[ResumeRecord], token: ResumeToken, version: int
 ) -> None:
-    epoch = candidates[0].epoch if candidates else E1
-    found = decide(ResumeToken(epoch, seq, in_flight), version, candidates)
+    found = decide(token, version, candidates)
     if isinstance(found, ResumeRecord):
         assert found in candidates
-        assert found.epoch == epoch and found.state_version == version
-        assert found.seq == seq or (in_flight and found.seq == seq + 1)
+        assert found.epoch == token.epoch and found.state_version == version
+        assert found.seq == token.base or (token.in_flight and found.seq == token.seq + 1)
+
+
+@given(tokens)
+def test_tokens_round_trip(token: ResumeToken) -> None:
+    assert token_of(json.dumps({"resume": token.to_json()}).encode()) == token
 
 
 def test_new_epochs_differ() -> None:
@@ -149,6 +192,23 @@ def test_slots_round_trip_alternate_and_hold_no_plaintext(
     assert sorted(r.seq for r in s.read()) == [3, 4]
     for path in tmp_path.glob("resume.*"):
         assert b"SECRET" not in path.read_bytes() and b"vol" not in path.read_bytes()
+
+
+def test_slots_alternate_by_write_not_by_sequence(
+    sim_platform: SimPlatformDir, tmp_path: Path
+) -> None:
+    """Records skip the quiet requests' numbers: two in a row of the same parity
+    still go to both slots, so tearing the newer one leaves the older whole."""
+    s = slots(sim_platform, tmp_path)
+    s.write(rec(2))
+    s.write(rec(4))
+    assert sorted(r.seq for r in s.read()) == [2, 4]
+    # A new process that resumed from 4 writes its next record over 2, not over 4.
+    again = slots(sim_platform, tmp_path)
+    found = next(r for r in again.read() if r.seq == 4)
+    again.resumed_from(found)
+    again.write(rec(8))
+    assert sorted(r.seq for r in again.read()) == [4, 8]
 
 
 def test_torn_and_tampered_slots_are_skipped(sim_platform: SimPlatformDir, tmp_path: Path) -> None:
@@ -263,7 +323,7 @@ class ScriptedClient(K2Client):
         self.tokens: list[ResumeToken | None] = []
         super().__init__(None, reconnect_timeout=5)  # type: ignore[arg-type]
         self.binding = type("B", (), {"name": "vm1", "instance_id": "i"})()  # type: ignore[assignment]
-        self._epoch, self._seq = E1, 4
+        self._epoch, self._seq, self._recorded = E1, 4, 4
         self._tls = object()  # type: ignore[assignment]
 
     def _ended_while_idle(self) -> bool:
@@ -282,6 +342,7 @@ class ScriptedClient(K2Client):
         if isinstance(outcome, Exception):
             raise outcome
         self._epoch, self._seq = outcome.epoch, outcome.seq
+        self._recorded = outcome.seq
         return outcome
 
 
@@ -291,8 +352,23 @@ CMD = encode_tpm_command(wire.get_random(8))
 def test_endpoint_takes_the_replayed_answer_instead_of_resending() -> None:
     client = ScriptedClient([K2Error("lost")], [AttachReply(E1, 5, True, response=b"ANSWER")])
     assert client.request(CMD) == b"ANSWER"
-    assert client.sent == [CMD] and client.tokens == [ResumeToken(E1, 4, True)]
+    assert client.sent == [CMD] and client.tokens == [ResumeToken(E1, 4, True, 4)]
     assert client._seq == 5
+
+
+def test_endpoint_names_the_last_recorded_request_after_unrecorded_answers() -> None:
+    """Answers the instance did not record (a quiet TPM command) reach the caller as
+    plain successes; the token after a break names the last recorded request."""
+    answer = encode_tpm_response(b"\x80\x01" + bytes(8))
+    client = ScriptedClient(
+        [unrecorded(answer), answer, unrecorded(answer), K2Error("lost"), answer],
+        [AttachReply(E1, 7, True)],
+    )
+    assert [client.request(CMD) for _ in range(3)] == [answer] * 3
+    assert client._seq == 7 and client._recorded == 6
+    assert client.request(CMD) == answer  # it never ran: resent after the resume
+    assert client.tokens == [ResumeToken(E1, 7, True, recorded=6)]
+    assert client._seq == client._recorded == 8
 
 
 def test_endpoint_resends_what_never_ran_after_retries() -> None:
@@ -369,6 +445,31 @@ def test_a_command_with_sessions_never_reuses_the_record(command: bytes, respons
     assert not QuietCommands(command_audit_default=True).unchanged(command, response)
 
 
+_CODES = st.sampled_from([int(c) for c in TPM2_CC][:40] + [int(TPM2_CC.GetRandom)] * 5
+                          + [int(TPM2_CC.SetCommandCodeAuditStatus)])
+_HEADERS = st.builds(
+    lambda tag, code, tail: struct.pack(">HII", tag, 10 + len(tail), code) + tail,
+    st.sampled_from([0x8001, 0x8002, 0]), _CODES, st.binary(max_size=8),
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.none() | _HEADERS | st.binary(max_size=12),
+                          st.binary(max_size=4) | st.just(b"\0" * 4),
+                          st.sampled_from([0, 0x101]) | st.integers(0, 2**32 - 1)), max_size=6))
+def test_the_per_request_check_agrees_with_unchanged(
+    requests: list[tuple[bytes | None, bytes, int]],
+) -> None:
+    """unchanged_message reads the vTPM answer in place; it says what unchanged says
+    of the TPM response inside it, request after request (the audit mark included)."""
+    a, b = QuietCommands(True), QuietCommands(True)
+    for command, head, rc in requests:
+        message = head + struct.pack(">HII", 0x8001, 10, rc)
+        expected = a.unchanged(command, tpm_response_of(message))
+        assert b.unchanged_message(command, message) == expected
+        assert a.command_audit_default == b.command_audit_default
+
+
 def _exclusive_after_audited_get_random(core: VtpmCore, session: int) -> bool:
     """Send GetRandom with ``session`` as its audit session: is it the exclusive one?"""
     area = wire.u32(session) + wire.tpm2b(bytes(16)) + wire.u8(
@@ -403,4 +504,43 @@ def test_no_resume_brings_an_exclusive_audit_session_back() -> None:
         core.resume(*snapshot)
         answers.append(_exclusive_after_audited_get_random(core, session))
     assert answers == [False, False]
+    core.engine.stop()
+
+
+# ---------------------------------------------------------------- the instance's choice
+
+
+class _FailingSlots:
+    """Slot files whose next ``failures`` writes fail (a full or failing disk)."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.written: list[ResumeRecord] = []
+
+    def write(self, record: ResumeRecord) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(28, "No space left on device")
+        self.written.append(record)
+
+
+def test_quiet_requests_are_recorded_again_after_a_record_that_was_not_written() -> None:
+    """The instance skips a quiet request's record only while its last record is on
+    disk: after a failed slot write the next request, quiet or not, writes one,
+    so a later resume does not depend on the record that was lost."""
+    core = VtpmCore(lambda: LibtpmsEngine(MemoryStateStore()))
+    core.engine.start()
+    execute(core.engine.process, wire.startup(TPM2_SU.CLEAR))
+    core.answer(encode_tpm_command(wire.get_random(8)), (wire.get_random(8), 0))
+    slots = _FailingSlots(failures=1)
+    enclave: Any = SimpleNamespace(
+        core=core, slots=slots, instance_id="x", _live=None, _seq=0, _unsaved=False,
+        store=SimpleNamespace(dirty=False, file=SimpleNamespace(version=3)),
+    )
+    InstanceEnclave._record(enclave, E1, 1, b"R1")
+    assert slots.written == [] and enclave._live.seq == 1
+    assert not InstanceEnclave._still_recorded(enclave, enclave._live)
+    InstanceEnclave._record(enclave, E1, 2, b"R2", unchanged=True)
+    assert [r.seq for r in slots.written] == [2]
+    assert InstanceEnclave._still_recorded(enclave, enclave._live)
     core.engine.stop()

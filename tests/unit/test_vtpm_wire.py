@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from sgxvtpm.wire.vtpm import (
     MAX_ATTACH_INFO,
     MAX_MESSAGE,
+    UNRECORDED,
     TpmResult,
     VtpmOp,
     VtpmProtocolError,
@@ -21,8 +22,10 @@ from sgxvtpm.wire.vtpm import (
     encode_response,
     encode_tpm_command,
     encode_tpm_response,
+    recorded_of,
     tpm_command_of,
     tpm_response_of,
+    unrecorded,
 )
 
 u32 = st.integers(0, 0xFFFFFFFF)
@@ -195,3 +198,19 @@ def test_hot_path_refuses_what_the_codec_refuses() -> None:
     with pytest.raises(VtpmUsageError):
         encode_tpm_response(b"x" * MAX_MESSAGE)
     assert tpm_command_of(b"\x01\x00\x00\x00" + b"x" * MAX_MESSAGE) is None
+
+
+@given(st.one_of(st.binary(max_size=16), st.binary(max_size=12).map(lambda b: b"\0" * 4 + b)))
+def test_unrecorded_marks_only_successes_and_recorded_of_undoes_it(data: bytes) -> None:
+    """The instance marks a quiet TPM_COMMAND answer it did not record; the endpoint
+    gets the same message back and learns it was not recorded. Nothing else changes."""
+    marked = unrecorded(data)
+    is_success = tpm_response_of(data) is not None
+    assert (marked != data) == is_success
+    if is_success:
+        assert decode_response(marked).result == UNRECORDED  # never a success to old readers
+        assert recorded_of(marked) == (data, False)
+    else:
+        assert marked == data
+    if data[:4] != UNRECORDED.to_bytes(4, "big"):
+        assert recorded_of(data) == (data, True)

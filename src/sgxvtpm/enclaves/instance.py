@@ -54,7 +54,7 @@ from sgxvtpm.platform.base import EnclaveIdentity, EnclavePlatform, QuoteVerifie
 from sgxvtpm.platform.tpm_counters import open_host_counters
 from sgxvtpm.tpm import ek as ekmod
 from sgxvtpm.tpm import wire as tpmwire
-from sgxvtpm.tpm.constants import TPM2_RC, TPM2_SU
+from sgxvtpm.tpm.constants import TPM2_CC, TPM2_RC, TPM2_SU
 from sgxvtpm.tpm.engine import EngineError, EngineMisuseError, LibtpmsEngine
 from sgxvtpm.tpm.nv import execute
 from sgxvtpm.util import log
@@ -170,9 +170,12 @@ class InstanceEnclave:
         self.seat = EndpointSeat()
         self._manufacturing: LibtpmsEngine | None = None
         self.slots = ResumeSlots(platform, self.instance_id, state_dir)
-        #: The record of the seat holder's last request (None: none since this
-        #: process started; then a resume reads the sealed ones).
+        #: The record of the seat holder's last recorded request (None: none since
+        #: this process started; then a resume reads the sealed ones). Every
+        #: request after it, up to ``_seq``, was quiet and left it as it is.
         self._live: ResumeRecord | None = None
+        self._seq = 0  # the seat holder's requests answered in its epoch
+        self._unsaved = False  # the slot write of ``_live`` failed: write the next one
         self._quiet = QuietCommands(command_audit_default=False)  # set by _new_core
         if self.store.exists():
             self._restore()
@@ -253,27 +256,46 @@ class InstanceEnclave:
             raise PermissionError("not the bound VM")
         if session is not self.seat.holder:
             return vtpm.encode_response(self._not_attached(session, data))
+        command = vtpm.tpm_command_of(data)
         if self.state == "migrated":
             response = migration.refuse(self.store.bundle.provisioning)
         else:
-            response = self.core.handle_message(data)
+            response = self.core.answer(data, command)
         live = self._live
         assert live is not None  # set by every ATTACH that gives the seat
-        command = vtpm.tpm_command_of(data)
-        unchanged = self._quiet.unchanged(
-            command[0] if command is not None else None, vtpm.tpm_response_of(response)
+        self._seq = seq = self._seq + 1
+        unchanged = self._quiet.unchanged_message(
+            command[0] if command is not None else None, response
         )
         if not self._quiet.command_audit_default:
             self.store.bundle.provisioning.pop("command_audit", None)  # with the next commit
-        if self._record(live.epoch, live.seq + 1, response, unchanged):
+        if unchanged and self._still_recorded(live):
+            return vtpm.unrecorded(response)
+        if self._record(live.epoch, seq, response, unchanged):
             return response
         # Its change could not be made durable: an error answer, recorded as such.
         if command is not None:
             response = vtpm.encode_tpm_response(tpmwire.error_response(TPM2_RC.FAILURE))
         else:
             response = vtpm.encode_response(VtpmResponse.error(TpmResult.IOERROR))
-        self._record(live.epoch, live.seq + 1, response)
+        self._record(live.epoch, seq, response)
         return response
+
+    def _still_recorded(self, live: ResumeRecord) -> bool:
+        """After a quiet request (resume.QuietCommands): True if a resume from ``live``,
+        the last record, brings the TPM back as it is now, so none is written (the
+        answer says so, and the endpoint's token names ``live``'s request).
+
+        Not when NV changed (the commit carries a record), when the TPM was not
+        running, when ``live`` never reached its slot file (a failed write), or
+        when the last command code that record keeps matters: None or
+        TPM2_Shutdown decide whether a later INIT sends a Shutdown
+        (VtpmCore._orderly_shutdown); any other code acts as the quiet one's.
+        """
+        return (
+            live.running and not self.store.dirty and not self._unsaved
+            and live.last_code is not None and live.last_code != TPM2_CC.Shutdown
+        )  # fmt: skip
 
     # -- resume (sgxvtpm/enclaves/resume.py) ----------------------------------
     def _record(self, epoch: str, seq: int, response: bytes, unchanged: bool = False) -> bool:
@@ -293,7 +315,7 @@ class InstanceEnclave:
         previous = self._live
         if (
             unchanged and previous is not None and previous.running and not store.dirty
-            and (previous.epoch, previous.seq) == (epoch, seq - 1)
+            and previous.epoch == epoch  # every request since it was quiet (_still_recorded)
         ):  # fmt: skip
             running, volatile, last_code = self.core.snapshot(previous.volatile)
         else:
@@ -311,12 +333,16 @@ class InstanceEnclave:
                 return False
             except BaseException:  # never answer for a change that is not durable
                 os._exit(EXIT_COMMIT_FAILED)
+            self._unsaved = False
             return True
         try:
             self.slots.write(record)
         except OSError as exc:  # only a later resume suffers: it will be refused
             log.log("instance.resume_record_failed", instance=self.instance_id,
                     reason=str(exc))
+            self._unsaved = True  # until a record is written, none is skipped
+        else:
+            self._unsaved = False
         return True
 
     def _attached(self, request: VtpmRequest) -> VtpmResponse:
@@ -330,14 +356,19 @@ class InstanceEnclave:
             found = self._resume(token)
             if isinstance(found, ResumeRecord):
                 replay = found.response if found.seq == token.seq + 1 else None
-                log.log("instance.resumed", instance=self.instance_id, seq=found.seq,
-                        replayed=replay is not None, running=found.running)
-                self._record(found.epoch, found.seq, found.response)
+                # The endpoint's count: the replayed request's, else the token's
+                # (the requests after the record were quiet).
+                self._seq = found.seq if replay is not None else token.seq
+                log.log("instance.resumed", instance=self.instance_id, seq=self._seq,
+                        recorded=found.seq, replayed=replay is not None,
+                        running=found.running)
+                self._record(found.epoch, self._seq, found.response if replay else b"")
                 return VtpmResponse.ok(encode_attach_reply(
-                    AttachReply(found.epoch, found.seq, True, response=replay)))
+                    AttachReply(found.epoch, self._seq, True, response=replay)))
             reason = found
             log.log("instance.resume_refused", instance=self.instance_id, reason=reason)
         epoch = new_epoch()
+        self._seq = 0
         self._record(epoch, 0, b"")
         return VtpmResponse.ok(encode_attach_reply(AttachReply(epoch, 0, False, reason)))
 
@@ -355,6 +386,7 @@ class InstanceEnclave:
         found = decide(token, self.store.file.version, records)
         if isinstance(found, str):
             return found
+        self.slots.resumed_from(found)
         try:
             self.core.resume(found.running, found.volatile, found.last_code)
         except (EngineError, EngineMisuseError) as exc:

@@ -1,28 +1,39 @@
 """Resume records: what an instance needs to come back after a crash as it was.
 
-After every request of its endpoint the instance records, sealed, what
-TPM2_Shutdown(STATE) would have saved (libtpms' VOLATILE state: PCRs, loaded
-objects, sessions, the DA state) with the request's sequence number and its
-encoded response (:class:`ResumeRecord`). A request that changed NV carries
-its record inside the sealed state bundle's one atomic, counted commit
-(state.py); the others write it in place (``pwrite``, no fsync: a power loss
-ends the VM too) into one of two slot files, alternately, so a torn write
-leaves the other slot whole (:class:`ResumeSlots`).
+After every request of its endpoint that may have changed the TPM, the
+instance records, sealed, what TPM2_Shutdown(STATE) would have saved
+(libtpms' VOLATILE state: PCRs, loaded objects, sessions, the DA state) with
+the request's sequence number and its encoded response (:class:`ResumeRecord`).
+A request that changed NV carries its record inside the sealed state bundle's
+one atomic, counted commit (state.py); the others write it in place
+(``pwrite``, no fsync: a power loss ends the VM too) into one of two slot
+files, alternately, so a torn write leaves the other slot whole
+(:class:`ResumeSlots`).
 
-Freshness comes from the endpoint, which counts its requests and holds the
-epoch (sgxvtpm/wire/resume.py): :func:`decide` accepts only a record of the
-token's epoch at its count (or count + 1 with a request in flight) whose
-state version is the sealed bundle's. An older slot file put back by the
-host names an older count and is refused; a slot older than an NV commit
-names an older state version and is refused.
+Freshness comes from the endpoint, which counts its requests, holds the
+epoch and the number of the last request the instance recorded
+(sgxvtpm/wire/resume.py): :func:`decide` accepts only a record of the
+token's epoch at that request (or at count + 1 with a request in flight)
+whose state version is the sealed bundle's. An older slot file put back by
+the host names an older request and is refused; a slot older than an NV
+commit names an older state version and is refused.
 
 Reading libtpms' VOLATILE state is most of a record's cost (about 11 µs in
-a loop, 25 µs in the enclave process between two requests). :class:`QuietCommands`
-says when it need not be read: after a read-only command
-(:data:`QUIET_COMMANDS`, without sessions, answered TPM_RC_SUCCESS) while
-the TPM's command audit list is the manufacturer's, the record carries the
-previous record's VOLATILE state. The record still follows every request
-(same sequence numbers, its own response). Why a resume from it answers as
+a loop, 25 µs in the enclave process between two requests), sealing and
+writing it the rest (about 15 µs). :class:`QuietCommands` says when the TPM's
+VOLATILE state after a request is the last record's: after a read-only
+command (:data:`QUIET_COMMANDS`, without sessions, answered TPM_RC_SUCCESS)
+while the TPM's command audit list is the manufacturer's. Then no record is
+written at all (instance.py ``_still_recorded``: not while NV is dirty,
+not while the last record's slot write has failed, and not when the last
+record's command code is none or TPM2_Shutdown, which a later INIT looks at); the answer carries
+:data:`~sgxvtpm.wire.vtpm.UNRECORDED` instead of success, inside K2, so
+the endpoint keeps naming the last recorded request in its token. A quiet
+request in flight at a crash was never recorded: the endpoint sends it
+again. (When a record must be written anyway after a quiet command, e.g.
+the first command since the TPM started, it carries the previous record's
+VOLATILE state, not read again.)
+Why a resume from it answers as
 the TPM would have:
 
 - such a command has no session to update and no authorization (no DA);
@@ -51,6 +62,7 @@ from sgxvtpm.enclaves.sealing import Sealer, SealError, SealKind
 from sgxvtpm.platform.base import EnclavePlatform
 from sgxvtpm.tpm.constants import TPM2_CC, TPM2_RC, TPM2_ST
 from sgxvtpm.wire.resume import EPOCH_BYTES, ResumeToken
+from sgxvtpm.wire.vtpm import encode_tpm_response
 
 _HEAD = struct.Struct(">4s16sQQBI")  # magic, epoch, seq, state version, flags, last code
 _MAGIC = b"SVR1"
@@ -109,6 +121,8 @@ QUIET_COMMANDS = frozenset({
     TPM2_CC.NV_ReadPublic, TPM2_CC.GetTestResult,
 })  # fmt: skip
 _TPM_HEADER = struct.Struct(">HII")  # tag, size, command or response code
+_OK = encode_tpm_response(b"")  # a successful TPM_COMMAND answer's vTPM header
+_OK_SIZE = len(_OK)
 COMMAND_AUDIT_DEFAULT = "default"
 
 
@@ -147,6 +161,24 @@ class QuietCommands:
             return False
         return self.command_audit_default and quiet_command(command, response)
 
+    def unchanged_message(self, command: bytes | None, message: bytes) -> bool:
+        """:meth:`unchanged` with the vTPM answer ``message`` as the instance sends it
+        (sgxvtpm/wire/vtpm.py), read in place: the per-request path."""
+        if command is None or len(command) < _TPM_HEADER.size:
+            return False
+        tag, _, code = _TPM_HEADER.unpack_from(command)
+        if code == TPM2_CC.SetCommandCodeAuditStatus:
+            self.command_audit_default = False
+            return False
+        if (
+            not self.command_audit_default or tag != TPM2_ST.NO_SESSIONS
+            or code not in QUIET_COMMANDS or message[:_OK_SIZE] != _OK
+            or len(message) < _OK_SIZE + _TPM_HEADER.size
+        ):  # fmt: skip
+            return False
+        rc: int = _TPM_HEADER.unpack_from(message, _OK_SIZE)[2]
+        return rc == TPM2_RC.SUCCESS
+
 
 def new_epoch() -> str:
     return os.urandom(EPOCH_BYTES).hex()
@@ -160,24 +192,28 @@ def decide(
     Only records of the sealed state's version count (a record older than
     the last NV commit describes a TPM that no longer exists). Among them,
     one of the token's epoch at ``seq + 1`` when a request was in flight (it
-    ran: its response is replayed), else at ``seq`` (it never ran, or its
-    effects were never committed: the endpoint resends it).
+    ran: its response is replayed), else at the last request the instance
+    recorded, ``token.base`` (the in-flight one never ran, its effects were
+    never committed, or it was a quiet one: the endpoint resends it; the
+    requests after ``base`` were quiet, so the TPM was as that record has it).
     """
     current = [r for r in records if r.state_version == state_version]
     ours = {r.seq: r for r in current if r.epoch == token.epoch}
     if token.in_flight and token.seq + 1 in ours:
         return ours[token.seq + 1]
-    if token.seq in ours:
-        return ours[token.seq]
+    base = token.base
+    if base in ours:
+        return ours[base]
     if not current:
         return f"no resume record of the sealed state's version {state_version}"
     if not ours:
         return "the resume records are of another epoch (another endpoint attached since)"
     newest = max(ours)
-    if newest < token.seq:
-        return (f"the newest resume record is at request {newest}, the endpoint is at"
-                f" {token.seq}: an older record (rollback refused)")
-    return f"the resume records are at request {newest}, ahead of the endpoint's {token.seq}"
+    if newest < base:
+        return (f"the newest resume record is at request {newest}, the endpoint's last"
+                f" recorded request is {base}: an older record (rollback refused)")
+    return (f"the resume records are at request {newest}, not at the endpoint's last"
+            f" recorded request {base}")
 
 
 class ResumeSlots:
@@ -187,6 +223,10 @@ class ResumeSlots:
         self._sealer = Sealer(platform, SealKind.RESUME_RECORD, instance_id)
         self._paths = [directory / name for name in SLOT_NAMES]
         self._fds: list[int] = []
+        #: The slot the next record goes to: never the one with the record a
+        #: resume may still need (the last written, or the one resumed from).
+        self._next = 0
+        self._read: dict[tuple[str, int], int] = {}  # (epoch, seq) -> slot, of read()
 
     def _open(self) -> list[int]:
         if not self._fds:
@@ -201,21 +241,34 @@ class ResumeSlots:
         return ResumeRecord.decode(self._sealer.unseal_bare(blob, _AAD))
 
     def write(self, record: ResumeRecord) -> None:
-        """Into slot ``seq % 2``: one pwritev of length + sealed record (no fsync)."""
+        """Into the slot after the last one written: one pwritev of length + sealed
+        record (no fsync), so a torn write leaves the other slot's record whole."""
         blob = self.seal(record)
-        os.pwritev(self._open()[record.seq % 2], (_U32.pack(len(blob)), blob), 0)
+        slot = self._next
+        os.pwritev(self._open()[slot], (_U32.pack(len(blob)), blob), 0)
+        self._next = 1 - slot
 
     def read(self) -> list[ResumeRecord]:
         """The records that unseal; torn, tampered and foreign slots are skipped."""
         records = []
-        for path in self._paths:
+        self._read = {}
+        for slot, path in enumerate(self._paths):
             try:
                 data = path.read_bytes()
                 (size,) = _U32.unpack_from(data)
-                records.append(self.unseal(data[4 : 4 + size]))
+                record = self.unseal(data[4 : 4 + size])
             except (OSError, struct.error, SealError, ValueError):
                 continue
+            records.append(record)
+            self._read[(record.epoch, record.seq)] = slot
         return records
+
+    def resumed_from(self, record: ResumeRecord) -> None:
+        """A resume starts from ``record`` (one :meth:`read` returned, or the sealed
+        bundle's): the next record goes into the other slot."""
+        slot = self._read.get((record.epoch, record.seq))
+        if slot is not None:
+            self._next = 1 - slot
 
     def erase(self) -> None:
         self.close()

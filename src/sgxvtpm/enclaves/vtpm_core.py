@@ -169,7 +169,10 @@ class VtpmCore:
 
     def handle_message(self, message: bytes) -> bytes:
         """One encoded request in, one encoded response out; never raises for bad bytes."""
-        command = tpm_command_of(message)
+        return self.answer(message, tpm_command_of(message))
+
+    def answer(self, message: bytes, command: tuple[bytes, int] | None) -> bytes:
+        """:meth:`handle_message` for a caller that has ``tpm_command_of(message)`` already."""
         if command is not None and self.running:  # the hot path: no request objects
             try:
                 return encode_tpm_response(self._process(*command))

@@ -71,6 +71,7 @@ from sgxvtpm.wire.vtpm import (
     VtpmRequest,
     decode_response,
     encode_request,
+    recorded_of,
 )
 
 CONNECT_TIMEOUT = 10.0
@@ -210,6 +211,7 @@ class K2Client(MessageBackend):
         # number of its requests answered in it (sgxvtpm/wire/resume.py).
         self._epoch: str | None = None
         self._seq = 0
+        self._recorded = 0  # the last of them the instance recorded (UNRECORDED answers)
         self._token: ResumeToken | None = None
         self._close_reason = ""
         #: Sessions resumed after a break (the instance or hostd restarted under them).
@@ -327,6 +329,7 @@ class K2Client(MessageBackend):
                 self._epoch, self._seq = None, 0
             else:
                 self._epoch, self._seq = reply.epoch, reply.seq
+            self._recorded = self._seq
             return reply
         self.close()
         name = self.binding.name or self.binding.instance_id
@@ -356,6 +359,9 @@ class K2Client(MessageBackend):
                     return replay
                 continue  # it never ran (or its effects were not committed): send it again
             self._seq += 1
+            answer, recorded = recorded_of(answer)
+            if recorded:
+                self._recorded = self._seq
             return answer
 
     def _reconnect(self, in_flight: bool, cause: BaseException | None = None) -> bytes | None:
@@ -364,7 +370,7 @@ class K2Client(MessageBackend):
         ``reconnect_timeout``; K2Error if the instance cannot resume (logged)."""
         assert self._epoch is not None
         name = self.binding.name or self.binding.instance_id
-        token = ResumeToken(self._epoch, self._seq, in_flight)
+        token = ResumeToken(self._epoch, self._seq, in_flight, self._recorded)
         deadline = time.monotonic() + self.reconnect_timeout
         delay, attempt = RETRY_FIRST, 0
         reason = str(cause) if cause is not None else "the instance ended the session"

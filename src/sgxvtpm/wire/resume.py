@@ -8,8 +8,9 @@ reply starts an *epoch* or continues one, and says where:
   at sequence 0. The endpoint counts the requests it sends after ATTACH.
 - After its session breaks, the endpoint ATTACHes with
   :class:`ResumeToken` (epoch, the count of requests answered, whether one
-  was in flight). The instance resumes only from its record of that epoch at
-  that count, or at count + 1 when a request was in flight; then the reply
+  was in flight, the last request the instance recorded). The instance
+  resumes only from its record of that epoch at that last recorded request,
+  or at count + 1 when a request was in flight; then the reply
   carries the in-flight request's response, which the endpoint returns
   instead of sending it again. Anything else is refused with a reason, and
   the session starts a new epoch on a TPM that is not running.
@@ -51,14 +52,33 @@ def _epoch(value: object) -> str:
 
 @dataclass(frozen=True)
 class ResumeToken:
-    """The endpoint's word: requests of ``epoch`` answered so far, one maybe in flight."""
+    """The endpoint's word: requests of ``epoch`` answered so far, one maybe in flight,
+    and the last of them the instance recorded (``recorded``; None: ``seq``).
+
+    The instance does not record a request that left the TPM's VOLATILE state
+    as it last recorded it, and says so in the answer
+    (sgxvtpm/wire/vtpm.py: :data:`~sgxvtpm.wire.vtpm.UNRECORDED`).
+    """
 
     epoch: str
     seq: int
     in_flight: bool = False
+    recorded: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.recorded is not None and self.recorded > self.seq:
+            raise VtpmProtocolError(f"resume recorded {self.recorded} is after seq {self.seq}")
+
+    @property
+    def base(self) -> int:
+        """The request whose record a resume starts from (when none was in flight)."""
+        return self.seq if self.recorded is None else self.recorded
 
     def to_json(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "seq": self.seq, "in_flight": self.in_flight}
+        obj: dict[str, Any] = {"epoch": self.epoch, "seq": self.seq, "in_flight": self.in_flight}
+        if self.recorded is not None:
+            obj["recorded"] = self.recorded
+        return obj
 
     @classmethod
     def from_json(cls, obj: object) -> ResumeToken:
@@ -67,7 +87,9 @@ class ResumeToken:
         in_flight = obj.get("in_flight", False)
         if not isinstance(in_flight, bool):
             raise VtpmProtocolError("resume in_flight is not a boolean")
-        return cls(_epoch(obj.get("epoch")), _seq(obj.get("seq")), in_flight)
+        recorded = obj.get("recorded")
+        return cls(_epoch(obj.get("epoch")), _seq(obj.get("seq")), in_flight,
+                   None if recorded is None else _seq(recorded))
 
 
 def token_of(info: bytes) -> ResumeToken | None:

@@ -408,6 +408,30 @@ def encode_tpm_response(response: bytes) -> bytes:
     return _SUCCESS + response
 
 
+#: The result word of a TPM_COMMAND answer the instance did not record: the
+#: command left the TPM's VOLATILE state as the last resume record has it
+#: (sgxvtpm/enclaves/resume.py), so a resume starts from that record. Only an
+#: endpoint's K2 client sees it (:func:`recorded_of`); never a TPM_RESULT.
+UNRECORDED = 0x8000_0000
+_UNRECORDED = _U32.pack(UNRECORDED)
+
+
+def unrecorded(message: bytes) -> bytes:
+    """The successful TPM_COMMAND answer ``message`` (:func:`encode_tpm_response`)
+    marked as not recorded; any other message unchanged."""
+    if message[:RESPONSE_HEADER_SIZE] != _SUCCESS:
+        return message
+    return _UNRECORDED + message[RESPONSE_HEADER_SIZE:]
+
+
+def recorded_of(message: bytes) -> tuple[bytes, bool]:
+    """(``message`` as :func:`encode_tpm_response` made it, whether the instance
+    recorded its request): the inverse of :func:`unrecorded`."""
+    if message[:RESPONSE_HEADER_SIZE] != _UNRECORDED:
+        return message, True
+    return _SUCCESS + message[RESPONSE_HEADER_SIZE:], False
+
+
 def tpm_response_of(message: bytes) -> bytes | None:
     """The payload if ``message`` is a valid response with result 0, else None."""
     if len(message) > MAX_MESSAGE or message[:RESPONSE_HEADER_SIZE] != _SUCCESS:
