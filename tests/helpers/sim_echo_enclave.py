@@ -8,6 +8,7 @@ Frames on the stream: u32 big-endian length, then the payload. Requests:
   b"R"              -> the attestation root PEM the platform gives us
   b"D"              -> prctl(PR_GET_DUMPABLE) as one ASCII digit
   b"K"              -> EGETKEY(SEAL, MRSIGNER policy)
+  b"L" + prefix     -> load the measured library named prefix*; the path it came from
   b"X"              -> the enclave returns from main (exits 0)
 """
 
@@ -65,6 +66,12 @@ def main(platform: Any, stream: socket.socket, args: Mapping[str, Any]) -> None:
             from sgxvtpm.platform.base import KeyName, KeyPolicy, KeyRequest
 
             _send(stream, platform.get_key(KeyRequest(KeyName.SEAL, KeyPolicy.MRSIGNER)))
+        elif op == b"L":
+            from sgxvtpm.util import measured
+
+            path = measured.library_path(body.decode(), body.decode())
+            ctypes.CDLL(path)
+            _send(stream, path.encode())
         elif op == b"X":
             return
         else:

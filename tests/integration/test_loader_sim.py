@@ -14,6 +14,7 @@ from tests.helpers.echo_client import call, echo_spec
 
 from sgxvtpm.platform import EnclaveSpec, PlatformError
 from sgxvtpm.platform.sim import (
+    SimEnclaveHandle,
     SimLoader,
     SimPlatformDir,
     identity_of_spec,
@@ -230,3 +231,54 @@ def test_preloaded_modules_of_a_measured_package_must_be_measured(
     spec = sim_platform.sign(EnclaveSpec("echo", "sim_echo_enclave:main", code, b"", 7, 3))
     with pytest.raises(PlatformError, match="stale"):
         sim_loader.launch(spec, {})
+
+
+def _mapped_inodes(pid: int, name: str) -> set[tuple[str, int]]:
+    """(device, inode) of every mapping of ``pid`` whose path contains ``name``."""
+    found = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and name in fields[5]:
+            found.add((fields[3], int(fields[4])))
+    return found
+
+
+def test_enclaves_measuring_the_same_library_map_one_sealed_copy(
+    sim_platform: SimPlatformDir, sim_loader: SimLoader, echo_code: Path, tmp_path: Path
+) -> None:
+    """The zygote stages a measured library once; enclaves with the same bytes share it,
+    one whose bytes differ gets a private copy (and still maps exactly its own bytes)."""
+    from sgxvtpm.enclaves.specs import libtpms_path
+
+    real = libtpms_path().read_bytes()
+    same, other = tmp_path / "same", tmp_path / "other"
+    for directory, data in ((same, real), (other, real + b"\0other release")):
+        directory.mkdir()
+        (directory / "libtpms.so.0").write_bytes(data)
+
+    def launch(library: Path) -> SimEnclaveHandle:
+        spec = sim_platform.sign(
+            EnclaveSpec("echo", "sim_echo_enclave:main", [echo_code, library], b"", 7, 3)
+        )
+        handle = sim_loader.launch(spec, {})
+        assert call(handle.stream, b"Llibtpms").startswith(b"/proc/self/fd/")
+        return handle
+
+    handles = [launch(same / "libtpms.so.0") for _ in range(2)]
+    try:
+        handles.append(launch(other / "libtpms.so.0"))
+        first, second, third = (_mapped_inodes(h.pid, "/memfd:libtpms") for h in handles)
+        assert len(first) == 1, first
+        assert first == second
+        assert third and third.isdisjoint(first)
+        # What each maps is what it measured, read back through its own fd.
+        for h, data in zip(handles, (real, real, real + b"\0other release"), strict=True):
+            fds = [
+                fd for fd in os.listdir(f"/proc/{h.pid}/fd")
+                if os.readlink(f"/proc/{h.pid}/fd/{fd}").startswith("/memfd:libtpms")
+            ]
+            assert len(fds) == 1
+            assert Path(f"/proc/{h.pid}/fd/{fds[0]}").read_bytes() == data
+    finally:
+        for h in handles:
+            h.stop()

@@ -114,6 +114,36 @@ def test_libtpms_is_mapped_from_its_measured_bytes(hostd: Hostd) -> None:
     assert [o for o in objects if not o.startswith(runtime)] == []
 
 
+def _libtpms_mappings(pid: int) -> set[tuple[str, str, str]]:
+    """(device, inode, path) of each of ``pid``'s libtpms mappings."""
+    found = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and "libtpms" in fields[5]:
+            found.add((fields[3], fields[4], fields[5]))
+    return found
+
+
+def test_idle_instances_share_one_sealed_libtpms(hostd: Hostd) -> None:
+    """Instances of one release map the same sealed copy of libtpms (the zygote's), so its
+    pages count once for all of them, and that copy holds exactly the measured bytes."""
+    sim = platform_kind("sim")
+    (measured_lib,) = [f for f in read_code(specs.instance_spec(sim).code_files)
+                       if f.module_name is None]
+    for name in ("vm1", "vm2"):
+        asyncio.run(VmmClient(hostd.state).create(name))
+    first, second = (_libtpms_mappings(_instance_pid(hostd, n)) for n in ("vm1", "vm2"))
+    assert len({(dev, ino) for dev, ino, _ in first}) == 1, first
+    assert first == second
+    (path,) = {p for _, _, p in first}
+    assert path.startswith("/memfd:libtpms")
+    pid = _instance_pid(hostd, "vm1")
+    held = [fd for fd in os.listdir(f"/proc/{pid}/fd")
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == path]
+    assert len(held) == 1
+    assert Path(f"/proc/{pid}/fd/{held[0]}").read_bytes() == measured_lib.data
+
+
 def _start_hostd(
     state: Path, *, cwd: Path, env: dict[str, str], argv0: list[str]
 ) -> subprocess.Popen[bytes]:

@@ -11,6 +11,11 @@ enclave's stream to the host and its ENCLU socket to the CPU (SCM_RIGHTS),
 and is answered with a pidfd of the new process. It reaps its children, and
 exits when the CPU goes away; running enclaves end when their stream closes.
 
+Measured shared libraries (libtpms) are staged once per distinct content in a
+sealed memfd (:class:`.codeimport.SharedLibraries`, from the first launch
+that carries them) and handed down to each enclave that measures the same
+bytes, which checks it before use: idle instances share libtpms' pages.
+
 The zygote is made non-dumpable first thing, so that another process of its
 user (hostd, when it runs as the same unprivileged user) cannot ptrace it and
 inject code that every later enclave would inherit.
@@ -66,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             warm_up(platform_for, verifier)
     del platform_for, verifier
     digests = codeimport.source_digests()
+    libraries = codeimport.SharedLibraries()
     gc.collect()
     gc.freeze()  # keep refcount/GC writes from un-sharing pre-imported pages
     send_message(ctl, {"ready": True, "pid": os.getpid()})
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             header, blob, fds = recv_message(ctl)
         except ZygoteGone:
             return 0
-        _serve(ctl, digests, header, blob, fds)
+        _serve(ctl, digests, libraries, header, blob, fds)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -142,6 +148,7 @@ def _reap() -> None:
 def _serve(
     ctl: socket.socket,
     digests: Mapping[str, bytes],
+    libraries: codeimport.SharedLibraries,
     header: dict[str, Any],
     blob: bytearray,
     fds: list[int],
@@ -158,9 +165,10 @@ def _serve(
         if stale:
             send_message(ctl, {"ok": False, "stale": stale, "error": "stale pre-imports"})
             return
+        staged = libraries.for_launch(code)
         pid = os.fork()
         if pid == 0:
-            _child(ctl, header, code, config, stream_fd, enclu_fd, blob)
+            _child(ctl, header, code, config, stream_fd, enclu_fd, blob, staged)
         pidfd = os.pidfd_open(pid)
         try:
             send_message(ctl, {"ok": True, "pid": pid}, fds=[pidfd])
@@ -181,17 +189,19 @@ def _child(
     stream_fd: int,
     enclu_fd: int,
     blob: bytearray,
+    staged: Mapping[str, int],
 ) -> None:
     """In the forked enclave process: harden, reach the CPU, run the measured entry."""
     status = 1
     try:
         ctl.detach()
-        _harden(str(header["name"]), (stream_fd, enclu_fd))
+        # Only our own staged libraries stay open (the zygote's others close).
+        _harden(str(header["name"]), (stream_fd, enclu_fd, *staged.values()))
         # The CPU measured these bytes and bound that identity to our ENCLU
         # socket; from here on only they run (codeimport), and the platform
         # answers for that identity alone.
         enclave = SimEnclaveClient(socket.socket(fileno=enclu_fd), config=config)
-        codeimport.install(code)
+        codeimport.install(code, staged)
         _release_launch_data(code, blob)
         module_name, _, func_name = str(header["entry"]).partition(":")
         entry = getattr(importlib.import_module(module_name), func_name)
