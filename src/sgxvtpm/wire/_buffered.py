@@ -9,9 +9,10 @@ protocol error and leaves the decoder broken: every later call raises again.
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import ClassVar, Generic, TypeVar
 
 _U32 = struct.Struct(">I")
+R = TypeVar("R")
 
 
 class BufferedDecoder:
@@ -67,3 +68,16 @@ class BufferedDecoder:
         out = bytes(self._buf[:n])
         del self._buf[:n]
         return out
+
+
+class RequestDecoder(BufferedDecoder, Generic[R]):
+    """A server's decoder: every request starts with a u32 code (mssim, swtpm ctrl)."""
+
+    def next_request(self) -> R | None:
+        """The next complete request, or None until more bytes arrive."""
+        code = self._peek_u32()
+        return None if code is None else self._request(code)
+
+    def _request(self, code: int) -> R | None:
+        """The request that starts with ``code``, or None until all of it is here."""
+        raise NotImplementedError

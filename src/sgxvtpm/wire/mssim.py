@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
 from sgxvtpm.tpm.constants import HEADER_SIZE, LIBTPMS_MAX_BUFFER
-from sgxvtpm.wire._buffered import BufferedDecoder
+from sgxvtpm.wire._buffered import BufferedDecoder, RequestDecoder
 from sgxvtpm.wire._codes import member
 
 _U32 = struct.Struct(">I")
@@ -40,7 +40,12 @@ class MssimUsageError(LocalProtocolError, ValueError):
 
 
 class MssimCmd(enum.IntEnum):
-    """Command codes (TpmTcpProtocol.h)."""
+    """Command codes (TpmTcpProtocol.h).
+
+    The command port serves SEND_COMMAND, the platform port the signals in
+    :data:`PLATFORM_SIGNALS`; SESSION_END or STOP ends either connection
+    (:data:`END_CODES`). A decoder refuses every other code.
+    """
 
     SIGNAL_POWER_ON = 1
     SIGNAL_POWER_OFF = 2
@@ -105,7 +110,7 @@ class _Buffered(BufferedDecoder):
     protocol_error = MssimProtocolError
 
 
-class MssimRequestDecoder(_Buffered):
+class MssimRequestDecoder(_Buffered, RequestDecoder[MssimRequest]):
     """Server side: bytes from one port's connection in, :class:`MssimRequest` out."""
 
     def __init__(self, port: Port, max_command: int = LIBTPMS_MAX_BUFFER) -> None:
@@ -113,10 +118,7 @@ class MssimRequestDecoder(_Buffered):
         self.port = port
         self.max_command = max_command
 
-    def next_request(self) -> MssimRequest | None:
-        raw = self._peek_u32()
-        if raw is None:
-            return None
+    def _request(self, raw: int) -> MssimRequest | None:
         code = member(MssimCmd, raw, self._fail, "mssim code", f" on the {self.port.value} port")
         if code in END_CODES:
             self._take(4)

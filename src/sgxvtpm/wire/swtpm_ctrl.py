@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 from sgxvtpm.errors import LocalProtocolError, RemoteProtocolError
 from sgxvtpm.tpm.constants import HEADER_SIZE, LIBTPMS_MAX_BUFFER, TPM2_RC, BitFlags
-from sgxvtpm.wire._buffered import BufferedDecoder
+from sgxvtpm.wire._buffered import BufferedDecoder, RequestDecoder
 
 #: Largest state blob or hash chunk accepted in one request.
 MAX_BLOB = 4 * 1024 * 1024
@@ -260,7 +260,7 @@ class _Buffered(BufferedDecoder):
     protocol_error = CtrlProtocolError
 
 
-class CtrlRequestDecoder(_Buffered):
+class CtrlRequestDecoder(_Buffered, RequestDecoder[CtrlRequest]):
     """Server side: control bytes in, :class:`CtrlRequest` out.
 
     ``locality_body``: 4 for QEMU (the default), 1 for tcti-swtpm,
@@ -274,11 +274,7 @@ class CtrlRequestDecoder(_Buffered):
         self.max_blob = max_blob
         self.locality_body = locality_body
 
-    def next_request(self) -> CtrlRequest | None:
-        """The next complete request, or None until more bytes arrive."""
-        code = self._peek_u32()
-        if code is None:
-            return None
+    def _request(self, code: int) -> CtrlRequest | None:
         if code in _VARIABLE_HEADER:
             fixed = _VARIABLE_HEADER[code]
             if not self._need(4 + fixed):
