@@ -39,3 +39,17 @@ def stop_process(
     group with ``group`` (a child started with ``start_new_session``).
     """
     return terminate(proc, sig=sig, group=group, timeout=timeout)
+
+
+def is_open(fd: int) -> bool:
+    """Whether this process has ``fd`` open."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def open_fds() -> list[str]:
+    """This process's open descriptors (the listing's own is gone by the time it returns)."""
+    return [name for name in os.listdir("/proc/self/fd") if is_open(int(name))]

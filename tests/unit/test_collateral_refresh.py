@@ -176,12 +176,19 @@ def test_an_older_collateral_does_not_replace_a_newer_one(
     assert platform.dcap_collateral() == newer
 
 
+def _pccs_down_with_a_local_copy(
+    platform: SimPlatformDir, tmp_path: Path
+) -> tuple[Path, hc.CollateralRefresher]:
+    """A refresher whose PCCS does not answer, and its public copy: the platform's own."""
+    public = tmp_path / "collateral.json"
+    public.write_text(platform.dcap_collateral())
+    return public, _refresher(platform, "http://127.0.0.1:9", public)
+
+
 def test_start_keeps_a_valid_local_copy_when_the_pccs_is_down(
     platform: SimPlatformDir, tmp_path: Path
 ) -> None:
-    public = tmp_path / "collateral.json"
-    public.write_text(platform.dcap_collateral())
-    refresher = _refresher(platform, "http://127.0.0.1:9", public)
+    _, refresher = _pccs_down_with_a_local_copy(platform, tmp_path)
     with log.capture() as events:
         refresher.start()
     assert refresher.expires == pccs.expiry(platform.dcap_collateral()).timestamp()
@@ -212,9 +219,7 @@ def test_start_without_pccs_or_usable_copy_is_one_clear_error(
 def test_an_expired_copy_is_withdrawn_while_the_pccs_stays_down(
     platform: SimPlatformDir, tmp_path: Path
 ) -> None:
-    public = tmp_path / "collateral.json"
-    public.write_text(platform.dcap_collateral())
-    refresher = _refresher(platform, "http://127.0.0.1:9", public)
+    public, refresher = _pccs_down_with_a_local_copy(platform, tmp_path)
     refresher.start()
     assert public.exists()
     expires = refresher.expires

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -81,18 +79,6 @@ def test_identity_from_spec(tmp_path: Path) -> None:
         identity_of_spec(_spec(_tree(tmp_path / "x"), isv_svn=70000), b"k")
     with pytest.raises(PlatformError):
         identity_of_spec(_spec([tmp_path / "missing.py"]), b"k")
-
-
-@pytest.fixture
-def clean_imports(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # codeimport.install makes this process "an enclave" for util.measured.
-    monkeypatch.setattr(measured, "_libraries", {})
-    monkeypatch.setattr(measured, "_in_enclave", False)
-    meta = list(sys.meta_path)
-    yield
-    sys.meta_path[:] = meta
-    for name in [n for n in sys.modules if n == "encpkg" or n.startswith("encpkg.")]:
-        del sys.modules[name]
 
 
 @pytest.mark.usefixtures("clean_imports")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import fcntl
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.helpers.processes import is_open, open_fds
 
 from sgxvtpm.platform.sim import codeimport
 from sgxvtpm.platform.sim.measure import CodeFile
@@ -16,16 +15,6 @@ from sgxvtpm.util import measured
 
 LIB = CodeFile("libfake.so.0", Path("/nonexistent/libfake.so.0"), b"\x7fELF measured bytes")
 OTHER = CodeFile(LIB.name, LIB.path, b"\x7fELF other release!!")  # same size, other bytes
-
-
-@pytest.fixture
-def clean_imports(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # codeimport.install makes this process "an enclave" for util.measured.
-    monkeypatch.setattr(measured, "_libraries", {})
-    monkeypatch.setattr(measured, "_in_enclave", False)
-    meta = list(sys.meta_path)
-    yield
-    sys.meta_path[:] = meta
 
 
 def _memfd(data: bytes, seals: int) -> int:
@@ -40,20 +29,6 @@ def _inode(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _open_fds() -> list[str]:
-    names = []
-    for name in os.listdir("/proc/self/fd"):
-        if _is_open(int(name)):  # the listing's own fd is gone by now
-            names.append(name)
-    return names
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def test_the_zygote_stages_each_library_content_once() -> None:
@@ -79,9 +54,9 @@ def test_staged_copies_are_bounded_but_a_launch_keeps_its_own() -> None:
     try:
         a = staged.for_launch([LIB])[LIB.name]
         b = staged.for_launch([OTHER])[OTHER.name]
-        assert not _is_open(a) and _is_open(b)  # least recently used closed
+        assert not is_open(a) and is_open(b)  # least recently used closed
         both = staged.for_launch([OTHER, CodeFile("libtwo.so", LIB.path, b"two")])
-        assert both[OTHER.name] == b and all(_is_open(fd) for fd in both.values())
+        assert both[OTHER.name] == b and all(is_open(fd) for fd in both.values())
     finally:
         staged.close()
 
@@ -117,7 +92,7 @@ def test_an_enclave_stages_its_own_copy_unless_the_inherited_one_is_sealed_and_e
     codeimport.install([LIB], {LIB.name: fd})
     path = measured.library_path("libfake", "libfake.so.0")
     assert _inode(os.stat(path)) != rejected
-    assert not any(_inode(os.fstat(int(n))) == rejected for n in _open_fds())  # not kept
+    assert not any(_inode(os.fstat(int(n))) == rejected for n in open_fds())  # not kept
     assert Path(path).read_bytes() == LIB.data
     own = int(path.rsplit("/", 1)[1])
     assert fcntl.fcntl(own, fcntl.F_GET_SEALS) & codeimport.SEALS == codeimport.SEALS
@@ -139,6 +114,6 @@ def test_an_inherited_regular_file_is_not_trusted(tmp_path: Path) -> None:
 def test_inherited_copies_of_libraries_not_measured_are_closed() -> None:
     fd = _memfd(LIB.data, codeimport.SEALS)
     codeimport.install([], {LIB.name: fd})
-    assert not _is_open(fd)
+    assert not is_open(fd)
     with pytest.raises(measured.UnmeasuredLibraryError):
         measured.library_path("libfake", "libfake.so.0")

@@ -6,16 +6,9 @@ import os
 from typing import Any
 
 import pytest
+from tests.helpers.processes import is_open
 
 from sgxvtpm.platform.sim.spawn import launch_over_pair
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def test_an_accepted_launch_keeps_our_end_and_the_pidfd() -> None:
@@ -30,7 +23,7 @@ def test_an_accepted_launch_keeps_our_end_and_the_pidfd() -> None:
     assert reply == {"ok": True} and launched is not None
     kept, pidfd = launched
     try:
-        assert pidfd == pidfd_r and _is_open(pidfd)
+        assert pidfd == pidfd_r and is_open(pidfd)
         os.write(passed[0], b"hello")  # the passed end reaches the kept end
         assert kept.recv(5) == b"hello"
     finally:
@@ -47,7 +40,7 @@ def test_a_refused_or_odd_launch_closes_everything(reply: dict[str, Any], count:
     before = set(os.listdir("/proc/self/fd"))
     answer, launched = launch_over_pair(lambda fd: (reply, list(received)))
     assert answer == reply and launched is None
-    assert not any(_is_open(fd) for fd in received)
+    assert not any(is_open(fd) for fd in received)
     assert set(os.listdir("/proc/self/fd")) <= before  # neither end of the pair is left open
     for _, w in pipes:
         os.close(w)

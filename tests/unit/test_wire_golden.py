@@ -69,6 +69,16 @@ MODULES: dict[str, tuple[ModuleType, Any]] = {
     "fleet": (fleet, fleet.FleetRequest),
 }
 
+#: The Shown reply of the sample instance (show, migrate_cancel, ...).
+_SHOWN = (
+    b'{"ok":true,"instance":{"name":"name","instance_id":"0123456789ab'
+    b'cdef0123456789abcdef","pcr_banks":["pcr_banks"],"ek":["ek"],"cre'
+    b'ated":1.5,"state":"state","mrenclave":"mrenclave","mrsigner":"mr'
+    b'signer","ek_certificates":{"k":"ek_certificates"},"pid":7,"alive'
+    b'":true,"reason":"reason","endpoint_pid":7,"endpoint":"endpoint",'
+    b'"endpoint_since":1.5}}'
+)
+
 #: Recorded before the declarations changed (protocol: op: (class, request, reply)); so are
 #: the tables below.
 GOLDEN = {
@@ -110,14 +120,7 @@ GOLDEN = {
         "show": (
             "ShowVm",
             b'{"op":"show","name":"name"}',
-            (
-                b'{"ok":true,"instance":{"name":"name","instance_id":"0123456789ab'
-                b'cdef0123456789abcdef","pcr_banks":["pcr_banks"],"ek":["ek"],"cre'
-                b'ated":1.5,"state":"state","mrenclave":"mrenclave","mrsigner":"mr'
-                b'signer","ek_certificates":{"k":"ek_certificates"},"pid":7,"alive'
-                b'":true,"reason":"reason","endpoint_pid":7,"endpoint":"endpoint",'
-                b'"endpoint_since":1.5}}'
-            ),
+            _SHOWN,
         ),
         "ca": (
             "GetCaCertificate",
@@ -175,26 +178,12 @@ GOLDEN = {
         "migrate_cancel": (
             "MigrateCancel",
             b'{"op":"migrate_cancel","name":"name"}',
-            (
-                b'{"ok":true,"instance":{"name":"name","instance_id":"0123456789ab'
-                b'cdef0123456789abcdef","pcr_banks":["pcr_banks"],"ek":["ek"],"cre'
-                b'ated":1.5,"state":"state","mrenclave":"mrenclave","mrsigner":"mr'
-                b'signer","ek_certificates":{"k":"ek_certificates"},"pid":7,"alive'
-                b'":true,"reason":"reason","endpoint_pid":7,"endpoint":"endpoint",'
-                b'"endpoint_since":1.5}}'
-            ),
+            _SHOWN,
         ),
         "migrate": (
             "MigrateVm",
             b'{"op":"migrate","name":"name","host":"host","port":7}',
-            (
-                b'{"ok":true,"instance":{"name":"name","instance_id":"0123456789ab'
-                b'cdef0123456789abcdef","pcr_banks":["pcr_banks"],"ek":["ek"],"cre'
-                b'ated":1.5,"state":"state","mrenclave":"mrenclave","mrsigner":"mr'
-                b'signer","ek_certificates":{"k":"ek_certificates"},"pid":7,"alive'
-                b'":true,"reason":"reason","endpoint_pid":7,"endpoint":"endpoint",'
-                b'"endpoint_since":1.5}}'
-            ),
+            _SHOWN,
         ),
     },
     "control": {
