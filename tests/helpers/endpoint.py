@@ -229,7 +229,9 @@ class CtrlClient:
             resp = self.request(codec.CtrlRequest(codec.CtrlCmd.SET_DATAFD), [theirs.fileno()])
         finally:
             theirs.close()
-        assert isinstance(resp, codec.CtrlResponse) and resp.result == 0, resp
+        if not (isinstance(resp, codec.CtrlResponse) and resp.result == 0):
+            mine.close()  # refused (e.g. the previous data channel still winds down)
+            raise AssertionError(resp)
         mine.settimeout(self.sock.gettimeout())
         self.data = mine
         return mine
