@@ -159,7 +159,10 @@ def assert_load_holds(tmp_path: Path, vms: int, seconds: float) -> None:
         first = [x for x in samples if warm <= x[0] < seconds / 2]
         second = [x for x in samples if x[0] >= seconds / 2]
         windows = pss_windows([x[1] for x in samples if x[0] >= warm])
-        fd1, fd2 = max(x[2] for x in first), max(x[2] for x in second)
+        # Medians, not maxima: a sample can catch a connection being made (the test's own
+        # sampling and clients); a leak raises every later sample, and so the median.
+        fd1 = statistics.median(x[2] for x in first)
+        fd2 = statistics.median(x[2] for x in second)
         lat = sorted(x for s in streams for x in s.latencies)
         ops = len(lat)
         Numbers(
