@@ -15,6 +15,7 @@ kept here. Those belong to the clients (sgxvtpm/vmm/credentials.py).
 
 from __future__ import annotations
 
+import abc
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,15 +58,16 @@ class Entry:
 
 
 @dataclass(frozen=True)
-class Directory:
+class Directory(abc.ABC):
     """A directory at ``root`` whose files are :class:`Entry` attributes;
     ``at(None)`` is the subclass's ``default()`` one."""
 
     root: Path
 
     @staticmethod
+    @abc.abstractmethod
     def default() -> Path:
-        raise NotImplementedError
+        """Where this kind of directory lives when none is given."""
 
     @classmethod
     def at(cls, path: Path | str | None) -> Self:

@@ -8,6 +8,7 @@ protocol error and leaves the decoder broken: every later call raises again.
 
 from __future__ import annotations
 
+import abc
 import struct
 from typing import ClassVar, Generic, TypeVar
 
@@ -70,7 +71,7 @@ class BufferedDecoder:
         return out
 
 
-class RequestDecoder(BufferedDecoder, Generic[R]):
+class RequestDecoder(BufferedDecoder, Generic[R], abc.ABC):
     """A server's decoder: every request starts with a u32 code (mssim, swtpm ctrl)."""
 
     def next_request(self) -> R | None:
@@ -78,6 +79,6 @@ class RequestDecoder(BufferedDecoder, Generic[R]):
         code = self._peek_u32()
         return None if code is None else self._request(code)
 
+    @abc.abstractmethod
     def _request(self, code: int) -> R | None:
         """The request that starts with ``code``, or None until all of it is here."""
-        raise NotImplementedError

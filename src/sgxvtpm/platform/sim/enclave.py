@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import hmac
 from collections.abc import Callable
 
@@ -44,7 +45,7 @@ def dcap_verifier(
     return dcap.pinned_verifier(root_pem, collateral)
 
 
-class SimEnclaveFace:
+class SimEnclaveFace(abc.ABC):
     """What both sides of a sim enclave's EnclavePlatform answer alike: its identity,
     and peers' quotes checked under its platform's root and collateral."""
 
@@ -56,8 +57,9 @@ class SimEnclaveFace:
         return self._identity
 
     @property
+    @abc.abstractmethod
     def attestation_root_pem(self) -> bytes:
-        raise NotImplementedError
+        """The root a verifier inside this enclave trusts."""
 
     def current_collateral(self) -> str:
         """The platform's collateral now (``hostd --pccs`` may have refreshed the
