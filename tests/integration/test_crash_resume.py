@@ -35,6 +35,7 @@ from sgxvtpm.tpm.constants import (
 from sgxvtpm.tpm.nv import execute
 from sgxvtpm.tpm.session import digest as session_digest
 from sgxvtpm.util import log
+from sgxvtpm.wire.resume import REPLAY_MAX_REQUESTS
 
 pytestmark = pytest.mark.integration
 
@@ -199,8 +200,10 @@ def test_an_older_slot_put_back_is_refused(hostd: Hostd) -> None:
     instance_dir = _instance_dir(hostd)
     saved = {p.name: p.read_bytes() for p in instance_dir.glob("resume.*")}
     assert saved
-    for i in range(4):
+    # More extends than the instance leaves unrecorded: it records again.
+    for i in range(REPLAY_MAX_REQUESTS + 4):
         execute(client.transact, wire.pcr_extend(16, hashlib.sha256(b"later %d" % i).digest()))
+    assert _slots(hostd) != saved
     after = pcr16(client)
     for _ in range(3):  # quiet: the endpoint's token still names the last extend's record
         execute(client.transact, wire.get_random(8))
@@ -325,3 +328,57 @@ def _extended(alg: int, value: bytes, answers: list[bytes]) -> bytes:
         rp_hash = session_digest(alg, wire.u32(0) + wire.u32(TPM2_CC.GetRandom) + answer[10:])
         value = session_digest(alg, value + cp_hash + rp_hash)
     return value
+
+
+def _slots(h: Hostd) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in _instance_dir(h).glob("resume.*")}
+
+
+def test_replayed_commands_write_no_record_and_run_again_after_a_kill(hostd: Hostd) -> None:
+    """PCR_Extend, CreatePrimary, Sign and FlushContext with password sessions leave the
+    resume records as they are (resume.REPLAYED_COMMANDS); after a kill -9 the new
+    instance runs them again from the endpoint's token: the extends are there once,
+    the primary key is loaded under its handle with its name, the flushed one is gone."""
+    client = prepared(hostd)
+    slots = _slots(hostd)
+    template = wire.ecc_p256_template(signing=True)
+    kept = wire.parse_create_primary(execute(client.transact, wire.create_primary(template)))
+    flushed = wire.parse_create_primary(execute(client.transact, wire.create_primary(template)))
+    execute(client.transact, wire.flush_context(flushed.handle))
+    for i in range(5):
+        execute(client.transact, wire.pcr_extend(16, hashlib.sha256(b"run %d" % i).digest()))
+    signature = execute(client.transact, wire.sign(kept.handle, bytes(32)))
+    expected = pcr16(client)
+    assert _slots(hostd) == slots, "a replayed command wrote a resume record"
+    assert client._recorded < client._seq
+    with log.capture() as events:
+        kill_instance(hostd)
+        assert pcr16(client) == expected
+    resumed = [e for e in events if e["event"] == "k2.resumed"]
+    assert len(resumed) == 1 and not [e for e in events if e["event"] == "k2.resume_refused"]
+    public = wire.parse_read_public(execute(client.transact, wire.read_public(kept.handle)))
+    assert public.name == kept.name
+    gone = client.transact(wire.read_public(flushed.handle))
+    assert wire.response_code(gone) != TPM2_RC.SUCCESS
+    assert wire.parse_sign(execute(client.transact, wire.sign(kept.handle, bytes(32))))
+    assert signature and lockout_counter(client) == 0
+    client.close()
+
+
+def test_a_request_that_runs_again_differently_ends_the_resume(hostd: Hostd) -> None:
+    """The endpoint's token says what each unrecorded request answered; a resume whose
+    rerun answers otherwise is refused and the TPM stays off (never a TPM that is
+    neither the old one nor off)."""
+    client = prepared(hostd)
+    execute(client.transact, wire.pcr_extend(16, hashlib.sha256(b"one").digest()))
+    assert client._unrecorded
+    request, answer = client._unrecorded[-1]
+    client._unrecorded[-1] = (request, answer[:-1] + bytes([answer[-1] ^ 1]))
+    kill_instance(hostd)
+    with log.capture() as events, pytest.raises((K2Error, wire.TpmResponseError)):
+        pcr16(client)
+    refused = [e for e in events if e["event"] == "k2.resume_refused"]
+    assert refused and "answered other bytes" in refused[0]["reason"]
+    response = client.transact(wire.pcr_read([16]))
+    assert wire.response_code(response) == TPM2_RC.FAILURE
+    client.close()

@@ -16,12 +16,17 @@ from hypothesis import strategies as st
 
 from sgxvtpm.enclaves.instance import InstanceEnclave
 from sgxvtpm.enclaves.resume import (
+    QUIET,
+    RECORD,
+    REPLAYED,
     QuietCommands,
     ResumeRecord,
     ResumeSlots,
     decide,
     new_epoch,
+    password_sessions_only,
     quiet_command,
+    replay_check,
 )
 from sgxvtpm.enclaves.sealing import SealError
 from sgxvtpm.enclaves.state import Bundle
@@ -45,8 +50,14 @@ from sgxvtpm.tpm.engine import LibtpmsEngine, MemoryStateStore
 from sgxvtpm.tpm.nv import execute
 from sgxvtpm.tpm.session import parse_start_auth_session, start_auth_session
 from sgxvtpm.wire.resume import (
+    DIGEST_SIZE,
+    REPLAY_MAX_BYTES,
+    REPLAY_MAX_REQUESTS,
     AttachReply,
     ResumeToken,
+    Unrecorded,
+    answer_digest,
+    attach_info,
     decode_attach_reply,
     encode_attach_reply,
     token_of,
@@ -54,6 +65,8 @@ from sgxvtpm.wire.resume import (
 from sgxvtpm.wire.vtpm import (
     VtpmProtocolError,
     VtpmRequest,
+    decode_request,
+    encode_request,
     encode_tpm_command,
     encode_tpm_response,
     tpm_response_of,
@@ -343,6 +356,7 @@ class ScriptedClient(K2Client):
             raise outcome
         self._epoch, self._seq = outcome.epoch, outcome.seq
         self._recorded = outcome.seq
+        self._unrecorded.clear()
         return outcome
 
 
@@ -357,8 +371,9 @@ def test_endpoint_takes_the_replayed_answer_instead_of_resending() -> None:
 
 
 def test_endpoint_names_the_last_recorded_request_after_unrecorded_answers() -> None:
-    """Answers the instance did not record (a quiet TPM command) reach the caller as
-    plain successes; the token after a break names the last recorded request."""
+    """Answers the instance did not record reach the caller as plain successes; the
+    token after a break names the last recorded request and carries the ones after
+    it, with a digest of their answers."""
     answer = encode_tpm_response(b"\x80\x01" + bytes(8))
     client = ScriptedClient(
         [unrecorded(answer), answer, unrecorded(answer), K2Error("lost"), answer],
@@ -367,8 +382,9 @@ def test_endpoint_names_the_last_recorded_request_after_unrecorded_answers() -> 
     assert [client.request(CMD) for _ in range(3)] == [answer] * 3
     assert client._seq == 7 and client._recorded == 6
     assert client.request(CMD) == answer  # it never ran: resent after the resume
-    assert client.tokens == [ResumeToken(E1, 7, True, recorded=6)]
-    assert client._seq == client._recorded == 8
+    kept = (Unrecorded(CMD, answer_digest(answer)),)
+    assert client.tokens == [ResumeToken(E1, 7, True, recorded=6, unrecorded=kept)]
+    assert client._seq == client._recorded == 8 and client._unrecorded == []
 
 
 def test_endpoint_resends_what_never_ran_after_retries() -> None:
@@ -536,11 +552,161 @@ def test_quiet_requests_are_recorded_again_after_a_record_that_was_not_written()
     enclave: Any = SimpleNamespace(
         core=core, slots=slots, instance_id="x", _live=None, _seq=0, _unsaved=False,
         store=SimpleNamespace(dirty=False, file=SimpleNamespace(version=3)),
+        _unrecorded=0,
+        _unrecorded_bytes=0,
+        _changed=False,
     )
     InstanceEnclave._record(enclave, E1, 1, b"R1")
     assert slots.written == [] and enclave._live.seq == 1
-    assert not InstanceEnclave._still_recorded(enclave, enclave._live)
+    assert not InstanceEnclave._may_skip_record(enclave, enclave._live, 10)
     InstanceEnclave._record(enclave, E1, 2, b"R2", unchanged=True)
     assert [r.seq for r in slots.written] == [2]
-    assert InstanceEnclave._still_recorded(enclave, enclave._live)
+    assert InstanceEnclave._may_skip_record(enclave, enclave._live, 10)
     core.engine.stop()
+
+
+# ---------------------------------------------------------------- replayed runs
+
+unrecorded_entries = st.lists(
+    st.builds(
+        Unrecorded,
+        st.binary(max_size=REPLAY_MAX_BYTES // REPLAY_MAX_REQUESTS),
+        st.binary(min_size=DIGEST_SIZE, max_size=DIGEST_SIZE),
+    ),
+    max_size=REPLAY_MAX_REQUESTS,
+).map(tuple)
+
+
+@given(
+    tokens,
+    unrecorded_entries,
+    st.dictionaries(st.sampled_from(["pid", "endpoint"]), st.integers() | st.text(max_size=20)),
+)
+def test_tokens_with_their_unrecorded_requests_round_trip_through_attach(
+    token: ResumeToken, entries: tuple[Unrecorded, ...], about: dict[str, Any]
+) -> None:
+    token = ResumeToken(token.epoch, token.seq, token.in_flight, token.recorded, entries)
+    info = attach_info(about, token)
+    assert token_of(decode_request(encode_request(VtpmRequest.attach(0, info))).data) == token
+    assert token_of(attach_info(about, None)) is None
+
+
+@given(st.binary(max_size=200))
+def test_any_resume_log_decodes_or_raises_the_protocol_error(log: bytes) -> None:
+    head = json.dumps({"resume": ResumeToken(E1, 40).to_json()}).encode()
+    try:
+        token = token_of(head + b"\0" + log)
+    except VtpmProtocolError:
+        return
+    assert token is not None and token.unrecorded
+    assert token_of(attach_info({}, token)) == token
+
+
+def test_tokens_keep_no_more_than_an_instance_leaves_unrecorded() -> None:
+    entry = Unrecorded(b"x", bytes(DIGEST_SIZE))
+    ResumeToken(E1, 40, unrecorded=(entry,) * REPLAY_MAX_REQUESTS)
+    for bad in (
+        (entry,) * (REPLAY_MAX_REQUESTS + 1),
+        (Unrecorded(b"x" * (REPLAY_MAX_BYTES + 1), bytes(DIGEST_SIZE)),),
+        (Unrecorded(b"x", b"short"),),
+    ):
+        with pytest.raises(VtpmProtocolError):
+            ResumeToken(E1, 40, unrecorded=bad)
+    head = json.dumps({"resume": ResumeToken(E1, 40).to_json()}).encode()
+    log = (wire.u32(1) + b"x" + bytes(DIGEST_SIZE)) * (REPLAY_MAX_REQUESTS + 1)
+    with pytest.raises(VtpmProtocolError):
+        token_of(head + b"\0" + log)
+    with pytest.raises(VtpmProtocolError):  # a log without a token to go with
+        token_of(b'{"pid": 3}\0' + log[:21])
+
+
+def _message(rc: int = 0) -> bytes:
+    return encode_tpm_response(struct.pack(">HII", 0x8001, 10, rc))
+
+
+HMAC_SESSION = wire.u32(0x02000000) + wire.tpm2b(bytes(16)) + wire.u8(1) + wire.tpm2b(bytes(32))
+
+
+def test_replayed_commands_are_deterministic_ones_with_password_sessions_that_succeeded() -> None:
+    run = QuietCommands(command_audit_default=True)
+    extend = wire.pcr_extend(16, bytes(32))
+    primary = wire.create_primary(wire.ecc_p256_template())
+    assert run.kind_of(extend, _message()) == REPLAYED
+    assert run.kind_of(primary, _message()) == REPLAYED
+    assert run.kind_of(wire.flush_context(0x80000000), _message()) == REPLAYED
+    assert run.kind_of(wire.sign(0x80000000, bytes(32)), _message()) == REPLAYED
+    assert run.kind_of(wire.get_random(8), _message()) == QUIET
+    assert run.kind_of(extend, _message(TPM2_RC.FAILURE)) == RECORD
+    assert run.kind_of(wire.read_clock(), _message()) == RECORD
+    assert run.kind_of(wire.nv_increment(0x01500031), _message()) == RECORD  # NV: committed
+    hmac = wire.build_command(
+        TPM2_CC.PCR_Extend,
+        wire.u32(1) + wire.u16(TPM2_ALG.SHA256) + bytes(32),
+        [16],
+        [HMAC_SESSION],
+    )
+    assert run.kind_of(hmac, _message()) == RECORD  # its nonces are random
+    assert run.kind_of(None, _message()) == RECORD
+    assert not password_sessions_only(hmac, 1)
+    assert password_sessions_only(extend, 1)
+    two = wire.build_command(
+        TPM2_CC.PCR_Extend,
+        wire.u32(1) + wire.u16(TPM2_ALG.SHA256) + bytes(32),
+        [16],
+        [wire.password_session(), HMAC_SESSION],
+    )
+    assert not password_sessions_only(two, 1)
+    assert run.kind_of(AUDIT_ON_GET_RANDOM, _message()) == RECORD
+    assert run.kind_of(extend, _message()) == RECORD  # the audit digest would differ
+
+
+@given(st.binary(max_size=64), st.integers(0, 3))
+def test_any_command_bytes_are_read_without_an_exception(command: bytes, handles: int) -> None:
+    command = struct.pack(">HII", 0x8002, 10 + len(command), TPM2_CC.PCR_Extend) + command
+    password_sessions_only(command, handles)
+    assert QuietCommands(True).kind_of(command, _message()) in (RECORD, REPLAYED)
+
+
+def test_a_rerun_must_succeed_and_but_for_signatures_answer_the_same() -> None:
+    extend, sign = wire.pcr_extend(16, bytes(32)), wire.sign(0x80000000, bytes(32))
+    answer = _message()
+    entry = Unrecorded(encode_tpm_command(extend), answer_digest(answer))
+    assert replay_check(extend, entry, answer, REPLAYED) == ""
+    assert "other bytes" in replay_check(extend, entry, _message(1), REPLAYED)
+    assert "failed" in replay_check(extend, entry, answer, RECORD)
+    other = Unrecorded(encode_tpm_command(sign), answer_digest(b"another signature"))
+    assert replay_check(sign, other, answer, REPLAYED) == ""
+
+
+def _live_enclave(seq: int, answer: bytes = b"") -> Any:
+    live = ResumeRecord(E1, 4, 7, True, b"V", TPM2_CC.PCR_Extend, b"R4")
+    return SimpleNamespace(core=object(), _live=live, _seq=seq, _answer=answer)
+
+
+def test_a_live_instance_answers_an_unrecorded_request_that_ran_instead_of_running_it_again() -> (
+    None
+):
+    """The session broke, the instance did not: the TPM is as it left it, the token's
+    unrecorded requests are not run again, and an in-flight one that ran is answered."""
+    ran = _live_enclave(seq=7, answer=b"A7")
+    found = InstanceEnclave._resume(ran, ResumeToken(E1, 6, True, recorded=4))
+    assert found == (ran._live, 7, b"A7")
+    idle = _live_enclave(seq=6)
+    assert InstanceEnclave._resume(idle, ResumeToken(E1, 6, True, recorded=4)) == (
+        idle._live,
+        6,
+        None,
+    )
+    assert InstanceEnclave._resume(idle, ResumeToken(E1, 6, False, recorded=4)) == (
+        idle._live,
+        6,
+        None,
+    )
+    why = InstanceEnclave._resume(idle, ResumeToken(E1, 5, False, recorded=4))
+    assert isinstance(why, str) and "counts 5" in why
+
+
+def test_a_resume_needs_every_request_after_the_last_record() -> None:
+    enclave: Any = SimpleNamespace(core=object())
+    token = ResumeToken(E1, 6, recorded=4, unrecorded=(Unrecorded(b"x", bytes(16)),))
+    assert "kept 1 of the 2" in InstanceEnclave._run_again(enclave, token)

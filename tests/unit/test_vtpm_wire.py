@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from sgxvtpm.wire.vtpm import (
     MAX_ATTACH_INFO,
     MAX_MESSAGE,
+    MAX_RESUME_LOG,
     UNRECORDED,
     TpmResult,
     VtpmOp,
@@ -101,10 +102,14 @@ def test_oversized_messages() -> None:
         decode_request(b"\x01\x00\x00\x00" + bytes(MAX_MESSAGE))
     with pytest.raises(VtpmUsageError):
         encode_request(VtpmRequest.tpm_command(bytes(MAX_MESSAGE)))
-    with pytest.raises(VtpmProtocolError):  # an endpoint's description is bounded
-        decode_request(b"\x0d\x00\x00\x00" + bytes(4 + MAX_ATTACH_INFO + 1))
-    with pytest.raises(VtpmUsageError):
-        encode_request(VtpmRequest.attach(0, bytes(MAX_ATTACH_INFO + 1)))
+    # An endpoint's description is bounded, and so is the resume log after its NUL.
+    for info in (b"x" * (MAX_ATTACH_INFO + 1), b"{}\0" + bytes(MAX_RESUME_LOG + 1)):
+        with pytest.raises(VtpmProtocolError):
+            decode_request(b"\x0d\x00\x00\x00" + bytes(4) + info)
+        with pytest.raises(VtpmUsageError):
+            encode_request(VtpmRequest.attach(0, info))
+    longest = b"x" * MAX_ATTACH_INFO + b"\0" + bytes(MAX_RESUME_LOG)
+    assert decode_request(encode_request(VtpmRequest.attach(0, longest))).data == longest
 
 
 def test_usage_errors() -> None:

@@ -39,11 +39,15 @@ from sgxvtpm.enclaves.blobcipher import SealedBlobCipher
 from sgxvtpm.enclaves.loop import InstanceLoop, Session
 from sgxvtpm.enclaves.resume import (
     COMMAND_AUDIT_DEFAULT,
+    QUIET,
+    RECORD,
+    REPLAYED,
     QuietCommands,
     ResumeRecord,
     ResumeSlots,
     decide,
     new_epoch,
+    replay_check,
 )
 from sgxvtpm.enclaves.runtime import platform_verifier
 from sgxvtpm.enclaves.sealing import SealError
@@ -60,7 +64,14 @@ from sgxvtpm.tpm.nv import execute
 from sgxvtpm.util import log
 from sgxvtpm.wire import admin, vtpm
 from sgxvtpm.wire.jsonmsg import Refused, Reply
-from sgxvtpm.wire.resume import AttachReply, ResumeToken, encode_attach_reply, token_of
+from sgxvtpm.wire.resume import (
+    REPLAY_MAX_BYTES,
+    REPLAY_MAX_REQUESTS,
+    AttachReply,
+    ResumeToken,
+    encode_attach_reply,
+    token_of,
+)
 from sgxvtpm.wire.vtpm import (
     ATTACH_FLAG_TAKEOVER,
     TpmResult,
@@ -176,6 +187,12 @@ class InstanceEnclave:
         self._live: ResumeRecord | None = None
         self._seq = 0  # the seat holder's requests answered in its epoch
         self._unsaved = False  # the slot write of ``_live`` failed: write the next one
+        # The requests answered since ``_live`` (none recorded), their bytes,
+        # whether one of them changed the VOLATILE state, and the last answer.
+        self._unrecorded = 0
+        self._unrecorded_bytes = 0
+        self._changed = False
+        self._answer = b""
         self._quiet = QuietCommands(command_audit_default=False)  # set by _new_core
         if self.store.exists():
             self._restore()
@@ -264,14 +281,16 @@ class InstanceEnclave:
         live = self._live
         assert live is not None  # set by every ATTACH that gives the seat
         self._seq = seq = self._seq + 1
-        unchanged = self._quiet.unchanged_message(
-            command[0] if command is not None else None, response
-        )
+        kind = self._quiet.kind_of(command[0] if command is not None else None, response)
         if not self._quiet.command_audit_default:
             self.store.bundle.provisioning.pop("command_audit", None)  # with the next commit
-        if unchanged and self._still_recorded(live):
+        if kind != RECORD and self._may_skip_record(live, len(data)):
+            self._unrecorded += 1
+            self._unrecorded_bytes += len(data)
+            self._changed |= kind == REPLAYED
+            self._answer = response
             return vtpm.unrecorded(response)
-        if self._record(live.epoch, seq, response, unchanged):
+        if self._record(live.epoch, seq, response, kind == QUIET and not self._changed):
             return response
         # Its change could not be made durable: an error answer, recorded as such.
         if command is not None:
@@ -281,20 +300,24 @@ class InstanceEnclave:
         self._record(live.epoch, seq, response)
         return response
 
-    def _still_recorded(self, live: ResumeRecord) -> bool:
-        """After a quiet request (resume.QuietCommands): True if a resume from ``live``,
-        the last record, brings the TPM back as it is now, so none is written (the
-        answer says so, and the endpoint's token names ``live``'s request).
+    def _may_skip_record(self, live: ResumeRecord, size: int) -> bool:
+        """After a request of ``size`` bytes QuietCommands lets go unrecorded: True if
+        a resume from ``live``, the last record, and the requests since it brings the
+        TPM back as it is now, so none is written (the answer says so, and the
+        endpoint keeps the request for its token).
 
         Not when NV changed (the commit carries a record), when the TPM was not
-        running, when ``live`` never reached its slot file (a failed write), or
-        when the last command code that record keeps matters: None or
-        TPM2_Shutdown decide whether a later INIT sends a Shutdown
-        (VtpmCore._orderly_shutdown); any other code acts as the quiet one's.
+        running, when ``live`` never reached its slot file (a failed write), when
+        the last command code that record keeps matters (None or TPM2_Shutdown
+        decide whether a later INIT sends a Shutdown: VtpmCore._orderly_shutdown),
+        or when the endpoint's token would keep more than a resume runs again
+        (REPLAY_MAX_REQUESTS, REPLAY_MAX_BYTES).
         """
         return (
             live.running and not self.store.dirty and not self._unsaved
             and live.last_code is not None and live.last_code != TPM2_CC.Shutdown
+            and self._unrecorded < REPLAY_MAX_REQUESTS
+            and self._unrecorded_bytes + size <= REPLAY_MAX_BYTES
         )  # fmt: skip
 
     # -- resume (sgxvtpm/enclaves/resume.py) ----------------------------------
@@ -313,6 +336,8 @@ class InstanceEnclave:
         assert self.core is not None
         store = self.store
         previous = self._live
+        self._unrecorded = self._unrecorded_bytes = 0
+        self._changed = False
         if (
             unchanged and previous is not None and previous.running and not store.dirty
             and previous.epoch == epoch  # every request since it was quiet (_still_recorded)
@@ -354,17 +379,15 @@ class InstanceEnclave:
             token, reason = None, f"invalid resume token: {exc}"
         if token is not None:
             found = self._resume(token)
-            if isinstance(found, ResumeRecord):
-                replay = found.response if found.seq == token.seq + 1 else None
-                # The endpoint's count: the replayed request's, else the token's
-                # (the requests after the record were quiet).
-                self._seq = found.seq if replay is not None else token.seq
-                log.log("instance.resumed", instance=self.instance_id, seq=self._seq,
-                        recorded=found.seq, replayed=replay is not None,
-                        running=found.running)
-                self._record(found.epoch, self._seq, found.response if replay else b"")
+            if not isinstance(found, str):
+                record, seq, replay = found
+                self._seq = seq
+                log.log("instance.resumed", instance=self.instance_id, seq=seq,
+                        recorded=record.seq, replayed=replay is not None,
+                        running=record.running)
+                self._record(record.epoch, seq, replay or b"")
                 return VtpmResponse.ok(encode_attach_reply(
-                    AttachReply(found.epoch, self._seq, True, response=replay)))
+                    AttachReply(record.epoch, seq, True, response=replay)))
             reason = found
             log.log("instance.resume_refused", instance=self.instance_id, reason=reason)
         epoch = new_epoch()
@@ -372,11 +395,24 @@ class InstanceEnclave:
         self._record(epoch, 0, b"")
         return VtpmResponse.ok(encode_attach_reply(AttachReply(epoch, 0, False, reason)))
 
-    def _resume(self, token: ResumeToken) -> ResumeRecord | str:
-        """The record ``token`` resumes from, with the core brought back to it; or why not."""
+    def _resume(self, token: ResumeToken) -> tuple[ResumeRecord, int, bytes | None] | str:
+        """Where ``token`` resumes, with the core brought back there: (the record it
+        starts from, the endpoint's count after it, the in-flight request's answer
+        if that request ran); or why not."""
         assert self.core is not None
-        if self._live is not None:  # this process served the endpoint: nothing to load
-            return decide(token, self._live.state_version, [self._live])
+        live = self._live
+        if live is not None:  # this process served the endpoint: the TPM is as it left it
+            found = decide(token, live.state_version, [live])
+            if isinstance(found, str):
+                return found
+            if found.seq == token.seq + 1:
+                return found, found.seq, found.response
+            if token.in_flight and self._seq == token.seq + 1:  # it ran, unrecorded
+                return found, self._seq, self._answer
+            if self._seq != token.seq:
+                return (f"the endpoint counts {token.seq} requests answered,"
+                        f" the instance {self._seq}")
+            return found, token.seq, None
         if self.core.running:
             return "the TPM was started since this process began"
         records = self.slots.read()
@@ -391,7 +427,30 @@ class InstanceEnclave:
             self.core.resume(found.running, found.volatile, found.last_code)
         except (EngineError, EngineMisuseError) as exc:
             return f"libtpms refused the resume record: {exc}"
-        return found
+        if found.seq == token.seq + 1:
+            return found, found.seq, found.response
+        why = self._run_again(token)
+        if why:
+            self.core.fail()  # never a TPM that is neither the old one nor off
+            return why
+        return found, token.seq, None
+
+    def _run_again(self, token: ResumeToken) -> str:
+        """Run the token's unrecorded requests again on the record it names; why
+        that did not bring the TPM back, or empty."""
+        assert self.core is not None
+        if len(token.unrecorded) != token.seq - token.base:
+            return (f"the endpoint kept {len(token.unrecorded)} of the"
+                    f" {token.seq - token.base} requests after its last recorded one")
+        for n, entry in enumerate(token.unrecorded, token.base + 1):
+            command = vtpm.tpm_command_of(entry.request)
+            if command is None:
+                return f"request {n} to run again is not a TPM command"
+            answer = self.core.answer(entry.request, command)
+            why = replay_check(command[0], entry, answer, self._quiet.kind_of(command[0], answer))
+            if why:
+                return f"request {n} run again: {why}"
+        return ""
 
     def _not_attached(self, session: Session, data: bytes) -> VtpmResponse:
         """ATTACH, or a refusal: nothing reaches the TPM from a session that is not its

@@ -20,19 +20,33 @@ commit names an older state version and is refused.
 
 Reading libtpms' VOLATILE state is most of a record's cost (about 11 µs in
 a loop, 25 µs in the enclave process between two requests), sealing and
-writing it the rest (about 15 µs). :class:`QuietCommands` says when the TPM's
-VOLATILE state after a request is the last record's: after a read-only
-command (:data:`QUIET_COMMANDS`, without sessions, answered TPM_RC_SUCCESS)
-while the TPM's command audit list is the manufacturer's. Then no record is
-written at all (instance.py ``_still_recorded``: not while NV is dirty,
-not while the last record's slot write has failed, and not when the last
-record's command code is none or TPM2_Shutdown, which a later INIT looks at); the answer carries
-:data:`~sgxvtpm.wire.vtpm.UNRECORDED` instead of success, inside K2, so
-the endpoint keeps naming the last recorded request in its token. A quiet
-request in flight at a crash was never recorded: the endpoint sends it
-again. (When a record must be written anyway after a quiet command, e.g.
-the first command since the TPM started, it carries the previous record's
-VOLATILE state, not read again.)
+writing it the rest (about 15 µs), so the instance writes none after most
+requests (:meth:`QuietCommands.kind_of`, instance.py ``_may_skip_record``):
+
+- after a read-only command (:data:`QUIET_COMMANDS`, without sessions,
+  answered TPM_RC_SUCCESS) the TPM's VOLATILE state is the last record's;
+- after one of :data:`REPLAYED_COMMANDS` (PCR_Extend, CreatePrimary,
+  FlushContext, ...; without sessions or with password sessions only,
+  answered TPM_RC_SUCCESS) it is what running the same request again on
+  the state before it makes: nothing in it depends on a random value or on
+  a session's nonces.
+
+Either way only while the TPM's command audit list is the manufacturer's,
+NV did not change (the commit carries a record), the last record reached
+its slot file, its command code is neither none nor TPM2_Shutdown (which a
+later INIT looks at), and fewer than REPLAY_MAX_REQUESTS requests
+(REPLAY_MAX_BYTES) went unrecorded since it (sgxvtpm/wire/resume.py). The
+answer carries :data:`~sgxvtpm.wire.vtpm.UNRECORDED` instead of success,
+inside K2; the endpoint keeps the request and a digest of its answer, and
+sends them in its token. A freshly started instance resumes from the last
+record, then runs those requests again (:func:`replay_check`): each must be
+one it could have left unrecorded, succeed again and, but for
+:data:`ANSWERS_VARY`, answer the same bytes; else the resume is refused
+and the TPM stays off. An unrecorded request in flight at a crash never
+reached a record: the endpoint sends it again. (When a record must be
+written anyway after quiet commands only, e.g. the first command since the
+TPM started, it carries the previous record's VOLATILE state, not read
+again.)
 Why a resume from it answers as
 the TPM would have:
 
@@ -60,8 +74,8 @@ from pathlib import Path
 
 from sgxvtpm.enclaves.sealing import Sealer, SealError, SealKind
 from sgxvtpm.platform.base import EnclavePlatform
-from sgxvtpm.tpm.constants import TPM2_CC, TPM2_RC, TPM2_ST
-from sgxvtpm.wire.resume import EPOCH_BYTES, ResumeToken
+from sgxvtpm.tpm.constants import TPM2_CC, TPM2_RC, TPM2_RH, TPM2_ST
+from sgxvtpm.wire.resume import EPOCH_BYTES, ResumeToken, Unrecorded, answer_digest
 from sgxvtpm.wire.vtpm import encode_tpm_response
 
 _HEAD = struct.Struct(">4s16sQQBI")  # magic, epoch, seq, state version, flags, last code
@@ -120,7 +134,22 @@ QUIET_COMMANDS = frozenset({
     TPM2_CC.GetRandom, TPM2_CC.PCR_Read, TPM2_CC.GetCapability, TPM2_CC.ReadPublic,
     TPM2_CC.NV_ReadPublic, TPM2_CC.GetTestResult,
 })  # fmt: skip
+#: Commands whose effect on the VOLATILE state is the same when the same bytes
+#: run again on the state before them, with the number of handles before the
+#: authorization area: nothing they change depends on the DRBG, the clock or
+#: a session's nonces (sessions other than passwords are never replayed).
+REPLAYED_COMMANDS: dict[int, int] = {
+    TPM2_CC.PCR_Extend: 1, TPM2_CC.PCR_Event: 1, TPM2_CC.PCR_Reset: 1,
+    TPM2_CC.CreatePrimary: 1, TPM2_CC.Load: 1, TPM2_CC.LoadExternal: 0,
+    TPM2_CC.FlushContext: 0, TPM2_CC.VerifySignature: 1, TPM2_CC.Sign: 1,
+}  # fmt: skip
+#: Commands whose answer may differ when run again (a signature's random
+#: nonce, random bytes): a replay checks only that it succeeds.
+ANSWERS_VARY = frozenset({TPM2_CC.Sign}) | QUIET_COMMANDS
+RECORD, QUIET, REPLAYED = 0, 1, 2  # QuietCommands.kind_of
 _TPM_HEADER = struct.Struct(">HII")  # tag, size, command or response code
+_SESSION_HEAD = struct.Struct(">IH")  # session handle, nonce size
+_U16 = struct.Struct(">H")
 _OK = encode_tpm_response(b"")  # a successful TPM_COMMAND answer's vTPM header
 _OK_SIZE = len(_OK)
 COMMAND_AUDIT_DEFAULT = "default"
@@ -179,6 +208,66 @@ class QuietCommands:
         rc: int = _TPM_HEADER.unpack_from(message, _OK_SIZE)[2]
         return rc == TPM2_RC.SUCCESS
 
+    def kind_of(self, command: bytes | None, message: bytes) -> int:
+        """How the request answered ``message`` (the vTPM answer, read in place) may
+        go without a record: RECORD (it may not), QUIET (the VOLATILE state is as
+        before it) or REPLAYED (running it again makes it again; see the module doc)."""
+        if command is None or len(command) < _TPM_HEADER.size:
+            return RECORD
+        tag, _, code = _TPM_HEADER.unpack_from(command)
+        if code == TPM2_CC.SetCommandCodeAuditStatus:
+            self.command_audit_default = False
+            return RECORD
+        if (
+            not self.command_audit_default or message[:_OK_SIZE] != _OK
+            or len(message) < _OK_SIZE + _TPM_HEADER.size
+            or _TPM_HEADER.unpack_from(message, _OK_SIZE)[2] != TPM2_RC.SUCCESS
+        ):  # fmt: skip
+            return RECORD
+        if tag == TPM2_ST.NO_SESSIONS and code in QUIET_COMMANDS:
+            return QUIET
+        handles = REPLAYED_COMMANDS.get(code)
+        if handles is not None and password_sessions_only(command, handles):
+            return REPLAYED
+        return RECORD
+
+
+def password_sessions_only(command: bytes, handles: int) -> bool:
+    """True if TPM ``command`` has no sessions, or only password sessions
+    (TPM_RS_PW, no nonce), after its ``handles`` handles."""
+    tag = _TPM_HEADER.unpack_from(command)[0]
+    if tag == TPM2_ST.NO_SESSIONS:
+        return True
+    if tag != TPM2_ST.SESSIONS:
+        return False
+    try:
+        offset = _TPM_HEADER.size + 4 * handles
+        end = offset + 4 + int.from_bytes(command[offset : offset + 4], "big")
+        offset += 4
+        if end > len(command) or offset == end:
+            return False
+        while offset < end:
+            handle, nonce = _SESSION_HEAD.unpack_from(command, offset)
+            if handle != TPM2_RH.PW or nonce:
+                return False
+            offset += _SESSION_HEAD.size + 1  # and the session attributes
+            offset += _U16.size + _U16.unpack_from(command, offset)[0]  # the password
+        return offset == end
+    except struct.error:
+        return False
+
+
+def replay_check(command: bytes, entry: Unrecorded, answer: bytes, kind: int) -> str:
+    """Why ``answer``, what running ``entry`` (TPM ``command``) again gave, is not
+    the one it gave before (``kind``: what QuietCommands.kind_of said of it);
+    empty if it is."""
+    if kind == RECORD:
+        return "it is not one an instance leaves unrecorded, or it failed"
+    code = _TPM_HEADER.unpack_from(command)[2]
+    if code not in ANSWERS_VARY and answer_digest(answer) != entry.digest:
+        return "it answered other bytes than before"
+    return ""
+
 
 def new_epoch() -> str:
     return os.urandom(EPOCH_BYTES).hex()
@@ -194,8 +283,8 @@ def decide(
     one of the token's epoch at ``seq + 1`` when a request was in flight (it
     ran: its response is replayed), else at the last request the instance
     recorded, ``token.base`` (the in-flight one never ran, its effects were
-    never committed, or it was a quiet one: the endpoint resends it; the
-    requests after ``base`` were quiet, so the TPM was as that record has it).
+    never committed, or it went unrecorded: the endpoint resends it; the
+    requests after ``base`` are the token's unrecorded ones, run again on it).
     """
     current = [r for r in records if r.state_version == state_version]
     ours = {r.seq: r for r in current if r.epoch == token.epoch}

@@ -62,7 +62,15 @@ from sgxvtpm.platform.base import MeasurementPolicy, QuoteVerifier
 from sgxvtpm.util import log
 from sgxvtpm.vmm.credentials import Credentials, CredentialsError
 from sgxvtpm.wire.relay import DESTROYED, RelayProtocolError, RelayUsageError
-from sgxvtpm.wire.resume import AttachReply, ResumeToken, decode_attach_reply
+from sgxvtpm.wire.resume import (
+    REPLAY_MAX_REQUESTS,
+    AttachReply,
+    ResumeToken,
+    Unrecorded,
+    answer_digest,
+    attach_info,
+    decode_attach_reply,
+)
 from sgxvtpm.wire.vtpm import (
     ATTACH_FLAG_TAKEOVER,
     MAX_ATTACH_INFO,
@@ -212,6 +220,8 @@ class K2Client(MessageBackend):
         self._epoch: str | None = None
         self._seq = 0
         self._recorded = 0  # the last of them the instance recorded (UNRECORDED answers)
+        # The requests after it and their answers, for the token (digested then).
+        self._unrecorded: list[tuple[bytes, bytes]] = []
         self._token: ResumeToken | None = None
         self._close_reason = ""
         #: Sessions resumed after a break (the instance or hostd restarted under them).
@@ -309,10 +319,8 @@ class K2Client(MessageBackend):
         """ATTACH, with the resume token of :meth:`_open_session` if there is one."""
         about: dict[str, Any] = {"pid": os.getpid(),
                                  "endpoint": self.label[: MAX_ATTACH_INFO // 8]}
-        if self._token is not None:
-            about["resume"] = self._token.to_json()
         flags = ATTACH_FLAG_TAKEOVER if self.takeover else 0
-        request = VtpmRequest.attach(flags, json.dumps(about).encode())
+        request = VtpmRequest.attach(flags, attach_info(about, self._token))
         try:
             response = decode_response(self._send(encode_request(request)))
         except VtpmProtocolError as exc:
@@ -329,7 +337,8 @@ class K2Client(MessageBackend):
                 self._epoch, self._seq = None, 0
             else:
                 self._epoch, self._seq = reply.epoch, reply.seq
-            self._recorded = self._seq
+            self._recorded = self._seq  # the instance records where a session starts
+            self._unrecorded.clear()
             return reply
         self.close()
         name = self.binding.name or self.binding.instance_id
@@ -362,6 +371,10 @@ class K2Client(MessageBackend):
             answer, recorded = recorded_of(answer)
             if recorded:
                 self._recorded = self._seq
+                if self._unrecorded:
+                    self._unrecorded.clear()
+            elif len(self._unrecorded) <= REPLAY_MAX_REQUESTS:  # more: no instance of ours
+                self._unrecorded.append((payload, answer))
             return answer
 
     def _reconnect(self, in_flight: bool, cause: BaseException | None = None) -> bytes | None:
@@ -370,7 +383,12 @@ class K2Client(MessageBackend):
         ``reconnect_timeout``; K2Error if the instance cannot resume (logged)."""
         assert self._epoch is not None
         name = self.binding.name or self.binding.instance_id
-        token = ResumeToken(self._epoch, self._seq, in_flight, self._recorded)
+        try:
+            token = ResumeToken(self._epoch, self._seq, in_flight, self._recorded, tuple(
+                Unrecorded(request, answer_digest(answer))
+                for request, answer in self._unrecorded))
+        except VtpmProtocolError:  # an instance that left more unrecorded than it may
+            token = ResumeToken(self._epoch, self._seq, in_flight, self._recorded)
         deadline = time.monotonic() + self.reconnect_timeout
         delay, attempt = RETRY_FIRST, 0
         reason = str(cause) if cause is not None else "the instance ended the session"

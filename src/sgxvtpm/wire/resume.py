@@ -14,21 +14,37 @@ reply starts an *epoch* or continues one, and says where:
   carries the in-flight request's response, which the endpoint returns
   instead of sending it again. Anything else is refused with a reason, and
   the session starts a new epoch on a TPM that is not running.
+- The instance need not record every request (sgxvtpm/enclaves/resume.py):
+  an answer marked :data:`~sgxvtpm.wire.vtpm.UNRECORDED` was not recorded,
+  and the endpoint keeps that request and a digest of its answer
+  (:class:`Unrecorded`) until an answer comes that was recorded. The token
+  carries them (at most :data:`REPLAY_MAX_REQUESTS` requests of
+  :data:`REPLAY_MAX_BYTES` in all, a bound the instance keeps); a freshly
+  started instance runs them again on the record they follow.
 
-Both live in ATTACH's JSON (request: the ``"resume"`` member of the
-endpoint's description; reply: the payload, see :func:`encode_attach_reply`).
-Endpoints of earlier versions send no token and ignore the payload.
+The token lives in ATTACH's description (request: the ``"resume"`` member
+of the endpoint's JSON, then a NUL byte and the unrecorded requests, see
+:func:`attach_info`); the reply is ATTACH's payload (see
+:func:`encode_attach_reply`). Endpoints of earlier versions send no token
+and ignore the payload.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import struct
 from dataclasses import dataclass
 from typing import Any
 
-from sgxvtpm.wire.vtpm import MAX_MESSAGE, VtpmProtocolError
+from sgxvtpm.wire.vtpm import (
+    MAX_ATTACH_INFO,
+    MAX_MESSAGE,
+    MAX_RESUME_LOG,
+    VtpmProtocolError,
+    VtpmUsageError,
+)
 
 EPOCH_BYTES = 16
 _EPOCH = re.compile(r"[0-9a-f]{32}")
@@ -36,6 +52,29 @@ _U32 = struct.Struct(">I")
 _MAX_SEQ = 2**63 - 1
 #: The reply's JSON part stays small; the response after it is raw bytes.
 _MAX_REPLY_JSON = 4096
+#: The most requests an instance answers without a record (all of them since
+#: its last recorded one), and the most bytes of them: what a resume may have
+#: to run again.
+REPLAY_MAX_REQUESTS = 32
+REPLAY_MAX_BYTES = 8192
+DIGEST_SIZE = 16
+_ENTRY = struct.Struct(">I")  # request size; then the request and the answer's digest
+assert REPLAY_MAX_REQUESTS * (_ENTRY.size + DIGEST_SIZE) + REPLAY_MAX_BYTES <= MAX_RESUME_LOG
+
+
+def answer_digest(answer: bytes) -> bytes:
+    """The digest an :class:`Unrecorded` keeps of a TPM_COMMAND answer (as
+    sgxvtpm.wire.vtpm.encode_tpm_response makes it, not marked)."""
+    return hashlib.sha256(answer).digest()[:DIGEST_SIZE]
+
+
+@dataclass(frozen=True)
+class Unrecorded:
+    """A request the instance answered without recording it: the request message
+    and :func:`answer_digest` of its answer."""
+
+    request: bytes
+    digest: bytes
 
 
 def _seq(value: object) -> int:
@@ -64,10 +103,21 @@ class ResumeToken:
     seq: int
     in_flight: bool = False
     recorded: int | None = None
+    #: The requests after ``recorded``, in order (:class:`Unrecorded`).
+    unrecorded: tuple[Unrecorded, ...] = ()
 
     def __post_init__(self) -> None:
         if self.recorded is not None and self.recorded > self.seq:
             raise VtpmProtocolError(f"resume recorded {self.recorded} is after seq {self.seq}")
+        if (
+            len(self.unrecorded) > REPLAY_MAX_REQUESTS
+            or sum(len(u.request) for u in self.unrecorded) > REPLAY_MAX_BYTES
+        ):
+            raise VtpmProtocolError(
+                "resume token keeps more requests than an instance answers without a record"
+            )
+        if any(len(u.digest) != DIGEST_SIZE for u in self.unrecorded):
+            raise VtpmProtocolError("resume token has a digest of the wrong size")
 
     @property
     def base(self) -> int:
@@ -92,15 +142,54 @@ class ResumeToken:
                    None if recorded is None else _seq(recorded))
 
 
+def attach_info(about: dict[str, Any], token: ResumeToken | None) -> bytes:
+    """ATTACH's description: ``about`` as JSON, with ``token`` in it and its unrecorded
+    requests after a NUL byte (JSON has none of its own)."""
+    if token is None:
+        return json.dumps(about).encode()
+    head = json.dumps({**about, "resume": token.to_json()}).encode()
+    if len(head) > MAX_ATTACH_INFO:
+        raise VtpmUsageError(f"ATTACH description of {len(head)} bytes exceeds {MAX_ATTACH_INFO}")
+    if not token.unrecorded:
+        return head
+    log = b"".join(_ENTRY.pack(len(u.request)) + u.request + u.digest for u in token.unrecorded)
+    return head + b"\0" + log
+
+
+def _unrecorded(log: bytes) -> tuple[Unrecorded, ...]:
+    entries: list[Unrecorded] = []
+    offset = 0
+    while offset < len(log):
+        if offset + _ENTRY.size > len(log):
+            raise VtpmProtocolError("resume log is truncated")
+        (size,) = _ENTRY.unpack_from(log, offset)
+        start = offset + _ENTRY.size
+        end = start + size + DIGEST_SIZE
+        if end > len(log) or len(entries) == REPLAY_MAX_REQUESTS:
+            raise VtpmProtocolError("resume log is truncated or too long")
+        entries.append(Unrecorded(log[start : start + size], log[start + size : end]))
+        offset = end
+    return tuple(entries)
+
+
 def token_of(info: bytes) -> ResumeToken | None:
     """The token in an ATTACH description (None: a fresh attach); VtpmProtocolError if invalid."""
+    head, nul, log = bytes(info).partition(b"\0")
     try:
-        claimed = json.loads(info.decode("utf-8")) if info else {}
+        claimed = json.loads(head.decode("utf-8")) if head else {}
     except (UnicodeDecodeError, ValueError):
         return None
     if not isinstance(claimed, dict) or "resume" not in claimed:
+        if nul:
+            raise VtpmProtocolError("resume log without a resume token")
         return None
-    return ResumeToken.from_json(claimed["resume"])
+    token = ResumeToken.from_json(claimed["resume"])
+    if not nul:
+        return token
+    unrecorded = _unrecorded(log)
+    if not unrecorded:
+        raise VtpmProtocolError("empty resume log after its NUL byte")
+    return ResumeToken(token.epoch, token.seq, token.in_flight, token.recorded, unrecorded)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ STORE_VOLATILE -                               -
 GET_INFO       u64 flags                       UTF-8 JSON
 ATTACH         u32 flags (1: takeover),        - (refused: TPM_RESOURCES and
                UTF-8 JSON about the endpoint   UTF-8 JSON about the holder)
+               [NUL, resume log]
 HASH_START     - (uses the header locality)    -
 HASH_DATA      data (header locality)          -
 HASH_END       - (uses the header locality)    -
@@ -142,8 +143,19 @@ INIT_FLAG_DELETE_VOLATILE = 1
 INIT_FLAG_IF_STOPPED = 0x80000000
 #: ATTACH: end the session that holds the VM's TPM and take it.
 ATTACH_FLAG_TAKEOVER = 1
-#: Upper bound of ATTACH's description of the endpoint (it is only informative).
+#: Upper bound of ATTACH's description of the endpoint (JSON, only informative but
+#: for its resume token), and of the unrecorded requests that may follow it
+#: (sgxvtpm/wire/resume.py).
 MAX_ATTACH_INFO = 1024
+MAX_RESUME_LOG = 16 * 1024
+
+
+def _attach_info_fits(info: bytes) -> bool:
+    """At most MAX_ATTACH_INFO bytes up to the first NUL, MAX_RESUME_LOG after it."""
+    nul = info.find(b"\0", 0, MAX_ATTACH_INFO + 1)
+    if nul < 0:
+        return len(info) <= MAX_ATTACH_INFO
+    return len(info) - nul - 1 <= MAX_RESUME_LOG
 
 # What follows the 4-byte header, per op: a fixed size, or None for "rest".
 _FIXED_PAYLOAD: dict[VtpmOp, int | None] = {
@@ -306,9 +318,9 @@ def encode_request(request: VtpmRequest) -> bytes:
         body = _U64.pack(request.flags)
     elif op is VtpmOp.ATTACH:
         _check_u32("ATTACH flags", request.flags)
-        if len(request.data) > MAX_ATTACH_INFO:
+        if not _attach_info_fits(request.data):
             raise VtpmUsageError(f"ATTACH info of {len(request.data)} bytes exceeds "
-                                 f"{MAX_ATTACH_INFO}")
+                                 f"{MAX_ATTACH_INFO} (+ a resume log of {MAX_RESUME_LOG})")
         body = _U32.pack(request.flags) + bytes(request.data)
     else:
         body = b""
@@ -357,9 +369,9 @@ def decode_request(message: bytes) -> VtpmRequest:
     if op is VtpmOp.ATTACH:
         if len(body) < 4:
             raise VtpmProtocolError("ATTACH payload has no flags")
-        if len(body) - 4 > MAX_ATTACH_INFO:
+        if not _attach_info_fits(body[4:]):
             raise VtpmProtocolError(f"ATTACH info of {len(body) - 4} bytes exceeds "
-                                    f"{MAX_ATTACH_INFO}")
+                                    f"{MAX_ATTACH_INFO} (+ a resume log of {MAX_RESUME_LOG})")
         return VtpmRequest(op, locality, flags=_U32.unpack_from(body)[0], data=body[4:])
     return VtpmRequest(op, locality)
 
