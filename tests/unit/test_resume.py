@@ -373,18 +373,19 @@ def test_endpoint_takes_the_replayed_answer_instead_of_resending() -> None:
 def test_endpoint_names_the_last_recorded_request_after_unrecorded_answers() -> None:
     """Answers the instance did not record reach the caller as plain successes; the
     token after a break names the last recorded request and carries the ones after
-    it, with a digest of their answers."""
+    it the instance asked to keep, numbered, with a digest of their answers."""
     answer = encode_tpm_response(b"\x80\x01" + bytes(8))
     client = ScriptedClient(
-        [unrecorded(answer), answer, unrecorded(answer), K2Error("lost"), answer],
-        [AttachReply(E1, 7, True)],
+        [unrecorded(answer), answer, unrecorded(answer, keep=True), unrecorded(answer),
+         K2Error("lost"), answer],
+        [AttachReply(E1, 8, True)],
     )
-    assert [client.request(CMD) for _ in range(3)] == [answer] * 3
-    assert client._seq == 7 and client._recorded == 6
+    assert [client.request(CMD) for _ in range(4)] == [answer] * 4
+    assert client._seq == 8 and client._recorded == 6
     assert client.request(CMD) == answer  # it never ran: resent after the resume
-    kept = (Unrecorded(CMD, answer_digest(answer)),)
-    assert client.tokens == [ResumeToken(E1, 7, True, recorded=6, unrecorded=kept)]
-    assert client._seq == client._recorded == 8 and client._unrecorded == []
+    kept = (Unrecorded(7, CMD, answer_digest(answer)),)
+    assert client.tokens == [ResumeToken(E1, 8, True, recorded=6, unrecorded=kept)]
+    assert client._seq == client._recorded == 9 and client._unrecorded == []
 
 
 def test_endpoint_resends_what_never_ran_after_retries() -> None:
@@ -568,24 +569,29 @@ def test_quiet_requests_are_recorded_again_after_a_record_that_was_not_written()
 # ---------------------------------------------------------------- replayed runs
 
 unrecorded_entries = st.lists(
-    st.builds(
-        Unrecorded,
-        st.binary(max_size=REPLAY_MAX_BYTES // REPLAY_MAX_REQUESTS),
-        st.binary(min_size=DIGEST_SIZE, max_size=DIGEST_SIZE),
-    ),
+    st.tuples(st.binary(max_size=REPLAY_MAX_BYTES // REPLAY_MAX_REQUESTS),
+              st.binary(min_size=DIGEST_SIZE, max_size=DIGEST_SIZE), st.integers(1, 3)),
     max_size=REPLAY_MAX_REQUESTS,
-).map(tuple)
-
-
-@given(
-    tokens,
-    unrecorded_entries,
-    st.dictionaries(st.sampled_from(["pid", "endpoint"]), st.integers() | st.text(max_size=20)),
 )
+
+
+def _kept(base: int, entries: list[tuple[bytes, bytes, int]]) -> tuple[Unrecorded, ...]:
+    """Unrecorded requests numbered after ``base``, ``gap`` apart (quiet ones between)."""
+    kept, seq = [], base
+    for request, digest, gap in entries:
+        seq += gap
+        kept.append(Unrecorded(seq, request, digest))
+    return tuple(kept)
+
+
+@given(tokens, unrecorded_entries, st.dictionaries(st.sampled_from(["pid", "endpoint"]),
+                                                  st.integers() | st.text(max_size=20)))
 def test_tokens_with_their_unrecorded_requests_round_trip_through_attach(
-    token: ResumeToken, entries: tuple[Unrecorded, ...], about: dict[str, Any]
+    token: ResumeToken, entries: list[tuple[bytes, bytes, int]], about: dict[str, Any]
 ) -> None:
-    token = ResumeToken(token.epoch, token.seq, token.in_flight, token.recorded, entries)
+    kept = _kept(token.base, entries)
+    end = kept[-1].seq if kept else token.seq
+    token = ResumeToken(token.epoch, max(end, token.seq), token.in_flight, token.base, kept)
     info = attach_info(about, token)
     assert token_of(decode_request(encode_request(VtpmRequest.attach(0, info))).data) == token
     assert token_of(attach_info(about, None)) is None
@@ -593,7 +599,7 @@ def test_tokens_with_their_unrecorded_requests_round_trip_through_attach(
 
 @given(st.binary(max_size=200))
 def test_any_resume_log_decodes_or_raises_the_protocol_error(log: bytes) -> None:
-    head = json.dumps({"resume": ResumeToken(E1, 40).to_json()}).encode()
+    head = json.dumps({"resume": ResumeToken(E1, 40, recorded=0).to_json()}).encode()
     try:
         token = token_of(head + b"\0" + log)
     except VtpmProtocolError:
@@ -602,22 +608,28 @@ def test_any_resume_log_decodes_or_raises_the_protocol_error(log: bytes) -> None
     assert token_of(attach_info({}, token)) == token
 
 
-def test_tokens_keep_no_more_than_an_instance_leaves_unrecorded() -> None:
-    entry = Unrecorded(b"x", bytes(DIGEST_SIZE))
-    ResumeToken(E1, 40, unrecorded=(entry,) * REPLAY_MAX_REQUESTS)
-    for bad in (
-        (entry,) * (REPLAY_MAX_REQUESTS + 1),
-        (Unrecorded(b"x" * (REPLAY_MAX_BYTES + 1), bytes(DIGEST_SIZE)),),
-        (Unrecorded(b"x", b"short"),),
-    ):
+def test_tokens_keep_no_more_than_an_instance_leaves_unrecorded_and_in_order() -> None:
+    digest = bytes(DIGEST_SIZE)
+    many = tuple(Unrecorded(i, b"x", digest) for i in range(1, REPLAY_MAX_REQUESTS + 2))
+    ResumeToken(E1, 40, recorded=0, unrecorded=many[:-1])
+    for bad in (many,
+                (Unrecorded(1, b"x" * (REPLAY_MAX_BYTES + 1), digest),),
+                (Unrecorded(1, b"x", b"short"),),
+                (Unrecorded(2, b"x", digest), Unrecorded(2, b"y", digest)),  # twice
+                (Unrecorded(3, b"x", digest), Unrecorded(2, b"y", digest)),  # out of order
+                (Unrecorded(41, b"x", digest),)):  # after the count
         with pytest.raises(VtpmProtocolError):
-            ResumeToken(E1, 40, unrecorded=bad)
-    head = json.dumps({"resume": ResumeToken(E1, 40).to_json()}).encode()
-    log = (wire.u32(1) + b"x" + bytes(DIGEST_SIZE)) * (REPLAY_MAX_REQUESTS + 1)
+            ResumeToken(E1, 40, recorded=0, unrecorded=bad)
+    with pytest.raises(VtpmProtocolError):  # at or before the last recorded request
+        ResumeToken(E1, 40, recorded=5, unrecorded=(Unrecorded(5, b"x", digest),))
+    head = json.dumps({"resume": ResumeToken(E1, 40, recorded=0).to_json()}).encode()
+    log = attach_info({}, ResumeToken(E1, 40, recorded=0, unrecorded=many[:-1])).partition(
+        b"\0")[2]
+    extra = struct.pack(">QI", 40, 1) + b"x" + digest
     with pytest.raises(VtpmProtocolError):
-        token_of(head + b"\0" + log)
+        token_of(head + b"\0" + log + extra)
     with pytest.raises(VtpmProtocolError):  # a log without a token to go with
-        token_of(b'{"pid": 3}\0' + log[:21])
+        token_of(b'{"pid": 3}\0' + extra)
 
 
 def _message(rc: int = 0) -> bytes:
@@ -670,11 +682,11 @@ def test_any_command_bytes_are_read_without_an_exception(command: bytes, handles
 def test_a_rerun_must_succeed_and_but_for_signatures_answer_the_same() -> None:
     extend, sign = wire.pcr_extend(16, bytes(32)), wire.sign(0x80000000, bytes(32))
     answer = _message()
-    entry = Unrecorded(encode_tpm_command(extend), answer_digest(answer))
+    entry = Unrecorded(5, encode_tpm_command(extend), answer_digest(answer))
     assert replay_check(extend, entry, answer, REPLAYED) == ""
     assert "other bytes" in replay_check(extend, entry, _message(1), REPLAYED)
     assert "failed" in replay_check(extend, entry, answer, RECORD)
-    other = Unrecorded(encode_tpm_command(sign), answer_digest(b"another signature"))
+    other = Unrecorded(6, encode_tpm_command(sign), answer_digest(b"another signature"))
     assert replay_check(sign, other, answer, REPLAYED) == ""
 
 
@@ -704,9 +716,3 @@ def test_a_live_instance_answers_an_unrecorded_request_that_ran_instead_of_runni
     )
     why = InstanceEnclave._resume(idle, ResumeToken(E1, 5, False, recorded=4))
     assert isinstance(why, str) and "counts 5" in why
-
-
-def test_a_resume_needs_every_request_after_the_last_record() -> None:
-    enclave: Any = SimpleNamespace(core=object())
-    token = ResumeToken(E1, 6, recorded=4, unrecorded=(Unrecorded(b"x", bytes(16)),))
-    assert "kept 1 of the 2" in InstanceEnclave._run_again(enclave, token)

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sgxvtpm.wire.vtpm import (
+    KEEP,
     MAX_ATTACH_INFO,
     MAX_MESSAGE,
     MAX_RESUME_LOG,
@@ -205,17 +206,21 @@ def test_hot_path_refuses_what_the_codec_refuses() -> None:
     assert tpm_command_of(b"\x01\x00\x00\x00" + b"x" * MAX_MESSAGE) is None
 
 
-@given(st.one_of(st.binary(max_size=16), st.binary(max_size=12).map(lambda b: b"\0" * 4 + b)))
-def test_unrecorded_marks_only_successes_and_recorded_of_undoes_it(data: bytes) -> None:
-    """The instance marks a quiet TPM_COMMAND answer it did not record; the endpoint
-    gets the same message back and learns it was not recorded. Nothing else changes."""
-    marked = unrecorded(data)
+@given(st.one_of(st.binary(max_size=16), st.binary(max_size=12).map(lambda b: b"\0" * 4 + b)),
+       st.booleans())
+def test_unrecorded_marks_only_successes_and_recorded_of_undoes_it(
+    data: bytes, keep: bool
+) -> None:
+    """The instance marks a TPM_COMMAND answer it did not record (and whether the
+    endpoint keeps the request); the endpoint gets the same message back and learns
+    it was not recorded. Nothing else changes."""
+    marked = unrecorded(data, keep)
     is_success = tpm_response_of(data) is not None
     assert (marked != data) == is_success
-    if is_success:
-        assert decode_response(marked).result == UNRECORDED  # never a success to old readers
-        assert recorded_of(marked) == (data, False)
+    if is_success:  # never a success to old readers
+        assert decode_response(marked).result == (KEEP if keep else UNRECORDED)
+        assert recorded_of(marked) == (data, False, keep)
     else:
         assert marked == data
-    if data[:4] != UNRECORDED.to_bytes(4, "big"):
-        assert recorded_of(data) == (data, True)
+    if data[:4] not in (UNRECORDED.to_bytes(4, "big"), KEEP.to_bytes(4, "big")):
+        assert recorded_of(data) == (data, True, False)

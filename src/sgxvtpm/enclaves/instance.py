@@ -187,8 +187,8 @@ class InstanceEnclave:
         self._live: ResumeRecord | None = None
         self._seq = 0  # the seat holder's requests answered in its epoch
         self._unsaved = False  # the slot write of ``_live`` failed: write the next one
-        # The requests answered since ``_live`` (none recorded), their bytes,
-        # whether one of them changed the VOLATILE state, and the last answer.
+        # The requests the endpoint keeps since ``_live`` (none recorded), their
+        # bytes, whether one changed the VOLATILE state, and the last answer.
         self._unrecorded = 0
         self._unrecorded_bytes = 0
         self._changed = False
@@ -284,12 +284,14 @@ class InstanceEnclave:
         kind = self._quiet.kind_of(command[0] if command is not None else None, response)
         if not self._quiet.command_audit_default:
             self.store.bundle.provisioning.pop("command_audit", None)  # with the next commit
-        if kind != RECORD and self._may_skip_record(live, len(data)):
-            self._unrecorded += 1
-            self._unrecorded_bytes += len(data)
-            self._changed |= kind == REPLAYED
+        kept = len(data) if kind == REPLAYED else None
+        if kind != RECORD and self._may_skip_record(live, kept):
+            if kept is not None:
+                self._unrecorded += 1
+                self._unrecorded_bytes += kept
+                self._changed = True
             self._answer = response
-            return vtpm.unrecorded(response)
+            return vtpm.unrecorded(response, keep=kept is not None)
         if self._record(live.epoch, seq, response, kind == QUIET and not self._changed):
             return response
         # Its change could not be made durable: an error answer, recorded as such.
@@ -300,11 +302,11 @@ class InstanceEnclave:
         self._record(live.epoch, seq, response)
         return response
 
-    def _may_skip_record(self, live: ResumeRecord, size: int) -> bool:
-        """After a request of ``size`` bytes QuietCommands lets go unrecorded: True if
-        a resume from ``live``, the last record, and the requests since it brings the
-        TPM back as it is now, so none is written (the answer says so, and the
-        endpoint keeps the request for its token).
+    def _may_skip_record(self, live: ResumeRecord, kept: int | None) -> bool:
+        """After a request QuietCommands lets go unrecorded (``kept``: the size of one
+        the endpoint must keep for a resume to run again; None: a quiet one): True
+        if a resume from ``live``, the last record, and the kept requests since it
+        brings the TPM back as it is now, so none is written (the answer says so).
 
         Not when NV changed (the commit carries a record), when the TPM was not
         running, when ``live`` never reached its slot file (a failed write), when
@@ -316,8 +318,9 @@ class InstanceEnclave:
         return (
             live.running and not self.store.dirty and not self._unsaved
             and live.last_code is not None and live.last_code != TPM2_CC.Shutdown
-            and self._unrecorded < REPLAY_MAX_REQUESTS
-            and self._unrecorded_bytes + size <= REPLAY_MAX_BYTES
+            and (kept is None or (
+                self._unrecorded < REPLAY_MAX_REQUESTS
+                and self._unrecorded_bytes + kept <= REPLAY_MAX_BYTES))
         )  # fmt: skip
 
     # -- resume (sgxvtpm/enclaves/resume.py) ----------------------------------
@@ -439,17 +442,14 @@ class InstanceEnclave:
         """Run the token's unrecorded requests again on the record it names; why
         that did not bring the TPM back, or empty."""
         assert self.core is not None
-        if len(token.unrecorded) != token.seq - token.base:
-            return (f"the endpoint kept {len(token.unrecorded)} of the"
-                    f" {token.seq - token.base} requests after its last recorded one")
-        for n, entry in enumerate(token.unrecorded, token.base + 1):
+        for entry in token.unrecorded:  # in order, after token.base (ResumeToken checks)
             command = vtpm.tpm_command_of(entry.request)
             if command is None:
-                return f"request {n} to run again is not a TPM command"
+                return f"request {entry.seq} to run again is not a TPM command"
             answer = self.core.answer(entry.request, command)
             why = replay_check(command[0], entry, answer, self._quiet.kind_of(command[0], answer))
             if why:
-                return f"request {n} run again: {why}"
+                return f"request {entry.seq} run again: {why}"
         return ""
 
     def _not_attached(self, session: Session, data: bytes) -> VtpmResponse:

@@ -35,10 +35,12 @@ Either way only while the TPM's command audit list is the manufacturer's,
 NV did not change (the commit carries a record), the last record reached
 its slot file, its command code is neither none nor TPM2_Shutdown (which a
 later INIT looks at), and fewer than REPLAY_MAX_REQUESTS requests
-(REPLAY_MAX_BYTES) went unrecorded since it (sgxvtpm/wire/resume.py). The
-answer carries :data:`~sgxvtpm.wire.vtpm.UNRECORDED` instead of success,
-inside K2; the endpoint keeps the request and a digest of its answer, and
-sends them in its token. A freshly started instance resumes from the last
+(REPLAY_MAX_BYTES) of the second kind went unrecorded since it
+(sgxvtpm/wire/resume.py). The answer carries
+:data:`~sgxvtpm.wire.vtpm.UNRECORDED` (quiet) or
+:data:`~sgxvtpm.wire.vtpm.KEEP` (replayed) instead of success, inside K2;
+for KEEP the endpoint keeps the request, its number and a digest of its
+answer, and sends them in its token. A freshly started instance resumes from the last
 record, then runs those requests again (:func:`replay_check`): each must be
 one it could have left unrecorded, succeed again and, but for
 :data:`ANSWERS_VARY`, answer the same bytes; else the resume is refused

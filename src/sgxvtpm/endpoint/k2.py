@@ -220,8 +220,9 @@ class K2Client(MessageBackend):
         self._epoch: str | None = None
         self._seq = 0
         self._recorded = 0  # the last of them the instance recorded (UNRECORDED answers)
-        # The requests after it and their answers, for the token (digested then).
-        self._unrecorded: list[tuple[bytes, bytes]] = []
+        # The requests after it the instance asked to keep, with their numbers and
+        # answers, for the token (digested then).
+        self._unrecorded: list[tuple[int, bytes, bytes]] = []
         self._token: ResumeToken | None = None
         self._close_reason = ""
         #: Sessions resumed after a break (the instance or hostd restarted under them).
@@ -368,13 +369,13 @@ class K2Client(MessageBackend):
                     return replay
                 continue  # it never ran (or its effects were not committed): send it again
             self._seq += 1
-            answer, recorded = recorded_of(answer)
+            answer, recorded, keep = recorded_of(answer)
             if recorded:
                 self._recorded = self._seq
                 if self._unrecorded:
                     self._unrecorded.clear()
-            elif len(self._unrecorded) <= REPLAY_MAX_REQUESTS:  # more: no instance of ours
-                self._unrecorded.append((payload, answer))
+            elif keep and len(self._unrecorded) <= REPLAY_MAX_REQUESTS:  # more: not ours
+                self._unrecorded.append((self._seq, payload, answer))
             return answer
 
     def _reconnect(self, in_flight: bool, cause: BaseException | None = None) -> bytes | None:
@@ -385,8 +386,8 @@ class K2Client(MessageBackend):
         name = self.binding.name or self.binding.instance_id
         try:
             token = ResumeToken(self._epoch, self._seq, in_flight, self._recorded, tuple(
-                Unrecorded(request, answer_digest(answer))
-                for request, answer in self._unrecorded))
+                Unrecorded(seq, request, answer_digest(answer))
+                for seq, request, answer in self._unrecorded))
         except VtpmProtocolError:  # an instance that left more unrecorded than it may
             token = ResumeToken(self._epoch, self._seq, in_flight, self._recorded)
         deadline = time.monotonic() + self.reconnect_timeout

@@ -15,8 +15,9 @@ reply starts an *epoch* or continues one, and says where:
   instead of sending it again. Anything else is refused with a reason, and
   the session starts a new epoch on a TPM that is not running.
 - The instance need not record every request (sgxvtpm/enclaves/resume.py):
-  an answer marked :data:`~sgxvtpm.wire.vtpm.UNRECORDED` was not recorded,
-  and the endpoint keeps that request and a digest of its answer
+  an answer marked :data:`~sgxvtpm.wire.vtpm.UNRECORDED` or
+  :data:`~sgxvtpm.wire.vtpm.KEEP` was not recorded; for KEEP the endpoint
+  keeps the request, its number and a digest of its answer
   (:class:`Unrecorded`) until an answer comes that was recorded. The token
   carries them (at most :data:`REPLAY_MAX_REQUESTS` requests of
   :data:`REPLAY_MAX_BYTES` in all, a bound the instance keeps); a freshly
@@ -32,6 +33,7 @@ and ignore the payload.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import struct
@@ -58,7 +60,7 @@ _MAX_REPLY_JSON = 4096
 REPLAY_MAX_REQUESTS = 32
 REPLAY_MAX_BYTES = 8192
 DIGEST_SIZE = 16
-_ENTRY = struct.Struct(">I")  # request size; then the request and the answer's digest
+_ENTRY = struct.Struct(">QI")  # its number, request size; then the request, the answer's digest
 assert REPLAY_MAX_REQUESTS * (_ENTRY.size + DIGEST_SIZE) + REPLAY_MAX_BYTES <= MAX_RESUME_LOG
 
 
@@ -70,9 +72,10 @@ def answer_digest(answer: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Unrecorded:
-    """A request the instance answered without recording it: the request message
-    and :func:`answer_digest` of its answer."""
+    """A request the instance answered without recording it and asked to keep: its
+    number in the epoch, the request message and :func:`answer_digest` of its answer."""
 
+    seq: int
     request: bytes
     digest: bytes
 
@@ -118,6 +121,9 @@ class ResumeToken:
             )
         if any(len(u.digest) != DIGEST_SIZE for u in self.unrecorded):
             raise VtpmProtocolError("resume token has a digest of the wrong size")
+        numbers = [self.base, *(u.seq for u in self.unrecorded)]
+        if any(a >= b for a, b in itertools.pairwise(numbers)) or numbers[-1] > self.seq:
+            raise VtpmProtocolError("resume token keeps requests out of order or out of range")
 
     @property
     def base(self) -> int:
@@ -152,7 +158,9 @@ def attach_info(about: dict[str, Any], token: ResumeToken | None) -> bytes:
         raise VtpmUsageError(f"ATTACH description of {len(head)} bytes exceeds {MAX_ATTACH_INFO}")
     if not token.unrecorded:
         return head
-    log = b"".join(_ENTRY.pack(len(u.request)) + u.request + u.digest for u in token.unrecorded)
+    log = b"".join(
+        _ENTRY.pack(u.seq, len(u.request)) + u.request + u.digest for u in token.unrecorded
+    )
     return head + b"\0" + log
 
 
@@ -162,12 +170,12 @@ def _unrecorded(log: bytes) -> tuple[Unrecorded, ...]:
     while offset < len(log):
         if offset + _ENTRY.size > len(log):
             raise VtpmProtocolError("resume log is truncated")
-        (size,) = _ENTRY.unpack_from(log, offset)
+        seq, size = _ENTRY.unpack_from(log, offset)
         start = offset + _ENTRY.size
         end = start + size + DIGEST_SIZE
         if end > len(log) or len(entries) == REPLAY_MAX_REQUESTS:
             raise VtpmProtocolError("resume log is truncated or too long")
-        entries.append(Unrecorded(log[start : start + size], log[start + size : end]))
+        entries.append(Unrecorded(seq, log[start : start + size], log[start + size : end]))
         offset = end
     return tuple(entries)
 

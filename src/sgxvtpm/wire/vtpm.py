@@ -420,28 +420,35 @@ def encode_tpm_response(response: bytes) -> bytes:
     return _SUCCESS + response
 
 
-#: The result word of a TPM_COMMAND answer the instance did not record: the
-#: command left the TPM's VOLATILE state as the last resume record has it
-#: (sgxvtpm/enclaves/resume.py), so a resume starts from that record. Only an
-#: endpoint's K2 client sees it (:func:`recorded_of`); never a TPM_RESULT.
+#: The result words of a TPM_COMMAND answer the instance did not record
+#: (sgxvtpm/enclaves/resume.py): UNRECORDED, the command left the TPM's
+#: VOLATILE state as it was; KEEP, a resume runs the request again, so the
+#: endpoint keeps it (sgxvtpm/wire/resume.py). Only an endpoint's K2 client
+#: sees them (:func:`recorded_of`); never a TPM_RESULT.
 UNRECORDED = 0x8000_0000
+KEEP = 0x8000_0001
 _UNRECORDED = _U32.pack(UNRECORDED)
+_KEEP = _U32.pack(KEEP)
 
 
-def unrecorded(message: bytes) -> bytes:
+def unrecorded(message: bytes, keep: bool = False) -> bytes:
     """The successful TPM_COMMAND answer ``message`` (:func:`encode_tpm_response`)
-    marked as not recorded; any other message unchanged."""
+    marked as not recorded (``keep``: its request kept); any other message unchanged."""
     if message[:RESPONSE_HEADER_SIZE] != _SUCCESS:
         return message
-    return _UNRECORDED + message[RESPONSE_HEADER_SIZE:]
+    return (_KEEP if keep else _UNRECORDED) + message[RESPONSE_HEADER_SIZE:]
 
 
-def recorded_of(message: bytes) -> tuple[bytes, bool]:
+def recorded_of(message: bytes) -> tuple[bytes, bool, bool]:
     """(``message`` as :func:`encode_tpm_response` made it, whether the instance
-    recorded its request): the inverse of :func:`unrecorded`."""
-    if message[:RESPONSE_HEADER_SIZE] != _UNRECORDED:
-        return message, True
-    return _SUCCESS + message[RESPONSE_HEADER_SIZE:], False
+    recorded its request, whether the endpoint keeps it): the inverse of
+    :func:`unrecorded`."""
+    head = message[:RESPONSE_HEADER_SIZE]
+    if head == _UNRECORDED:
+        return _SUCCESS + message[RESPONSE_HEADER_SIZE:], False, False
+    if head == _KEEP:
+        return _SUCCESS + message[RESPONSE_HEADER_SIZE:], False, True
+    return message, True, False
 
 
 def tpm_response_of(message: bytes) -> bytes | None:
