@@ -5,7 +5,9 @@ platform secret. It imports the heavy modules once (cryptography, ssl,
 ctypes and the caller's list), runs the ``zygote_warm_up(platform_for,
 verifier)`` function of each pre-imported module that has one on a throwaway
 in-memory platform (so that lazily built library tables are built once,
-here), freezes the GC so that forked children keep sharing those pages, then
+here), and freezes the GC so that forked children keep sharing those pages
+(the GC stays off until then, so no collection leaves freed holes in shared
+pages for children to fill), then
 serves launch requests on the control socket. Each launch brings the
 enclave's stream to the host and its ENCLU socket to the CPU (SCM_RIGHTS),
 and is answered with a pidfd of the new process. It reaps its children, and
@@ -57,6 +59,7 @@ PR_SET_NAME = 15
 
 def main(argv: list[str] | None = None) -> int:
     opts = _parse_args(argv)
+    gc.disable()
     _set_dumpable(False)
     ctl = socket.socket(fileno=opts.control_fd)
     os.set_inheritable(ctl.fileno(), False)
@@ -72,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     del platform_for, verifier
     digests = codeimport.source_digests()
     libraries = codeimport.SharedLibraries()
-    gc.collect()
     gc.freeze()  # keep refcount/GC writes from un-sharing pre-imported pages
+    gc.enable()  # for what the zygote allocates from here on (frozen objects stay put)
     send_message(ctl, {"ready": True, "pid": os.getpid()})
     while True:
         _reap()
