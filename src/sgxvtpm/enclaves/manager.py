@@ -69,7 +69,7 @@ from sgxvtpm.wire import admin, control, k1
 from sgxvtpm.wire import fleet as fleetwire
 from sgxvtpm.wire.jsonmsg import Done, Refused, Reply, Request
 
-CA_COMMON_NAME = "sgxvtpm manager CA"
+CA_COMMON_NAME = k1.CA_COMMON_NAME
 FLEET_IN = "fleet"  # hostd's label of a session from its fleet port (host/switch.py)
 # An instance answers in milliseconds; RSA EK generation at create takes well
 # under a second. A dead or wedged instance must not hold the manager longer.

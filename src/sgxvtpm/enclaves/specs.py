@@ -96,7 +96,7 @@ def _imports_of(name: str, path: Path) -> list[str]:
     tree = ast.parse(path.read_bytes(), str(path))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     names: list[str] = []
-    for node in _executed_nodes(tree):
+    for node in _executed_statements(tree.body):
         if isinstance(node, ast.Import):
             names += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -109,15 +109,22 @@ def _imports_of(name: str, path: Path) -> list[str]:
     return names
 
 
-def _executed_nodes(node: ast.AST) -> Iterable[ast.AST]:
-    for child in ast.iter_child_nodes(node):
-        if isinstance(child, ast.If) and _is_type_checking(child.test):
-            for other in child.orelse:
-                yield other
-                yield from _executed_nodes(other)
+_BODIES = ("body", "orelse", "finalbody", "handlers", "cases")
+
+
+def _executed_statements(body: Iterable[ast.AST]) -> Iterable[ast.AST]:
+    """Every statement in ``body`` and in the bodies nested in it (functions,
+    classes, branches, handlers, match cases), but those of ``if TYPE_CHECKING:``.
+    An import is a statement, so no expression needs visiting."""
+    for node in body:
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            yield from _executed_statements(node.orelse)
             continue
-        yield child
-        yield from _executed_nodes(child)
+        yield node
+        for field in _BODIES:
+            inner = getattr(node, field, None)
+            if inner:
+                yield from _executed_statements(inner)
 
 
 def _is_type_checking(test: ast.expr) -> bool:

@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sgxvtpm.channel import ClientCredential, ClientSession
-from sgxvtpm.enclaves.manager import CA_COMMON_NAME
 from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.mux.aio import open_client_session
@@ -102,7 +101,7 @@ class VmmClient:
             policy,
             await self.verifier(),
             self._credential(),
-            expected_cn=CA_COMMON_NAME,
+            expected_cn=k1.CA_COMMON_NAME,
         )
         try:
             reader, writer = await asyncio.wait_for(

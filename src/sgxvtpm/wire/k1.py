@@ -85,6 +85,9 @@ __all__ = [
 ]
 
 DEFAULT_PCR_BANKS = ("sha256",)
+#: The subject and issuer common name of the manager's CA certificate, which
+#: issues the VM certificates of ``create``.
+CA_COMMON_NAME = "sgxvtpm manager CA"
 
 
 class K1ProtocolError(RemoteProtocolError):
