@@ -119,11 +119,15 @@ def serve(label: str) -> None:
             ctx.close()
 
 
-def ab(rounds: int, trees: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+def ab(
+    rounds: int, trees: dict[str, str], script: str = __file__, args: tuple[str, ...] = ()
+) -> dict[str, list[dict[str, Any]]]:
+    """Start ``script serve LABEL *args`` with each tree's interpreter in that tree,
+    then ROUNDS times send each a "go" (the order alternating); its JSON answers."""
     procs = {}
     for label, tree in trees.items():
         proc = subprocess.Popen(
-            [f"{tree}/.venv/bin/python", os.path.abspath(__file__), "serve", label],
+            [f"{tree}/.venv/bin/python", os.path.abspath(script), "serve", label, *args],
             cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert proc.stdin is not None and proc.stdout is not None

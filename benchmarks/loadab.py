@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cmdcpu import ab  # a script beside this one, run as a file
 
 
 def serve(label: str, vms: int, seconds: float) -> None:
@@ -53,34 +55,10 @@ def main(argv: list[str]) -> int:
         return 2
     rounds, vms, seconds = int(argv[0]), int(argv[1]), float(argv[2])
     trees = dict(arg.split("=", 1) for arg in argv[3:])
-    procs = {}
-    for label, tree in trees.items():
-        proc = subprocess.Popen(
-            [f"{tree}/.venv/bin/python", os.path.abspath(__file__), "serve", label,
-             str(vms), str(seconds)],
-            cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert proc.stdout is not None
-        if "ready" not in proc.stdout.readline():
-            raise RuntimeError(f"{label}: the server did not start")
-        procs[label] = proc
-    results: dict[str, list[float]] = {label: [] for label in trees}
+    answers = ab(rounds, trees, __file__, (str(vms), str(seconds)))
+    results = {label: [float(a.get("commands_per_s", 0.0)) for a in runs]
+               for label, runs in answers.items()}
     order = list(trees)
-    try:
-        for r in range(rounds):
-            for label in order if r % 2 == 0 else order[::-1]:
-                proc = procs[label]
-                assert proc.stdin is not None and proc.stdout is not None
-                proc.stdin.write("go\n")
-                proc.stdin.flush()
-                result = json.loads(proc.stdout.readline())
-                results[label].append(float(result.get("commands_per_s", 0.0)))
-            print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
-    finally:
-        for proc in procs.values():
-            assert proc.stdin is not None
-            proc.stdin.close()
-            proc.wait(300)
     first = results[order[0]]
     for label in order:
         runs = results[label]

@@ -194,21 +194,8 @@ class QuietCommands:
 
     def unchanged_message(self, command: bytes | None, message: bytes) -> bool:
         """:meth:`unchanged` with the vTPM answer ``message`` as the instance sends it
-        (sgxvtpm/wire/vtpm.py), read in place: the per-request path."""
-        if command is None or len(command) < _TPM_HEADER.size:
-            return False
-        tag, _, code = _TPM_HEADER.unpack_from(command)
-        if code == TPM2_CC.SetCommandCodeAuditStatus:
-            self.command_audit_default = False
-            return False
-        if (
-            not self.command_audit_default or tag != TPM2_ST.NO_SESSIONS
-            or code not in QUIET_COMMANDS or message[:_OK_SIZE] != _OK
-            or len(message) < _OK_SIZE + _TPM_HEADER.size
-        ):  # fmt: skip
-            return False
-        rc: int = _TPM_HEADER.unpack_from(message, _OK_SIZE)[2]
-        return rc == TPM2_RC.SUCCESS
+        (sgxvtpm/wire/vtpm.py), read in place."""
+        return self.kind_of(command, message) == QUIET
 
     def kind_of(self, command: bytes | None, message: bytes) -> int:
         """How the request answered ``message`` (the vTPM answer, read in place) may
