@@ -335,7 +335,7 @@ def _slots(h: Hostd) -> dict[str, bytes]:
 
 
 def test_replayed_commands_write_no_record_and_run_again_after_a_kill(hostd: Hostd) -> None:
-    """PCR_Extend, CreatePrimary, Sign and FlushContext with password sessions leave the
+    """PCR_Extend, CreatePrimary, Sign, FlushContext and NV_Read with password sessions leave the
     resume records as they are (resume.REPLAYED_COMMANDS); after a kill -9 the new
     instance runs them again from the endpoint's token: the extends are there once,
     the primary key is loaded under its handle with its name, the flushed one is gone."""
@@ -348,11 +348,13 @@ def test_replayed_commands_write_no_record_and_run_again_after_a_kill(hostd: Hos
     for i in range(5):
         execute(client.transact, wire.pcr_extend(16, hashlib.sha256(b"run %d" % i).digest()))
     signature = execute(client.transact, wire.sign(kept.handle, bytes(32)))
+    read = wire.nv_read(DA_INDEX, 8, auth_handle=DA_INDEX, auth=DA_AUTH)  # DA-protected
+    assert wire.parse_nv_read(execute(client.transact, read)) == b"resumed!"
     kept_requests = len(client._unrecorded)
     for _ in range(REPLAY_MAX_REQUESTS + 8):  # quiet ones: neither kept nor recorded
         expected = pcr16(client)
     assert _slots(hostd) == slots, "a replayed command wrote a resume record"
-    assert client._recorded < client._seq and len(client._unrecorded) == kept_requests >= 9
+    assert client._recorded < client._seq and len(client._unrecorded) == kept_requests >= 10
     with log.capture() as events:
         kill_instance(hostd)
         assert pcr16(client) == expected
@@ -363,6 +365,7 @@ def test_replayed_commands_write_no_record_and_run_again_after_a_kill(hostd: Hos
     gone = client.transact(wire.read_public(flushed.handle))
     assert wire.response_code(gone) != TPM2_RC.SUCCESS
     assert wire.parse_sign(execute(client.transact, wire.sign(kept.handle, bytes(32))))
+    assert wire.parse_nv_read(execute(client.transact, read)) == b"resumed!"
     assert signature and lockout_counter(client) == 0
     client.close()
 

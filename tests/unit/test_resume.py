@@ -647,6 +647,7 @@ def test_replayed_commands_are_deterministic_ones_with_password_sessions_that_su
     assert run.kind_of(primary, _message()) == REPLAYED
     assert run.kind_of(wire.flush_context(0x80000000), _message()) == REPLAYED
     assert run.kind_of(wire.sign(0x80000000, bytes(32)), _message()) == REPLAYED
+    assert run.kind_of(wire.nv_read(0x01500030, 8, auth_handle=0x01500030), _message()) == REPLAYED
     assert run.kind_of(wire.get_random(8), _message()) == QUIET
     assert run.kind_of(extend, _message(TPM2_RC.FAILURE)) == RECORD
     assert run.kind_of(wire.read_clock(), _message()) == RECORD

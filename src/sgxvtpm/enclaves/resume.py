@@ -144,6 +144,7 @@ REPLAYED_COMMANDS: dict[int, int] = {
     TPM2_CC.PCR_Extend: 1, TPM2_CC.PCR_Event: 1, TPM2_CC.PCR_Reset: 1,
     TPM2_CC.CreatePrimary: 1, TPM2_CC.Load: 1, TPM2_CC.LoadExternal: 0,
     TPM2_CC.FlushContext: 0, TPM2_CC.VerifySignature: 1, TPM2_CC.Sign: 1,
+    TPM2_CC.NV_Read: 2, TPM2_CC.Unseal: 1,
 }  # fmt: skip
 #: Commands whose answer may differ when run again (a signature's random
 #: nonce, random bytes): a replay checks only that it succeeds.
