@@ -404,18 +404,30 @@ class InstanceEnclave:
         if that request ran); or why not."""
         assert self.core is not None
         live = self._live
-        if live is not None:  # this process served the endpoint: the TPM is as it left it
-            found = decide(token, live.state_version, [live])
-            if isinstance(found, str):
-                return found
-            if found.seq == token.seq + 1:
-                return found, found.seq, found.response
+        # A live instance served the endpoint: its TPM is as it left it.
+        found = self._load(token) if live is None else decide(
+            token, live.state_version, [live])
+        if isinstance(found, str):
+            return found
+        if found.seq == token.seq + 1:  # the in-flight request ran and was recorded
+            return found, found.seq, found.response
+        if live is not None:
             if token.in_flight and self._seq == token.seq + 1:  # it ran, unrecorded
                 return found, self._seq, self._answer
             if self._seq != token.seq:
                 return (f"the endpoint counts {token.seq} requests answered,"
                         f" the instance {self._seq}")
             return found, token.seq, None
+        why = self._run_again(token)
+        if why:
+            self.core.fail()  # never a TPM that is neither the old one nor off
+            return why
+        return found, token.seq, None
+
+    def _load(self, token: ResumeToken) -> ResumeRecord | str:
+        """In a fresh process: the sealed record ``token`` resumes from, with the core
+        brought back to it; or why not."""
+        assert self.core is not None
         if self.core.running:
             return "the TPM was started since this process began"
         records = self.slots.read()
@@ -430,13 +442,7 @@ class InstanceEnclave:
             self.core.resume(found.running, found.volatile, found.last_code)
         except (EngineError, EngineMisuseError) as exc:
             return f"libtpms refused the resume record: {exc}"
-        if found.seq == token.seq + 1:
-            return found, found.seq, found.response
-        why = self._run_again(token)
-        if why:
-            self.core.fail()  # never a TPM that is neither the old one nor off
-            return why
-        return found, token.seq, None
+        return found
 
     def _run_again(self, token: ResumeToken) -> str:
         """Run the token's unrecorded requests again on the record it names; why

@@ -161,20 +161,7 @@ COMMAND_AUDIT_DEFAULT = "default"
 def quiet_command(command: bytes, response: bytes) -> bool:
     """True if TPM ``command``, answered ``response``, is one of :data:`QUIET_COMMANDS`
     sent without sessions and answered TPM_RC_SUCCESS."""
-    if len(command) < _TPM_HEADER.size or len(response) < _TPM_HEADER.size:
-        return False
-    tag, _, code = _TPM_HEADER.unpack_from(command)
-    rc: int = _TPM_HEADER.unpack_from(response)[2]
-    return tag == TPM2_ST.NO_SESSIONS and code in QUIET_COMMANDS and rc == TPM2_RC.SUCCESS
-
-
-def changes_command_audit(command: bytes) -> bool:
-    """True if ``command`` is a TPM2_SetCommandCodeAuditStatus (whatever its answer:
-    a TPM that failed while running it may have run it)."""
-    if len(command) < _TPM_HEADER.size:
-        return False
-    code: int = _TPM_HEADER.unpack_from(command)[2]
-    return code == TPM2_CC.SetCommandCodeAuditStatus
+    return QuietCommands(command_audit_default=True).unchanged(command, response)
 
 
 class QuietCommands:
@@ -187,11 +174,7 @@ class QuietCommands:
 
     def unchanged(self, command: bytes | None, response: bytes | None) -> bool:
         """``command`` None: not a TPM command; ``response`` None: not a TPM answer."""
-        if command is not None and changes_command_audit(command):
-            self.command_audit_default = False
-        if command is None or response is None:
-            return False
-        return self.command_audit_default and quiet_command(command, response)
+        return self.unchanged_message(command, b"" if response is None else _OK + response)
 
     def unchanged_message(self, command: bytes | None, message: bytes) -> bool:
         """:meth:`unchanged` with the vTPM answer ``message`` as the instance sends it
@@ -232,8 +215,9 @@ def password_sessions_only(command: bytes, handles: int) -> bool:
         return False
     try:
         offset = _TPM_HEADER.size + 4 * handles
-        end = offset + 4 + int.from_bytes(command[offset : offset + 4], "big")
-        offset += 4
+        size: int = _U32.unpack_from(command, offset)[0]
+        offset += _U32.size
+        end = offset + size
         if end > len(command) or offset == end:
             return False
         while offset < end:
