@@ -4,6 +4,7 @@ that can run, whatever the statement it sits in, and none under TYPE_CHECKING.""
 from __future__ import annotations
 
 import ast
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,3 +70,61 @@ def test_imports_in_every_kind_of_body_and_none_under_type_checking() -> None:
              if isinstance(n, ast.Import) for a in n.names}
     assert names == {"a", "shown_else", "in_try", "in_handler", "in_finally", "in_loop",
                      "in_case"}
+
+
+ROOTS = (*specs.ENTRY_MODULES, "sgxvtpm.platform.sim.zygote")
+
+
+def _cache_file(cache_home: Path) -> Path:
+    (path,) = (cache_home / "sgxvtpm").glob("imports-py*.json")
+    return path
+
+
+def test_the_import_cache_gives_the_closure_a_fresh_scan_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fresh = specs.import_closure(ROOTS)  # nothing cached: every module scanned
+    entries = json.loads(_cache_file(tmp_path).read_text())
+    assert len(entries) == len(fresh) > 20
+    monkeypatch.setattr(specs, "_imports_of", _unreachable)
+    assert specs.import_closure(ROOTS) == fresh  # all from the cache, no scan
+
+
+def _unreachable(*args: object) -> list[str]:
+    raise AssertionError("scanned although cached")
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b'{"k": "not a list"}', b"\xff"])
+def test_an_unreadable_cache_is_an_empty_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fresh = specs.import_closure(ROOTS)
+    _cache_file(tmp_path).write_bytes(content)
+    assert specs.import_closure(ROOTS) == fresh
+    assert len(json.loads(_cache_file(tmp_path).read_text())) >= len(fresh)  # rewritten
+
+
+def test_a_cached_list_belongs_to_the_bytes_it_was_read_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changing a module's bytes is a miss, never its old import list."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    module = tmp_path / "mod.py"
+    module.write_text("import sgxvtpm.wire.k1\n")
+    cache = specs._ImportCache.load()
+    assert cache.imports_of("sgxvtpm.mod", module) == ["sgxvtpm.wire.k1"]
+    cache.save()
+    module.write_text("import sgxvtpm.host.hostd\n")
+    assert specs._ImportCache.load().imports_of("sgxvtpm.mod", module) == ["sgxvtpm.host.hostd"]
+
+
+def test_a_cache_that_cannot_be_written_costs_only_the_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # the cache directory would have to be under a file
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    assert set(specs.import_closure(ROOTS)) >= set(specs.ENTRY_MODULES)
+    assert not list(tmp_path.glob(".imports-*")) and blocker.read_text() == ""
