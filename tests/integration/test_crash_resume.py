@@ -18,10 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from tests.helpers.hostd import Hostd
 
+from sgxvtpm.enclaves.sealing import parse_header
 from sgxvtpm.endpoint.k2 import K2Client, K2Error
-from sgxvtpm.tpm import wire
+from sgxvtpm.tpm import ek, wire
 from sgxvtpm.tpm.constants import (
     TPM2_ALG,
     TPM2_CAP,
@@ -386,4 +388,26 @@ def test_a_request_that_runs_again_differently_ends_the_resume(hostd: Hostd) -> 
     assert refused and "answered other bytes" in refused[0]["reason"]
     response = client.transact(wire.pcr_read([16]))
     assert wire.response_code(response) == TPM2_RC.FAILURE
+    client.close()
+
+
+def test_manufacturing_is_one_commit_and_a_kill_right_after_keeps_all_of_it(
+    hostd: Hostd,
+) -> None:
+    """vm create seals the new TPM (EKs, their certificates, the platform certificate,
+    the PCR banks) in one commit after the first version, not one per NV write; a
+    kill -9 right after it loses none of that (the manager's answer came after it)."""
+    create(hostd, "vm1")
+    sealed = _instance_dir(hostd) / "state.sealed"
+    first = parse_header(sealed.read_bytes())[0].version
+    kill_instance(hostd)
+    client = K2Client(hostd.binding("vm1"), label="test_crash_resume")
+    client.reconnect_timeout = 90
+    client.power_on()
+    execute(client.transact, wire.startup(TPM2_SU.CLEAR))
+    for alg in ("rsa2048", "ecc-p256"):
+        assert x509.load_der_x509_certificate(ek.read_ek_certificate(client.transact, alg))
+    # The counter's first value is the creation's (state.py: SealedFile.create), one
+    # commit writes the bundle, one more the manufactured TPM (one per NV write made 16).
+    assert first <= 3, f"manufacturing wrote {first} versions"
     client.close()

@@ -562,6 +562,9 @@ class InstanceEnclave:
             }
         )
         self.vm_spki = request.vm_spki_sha256
+        # Manufacturing answers nobody but the manager, and only certify's answer says
+        # the TPM exists: libtpms' stores (one per NV write) wait for certify's one commit.
+        self.store.deferred = True
         engine = LibtpmsEngine(EngineStoreAdapter(self.store))
         engine.start()
         self._manufacturing = engine
@@ -589,6 +592,7 @@ class InstanceEnclave:
         ekmod.allocate_pcr_banks(engine.process, banks)
         execute(engine.process, tpmwire.shutdown(TPM2_SU.CLEAR))
         engine.stop()
+        self.store.flush(self.store.bundle.resume)  # the manufactured TPM, durable and counted
         self._manufacturing = None
         self.core = self._new_core()
         self.state = "running"

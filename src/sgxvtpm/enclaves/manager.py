@@ -481,7 +481,7 @@ class ManagerEnclave:
             except OSError as exc:
                 raise ManagerError(f"the manager's registry could not be saved: {exc}") from None
             created = k1.Created(
-                instance=await self.describe(record),
+                instance=await self.describe(record, known=(launched.pid, status)),
                 vm_cert_pem=vm_cert_pem,
                 ca_cert_pem=self.credential.cert_pem.decode(),
             )
@@ -556,19 +556,27 @@ class ManagerEnclave:
         log.log("manager.instance_destroyed", vm=name, instance=record.instance_id)
         return k1.Done()
 
-    async def describe(self, record: InstanceRecord) -> k1.InstanceInfo:
-        host = await self._control(control.QueryInstance(record.instance_id))
-        if isinstance(host, Refused):
-            host = control.InstanceProcess(alive=False, pid=None, reason=host.error)
+    async def describe(
+        self, record: InstanceRecord, known: tuple[int, admin.InstanceStatus] | None = None
+    ) -> k1.InstanceInfo:
+        """VM ``record`` as it is now; ``known``: its process and the status it answered
+        just now (create), which are not asked again."""
         status: admin.InstanceStatus | None = None
-        if host.alive:
+        if known is not None:
+            host = control.InstanceProcess(alive=True, pid=known[0])
+            status = known[1]
+        else:
+            reply = await self._control(control.QueryInstance(record.instance_id))
+            host = (control.InstanceProcess(alive=False, pid=None, reason=reply.error)
+                    if isinstance(reply, Refused) else reply)
+        state, reason = "stopped", host.reason
+        if status is None and host.alive:
             try:
                 status = await self._call(record.instance_id, admin.GetStatus())
-                state, reason = status.state, status.reason
             except _UNREACHABLE as exc:
                 state, reason = "error", f"unreachable: {exc}"
-        else:
-            state, reason = "stopped", host.reason
+        if status is not None:
+            state, reason = status.state, status.reason
         return k1.InstanceInfo(
             name=record.name,
             instance_id=record.instance_id,

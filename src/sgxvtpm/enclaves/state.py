@@ -1,10 +1,10 @@
 """An instance's sealed state: its provisioning and libtpms' three blobs in one file.
 
 One file, one version: every commit rewrites the whole bundle with version +
-1, then advances the platform counter (sealing.py explains the order). While
-provisioning, each libtpms store (permall after an NV write, the savestate at
-Shutdown(STATE)) commits before the callback returns. A VM's running TPM
-stores in *deferred* mode: the store only marks the bundle dirty, and the
+1, then advances the platform counter (sealing.py explains the order).
+Manufacturing (instance.py: provision, certify) commits once, at its end,
+before it answers that the TPM exists. A VM's running TPM
+stores in *deferred* mode too: the store only marks the bundle dirty, and the
 instance commits it once per request, after the command and before its
 response leaves, together with that request's resume record (resume.py), so
 an NV change and the volatile state that goes with it are one commit and a
