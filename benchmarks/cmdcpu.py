@@ -50,7 +50,9 @@ def _commands(fixture: Any, n_cheap: int, n_heavy: int) -> dict[str, tuple[int, 
     return {
         "GetRandom": (n_cheap, lambda run, i: run(wire.get_random(32))),
         "PCR_Extend": (n_cheap, lambda run, i: run(wire.pcr_extend(PCR, digest))),
+        "PCR_Read": (n_cheap, lambda run, i: run(wire.pcr_read([PCR]))),
         "NV_Write": (max(1, n_cheap // 3), lambda run, i: run(nv[i % 2])),
+        "NV_Read": (n_cheap, lambda run, i: run(wire.nv_read(NV_INDEX, NV_SIZE))),
         "SignECDSA": (n_heavy, lambda run, i: run(wire.sign(fixture.ecc_key, digest))),
         "CreatePrimary+Flush": (n_heavy, create_and_flush),
     }
