@@ -22,6 +22,8 @@ from benchmarks.context import Context
 from benchmarks.sgx import creation_phases
 from benchmarks.swtpm import LocalCa, Swtpm
 
+CLI_RUNS = 3  # `sgxvtpm vm create` command lines timed (a new interpreter each)
+
 
 def swtpm_creation(ctx: Context) -> dict[str, Any]:
     root = ctx.workdir / "creation-swtpm"
@@ -60,9 +62,11 @@ def sgx_creation(ctx: Context) -> dict[str, Any]:
         events_before = len(ctx.vm_names)
         ctx.grow_vms_to(events_before + ctx.config.creation_runs)
         timed = [fleet.vms[n] for n in ctx.vm_names[events_before:]]
-        cli_name = f"cli{len(ctx.vm_names):03d}"
-        cli_s = fleet.create_cli(cli_name)
-        ctx.vm_names.append(cli_name)
+        cli_s = []
+        for _ in range(CLI_RUNS):
+            cli_name = f"cli{len(ctx.vm_names):03d}"
+            cli_s.append(fleet.create_cli(cli_name))
+            ctx.vm_names.append(cli_name)
     except Exception as exc:
         return {"ok": False, "reason": f"failed: {type(exc).__name__}: {exc}"}
     events = fleet.log_events()
@@ -71,7 +75,8 @@ def sgx_creation(ctx: Context) -> dict[str, Any]:
         "ok": True,
         "runs": len(timed),
         "median_ms": statistics.median(vm.seconds for vm in timed) * 1000,
-        "cli_ms": cli_s * 1000,
+        "cli_ms": statistics.median(cli_s) * 1000,
+        "cli_runs": len(cli_s),
     }
     for key in ("launch_ms", "manufacture_ms", "registry_ms"):
         if phases:

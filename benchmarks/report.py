@@ -372,6 +372,7 @@ def _creation(results: dict[str, Any]) -> list[str]:
             f"- sgxvtpm: `vm create` (VMM call) **{sg['median_ms']:.0f} ms** (median of "
             f"{sg['runs']}); the `sgxvtpm vm create` command line, interpreter start "
             f"included: {sg['cli_ms']:.0f} ms"
+            + (f" (median of {sg['cli_runs']})" if sg.get("cli_runs", 1) > 1 else "")
         )
         if "manufacture_ms" in sg:
             text += (
