@@ -69,7 +69,6 @@ from sgxvtpm.wire import admin, control, k1
 from sgxvtpm.wire import fleet as fleetwire
 from sgxvtpm.wire.jsonmsg import Done, Refused, Reply, Request
 
-CA_COMMON_NAME = k1.CA_COMMON_NAME
 FLEET_IN = "fleet"  # hostd's label of a session from its fleet port (host/switch.py)
 # An instance answers in milliseconds; RSA EK generation at create takes well
 # under a second. A dead or wedged instance must not hold the manager longer.
@@ -106,7 +105,7 @@ class ManagerEnclave:
         self.operator_spki = spki_sha256(operator)
         self.ca_key = self.registry.ca_key()
         self.credential = EnclaveCredential.create(
-            platform, CA_COMMON_NAME, key=self.ca_key, is_ca=True
+            platform, k1.CA_COMMON_NAME, key=self.ca_key, is_ca=True
         )
         # Towards instances the manager authenticates with a leaf its CA issues to
         # its own key, not with its self-signed RA-TLS certificate: that one is new
@@ -219,7 +218,7 @@ class ManagerEnclave:
         if isinstance(dialled, Refused):
             raise FleetError(dialled.error)
         assert self.mux is not None
-        client = self._client_to("manager", CA_COMMON_NAME)
+        client = self._client_to("manager", k1.CA_COMMON_NAME)
         try:
             session = await asyncio.wait_for(self.mux.open(dialled.target, client), CALL_TIMEOUT)
         except (ChannelError, ConnectionError, TimeoutError, EOFError) as exc:

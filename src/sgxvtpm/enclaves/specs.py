@@ -130,9 +130,7 @@ class _ImportCache:
             entries = json.loads(path.read_bytes())
         except (OSError, ValueError):
             entries = {}
-        if not isinstance(entries, dict):
-            entries = {}
-        return cls(path, entries)
+        return cls(path, entries if isinstance(entries, dict) else {})
 
     def imports_of(self, name: str, path: Path) -> list[str]:
         data = path.read_bytes()
