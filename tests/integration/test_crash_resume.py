@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from tests.helpers.hostd import Hostd
+from tests.helpers.sealedfiles import sealed_version
 
-from sgxvtpm.enclaves.sealing import parse_header
 from sgxvtpm.endpoint.k2 import K2Client, K2Error
 from sgxvtpm.tpm import ek, wire
 from sgxvtpm.tpm.constants import (
@@ -399,7 +399,7 @@ def test_manufacturing_is_one_commit_and_a_kill_right_after_keeps_all_of_it(
     kill -9 right after it loses none of that (the manager's answer came after it)."""
     create(hostd, "vm1")
     sealed = _instance_dir(hostd) / "state.sealed"
-    first = parse_header(sealed.read_bytes())[0].version
+    first = sealed_version(sealed)
     kill_instance(hostd)
     client = K2Client(hostd.binding("vm1"), label="test_crash_resume")
     client.reconnect_timeout = 90

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from tests.helpers.hostd import Hostd
+from tests.helpers.sealedfiles import newest_record
 
 from sgxvtpm.channel import ChannelError, ClientCredential
 from sgxvtpm.endpoint.k2 import K2Client, K2Error, VmBinding
@@ -183,7 +184,8 @@ def test_tampered_foreign_and_old_state_are_refused(hostd: Hostd) -> None:
     hostd.stop()
 
     flipped = bytearray(_sealed(hostd, "vm1").read_bytes())
-    flipped[len(flipped) // 2] ^= 0x10
+    start, end = newest_record(_sealed(hostd, "vm1"))
+    flipped[(start + end) // 2] ^= 0x10  # the current version, not an unused slot
     _sealed(hostd, "vm1").write_bytes(bytes(flipped))
     shutil.copy(_sealed(hostd, "vm4"), _sealed(hostd, "vm2"))
     _sealed(hostd, "vm3").write_bytes(old)

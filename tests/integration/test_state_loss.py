@@ -24,9 +24,9 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from tests.helpers.hostd import running_hostd, wait_ready
 from tests.helpers.processes import stop_process
+from tests.helpers.sealedfiles import sealed_version
 
 from sgxvtpm.channel import ChannelError
-from sgxvtpm.enclaves.sealing import parse_header
 from sgxvtpm.endpoint.k2 import K2Client, K2Error, VmBinding
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.vmm.client import VmmClient, VmmError
@@ -58,7 +58,7 @@ def hostd_refuses(state: StateDir, *extra: str, timeout: float = 60.0) -> str:
 
 
 def registry_version(state: StateDir) -> int:
-    return parse_header((state.manager / "registry.sealed").read_bytes())[0].version
+    return sealed_version(state.manager / "registry.sealed")
 
 
 def vm_list(state: StateDir) -> list[str]:

@@ -5,12 +5,17 @@ in the host's log); a failing disk is answered with an error, never a crash.
 
 The whole state directory (sealed state, registry, platform counters) is a
 small tmpfs. It is filled to the last block (writes fail with ENOSPC), and
-its inodes are exhausted (creating the temp file of an atomic write fails).
+its inodes are exhausted (creating the temp file of a whole-file write fails).
 Meanwhile:
 
-- a state-changing TPM command answers a TPM error (libtpms enters failure
-  mode and answers TPM_RC_FAILURE until the VM's next power cycle, as a TPM
-  does), never a crash, a hang or a torn file; the instance process lives on;
+- a state-changing TPM command whose sealed state still fits the state file
+  is made durable as on a free disk: it is written in place, into the file's
+  other slot (util/durable.py), which needs no new block and no new inode;
+- one that needs a bigger file (here: 2 KiB NV indices, defined and written
+  until the state outgrows its slot) answers a TPM error (libtpms enters
+  failure mode and answers TPM_RC_FAILURE until the VM's next power cycle, as
+  a TPM does), never a crash, a hang or a torn file; the instance process
+  lives on;
 - ``vm create`` fails with a clear error and hostd keeps serving;
 - an instance killed while the disk is full comes back with its state;
 - nothing of the failed command reaches the log (libtpms dumps a failing
@@ -51,6 +56,7 @@ from tests.helpers.vmtools import (
 
 from sgxvtpm.endpoint.k2 import K2Client
 from sgxvtpm.tpm import wire
+from sgxvtpm.tpm.constants import TPM2_RC, TPM2_SU
 from sgxvtpm.tpm.nv import execute
 from sgxvtpm.vmm.client import VmmError
 
@@ -126,18 +132,52 @@ def no_plaintext_in_log(ctl: HostdCtl, secret: bytes) -> None:
     assert spaced not in log and secret[:8].hex() not in log
 
 
-def refuses_writes(ctl: HostdCtl, name: str, c: K2Client, secret: bytes) -> None:
-    """On a running TPM, state-changing commands get TPM errors; the process lives on."""
+BIG = 0x01500100  # the first of the 2 KiB indices that grow the sealed state
+
+
+def fits_then_grows(
+    ctl: HostdCtl, name: str, c: K2Client, state: tuple[bytes, int, bytes], first: int
+) -> tuple[bytes, int, bytes]:
+    """On a running TPM over a full disk: changes that fit the state file are made
+    durable; then 2 KiB indices (from ``BIG + first``) are defined and written until a
+    commit needs a bigger file, which gets a TPM error; the process lives on. Returns
+    the state now acknowledged; the indices acknowledged were undefined again."""
     pid = ctl.enclave_pids()[ctl.instance_id(name)]
-    codes = [
-        rc_of(c.transact(wire.nv_write(NV, secret))),
-        rc_of(c.transact(wire.nv_increment(CTR))),
-        rc_of(c.transact(wire.evict_control(KEY, KEY))),
-    ]
-    assert all(code != 0 for code in codes), [hex(x) for x in codes]
+    marker = os.urandom(16)
+    execute(c.transact, wire.nv_write(NV, marker))
+    execute(c.transact, wire.nv_increment(CTR))
+    defined = []
+    for index in range(BIG + first, BIG + first + 16):
+        code = rc_of(c.transact(wire.nv_define_space(index, 2048, NV_ATTRS)))
+        if code == 0:
+            defined.append(index)
+            code = rc_of(c.transact(wire.nv_write(index, os.urandom(1024))))
+        if code == 0:
+            code = rc_of(c.transact(wire.nv_write(index, os.urandom(1024), offset=1024)))
+        if code != 0:
+            break
+    assert code == TPM2_RC.FAILURE, hex(code)  # refused for the disk, not for NV space
+    assert 1 <= len(defined) < 16, defined
+    # The TPM is in failure mode: every command answers TPM_RC_FAILURE.
+    assert rc_of(c.transact(wire.nv_write(NV, os.urandom(16)))) == TPM2_RC.FAILURE
     assert ctl.enclave_pids()[ctl.instance_id(name)] == pid
     os.kill(pid, 0)  # still alive
     c.close()
+    return marker, state[1] + 1, state[2]
+
+
+def undefine_big(ctl: HostdCtl, name: str) -> list[int]:
+    """The 2 KiB indices the TPM holds, undefined again (so the next round can grow)."""
+    with boot(ctl, name) as c:
+        found = [i for i in range(BIG, BIG + 64) if nv_defined(c, i)]
+        for index in found:
+            execute(c.transact, wire.nv_undefine_space(index))
+        execute(c.transact, wire.shutdown(TPM2_SU.CLEAR))
+    return found
+
+
+def nv_defined(c: K2Client, index: int) -> bool:
+    return rc_of(c.transact(wire.nv_read_public(index))) == 0
 
 
 def shows_running(ctl: HostdCtl, name: str) -> None:
@@ -159,33 +199,35 @@ def test_disk_full_and_read_only_then_recovery(small_fs: Path) -> None:
             # TPM2_Startup itself writes NV, so the VM's TPM runs before the disk fills.
             c1 = boot(ctl, "vm1")
             fill(small_fs)
-            secret = os.urandom(16)
-            refuses_writes(ctl, "vm1", c1, secret)
+            state["vm1"] = fits_then_grows(ctl, "vm1", c1, state["vm1"], 0)
             with pytest.raises(VmmError, match="No space left"):
                 ctl.create(f"new{cycle}")
             assert {i.name for i in ctl.list()} >= {"vm1", "vm2"}  # hostd serves
             # An instance killed while the disk is full restarts and accepts its state.
             assert ctl.kill_enclave(ctl.instance_id("vm2"))
             shows_running(ctl, "vm2")
-            no_plaintext_in_log(ctl, secret)
-            free(small_fs)
-            # -- recovery: a power cycle brings back every acknowledged change --
+            no_plaintext_in_log(ctl, state["vm1"][0])
+            # A power cycle on the full disk: every acknowledged change, no refused one.
             check_state(ctl, "vm1", state["vm1"])
+            free(small_fs)
+            acknowledged = undefine_big(ctl, "vm1")
+            assert acknowledged and all(i < BIG + 16 for i in acknowledged), acknowledged
             check_state(ctl, "vm2", state["vm2"])
             marker = os.urandom(16)
             with boot(ctl, "vm1") as c:
                 execute(c.transact, wire.nv_write(NV, marker))
                 execute(c.transact, wire.nv_increment(CTR))
             state["vm1"] = (marker, state["vm1"][1] + 1, state["vm1"][2])
-            # -- no inode left: creating the temp file of an atomic write fails --
+            # -- no inode left: a whole-file write cannot create its temp file --
             c2 = boot(ctl, "vm2")
             used = os.statvfs(small_fs).f_files - os.statvfs(small_fs).f_ffree
             assert _sh("mount", "-o", f"remount,nr_inodes={used}", str(small_fs)).returncode == 0
             try:
-                refuses_writes(ctl, "vm2", c2, os.urandom(16))
+                state["vm2"] = fits_then_grows(ctl, "vm2", c2, state["vm2"], 16)
             finally:
                 assert _sh("mount", "-o", "remount,nr_inodes=65536", str(small_fs)).returncode == 0
             check_state(ctl, "vm2", state["vm2"])
+            undefine_big(ctl, "vm2")
         ctl.stop()
         ctl.start()
         ctl.wait_all_running()

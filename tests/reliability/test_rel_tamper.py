@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from tests.helpers.sealedfiles import newest_record
 from tests.helpers.vmtools import (
     NV_ATTRS,
     VMM_TRANSIENT,
@@ -42,6 +43,7 @@ from sgxvtpm.endpoint.k2 import K2Error
 from sgxvtpm.tpm import wire
 from sgxvtpm.tpm.constants import TPM2_SU
 from sgxvtpm.tpm.nv import execute
+from sgxvtpm.util.durable import slot_layout
 
 pytestmark = pytest.mark.integration
 
@@ -73,13 +75,32 @@ def instance_counter(ctl: HostdCtl, name: str) -> Path:
 
 
 def flip(path: Path, offset: int) -> None:
+    """Flip a bit at ``offset`` of the newest sealed record in ``path`` (from its end if < 0)."""
+    start, end = newest_record(path)
     data = bytearray(path.read_bytes())
-    data[offset % len(data)] ^= 0x04
+    data[start + offset % (end - start)] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
+def flip_counter(path: Path) -> None:
+    """Flip a bit of the value of every record in a counter file. (One damaged record
+    reads as the value before it, as a torn write does: the sealed file one version
+    ahead is then taken for a crash between its write and the increment.)"""
+    data = bytearray(path.read_bytes())
+    layout = slot_layout(bytes(data))
+    assert layout is not None
+    for start in layout:
+        data[start + 72] ^= 0x04
     path.write_bytes(bytes(data))
 
 
 def truncate(path: Path, size: int) -> None:
     path.write_bytes(path.read_bytes()[:size])
+
+
+def truncate_newest(path: Path, less: int) -> None:
+    """Cut the file ``less`` bytes before the end of its newest sealed record."""
+    truncate(path, newest_record(path)[1] - less)
 
 
 def refused(ctl: HostdCtl, name: str, reason: str) -> None:
@@ -110,15 +131,13 @@ def test_instance_state_and_counter_tampering_is_refused(ctl: HostdCtl) -> None:
     ctr = {n: instance_counter(ctl, n) for n in names}
     cases: dict[str, tuple[Callable[[], None], str]] = {
         "flip_header": (lambda: flip(s("flip_header"), 17), "failed authentication"),
-        "flip_body": (lambda: flip(s("flip_body"), len(s("flip_body").read_bytes()) // 2),
-                      "failed authentication"),
+        "flip_body": (lambda: flip(s("flip_body"), 4000), "failed authentication"),
         "flip_tag": (lambda: flip(s("flip_tag"), -1), "failed authentication"),
         "trunc_header": (lambda: truncate(s("trunc_header"), 20), "truncated"),
-        "trunc_tag": (lambda: truncate(s("trunc_tag"), len(s("trunc_tag").read_bytes()) - 1),
-                      "failed authentication"),
+        "trunc_tag": (lambda: truncate_newest(s("trunc_tag"), 1), "failed authentication"),
         "empty": (lambda: truncate(s("empty"), 0), "truncated"),
         "old": (lambda: s("old").write_bytes(old_state), "rollback"),
-        "ctr_flip": (lambda: flip(ctr["ctr_flip"], 80), "damaged"),
+        "ctr_flip": (lambda: flip_counter(ctr["ctr_flip"]), "damaged"),
         "ctr_trunc": (lambda: truncate(ctr["ctr_trunc"], 50), "damaged"),
         "ctr_swap": (lambda: shutil.copy(ctr["good2"], ctr["ctr_swap"]), "damaged"),
         "ctr_old": (lambda: ctr["ctr_old"].write_bytes(old_counter), "from the future"),
@@ -205,12 +224,12 @@ def test_registry_tampering_is_refused_and_vms_keep_serving(ctl: HostdCtl, tmp_p
         foreign = (Path(other.state.manager) / "registry.sealed").read_bytes()
     instance_file = ctl.sealed("vm1").read_bytes()
     cases: list[tuple[str, Callable[[], None], str]] = [
-        ("flip", lambda: flip(registry(ctl), len(good) // 2), "failed authentication"),
+        ("flip", lambda: flip(registry(ctl), 300), "failed authentication"),
         ("truncate", lambda: truncate(registry(ctl), 30), "truncated"),
         ("old copy", lambda: registry(ctl).write_bytes(old_registry), "rollback"),
         ("instance file", lambda: registry(ctl).write_bytes(instance_file), "another kind"),
         ("other host", lambda: registry(ctl).write_bytes(foreign), "failed authentication"),
-        ("counter flip", lambda: flip(counter_path, 80), "damaged"),
+        ("counter flip", lambda: flip_counter(counter_path), "damaged"),
     ]
     for label, tamper, reason in cases:
         since = len(ctl.log())

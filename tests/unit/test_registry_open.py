@@ -6,16 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tests.helpers.sealedfiles import newest_record, sealed_version
 
 from sgxvtpm.enclaves.registry import REGISTRY_OWNER, RegistryStore
-from sgxvtpm.enclaves.sealing import SealError, SealKind, parse_header
+from sgxvtpm.enclaves.sealing import SealError, SealKind
 from sgxvtpm.platform.base import EnclavePlatform
 
 OPERATOR = "-----BEGIN CERTIFICATE-----\noperator\n-----END CERTIFICATE-----\n"
 
 
 def version(path: Path) -> int:
-    return parse_header(path.read_bytes())[0].version
+    return sealed_version(path)
 
 
 def test_first_start_creates_then_opens(enclave_platform: EnclavePlatform, tmp_path: Path) -> None:
@@ -50,8 +51,9 @@ def test_a_damaged_registry_is_refused_unless_reset(
 ) -> None:
     path = tmp_path / "registry.sealed"
     RegistryStore(enclave_platform, path).open(OPERATOR)
-    data = path.read_bytes()
-    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    data = bytearray(path.read_bytes())
+    data[newest_record(path)[1] - 1] ^= 1  # the tag of the one version
+    path.write_bytes(bytes(data))
     with pytest.raises(SealError, match="failed authentication"):
         RegistryStore(enclave_platform, path).open(OPERATOR)
     assert RegistryStore(enclave_platform, path).open(OPERATOR, reset=True)[1] == "reset"

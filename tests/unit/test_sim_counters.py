@@ -9,6 +9,7 @@ import pytest
 
 from sgxvtpm.platform import EnclaveIdentity, PlatformError
 from sgxvtpm.platform.sim import SimPlatformDir
+from sgxvtpm.util.durable import slot_layout
 
 SIGNER_1 = b"\x11" * 32
 A = EnclaveIdentity(b"\x0a" * 32, SIGNER_1, 1, 1)
@@ -58,10 +59,13 @@ def test_damaged_counter_is_refused(fresh_sim_platform: SimPlatformDir, damage: 
     enclave.counter_increment("c")
     path = _counter_file(fresh_sim_platform)
     raw = bytearray(path.read_bytes())
+    layout = slot_layout(bytes(raw))
+    assert layout is not None  # two slots: 0 and then 1
     if damage == "flip":
-        raw[80] ^= 1  # the value field
+        for start in layout:
+            raw[start + 72] ^= 1  # the value field of each slot's record
     elif damage == "truncate":
-        raw = raw[:-1]
+        raw = raw[: layout[0] + 111]  # the first record short of a byte, the second gone
     else:
         raw = bytearray()
     path.write_bytes(bytes(raw))

@@ -1,7 +1,8 @@
 """An instance's sealed state: its provisioning and libtpms' three blobs in one file.
 
-One file, one version: every commit rewrites the whole bundle with version +
-1, then advances the platform counter (sealing.py explains the order).
+One file, one current version: every commit seals the whole bundle with
+version + 1 into the file's other slot (util/durable.py: written in place, one
+fdatasync), then advances the platform counter (sealing.py explains the order).
 Manufacturing (instance.py: provision, certify) commits once, at its end,
 before it answers that the TPM exists. A VM's running TPM
 stores in *deferred* mode too: the store only marks the bundle dirty, and the
@@ -24,6 +25,7 @@ import json
 import os
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from typing import Any
 from sgxvtpm.enclaves.sealing import Sealer, SealError, SealKind, check_fresh
 from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.platform.base import EnclavePlatform, PlatformError
-from sgxvtpm.util.durable import atomic_write, remove_durably
+from sgxvtpm.util.durable import SlotFile
 
 BLOB_NAMES = ("permall", "volatilestate", "savestate")
 _ABSENT = 0xFFFFFFFF
@@ -130,7 +132,15 @@ def lock_directory(directory: Path, timeout: float = 30.0) -> int:
 
 
 class SealedFile:
-    """One sealed, counted file: the write order and the freshness check of sealing.py."""
+    """One sealed, counted record in a slot file (util/durable.py): the write order and
+    the freshness check of sealing.py.
+
+    Each commit seals version + 1 into the slot that does not hold the current
+    version, flushes it, then advances the counter. Loading opens both slots and
+    takes the newest that authenticates; a torn write (a crash mid-write) fails
+    authentication and leaves the other slot's version, which the counter then
+    accepts or refuses as sealing.py says.
+    """
 
     def __init__(
         self, platform: EnclavePlatform, kind: SealKind, owner_id: str, path: Path
@@ -138,6 +148,7 @@ class SealedFile:
         self._platform = platform
         self._sealer = Sealer(platform, kind, owner_id)
         self._counter = f"{kind.name.lower()}:{owner_id}"
+        self._slots = SlotFile(path)
         self.path = path
         self.version = 0
 
@@ -162,18 +173,33 @@ class SealedFile:
             return None
 
     def load(self) -> bytes:
-        """The plaintext; SealError when damaged, foreign or rolled back."""
+        """The plaintext of the newest version; SealError when damaged, foreign or rolled back."""
         try:
-            blob = self.path.read_bytes()
+            records = self._slots.read()
         except OSError as exc:
-            raise SealError(f"cannot read sealed file: {exc.strerror}") from None
-        header, plaintext = self._sealer.unseal(blob)
+            raise SealError(f"cannot read sealed file: {exc.strerror or exc}") from None
+        opened, damaged = [], []
+        for slot, blob in enumerate(records):
+            if not blob and len(records) > 1:
+                continue  # a slot never written, or cut off by a truncation
+            try:
+                opened.append((slot, *self._sealer.unseal(blob)))
+            except SealError as exc:
+                damaged.append(str(exc))
+        if not opened:
+            raise SealError("; ".join(damaged) or "sealed file is truncated: it holds no version")
+        slot, header, plaintext = max(opened, key=lambda found: found[1].version)
         try:
             counter = self._platform.counter_read(self._counter)
         except PlatformError as exc:
             raise SealError(f"platform counter unavailable: {exc}") from None
-        if check_fresh(header.version, counter):
+        try:
+            advance = check_fresh(header.version, counter)
+        except SealError as exc:  # say also why no newer version was taken
+            raise SealError("; the other slot: ".join([str(exc), *damaged])) from None
+        if advance:
             self._platform.counter_increment(self._counter)
+        self._slots.use(slot)
         self.version = header.version
         return plaintext
 
@@ -181,19 +207,22 @@ class SealedFile:
         """Write the first version, above the counter if one exists (it never goes back)."""
         try:
             self.version = self._platform.counter_create(self._counter)
-            self.commit(plaintext, vm_id)
+            self._commit(plaintext, vm_id, self._slots.create)
         except PlatformError as exc:
             raise SealError(f"platform counter unavailable: {exc}") from None
 
     def commit(self, plaintext: bytes, vm_id: str = "") -> None:
         """Write version + 1 durably, then advance the counter; only then return."""
+        self._commit(plaintext, vm_id, self._slots.write)
+
+    def _commit(self, plaintext: bytes, vm_id: str, write: Callable[[bytes], None]) -> None:
         version = self.version + 1
-        atomic_write(self.path, self._sealer.seal(plaintext, version, vm_id))
+        write(self._sealer.seal(plaintext, version, vm_id))
         self._platform.counter_increment(self._counter)
         self.version = version
 
     def erase(self) -> None:
-        remove_durably(self.path)
+        self._slots.erase()
 
 
 class SealedStateStore:

@@ -1,14 +1,17 @@
 """Monotonic counters: durable files in the platform directory.
 
-One file per counter, named by its owner's MRSIGNER and a hash of its name:
+One slot file (util/durable.py) per counter, named by its owner's MRSIGNER and
+a hash of its name; each slot holds a record
 
   magic "SGXVCTR1" | owner MRSIGNER (32) | SHA-256(name) (32) | value u64le |
   HMAC-SHA256(counter key, everything before) (32)
 
-The counter key is derived from the fuse key, so only this platform can
-write a counter the enclaves will accept. Every change is written
-atomically (temp file, fsync, rename, fsync dir) before the new value is
-returned, under an exclusive flock so concurrent increments never lose one.
+and the counter's value is the highest one whose MAC checks (a write torn by
+a crash leaves the other slot's, the value before). The counter key is
+derived from the fuse key, so only this platform can write a counter the
+enclaves will accept. Every change is flushed to disk (the record in the
+other slot, fdatasync) before the new value is returned, under an exclusive
+flock so concurrent increments never lose one.
 Sealed state is fresh because of them (SECURITY.md property 15).
 
 What the simulation cannot stop: whoever controls the platform directory
@@ -32,7 +35,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sgxvtpm.platform.base import PlatformError
-from sgxvtpm.util.durable import atomic_write
+from sgxvtpm.util.durable import SlotFile
 
 _MAGIC = b"SGXVCTR1"
 _SIZE = len(_MAGIC) + 32 + 32 + 8 + 32
@@ -54,24 +57,24 @@ class CounterStore:
 
     def create(self, owner: bytes, name: str) -> int:
         """Create the counter at 0 if it does not exist; its value."""
-        with self._locked(owner, name) as path:
-            if path.exists():
-                return self._load(path, owner, name)
-            self._store(path, owner, name, 0)
+        with self._locked(owner, name) as slots:
+            if slots.path.exists():
+                return self._load(slots, owner, name)
+            slots.create(self._record(owner, name, 0))
             return 0
 
     def increment(self, owner: bytes, name: str) -> int:
         """Add one; the new value is on disk when this returns."""
-        with self._locked(owner, name) as path:
-            value = self._load(path, owner, name)
+        with self._locked(owner, name) as slots:
+            value = self._load(slots, owner, name)
             if value == _MAX:
                 raise PlatformError(f"monotonic counter {name!r} is exhausted")
-            self._store(path, owner, name, value + 1)
+            slots.write(self._record(owner, name, value + 1))
             return value + 1
 
     def read(self, owner: bytes, name: str) -> int:
-        with self._locked(owner, name) as path:
-            return self._load(path, owner, name)
+        with self._locked(owner, name) as slots:
+            return self._load(slots, owner, name)
 
     def _path(self, owner: bytes, name: str) -> Path:
         if not name or len(name.encode()) > 255:
@@ -79,43 +82,49 @@ class CounterStore:
         return self._dir / f"{owner.hex()}-{_name_hash(name).hex()[:32]}.ctr"
 
     @contextlib.contextmanager
-    def _locked(self, owner: bytes, name: str) -> Iterator[Path]:
+    def _locked(self, owner: bytes, name: str) -> Iterator[SlotFile]:
         path = self._path(owner, name)
         self._dir.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        slots = SlotFile(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield path
+            yield slots
         finally:
+            slots.close()
             os.close(fd)
 
     def _mac(self, data: bytes) -> bytes:
         return hmac.new(self._key, data, hashlib.sha256).digest()
 
-    def _store(self, path: Path, owner: bytes, name: str, value: int) -> None:
+    def _record(self, owner: bytes, name: str, value: int) -> bytes:
         data = _MAGIC + owner + _name_hash(name) + struct.pack("<Q", value)
-        atomic_write(path, data + self._mac(data))
+        return data + self._mac(data)
 
-    def _load(self, path: Path, owner: bytes, name: str) -> int:
+    def _load(self, slots: SlotFile, owner: bytes, name: str) -> int:
+        """The counter's value; ``slots`` then writes over the slot that does not hold it."""
         try:
-            raw = path.read_bytes()
+            records = slots.read()
         except FileNotFoundError:
             raise PlatformError(f"monotonic counter {name!r} does not exist") from None
         except OSError as exc:
             raise PlatformError(f"monotonic counter {name!r} cannot be read: {exc}") from exc
         head = _MAGIC + owner + _name_hash(name)
-        body, mac = raw[:-32], raw[-32:]
-        if (
-            len(raw) != _SIZE
-            or not raw.startswith(head)
-            or not hmac.compare_digest(mac, self._mac(body))
-        ):
+        values = [
+            (struct.unpack_from("<Q", raw, len(head))[0], slot)
+            for slot, raw in enumerate(records)
+            if len(raw) == _SIZE
+            and raw.startswith(head)
+            and hmac.compare_digest(raw[-32:], self._mac(raw[:-32]))
+        ]
+        if not values:
             raise PlatformError(
-                f"monotonic counter {name!r} is damaged ({path}): its MAC or format does "
+                f"monotonic counter {name!r} is damaged ({slots.path}): its MAC or format does "
                 "not check; restore the platform directory from a backup or recreate "
                 "the counter's owner state"
             )
-        (value,) = struct.unpack_from("<Q", raw, len(head))
+        value, slot = max(values)
+        slots.use(slot)
         return int(value)
 
 
