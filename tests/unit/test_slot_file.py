@@ -167,22 +167,29 @@ def test_each_write_keeps_the_record_before_it_unless_it_outgrew_the_slot(
 # -- the files built on it ------------------------------------------------------
 
 
+def sealed(platform: EnclavePlatform, path: Path, owner: str, *versions: bytes) -> SealedFile:
+    """A sealed file of ``owner`` at ``path``: created with the first of ``versions``
+    and committed with each of the others (none: only opened)."""
+    file = SealedFile(platform, SealKind.INSTANCE_STATE, owner, path)
+    if versions:
+        file.create(versions[0])
+        for version in versions[1:]:
+            file.commit(version)
+    return file
+
+
 def test_sealed_file_falls_back_from_a_torn_version_its_counter_never_saw(
     tmp_path: Path, enclave_platform: EnclavePlatform
 ) -> None:
     """A crash during the write of version 3 (into slot 0, over version 1): the counter
     is still at 2, and version 2 loads."""
     path = tmp_path / "state.sealed"
-    sealed = SealedFile(enclave_platform, SealKind.INSTANCE_STATE, "i1", path)
-    sealed.create(b"version 1")
-    sealed.commit(b"version 2")
+    sealed(enclave_platform, path, "i1", b"version 1", b"version 2")
     tear(path, 0, 40)
-    again = SealedFile(enclave_platform, SealKind.INSTANCE_STATE, "i1", path)
+    again = sealed(enclave_platform, path, "i1")
     assert again.load() == b"version 2" and again.version == 2
     again.commit(b"version 3")  # into the torn slot, never over version 2
-    assert SealedFile(enclave_platform, SealKind.INSTANCE_STATE, "i1", path).load() == (
-        b"version 3"
-    )
+    assert sealed(enclave_platform, path, "i1").load() == b"version 3"
 
 
 def test_sealed_file_refuses_a_damaged_newest_version_and_says_why(
@@ -191,28 +198,22 @@ def test_sealed_file_refuses_a_damaged_newest_version_and_says_why(
     """Version 3 was acknowledged (the counter is at 3), then damaged: the version
     before it is a rollback, and the reason names both slots."""
     path = tmp_path / "state.sealed"
-    sealed = SealedFile(enclave_platform, SealKind.INSTANCE_STATE, "i4", path)
-    sealed.create(b"version 1")
-    sealed.commit(b"version 2")
-    sealed.commit(b"version 3")  # slot 0
+    sealed(enclave_platform, path, "i4", b"version 1", b"version 2", b"version 3")  # 3: slot 0
     tear(path, 0, 40)
     reason = r"rollback refused; the other slot: .*failed authentication"
     with pytest.raises(SealError, match=reason):
-        SealedFile(enclave_platform, SealKind.INSTANCE_STATE, "i4", path).load()
+        sealed(enclave_platform, path, "i4").load()
 
 
 def test_sealed_file_loads_the_newest_version_and_continues_from_it(
     tmp_path: Path, enclave_platform: EnclavePlatform
 ) -> None:
     path = tmp_path / "state.sealed"
-    sealed = SealedFile(enclave_platform, SealKind.INSTANCE_STATE, "i2", path)
-    sealed.create(b"one")
-    for text in (b"two", b"three", b"four"):
-        sealed.commit(text)
-    again = SealedFile(enclave_platform, SealKind.INSTANCE_STATE, "i2", path)
+    sealed(enclave_platform, path, "i2", b"one", b"two", b"three", b"four")
+    again = sealed(enclave_platform, path, "i2")
     assert again.load() == b"four" and again.version == 4
     again.commit(b"five")
-    final = SealedFile(enclave_platform, SealKind.INSTANCE_STATE, "i2", path)
+    final = sealed(enclave_platform, path, "i2")
     assert final.load() == b"five" and final.version == 5
 
 
@@ -220,15 +221,13 @@ def test_sealed_file_refuses_a_whole_older_copy(
     tmp_path: Path, enclave_platform: EnclavePlatform
 ) -> None:
     path = tmp_path / "state.sealed"
-    sealed = SealedFile(enclave_platform, SealKind.INSTANCE_STATE, "i3", path)
-    sealed.create(b"one")
-    sealed.commit(b"two")
+    file = sealed(enclave_platform, path, "i3", b"one", b"two")
     old = path.read_bytes()
-    sealed.commit(b"three")
-    sealed.commit(b"four")
+    file.commit(b"three")
+    file.commit(b"four")
     path.write_bytes(old)
     with pytest.raises(SealError, match="rollback refused"):
-        SealedFile(enclave_platform, SealKind.INSTANCE_STATE, "i3", path).load()
+        sealed(enclave_platform, path, "i3").load()
 
 
 def test_counter_torn_mid_increment_reads_the_value_before(tmp_path: Path) -> None:
