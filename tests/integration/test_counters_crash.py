@@ -51,7 +51,7 @@ def _ack_and_kill(proc: subprocess.Popen[bytes], kill_after: int | None) -> list
             line = proc.stdout.readline()
             assert line.endswith(b"\n"), "child ended before it was killed"
             acked.append(int(line))
-        # A random moment: mid-write, mid-fsync or mid-rename of the next value.
+        # A random moment: mid-write or mid-fdatasync of the next value (in its slot).
         time.sleep(random.random() * 0.002)
         os.kill(proc.pid, signal.SIGKILL)
     rest = proc.stdout.read()

@@ -266,3 +266,29 @@ def test_a_failed_whole_file_write_leaves_the_file_in_use(
         slots.write(os.urandom(slot_capacity(5) * 2))
     slots.write(b"fits")
     assert SlotFile(path).read() == [b"small", b"fits"]
+
+
+def test_files_written_whole_before_slot_files_load_and_are_converted(
+    tmp_path: Path, enclave_platform: EnclavePlatform
+) -> None:
+    """An upgraded host: a counter file and a sealed file as one record each."""
+    store = CounterStore(tmp_path / "counters", os.urandom(32))
+    owner = os.urandom(32)
+    store.create(owner, "c")
+    store.increment(owner, "c")
+    (path,) = (tmp_path / "counters").glob("*.ctr")
+    path.write_bytes(store._record(owner, "c", 7))  # the old format: the record alone
+    assert store.read(owner, "c") == 7
+    assert store.increment(owner, "c") == 8
+    assert slot_layout(path.read_bytes()) is not None and store.read(owner, "c") == 8
+
+    state = tmp_path / "state.sealed"
+    sealed(enclave_platform, state, "i5", b"one", b"two")
+    records = [r for r in read_slots(state.read_bytes()) if r]
+    newest = max(records, key=lambda r: r[12:20])  # the header's big-endian version
+    state.write_bytes(newest)  # version 2, written whole
+    again = sealed(enclave_platform, state, "i5")
+    assert again.load() == b"two"
+    again.commit(b"three")
+    assert slot_layout(state.read_bytes()) is not None
+    assert sealed(enclave_platform, state, "i5").load() == b"three"
