@@ -3,13 +3,10 @@ for tests that read a version or damage one record on purpose."""
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 from sgxvtpm.enclaves.sealing import SealError, parse_header
 from sgxvtpm.util.durable import read_slots, slot_layout
-
-_LEN = 4
 
 
 def sealed_version(path: Path) -> int:
@@ -23,9 +20,8 @@ def sealed_version(path: Path) -> int:
     return max(versions)
 
 
-def newest_record(path: Path, version_of: str = "sealed") -> tuple[int, int]:
-    """(start, end) in the file of the slot record with the highest version: a sealed
-    file's (``sealed``) or a sim counter's (``counter``: its value at offset 72)."""
+def newest_record(path: Path) -> tuple[int, int]:
+    """(start, end) in a sealed file of the slot record with the highest version."""
     data = path.read_bytes()
     layout = slot_layout(data)
     assert layout is not None, f"{path} is not a slot file"
@@ -33,10 +29,7 @@ def newest_record(path: Path, version_of: str = "sealed") -> tuple[int, int]:
     for start, record in zip(layout, read_slots(data), strict=True):
         if not record:
             continue
-        if version_of == "sealed":
-            version = parse_header(record)[0].version
-        else:
-            version = struct.unpack_from("<Q", record, 72)[0]
+        version = parse_header(record)[0].version
         if best is None or version > best[0]:
             best = (version, start, start + len(record))
     assert best is not None, f"{path} holds no record"

@@ -148,23 +148,22 @@ class SlotFile:
     def read(self) -> list[bytes]:
         """The file's records (:func:`read_slots`); OSError if it cannot be read."""
         self.close()
+        writable = True
         try:
             fd = self._open(os.O_RDWR)
         except OSError as exc:
             if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise
-            fd = self._open(os.O_RDONLY)  # readable only: a write will need a new file
-            try:
-                data = _read_all(fd)
-            finally:
-                os.close(fd)
-        else:
-            try:
-                data = _read_all(fd)
-            except BaseException:
-                os.close(fd)
-                raise
+            fd, writable = self._open(os.O_RDONLY), False  # a write will need a new file
+        try:
+            data = _read_all(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if writable:
             self._hold(fd)
+        else:
+            os.close(fd)
         self._layout = slot_layout(data)
         self._current = 0
         return read_slots(data)
