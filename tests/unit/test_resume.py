@@ -324,6 +324,38 @@ def test_core_resumes_pcrs_and_da_without_startup_and_stirs_its_drbg() -> None:
     core.engine.stop()
 
 
+def test_core_resumes_a_tpm_powered_on_and_awaiting_startup() -> None:
+    """A kill between the platform's power-on (INIT) and the guest's TPM2_Startup
+    (a VM resuming after Shutdown(STATE)): the record holds a TPM that answers
+    TPM_RC_INITIALIZE to everything but Startup, the StirRandom too. It resumes
+    (it was refused, so the guest's Startup(STATE) got TPM_RC_FAILURE), and
+    Startup instantiates the DRBG anew, so two resumes give different randoms."""
+    store = MemoryStateStore()
+    core = VtpmCore(lambda: LibtpmsEngine(store))
+    core.handle(VtpmRequest.init())
+    execute(core.engine.process, wire.startup(TPM2_SU.CLEAR))
+    execute(core.engine.process, wire.pcr_extend(14, hashlib.sha256(b"m").digest()))
+    pcr = wire.parse_pcr_read(execute(core.engine.process, wire.pcr_read([14]))).digests
+    execute(core.engine.process, wire.shutdown(TPM2_SU.STATE))
+    core.handle(VtpmRequest.init())  # powered on again; no Startup yet
+    snapshot, durable = core.snapshot(), dict(store.blobs)
+    assert snapshot[0]
+    randoms = []
+    try:
+        for _ in range(2):  # two crashes resumed from the same record and durable state
+            core.engine.stop()
+            core = VtpmCore(lambda: LibtpmsEngine(MemoryStateStore(durable)))
+            core.resume(*snapshot)
+            run = core.engine.process
+            assert wire.response_code(run(wire.get_random(8))) == TPM2_RC.INITIALIZE
+            execute(run, wire.startup(TPM2_SU.STATE))
+            assert wire.parse_pcr_read(execute(run, wire.pcr_read([14]))).digests == pcr
+            randoms.append(wire.parse_get_random(execute(run, wire.get_random(16))))
+    finally:
+        core.engine.stop()
+    assert randoms[0] != randoms[1]
+
+
 # ---------------------------------------------------------------- the endpoint
 
 
