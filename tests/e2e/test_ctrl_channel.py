@@ -149,3 +149,31 @@ def test_migration_blobs_roundtrip(tmp_path: Path) -> None:
         dst.close()
         src_p.stop()
         dst_p.stop()
+
+
+def test_a_qemu_restarted_during_the_last_command_of_the_previous_attaches(
+    tmp_path: Path,
+) -> None:
+    """A QEMU that exits with a command in flight closes its data channel, but the
+    thread serving it first answers that command. A QEMU started in that moment must
+    attach: SET_DATAFD waits for the previous channel to end (it answered TPM_IOERROR
+    at once, which a restarted VM gets as a failed start)."""
+    ep = start_local(tmp_path / "ours", ctrl=tmp_path / "ours.ctrl")
+    try:
+        first = CtrlClient(ep.address, short_errors=False)
+        try:
+            data = first.attach_data()
+            assert first.request(CtrlRequest(CtrlCmd.INIT)).result == 0  # type: ignore[attr-defined]
+            assert wire.response_code(first.transact(wire.startup(TPM2_SU.CLEAR))) == 0
+            data.sendall(wire.create_primary(wire.rsa2048_template()))  # an RSA keygen
+        finally:
+            first.close()
+        second = CtrlClient(ep.address, short_errors=False)
+        try:
+            second.attach_data()
+            assert second.request(CtrlRequest(CtrlCmd.INIT)).result == 0  # type: ignore[attr-defined]
+            assert wire.response_code(second.transact(wire.startup(TPM2_SU.CLEAR))) == 0
+        finally:
+            second.close()
+    finally:
+        ep.stop()

@@ -177,18 +177,14 @@ def qemu_ep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EndpointProces
 
 
 def attach(ep: EndpointProcess) -> CtrlClient:
-    """A fresh QEMU-like client; retries while the previous data channel winds down."""
-    deadline = time.monotonic() + BOUND
-    while True:
-        c = CtrlClient(ep.address, short_errors=False)
-        try:
-            c.attach_data()
-            return c
-        except AssertionError:
-            c.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    """A fresh QEMU-like client (the endpoint waits for the previous data channel to end)."""
+    c = CtrlClient(ep.address, short_errors=False)
+    try:
+        c.attach_data()
+    except BaseException:
+        c.close()
+        raise
+    return c
 
 
 def assert_qemu_serves(ep: EndpointProcess) -> None:

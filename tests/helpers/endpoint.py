@@ -230,7 +230,7 @@ class CtrlClient:
         finally:
             theirs.close()
         if not (isinstance(resp, codec.CtrlResponse) and resp.result == 0):
-            mine.close()  # refused (e.g. the previous data channel still winds down)
+            mine.close()  # refused (another data channel is in use)
             raise AssertionError(resp)
         mine.settimeout(self.sock.gettimeout())
         self.data = mine

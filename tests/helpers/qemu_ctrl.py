@@ -52,9 +52,13 @@ def nv_counter(c: CtrlClient, index: int) -> int:
 def new_qemu(address: str, *, init: bool = True) -> CtrlClient:
     """A QEMU process attaching: data channel, then (``init``) the machine reset's INIT."""
     c = CtrlClient(address, short_errors=False)
-    c.attach_data()
-    if init:
-        assert ctrl(c, CtrlCmd.INIT).result == 0
+    try:
+        c.attach_data()
+        if init:
+            assert ctrl(c, CtrlCmd.INIT).result == 0
+    except BaseException:
+        c.close()
+        raise
     return c
 
 

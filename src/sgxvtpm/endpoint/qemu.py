@@ -54,6 +54,11 @@ from sgxvtpm.wire.swtpm_ctrl import (
 from sgxvtpm.wire.vtpm import TpmResult
 
 _MAX_FDS = 4
+#: How long SET_DATAFD waits for the previous data channel's thread to end before it
+#: refuses (TPM_IOERROR, as swtpm). A QEMU that exits closes its end, but the thread
+#: serving it first answers the command in flight (an RSA CreatePrimary takes a
+#: fraction of a second); a QEMU restarted in that moment must still attach.
+DATA_HANDOVER_WAIT = 3.0
 
 
 class _FdStream(Stream):
@@ -202,6 +207,10 @@ class QemuEndpoint:
 
     def _set_datafd(self, req: CtrlRequest, conn: _FdStream) -> CtrlResponse:
         fds, conn.fds = conn.fds, []
+        with self._data_lock:
+            previous = None if self._data is None else self._data[1]
+        if previous is not None:
+            previous.join(DATA_HANDOVER_WAIT)
         with self._data_lock:
             thread = None if self._data is None else self._data[1]
             if thread is not None and thread.is_alive():
