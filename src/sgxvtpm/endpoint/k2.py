@@ -304,6 +304,9 @@ class K2Client(MessageBackend):
     def _hand_off(self, relay: RelayConnection) -> None:
         """Ask hostd to hand this connection to the instance and wait for its
         answer (sending nothing meanwhile: every byte after it is the instance's)."""
+        if self._eof:  # the session ended with the handshake (the instance went away)
+            self.close()
+            raise K2Error("the instance closed the session")
         self._flush()  # the handshake's last flight goes before the request
         relay.request_handoff(self._sid)
         self._flush()
