@@ -22,6 +22,7 @@ from tests.helpers.endpoint import (
     free_port_pair,
     start_local,
 )
+from tests.helpers.qemu_ctrl import new_qemu
 from tests.helpers.sockets import recv_tpm_response
 
 from sgxvtpm.tpm import wire
@@ -178,13 +179,7 @@ def qemu_ep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EndpointProces
 
 def attach(ep: EndpointProcess) -> CtrlClient:
     """A fresh QEMU-like client (the endpoint waits for the previous data channel to end)."""
-    c = CtrlClient(ep.address, short_errors=False)
-    try:
-        c.attach_data()
-    except BaseException:
-        c.close()
-        raise
-    return c
+    return new_qemu(ep.address, init=False)
 
 
 def assert_qemu_serves(ep: EndpointProcess) -> None:

@@ -28,6 +28,7 @@ checked against its own model only (and all persistent keys differ).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import threading
@@ -105,6 +106,10 @@ class VmWorker:
         execute(c.transact, wire.nv_write(NV_INDEX, self.nv))
         execute(c.transact, wire.nv_increment(COUNTER_INDEX))
         self.ctr = 1
+
+    def close(self) -> None:
+        if self.c is not None:
+            self.c.close()
 
     def _connect_clear(self) -> K2Client:
         c = client(self.ctl, self.name)
@@ -264,77 +269,68 @@ def assert_crash_durability(
     tmp_path: Path, kills_wanted: int, vms: int, gap: tuple[float, float], seed: int
 ) -> None:
     rng = random.Random(seed)
-    workers: list[VmWorker] = []
-    try:
-        with running(tmp_path / "state") as ctl:
-            _crash_durability(ctl, workers, rng, kills_wanted, vms, gap, seed)
-    finally:
+    with running(tmp_path / "state") as ctl, contextlib.ExitStack() as cleanup:
+        names = [f"vm{i:02d}" for i in range(vms)]
+        ctl.create_many(names)
+        workers = [VmWorker(ctl, n, seed + i) for i, n in enumerate(names)]
         for w in workers:  # a failed run leaves no socket for a later test to find
-            if w.c is not None:
-                w.c.close()
-
-
-def _crash_durability(
-    ctl: HostdCtl, workers: list[VmWorker], rng: random.Random,
-    kills_wanted: int, vms: int, gap: tuple[float, float], seed: int,
-) -> None:
-    names = [f"vm{i:02d}" for i in range(vms)]
-    ctl.create_many(names)
-    workers += [VmWorker(ctl, n, seed + i) for i, n in enumerate(names)]
-    for w in workers:
-        w.setup()
-    stop = threading.Event()
-    threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in workers]
-    created: list[str] = []
-    destroyed: list[str] = []
-    operator = threading.Thread(target=_operator, args=(ctl, created, destroyed, stop), daemon=True)
-    for t in [*threads, operator]:
-        t.start()
-    kills = Counter[str]()
-    started = time.monotonic()
-    try:
-        while sum(kills.values()) < kills_wanted and not stop.is_set():
-            time.sleep(rng.uniform(*gap))
-            victim = rng.choices(["instance", "manager", "hostd"], [0.7, 0.15, 0.15])[0]
-            if victim == "hostd":
-                ctl.kill_hostd(settle=rng.uniform(0, 0.2))
-                kills["hostd"] += 1
-            elif victim == "manager":
-                kills["manager"] += ctl.kill_enclave("manager")
-            else:
-                kills["instance"] += ctl.kill_enclave(ctl.instance_id(rng.choice(names)))
-    finally:
-        stop.set()
+            cleanup.callback(w.close)
+        for w in workers:
+            w.setup()
+        stop = threading.Event()
+        threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in workers]
+        created: list[str] = []
+        destroyed: list[str] = []
+        operator = threading.Thread(
+            target=_operator, args=(ctl, created, destroyed, stop), daemon=True
+        )
         for t in [*threads, operator]:
-            t.join(RECONNECT_TIMEOUT)
-    for w in workers:
-        if w.error is not None:
-            raise w.error
-    # A clean restart at the end, then every VM checks its whole model once more.
-    ctl.stop()
-    ctl.start()
-    listed = {i.name for i in ctl.wait_all_running()}
-    assert set(names) | (set(created) - set(destroyed)) <= listed, "a vm create was lost"
-    assert not set(destroyed) & listed, "an acknowledged vm destroy came back"
-    for w in workers:
-        w.recover()  # its client is closed by assert_crash_durability
-    publics = [p for w in workers for p in w.keys.values() if p is not None]
-    assert len(publics) == len(set(publics)), "two VMs show the same persistent key"
-    acked = sum((w.acked for w in workers), Counter[str]())
-    Numbers(
-        {
-            **{f"kills_{k}": v for k, v in kills.items()},
-            "kills": sum(kills.values()),
-            "recoveries": sum(w.recoveries for w in workers),
-            "creates_acked": len(created),
-            "destroys_acked": len(destroyed),
-            "seconds": round(time.monotonic() - started, 1),
-            **{k: v for k, v in acked.items()},
-        }
-    ).show("crash durability")
-    assert sum(kills.values()) >= kills_wanted
-    assert kills["hostd"] and kills["instance"]
-    assert acked["verified"] >= kills["instance"]
+            t.start()
+        kills = Counter[str]()
+        started = time.monotonic()
+        try:
+            while sum(kills.values()) < kills_wanted and not stop.is_set():
+                time.sleep(rng.uniform(*gap))
+                victim = rng.choices(["instance", "manager", "hostd"], [0.7, 0.15, 0.15])[0]
+                if victim == "hostd":
+                    ctl.kill_hostd(settle=rng.uniform(0, 0.2))
+                    kills["hostd"] += 1
+                elif victim == "manager":
+                    kills["manager"] += ctl.kill_enclave("manager")
+                else:
+                    kills["instance"] += ctl.kill_enclave(ctl.instance_id(rng.choice(names)))
+        finally:
+            stop.set()
+            for t in [*threads, operator]:
+                t.join(RECONNECT_TIMEOUT)
+        for w in workers:
+            if w.error is not None:
+                raise w.error
+        # A clean restart at the end, then every VM checks its whole model once more.
+        ctl.stop()
+        ctl.start()
+        listed = {i.name for i in ctl.wait_all_running()}
+        assert set(names) | (set(created) - set(destroyed)) <= listed, "a vm create was lost"
+        assert not set(destroyed) & listed, "an acknowledged vm destroy came back"
+        for w in workers:
+            w.recover()  # its client is closed on the way out
+        publics = [p for w in workers for p in w.keys.values() if p is not None]
+        assert len(publics) == len(set(publics)), "two VMs show the same persistent key"
+        acked = sum((w.acked for w in workers), Counter[str]())
+        Numbers(
+            {
+                **{f"kills_{k}": v for k, v in kills.items()},
+                "kills": sum(kills.values()),
+                "recoveries": sum(w.recoveries for w in workers),
+                "creates_acked": len(created),
+                "destroys_acked": len(destroyed),
+                "seconds": round(time.monotonic() - started, 1),
+                **{k: v for k, v in acked.items()},
+            }
+        ).show("crash durability")
+        assert sum(kills.values()) >= kills_wanted
+        assert kills["hostd"] and kills["instance"]
+        assert acked["verified"] >= kills["instance"]
 
 
 def _operator(

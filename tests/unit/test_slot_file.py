@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.helpers.sealedfiles import newest_record
 
 from sgxvtpm.enclaves.sealing import SealError, SealKind
 from sgxvtpm.enclaves.state import SealedFile
@@ -284,9 +285,8 @@ def test_files_written_whole_before_slot_files_load_and_are_converted(
 
     state = tmp_path / "state.sealed"
     sealed(enclave_platform, state, "i5", b"one", b"two")
-    records = [r for r in read_slots(state.read_bytes()) if r]
-    newest = max(records, key=lambda r: r[12:20])  # the header's big-endian version
-    state.write_bytes(newest)  # version 2, written whole
+    start, end = newest_record(state)
+    state.write_bytes(state.read_bytes()[start:end])  # version 2, written whole
     again = sealed(enclave_platform, state, "i5")
     assert again.load() == b"two"
     again.commit(b"three")
