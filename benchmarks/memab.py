@@ -10,8 +10,8 @@ instance enclave, everything under hostd divided by the instances). All
 trees' instances are alive at once, so they see the same machine. Prints
 the median per tree and the median of the paired differences to the first.
 
-Unlike CPU time, PSS hardly depends on the machine's load; what moves it
-between rounds is the zygote's own writes after each fork, ~0.1-0.3 MiB.
+Unlike CPU time, PSS hardly depends on the machine's load: a tree's
+median moves by ~0.1-0.3 MiB between rounds and runs.
 """
 
 from __future__ import annotations
