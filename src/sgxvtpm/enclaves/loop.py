@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import ctypes
 import logging
 import selectors
 import signal
@@ -47,6 +46,7 @@ from sgxvtpm.channel import (
 )
 from sgxvtpm.mux import connection as relay
 from sgxvtpm.mux.limits import SESSION_OUT_MAX, STREAM_OUT_MAX, Admission
+from sgxvtpm.util import heap
 from sgxvtpm.wire.relay import RelayProtocolError
 
 log = logging.getLogger("sgxvtpm.enclave")
@@ -65,11 +65,6 @@ _READ = 17 * 1024  # a TLS record (16 KiB + overhead); larger reads only cost al
 _IDLE_TICK = 0.5  # seconds; two idle ticks and free heap goes back to the host
 _READ_ONLY = selectors.EVENT_READ
 _READ_WRITE = selectors.EVENT_READ | selectors.EVENT_WRITE
-
-
-def _release_free_memory() -> None:
-    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 @dataclass(eq=False)  # compared by identity: a session id can come back after a CLOSE
@@ -142,7 +137,7 @@ class InstanceLoop:
                 # host: hundreds of idle instances share one machine.
                 idle_rounds = 0 if events else idle_rounds + 1
                 if idle_rounds == 2:
-                    _release_free_memory()
+                    heap.release_free_memory()
                 for key, mask in events:
                     if key.data is None:
                         if mask & selectors.EVENT_WRITE:

@@ -78,7 +78,7 @@ from sgxvtpm.platform.sim.zygote_proto import (
     send_message,
     unpack_code,
 )
-from sgxvtpm.util import log
+from sgxvtpm.util import heap, log
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="sign nothing; provision a new platform without a vendor key")
     opts = p.parse_args(argv)
     log.configure("sim-cpu")
+    heap.keep_large_blocks_mapped()  # launch messages, ~1.5 MB each (util/heap.py)
     ctl = socket.socket(fileno=opts.control_fd)
     os.set_inheritable(ctl.fileno(), False)
     try:

@@ -26,7 +26,6 @@ inject code that every later enclave would inherit.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import gc
 import importlib
@@ -51,6 +50,7 @@ from sgxvtpm.platform.sim.zygote_proto import (
     unpack_code,
     wait_readable,
 )
+from sgxvtpm.util import heap
 
 DEFAULT_PRELOAD = ("cryptography", "ssl", "ctypes", "sgxvtpm.platform.sim")
 PR_SET_DUMPABLE = 4
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = _parse_args(argv)
     gc.disable()
     _set_dumpable(False)
+    heap.keep_large_blocks_mapped()  # launch messages (util/heap.py)
     ctl = socket.socket(fileno=opts.control_fd)
     os.set_inheritable(ctl.fileno(), False)
     modules = [
@@ -232,12 +233,7 @@ def _release_launch_data(code: list[CodeFile], blob: bytearray) -> None:
     """
     code.clear()
     blob.clear()
-    _malloc_trim()
-
-
-def _malloc_trim() -> None:
-    with contextlib.suppress(AttributeError):  # not glibc
-        ctypes.CDLL(None).malloc_trim(0)
+    heap.release_free_memory()
 
 
 def _harden(name: str, keep_fds: tuple[int, ...]) -> None:
