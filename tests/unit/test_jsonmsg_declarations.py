@@ -6,9 +6,11 @@ reads the same declarations as dataclasses (fields, frozen, constructor)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 import textwrap
+import typing
 from pathlib import Path
 from typing import TypeAlias
 
@@ -138,3 +140,53 @@ def test_mypy_reads_the_declarations_as_frozen_dataclasses(tmp_path: Path) -> No
     assert 'Argument "size" to "Shown" has incompatible type "str"; expected "int"' in out
     assert 'Missing positional argument "op" in call to "__init_subclass__"' in out
     assert out.count("error:") == 4, out
+
+
+class Node(Message):
+    """A message that holds messages of its own class."""
+
+    name: str
+    children: tuple[Node, ...] = ()
+    labels: dict[str, Part] | None = None
+
+
+class Grow(Request[Done], op="grow"):
+    root: Node
+
+
+def test_a_codec_plans_its_messages_when_built_and_converts_without_reflection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An enclave forked from the zygote copies the pages of every function it runs
+    # for the first time: the annotations are read once, when the codec is built
+    # (at import, in the zygote), not per message.
+    codec: Codec[Grow] = Codec("tree", Grow, _Error, _UsageError)
+
+    def no_reflection(*args: object) -> None:
+        raise AssertionError("typing reflection while converting a message")
+
+    for name in ("get_type_hints", "get_origin", "get_args"):
+        monkeypatch.setattr(typing, name, no_reflection)
+    monkeypatch.setattr(dataclasses, "fields", no_reflection)
+    request = Grow(Node("a", (Node("b", labels={"x": Part("p", 1)}), Node("c"))))
+    data = codec.encode_request(request)
+    assert json.loads(data)["root"]["children"][0]["labels"] == {"x": {"label": "p", "weight": 1}}
+    assert codec.decode_request(data) == request
+    with pytest.raises(_Error, match=r"grow\.root\.children\[1\]\.name: expected str, got int"):
+        codec.decode_request(b'{"op":"grow","root":{"name":"a","children":[{"name":"b"},{"name":1}]}}')
+    with pytest.raises(_UsageError, match=r"grow\.root\.labels\['x'\]: expected Part, got str"):
+        codec.encode_request(Grow(Node("a", labels={"x": "p"})))  # type: ignore[dict-item]
+
+
+def test_a_field_type_the_form_cannot_carry_is_refused_when_the_codec_is_built() -> None:
+    class Odd(Reply):
+        values: set[int]
+
+    class AskOdd(Request[Odd], op="odd"):
+        pass
+
+    with pytest.raises(TypeError, match=r"unsupported message field type set\[int\]"):
+        Codec("odd", AskOdd, _Error, _UsageError)
+    # and a failed plan leaves nothing behind: building again fails the same way
+    with pytest.raises(TypeError, match="unsupported message field type"):
+        Codec("odd", AskOdd, _Error, _UsageError)
