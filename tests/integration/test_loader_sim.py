@@ -103,6 +103,46 @@ def _is_zombie_or_gone(pid: int) -> bool:
     return True
 
 
+def _cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+
+
+def _open_sockets(pid: int) -> set[str]:
+    return {
+        link
+        for fd in os.listdir(f"/proc/{pid}/fd")
+        if (link := os.readlink(f"/proc/{pid}/fd/{fd}")).startswith("socket:")
+    }
+
+
+def test_first_zygote_is_forked_from_the_cpu_before_it_reads_the_platform(
+    sim_platform: SimPlatformDir, echo_code: Path
+) -> None:
+    # cpu_boot.py: the CPU process forks the zygote before it imports or reads
+    # anything of the platform, so the two share the libraries' pages. (That
+    # the zygote then holds no platform secret: test_security_platform.py.)
+    with sim_platform.loader() as loader:
+        cpu, zygote = loader.cpu_pid, loader.zygote_pid
+        status = dict(
+            line.split(":\t", 1) for line in Path(f"/proc/{zygote}/status").read_text().splitlines()
+        )
+        assert int(status["PPid"]) == cpu
+        assert status["Name"] == "sgxvtpm-zygote"
+        assert _cmdline(zygote) == _cmdline(cpu)  # a fork, no exec
+        assert "sgxvtpm.platform.sim.cpu_boot" in _cmdline(cpu)
+        # hostd's control socket is the CPU's alone: the zygote closed its copy.
+        control_fd = _cmdline(cpu)[_cmdline(cpu).index("--control-fd") + 1]
+        hostd_socket = os.readlink(f"/proc/{cpu}/fd/{control_fd}")
+        assert hostd_socket not in _open_sockets(zygote)
+        # and it launches measured enclaves: nothing it inherited is stale
+        handle = loader.launch(_spec(sim_platform, echo_code), {})
+        try:
+            assert call(handle.stream, b"P") == b"pong"
+            assert loader.zygote_pid == zygote
+        finally:
+            handle.stop()
+
+
 def test_zygote_is_restarted_after_it_dies(
     sim_platform: SimPlatformDir, sim_loader: SimLoader, echo_code: Path
 ) -> None:
@@ -113,6 +153,8 @@ def test_zygote_is_restarted_after_it_dies(
     handle = sim_loader.launch(_spec(sim_platform, echo_code), {})
     try:
         assert sim_loader.zygote_pid != old
+        # By now the CPU holds the platform's secrets: a new zygote is a new interpreter.
+        assert "sgxvtpm.platform.sim.zygote" in _cmdline(sim_loader.zygote_pid)
         assert call(handle.stream, b"P") == b"pong"
         assert call(survivor.stream, b"P") == b"pong"  # running enclaves live on
     finally:

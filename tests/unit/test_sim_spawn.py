@@ -1,14 +1,17 @@
-"""platform/sim/spawn.py's launch_over_pair: which descriptors it keeps and which it closes."""
+"""platform/sim/spawn.py: which descriptors launch_over_pair keeps and closes; ForkedChild."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from typing import Any
 
 import pytest
 from tests.helpers.processes import is_open
 
-from sgxvtpm.platform.sim.spawn import launch_over_pair
+from sgxvtpm.platform.sim.spawn import ForkedChild, end_child, launch_over_pair
 
 
 def test_an_accepted_launch_keeps_our_end_and_the_pidfd() -> None:
@@ -55,3 +58,33 @@ def test_a_failing_send_closes_both_ends() -> None:
     with pytest.raises(ConnectionError):
         launch_over_pair(send)
     assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def _fork(then: int | None) -> ForkedChild:
+    """A forked child that exits with ``then`` at once, or (None) waits to be killed."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        if then is None:
+            signal.pause()
+        os._exit(then or 0)
+    return ForkedChild(pid)
+
+
+def test_a_forked_child_is_polled_waited_for_and_reaped() -> None:
+    child = _fork(3)
+    assert child.wait(timeout=10) == 3 == child.returncode
+    assert child.poll() == 3 and child.wait() == 3  # reaped once, answers after
+    with pytest.raises(ChildProcessError):
+        os.waitpid(child.pid, os.WNOHANG)
+
+
+def test_a_lingering_forked_child_times_out_then_is_killed() -> None:
+    child = _fork(None)
+    assert child.poll() is None
+    with pytest.raises(subprocess.TimeoutExpired):
+        child.wait(timeout=0.05)
+    end_child(None, child, timeout=0.05)  # as the CPU ends its zygote
+    assert child.returncode == -signal.SIGKILL
+    child.kill()  # once reaped, a no-op
+    start = time.monotonic()
+    assert child.wait(timeout=1) == -signal.SIGKILL and time.monotonic() - start < 1

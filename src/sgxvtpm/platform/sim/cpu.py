@@ -10,10 +10,11 @@ process plays both parts for a platform directory:
 - EINIT: for each launch it measures the code bytes it is given, verifies the
   SIGSTRUCT (:mod:`.sigstruct`) against that measurement, and derives MRSIGNER
   from the key that verified it; a bad or missing signature is refused;
-- it asks its zygote (:mod:`.zygote`, started here, holding no secret) to fork
-  the enclave, and binds the measured identity to a socket the enclave gets
-  (:mod:`.enclu`): every EGETKEY, EREPORT, quote and counter request on that
-  socket is answered for that identity only;
+- it asks its zygote (:mod:`.zygote`, holding no secret: forked by
+  :mod:`.cpu_boot` before this process read the platform, or restarted here
+  as a new interpreter) to fork the enclave, and binds the measured identity
+  to a socket the enclave gets (:mod:`.enclu`): every EGETKEY, EREPORT, quote
+  and counter request on that socket is answered for that identity only;
 - the vendor's signing step, in development mode only: at start it signs the
   enclaves of the release named by ``--release module:function`` (a function
   of the platform's kind, :data:`.backend.SIM`, returning unsigned
@@ -24,8 +25,8 @@ process plays both parts for a platform directory:
   nothing and a platform it provisions holds no vendor key: the loader sends
   the shipped SIGSTRUCTs and EINIT checks them, as on hardware.
 
-Run by :class:`~sgxvtpm.platform.sim.loader.SimLoader` as an isolated
-interpreter (no PYTHONPATH, no cwd on sys.path, a clean environment). When
+Run by :class:`~sgxvtpm.platform.sim.loader.SimLoader` (through :mod:`.cpu_boot`) as an
+isolated interpreter (no PYTHONPATH, no cwd on sys.path, a clean environment). When
 hostd starts as root and drops to an unprivileged user (``--user``), this
 process, its zygote and the enclaves stay root: the platform directory is
 root's (0700), and hostd's user can neither read their memory nor signal
@@ -66,6 +67,8 @@ from sgxvtpm.platform.sim.platform_dir import SimPlatformDir
 from sgxvtpm.platform.sim.report import pack_report_body
 from sgxvtpm.platform.sim.spawn import (
     CLEAN_ENV,
+    Child,
+    ForkedChild,
     end_child,
     isolated_command,
     launch_over_pair,
@@ -81,7 +84,11 @@ from sgxvtpm.platform.sim.zygote_proto import (
 from sgxvtpm.util import heap, log
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None, zygote: tuple[ForkedChild, socket.socket] | None = None
+) -> int:
+    """``zygote``: one :mod:`.cpu_boot` forked before this process read anything of
+    the platform (else the CPU starts its own)."""
     p = argparse.ArgumentParser(prog="sgxvtpm-sim-cpu")
     p.add_argument("--control-fd", type=int, required=True)
     p.add_argument("--platform-dir", required=True)
@@ -107,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             Path(opts.platform_dir), authority=authority, vendor_key=not opts.presigned
         )
     except PlatformError as exc:
+        if zygote is not None:
+            end_child(zygote[1], zygote[0], timeout=5)
         send_message(ctl, {"ready": False, "error": str(exc)})
         return 2
     cpu = Cpu(platform, opts.preload, gramine_sim=opts.gramine_sim)
@@ -114,9 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         kind = GRAMINE_SIM if opts.gramine_sim else SIM
         signing = opts.release and not opts.presigned
         sigstructs = sign_release(platform, opts.release, kind) if signing else {}
-        if not opts.gramine_sim:
+        if zygote is not None:
+            cpu.adopt_zygote(*zygote)
+        elif not opts.gramine_sim:
             cpu.start_zygote()
     except (PlatformError, ImportError, AttributeError, OSError) as exc:
+        if zygote is not None:  # not adopted, or adopted and gone (end_child is idempotent)
+            end_child(zygote[1], zygote[0], timeout=5)
         send_message(ctl, {"ready": False, "error": str(exc)})
         return 2
     send_message(
@@ -162,7 +175,7 @@ class Cpu:
         self.platform = platform
         self.gramine_sim = gramine_sim
         self._preload = preload
-        self._zygote: subprocess.Popen[bytes] | None = None
+        self._zygote: Child | None = None
         self._zctl: socket.socket | None = None
         self._enclu_threads: list[threading.Thread] = []
         self.zygote_pid = 0
@@ -312,6 +325,12 @@ class Cpu:
             child.close()
         self._zctl = parent
         reply = first_message(parent, "the enclave zygote", self.stop_zygote)
+        self.zygote_pid = int(reply["pid"])
+
+    def adopt_zygote(self, proc: ForkedChild, ctl: socket.socket) -> None:
+        """Take on a zygote forked before this process read the platform (cpu_boot.py)."""
+        self._zygote, self._zctl = proc, ctl
+        reply = first_message(ctl, "the enclave zygote", self.stop_zygote)
         self.zygote_pid = int(reply["pid"])
 
     def wait_enclaves(self) -> None:

@@ -126,7 +126,7 @@ class SimLoader:
         self.gramine_sim = gramine_sim
         try:
             self._proc = subprocess.Popen(
-                isolated_command(python, "sgxvtpm.platform.sim.cpu", args),
+                isolated_command(python, "sgxvtpm.platform.sim.cpu_boot", args),
                 pass_fds=[child.fileno()],
                 stdin=subprocess.DEVNULL,
                 env=CLEAN_ENV,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import select
+import signal
 import socket
 import subprocess
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 # What an isolated interpreter of ours inherits: nothing from the caller's
 # environment (no PYTHON*, no LD_PRELOAD/LD_LIBRARY_PATH, no locale tricks).
@@ -24,9 +26,54 @@ def isolated_command(python: str, module: str, args: Sequence[str]) -> list[str]
     return [python, "-I", "-m", module, *args]
 
 
-def end_child(
-    ctl: socket.socket | None, proc: subprocess.Popen[bytes] | None, timeout: float
-) -> None:
+class Child(Protocol):
+    """What end_child and the CPU use of a child process (subprocess.Popen has it)."""
+
+    pid: int
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+class ForkedChild:
+    """A child this process forked without exec, with the part of Popen's interface
+    :class:`Child` names; it is reaped here (``returncode`` as Popen's)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._pidfd = os.pidfd_open(pid)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self._reaped(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            ready, _, _ = select.select([self._pidfd], [], [], timeout)
+            if not ready:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0)
+            _, status = os.waitpid(self.pid, 0)
+            self._reaped(status)
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+    def _reaped(self, status: int) -> None:
+        self.returncode = os.waitstatus_to_exitcode(status)
+        os.close(self._pidfd)
+
+
+def end_child(ctl: socket.socket | None, proc: Child | None, timeout: float) -> None:
     """Close a child's control socket (it exits on EOF), wait, kill it if it lingers."""
     if ctl is not None:
         ctl.close()

@@ -1,7 +1,8 @@
 """The zygote: a pre-imported Python that forks one process per enclave.
 
-Started by the sim CPU (:mod:`.cpu`) as an isolated interpreter; it holds no
-platform secret. It imports the heavy modules once (cryptography, ssl,
+Forked by the sim CPU's process before it reads the platform (:mod:`.cpu_boot`),
+or started by the CPU as an isolated interpreter when it restarts one; it
+holds no platform secret. It imports the heavy modules once (cryptography, ssl,
 ctypes and the caller's list), runs the ``zygote_warm_up(platform_for,
 verifier)`` function of each pre-imported module that has one on a throwaway
 in-memory platform (so that lazily built library tables are built once,
@@ -139,6 +140,12 @@ def _set_dumpable(on: bool) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE) failed")
 
 
+def set_process_name(name: str) -> None:
+    """The name ``ps`` and /proc/PID/comm show (at most 15 bytes)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
+
 def _reap() -> None:
     while True:
         try:
@@ -246,7 +253,7 @@ def _harden(name: str, keep_fds: tuple[int, ...]) -> None:
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    libc.prctl(PR_SET_NAME, ctypes.c_char_p(f"enclave:{name}".encode()[:15]), 0, 0, 0)
+    set_process_name(f"enclave:{name}")
     sys.argv = [f"sgxvtpm-enclave:{name}"]
     low = 3
     for fd in sorted(keep_fds):
