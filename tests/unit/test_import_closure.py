@@ -91,6 +91,23 @@ def test_the_import_cache_gives_the_closure_a_fresh_scan_gives(
     assert specs.import_closure(ROOTS) == fresh  # all from the cache, no scan
 
 
+def test_a_cache_over_its_limit_keeps_only_this_runs_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every process that builds specs reads the whole file (hostd keeps what it
+    # parsed): entries of other code versions must not pile up.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fresh = specs.import_closure(ROOTS)
+    path = _cache_file(tmp_path)
+    entries = json.loads(path.read_text())
+    stale = {f"{i:064x}": ["sgxvtpm.gone"] for i in range(specs._ImportCache.LIMIT)}
+    path.write_text(json.dumps({**stale, **entries}))
+    monkeypatch.setattr(specs, "_imports_of", _unreachable)  # every entry it needs is there
+    assert specs.import_closure(ROOTS) == fresh
+    assert json.loads(path.read_text()) == entries
+    assert len(entries) <= specs._ImportCache.LIMIT // 2  # room for another version
+
+
 def _unreachable(*args: object) -> list[str]:
     raise AssertionError("scanned although cached")
 
