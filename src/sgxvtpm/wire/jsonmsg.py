@@ -174,8 +174,9 @@ def _plan(cls: type[Message]) -> _Plan:
                 )
                 for f in fields
             )
-        finally:
+        except BaseException:
             del _PLANS[cls]
+            raise
         _PLANS[cls] = plan
     return plan
 
@@ -229,10 +230,8 @@ def _convert(form: Any, value: object, where: str, error: _Error, decoding: bool
     raise error(f"{where}: expected {_describe(form)}, got {type(value).__name__}")
 
 
-def _checked(
-    check: Callable[[Any], None] | None, value: object, where: str, error: _Error
-) -> None:
-    if check is not None and value is not None:
+def _checked(check: Callable[[Any], None], value: object, where: str, error: _Error) -> None:
+    if value is not None:
         try:
             check(value)
         except ValueError as exc:

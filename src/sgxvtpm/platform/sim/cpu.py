@@ -114,10 +114,7 @@ def main(
             Path(opts.platform_dir), authority=authority, vendor_key=not opts.presigned
         )
     except PlatformError as exc:
-        if zygote is not None:
-            end_child(zygote[1], zygote[0], timeout=5)
-        send_message(ctl, {"ready": False, "error": str(exc)})
-        return 2
+        return _not_ready(ctl, exc, zygote)
     cpu = Cpu(platform, opts.preload, gramine_sim=opts.gramine_sim)
     try:
         kind = GRAMINE_SIM if opts.gramine_sim else SIM
@@ -128,10 +125,7 @@ def main(
         elif not opts.gramine_sim:
             cpu.start_zygote()
     except (PlatformError, ImportError, AttributeError, OSError) as exc:
-        if zygote is not None:  # not adopted, or adopted and gone (end_child is idempotent)
-            end_child(zygote[1], zygote[0], timeout=5)
-        send_message(ctl, {"ready": False, "error": str(exc)})
-        return 2
+        return _not_ready(ctl, exc, zygote)
     send_message(
         ctl,
         {
@@ -166,6 +160,17 @@ def main(
         finally:
             for fd in out_fds:
                 os.close(fd)
+
+
+def _not_ready(
+    ctl: socket.socket, exc: Exception, zygote: tuple[ForkedChild, socket.socket] | None
+) -> int:
+    """Tell the loader why the platform cannot start; end the forked zygote, if any
+    (not adopted, or adopted and gone: end_child is idempotent)."""
+    if zygote is not None:
+        end_child(zygote[1], zygote[0], timeout=5)
+    send_message(ctl, {"ready": False, "error": str(exc)})
+    return 2
 
 
 class Cpu:

@@ -29,8 +29,6 @@ def isolated_command(python: str, module: str, args: Sequence[str]) -> list[str]
 class Child(Protocol):
     """What end_child and the CPU use of a child process (subprocess.Popen has it)."""
 
-    pid: int
-
     def poll(self) -> int | None: ...
 
     def wait(self, timeout: float | None = None) -> int: ...
