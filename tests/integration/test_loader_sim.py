@@ -143,6 +143,19 @@ def test_first_zygote_is_forked_from_the_cpu_before_it_reads_the_platform(
             handle.stop()
 
 
+def test_a_platform_that_cannot_open_ends_the_forked_zygote_quietly(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    platform = tmp_path / "platform"
+    SimPlatformDir.open_or_create(platform)
+    (platform / "fuse.key").write_bytes(b"short")
+    with pytest.raises(PlatformError, match=r"fuse\.key is damaged"):
+        SimLoader(platform)
+    # The CPU ended the zygote it forked before it tried the platform (and
+    # waited for it): the operator reads the one error, no traceback.
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_zygote_is_restarted_after_it_dies(
     sim_platform: SimPlatformDir, sim_loader: SimLoader, echo_code: Path
 ) -> None:

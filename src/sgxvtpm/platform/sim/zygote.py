@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     libraries = codeimport.SharedLibraries()
     gc.freeze()  # keep refcount/GC writes from un-sharing pre-imported pages
     gc.enable()  # for what the zygote allocates from here on (frozen objects stay put)
-    send_message(ctl, {"ready": True, "pid": os.getpid()})
+    try:
+        send_message(ctl, {"ready": True, "pid": os.getpid()})
+    except ZygoteGone:  # the CPU ended while this started (its platform would not open)
+        return 0
     while True:
         _reap()
         if not wait_readable(ctl.fileno(), 0.5):
