@@ -54,6 +54,23 @@ def _expired_platform(state: Path) -> SimPlatformDir:
     return platform
 
 
+def _maps_dcap_verifier(pid: int) -> bool:
+    """Whether process ``pid`` has loaded dcap-qvl's native library."""
+    return "_dcap_qvl" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_hostd_without_pccs_loads_no_dcap_verifier_or_http_client(tmp_path: Path) -> None:
+    """Without --pccs hostd verifies no quote and fetches nothing: neither the DCAP
+    verifier (~2.4 MB PSS of a running hostd) nor an HTTP client is imported."""
+    with running_hostd(tmp_path / "state") as h:
+        assert not _maps_dcap_verifier(h.pid)
+    probe = "import sys, sgxvtpm.cli, sgxvtpm.host.hostd; print(sorted(sys.modules))"
+    modules = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             check=True).stdout
+    for heavy in ("'dcap_qvl'", "'urllib.request'", "'http.client'"):
+        assert heavy not in modules
+
+
 def _same(got: str, issued: str) -> bool:
     """``got`` (dcap-qvl's JSON of what it fetched) holds the ``issued`` collateral."""
     want = json.loads(issued)
@@ -109,6 +126,7 @@ def test_hostd_fetches_refreshes_and_refuses_collateral_from_its_pccs(
     with FakePccs(first).running() as server, running_hostd(
         state, args=["--platform", platform_name, "--pccs", server.url, "--pccs-refresh", "1"]
     ) as h:
+        assert _maps_dcap_verifier(h.pid)  # --pccs: hostd checks what its PCCS answers
         # At start, before any enclave: the PCCS's copy, for the enclaves and the clients.
         assert _same(h.state.collateral.read_text(), first)
         assert platform.dcap_collateral() == h.state.collateral.read_text()

@@ -32,13 +32,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
 from sgxvtpm.enclaves.specs import instance_spec, manager_spec
 from sgxvtpm.errors import SgxvtpmError
-from sgxvtpm.host.collateral import CollateralRefresher, CollateralUnavailable
 from sgxvtpm.host.host_tpm import HostTpm, HostTpmError
 from sgxvtpm.host.statedir import StateDir
 from sgxvtpm.host.switch import FLEET_IN, FLEET_OUT, Connection, Relay
@@ -49,6 +48,9 @@ from sgxvtpm.util.durable import atomic_write
 from sgxvtpm.wire import control
 from sgxvtpm.wire.control import Refused
 from sgxvtpm.wire.relay import DESTROYED
+
+if TYPE_CHECKING:
+    from sgxvtpm.host.collateral import CollateralRefresher
 
 PRELOAD = ("sgxvtpm.enclaves.manager", "sgxvtpm.enclaves.instance")
 RELEASE = "sgxvtpm.enclaves.specs:release"
@@ -205,6 +207,10 @@ class Hostd:
         self.collateral: CollateralRefresher | None = None
         self._collateral_task: asyncio.Task[None] | None = None
         if options.pccs:
+            # Only here: the DCAP verifier and an HTTP client cost hostd ~4 MB
+            # that a hostd without --pccs never uses (before drop_privileges).
+            from sgxvtpm.host.collateral import CollateralRefresher, CollateralUnavailable
+
             self.collateral = CollateralRefresher(
                 options.pccs, self.platform, state.collateral, max_interval=options.pccs_refresh
             )

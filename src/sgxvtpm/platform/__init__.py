@@ -40,6 +40,9 @@ from sgxvtpm.platform.base import (
 
 PLATFORMS = ("sim", "gramine-sim", "gramine")
 DEFAULT_PLATFORM = "sim"
+#: The PCCS a client fetches DCAP collateral from (platform/pccs.py); named here
+#: so that reading it does not import the fetcher and its HTTP client.
+PCCS_URL_ENV = "SGXVTPM_PCCS_URL"
 
 __all__ = [
     "DEFAULT_PLATFORM",

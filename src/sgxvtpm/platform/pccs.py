@@ -38,11 +38,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from sgxvtpm.errors import SgxvtpmError
-from sgxvtpm.platform import dcap
+from sgxvtpm.platform import PCCS_URL_ENV, dcap
 from sgxvtpm.platform.base import AttestationError, PlatformError, QuoteVerifier, VerifiedQuote
 from sgxvtpm.util.durable import atomic_write
 
-ENV = "SGXVTPM_PCCS_URL"
+ENV = PCCS_URL_ENV
 FETCH_TIMEOUT = 30.0
 
 

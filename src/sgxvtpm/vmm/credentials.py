@@ -40,7 +40,7 @@ from sgxvtpm.channel import ClientCredential
 from sgxvtpm.enclaves.specs import expected_policy
 from sgxvtpm.errors import SgxvtpmError
 from sgxvtpm.host.statedir import Directory, Entry, StateDir, user_dir
-from sgxvtpm.platform import DEFAULT_PLATFORM, dcap, pccs, platform_kind
+from sgxvtpm.platform import DEFAULT_PLATFORM, PCCS_URL_ENV, platform_kind
 from sgxvtpm.platform.base import MeasurementPolicy, PlatformError, PlatformKind, QuoteVerifier
 from sgxvtpm.util.durable import atomic_write
 from sgxvtpm.util.keyfile import write_private_key
@@ -57,6 +57,10 @@ from sgxvtpm.wire.control import (
     request_to_json,
 )
 from sgxvtpm.wire.k1 import InstanceInfo
+
+# platform.dcap (dcap-qvl) and platform.pccs (an HTTP client) are imported where a
+# quote verifier is built: every `sgxvtpm` command imports this module, hostd
+# included, and most never verify a quote (~4 MB a process keeps for nothing).
 
 ENV = "SGXVTPM_CONFIG_DIR"
 COLLATERAL_ENV = "SGXVTPM_COLLATERAL"
@@ -238,6 +242,8 @@ class HostCredentials:
         root = self.pins().root
         if root != INTEL_ROOT:
             return root.encode()
+        from sgxvtpm.platform import dcap, pccs  # see the module's imports
+
         url = self.pccs_url()
         if url:
             try:
@@ -265,7 +271,7 @@ class HostCredentials:
         ``$SGXVTPM_PCCS_URL``, else a Gramine host's pins' ``pccs`` (vmm/pins.py)."""
         if os.environ.get(COLLATERAL_ENV) or self.collateral_source().exists():
             return ""
-        url = os.environ.get(pccs.ENV, "")
+        url = os.environ.get(PCCS_URL_ENV, "")
         if not url and self.platform.name == "gramine":
             url = self.pins().pccs
         return url
@@ -338,6 +344,8 @@ def verifier_for(host: HostCredentials, pem: bytes) -> QuoteVerifier:
     host's collateral, both held in memory: never re-read."""
     url = host.pccs_url()
     if url:  # no collateral file: each quote's from the PCCS, fetched then cached
+        from sgxvtpm.platform import pccs  # see the module's imports
+
         return pccs.PccsVerifier(url, lambda collateral: _dcap_verifier(host, pem, collateral))
     try:
         return _dcap_verifier(host, pem, host.collateral())
@@ -348,6 +356,8 @@ def verifier_for(host: HostCredentials, pem: bytes) -> QuoteVerifier:
 def _dcap_verifier(host: HostCredentials, pem: bytes, collateral: str) -> QuoteVerifier:
     if host.platform.name == "gramine" and host.pins().root != INTEL_ROOT:
         # The operator pinned another DCAP root than Intel's (vmm/pins.py).
+        from sgxvtpm.platform import dcap  # see the module's imports
+
         return dcap.pinned_verifier(pem, collateral)
     return host.platform.quote_verifier(pem, collateral)
 
