@@ -25,7 +25,7 @@ import sys
 import traceback
 
 from sgxvtpm.platform.sim import zygote
-from sgxvtpm.platform.sim.spawn import ForkedChild
+from sgxvtpm.platform.sim.spawn import ForkedChild, set_process_name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +50,7 @@ def fork_zygote(preload: str, cpu_control_fd: int) -> tuple[ForkedChild, socket.
         try:
             parent.close()
             os.close(cpu_control_fd)  # hostd's socket is the CPU's alone
-            zygote.set_process_name("sgxvtpm-zygote")  # ps: its command line is the CPU's
+            set_process_name("sgxvtpm-zygote")  # ps: its command line is the CPU's
             status = zygote.main(["--control-fd", str(child.detach()), "--preload", preload])
         except BaseException:
             traceback.print_exc()

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
 import os
 import resource
@@ -72,7 +71,12 @@ from sgxvtpm.platform.gramine.structs import (
 from sgxvtpm.platform.sim.enclu import SimEnclaveClient
 from sgxvtpm.platform.sim.measure import SimMeasuredKind
 from sgxvtpm.platform.sim.report import parse_report_body
-from sgxvtpm.platform.sim.spawn import CLEAN_ENV, isolated_command
+from sgxvtpm.platform.sim.spawn import (
+    CLEAN_ENV,
+    isolated_command,
+    set_dumpable,
+    set_process_name,
+)
 
 STAND_IN = "sgxvtpm.platform.sim.gramine_sim"
 
@@ -246,11 +250,9 @@ def _wait_unopened(inode: int) -> None:
 
 
 def _harden(name: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE 0, as a sim enclave
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+    set_dumpable(False)  # as a sim enclave
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    libc.prctl(15, ctypes.c_char_p(f"gramine:{name}".encode()[:15]), 0, 0, 0)  # PR_SET_NAME
+    set_process_name(f"gramine:{name}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

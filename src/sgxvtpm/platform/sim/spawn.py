@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import select
 import signal
@@ -13,6 +14,23 @@ from typing import Any, Protocol
 # What an isolated interpreter of ours inherits: nothing from the caller's
 # environment (no PYTHON*, no LD_PRELOAD/LD_LIBRARY_PATH, no locale tricks).
 CLEAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
+
+
+PR_SET_DUMPABLE, PR_SET_NAME = 4, 15  # linux/prctl.h
+
+
+def set_dumpable(on: bool) -> None:
+    """Whether this process may dump core and be ptraced or read (/proc/PID/mem) by
+    other processes of its user; OSError if the kernel refuses."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, int(on), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl(PR_SET_DUMPABLE, {int(on)}) failed")
+
+
+def set_process_name(name: str) -> None:
+    """The name ``ps`` and /proc/PID/comm show (at most 15 bytes)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 def isolated_command(python: str, module: str, args: Sequence[str]) -> list[str]:

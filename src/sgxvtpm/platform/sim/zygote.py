@@ -27,7 +27,6 @@ inject code that every later enclave would inherit.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import importlib
 import os
@@ -44,6 +43,7 @@ from sgxvtpm.platform.base import EnclaveIdentity, EnclavePlatform, QuoteVerifie
 from sgxvtpm.platform.sim import codeimport
 from sgxvtpm.platform.sim.enclu import SimEnclaveClient
 from sgxvtpm.platform.sim.measure import CodeFile
+from sgxvtpm.platform.sim.spawn import set_dumpable, set_process_name
 from sgxvtpm.platform.sim.zygote_proto import (
     ZygoteGone,
     recv_message,
@@ -54,14 +54,12 @@ from sgxvtpm.platform.sim.zygote_proto import (
 from sgxvtpm.util import heap
 
 DEFAULT_PRELOAD = ("cryptography", "ssl", "ctypes", "sgxvtpm.platform.sim")
-PR_SET_DUMPABLE = 4
-PR_SET_NAME = 15
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = _parse_args(argv)
     gc.disable()
-    _set_dumpable(False)
+    set_dumpable(False)
     heap.keep_large_blocks_mapped()  # launch messages (util/heap.py)
     ctl = socket.socket(fileno=opts.control_fd)
     os.set_inheritable(ctl.fileno(), False)
@@ -135,18 +133,6 @@ def _throwaway_platform() -> tuple[Callable[[EnclaveIdentity], EnclavePlatform],
         )
 
     return platform_for, dcap_verifier(certification.root_pem, collateral)
-
-
-def _set_dumpable(on: bool) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_DUMPABLE, int(on), 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE) failed")
-
-
-def set_process_name(name: str) -> None:
-    """The name ``ps`` and /proc/PID/comm show (at most 15 bytes)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 def _reap() -> None:
@@ -250,11 +236,9 @@ def _harden(name: str, keep_fds: tuple[int, ...]) -> None:
     os.setsid()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
-    libc = ctypes.CDLL(None, use_errno=True)
     # Non-dumpable: no core dumps, and other same-uid processes cannot ptrace
     # it or read /proc/PID/mem (the closest a process gets to EPC isolation).
-    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+    set_dumpable(False)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     set_process_name(f"enclave:{name}")
     sys.argv = [f"sgxvtpm-enclave:{name}"]
