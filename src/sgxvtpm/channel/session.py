@@ -102,6 +102,10 @@ _TRANSITIONS: dict[State, frozenset[State]] = {
     State.CLOSED: frozenset({State.BROKEN}),
     State.BROKEN: frozenset(),
 }
+# The states as module names: the per-message methods below test the state
+# several times a message, and a member looked up on its Enum class costs
+# ~0.1 µs in CPython 3.11 against ~0.01 µs for a module global.
+_HANDSHAKING, _OPEN, _CLOSED, _BROKEN = State.HANDSHAKING, State.OPEN, State.CLOSED, State.BROKEN
 
 
 class _Session(abc.ABC):
@@ -113,7 +117,7 @@ class _Session(abc.ABC):
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
-        self._state = State.HANDSHAKING
+        self._state = _HANDSHAKING
         self._events: deque[Event] = deque()
         self._held: list[bytes] = []  # messages sent before authentication
         self._rx = bytearray()
@@ -135,7 +139,7 @@ class _Session(abc.ABC):
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes received from the peer; ``b""`` means the stream ended."""
-        if self._state is State.BROKEN:
+        if self._state is _BROKEN:
             raise ChannelError()
         if self._eof:
             raise ChannelUsageError(f"{self._role}: receive_data after end of stream")
@@ -147,10 +151,10 @@ class _Session(abc.ABC):
         try:
             self._advance()
         except ChannelError:
-            self._set_state(State.BROKEN)
+            self._set_state(_BROKEN)
         except ssl.SSLError as exc:
             fail("%s: TLS error %s", self._role, exc)
-            self._set_state(State.BROKEN)
+            self._set_state(_BROKEN)
 
     def next_event(self) -> Event | None:
         """The next event, None if more data is needed.
@@ -160,7 +164,7 @@ class _Session(abc.ABC):
         """
         if self._events:
             return self._events.popleft()
-        if self._state is State.BROKEN:
+        if self._state is _BROKEN:
             raise ChannelError()
         return None
 
@@ -171,16 +175,16 @@ class _Session(abc.ABC):
 
     def send_message(self, payload: bytes) -> None:
         """Queue one application message (held until the peer is authenticated)."""
-        if self._state is State.BROKEN:
+        if self._state is _BROKEN:
             raise ChannelError()
-        if self._local_closed or self._state is State.CLOSED:
+        if self._local_closed or self._state is _CLOSED:
             raise ChannelUsageError(f"{self._role}: send_message after close")
         if len(payload) > MAX_MESSAGE:
             raise ChannelUsageError(
                 f"{self._role}: message of {len(payload)} bytes exceeds {MAX_MESSAGE}"
             )
         framed = _LEN.pack(len(payload)) + payload
-        if self._state is State.HANDSHAKING:
+        if self._state is _HANDSHAKING:
             self._held.append(framed)
         else:
             self._write(framed)
@@ -192,12 +196,12 @@ class _Session(abc.ABC):
     def close(self) -> None:
         """Send close_notify once authenticated; idempotent. Held messages
         of a session that never finished its handshake are discarded."""
-        if self._local_closed or self._state is State.BROKEN:
+        if self._local_closed or self._state is _BROKEN:
             return
         self._local_closed = True
-        if self._state is State.HANDSHAKING:
+        if self._state is _HANDSHAKING:
             self._held.clear()
-            self._set_state(State.CLOSED)
+            self._set_state(_CLOSED)
             return
         try:
             self._tls.unwrap()
@@ -206,7 +210,7 @@ class _Session(abc.ABC):
         except ssl.SSLError as exc:
             log.log("channel.close_failed", role=self._role, reason=str(exc))
         if self._peer_closed:
-            self._set_state(State.CLOSED)
+            self._set_state(_CLOSED)
 
     # -- internals --------------------------------------------------------
 
@@ -216,7 +220,7 @@ class _Session(abc.ABC):
         if new not in _TRANSITIONS[self._state]:
             raise AssertionError(f"{self._role}: illegal transition {self._state} -> {new}")
         self._state = new
-        if new is State.BROKEN:
+        if new is _BROKEN:
             self._held.clear()
             self._rx.clear()
 
@@ -224,11 +228,11 @@ class _Session(abc.ABC):
         try:
             self._tls.write(framed)
         except ssl.SSLError as exc:
-            self._set_state(State.BROKEN)
+            self._set_state(_BROKEN)
             raise fail("%s: TLS write failed: %s", self._role, exc) from None
 
     def _advance(self) -> None:
-        if self._state is State.HANDSHAKING:
+        if self._state is _HANDSHAKING:
             if self._local_closed:
                 return
             try:
@@ -238,12 +242,12 @@ class _Session(abc.ABC):
             except ssl.SSLError as exc:
                 raise fail("%s: handshake failed: %s", self._role, exc) from None
             self._peer = self._authenticate()
-            self._set_state(State.OPEN)
+            self._set_state(_OPEN)
             self._events.append(HandshakeComplete(self._peer))
             held, self._held = self._held, []
             for framed in held:
                 self._write(framed)
-        if self._state is State.OPEN and not self._peer_closed:
+        if self._state is _OPEN and not self._peer_closed:
             self._read_records()
 
     def _read_records(self) -> None:
@@ -301,7 +305,7 @@ class _Session(abc.ABC):
         self._peer_closed = True
         self._events.append(Closed())
         if self._local_closed:
-            self._set_state(State.CLOSED)
+            self._set_state(_CLOSED)
 
     @abc.abstractmethod
     def _authenticate(self) -> PeerCertificate | VerifiedQuote:

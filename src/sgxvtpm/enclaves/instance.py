@@ -85,6 +85,7 @@ _ABOUT_TEXT = 120  # characters kept of an endpoint's description of itself
 #: Exit status of an instance interrupted while committing a request's state
 #: (not an I/O error: those answer a TPM failure): it must not answer.
 EXIT_COMMIT_FAILED = 75
+_SHUTDOWN = int(TPM2_CC.Shutdown)  # read per request: a module int, not an Enum member
 
 
 class EndpointSeat:
@@ -317,7 +318,7 @@ class InstanceEnclave:
         """
         return (
             live.running and not self.store.dirty and not self._unsaved
-            and live.last_code is not None and live.last_code != TPM2_CC.Shutdown
+            and live.last_code is not None and live.last_code != _SHUTDOWN
             and (kept is None or (
                 self._unrecorded < REPLAY_MAX_REQUESTS
                 and self._unrecorded_bytes + kept <= REPLAY_MAX_BYTES))
