@@ -5,7 +5,7 @@ hostd's switch (:mod:`sgxvtpm.host.switch`) only moves relay frames
 the sessions' keys are, in the enclaves and in the VMM. :mod:`.connection`
 is the relay protocol as one sans-IO state machine (sessions, CONTROL,
 HANDOFF, admission and bounds); :mod:`.aio` is its asyncio driver (the
-instance enclave's selector loop and the blocking K2 client drive it too);
+instance enclave's epoll loop and the blocking K2 client drive it too);
 :mod:`.limits` holds the bounds, so that no client can make another wait or
 grow memory without bound.
 """

@@ -24,7 +24,7 @@ What a session carries (TLS records of an attested session) is the driver's
 business: it tells the connection when the session's peer is authenticated
 (:meth:`~RelayConnection.authenticated`), which frees its admission slot.
 The drivers are :mod:`sgxvtpm.mux.aio` (asyncio: the manager enclave, the
-VMM), :mod:`sgxvtpm.enclaves.loop` (selectors: the instance enclave, which
+VMM), :mod:`sgxvtpm.enclaves.loop` (epoll: the instance enclave, which
 also takes handed-off connections) and :mod:`sgxvtpm.endpoint.k2` (blocking:
 a VM endpoint). After a HANDOFF a session's bytes no longer pass through
 here: the driver moves them between the TLS session and the handed-off
