@@ -211,7 +211,7 @@ class QuietCommands:
             return RECORD
         if handles < 0:
             return QUIET if tag == _NO_SESSIONS else RECORD
-        if tag == _NO_SESSIONS or password_sessions_only(command, handles):
+        if password_sessions_only(command, handles):
             return REPLAYED
         return RECORD
 
