@@ -239,6 +239,28 @@ def test_idle_enclave_memory(
             h.stop()
 
 
+def test_the_cpu_keeps_no_launch_message(
+    sim_platform: SimPlatformDir, sim_loader: SimLoader, echo_code: Path, tmp_path: Path
+) -> None:
+    """The sim CPU frees a launch's code once it answered (not when the next
+    request replaces it): 32 MiB of measured code do not stay in its memory."""
+    big = 32 * 1024 * 1024
+    padding = tmp_path / "padding.py"
+    padding.write_bytes(b"#" * big)
+    spec = sim_platform.sign(EnclaveSpec("echo", "sim_echo_enclave:main", [echo_code, padding],
+                                         b"{}", isv_prod_id=7, isv_svn=3))
+    handles = [sim_loader.launch(_spec(sim_platform, echo_code), {})]  # the first launch's growth
+    try:
+        before = _rss_kib(sim_loader.cpu_pid)
+        handles.append(sim_loader.launch(spec, {}))
+        assert call(handles[1].stream, b"P") == b"pong"
+        grown = (_rss_kib(sim_loader.cpu_pid) - before) * 1024
+        assert grown < big // 4, f"the CPU grew by {grown} bytes: it still holds the launch"
+    finally:
+        for h in handles:
+            h.stop()
+
+
 def _pss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
         if line.startswith("Pss:"):
