@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -248,8 +249,7 @@ def test_neither_the_cpu_nor_the_zygote_keeps_a_launch(
     big = 32 * 1024 * 1024
     padding = tmp_path / "padding.py"
     padding.write_bytes(b"#" * big)
-    spec = sim_platform.sign(EnclaveSpec("echo", "sim_echo_enclave:main", [echo_code, padding],
-                                         b"{}", isv_prod_id=7, isv_svn=3))
+    spec = sim_platform.sign(replace(echo_spec(echo_code), code_files=[echo_code, padding]))
     handles = [sim_loader.launch(_spec(sim_platform, echo_code), {})]  # the first launch's growth
     try:
         pids = {"the CPU": sim_loader.cpu_pid, "the zygote": sim_loader.zygote_pid}
